@@ -1,0 +1,35 @@
+# Two set-up commands (see README): `make demo` and `make test`. Each creates .venv when missing.
+VENV ?= .venv
+PYTHON ?= python3
+# torch==2.13.0 resolves to the CPU wheel on machines that carry it (and no GPU), to the CUDA
+# build from PyPI elsewhere. Set TORCH_SPEC to choose another build before the first `make`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.latentforge-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint env clean-demo
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lf-demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean-demo:
+	rm -rf demo_out

@@ -1,0 +1,1 @@
+"""latentforge data pipelines: raw and latent WebDataset shards, precompute, streaming loaders."""

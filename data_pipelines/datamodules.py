@@ -1,0 +1,186 @@
+"""LightningDataModules that stream shards with webdataset.
+
+* :class:`LatentShardDataModule` streams precomputed latent shards for UNet training.
+* :class:`ImageShardDataModule` streams raw image shards for autoencoder training.
+
+Both split shards (or resample them) per rank and worker, shuffle through a buffer, skip and
+count corrupt samples, and yield dict batches.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.image_transforms import ResizeCrop
+from data_pipelines.latent_format import LatentManifest, decode_latent_sample, load_uncond_embedding
+from data_pipelines.raw_format import decode_raw_sample
+from data_pipelines.shard_list import resolve_shards
+from data_pipelines.streaming import SkipCounter, batches_per_worker, shard_stream
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class _StreamingDataModule(L.LightningDataModule):
+    """Shared loader settings of the shard-streaming data modules."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        seed: int = 0,
+        max_skipped: int = 100,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.seed = seed
+        self.max_skipped = max_skipped
+
+    def _loader(self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool) -> DataLoader:
+        epoch_batches = batches_per_worker(num_samples, self.batch_size, _world_size(), self.num_workers)
+        pipeline = shard_stream(
+            urls,
+            decode,
+            self.batch_size,
+            collate,
+            handler=SkipCounter(self.max_skipped),
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            resampled=self.resampled and train,
+            seed=self.seed,
+            batches_per_epoch=epoch_batches if (self.resampled and train) else None,
+            partial_batches=not train,
+        )
+        return DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class _LatentDecoder:
+    """Picklable decode step for latent samples (runs in loader workers)."""
+
+    def __init__(self, manifest: LatentManifest) -> None:
+        self.latent_shape = tuple(manifest.latent_shape)
+        self.text_shape = tuple(manifest.text_shape)
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        decoded = decode_latent_sample(sample, self.latent_shape, self.text_shape)
+        return decoded.latent, decoded.text
+
+
+def collate_latents(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16."""
+    latents, texts = zip(*samples, strict=True)
+    return {"latents": torch.from_numpy(np.stack(latents)), "text": torch.from_numpy(np.stack(texts))}
+
+
+class LatentShardDataModule(_StreamingDataModule):
+    """Streams latent shards written by precompute.
+
+    Args:
+        train_dir: a precompute output folder (with ``manifest.json``).
+        val_dir: an optional second folder for validation loss.
+        batch_size: samples per batch on each rank.
+        num_workers: loader worker processes per rank.
+        shuffle_buffer: shuffle buffer in samples.
+        resampled: draw training shards with replacement (equal batches on every rank).
+        seed: shard and shuffle seed.
+        max_skipped: corrupt samples tolerated per loader process.
+    """
+
+    def __init__(self, train_dir: str, val_dir: str | None = None, **loader: Any) -> None:
+        super().__init__(**loader)
+        self.train_dir = train_dir
+        self.val_dir = val_dir
+        self.manifest = LatentManifest.load(train_dir)
+        self.train_urls = self.manifest.shard_paths(train_dir)
+        self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
+        self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.train_urls, self.manifest.num_samples, _LatentDecoder(self.manifest), collate_latents, train=True
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_manifest is None:
+            return []
+        urls = self.val_manifest.shard_paths(self.val_dir)
+        return self._loader(
+            urls, self.val_manifest.num_samples, _LatentDecoder(self.val_manifest), collate_latents, train=False
+        )
+
+
+class _ImageDecoder:
+    """Picklable decode step for raw image samples."""
+
+    def __init__(self, transform: ResizeCrop) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> torch.Tensor:
+        _, image, _, _ = decode_raw_sample(sample)
+        pixels, _ = self.transform(image)
+        return pixels
+
+
+def collate_pixels(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack images: ``pixels`` ``(B, 3, R, R)`` float32 in [-1, 1]."""
+    return {"pixels": torch.stack(samples)}
+
+
+class ImageShardDataModule(_StreamingDataModule):
+    """Streams raw image shards, preprocessed to a square resolution, for autoencoder training.
+
+    Args:
+        shards: raw shards (a folder, glob, brace pattern or list).
+        resolution: training resolution.
+        crop: ``"center"`` or ``"random"``.
+        val_shards: optional held-out raw shards for validation.
+        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_skipped.
+    """
+
+    def __init__(
+        self, shards: Any, resolution: int, crop: str = "random", val_shards: Any = None, **loader: Any
+    ) -> None:
+        super().__init__(**loader)
+        self.urls = resolve_shards(shards)
+        self.val_urls = resolve_shards(val_shards) if val_shards else None
+        self.transform = ResizeCrop(resolution, crop=crop)
+        self.num_samples = _count_samples(self.urls)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.urls, self.num_samples, _ImageDecoder(self.transform), collate_pixels, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        center = ResizeCrop(self.transform.resolution, crop="center")
+        return self._loader(self.val_urls, _count_samples(self.val_urls), _ImageDecoder(center), collate_pixels, False)
+
+
+def _count_samples(urls: list[str]) -> int:
+    """Samples in raw shards: the distinct keys of their members (webdataset's key rule)."""
+    total = 0
+    for url in urls:
+        with tarfile.open(url) as tar:
+            total += len({Path(name).name.split(".", 1)[0] for name in tar.getnames()})
+    return total

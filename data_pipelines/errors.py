@@ -1,0 +1,9 @@
+"""Errors raised for bad input, each naming the file, key and expectation."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as given (a missing path, an empty folder, a bad table)."""
+
+
+class CorruptSampleError(DataError):
+    """One sample inside a shard that cannot be decoded; the loaders skip and count these."""

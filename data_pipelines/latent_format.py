@@ -1,0 +1,260 @@
+"""The latent-shard format: the one place that defines its keys, dtypes, shapes and manifest.
+
+A latent shard is a WebDataset tar whose samples hold::
+
+    KEY.latent.npy   float16 (C, h, w)  VAE posterior mode times the VAE's scaling factor
+    KEY.text.npy     float16 (T, D)     text encoder last hidden state of the tokenized caption
+    KEY.txt          UTF-8               the caption
+    KEY.json         JSON                the raw sample's metadata plus preprocessing info
+
+Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
+fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
+the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
+caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance.
+The writer (precompute) and the reader (training loader) both import this module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.atomic import atomic_path, write_json_atomic
+from data_pipelines.errors import CorruptSampleError, DataError
+from data_pipelines.raw_format import sample_origin
+
+FORMAT_NAME = "latentforge.latent-shards"
+FORMAT_VERSION = 1
+LATENT_KEY = "latent.npy"
+TEXT_KEY = "text.npy"
+CAPTION_KEY = "txt"
+META_KEY = "json"
+STORAGE_DTYPE = np.float16
+MANIFEST_NAME = "manifest.json"
+UNCOND_NAME = "uncond.text.npy"
+
+
+@dataclass
+class LatentSample:
+    """One decoded latent-shard sample.
+
+    Attributes:
+        key: the sample key.
+        latent: ``(C, h, w)`` float16.
+        text: ``(T, D)`` float16.
+        caption: the caption.
+        meta: metadata.
+    """
+
+    key: str
+    latent: np.ndarray
+    text: np.ndarray
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=STORAGE_DTYPE), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _payload_bytes(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape)) * np.dtype(STORAGE_DTYPE).itemsize
+
+
+@lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The exact ``.npy`` header that :func:`_npy_bytes` writes for an array of ``shape``."""
+    data = _npy_bytes(np.zeros(shape, dtype=STORAGE_DTYPE))
+    return data[: len(data) - _payload_bytes(shape)]
+
+
+def _load_npy_of_shape(data: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Read a ``.npy`` member; skip parsing the header when it is byte for byte the one written for
+    ``shape`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to ``np.load``."""
+    if shape is not None:
+        header = _npy_header(tuple(shape))
+        if data.startswith(header) and len(data) == len(header) + _payload_bytes(tuple(shape)):
+            return np.frombuffer(data, dtype=STORAGE_DTYPE, offset=len(header)).reshape(shape)
+    return _load_npy(data)
+
+
+def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
+    """The tar members of one sample (bytes), for ``webdataset.TarWriter(encoder=False)``."""
+    return {
+        "__key__": sample.key,
+        LATENT_KEY: _npy_bytes(sample.latent),
+        TEXT_KEY: _npy_bytes(sample.text),
+        CAPTION_KEY: sample.caption.encode("utf-8"),
+        META_KEY: json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def decode_latent_sample(
+    sample: dict[str, Any], latent_shape: tuple[int, ...] | None = None, text_shape: tuple[int, ...] | None = None
+) -> LatentSample:
+    """Decode one webdataset sample of a latent shard, checking shapes when given.
+
+    Raises:
+        CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
+    """
+    origin = sample_origin(sample)
+    arrays = {}
+    for key, shape in ((LATENT_KEY, latent_shape), (TEXT_KEY, text_shape)):
+        if key not in sample:
+            raise CorruptSampleError(f"{origin}: member '{key}' is missing")
+        try:
+            array = _load_npy_of_shape(sample[key], shape)
+        except Exception as error:
+            raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
+        if array.dtype != STORAGE_DTYPE or (shape is not None and tuple(array.shape) != tuple(shape)):
+            found, expected = f"{array.dtype} {tuple(array.shape)}", f"{np.dtype(STORAGE_DTYPE)} {shape}"
+            raise CorruptSampleError(f"{origin}: member '{key}' is {found}, expected {expected}")
+        arrays[key] = array
+    caption = sample[CAPTION_KEY].decode("utf-8") if CAPTION_KEY in sample else ""
+    meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
+    return LatentSample(sample["__key__"], arrays[LATENT_KEY], arrays[TEXT_KEY], caption, meta)
+
+
+@dataclass
+class EncoderInfo:
+    """A frozen encoder the latents were made with.
+
+    Attributes:
+        path: the local folder it was loaded from.
+        class_name: its class (``AutoencoderKL``, ``CLIPTextModel``, ...).
+        fingerprint: SHA-256 over its config and weights.
+        extra: settings that change its output (``scaling_factor``, ``max_length``).
+    """
+
+    path: str
+    class_name: str
+    fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardEntry:
+    """One latent shard: its file name, sample count, and the raw shard it came from."""
+
+    name: str
+    num_samples: int
+    source: str
+    source_sha256: str
+    skipped: int = 0
+
+
+@dataclass
+class LatentManifest:
+    """Everything a reader needs to trust and use a folder of latent shards."""
+
+    resolution: int
+    latent_shape: list[int]
+    text_shape: list[int]
+    vae: EncoderInfo
+    text_encoder: EncoderInfo
+    tokenizer_path: str
+    transforms: dict[str, Any]
+    shards: list[ShardEntry] = field(default_factory=list)
+    uncond_file: str = UNCOND_NAME
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in all shards."""
+        return sum(shard.num_samples for shard in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/manifest.json`` atomically."""
+        path = Path(folder) / MANIFEST_NAME
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> LatentManifest:
+        """Build from a dict, naming the missing or wrong key.
+
+        Raises:
+            DataError: not a latent-shard manifest of this version, or a key is missing.
+        """
+        if data.get("format") != FORMAT_NAME:
+            raise DataError(f"{where}: key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+        if data.get("version") != FORMAT_VERSION:
+            raise DataError(f"{where}: key 'version' is {data.get('version')!r}, expected {FORMAT_VERSION}")
+        try:
+            fields = dict(data)
+            fields["vae"] = EncoderInfo(**data["vae"])
+            fields["text_encoder"] = EncoderInfo(**data["text_encoder"])
+            fields["shards"] = [ShardEntry(**entry) for entry in data["shards"]]
+            return cls(**fields)
+        except KeyError as error:
+            raise DataError(f"{where}: key {error} is missing") from error
+        except TypeError as error:
+            raise DataError(f"{where}: unexpected layout ({error})") from error
+
+    @classmethod
+    def load(cls, folder: str | Path) -> LatentManifest:
+        """Read ``folder/manifest.json``.
+
+        Raises:
+            DataError: the folder or its manifest is missing or invalid.
+        """
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"{path}: latent-shard manifest is missing (is {folder} a precompute output folder?)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_dict(data, where=str(path))
+
+    def shard_paths(self, folder: str | Path) -> list[str]:
+        """The shard files, checked to exist.
+
+        Raises:
+            DataError: a shard the manifest lists is missing.
+        """
+        paths = [Path(folder) / shard.name for shard in self.shards]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"{Path(folder) / MANIFEST_NAME}: lists shards that are missing: {missing[:3]}")
+        if not paths:
+            raise DataError(f"{Path(folder) / MANIFEST_NAME}: lists no shards")
+        return [str(p) for p in paths]
+
+
+def save_uncond_embedding(folder: str | Path, embedding: np.ndarray) -> None:
+    """Write the empty caption's embedding ``(T, D)`` as ``uncond.text.npy`` (atomically)."""
+    with atomic_path(Path(folder) / UNCOND_NAME) as tmp:
+        tmp.write_bytes(_npy_bytes(embedding))
+
+
+def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.ndarray:
+    """Read the empty caption's embedding ``(T, D)`` float16.
+
+    Raises:
+        DataError: the file is missing or its shape is not the manifest's ``text_shape``.
+    """
+    path = Path(folder) / manifest.uncond_file
+    if not path.is_file():
+        raise DataError(f"{path}: unconditional embedding is missing")
+    array = _load_npy(path.read_bytes())
+    if list(array.shape) != list(manifest.text_shape):
+        raise DataError(f"{path}: shape {list(array.shape)}, expected text_shape {manifest.text_shape}")
+    return array

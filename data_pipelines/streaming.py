@@ -1,0 +1,123 @@
+"""Webdataset pipelines over shard lists: split by node and worker, shuffle, decode, batch.
+
+Corrupt samples are skipped by a :class:`SkipCounter`, which logs each one with its shard and key
+and fails the run once more than ``max_skipped`` are seen (counts are per loader process).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from data_pipelines.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class TooManyCorruptSamples(DataError):
+    """More corrupt samples than the configured limit."""
+
+
+class SkipCounter:
+    """A webdataset exception handler that logs, counts and skips bad samples.
+
+    Args:
+        max_skipped: the most samples one process may skip before the run fails.
+    """
+
+    def __init__(self, max_skipped: int = 100) -> None:
+        self.max_skipped = max_skipped
+        self.skipped = 0
+
+    def __call__(self, error: Exception) -> bool:
+        self.skipped += 1
+        log.warning("skipped corrupt sample %d: %s", self.skipped, error)
+        if self.skipped > self.max_skipped:
+            raise TooManyCorruptSamples(
+                f"{self.skipped} corrupt samples skipped, more than max_skipped={self.max_skipped}; last: {error}"
+            ) from error
+        return True
+
+
+def shard_stream(
+    urls: Sequence[str],
+    decode: Callable[[dict[str, Any]], Any],
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    *,
+    handler: SkipCounter,
+    shuffle_buffer: int = 0,
+    resampled: bool = False,
+    seed: int = 0,
+    batches_per_epoch: int | None = None,
+    partial_batches: bool = False,
+) -> wds.DataPipeline | EpochSlices:
+    """A pipeline yielding collated batches from shards.
+
+    Args:
+        urls: shard paths.
+        decode: maps a raw webdataset sample (``__key__``, ``__url__``, member bytes) to a decoded
+            sample; raising skips the sample through ``handler``.
+        batch_size: samples per batch.
+        collate: list of decoded samples -> batch.
+        handler: counts and logs skipped samples.
+        shuffle_buffer: samples held for shuffling (0: none).
+        resampled: draw shards with replacement, endlessly: every rank and worker sees an equal,
+            unbounded stream, served in epochs of ``batches_per_epoch`` that continue one another
+            (the shuffle buffer is not refilled, no sample read is dropped). Without it, shards
+            are split between nodes and workers and read once per epoch in order.
+        seed: seed of shard resampling and sample shuffling.
+        batches_per_epoch: batches each loader worker yields per epoch (needed with ``resampled``).
+        partial_batches: keep the last, smaller batch of an epoch.
+    """
+    if resampled:
+        stages: list[Any] = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(list(urls)), wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=handler))
+    if shuffle_buffer > 0:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+    stages += [
+        wds.map(decode, handler=handler),
+        wds.batched(batch_size, collation_fn=collate, partial=partial_batches),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    if resampled:
+        if batches_per_epoch is None:
+            raise ValueError("resampled streams are endless: give batches_per_epoch")
+        return EpochSlices(pipeline, batches_per_epoch)
+    return pipeline
+
+
+class EpochSlices(IterableDataset):
+    """An endless iterable served in epochs of ``items_per_epoch``, each continuing the last.
+
+    ``webdataset``'s ``with_epoch`` starts a new iterator every epoch, which drops whatever the
+    shuffle buffer holds and reads it again. Here one iterator lives on (in the loading process,
+    or in each persistent DataLoader worker) and every epoch takes the next slice of it.
+    """
+
+    def __init__(self, source: Iterable[Any], items_per_epoch: int) -> None:
+        self.source = source
+        self.items_per_epoch = items_per_epoch
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterator is None:
+            self._iterator = iter(self.source)
+        for _ in range(self.items_per_epoch):
+            try:
+                yield next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                return
+
+
+def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    """Batches each worker of each rank yields so that one epoch covers about ``num_samples``."""
+    return max(1, math.ceil(num_samples / (batch_size * world_size * max(1, num_workers))))

@@ -1,0 +1,100 @@
+"""Shared fixtures: configs composed like the command line does, and a tiny set of real data.
+
+The session fixtures build, once per test run, what a user would have before training: raw
+shards of real digits, a "pretrained" folder (a small random VAE and CLIP text encoder with the
+real CLIP tokenizer, diffusers layout) and latent shards precomputed from them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli.hydra_app import compose_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NUM_DIGITS = 96
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def FirstDigits(count: int):
+    """The first ``count`` training digits (a source for the shard writer)."""
+    from data_pipelines.sources.digits import DigitsSource
+
+    return DigitsSource("train", limit=count)
+
+
+@pytest.fixture(scope="session")
+def raw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Raw shards of 96 real digits, 32 per shard."""
+    from data_pipelines.raw_shards import write_raw_shards
+
+    out = tmp_path_factory.mktemp("raw_shards")
+    write_raw_shards(FirstDigits(NUM_DIGITS), out, samples_per_shard=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-layout folder with vae/, text_encoder/, tokenizer/ (small, random, seeded)."""
+    from hydra.utils import instantiate
+
+    from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+
+    out = tmp_path_factory.mktemp("pretrained")
+    save_tiny_text_encoder(out, max_length=8)
+    torch.manual_seed(0)
+    vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def latent_dir(tmp_path_factory: pytest.TempPathFactory, raw_shards: Path, pretrained_dir: Path) -> Path:
+    """Latent shards of the 96 digits, made by the precompute command's code."""
+    from trainer.cli.precompute import run_precompute
+
+    out = tmp_path_factory.mktemp("latents")
+    run_precompute(
+        compose_config(
+            "precompute",
+            [
+                f"shards={raw_shards}",
+                f"out_dir={out}",
+                f"pretrained={pretrained_dir}",
+                "resolution=32",
+                "batch_size=48",
+            ],
+        )
+    )
+    return out
+
+
+def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:
+    """Overrides that make ``lf-train`` take a few seconds on the tiny data."""
+    return [
+        f"data.train_dir={latent_dir}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+        f"output_dir={output_dir}",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.accelerator=cpu",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "lr_scheduler.num_warmup_steps=1",
+    ]

@@ -1,0 +1,70 @@
+"""The console scripts: a Hydra sweep, W&B offline logging, and clear errors for bad input."""
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_train_overrides
+from tests.integration.cli import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_trial_sweep(latent_dir, tmp_path):
+    overrides = [o for o in tiny_train_overrides(latent_dir, tmp_path, steps=2) if not o.startswith("output_dir=")]
+    result = run_cli(
+        "lf-train", "-m", "optim.lr=1e-4,3e-4", *overrides, "output_dir=${hydra:runtime.output_dir}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = sorted((tmp_path / "multirun").iterdir())
+    assert [t.name for t in trials if t.is_dir()] == ["0", "1"]
+    for trial, lr in zip(trials, ("0.0001", "0.0003"), strict=False):
+        assert (trial / "checkpoints" / "last.ckpt").is_file()
+        assert f"optim.lr={lr}" in (trial / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_wandb_offline_logging(latent_dir, tmp_path):
+    result = run_cli(
+        "lf-train",
+        *tiny_train_overrides(latent_dir, tmp_path / "run", steps=3),
+        "logger=wandb",
+        "logger.wandb.offline=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    result = run_cli("lf-train", "optim.learning_rate=1e-4", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'optim.learning_rate'" in result.stderr
+    assert "Key 'learning_rate' is not in struct" in result.stderr
+
+
+def test_missing_shard_path_is_named(tmp_path, pretrained_dir):
+    result = run_cli(
+        "lf-precompute",
+        f"shards={tmp_path / 'no-such-shards'}",
+        f"out_dir={tmp_path / 'out'}",
+        f"pretrained={pretrained_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert f"{tmp_path / 'no-such-shards'}: shard path does not exist" in result.stderr
+
+
+def test_missing_required_value_is_named(tmp_path):
+    result = run_cli("lf-shards", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Missing mandatory value: out_dir" in result.stderr
+
+
+def test_shards_from_the_command_line(tmp_path):
+    result = run_cli(
+        "lf-shards", "source.limit=20", f"out_dir={tmp_path / 'shards'}", "samples_per_shard=8", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shards: 20 samples in 3 shards" in result.stdout
+    assert json.loads((tmp_path / "shards" / "shards_summary.json").read_text())["samples"] == 20

@@ -1,0 +1,151 @@
+"""lf-train -> lf-export -> lf-sample on the tiny precomputed digits (a few steps, CPU)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.errors import DataError
+from tests.conftest import compose_config, tiny_train_overrides
+from trainer.cli.export import run_export
+from trainer.cli.sample import run_sample
+from trainer.cli.train import run_train
+from trainer.export import load_checkpoint
+from trainer.sampling.png_info import read_parameters
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(latent_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    metrics = run_train(compose_config("train", tiny_train_overrides(latent_dir, out, steps=5)))
+    return out, metrics
+
+
+def test_training_writes_resumable_checkpoints_with_ema(trained):
+    out, metrics = trained
+    assert metrics["global_step"] == 5
+    assert np.isfinite(metrics["train/loss"]) and metrics["optimized_metric"] == metrics["train/loss"]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert checkpoints == ["last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt", "step-0000005.ckpt"]
+    last = load_checkpoint(out / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert last["global_step"] == 5
+    ema, raw = last["state_dict"], last["current_model_state"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema), "EMA and raw weights are both stored, and differ"
+    assert last["latentforge"]["latent_manifest"]["latent_shape"] == [4, 8, 8]
+    assert (out / "csv" / "version_0" / "metrics.csv").is_file()
+
+
+def test_resume_continues_from_the_checkpoint(trained, latent_dir, tmp_path):
+    out, _ = trained
+    overrides = tiny_train_overrides(latent_dir, tmp_path, steps=8)
+    metrics = run_train(compose_config("train", [*overrides, f"ckpt_path={out / 'checkpoints' / 'step-0000004.ckpt'}"]))
+    assert metrics["global_step"] == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.ckpt")) == [
+        "step-0000006.ckpt",
+        "step-0000008.ckpt",
+    ]
+
+
+def test_export_loads_in_diffusers_and_samples_reproducibly(trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = trained
+    export_dir = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}"]))
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (export_dir / part).is_dir(), part
+    assert list((export_dir / "unet").glob("*.safetensors"))
+    assert (export_dir / "latentforge.json").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(export_dir, local_files_only=True)
+    image = pipe("a handwritten digit seven", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+    def sample(into: Path, extra=()):
+        return run_sample(
+            compose_config(
+                "sample",
+                [
+                    f"model_dir={export_dir}",
+                    f"out_dir={into}",
+                    "num_images_per_prompt=2",
+                    "steps=4",
+                    "seed=11",
+                    'prompts=["a handwritten digit one","a handwritten digit two"]',
+                    *extra,
+                ],
+            )
+        )
+
+    first, second = sample(tmp_path / "a"), sample(tmp_path / "b", ["batch_size=1"])
+    assert len(first["paths"]) == 4 and Path(first["grid"]).is_file()
+    for a, b in zip(first["paths"], second["paths"], strict=True):
+        assert np.array_equal(np.asarray(Image_open(a)), np.asarray(Image_open(b))), "same seed, same image, any batch"
+    parameters = read_parameters(first["paths"][3])
+    assert (
+        parameters.startswith("a handwritten digit two\n")
+        and "Seed: 14" in parameters
+        and "Sampler: DDIM" in parameters
+    )
+
+    other_seed = sample(tmp_path / "c", ["seed=12"])
+    assert not np.array_equal(np.asarray(Image_open(first["paths"][1])), np.asarray(Image_open(other_seed["paths"][1])))
+
+
+def test_img2img_keeps_the_layout_at_low_strength(trained, tmp_path):
+    out, _ = trained
+    export_dir = tmp_path / "export"
+    run_export(
+        compose_config(
+            "export", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}", "weights=raw"]
+        )
+    )
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(init)
+    result = run_sample(
+        compose_config(
+            "sample",
+            [
+                f"model_dir={export_dir}",
+                f"out_dir={tmp_path / 's'}",
+                f"init_image={init}",
+                "strength=0.5",
+                "steps=4",
+                "num_images_per_prompt=1",
+                "grid=false",
+            ],
+        )
+    )
+    assert result["images"][0].size == (32, 32)
+    assert "Denoising strength: 0.5" in read_parameters(result["paths"][0])
+
+
+def test_export_errors_name_the_problem(trained, tmp_path):
+    out, _ = trained
+    with pytest.raises(DataError, match=r"missing\.ckpt: checkpoint does not exist"):
+        run_export(compose_config("export", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out_dir={tmp_path / 'e'}"]))
+    with pytest.raises(DataError, match=r"vae_path '/nowhere' is not a folder"):
+        run_export(
+            compose_config(
+                "export",
+                [
+                    f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+                    f"out_dir={tmp_path / 'e'}",
+                    "vae_path=/nowhere",
+                ],
+            )
+        )
+    assert not (tmp_path / "e").exists()
+
+
+def Image_open(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")

@@ -1,0 +1,119 @@
+"""Every option of every config group composes and instantiates."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from tests.conftest import compose_config
+from trainer.cli.hydra_app import CONF_DIR, instantiate_group
+
+CONF = Path(CONF_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_primary_config_composes():
+    required = {
+        "train": ["data.train_dir=x", "output_dir=o"],
+        "train_autoencoder": ["data.shards=x", "output_dir=o"],
+        "shards": ["out_dir=o"],
+        "precompute": ["shards=x", "out_dir=o", "pretrained=p"],
+        "export": ["ckpt_path=c", "out_dir=o"],
+        "sample": ["model_dir=m", "out_dir=o"],
+        "demo": [],
+    }
+    for name, overrides in required.items():
+        cfg = compose_config(name, overrides)
+        assert cfg.task_name in (name, "demo"), name
+
+
+@pytest.mark.parametrize("option", options("optim"))
+def test_optim_options(option):
+    import torch
+
+    factory = instantiate(compose_config("train", [f"optim={option}", "data.train_dir=x", "output_dir=o"]).optim)
+    assert isinstance(factory(params=[torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("option", options("lr_scheduler"))
+def test_lr_scheduler_options(option):
+    import torch
+
+    cfg = compose_config("train", [f"lr_scheduler={option}", "data.train_dir=x", "output_dir=o"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options(option):
+    from trainer.modules.latent_diffusion import LatentDiffusion
+
+    cfg = compose_config("train", [f"model={option}", "data.train_dir=x", "output_dir=o"])
+    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    assert isinstance(module, LatentDiffusion)
+
+
+@pytest.mark.parametrize("option", options("autoencoder"))
+def test_autoencoder_options(option):
+    from trainer.modules.autoencoder import AutoencoderModule
+
+    cfg = compose_config("train_autoencoder", [f"autoencoder={option}", "data.shards=x", "output_dir=o"])
+    assert isinstance(instantiate(cfg.autoencoder, optimizer=instantiate(cfg.optim)), AutoencoderModule)
+
+
+@pytest.mark.parametrize("option", options("strategy"))
+def test_strategy_options_build_a_trainer(option, tmp_path):
+    import lightning as L
+
+    cfg = compose_config(
+        "train", [f"strategy={option}", "data.train_dir=x", f"output_dir={tmp_path}", "trainer.accelerator=cpu"]
+    )
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    assert isinstance(trainer, L.Trainer)
+    expected = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "deepspeed_stage_2": "DeepSpeedStrategy"}
+    assert type(trainer.strategy).__name__ == expected[option]
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callback_options(option, tmp_path):
+    cfg = compose_config("train", [f"callbacks={option}", "data.train_dir=x", f"output_dir={tmp_path}"])
+    callbacks = instantiate_group(cfg.callbacks)
+    assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options(option, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [f"logger={option}", "data.train_dir=x", f"output_dir={tmp_path}"]
+    if option == "wandb":
+        overrides.append("logger.wandb.offline=true")
+    loggers = instantiate_group(compose_config("train", overrides).logger)
+    assert len(loggers) == (0 if option == "none" else 1)
+
+
+def test_source_options(tmp_path):
+    (tmp_path / "t.csv").write_text("path,caption\n")
+    for option, extra in (
+        ("digits", []),
+        ("folder", [f"source.root={tmp_path}"]),
+        ("table", [f"source.table={tmp_path / 't.csv'}"]),
+    ):
+        source = instantiate(compose_config("shards", [f"source={option}", "out_dir=o", *extra]).source)
+        assert iter(source) is not None
+
+
+def test_data_options(latent_dir, raw_shards):
+    latents = instantiate(compose_config("train", [f"data.train_dir={latent_dir}", "output_dir=o"]).data)
+    assert latents.manifest.num_samples == 96
+    images = instantiate(compose_config("train_autoencoder", [f"data.shards={raw_shards}", "output_dir=o"]).data)
+    assert images.num_samples == 96
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigCompositionException, match=r"optim\.learning_rate"):
+        compose_config("train", ["optim.learning_rate=1e-4", "data.train_dir=x"])

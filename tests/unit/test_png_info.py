@@ -1,0 +1,29 @@
+from PIL import Image
+
+from trainer.sampling.png_info import GenerationParameters, image_grid, read_parameters, save_png
+
+
+def test_parameters_in_automatic1111_layout(tmp_path):
+    parameters = GenerationParameters(
+        prompt="a handwritten digit seven",
+        negative_prompt="blurry",
+        steps=25,
+        sampler="DDIM",
+        guidance_scale=3.0,
+        seed=42,
+        width=32,
+        height=32,
+        model="export",
+    )
+    path = save_png(Image.new("RGB", (32, 32)), tmp_path / "x.png", parameters)
+    assert read_parameters(path) == (
+        "a handwritten digit seven\nNegative prompt: blurry\n"
+        "Steps: 25, Sampler: DDIM, CFG scale: 3, Seed: 42, Size: 32x32, Model: export"
+    )
+
+
+def test_grid_tiles_row_by_row():
+    images = [Image.new("RGB", (4, 4), (i * 40, 0, 0)) for i in range(6)]
+    grid = image_grid(images, columns=3)
+    assert grid.size == (12, 8)
+    assert grid.getpixel((9, 5)) == (200, 0, 0)

@@ -1,0 +1,49 @@
+import io
+import logging
+
+import pytest
+from PIL import Image
+
+from data_pipelines.datamodules import ImageShardDataModule
+from data_pipelines.shard_writer import open_tar_writer
+from data_pipelines.streaming import TooManyCorruptSamples
+
+
+def write_shard(path, good: int, bad: int):
+    with open_tar_writer(path) as writer:
+        for i in range(good + bad):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 20 % 255, 0, 0)).save(buffer, format="PNG")
+            image = buffer.getvalue() if i >= bad else b"\x89PNG broken"
+            writer.write({"__key__": f"{i:09d}", "png": image, "txt": b"caption"})
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+    write_shard(tmp_path / "s.tar", good=6, bad=2)
+    datamodule = ImageShardDataModule(
+        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False, max_skipped=5
+    )
+    with caplog.at_level(logging.WARNING):
+        batches = list(datamodule.train_dataloader())
+    assert sum(b["pixels"].shape[0] for b in batches) == 6
+    assert batches[0]["pixels"].shape == (2, 3, 8, 8)
+    assert "s.tar: sample 000000000: image 'png' does not decode" in caplog.text
+    assert "skipped corrupt sample 2" in caplog.text
+
+
+def test_too_many_corrupt_samples_fail_the_run(tmp_path):
+    write_shard(tmp_path / "s.tar", good=2, bad=3)
+    datamodule = ImageShardDataModule(
+        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False, max_skipped=2
+    )
+    with pytest.raises(TooManyCorruptSamples, match="more than max_skipped=2"):
+        list(datamodule.train_dataloader())
+
+
+def test_resampled_stream_gives_equal_epochs(tmp_path):
+    write_shard(tmp_path / "a.tar", good=10, bad=0)
+    write_shard(tmp_path / "b.tar", good=3, bad=0)
+    datamodule = ImageShardDataModule(str(tmp_path), resolution=8, batch_size=4, num_workers=0, shuffle_buffer=4)
+    assert datamodule.num_samples == 13
+    loader = datamodule.train_dataloader()
+    assert [len(list(loader)) for _ in range(3)] == [4, 4, 4]

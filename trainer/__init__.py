@@ -1,0 +1,1 @@
+"""latentforge training: Lightning modules, diffusion math, callbacks, export, sampler, entry points."""

@@ -1,0 +1,30 @@
+"""Store the run's resolved config and data manifest in every checkpoint, so export needs nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from trainer.modules.latent_diffusion import CHECKPOINT_KEY
+
+
+class Provenance(Callback):
+    """Adds ``checkpoint["latentforge"]["train_config"]`` and ``["latent_manifest"]``.
+
+    Args:
+        train_config: the resolved training config (plain containers).
+        latent_manifest: the training data's latent-shard manifest (names the VAE, text encoder
+            and tokenizer that export packs with the UNet).
+    """
+
+    def __init__(self, train_config: dict[str, Any], latent_manifest: dict[str, Any]) -> None:
+        self.train_config = train_config
+        self.latent_manifest = latent_manifest
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.setdefault(CHECKPOINT_KEY, {})
+        record["train_config"] = self.train_config
+        record["latent_manifest"] = self.latent_manifest
+        record["global_step"] = trainer.global_step

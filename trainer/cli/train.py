@@ -1,0 +1,71 @@
+"""``lf-train``: train the UNet on latent shards.
+
+Examples::
+
+    lf-train data.train_dir=latents/ trainer.max_steps=2000
+    lf-train experiment=demo_digits data.train_dir=demo_out/latents
+    lf-train strategy=ddp trainer.devices=2
+    lf-train strategy=deepspeed_stage_2 trainer.devices=8 trainer.precision=bf16-mixed
+    lf-train -m optim.lr=1e-4,3e-4                      # a two-trial Hydra sweep
+    lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from trainer.callbacks.provenance import Provenance
+from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, instantiate_group, resolved_container
+
+log = logging.getLogger(__name__)
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a LatentDiffusion module as ``cfg`` describes.
+
+    Returns:
+        The final logged metrics (floats), ``optimized_metric`` (the value of
+        ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(
+        cfg.model,
+        optimizer=instantiate(cfg.optim),
+        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        uncond_text=datamodule.uncond_text,
+    )
+    config = resolved_container(cfg)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks.append(Provenance(config, datamodule.manifest.to_dict()))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    metrics.update(
+        optimized_metric=metrics.get(cfg.get("optimized_metric") or "", float("nan")),
+        checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
+        global_step=trainer.global_step,
+    )
+    log.info("training done at step %d; checkpoint %s", trainer.global_step, metrics["checkpoint"])
+    return metrics
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Console entry point; returns the optimized metric for Hydra sweepers."""
+    return run_train(cfg)["optimized_metric"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""``lf-train-autoencoder``: train or fine-tune the first-stage VAE on raw shards.
+
+The result is saved in diffusers layout (``save_dir``), with ``scaling_factor`` set so that the
+latents of the training images have unit standard deviation (as SD's 0.18215 does for its VAE).
+
+Examples::
+
+    lf-train-autoencoder data.shards=shards/ save_dir=base/vae trainer.max_steps=3000
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from data_pipelines.atomic import atomic_path
+from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, instantiate_group, resolved_container
+
+log = logging.getLogger(__name__)
+
+
+def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
+    """Train the autoencoder, set its scaling factor, save it in diffusers layout.
+
+    Returns:
+        Final metrics, ``scaling_factor`` and ``save_dir``.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(
+        cfg.autoencoder,
+        optimizer=instantiate(cfg.optim),
+        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
+    )
+    for logger in loggers:
+        logger.log_hyperparams(resolved_container(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        batches = [b["pixels"] for b in islice(iter(datamodule.train_dataloader()), cfg.scaling_batches)]
+        std = module.cpu().latent_std(batches)
+        scaling_factor = 1.0 / std
+        module.vae.register_to_config(scaling_factor=scaling_factor)
+        with atomic_path(cfg.save_dir) as tmp:
+            module.vae.save_pretrained(tmp, safe_serialization=True)
+        log.info("saved VAE to %s (latent std %.4f, scaling_factor %.4f)", cfg.save_dir, std, scaling_factor)
+        metrics["scaling_factor"] = scaling_factor
+    metrics["save_dir"] = str(Path(cfg.save_dir).resolve())
+    return metrics
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="train_autoencoder")
+def main(cfg: DictConfig) -> None:
+    """Console entry point."""
+    run_train_autoencoder(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Diffusion training targets and losses (pure functions, no Lightning).
+
+Notation follows Ho et al. 2020 (DDPM) and Salimans & Ho 2022 (v-prediction):
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import SchedulerMixin
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+    """Uniform timesteps ``(B,)`` in ``[0, num_train_timesteps)``."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, dtype=torch.long)
+
+
+def training_target(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the network learns to predict for the scheduler's ``prediction_type``.
+
+    Args:
+        scheduler: a diffusers noise scheduler (its ``config.prediction_type`` decides).
+        latents: clean latents ``x_0`` ``(B, C, h, w)``.
+        noise: the noise ``eps`` ``(B, C, h, w)``.
+        timesteps: ``(B,)``.
+
+    Returns:
+        ``eps`` (epsilon), ``v`` (v_prediction, Salimans & Ho 2022 eq. 9 in their notation) or ``x_0``.
+    """
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"noise scheduler prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+def diffusion_loss(
+    model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error, optionally weighted per sample.
+
+    Args:
+        model_output: ``(B, C, h, w)``.
+        target: ``(B, C, h, w)``.
+        weights: ``(B,)`` per-sample weights, or ``None`` for uniform.
+
+    Returns:
+        Scalar loss, computed in float32.
+    """
+    per_sample = (model_output.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()

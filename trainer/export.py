@@ -1,0 +1,142 @@
+"""Export a training checkpoint as a diffusers ``StableDiffusionPipeline`` folder.
+
+The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
+``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
+the step and which weights (EMA or raw) the UNet carries. Both ``lf-sample`` and
+``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from data_pipelines.atomic import atomic_path
+from data_pipelines.errors import DataError
+from trainer.modules.latent_diffusion import CHECKPOINT_KEY
+
+log = logging.getLogger(__name__)
+UNET_PREFIX = "unet."
+EXPORT_INFO_NAME = "latentforge.json"
+Weights = Literal["auto", "ema", "raw"]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint file (``weights_only=True``), or consolidate a DeepSpeed one.
+
+    A DeepSpeed checkpoint is a folder; its ZeRO shards are merged into full fp32 weights with
+    Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` (any world size).
+
+    Raises:
+        DataError: the path does not exist or is not a training checkpoint of this project.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = Path(tmp) / "merged.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(merged))
+            checkpoint = torch.load(merged, map_location="cpu", weights_only=True)
+        checkpoint.pop("current_model_state", None)  # a rank-local copy under ZeRO; the merged one is exact
+        checkpoint["_deepspeed"] = True
+    elif path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise DataError(f"{path}: checkpoint does not exist")
+    if CHECKPOINT_KEY not in checkpoint or "unet_config" not in checkpoint[CHECKPOINT_KEY]:
+        raise DataError(f"{path}: key '{CHECKPOINT_KEY}.unet_config' is missing; not a latentforge training checkpoint")
+    return checkpoint
+
+
+def unet_state_dict(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """The UNet weights of a checkpoint and which kind they are.
+
+    With the EMA callback, ``state_dict`` holds the EMA weights and ``current_model_state`` the
+    raw ones; without it, ``state_dict`` holds the raw weights.
+
+    Returns:
+        ``(state_dict without the "unet." prefix, "ema" or "raw")``.
+
+    Raises:
+        DataError: ``weights="ema"`` but the checkpoint has no EMA weights.
+    """
+    has_ema = "current_model_state" in checkpoint
+    if weights == "ema" and not has_ema:
+        raise DataError("weights=ema: this checkpoint holds no EMA weights (train with callbacks.ema enabled)")
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights={weights!r}: expected 'auto', 'ema' or 'raw'")
+    kind = "ema" if has_ema and weights in ("auto", "ema") else "raw"
+    source = checkpoint["current_model_state"] if kind == "raw" and has_ema else checkpoint["state_dict"]
+    state = {k[len(UNET_PREFIX) :]: v for k, v in source.items() if k.startswith(UNET_PREFIX)}
+    return state, kind
+
+
+def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[UNet2DConditionModel, str]:
+    """Rebuild the UNet from the checkpoint's stored config and load its weights strictly."""
+    unet = UNet2DConditionModel.from_config(checkpoint[CHECKPOINT_KEY]["unet_config"])
+    state, kind = unet_state_dict(checkpoint, weights)
+    unet.load_state_dict(state, strict=True)
+    return unet, kind
+
+
+def export_pipeline(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a diffusers pipeline folder for a checkpoint (atomically: complete or absent).
+
+    Args:
+        ckpt_path: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder.
+        out_dir: the folder to write.
+        weights: ``"ema"``, ``"raw"``, or ``"auto"`` (EMA when the checkpoint has it).
+        vae_path, text_encoder_path, tokenizer_path: override the encoder folders recorded in the
+            checkpoint's latent-shard manifest.
+        dtype: weights dtype of the saved UNet, VAE and text encoder.
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    record = checkpoint[CHECKPOINT_KEY]
+    manifest = record.get("latent_manifest", {})
+    unet, kind = build_unet(checkpoint, weights)
+    vae_dir = vae_path or manifest.get("vae", {}).get("path")
+    text_dir = text_encoder_path or manifest.get("text_encoder", {}).get("path")
+    tokenizer_dir = tokenizer_path or manifest.get("tokenizer_path")
+    for name, value in (("vae_path", vae_dir), ("text_encoder_path", text_dir), ("tokenizer_path", tokenizer_dir)):
+        if not value or not Path(value).is_dir():
+            raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
+    torch_dtype = getattr(torch, dtype)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True),
+        text_encoder=CLIPTextModel.from_pretrained(text_dir, local_files_only=True),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+        unet=unet,
+        scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dtype=torch_dtype)
+    info = {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "global_step": record.get("global_step", checkpoint.get("global_step")),
+        "weights": kind,
+        "dtype": dtype,
+        "train_config": record.get("train_config"),
+        "latent_manifest": manifest,
+    }
+    with atomic_path(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    log.info("exported %s (%s weights, step %s) to %s", ckpt_path, kind, info["global_step"], out_dir)
+    return Path(out_dir)

@@ -1,0 +1,1 @@
+"""The included sampler: txt2img and img2img from an export folder, with its own denoising loop."""

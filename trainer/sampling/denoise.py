@@ -1,0 +1,45 @@
+"""The denoising loop with classifier-free guidance (Ho & Salimans 2022, eq. 6)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import SchedulerMixin, UNet2DConditionModel
+
+
+@torch.no_grad()
+def denoise(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run the reverse process over ``timesteps``.
+
+    Args:
+        unet: the noise-prediction network.
+        scheduler: a diffusers sampling scheduler with ``set_timesteps`` already called.
+        latents: starting latents ``(B, C, h, w)`` (already scaled by ``init_noise_sigma`` or noised).
+        cond: prompt embeddings ``(B, T, D)``.
+        uncond: negative-prompt embeddings ``(B, T, D)``.
+        guidance_scale: ``w`` in ``eps = eps_u + w (eps_c - eps_u)``; 1 disables guidance.
+        timesteps: the timesteps to visit, in order.
+        generator: randomness for stochastic schedulers (Euler ancestral).
+
+    Returns:
+        Denoised latents ``(B, C, h, w)``.
+    """
+    guided = guidance_scale != 1.0
+    context = torch.cat([uncond, cond]) if guided else cond  # (2B or B, T, D)
+    for t in timesteps:
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        output = unet(model_input, t, encoder_hidden_states=context).sample
+        if guided:
+            output_uncond, output_cond = output.chunk(2)
+            output = output_uncond + guidance_scale * (output_cond - output_uncond)
+        latents = scheduler.step(output, t, latents, generator=generator).prev_sample
+    return latents

@@ -1,0 +1,64 @@
+"""Lightning's DeepSpeed strategy, also on CPU processes (gloo), so ZeRO runs in every CI run.
+
+Lightning's ``DeepSpeedStrategy`` refuses any accelerator but CUDA. DeepSpeed itself runs on CPU
+(its CPU accelerator, the gloo backend, bf16 or fp32). On CUDA this class is Lightning's strategy
+unchanged; on CPU it overrides the three places that assume CUDA:
+
+* ``setup_environment``: skip the CUDA check (``DDPStrategy.setup_environment``);
+* ``setup_distributed``: skip the CUDA device-index validation;
+* ``_setup_model_and_optimizer``: pass the local rank, not ``root_device.index`` (``None`` on CPU),
+  to ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from torch.nn import Module
+from torch.optim import Optimizer
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """``lightning.pytorch.strategies.DeepSpeedStrategy`` that also runs on CPU."""
+
+    strategy_name = "latentforge_deepspeed"
+
+    def _on_cpu(self) -> bool:
+        return not isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cpu():
+            DDPStrategy.setup_environment(self)
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if self._on_cpu():
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+        else:
+            super().setup_distributed()
+
+    def _setup_model_and_optimizer(
+        self, model: Module, optimizer: Optimizer | None, lr_scheduler: Any = None
+    ) -> tuple[Any, Optimizer]:
+        if not self._on_cpu():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
