@@ -35,6 +35,19 @@ def _require_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+@torch.no_grad()
+def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
+    """Captions -> the text encoder's last hidden state ``(B, T, D)``, padded to the tokenizer's
+    ``model_max_length`` (as SD and diffusers' pipelines do). Precompute and the sampler both use
+    this, so training and sampling see the same embeddings. Each distinct text is encoded once."""
+    unique = list(dict.fromkeys(texts))
+    length = tokenizer.model_max_length
+    tokens = tokenizer(unique, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    hidden = text_encoder(tokens.input_ids.to(device)).last_hidden_state  # (U, T, D)
+    return hidden[torch.tensor([unique.index(t) for t in texts], device=device)]
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> the first CUDA device when there is one, else the CPU."""
     if device == "auto":
@@ -118,17 +131,6 @@ class FrozenEncoders:
         latents = self.vae.encode(pixels).latent_dist.mode()  # (B, C, H/f, W/f)
         return latents * self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> last hidden states ``(B, T, D)``; each distinct caption is encoded once."""
-        unique = list(dict.fromkeys(captions))
-        tokens = self.tokenizer(
-            unique,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device)).last_hidden_state  # (U, T, D)
-        index = torch.tensor([unique.index(c) for c in captions], device=hidden.device)
-        return hidden[index]
+        """Captions -> last hidden states ``(B, T, D)`` (see :func:`encode_text`)."""
+        return encode_text(self.tokenizer, self.text_encoder, captions)

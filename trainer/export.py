@@ -118,15 +118,15 @@ def export_pipeline(
             raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
     torch_dtype = getattr(torch, dtype)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True),
-        text_encoder=CLIPTextModel.from_pretrained(text_dir, local_files_only=True),
+        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
+        text_encoder=CLIPTextModel.from_pretrained(text_dir, local_files_only=True, dtype=torch_dtype),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
-        unet=unet,
+        unet=unet.to(torch_dtype),
         scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(dtype=torch_dtype)
+    )
     info = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": record.get("global_step", checkpoint.get("global_step")),

@@ -96,7 +96,27 @@ def test_export_loads_in_diffusers_and_samples_reproducibly(trained, tmp_path):
     assert not np.array_equal(np.asarray(Image_open(first["paths"][1])), np.asarray(Image_open(other_seed["paths"][1])))
 
 
-def test_img2img_keeps_the_layout_at_low_strength(trained, tmp_path):
+def test_half_precision_export(trained, tmp_path):
+    from safetensors import safe_open
+
+    out, _ = trained
+    export_dir = tmp_path / "fp16"
+    run_export(
+        compose_config(
+            "export", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}", "dtype=float16"]
+        )
+    )
+    for part, name in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
+        with safe_open(export_dir / part / f"{name}.safetensors", "pt") as weights:
+            first = next(iter(weights.keys()))
+            assert weights.get_tensor(first).dtype == torch.float16, part
+
+
+def test_img2img_records_its_strength(trained, tmp_path):
     out, _ = trained
     export_dir = tmp_path / "export"
     run_export(

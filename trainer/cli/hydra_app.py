@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -24,6 +25,25 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> L.Trainer:
+    """The configured ``Trainer`` with ``cfg.callbacks`` (+ extras) and ``cfg.logger``; the loggers
+    get the resolved config as the run's hyperparameters."""
+    callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(resolved_container(cfg))
+    return trainer
+
+
+def optimizer_factories(cfg: DictConfig) -> dict[str, Any]:
+    """``optimizer`` and ``lr_scheduler`` partials for a LightningModule (the scheduler may be ``None``)."""
+    return {
+        "optimizer": instantiate(cfg.optim),
+        "lr_scheduler": instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+    }
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from trainer.callbacks.provenance import Provenance
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, instantiate_group, resolved_container
+from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories, resolved_container
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    module = instantiate(
-        cfg.model,
-        optimizer=instantiate(cfg.optim),
-        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        uncond_text=datamodule.uncond_text,
-    )
-    config = resolved_container(cfg)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    callbacks.append(Provenance(config, datamodule.manifest.to_dict()))
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(config)
+    module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
+    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict())])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from data_pipelines.atomic import atomic_path
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, instantiate_group, resolved_container
+from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,8 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    module = instantiate(
-        cfg.autoencoder,
-        optimizer=instantiate(cfg.optim),
-        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-    )
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
-    )
-    for logger in loggers:
-        logger.log_hyperparams(resolved_container(cfg))
+    module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))
+    trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from data_pipelines.errors import DataError
-from data_pipelines.frozen_encoders import resolve_device
+from data_pipelines.frozen_encoders import encode_text, resolve_device
 from data_pipelines.image_transforms import ResizeCrop, pixels_to_images
 from trainer.sampling.denoise import denoise
 from trainer.sampling.png_info import GenerationParameters
@@ -81,17 +81,9 @@ class Sampler:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> text embeddings ``(B, T, D)`` (last hidden state, padded to the max length)."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.device)).last_hidden_state.to(self.unet.dtype)
+        """Prompts -> text embeddings ``(B, T, D)``, exactly as precompute made the training data's."""
+        return encode_text(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
