@@ -50,6 +50,14 @@ def test_resume_continues_from_the_checkpoint(trained, latent_dir, tmp_path):
     ]
 
 
+def test_validation_loss_on_a_second_latent_folder(latent_dir, tmp_path):
+    overrides = tiny_train_overrides(latent_dir, tmp_path, steps=4)
+    metrics = run_train(
+        compose_config("train", [*overrides, f"data.val_dir={latent_dir}", "trainer.val_check_interval=2"])
+    )
+    assert np.isfinite(metrics["val/loss"])
+
+
 def test_export_loads_in_diffusers_and_samples_reproducibly(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -47,3 +47,13 @@ def test_resampled_stream_gives_equal_epochs(tmp_path):
     assert datamodule.num_samples == 13
     loader = datamodule.train_dataloader()
     assert [len(list(loader)) for _ in range(3)] == [4, 4, 4]
+
+
+def test_worker_processes_share_out_the_epoch(tmp_path):
+    for name in ("a", "b"):
+        write_shard(tmp_path / f"{name}.tar", good=12, bad=0)
+    datamodule = ImageShardDataModule(str(tmp_path), resolution=8, batch_size=4, num_workers=2, shuffle_buffer=4)
+    loader = datamodule.train_dataloader()
+    assert [len(list(loader)) for _ in range(2)] == [6, 6]  # 24 samples / batch 4, split over 2 workers
+    once = ImageShardDataModule(str(tmp_path), resolution=8, batch_size=4, num_workers=2, resampled=False)
+    assert sum(b["pixels"].shape[0] for b in once.train_dataloader()) == 24  # each shard read by one worker
