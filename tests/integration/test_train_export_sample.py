@@ -154,6 +154,43 @@ def test_img2img_records_its_strength(trained, tmp_path):
     assert "Denoising strength: 0.5" in read_parameters(result["paths"][0])
 
 
+def test_v_prediction_zero_terminal_snr_export_samples_everywhere(latent_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run_train(
+        compose_config("train", [*tiny_train_overrides(latent_dir, tmp_path / "run", steps=3), "objective=v_ztsnr"])
+    )
+    export_dir = tmp_path / "export"
+    run_export(
+        compose_config(
+            "export", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}"]
+        )
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(export_dir, local_files_only=True)
+    config = pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction",
+        True,
+        "trailing",
+    )
+    image = pipe("a handwritten digit one", num_inference_steps=3, guidance_rescale=0.7, output_type="np").images[0]
+    assert np.isfinite(image).all()
+    result = run_sample(
+        compose_config(
+            "sample",
+            [
+                f"model_dir={export_dir}",
+                f"out_dir={tmp_path / 's'}",
+                "steps=3",
+                "num_images_per_prompt=1",
+                "guidance_rescale=0.7",
+            ],
+        )
+    )
+    assert np.isfinite(np.asarray(result["images"][0])).all()
+    assert "CFG Rescale phi: 0.7" in read_parameters(result["paths"][0])
+
+
 def test_export_errors_name_the_problem(trained, tmp_path):
     out, _ = trained
     with pytest.raises(DataError, match=r"missing\.ckpt: checkpoint does not exist"):

@@ -117,3 +117,16 @@ def test_data_options(latent_dir, raw_shards):
 def test_unknown_key_is_named():
     with pytest.raises(ConfigCompositionException, match=r"optim\.learning_rate"):
         compose_config("train", ["optim.learning_rate=1e-4", "data.train_dir=x"])
+
+
+@pytest.mark.parametrize("option", options("objective"))
+def test_objective_options_train_a_step(option):
+    import torch
+
+    cfg = compose_config("train", [f"objective={option}", "data.train_dir=x", "output_dir=o"])
+    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    batch = {"latents": torch.randn(4, 4, 8, 8), "text": torch.randn(4, 77, 32)}
+    loss = module.compute_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.noise_scheduler.config.prediction_type == cfg.model.noise_scheduler.prediction_type

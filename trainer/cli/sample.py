@@ -50,6 +50,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         negative_prompt=cfg.negative_prompt,
         steps=cfg.steps,
         guidance_scale=cfg.guidance_scale,
+        guidance_rescale=cfg.guidance_rescale,
         scheduler=cfg.scheduler,
         height=cfg.height,
         width=cfg.width,

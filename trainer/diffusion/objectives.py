@@ -12,11 +12,6 @@ from diffusers import SchedulerMixin
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
-    """Uniform timesteps ``(B,)`` in ``[0, num_train_timesteps)``."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, dtype=torch.long)
-
-
 def training_target(
     scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:

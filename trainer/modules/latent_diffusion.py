@@ -14,7 +14,7 @@ import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 from torch.optim import Optimizer
 
-from trainer.diffusion.objectives import diffusion_loss, sample_timesteps, training_target
+from trainer.diffusion.objective import Objective
 
 CHECKPOINT_KEY = "latentforge"
 
@@ -31,6 +31,7 @@ class LatentDiffusion(L.LightningModule):
         caption_dropout: probability of replacing a sample's text embedding with ``uncond_text``
             (so the model learns the unconditional score classifier-free guidance needs).
         uncond_text: the empty caption's embedding ``(T, D)``; needed when ``caption_dropout > 0``.
+        objective: timestep sampling, loss weighting and noise tweaks (default: uniform, unweighted).
     """
 
     def __init__(
@@ -41,10 +42,11 @@ class LatentDiffusion(L.LightningModule):
         lr_scheduler: Callable[[Optimizer], Any] | None = None,
         caption_dropout: float = 0.0,
         uncond_text: torch.Tensor | None = None,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text"], logger=False
+            ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective"], logger=False
         )
         if caption_dropout > 0 and uncond_text is None:
             raise ValueError("caption_dropout > 0 needs uncond_text, the empty caption's embedding")
@@ -53,6 +55,7 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
+        self.objective = objective or Objective()
         self.register_buffer("uncond_text", uncond_text, persistent=False)
 
     def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
@@ -70,11 +73,11 @@ class LatentDiffusion(L.LightningModule):
         """
         latents = batch["latents"].to(self.dtype)
         text = self.drop_captions(batch["text"].to(self.dtype))
-        noise = torch.randn_like(latents)
-        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)  # (B, C, h, w)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        return diffusion_loss(prediction, training_target(self.noise_scheduler, latents, noise, timesteps))
+        loss, _ = self.objective.loss(self._predict, self.noise_scheduler, latents, text)
+        return loss
+
+    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 
 @torch.no_grad()
@@ -15,7 +16,8 @@ def denoise(
     uncond: torch.Tensor,
     guidance_scale: float,
     timesteps: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Run the reverse process over ``timesteps``.
 
@@ -27,7 +29,9 @@ def denoise(
         uncond: negative-prompt embeddings ``(B, T, D)``.
         guidance_scale: ``w`` in ``eps = eps_u + w (eps_c - eps_u)``; 1 disables guidance.
         timesteps: the timesteps to visit, in order.
-        generator: randomness for stochastic schedulers (Euler ancestral).
+        generator: randomness for stochastic schedulers (Euler ancestral), one per image or shared.
+        guidance_rescale: ``phi`` of Lin et al. 2024 (eq. 15-16): rescale the guided output to the
+            conditional output's standard deviation, mixed by ``phi`` (0: off; 0.7 with zero-terminal-SNR models).
 
     Returns:
         Denoised latents ``(B, C, h, w)``.
@@ -41,5 +45,7 @@ def denoise(
         if guided:
             output_uncond, output_cond = output.chunk(2)
             output = output_uncond + guidance_scale * (output_cond - output_uncond)
+            if guidance_rescale > 0:
+                output = rescale_noise_cfg(output, output_cond, guidance_rescale)
         latents = scheduler.step(output, t, latents, generator=generator).prev_sample
     return latents

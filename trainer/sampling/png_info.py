@@ -25,6 +25,7 @@ class GenerationParameters:
     height: int
     model: str = ""
     strength: float | None = None
+    guidance_rescale: float = 0.0
 
     def to_text(self) -> str:
         """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs."""
@@ -37,6 +38,8 @@ class GenerationParameters:
         ]
         if self.model:
             fields.append(f"Model: {self.model}")
+        if self.guidance_rescale:
+            fields.append(f"CFG Rescale phi: {self.guidance_rescale:g}")
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
         lines = [self.prompt]

@@ -25,6 +25,7 @@ class SampleSettings:
     negative_prompt: str = ""
     steps: int = 25
     guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
     scheduler: str = "ddim"
     height: int | None = None
     width: int | None = None
@@ -109,6 +110,7 @@ class Sampler:
                 steps=settings.steps,
                 sampler=display_name(settings.scheduler),
                 guidance_scale=settings.guidance_scale,
+                guidance_rescale=settings.guidance_rescale,
                 seed=seed,
                 width=width,
                 height=height,
@@ -136,6 +138,7 @@ class Sampler:
             settings.guidance_scale,
             scheduler.timesteps,
             generator=generators,
+            guidance_rescale=settings.guidance_rescale,
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, height, width)
 
@@ -172,5 +175,6 @@ class Sampler:
             settings.guidance_scale,
             timesteps,
             generator=generators,
+            guidance_rescale=settings.guidance_rescale,
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, height, width, strength)
