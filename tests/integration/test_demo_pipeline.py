@@ -89,3 +89,16 @@ def test_diffusers_pipeline_loads_the_export_and_is_deterministic(demo):
     first, second = generate(), generate()
     assert first.shape == (32, 32, 3)
     assert np.array_equal(first, second)
+
+
+def test_v_prediction_reaches_epsilon_accuracy_on_the_same_budget(demo, tmp_path):
+    _, epsilon = demo
+    cfg = compose_config("demo", [f"out_dir={tmp_path}", "samples_per_prompt=10"])
+    with open_dict(cfg):
+        for stage, extra in SHRINK.items():
+            cfg.stages[stage] = [*cfg.stages[stage], *extra]
+        cfg.stages.train = [*cfg.stages.train, "objective=v"]
+    v_prediction = run_demo(cfg)
+    scheduler = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert v_prediction["conditional_accuracy"] >= epsilon["conditional_accuracy"] - 0.15, (v_prediction, epsilon)

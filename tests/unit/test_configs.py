@@ -81,7 +81,10 @@ def test_strategy_options_build_a_trainer(option, tmp_path):
 
 @pytest.mark.parametrize("option", options("callbacks"))
 def test_callback_options(option, tmp_path):
-    cfg = compose_config("train", [f"callbacks={option}", "data.train_dir=x", f"output_dir={tmp_path}"])
+    overrides = [f"callbacks={option}", "data.train_dir=x", f"output_dir={tmp_path}"]
+    if option == "with_validation_images":
+        overrides.append("callbacks.validation_images.prompts=[a cat]")
+    cfg = compose_config("train", overrides)
     callbacks = instantiate_group(cfg.callbacks)
     assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
 
@@ -90,10 +93,15 @@ def test_callback_options(option, tmp_path):
 def test_logger_options(option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [f"logger={option}", "data.train_dir=x", f"output_dir={tmp_path}"]
-    if option == "wandb":
+    if "wandb" in option:
         overrides.append("logger.wandb.offline=true")
     loggers = instantiate_group(compose_config("train", overrides).logger)
-    assert len(loggers) == (0 if option == "none" else 1)
+    assert (
+        sorted(type(lg).__name__ for lg in loggers)
+        == {"none": [], "csv": ["CSVLogger"], "wandb": ["WandbLogger"], "csv_wandb": ["CSVLogger", "WandbLogger"]}[
+            option
+        ]
+    )
 
 
 def test_source_options(tmp_path):
@@ -126,7 +134,7 @@ def test_objective_options_train_a_step(option):
     cfg = compose_config("train", [f"objective={option}", "data.train_dir=x", "output_dir=o"])
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
     batch = {"latents": torch.randn(4, 4, 8, 8), "text": torch.randn(4, 77, 32)}
-    loss = module.compute_loss(batch)
+    loss = module.compute_loss(batch).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert module.noise_scheduler.config.prediction_type == cfg.model.noise_scheduler.prediction_type

@@ -23,12 +23,12 @@ def test_loss_decreases_on_a_fixed_batch():
 
     def loss_at_fixed_noise():
         torch.manual_seed(123)
-        return module.compute_loss(batch).item()
+        return module.compute_loss(batch).loss.item()
 
     before = loss_at_fixed_noise()
     for _ in range(40):
         optimizer.zero_grad()
-        module.compute_loss(batch).backward()
+        module.compute_loss(batch).loss.backward()
         optimizer.step()
     assert loss_at_fixed_noise() < 0.7 * before
 

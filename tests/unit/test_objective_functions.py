@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 
 from trainer.diffusion.loss_weights import DebiasedWeighting, MinSNRWeighting, UniformWeighting
 from trainer.diffusion.noise import offset_noise
-from trainer.diffusion.objective import Objective
+from trainer.diffusion.objective import Objective, fixed_timestep_loss
 from trainer.diffusion.objectives import training_target
 from trainer.diffusion.timesteps import BiasedTimesteps, LogitNormalTimesteps, UniformTimesteps
 
@@ -100,7 +100,8 @@ def test_input_perturbation_keeps_the_target():
     s = scheduler()
     objective = Objective(timesteps=BiasedTimesteps(999, 1000, multiplier=1e9), input_perturbation=1.0)
     latents = torch.zeros(4096, 1, 2, 2)
-    loss, timesteps = objective.loss(zero_model, s, latents, torch.zeros(4096, 1, 1))
+    terms = objective.loss(zero_model, s, latents, torch.zeros(4096, 1, 1))
+    loss, timesteps = terms.loss, terms.timesteps
     assert (timesteps == 999).float().mean() > 0.99
     assert loss.item() == pytest.approx(1.0, abs=0.05)
     variance = (1 - s.alphas_cumprod[999]) * 2  # (1 - abar) (1 + gamma^2)
@@ -111,9 +112,30 @@ def test_uniform_objective_is_plain_mse():
     torch.manual_seed(0)
     s = scheduler()
     latents = torch.randn(8, 4, 2, 2)
-    loss, timesteps = Objective().loss(lambda x, t, c: torch.zeros_like(x), s, latents, torch.zeros(8, 1, 1))
-    assert timesteps.shape == (8,)
-    assert 0.5 < loss.item() < 1.5  # E[eps^2] = 1
+    terms = Objective().loss(lambda x, t, c: torch.zeros_like(x), s, latents, torch.zeros(8, 1, 1))
+    assert terms.timesteps.shape == (8,) and terms.errors.shape == (8,)
+    assert terms.loss.item() == pytest.approx(terms.errors.mean().item())
+    assert 0.5 < terms.loss.item() < 1.5  # E[eps^2] = 1
+
+
+def test_fixed_timestep_loss_is_reproducible_and_unweighted():
+    s = scheduler()
+    latents, text = torch.randn(4, 4, 2, 2), torch.zeros(4, 1, 1)
+
+    def model(x, t, c):
+        return 0.5 * x
+
+    first = fixed_timestep_loss(model, s, latents, text, [100, 900], seed=3)
+    assert first.item() == fixed_timestep_loss(model, s, latents, text, [100, 900], seed=3).item()
+    assert first.item() != fixed_timestep_loss(model, s, latents, text, [100, 900], seed=4).item()
+    by_hand = []
+    generator = torch.Generator().manual_seed(3)
+    for step in (100, 900):
+        noise = torch.randn(latents.shape, generator=generator)
+        abar = s.alphas_cumprod[step]
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        by_hand.append(((0.5 * noisy - noise) ** 2).mean())
+    assert first.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
 
 
 def test_timestep_samplers():

@@ -52,6 +52,10 @@ class EMA(WeightAveraging):
         if floating:
             torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
 
+    def averaged_module(self) -> L.LightningModule | None:
+        """The module holding the EMA weights (``None`` before fit starts)."""
+        return None if self._average_model is None else self._average_model.module
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Keep the raw weights in the model (see the module docstring)."""
 

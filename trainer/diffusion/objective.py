@@ -11,8 +11,17 @@ from diffusers.training_utils import compute_snr
 
 from trainer.diffusion.loss_weights import LossWeighting, UniformWeighting
 from trainer.diffusion.noise import offset_noise, perturb_noise
-from trainer.diffusion.objectives import diffusion_loss, training_target
+from trainer.diffusion.objectives import per_sample_mse, training_target
 from trainer.diffusion.timesteps import TimestepSampler, UniformTimesteps
+
+
+@dataclass
+class LossTerms:
+    """One batch's loss: the weighted scalar, the ``(B,)`` timesteps and unweighted errors (for logging)."""
+
+    loss: torch.Tensor
+    timesteps: torch.Tensor
+    errors: torch.Tensor
 
 
 @dataclass
@@ -40,7 +49,7 @@ class Objective:
         scheduler: SchedulerMixin,
         latents: torch.Tensor,
         text: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> LossTerms:
         """The weighted denoising loss of one batch.
 
         Args:
@@ -48,13 +57,35 @@ class Objective:
             scheduler: the training noise scheduler.
             latents: clean latents ``(B, C, h, w)``.
             text: text embeddings ``(B, T, D)``.
-
-        Returns:
-            ``(loss, timesteps)``: the scalar loss and the ``(B,)`` timesteps drawn.
         """
         noise = offset_noise(torch.randn_like(latents), self.offset_noise)
         timesteps = self.timesteps(latents.shape[0], scheduler.config.num_train_timesteps, latents.device)
         noisy = scheduler.add_noise(latents, perturb_noise(noise, self.input_perturbation), timesteps)
         target = training_target(scheduler, latents, noise, timesteps)
+        errors = per_sample_mse(model(noisy, timesteps, text), target)  # (B,)
         weights = self.loss_weighting(compute_snr(scheduler, timesteps), scheduler.config.prediction_type)
-        return diffusion_loss(model(noisy, timesteps, text), target, weights), timesteps
+        return LossTerms(loss=(errors * weights).mean(), timesteps=timesteps, errors=errors.detach())
+
+
+def fixed_timestep_loss(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    timesteps: list[int],
+    seed: int,
+) -> torch.Tensor:
+    """Unweighted loss averaged over fixed ``timesteps`` with noise drawn from ``seed``: the same
+    number for the same weights and data, so validation losses of different runs compare.
+
+    Returns:
+        Scalar: the mean over timesteps of the batch's mean squared error.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    losses = []
+    for step in timesteps:
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        t = torch.full((latents.shape[0],), step, device=latents.device, dtype=torch.long)
+        noisy = scheduler.add_noise(latents, noise, t)
+        losses.append(per_sample_mse(model(noisy, t, text), training_target(scheduler, latents, noise, t)).mean())
+    return torch.stack(losses).mean()

@@ -36,6 +36,11 @@ def training_target(
     raise ValueError(f"noise scheduler prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
+def per_sample_mse(model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample ``(B,)``, in float32, for outputs and targets ``(B, C, h, w)``."""
+    return (model_output.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+
+
 def diffusion_loss(
     model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -49,7 +54,7 @@ def diffusion_loss(
     Returns:
         Scalar loss, computed in float32.
     """
-    per_sample = (model_output.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    per_sample = per_sample_mse(model_output, target)  # (B,)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()

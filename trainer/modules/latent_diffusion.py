@@ -6,7 +6,7 @@ latent shards already hold their outputs (see ``data_pipelines.latent_format``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -14,7 +14,7 @@ import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 from torch.optim import Optimizer
 
-from trainer.diffusion.objective import Objective
+from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 
 CHECKPOINT_KEY = "latentforge"
 
@@ -32,6 +32,8 @@ class LatentDiffusion(L.LightningModule):
             (so the model learns the unconditional score classifier-free guidance needs).
         uncond_text: the empty caption's embedding ``(T, D)``; needed when ``caption_dropout > 0``.
         objective: timestep sampling, loss weighting and noise tweaks (default: uniform, unweighted).
+        validation_timesteps: the fixed timesteps of the validation loss (default: 10, evenly spaced).
+        timestep_buckets: the training loss is also logged per this many ranges of timesteps.
     """
 
     def __init__(
@@ -43,6 +45,8 @@ class LatentDiffusion(L.LightningModule):
         caption_dropout: float = 0.0,
         uncond_text: torch.Tensor | None = None,
         objective: Objective | None = None,
+        validation_timesteps: Sequence[int] | None = None,
+        timestep_buckets: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -56,6 +60,9 @@ class LatentDiffusion(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
         self.objective = objective or Objective()
+        steps = noise_scheduler.config.num_train_timesteps
+        self.validation_timesteps = list(validation_timesteps or range(steps // 20, steps, steps // 10))
+        self.timestep_buckets = timestep_buckets
         self.register_buffer("uncond_text", uncond_text, persistent=False)
 
     def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
@@ -65,7 +72,7 @@ class LatentDiffusion(L.LightningModule):
         drop = torch.rand(text.shape[0], device=text.device) < self.caption_dropout  # (B,)
         return torch.where(drop[:, None, None], self.uncond_text.to(text.dtype), text)
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
 
         Args:
@@ -73,21 +80,50 @@ class LatentDiffusion(L.LightningModule):
         """
         latents = batch["latents"].to(self.dtype)
         text = self.drop_captions(batch["text"].to(self.dtype))
-        loss, _ = self.objective.loss(self._predict, self.noise_scheduler, latents, text)
-        return loss
+        return self.objective.loss(self._predict, self.noise_scheduler, latents, text)
 
     def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
-        return loss
+        terms = self.compute_loss(batch)
+        size = batch["latents"].shape[0]
+        self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
+        if self._is_logging_step():
+            self.log_dict(self._loss_by_timestep_bucket(terms), batch_size=size)
+        return terms.loss
+
+    def _is_logging_step(self) -> bool:
+        return (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def _loss_by_timestep_bucket(self, terms: LossTerms) -> dict[str, torch.Tensor]:
+        """Unweighted loss per quarter of the schedule: ``train/loss_t000-249`` etc. (buckets hit by this batch)."""
+        steps = self.noise_scheduler.config.num_train_timesteps
+        width = -(-steps // self.timestep_buckets)
+        bucket = terms.timesteps // width
+        return {
+            f"train/loss_t{b * width:03d}-{min(steps, (b + 1) * width) - 1:03d}": terms.errors[bucket == b].mean()
+            for b in bucket.unique().tolist()
+        }
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
+        """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout)."""
+        loss = fixed_timestep_loss(
+            self._predict,
+            self.noise_scheduler,
+            batch["latents"].to(self.dtype),
+            batch["text"].to(self.dtype),
+            self.validation_timesteps,
+            seed=batch_idx,
+        )
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self._is_logging_step():
+            norms = [p.grad.detach().float().norm() for p in self.unet.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
@@ -101,3 +137,8 @@ class LatentDiffusion(L.LightningModule):
         record = checkpoint.setdefault(CHECKPOINT_KEY, {})
         record["unet_config"] = dict(self.unet.config)
         record["noise_scheduler_config"] = dict(self.noise_scheduler.config)
+
+
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a latent batch (for Lightning's ``ThroughputMonitor``)."""
+    return batch["latents"].shape[0]
