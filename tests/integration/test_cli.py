@@ -16,9 +16,9 @@ def test_two_trial_sweep(latent_dir, tmp_path):
         "lf-train", "-m", "optim.lr=1e-4,3e-4", *overrides, "output_dir=${hydra:runtime.output_dir}", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = sorted((tmp_path / "multirun").iterdir())
-    assert [t.name for t in trials if t.is_dir()] == ["0", "1"]
-    for trial, lr in zip(trials, ("0.0001", "0.0003"), strict=False):
+    trials = sorted(t for t in (tmp_path / "multirun").iterdir() if t.is_dir())
+    assert [t.name for t in trials] == ["0", "1"]
+    for trial, lr in zip(trials, ("0.0001", "0.0003"), strict=True):
         assert (trial / "checkpoints" / "last.ckpt").is_file()
         assert f"optim.lr={lr}" in (trial / ".hydra" / "overrides.yaml").read_text()
 

@@ -62,8 +62,7 @@ def test_export_loads_in_diffusers_and_samples_reproducibly(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out, _ = trained
-    export_dir = tmp_path / "export"
-    run_export(compose_config("export", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}"]))
+    export_dir = export_last(out, tmp_path / "export")
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (export_dir / part).is_dir(), part
     assert list((export_dir / "unet").glob("*.safetensors"))
@@ -108,12 +107,7 @@ def test_half_precision_export(trained, tmp_path):
     from safetensors import safe_open
 
     out, _ = trained
-    export_dir = tmp_path / "fp16"
-    run_export(
-        compose_config(
-            "export", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}", "dtype=float16"]
-        )
-    )
+    export_dir = export_last(out, tmp_path / "fp16", "dtype=float16")
     for part, name in (
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
@@ -126,12 +120,7 @@ def test_half_precision_export(trained, tmp_path):
 
 def test_img2img_records_its_strength(trained, tmp_path):
     out, _ = trained
-    export_dir = tmp_path / "export"
-    run_export(
-        compose_config(
-            "export", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}", "weights=raw"]
-        )
-    )
+    export_dir = export_last(out, tmp_path / "export", "weights=raw")
     from PIL import Image
 
     init = tmp_path / "init.png"
@@ -160,12 +149,7 @@ def test_v_prediction_zero_terminal_snr_export_samples_everywhere(latent_dir, tm
     run_train(
         compose_config("train", [*tiny_train_overrides(latent_dir, tmp_path / "run", steps=3), "objective=v_ztsnr"])
     )
-    export_dir = tmp_path / "export"
-    run_export(
-        compose_config(
-            "export", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out_dir={export_dir}"]
-        )
-    )
+    export_dir = export_last(tmp_path / "run", tmp_path / "export")
     pipe = StableDiffusionPipeline.from_pretrained(export_dir, local_files_only=True)
     config = pipe.scheduler.config
     assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
@@ -207,6 +191,13 @@ def test_export_errors_name_the_problem(trained, tmp_path):
             )
         )
     assert not (tmp_path / "e").exists()
+
+
+def export_last(run_dir: Path, out_dir: Path, *overrides: str) -> Path:
+    """``lf-export`` of a run's ``last.ckpt``."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    run_export(compose_config("export", [f"ckpt_path={checkpoint}", f"out_dir={out_dir}", *overrides]))
+    return out_dir
 
 
 def Image_open(path):

@@ -55,3 +55,12 @@ def test_optimizer_and_per_step_schedule_from_config():
     assert configured["lr_scheduler"]["interval"] == "step"
     optimizer = configured["optimizer"]
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.param_groups[0]["lr"] == 0.0  # warm-up starts at 0
+
+
+def test_configured_lists_reach_the_module_as_plain_lists():
+    cfg = compose_config(
+        "train", ["data.train_dir=unused", "output_dir=unused", "model.validation_timesteps=[100,900]"]
+    )
+    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    assert module.validation_timesteps == [100, 900]
+    assert type(module.hparams["validation_timesteps"]) is list  # checkpoints load with weights_only=True
