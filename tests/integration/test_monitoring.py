@@ -74,3 +74,40 @@ def test_no_secret_in_what_the_run_writes(monitored_run):
         assert SECRET.encode() not in path.read_bytes(), path
     checkpoint = load_checkpoint(out / "checkpoints" / "last.ckpt")
     assert SECRET not in repr(checkpoint["latentforge"]["train_config"])
+
+
+def test_tensorboard_gets_scalars_and_images(latent_dir, tmp_path):
+    run_train(
+        compose_config(
+            "train",
+            [
+                *tiny_train_overrides(latent_dir, tmp_path, steps=2),
+                "logger=tensorboard",
+                "callbacks=with_validation_images",
+                "callbacks.validation_images.prompts=[a handwritten digit one]",
+                "callbacks.validation_images.every_n_steps=2",
+                "callbacks.validation_images.steps=2",
+            ],
+        )
+    )
+    scalars, images = read_event_tags(tmp_path / "tensorboard")
+    assert "train/loss" in scalars and "validation" in images
+
+
+def read_event_tags(folder):
+    """Scalar and image tags in TensorBoard event files (TFRecord framing of ``Event`` protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars, images = set(), set()
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                (images if value.HasField("image") else scalars).add(value.tag)
+    return scalars, images

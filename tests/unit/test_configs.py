@@ -96,12 +96,14 @@ def test_logger_options(option, tmp_path, monkeypatch):
     if "wandb" in option:
         overrides.append("logger.wandb.offline=true")
     loggers = instantiate_group(compose_config("train", overrides).logger)
-    assert (
-        sorted(type(lg).__name__ for lg in loggers)
-        == {"none": [], "csv": ["CSVLogger"], "wandb": ["WandbLogger"], "csv_wandb": ["CSVLogger", "WandbLogger"]}[
-            option
-        ]
-    )
+    expected = {
+        "none": [],
+        "csv": ["CSVLogger"],
+        "wandb": ["WandbLogger"],
+        "csv_wandb": ["CSVLogger", "WandbLogger"],
+        "tensorboard": ["TensorBoardLogger"],
+    }
+    assert sorted(type(lg).__name__ for lg in loggers) == expected[option]
 
 
 def test_source_options(tmp_path):
