@@ -112,6 +112,7 @@ class LatentShardDataModule(_StreamingDataModule):
         self.train_dir = train_dir
         self.val_dir = val_dir
         self.manifest = LatentManifest.load(train_dir)
+        self.manifest.check_consistent(train_dir)
         self.train_urls = self.manifest.shard_paths(train_dir)
         self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -49,9 +50,12 @@ def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: li
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> the first CUDA device when there is one, else the CPU."""
+    """``"auto"`` -> this process's CUDA device (``LOCAL_RANK``, as torchrun sets it) when there is
+    one, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -65,6 +69,7 @@ class FrozenEncoders:
         vae_info: identity of the VAE for the manifest.
         text_encoder_info: identity of the text encoder for the manifest.
         tokenizer_path: where the tokenizer was loaded from.
+        tokenizer_fingerprint: SHA-256 of the tokenizer folder.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class FrozenEncoders:
         vae_info: EncoderInfo,
         text_encoder_info: EncoderInfo,
         tokenizer_path: str,
+        tokenizer_fingerprint: str = "",
     ) -> None:
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
@@ -82,6 +88,7 @@ class FrozenEncoders:
         self.vae_info = vae_info
         self.text_encoder_info = text_encoder_info
         self.tokenizer_path = tokenizer_path
+        self.tokenizer_fingerprint = tokenizer_fingerprint
 
     @classmethod
     def from_pretrained(
@@ -118,7 +125,15 @@ class FrozenEncoders:
             fingerprint=fingerprint_folder(text_dir),
             extra={"max_length": int(tokenizer.model_max_length), "output": "last_hidden_state", "dtype": dtype},
         )
-        return cls(vae, text_encoder, tokenizer, vae_info, text_info, str(tokenizer_dir.resolve()))
+        return cls(
+            vae,
+            text_encoder,
+            tokenizer,
+            vae_info,
+            text_info,
+            str(tokenizer_dir.resolve()),
+            fingerprint_folder(tokenizer_dir),
+        )
 
     @property
     def device(self) -> torch.device:

@@ -144,15 +144,80 @@ class EncoderInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything a latent shard's content depends on. A shard is reused only when its key equals
+    the key the current settings give; otherwise it is stale.
+
+    Attributes:
+        source_sha256: SHA-256 of the raw input shard's bytes (an edited image changes it).
+        vae: fingerprint of the VAE folder (config and weights).
+        text_encoder: fingerprint of the text encoder folder.
+        tokenizer: fingerprint of the tokenizer folder (vocabulary, ``model_max_length``).
+        transforms: preprocessing settings (resolution, crop, interpolation).
+        format_version: the latent-shard format version.
+    """
+
+    source_sha256: str
+    vae: str
+    text_encoder: str
+    tokenizer: str
+    transforms: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+
+    def differences(self, other: CacheKey) -> list[str]:
+        """What differs from ``other`` (the key the shard was written with), in words."""
+        labels = {
+            "source_sha256": "the input shard's content",
+            "vae": "the VAE",
+            "text_encoder": "the text encoder",
+            "tokenizer": "the tokenizer",
+            "format_version": "the latent-shard format version",
+        }
+        changed = [label for name, label in labels.items() if getattr(self, name) != getattr(other, name)]
+        for setting in sorted(set(self.transforms) | set(other.transforms)):
+            was, now = other.transforms.get(setting), self.transforms.get(setting)
+            if was != now:
+                changed.append(f"transform {setting} ({was!r} -> {now!r})")
+        return changed
+
+
 @dataclass
 class ShardEntry:
-    """One latent shard: its file name, sample count, and the raw shard it came from."""
+    """One latent shard: its file name, sample count, the raw shard it came from, and its cache key."""
 
     name: str
     num_samples: int
     source: str
     source_sha256: str
     skipped: int = 0
+    cache_key: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> CacheKey | None:
+        """The cache key the shard was written with (``None`` for shards written without one)."""
+        return CacheKey(**self.cache_key) if self.cache_key else None
+
+
+ENTRY_SUFFIX = ".entry.json"
+
+
+def entry_path(shard: str | Path) -> Path:
+    """The record written next to a complete latent shard: ``shard-000003.tar`` -> ``shard-000003.entry.json``."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".tar") + ENTRY_SUFFIX)
+
+
+def save_entry(shard: str | Path, entry: ShardEntry) -> None:
+    """Record a complete shard (after its tar is in place), atomically."""
+    write_json_atomic(entry_path(shard), asdict(entry))
+
+
+def load_entry(shard: str | Path) -> ShardEntry | None:
+    """The record of a complete shard, or ``None`` when the shard or its record is missing."""
+    path = entry_path(shard)
+    if not (Path(shard).is_file() and path.is_file()):
+        return None
+    return ShardEntry(**json.loads(path.read_text(encoding="utf-8")))
 
 
 @dataclass
@@ -223,6 +288,23 @@ class LatentManifest:
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error})") from error
         return cls.from_dict(data, where=str(path))
+
+    def check_consistent(self, folder: str | Path) -> None:
+        """Every shard was made with the manifest's encoders and transforms.
+
+        Raises:
+            DataError: naming a shard whose cache key disagrees (shards mixed from two runs).
+        """
+        for shard in self.shards:
+            key = shard.key()
+            if key is None:
+                continue
+            ours = (self.vae.fingerprint, self.text_encoder.fingerprint, self.transforms)
+            if (key.vae, key.text_encoder, key.transforms) != ours:
+                raise DataError(
+                    f"{Path(folder) / shard.name}: made with other encoders or transforms than "
+                    f"{Path(folder) / MANIFEST_NAME} names; precompute this folder again"
+                )
 
     def shard_paths(self, folder: str | Path) -> list[str]:
         """The shard files, checked to exist.

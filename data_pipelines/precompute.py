@@ -1,24 +1,38 @@
-"""Precompute: raw shards -> latent shards, one output shard per input shard, written atomically."""
+"""Precompute: raw shards -> latent shards, one output shard per input shard.
+
+Resumable and cache-correct: each output shard is written under a temporary name and renamed when
+complete, then recorded (``shard-NNNNNN.entry.json``) with its :class:`CacheKey`. A rerun reuses a
+shard whose recorded key equals the current one, encodes missing ones, and refuses stale ones
+(an edited input shard, another VAE, text encoder or tokenizer, other transforms) with a message
+saying what changed, unless ``recompute_stale`` is set. Under torchrun, rank ``r`` of ``w`` takes
+input shards ``r, r + w, ...``; rank 0 writes the manifest once every rank is done.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import webdataset as wds
 
 from data_pipelines.atomic import atomic_path
+from data_pipelines.errors import DataError
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.latent_format import (
+    CacheKey,
     LatentManifest,
     LatentSample,
     ShardEntry,
     encode_latent_sample,
+    load_entry,
+    save_entry,
     save_uncond_embedding,
 )
 from data_pipelines.raw_format import decode_raw_sample
@@ -26,6 +40,10 @@ from data_pipelines.shard_writer import open_tar_writer
 from data_pipelines.streaming import SkipCounter
 
 log = logging.getLogger(__name__)
+
+
+class StaleLatentsError(DataError):
+    """Latent shards whose cache key does not match the current settings."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -61,6 +79,16 @@ class LatentShardEncoder:
         self.batch_size = batch_size
         self.skips = SkipCounter(max_skipped)
 
+    def cache_key(self, source_sha256: str) -> CacheKey:
+        """The key of a latent shard made from an input shard with this content hash."""
+        return CacheKey(
+            source_sha256=source_sha256,
+            vae=self.encoders.vae_info.fingerprint,
+            text_encoder=self.encoders.text_encoder_info.fingerprint,
+            tokenizer=self.encoders.tokenizer_fingerprint,
+            transforms=self.transform.settings(),
+        )
+
     def encode_batch(self, batch: list[_Pending]) -> list[LatentSample]:
         """Encode one batch of preprocessed samples."""
         latents = self.encoders.encode_images(torch.stack([p.pixels for p in batch]))  # (B, C, h, w)
@@ -71,8 +99,8 @@ class LatentShardEncoder:
             for p, latent, text in zip(batch, latents, texts, strict=True)
         ]
 
-    def encode_shard(self, source: str, target: Path) -> ShardEntry:
-        """Encode every sample of raw shard ``source`` into latent shard ``target``."""
+    def encode_shard(self, source: str, target: Path, key: CacheKey) -> ShardEntry:
+        """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it."""
         skipped_before = self.skips.skipped
         count = 0
         with atomic_path(target) as tmp, open_tar_writer(tmp) as writer:
@@ -80,24 +108,27 @@ class LatentShardEncoder:
             dataset = wds.DataPipeline(wds.SimpleShardList([source]), wds.tarfile_to_samples(handler=self.skips))
             for raw in dataset:
                 try:
-                    key, image, caption, meta = decode_raw_sample(raw)
+                    sample_key, image, caption, meta = decode_raw_sample(raw)
                 except Exception as error:  # CorruptSampleError, or bad JSON metadata
                     self.skips(error)
                     continue
                 pixels, info = self.transform(image)
-                batch.append(_Pending(key, pixels, caption, {**meta, **info}))
+                batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
                 if len(batch) == self.batch_size:
                     count += self._write(writer, batch)
                     batch = []
             if batch:
                 count += self._write(writer, batch)
-        return ShardEntry(
+        entry = ShardEntry(
             name=target.name,
             num_samples=count,
             source=str(Path(source).resolve()),
-            source_sha256=file_sha256(source),
+            source_sha256=key.source_sha256,
             skipped=self.skips.skipped - skipped_before,
+            cache_key=asdict(key),
         )
+        save_entry(target, entry)
+        return entry
 
     def _write(self, writer: wds.TarWriter, batch: list[_Pending]) -> int:
         for sample in self.encode_batch(batch):
@@ -115,22 +146,91 @@ class LatentShardEncoder:
         return list(uncond.shape), uncond
 
 
-def precompute_latents(shards: list[str], out_dir: str | Path, encoder: LatentShardEncoder) -> LatentManifest:
-    """Encode each raw shard into ``out_dir`` (same file name) and write the manifest.
+@dataclass
+class PrecomputePlan:
+    """What a run does with each of its input shards (by output name)."""
+
+    reuse: list[str] = field(default_factory=list)
+    encode: list[str] = field(default_factory=list)
+    stale: dict[str, list[str]] = field(default_factory=dict)  # name -> what changed
+
+
+def plan_shards(out: Path, names: list[str], keys: dict[str, CacheKey]) -> PrecomputePlan:
+    """Sort output shards into reusable (recorded with the same key), missing, and stale."""
+    plan = PrecomputePlan()
+    for name in names:
+        entry = load_entry(out / name)
+        recorded = entry.key() if entry else None
+        if entry is None:
+            plan.encode.append(name)
+        elif recorded == keys[name]:
+            plan.reuse.append(name)
+        else:
+            plan.stale[name] = keys[name].differences(recorded) if recorded else ["no cache key was recorded"]
+    return plan
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def precompute_latents(
+    shards: list[str], out_dir: str | Path, encoder: LatentShardEncoder, recompute_stale: bool = False
+) -> LatentManifest | None:
+    """Encode this rank's input shards into ``out_dir`` (same file names); rank 0 writes the manifest.
 
     Args:
-        shards: raw shard paths.
+        shards: all raw shard paths (every rank gets the same list).
         out_dir: output folder.
         encoder: the configured encoder.
+        recompute_stale: re-encode stale shards instead of refusing them.
 
     Returns:
-        The manifest written to ``out_dir/manifest.json``.
+        The manifest on rank 0, ``None`` on other ranks.
+
+    Raises:
+        StaleLatentsError: some of this rank's shards are stale and ``recompute_stale`` is off.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [Path(s).name for s in shards]
     if len(set(names)) != len(names):
-        raise ValueError(f"input shards share file names; give shards with distinct names: {names}")
+        raise DataError(f"input shards share file names; give shards with distinct names: {names}")
+    rank, world = _rank_and_world()
+    mine = {
+        name: source for index, (name, source) in enumerate(zip(names, shards, strict=True)) if index % world == rank
+    }
+    keys = {name: encoder.cache_key(file_sha256(source)) for name, source in mine.items()}
+    plan = plan_shards(out, list(mine), keys)
+    if plan.stale and not recompute_stale:
+        details = "; ".join(f"{name}: {', '.join(changes)} changed" for name, changes in sorted(plan.stale.items()))
+        raise StaleLatentsError(
+            f"{out}: {len(plan.stale)} latent shard(s) do not match the current settings ({details}). "
+            "Use another out_dir, or set recompute_stale=true to encode them again."
+        )
+    for name in plan.reuse:
+        log.info("%s: complete and up to date, reused", name)
+    for name in plan.encode + sorted(plan.stale):
+        entry = encoder.encode_shard(mine[name], out / name, keys[name])
+        log.info("%s: %d samples from %s (%d skipped)", name, entry.num_samples, mine[name], entry.skipped)
+    if world > 1:
+        _barrier()
+    if rank != 0:
+        return None
+    return _write_manifest(out, names, encoder)
+
+
+def _barrier() -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
+def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) -> LatentManifest:
+    entries = [load_entry(out / name) for name in names]
+    missing = [name for name, entry in zip(names, entries, strict=True) if entry is None]
+    if missing:
+        raise DataError(f"{out}: shards {missing[:3]} were not written by any rank")
     text_shape, uncond = encoder.text_shape_and_uncond()
     manifest = LatentManifest(
         resolution=encoder.transform.resolution,
@@ -140,18 +240,8 @@ def precompute_latents(shards: list[str], out_dir: str | Path, encoder: LatentSh
         text_encoder=encoder.encoders.text_encoder_info,
         tokenizer_path=encoder.encoders.tokenizer_path,
         transforms=encoder.transform.settings(),
+        shards=entries,  # type: ignore[arg-type]
     )
-    for index, source in enumerate(shards):
-        entry = encoder.encode_shard(source, out / names[index])
-        manifest.shards.append(entry)
-        log.info(
-            "shard %d/%d: %s -> %d samples (%d skipped)",
-            index + 1,
-            len(shards),
-            source,
-            entry.num_samples,
-            entry.skipped,
-        )
     save_uncond_embedding(out, uncond)
     manifest.save(out)
     return manifest

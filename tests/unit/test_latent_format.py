@@ -99,3 +99,22 @@ def test_uncond_embedding_shape_is_checked(tmp_path):
     save_uncond_embedding(tmp_path, np.ones((77, 32)))
     with pytest.raises(DataError, match=r"shape \[77, 32\], expected text_shape \[8, 32\]"):
         load_uncond_embedding(tmp_path, manifest)
+
+
+def test_shards_from_other_encoders_are_refused(tmp_path):
+    manifest = make_manifest()
+    key = {"source_sha256": "00", "vae": "ab" * 32, "text_encoder": "cd" * 32, "tokenizer": "t", "transforms": {}}
+    manifest.shards[0].cache_key = {**key, "transforms": {"name": "resize_crop"}}
+    manifest.check_consistent(tmp_path)
+    manifest.shards[0].cache_key = {**key, "vae": "ff" * 32, "transforms": {"name": "resize_crop"}}
+    with pytest.raises(DataError, match=r"a\.tar: made with other encoders or transforms"):
+        manifest.check_consistent(tmp_path)
+
+
+def test_cache_key_differences_in_words():
+    from data_pipelines.latent_format import CacheKey
+
+    old = CacheKey("s1", "v1", "t1", "k1", {"resolution": 32, "crop": "center"})
+    new = CacheKey("s2", "v1", "t1", "k1", {"resolution": 64, "crop": "center"})
+    assert new.differences(old) == ["the input shard's content", "transform resolution (32 -> 64)"]
+    assert new.differences(new) == []

@@ -1,5 +1,9 @@
 """``lf-precompute``: encode raw shards into latent shards with a frozen VAE and text encoder.
 
+Rerunning into the same out_dir reuses complete, up-to-date shards and encodes the rest; stale
+shards (edited input, other encoders or transforms) are refused unless ``recompute_stale=true``.
+Several processes: ``torchrun --nproc_per_node=N -m trainer.cli.precompute ...``.
+
 Examples::
 
     lf-precompute shards=data/digits-train out_dir=data/latents pretrained=base/ resolution=32
@@ -33,7 +37,9 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         max_skipped=cfg.max_skipped,
     )
-    manifest = precompute_latents(shards, cfg.out_dir, encoder)
+    manifest = precompute_latents(shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale)
+    if manifest is None:  # a rank other than 0 under torchrun
+        return {}
     skipped = sum(s.skipped for s in manifest.shards)
     print(
         f"precompute: {manifest.num_samples} samples in {len(manifest.shards)} shards, {skipped} skipped; "
