@@ -191,6 +191,11 @@ def precompute_latents(
     Raises:
         StaleLatentsError: some of this rank's shards are stale and ``recompute_stale`` is off.
     """
+    remote = [s for s in shards if not Path(s).is_file()]
+    if remote:
+        raise DataError(
+            f"precompute reads local shard files (it hashes each for the cache key); not local: {remote[:3]}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [Path(s).name for s in shards]

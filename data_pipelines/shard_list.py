@@ -16,7 +16,9 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
 
     Args:
         spec: a folder (its ``*.tar`` files), a glob (``data/*.tar``), a brace pattern
-            (``data/shard-{000000..000009}.tar``), or a list of any of these.
+            (``data/shard-{000000..000009}.tar``), a URL or ``pipe:`` command that webdataset
+            opens (``pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -``, ``https://...``;
+            passed through unchecked), or a list of any of these.
 
     Raises:
         DataError: a named path does not exist, or nothing matches.
@@ -25,6 +27,9 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     paths: list[str] = []
     for item in specs:
         for pattern in braceexpand(str(item)):
+            if pattern.startswith("pipe:") or "://" in pattern:
+                paths.append(pattern)
+                continue
             path = Path(pattern)
             if path.is_dir():
                 found = sorted(str(p) for p in path.glob("*.tar"))

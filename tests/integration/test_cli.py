@@ -68,3 +68,14 @@ def test_shards_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shards: 20 samples in 3 shards" in result.stdout
     assert json.loads((tmp_path / "shards" / "shards_summary.json").read_text())["samples"] == 20
+
+
+def test_validate_exit_status(tmp_path):
+    good = run_cli("lf-shards", "source.limit=4", f"out_dir={tmp_path / 'shards'}", cwd=tmp_path)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert run_cli("lf-validate", f"shards={tmp_path / 'shards'}", cwd=tmp_path).returncode == 0
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    result = run_cli("lf-validate", f"shards={tmp_path / 'shards'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "BROKEN" in result.stdout and "1 with problems" in result.stdout

@@ -24,6 +24,7 @@ def test_every_primary_config_composes():
         "precompute": ["shards=x", "out_dir=o", "pretrained=p"],
         "export": ["ckpt_path=c", "out_dir=o"],
         "sample": ["model_dir=m", "out_dir=o"],
+        "validate": ["shards=x"],
         "demo": [],
     }
     for name, overrides in required.items():

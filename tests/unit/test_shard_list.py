@@ -21,3 +21,8 @@ def test_missing_paths_are_named(tmp_path):
         resolve_shards(str(tmp_path))
     with pytest.raises(DataError, match=r"no shard matches this pattern"):
         resolve_shards(str(tmp_path / "*.tar"))
+
+
+def test_urls_and_pipes_pass_through():
+    urls = resolve_shards(["pipe:cat /data/shard-{000000..000001}.tar", "https://host/s-000.tar"])
+    assert urls == ["pipe:cat /data/shard-000000.tar", "pipe:cat /data/shard-000001.tar", "https://host/s-000.tar"]
