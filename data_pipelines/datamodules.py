@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data_pipelines.errors import DataError
 from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.latent_format import LatentManifest, decode_latent_sample, load_uncond_embedding
 from data_pipelines.raw_format import decode_raw_sample
@@ -53,7 +54,9 @@ class _StreamingDataModule(L.LightningDataModule):
         self.max_skipped = max_skipped
 
     def _loader(self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool) -> DataLoader:
-        epoch_batches = batches_per_worker(num_samples, self.batch_size, _world_size(), self.num_workers)
+        resampled = self.resampled and train
+        workers = self.num_workers if resampled else self._split_workers(len(urls), train)
+        epoch_batches = batches_per_worker(num_samples, self.batch_size, _world_size(), workers)
         pipeline = shard_stream(
             urls,
             decode,
@@ -61,18 +64,33 @@ class _StreamingDataModule(L.LightningDataModule):
             collate,
             handler=SkipCounter(self.max_skipped),
             shuffle_buffer=self.shuffle_buffer if train else 0,
-            resampled=self.resampled and train,
+            resampled=resampled,
             seed=self.seed,
-            batches_per_epoch=epoch_batches if (self.resampled and train) else None,
+            batches_per_epoch=epoch_batches if resampled else None,
             partial_batches=not train,
         )
         return DataLoader(
             pipeline,
             batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _split_workers(self, num_shards: int, train: bool) -> int:
+        """Loader workers when shards are split between ranks and workers (each needs a shard).
+
+        Raises:
+            DataError: training has fewer shards than ranks x workers, or any loader fewer than ranks.
+        """
+        world = _world_size()
+        if num_shards < world or (train and num_shards < world * max(1, self.num_workers)):
+            raise DataError(
+                f"{num_shards} shard(s) for {world} rank(s) x {max(1, self.num_workers)} loader worker(s): every "
+                "worker of every rank needs a shard of its own; write more, smaller shards, lower "
+                "data.num_workers, or set data.resampled=true"
+            )
+        return self.num_workers if train else min(self.num_workers, num_shards // world)
 
 
 class _LatentDecoder:

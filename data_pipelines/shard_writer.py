@@ -42,16 +42,26 @@ class AtomicShardWriter:
     Args:
         out_dir: the output folder (created).
         samples_per_shard: samples per shard (the last one may hold fewer).
+        max_bytes_per_shard: also start a new shard once a shard holds this many bytes (``None``: no limit).
         prefix: shard file name prefix.
         overwrite: remove existing ``.tar`` shards in ``out_dir`` first; without it, a folder that
             already holds shards is refused, so old and new shards never mix.
     """
 
-    def __init__(self, out_dir: str | Path, samples_per_shard: int, prefix: str = "shard", overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        samples_per_shard: int,
+        prefix: str = "shard",
+        overwrite: bool = False,
+        max_bytes_per_shard: int | None = None,
+    ):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={samples_per_shard}: expected at least 1")
         self.out_dir = Path(out_dir)
         self.samples_per_shard = samples_per_shard
+        self.max_bytes_per_shard = max_bytes_per_shard
+        self._bytes = 0
         self.prefix = prefix
         self.shards: list[WrittenShard] = []
         self._writer: wds.TarWriter | None = None
@@ -79,7 +89,10 @@ class AtomicShardWriter:
         assert self._writer is not None
         self._writer.write(sample)
         self._count += 1
-        if self._count >= self.samples_per_shard:
+        # Each tar member takes a 512-byte header and its data padded to whole 512-byte blocks.
+        self._bytes += sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))
+        full = self.max_bytes_per_shard is not None and self._bytes >= self.max_bytes_per_shard
+        if self._count >= self.samples_per_shard or full:
             self._close_shard()
 
     def _tmp_path(self) -> Path:
@@ -89,6 +102,7 @@ class AtomicShardWriter:
     def _open(self) -> None:
         self._writer = open_tar_writer(self._tmp_path())
         self._count = 0
+        self._bytes = 0
 
     def _close_shard(self) -> None:
         assert self._writer is not None

@@ -172,3 +172,25 @@ def _png_bytes(fmt="PNG"):
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (10, 200, 10)).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def test_parallel_workers_write_the_same_shards(tmp_path):
+    one = write_raw_shards(FirstDigits(40), tmp_path / "one", samples_per_shard=16)
+    two = write_raw_shards(FirstDigits(40), tmp_path / "two", samples_per_shard=16, workers=2)
+    assert [Path(p).read_bytes() for p in one.shards] == [Path(p).read_bytes() for p in two.shards]
+
+
+def test_parallel_workers_still_name_a_bad_image(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png_bytes())
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "b.txt").write_text("b")
+    with pytest.raises(CorruptSampleError, match=r"b\.png: does not decode"):
+        write_raw_shards(ImageFolderSource(str(tmp_path)), tmp_path / "out", workers=2)
+
+
+def test_bytes_per_shard_limit(tmp_path):
+    summary = write_raw_shards(FirstDigits(30), tmp_path, samples_per_shard=1000, max_bytes_per_shard=20_000)
+    sizes = [Path(p).stat().st_size for p in summary.shards]
+    assert len(sizes) > 1 and summary.samples == 30
+    assert all(size < 20_000 + 10_240 + 4096 for size in sizes)  # one sample and the tar's end padding over

@@ -57,3 +57,14 @@ def test_worker_processes_share_out_the_epoch(tmp_path):
     assert [len(list(loader)) for _ in range(2)] == [6, 6]  # 24 samples / batch 4, split over 2 workers
     once = ImageShardDataModule(str(tmp_path), resolution=8, batch_size=4, num_workers=2, resampled=False)
     assert sum(b["pixels"].shape[0] for b in once.train_dataloader()) == 24  # each shard read by one worker
+
+
+def test_too_few_shards_for_the_workers_is_named(tmp_path):
+    from data_pipelines.errors import DataError
+
+    write_shard(tmp_path / "only.tar", good=4, bad=0)
+    datamodule = ImageShardDataModule(str(tmp_path), resolution=8, batch_size=2, num_workers=2, resampled=False)
+    with pytest.raises(DataError, match=r"1 shard\(s\) for 1 rank\(s\) x 2 loader worker\(s\)"):
+        datamodule.train_dataloader()
+    datamodule.val_urls = datamodule.urls  # validation caps its workers instead
+    assert sum(b["pixels"].shape[0] for b in datamodule.val_dataloader()) == 4

@@ -30,6 +30,9 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
         on_bad_sample=cfg.on_bad_sample,
         overwrite=cfg.overwrite,
         prefix=cfg.prefix,
+        max_bytes_per_shard=cfg.max_bytes_per_shard,
+        workers=cfg.workers,
+        progress=cfg.progress,
     )
     print(
         f"shards: {summary.samples} samples in {len(summary.shards)} shards, "
