@@ -21,55 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
+from synthetic_latents import latentforge_loader, webdataset_idiom, write_latent_shards
 
-from data_pipelines.datamodules import LatentShardDataModule
-from data_pipelines.latent_format import (
-    EncoderInfo,
-    LatentManifest,
-    LatentSample,
-    ShardEntry,
-    encode_latent_sample,
-    save_uncond_embedding,
-)
 from data_pipelines.shard_writer import open_tar_writer
 
 SAMPLES, PER_SHARD, BATCH, BUFFER, EPOCHS = 1440, 240, 128, 500, 6
 LATENT, TEXT = (4, 8, 8), (77, 32)
-
-
-def write_shards(folder: Path, writer_factory) -> None:
-    rng = np.random.default_rng(0)
-    entries = []
-    for shard in range(SAMPLES // PER_SHARD):
-        name = f"shard-{shard:06d}.tar"
-        with writer_factory(folder / name) as writer:
-            for i in range(PER_SHARD):
-                key = f"{shard * PER_SHARD + i:09d}"
-                sample = LatentSample(key, rng.standard_normal(LATENT), rng.standard_normal(TEXT), "c")
-                writer.write(encode_latent_sample(sample))
-        entries.append(ShardEntry(name, PER_SHARD, name, ""))
-    info = EncoderInfo("", "", "")
-    LatentManifest(32, list(LATENT), list(TEXT), info, info, "", {}, entries).save(folder)
-    save_uncond_embedding(folder, np.zeros(TEXT))
-
-
-def baseline_loader(folder: Path):
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
-    epoch = int(np.ceil(SAMPLES / BATCH))
-    return (
-        wds.WebDataset(urls, resampled=True, shardshuffle=False)
-        .shuffle(BUFFER)
-        .decode()
-        .to_tuple("latent.npy", "text.npy")
-        .batched(BATCH, partial=False)
-        .with_epoch(epoch)
-    )
-
-
-def contender_loader(folder: Path):
-    return LatentShardDataModule(str(folder), batch_size=BATCH, num_workers=0, shuffle_buffer=BUFFER).train_dataloader()
 
 
 def seconds_per_batch(loader) -> float:
@@ -85,17 +43,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, default_tar = Path(tmp) / "ours", Path(tmp) / "default"
         ours.mkdir(), default_tar.mkdir()
-        write_shards(ours, open_tar_writer)
-        write_shards(default_tar, lambda path: wds.TarWriter(str(path), encoder=False))
+        write_latent_shards(ours, SAMPLES, PER_SHARD, LATENT, TEXT, open_tar_writer)
+        write_latent_shards(
+            default_tar, SAMPLES, PER_SHARD, LATENT, TEXT, lambda p: wds.TarWriter(str(p), encoder=False)
+        )
 
-        pax = seconds_per_batch(contender_loader(default_tar))
-        whole = seconds_per_batch(contender_loader(ours))
+        pax = seconds_per_batch(latentforge_loader(default_tar, BATCH, BUFFER))
+        whole = seconds_per_batch(latentforge_loader(ours, BATCH, BUFFER))
         print(f"shards from TarWriter defaults (PAX headers): {pax * 1e3:7.1f} ms/batch")
         print(f"shards from latentforge's writer:             {whole * 1e3:7.1f} ms/batch")
         print(f"tar header ratio (PAX / whole-second mtime): {pax / whole:.2f}x")
 
-        baseline = seconds_per_batch(baseline_loader(ours))
-        contender = seconds_per_batch(contender_loader(ours))
+        baseline = seconds_per_batch(webdataset_idiom(ours, SAMPLES, BATCH, BUFFER))
+        contender = seconds_per_batch(latentforge_loader(ours, BATCH, BUFFER))
         print(f"baseline  (webdataset with_epoch + decode): {baseline * 1e3:7.1f} ms/batch")
         print(f"contender (LatentShardDataModule):          {contender * 1e3:7.1f} ms/batch")
         print(f"loader speed-up (baseline / contender): {baseline / contender:.2f}x")

@@ -18,38 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import webdataset as wds
-
-from data_pipelines.datamodules import LatentShardDataModule
-from data_pipelines.latent_format import (
-    EncoderInfo,
-    LatentManifest,
-    LatentSample,
-    ShardEntry,
-    encode_latent_sample,
-    save_uncond_embedding,
-)
-from data_pipelines.shard_writer import open_tar_writer
+from synthetic_latents import latentforge_loader, webdataset_idiom, write_latent_shards
 
 SAMPLES, PER_SHARD, BATCH, BUFFER, EPOCHS = 1024, 128, 64, 256, 3
 LATENT, TEXT = (4, 64, 64), (77, 1024)
 A100_IMAGES_PER_SECOND_512PX = 36.0
-
-
-def write_shards(folder: Path) -> None:
-    rng = np.random.default_rng(0)
-    latent, text = rng.standard_normal(LATENT), rng.standard_normal(TEXT)  # content does not matter for speed
-    entries = []
-    for shard in range(SAMPLES // PER_SHARD):
-        name = f"shard-{shard:06d}.tar"
-        with open_tar_writer(folder / name) as writer:
-            for i in range(PER_SHARD):
-                writer.write(encode_latent_sample(LatentSample(f"{shard * PER_SHARD + i:09d}", latent, text, "c")))
-        entries.append(ShardEntry(name, PER_SHARD, name, ""))
-    info = EncoderInfo("", "", "")
-    LatentManifest(512, list(LATENT), list(TEXT), info, info, "", {}, entries).save(folder)
-    save_uncond_embedding(folder, np.zeros(TEXT))
 
 
 def samples_per_second(loader) -> float:
@@ -64,19 +37,9 @@ def samples_per_second(loader) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_shards(folder)
-        urls = sorted(str(p) for p in folder.glob("*.tar"))
-        baseline_loader = (
-            wds.WebDataset(urls, resampled=True, shardshuffle=False)
-            .shuffle(BUFFER)
-            .decode()
-            .to_tuple("latent.npy", "text.npy")
-            .batched(BATCH, partial=False)
-            .with_epoch(SAMPLES // BATCH)
-        )
-        contender_loader = LatentShardDataModule(
-            str(folder), batch_size=BATCH, num_workers=0, shuffle_buffer=BUFFER
-        ).train_dataloader()
+        write_latent_shards(folder, SAMPLES, PER_SHARD, LATENT, TEXT, fresh_arrays=False)
+        baseline_loader = webdataset_idiom(folder, SAMPLES, BATCH, BUFFER)
+        contender_loader = latentforge_loader(folder, BATCH, BUFFER)
         baseline = samples_per_second(baseline_loader)
         contender = samples_per_second(contender_loader)
     print(f"baseline  (webdataset with_epoch + decode): {baseline:8.0f} samples/s")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 
 @dataclass
@@ -23,8 +22,3 @@ class SourceItem:
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
 
-
-class Source(Protocol):
-    """An iterable of :class:`SourceItem`, in a deterministic order."""
-
-    def __iter__(self) -> Iterator[SourceItem]: ...
