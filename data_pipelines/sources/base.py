@@ -21,4 +21,3 @@ class SourceItem:
     image_bytes: bytes
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
-
