@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 VERSION_BASE = "1.3"
+
+
+def sweep_group() -> str | None:
+    """``${lf_sweep_group:}``: one name for all jobs of a Hydra multirun (``<task>-<sweep folder>``,
+    e.g. a W&B group), ``None`` in a single run."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
+
+
+OmegaConf.register_new_resolver("lf_sweep_group", sweep_group, replace=True)
 
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
@@ -36,6 +55,22 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     for logger in loggers:
         logger.log_hyperparams(resolved_container(cfg))
     return trainer
+
+
+@contextmanager
+def finishing_loggers(trainer: L.Trainer) -> Iterator[None]:
+    """Close the trainer's W&B run when the block ends (marked failed on an exception), so the next
+    job of a multirun, in the same process, starts its own run instead of appending to this one."""
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish(exit_code=1 if failed else 0)
 
 
 def optimizer_factories(cfg: DictConfig) -> dict[str, Any]:

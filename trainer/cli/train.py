@@ -7,6 +7,7 @@ Examples::
     lf-train strategy=ddp trainer.devices=2
     lf-train strategy=deepspeed_stage_2 trainer.devices=8 trainer.precision=bf16-mixed
     lf-train -m optim.lr=1e-4,3e-4                      # a two-trial Hydra sweep
+    lf-train -m hparams_search=lr_optuna data.train_dir=... data.val_dir=...   # Optuna (TPE)
     lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
 """
 
@@ -18,11 +19,21 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from trainer.callbacks.provenance import Provenance
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories, resolved_container
+from trainer.cli.hydra_app import (
+    CONF_DIR,
+    VERSION_BASE,
+    build_trainer,
+    finishing_loggers,
+    optimizer_factories,
+    resolved_container,
+)
+from trainer.sweeps.trial import run_trial
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +49,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
     trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict())])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    with finishing_loggers(trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     metrics.update(
@@ -52,8 +64,22 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Console entry point; returns the optimized metric for Hydra sweepers."""
-    return run_train(cfg)["optimized_metric"]
+    """Console entry point; returns the optimized metric for Hydra sweepers.
+
+    Every run records itself as a trial (``trial.json`` in its output folder); in a multirun a
+    diverged, out-of-memory or pruned trial returns NaN instead of stopping the sweep.
+    """
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return run_trial(
+        lambda: run_train(cfg),
+        metric=cfg.optimized_metric,
+        direction=cfg.optimized_direction,
+        output_dir=hydra_cfg.runtime.output_dir,
+        overrides=list(hydra_cfg.overrides.task),
+        number=hydra_cfg.job.num if multirun else None,
+        catch_failures=multirun,
+    )
 
 
 if __name__ == "__main__":

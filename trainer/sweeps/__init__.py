@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: trial records, the end-of-sweep summary, the resumable Optuna sweeper."""
