@@ -26,10 +26,29 @@ def test_every_primary_config_composes():
         "sample": ["model_dir=m", "out_dir=o"],
         "validate": ["shards=x"],
         "demo": [],
+        "sweep_summary": ["sweep_dir=s"],
     }
     for name, overrides in required.items():
         cfg = compose_config(name, overrides)
         assert cfg.task_name in (name, "demo"), name
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_options_compose(option):
+    cfg = compose_config("train", [f"experiment={option}", "data.train_dir=x", "output_dir=o"])
+    assert cfg.optimized_direction in ("minimize", "maximize")
+    assert cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_hparams_search_options_compose(option):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("train", [f"hparams_search={option}", "data.train_dir=x"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.startswith("hydra_plugins.latentforge_sweepers.")
+    assert cfg.hydra.sweeper.storage.startswith("sqlite:///") and cfg.hydra.sweeper.params
+    assert cfg.callbacks.optuna_pruning.monitor == cfg.optimized_metric and cfg.optuna_trial_number is None
 
 
 @pytest.mark.parametrize("option", options("optim"))

@@ -203,3 +203,21 @@ def test_pruning_outside_a_sweep_does_nothing(tmp_path):
     callback = OptunaPruning(f"sqlite:///{tmp_path / 'none.db'}", "s", None, "val/loss")
     callback.on_validation_end(PruningTrainer(10, 0.9), None)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_failed_trial_closes_its_wandb_run_so_the_next_trial_starts_its_own(tmp_path, monkeypatch):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from trainer.cli.hydra_app import finishing_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_ids = []
+    for attempt in range(2):
+        logger = WandbLogger(project="latentforge", save_dir=str(tmp_path), offline=True)
+        trainer = type("Trainer", (), {"loggers": [logger]})()
+        with pytest.raises(NonFiniteLossError), finishing_loggers(trainer):
+            run_ids.append(logger.experiment.id)
+            raise NonFiniteLossError(f"attempt {attempt}")
+        assert wandb.run is None
+    assert run_ids[0] != run_ids[1]
