@@ -2,7 +2,8 @@
 
 The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
 ``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
-the step and which weights (EMA or raw) the UNet carries. Both ``lf-sample`` and
+the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
+adapters in ``lora/`` (``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file). Both ``lf-sample`` and
 ``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
 """
 
@@ -20,11 +21,14 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from data_pipelines.atomic import atomic_path
 from data_pipelines.errors import DataError
+from trainer.lora.adapters import LoraSettings, add_unet_lora
+from trainer.lora.formats import save_lora_files, unet_lora_state_dict
 from trainer.modules.latent_diffusion import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 UNET_PREFIX = "unet."
 EXPORT_INFO_NAME = "latentforge.json"
+LORA_DIR = "lora"
 Weights = Literal["auto", "ema", "raw"]
 
 
@@ -82,6 +86,8 @@ def unet_state_dict(checkpoint: dict[str, Any], weights: Weights = "auto") -> tu
 def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[UNet2DConditionModel, str]:
     """Rebuild the UNet from the checkpoint's stored config and load its weights strictly."""
     unet = UNet2DConditionModel.from_config(checkpoint[CHECKPOINT_KEY]["unet_config"])
+    if lora := checkpoint[CHECKPOINT_KEY].get("lora"):
+        add_unet_lora(unet, LoraSettings(**lora))  # the checkpoint holds base + adapter weights
     state, kind = unet_state_dict(checkpoint, weights)
     unet.load_state_dict(state, strict=True)
     return unet, kind
@@ -110,6 +116,11 @@ def export_pipeline(
     record = checkpoint[CHECKPOINT_KEY]
     manifest = record.get("latent_manifest", {})
     unet, kind = build_unet(checkpoint, weights)
+    lora = record.get("lora")
+    lora_state = None
+    if lora:  # the pipeline gets the base UNet; the adapters go to lora/ in diffusers' and kohya's layouts
+        lora_state = unet_lora_state_dict(unet)
+        unet.unload_lora()
     vae_dir = vae_path or manifest.get("vae", {}).get("path")
     text_dir = text_encoder_path or manifest.get("text_encoder", {}).get("path")
     tokenizer_dir = tokenizer_path or manifest.get("tokenizer_path")
@@ -131,12 +142,15 @@ def export_pipeline(
         "checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": record.get("global_step", checkpoint.get("global_step")),
         "weights": kind,
+        "lora": lora,
         "dtype": dtype,
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
     }
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if lora_state is not None:
+            save_lora_files(tmp / LORA_DIR, lora_state, LoraSettings(**lora))
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("exported %s (%s weights, step %s) to %s", ckpt_path, kind, info["global_step"], out_dir)
     return Path(out_dir)

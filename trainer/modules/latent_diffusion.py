@@ -15,6 +15,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from torch.optim import Optimizer
 
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
+from trainer.lora.adapters import LoraSettings, add_unet_lora
 
 CHECKPOINT_KEY = "latentforge"
 
@@ -34,6 +35,7 @@ class LatentDiffusion(L.LightningModule):
         objective: timestep sampling, loss weighting and noise tweaks (default: uniform, unweighted).
         validation_timesteps: the fixed timesteps of the validation loss (default: 10, evenly spaced).
         timestep_buckets: the training loss is also logged per this many ranges of timesteps.
+        lora: when given, the UNet is frozen and only LoRA adapters on ``lora.target_modules`` train.
     """
 
     def __init__(
@@ -47,14 +49,19 @@ class LatentDiffusion(L.LightningModule):
         objective: Objective | None = None,
         validation_timesteps: Sequence[int] | None = None,
         timestep_buckets: int = 4,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective"], logger=False
+            ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora"],
+            logger=False,
         )
         if caption_dropout > 0 and uncond_text is None:
             raise ValueError("caption_dropout > 0 needs uncond_text, the empty caption's embedding")
         self.unet = unet
+        self.lora = lora
+        if lora is not None:
+            add_unet_lora(self.unet, lora)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -137,6 +144,8 @@ class LatentDiffusion(L.LightningModule):
         record = checkpoint.setdefault(CHECKPOINT_KEY, {})
         record["unet_config"] = dict(self.unet.config)
         record["noise_scheduler_config"] = dict(self.noise_scheduler.config)
+        if self.lora is not None:
+            record["lora"] = self.lora.to_dict()
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,75 @@
+"""Add LoRA adapters to a diffusers UNet with peft; only the adapters train.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": a frozen weight ``W`` gets
+a trainable update ``(alpha / rank) * B @ A`` with ``A`` of shape ``(rank, in)`` and ``B`` of shape
+``(out, rank)``, ``B`` starting at zero so training starts from the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import LoraConfig
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
+
+
+@dataclass
+class LoraSettings:
+    """What ``model.lora`` configures.
+
+    Attributes:
+        rank: the rank ``r`` of the update.
+        alpha: the scale numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout on the adapter's input during training.
+        target_modules: module names (or name suffixes) that get an adapter, e.g. ``to_q``.
+    """
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            init_lora_weights="gaussian",
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+
+def adaptable_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the modules LoRA can wrap (Linear and Conv2d), e.g. ``mid_block.attentions.0...to_q``."""
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def check_target_modules(model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Raise a ValueError naming every target that matches no module, with the names available."""
+    names = adaptable_module_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        suffixes = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
+                           for n in names})  # fmt: skip
+        raise ValueError(
+            f"model.lora.target_modules: {missing} match no Linear/Conv2d module of the "
+            f"{type(model).__name__}; available names: {suffixes}"
+        )
+
+
+def add_unet_lora(unet: torch.nn.Module, settings: LoraSettings) -> int:
+    """Freeze ``unet`` and add LoRA adapters (peft, through diffusers' ``add_adapter``).
+
+    Returns:
+        The number of trainable (adapter) parameters.
+    """
+    check_target_modules(unet, settings.target_modules)
+    unet.requires_grad_(False)
+    unet.add_adapter(settings.peft_config())
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
