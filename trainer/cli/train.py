@@ -30,6 +30,7 @@ from trainer.cli.hydra_app import (
     VERSION_BASE,
     build_trainer,
     finishing_loggers,
+    instantiate_group,
     optimizer_factories,
     resolved_container,
 )
@@ -46,6 +47,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
     L.seed_everything(cfg.seed, workers=True)
+    instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
     trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict())])

@@ -36,6 +36,7 @@ class LatentDiffusion(L.LightningModule):
         validation_timesteps: the fixed timesteps of the validation loss (default: 10, evenly spaced).
         timestep_buckets: the training loss is also logged per this many ranges of timesteps.
         lora: when given, the UNet is frozen and only LoRA adapters on ``lora.target_modules`` train.
+        pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class LatentDiffusion(L.LightningModule):
         validation_timesteps: Sequence[int] | None = None,
         timestep_buckets: int = 4,
         lora: LoraSettings | None = None,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -58,7 +60,7 @@ class LatentDiffusion(L.LightningModule):
         )
         if caption_dropout > 0 and uncond_text is None:
             raise ValueError("caption_dropout > 0 needs uncond_text, the empty caption's embedding")
-        self.unet = unet
+        self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
         if lora is not None:
             add_unet_lora(self.unet, lora)
