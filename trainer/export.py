@@ -27,6 +27,7 @@ from trainer.modules.latent_diffusion import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 UNET_PREFIX = "unet."
+TEXT_ENCODER_PREFIX = "text_encoder."
 EXPORT_INFO_NAME = "latentforge.json"
 LORA_DIR = "lora"
 Weights = Literal["auto", "ema", "raw"]
@@ -78,9 +79,17 @@ def unet_state_dict(checkpoint: dict[str, Any], weights: Weights = "auto") -> tu
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights={weights!r}: expected 'auto', 'ema' or 'raw'")
     kind = "ema" if has_ema and weights in ("auto", "ema") else "raw"
-    source = checkpoint["current_model_state"] if kind == "raw" and has_ema else checkpoint["state_dict"]
-    state = {k[len(UNET_PREFIX) :]: v for k, v in source.items() if k.startswith(UNET_PREFIX)}
-    return state, kind
+    return part_state_dict(checkpoint, UNET_PREFIX, kind), kind
+
+
+def part_state_dict(checkpoint: dict[str, Any], prefix: str, kind: str) -> dict[str, torch.Tensor]:
+    """The weights under ``prefix`` (``"unet."``, ``"text_encoder."``), EMA or raw, prefix removed."""
+    source = (
+        checkpoint["current_model_state"]
+        if kind == "raw" and "current_model_state" in checkpoint
+        else checkpoint["state_dict"]
+    )
+    return {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
 
 
 def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[UNet2DConditionModel, str]:
@@ -128,9 +137,12 @@ def export_pipeline(
         if not value or not Path(value).is_dir():
             raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
     torch_dtype = getattr(torch, dtype)
+    text_encoder = CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
+    if trained_text := part_state_dict(checkpoint, TEXT_ENCODER_PREFIX, kind):  # DreamBooth trained it
+        text_encoder.load_state_dict(trained_text, strict=True)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
-        text_encoder=CLIPTextModel.from_pretrained(text_dir, local_files_only=True, dtype=torch_dtype),
+        text_encoder=text_encoder.to(torch_dtype),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
         unet=unet.to(torch_dtype),
         scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),

@@ -105,3 +105,45 @@ def test_instance_folder_errors(tmp_path, cat_photos, base_model, caplog):
         prepare_dreambooth(str(cat_photos), CLASS_PROMPT, str(tmp_path / "cache"), str(base_model), 32,
                            class_prompt=CLASS_PROMPT, num_class_images=1, sample_steps=1)  # fmt: skip
     assert "class_prompt equals data.instance_prompt" in caplog.text
+
+
+def dreambooth_text_encoder_overrides(base_model, cat_photos, cache, run) -> list[str]:
+    return [
+        "experiment=dreambooth_text_encoder", f"model.pretrained={base_model}", f"data.instance_dir={cat_photos}",
+        f"data.instance_prompt={INSTANCE_PROMPT}", f"data.class_prompt={CLASS_PROMPT}", "data.num_class_images=2",
+        "data.resolution=32", f"data.cache_dir={cache}", "data.batch_size=2", "prepare.dreambooth.sample_steps=2",
+        "optim.lr=1e-3", "model.text_encoder_lr=1e-3", "trainer.max_steps=3", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"output_dir={run}",
+    ]  # fmt: skip
+
+
+def assert_both_parts_trained(base_model, export) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        before = cls.from_pretrained(base_model / part, local_files_only=True).state_dict()
+        after = cls.from_pretrained(export / part, local_files_only=True).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), f"{part} did not change"
+    Sampler.from_export(export, device="cpu").txt2img([INSTANCE_PROMPT], [0], SETTINGS)
+
+
+def test_text_encoder_trains_with_the_unet(base_model, cat_photos, tmp_path):
+    run = tmp_path / "run"
+    run_train(compose_config("train", dreambooth_text_encoder_overrides(base_model, cat_photos, tmp_path / "c", run)))
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    assert_both_parts_trained(base_model, export)
+
+
+@pytest.mark.dist
+def test_text_encoder_trains_under_zero2_on_two_processes(base_model, cat_photos, tmp_path):
+    from tests.integration.cli import run_cli
+
+    run = tmp_path / "run"
+    overrides = dreambooth_text_encoder_overrides(base_model, cat_photos, tmp_path / "c", run)
+    result = run_cli("lf-train", *overrides, "strategy=deepspeed_stage_2", "trainer.devices=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    assert_both_parts_trained(base_model, export)

@@ -35,9 +35,14 @@ def test_every_primary_config_composes():
 
 @pytest.mark.parametrize("option", options("experiment"))
 def test_experiment_options_compose(option):
-    cfg = compose_config("train", [f"experiment={option}", "data.train_dir=x", "output_dir=o"])
+    data = ["data.train_dir=x"]
+    if option.startswith("dreambooth"):
+        data = ["model.pretrained=p", "data.instance_dir=i", "data.instance_prompt=a photo of sks cat"]
+    cfg = compose_config("train", [f"experiment={option}", *data, "output_dir=o"])
     assert cfg.optimized_direction in ("minimize", "maximize")
     assert cfg.trainer.max_steps > 0
+    if option.startswith("dreambooth"):
+        assert cfg.prepare.dreambooth.pretrained == "p" and cfg.model.unet.pretrained_model_name_or_path == "p/unet"
 
 
 @pytest.mark.parametrize("option", options("hparams_search"))
@@ -70,12 +75,19 @@ def test_lr_scheduler_options(option):
 
 
 @pytest.mark.parametrize("option", options("model"))
-def test_model_options(option):
+def test_model_options(option, tmp_path):
     from trainer.modules.latent_diffusion import LatentDiffusion
 
-    cfg = compose_config("train", [f"model={option}", "data.train_dir=x", "output_dir=o"])
+    extra = []
+    if option == "pretrained":  # a diffusers folder with unet/ and scheduler/, as lf-export writes
+        tiny = compose_config("train", ["data.train_dir=x", "output_dir=o"]).model
+        instantiate(tiny.unet).save_pretrained(tmp_path / "unet")
+        instantiate(tiny.noise_scheduler).save_pretrained(tmp_path / "scheduler")
+        extra = [f"model.pretrained={tmp_path}"]
+    cfg = compose_config("train", [f"model={option}", "data.train_dir=x", "output_dir=o", *extra])
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
     assert isinstance(module, LatentDiffusion)
+    assert module.unet.training and module.noise_scheduler.config.clip_sample is False
 
 
 @pytest.mark.parametrize("option", options("autoencoder"))
