@@ -130,7 +130,11 @@ def assert_both_parts_trained(base_model, export) -> None:
 
 def test_text_encoder_trains_with_the_unet(base_model, cat_photos, tmp_path):
     run = tmp_path / "run"
-    run_train(compose_config("train", dreambooth_text_encoder_overrides(base_model, cat_photos, tmp_path / "c", run)))
+    overrides = dreambooth_text_encoder_overrides(base_model, cat_photos, tmp_path / "c", run)
+    validation = ["callbacks.validation_images.every_n_steps=2", "callbacks.validation_images.steps=2"]
+    run_train(compose_config("train", [*overrides, *validation]))
+    grids = sorted(p.name for p in (run / "csv").rglob("validation-step*.png"))
+    assert grids == ["validation-step0000002.png", "validation-step0000003.png"]  # every 2 steps and the last
     export = tmp_path / "export"
     run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
     assert_both_parts_trained(base_model, export)

@@ -91,19 +91,20 @@ class ValidationImages(Callback):
     def sample(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str], seeds: list[int]
     ) -> list[Image.Image]:
-        """Sample with the training UNet (EMA weights when available), leaving it as it was."""
+        """Sample with the training UNet (EMA weights when available) and, when it trains (DreamBooth),
+        the training text encoder; leaves both as they were."""
         module = _ema_module(trainer) or pl_module
-        unet = module.unet
-        was_training = unet.training
         frozen = self._load_frozen(trainer, pl_module.device)
+        unet, text_encoder = module.unet, getattr(module, "text_encoder", None) or frozen["text_encoder"]
+        modes = {part: part.training for part in (unet, text_encoder)}
         try:
-            sampler = Sampler(
-                unet, frozen["vae"], frozen["text_encoder"], frozen["tokenizer"], dict(pl_module.noise_scheduler.config)
-            )
+            scheduler_config = dict(pl_module.noise_scheduler.config)
+            sampler = Sampler(unet, frozen["vae"], text_encoder, frozen["tokenizer"], scheduler_config)
             with torch.no_grad():
                 images, _ = sampler.txt2img(prompts, seeds, self.settings)
         finally:
-            unet.train(was_training)
+            for part, training in modes.items():
+                part.train(training)
         return images
 
     def _load_frozen(self, trainer: L.Trainer, device: torch.device) -> dict[str, Any]:
