@@ -27,7 +27,8 @@ def trained(latent_dir, tmp_path_factory):
 def test_training_writes_resumable_checkpoints_with_ema(trained):
     out, metrics = trained
     assert metrics["global_step"] == 5
-    assert np.isfinite(metrics["train/loss"]) and metrics["optimized_metric"] == metrics["train/loss"]
+    assert np.isfinite(metrics["train/loss"])
+    assert np.isnan(metrics["optimized_metric"])  # the default, val/loss, needs data.val_dir
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
     assert checkpoints == ["last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt", "step-0000005.ckpt"]
     last = load_checkpoint(out / "checkpoints" / "last.ckpt")  # weights_only=True
