@@ -1,6 +1,8 @@
-"""Two CPU processes over gloo: DDP and DeepSpeed ZeRO-2, through ``lf-train``."""
+"""Two CPU processes over gloo: DDP and DeepSpeed ZeRO 1/2/3, through ``lf-train``."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import compose_config
 from tests.integration.cli import run_cli
@@ -36,15 +38,21 @@ def test_ddp_on_two_cpu_processes(latent_dir, tmp_path):
     assert (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").is_file()
 
 
-def test_deepspeed_zero2_on_two_cpu_processes_then_export(latent_dir, tmp_path):
-    result = run_cli(
-        "lf-train", *two_process_overrides(latent_dir, tmp_path / "run", "deepspeed_stage_2"), cwd=tmp_path
-    )
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_on_two_cpu_processes_then_export_ema(latent_dir, tmp_path, stage):
+    overrides = two_process_overrides(latent_dir, tmp_path / "run", f"deepspeed_stage_{stage}")
+    result = run_cli("lf-train", *overrides, "callbacks.ema.decay=0.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert {p.name for p in (last / "checkpoint").iterdir()} >= {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     }, "optimizer state is partitioned over the two ranks"
-    export = run_export(compose_config("export", [f"ckpt_path={last}", f"out_dir={tmp_path / 'export'}"]))
-    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file(), export
+    checkpoint = load_checkpoint(last)
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert ema.keys() == raw.keys() and any(k.startswith("unet.") for k in ema)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema), "the EMA differs from the raw weights"
+    run_export(compose_config("export", [f"ckpt_path={last}", f"out_dir={tmp_path / 'export'}"]))
+    exported = load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == {k.removeprefix("unet.") for k in ema}
+    assert all(torch.equal(exported[k.removeprefix("unet.")], ema[k]) for k in ema), "export holds the EMA weights"

@@ -8,6 +8,7 @@ Examples::
     lf-train strategy=deepspeed_stage_2 trainer.devices=8 trainer.precision=bf16-mixed
     lf-train -m optim.lr=1e-4,3e-4                      # a two-trial Hydra sweep
     lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
+    lf-train ckpt_path=last output_dir=outputs/train/<run>       # resume from the newest complete checkpoint
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.callbacks.provenance import Provenance
+from trainer.callbacks.rng import RNGState
+from trainer.checkpointing import resolve_resume_checkpoint
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories, resolved_container
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
-    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict())])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict()), RNGState()])
+    ckpt_path = resolve_resume_checkpoint(
+        cfg.get("ckpt_path"), OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     metrics.update(
