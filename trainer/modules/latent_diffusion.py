@@ -75,6 +75,7 @@ class LatentDiffusion(L.LightningModule):
         self.timestep_buckets = timestep_buckets
         self.register_buffer("uncond_text", uncond_text, persistent=False)
         self.channels_last = channels_last
+        self.flops_per_batch: int | None = None  # set by trainer.callbacks.throughput (Lightning reads it)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if channels_last:
