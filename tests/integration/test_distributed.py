@@ -97,3 +97,14 @@ def test_deepspeed_zero_on_two_cpu_processes_then_export_ema(latent_dir, tmp_pat
             name = f"checkpoint/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
             partitions = [torch.load(p / name, map_location="cpu", weights_only=False) for p in (last, resumed_last)]
             assert_same_nested(*(p["optimizer_state_dict"] for p in partitions), name)
+
+
+def test_fsdp_on_two_cpu_processes_then_export_ema(latent_dir, tmp_path):
+    train(latent_dir, tmp_path / "run", "fsdp", 2, "callbacks.ema.decay=0.5", cwd=tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(last)  # a full state dict, gathered to rank 0
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert ema["unet.conv_in.weight"].shape == raw["unet.conv_in.weight"].shape == (32, 4, 3, 3)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema), "the EMA (of gathered parameters) differs"
+    run_export(compose_config("export", [f"ckpt_path={last}", f"out_dir={tmp_path / 'export'}"]))
+    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
