@@ -7,8 +7,10 @@ update of the weights. The Lightning side is the ``Trainer`` that ``lf-train`` b
 ``conf/train.yaml`` (default callbacks: EMA, checkpointing, LR monitor, throughput with FLOP
 counting, the RNG-state callback; CSV logger every 25 steps; progress bar), fed by a DataLoader
 over the in-memory batches. Steady-state time per step is measured after warm-up steps, in
-alternating rounds so load changes on the machine hit both sides alike; the median round counts.
-Torch runs one thread: on a shared 2-core machine two threads per process ran 5x slower.
+alternating rounds; the median round counts. Torch runs one thread (on a shared 2-core machine two
+threads per process ran 5x slower), so the process's CPU time per step measures the work of each
+side even while other jobs load the machine; wall time is printed too, and equals CPU time on an
+idle machine.
 
 Run: ``python bench/overhead.py``. The last line is the ratio (goal: >= 0.95).
 """
@@ -30,7 +32,7 @@ from trainer.callbacks.ema import EMA
 from trainer.callbacks.rng import RNGState
 from trainer.cli.hydra_app import build_trainer, compose_config, optimizer_factories
 
-BATCH, WARMUP, STEPS, ROUNDS = 64, 5, 40, 3
+BATCH, WARMUP, STEPS, ROUNDS = 64, 5, 40, 5
 
 
 class InMemory(IterableDataset):
@@ -43,18 +45,28 @@ class InMemory(IterableDataset):
         return iter(self.batches)
 
 
+def clocks() -> tuple[float, float]:
+    """(process CPU seconds, wall seconds)."""
+    return time.process_time(), time.perf_counter()
+
+
+def per_step(start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
+    return (end[0] - start[0]) / STEPS, (end[1] - start[1]) / STEPS
+
+
 class StepTimer(L.Callback):
-    """Wall time from the start of step ``WARMUP`` to the end of the last step."""
+    """Clocks from the start of step ``WARMUP`` to the end of the last step."""
 
     def __init__(self) -> None:
-        self.start = self.end = 0.0
+        self.start: tuple[float, float] | None = None
+        self.end = (0.0, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == WARMUP and not self.start:
-            self.start = time.perf_counter()
+        if trainer.global_step == WARMUP and self.start is None:
+            self.start = clocks()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.end = time.perf_counter()
+        self.end = clocks()
 
 
 def make_batches(count: int, text_tokens: int, text_dim: int) -> list[dict[str, torch.Tensor]]:
@@ -73,24 +85,24 @@ def fresh_module(cfg, uncond: torch.Tensor):
     return instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=uncond)
 
 
-def lightning_step_time(cfg, batches, uncond) -> float:
+def lightning_step_time(cfg, batches, uncond) -> tuple[float, float]:
     timer = StepTimer()
     trainer = build_trainer(cfg, [RNGState(), timer])
     trainer.fit(fresh_module(cfg, uncond), train_dataloaders=DataLoader(InMemory(batches), batch_size=None))
-    return (timer.end - timer.start) / STEPS
+    return per_step(timer.start, timer.end)
 
 
-def bare_step_time(cfg, batches, uncond) -> float:
+def bare_step_time(cfg, batches, uncond) -> tuple[float, float]:
     module = fresh_module(cfg, uncond)
     configured = module.configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     ema_callback = EMA(decay=cfg.callbacks.ema.decay)
     ema = AveragedModel(module, use_buffers=True, multi_avg_fn=ema_callback._update)
     module.train()
-    start = 0.0
+    start = clocks()
     for step in range(WARMUP + STEPS):
         if step == WARMUP:
-            start = time.perf_counter()
+            start = clocks()
         batch = batches[step % len(batches)]
         loss = module.compute_loss(batch).loss
         loss.backward()
@@ -99,7 +111,7 @@ def bare_step_time(cfg, batches, uncond) -> float:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update_parameters(module)
-    return (time.perf_counter() - start) / STEPS
+    return per_step(start, clocks())
 
 
 def main() -> None:
@@ -121,12 +133,14 @@ def main() -> None:
         for _ in range(ROUNDS):
             bare_times.append(bare_step_time(cfg, batches, uncond))
             lightning_times.append(lightning_step_time(cfg, batches, uncond))
-    bare, lightning = statistics.median(bare_times), statistics.median(lightning_times)
-    print(f"rounds (ms/step): bare {[round(t * 1e3, 1) for t in bare_times]}")
-    print(f"                  lf-train {[round(t * 1e3, 1) for t in lightning_times]}")
-    print(f"bare PyTorch loop: {bare * 1e3:7.1f} ms/step  {1 / bare:6.2f} steps/s")
-    print(f"lf-train path:     {lightning * 1e3:7.1f} ms/step  {1 / lightning:6.2f} steps/s")
-    print(f"lf-train steps/s as a fraction of the bare loop's: {bare / lightning:.3f}")
+    for clock, index in (("wall", 1), ("CPU", 0)):
+        bare = statistics.median(t[index] for t in bare_times)
+        lightning = statistics.median(t[index] for t in lightning_times)
+        print(f"{clock} ms/step by round: bare {[round(t[index] * 1e3, 1) for t in bare_times]}")
+        print(f"{' ' * len(clock)}                    lf-train {[round(t[index] * 1e3, 1) for t in lightning_times]}")
+        print(f"{clock:>4} bare PyTorch loop: {bare * 1e3:7.1f} ms/step  {1 / bare:6.2f} steps/s")
+        print(f"{clock:>4} lf-train path:     {lightning * 1e3:7.1f} ms/step  {1 / lightning:6.2f} steps/s")
+    print(f"lf-train steps/s as a fraction of the bare loop's (CPU time): {bare / lightning:.3f}")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
     Args:
         ckpt_path: ``None`` (no resume), ``"last"`` (the newest complete checkpoint in
             ``checkpoint_dir``), a folder of checkpoints (its newest complete one), or a checkpoint
-            (itself when complete, else the newest complete one before it in its folder).
+            (itself when complete, else, when damaged, the newest complete one before it in its folder).
         checkpoint_dir: the run's checkpoint folder (for ``"last"``).
 
     Raises:
@@ -123,8 +123,8 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
         wanted = Path(ckpt_path)
         if (problem := checkpoint_problem(wanted)) is None:
             return str(wanted)
-        if not wanted.parent.is_dir():
-            raise DataError(f"{wanted}: checkpoint {problem}")
+        if not wanted.exists():
+            raise DataError(f"ckpt_path={wanted}: checkpoint does not exist")
         step = checkpoint_step(wanted)  # None for last.ckpt: every other checkpoint is older
         older = [
             p

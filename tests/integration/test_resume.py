@@ -99,6 +99,8 @@ def test_resolve_refuses_a_folder_without_complete_checkpoints(tmp_path):
         resolve_resume_checkpoint("last", tmp_path)
     with pytest.raises(DataError, match="does not exist; set output_dir"):
         resolve_resume_checkpoint("last", tmp_path / "missing")
+    with pytest.raises(DataError, match=r"step-0000009\.ckpt: checkpoint does not exist"):
+        resolve_resume_checkpoint(str(tmp_path / "step-0000009.ckpt"), None)
 
 
 def test_sigkilled_run_resumes_exactly(latent_dir, tmp_path):
