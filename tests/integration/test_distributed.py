@@ -3,6 +3,7 @@ accumulation 2; exact resume under DDP and ZeRO-2."""
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from tests.conftest import compose_config
@@ -87,6 +88,8 @@ def test_deepspeed_zero_on_two_cpu_processes_then_export_ema(latent_dir, tmp_pat
     exported = load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors")
     assert exported.keys() == {k.removeprefix("unet.") for k in ema}
     assert all(torch.equal(exported[k.removeprefix("unet.")], ema[k]) for k in ema), "export holds the EMA weights"
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert tuple(pipe.unet.config.block_out_channels) == (32, 64)
     if stage == 2:  # exact resume under ZeRO-2: weights, EMA, and each rank's optimizer partition
         stopped = tmp_path / "stopped"
         train(latent_dir, stopped, "deepspeed_stage_2", 2, "callbacks.ema.decay=0.5", cwd=tmp_path)
