@@ -9,6 +9,7 @@ count corrupt samples, and yield dict batches.
 
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -24,7 +25,9 @@ from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.latent_format import LatentManifest, decode_latent_sample, load_uncond_embedding
 from data_pipelines.raw_format import decode_raw_sample
 from data_pipelines.shard_list import resolve_shards
-from data_pipelines.streaming import SkipCounter, batches_per_worker, shard_stream
+from data_pipelines.streaming import ResumableLoader, SkipCounter, batches_per_worker, shard_stream
+
+log = logging.getLogger(__name__)
 
 
 def _world_size() -> int:
@@ -34,7 +37,15 @@ def _world_size() -> int:
 
 
 class _StreamingDataModule(L.LightningDataModule):
-    """Shared loader settings of the shard-streaming data modules."""
+    """Shared loader settings of the shard-streaming data modules, and the stream position.
+
+    The position is the number of training batches this rank has consumed (counted when Lightning
+    moves a batch to the device, so batches the loop prefetched are not counted): since the stream
+    began for resampled streams (one endless stream served in epochs), since the epoch began
+    otherwise. It is saved in checkpoints (``state_dict``) with the settings it depends on, and a
+    resumed run's training loader skips that many batches (:class:`ResumableLoader`). The stream
+    is a function of the seed, the rank and the worker, so every rank resumes where it stopped.
+    """
 
     def __init__(
         self,
@@ -52,6 +63,75 @@ class _StreamingDataModule(L.LightningDataModule):
         self.resampled = resampled
         self.seed = seed
         self.max_skipped = max_skipped
+        self._batches = 0  # training batches consumed since the stream began
+        self._epoch_batches = 0  # ... since the current epoch began
+        self._epoch = 0
+        self._resume: dict[str, Any] | None = None  # the restored position, until training consumes a batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches the loop consumes (the stream position)."""
+        if self.trainer is not None and self.trainer.training:
+            self._resume = None
+            if self.trainer.current_epoch != self._epoch:
+                self._epoch, self._epoch_batches = self.trainer.current_epoch, 0
+            self._batches += 1
+            self._epoch_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position of this rank and what it depends on."""
+        return {
+            "batches": self._batches,
+            "epoch": self._epoch,
+            "epoch_batches": self._epoch_batches,
+            "samples": self._batches * self.batch_size,
+            "batch_size": self.batch_size,
+            "world_size": _world_size(),
+            "seed": self.seed,
+            "resampled": self.resampled,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training stream where the checkpoint left it (the loader skips the consumed batches).
+
+        A stream of other settings (batch size, ranks, seed, shuffle) is a different stream: then the
+        position is not restored and a warning says why.
+        """
+        now = self.state_dict()
+        changed = [
+            k for k in ("batch_size", "world_size", "seed", "resampled", "shuffle_buffer") if state_dict[k] != now[k]
+        ]
+        if changed:
+            log.warning(
+                "data position not restored: %s changed since the checkpoint (%s); the stream starts afresh",
+                ", ".join(changed),
+                ", ".join(f"{k} {state_dict[k]} -> {now[k]}" for k in changed),
+            )
+            return
+        self._batches, self._epoch, self._epoch_batches = (
+            state_dict["batches"],
+            state_dict["epoch"],
+            state_dict["epoch_batches"],
+        )
+        self._resume = dict(state_dict)
+        log.info("data position restored: %d batches consumed per rank", self._batches)
+
+    def _resume_plan(self) -> tuple[int, bool] | None:
+        """``(batches to skip, go on past an epoch's end)`` for the training loader, while resuming.
+
+        Lightning either continues the epoch the checkpoint was taken in (a checkpoint after a
+        batch), or starts the next one (a checkpoint after the epoch ended, as at ``max_steps``).
+        Continuing: skip what was consumed and serve the rest of that epoch (maybe nothing). Next
+        epoch: a resampled stream skips what was consumed and serves from there, without an empty
+        epoch; a stream of epochs (``resampled=false``) starts its next pass.
+        """
+        if self._resume is None:
+            return None
+        next_epoch = self.trainer is not None and self.trainer.current_epoch > self._resume["epoch"]
+        if self.resampled:
+            return self._resume["batches"], next_epoch
+        return (0, False) if next_epoch else (self._resume["epoch_batches"], False)
 
     def _loader(self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool) -> DataLoader:
         resampled = self.resampled and train
@@ -69,13 +149,17 @@ class _StreamingDataModule(L.LightningDataModule):
             batches_per_epoch=epoch_batches if resampled else None,
             partial_batches=not train,
         )
-        return DataLoader(
+        loader = ResumableLoader(
             pipeline,
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds leave the global RNG alone
         )
+        if train:
+            loader.resume_plan = self._resume_plan
+        return loader
 
     def _split_workers(self, num_shards: int, train: bool) -> int:
         """Loader workers when shards are split between ranks and workers (each needs a shard).

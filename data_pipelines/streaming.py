@@ -6,13 +6,14 @@ and fails the run once more than ``max_skipped`` are seen (counts are per loader
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import webdataset as wds
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from data_pipelines.errors import DataError
 
@@ -105,7 +106,13 @@ class EpochSlices(IterableDataset):
     def __init__(self, source: Iterable[Any], items_per_epoch: int) -> None:
         self.source = source
         self.items_per_epoch = items_per_epoch
+        self._pristine = copy.deepcopy(source)
         self._iterator: Iterator[Any] | None = None
+
+    def restart(self) -> None:
+        """Serve the stream from its beginning again (a fresh copy of the source as first built)."""
+        self.source = copy.deepcopy(self._pristine)
+        self._iterator = None
 
     def __iter__(self) -> Iterator[Any]:
         if self._iterator is None:
@@ -121,3 +128,58 @@ class EpochSlices(IterableDataset):
 def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
     """Batches each worker of each rank yields so that one epoch covers about ``num_samples``."""
     return max(1, math.ceil(num_samples / (batch_size * world_size * max(1, num_workers))))
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that can start partway into its stream (exact resume).
+
+    ``resume_plan`` (set by the data module) says, at each ``__iter__`` until the first training
+    batch after a resume is consumed, how many batches to skip and whether to go on into the next
+    epoch when the skip ends exactly at an epoch's end (else that epoch's rest is empty). The
+    stream is deterministic (seeded shard draws and shuffle, per rank and worker), so the loader
+    restarts it from its beginning and drops the consumed batches in the main process, across as
+    many epochs as they span. Lightning may start an iterator and drop it unconsumed while it
+    restores its loops; the next one restarts the stream again, so nothing prefetched is lost.
+    Dropping in the main process keeps the DataLoader's round-robin order over workers, so the
+    batches that follow are the ones an uninterrupted run would have seen, for any
+    ``num_workers``. Skipped batches are read and decoded, not trained on: a resume costs about
+    the loader's time for the data consumed.
+    """
+
+    resume_plan: Callable[[], tuple[int, bool] | None] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        plan = self.resume_plan() if self.resume_plan is not None else None
+        if plan is None or plan == (0, False):
+            return super().__iter__()
+        self._restart_stream()
+        return self._skipping(*plan)
+
+    def _restart_stream(self) -> None:
+        """Start the stream from its beginning (workers restart with fresh copies of the dataset)."""
+        iterator = self._iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+        if isinstance(self.dataset, EpochSlices):
+            self.dataset.restart()
+
+    def _skipping(self, skip: int, past_epoch_end: bool) -> Iterator[Any]:
+        skipped = 0
+        while skipped < skip:
+            iterator = super().__iter__()
+            in_epoch = 0
+            for _ in iterator:
+                skipped += 1
+                in_epoch += 1
+                if skipped == skip:
+                    break
+            if in_epoch == 0:
+                raise DataError(f"cannot skip {skip} batches to resume: the stream ended after {skipped}")
+        log.info("data stream resumed after %d batches", skip)
+        first = next(iterator, None) if skip else None
+        if first is not None:
+            yield first
+            yield from iterator
+        elif past_epoch_end or not skip:
+            yield from super().__iter__()

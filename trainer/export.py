@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from data_pipelines.atomic import atomic_path
 from data_pipelines.errors import DataError
+from trainer.callbacks.ema import EMA_STATE_KEY
 from trainer.lora.adapters import LoraSettings, add_unet_lora
 from trainer.lora.formats import save_lora_files, unet_lora_state_dict
 from trainer.modules.latent_diffusion import CHECKPOINT_KEY
@@ -37,7 +38,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint file (``weights_only=True``), or consolidate a DeepSpeed one.
 
     A DeepSpeed checkpoint is a folder; its ZeRO shards are merged into full fp32 weights with
-    Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` (any world size).
+    Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` (any world size). When the EMA
+    callback saved its average there (``EMA_STATE_KEY``), the result has the layout of a ``.ckpt``
+    with EMA: the average in ``state_dict``, the merged raw weights in ``current_model_state``.
 
     Raises:
         DataError: the path does not exist or is not a training checkpoint of this project.
@@ -51,6 +54,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(merged))
             checkpoint = torch.load(merged, map_location="cpu", weights_only=True)
         checkpoint.pop("current_model_state", None)  # a rank-local copy under ZeRO; the merged one is exact
+        if EMA_STATE_KEY in checkpoint:  # the EMA callback's average; the merged weights are the raw ones
+            checkpoint["current_model_state"] = checkpoint["state_dict"]
+            checkpoint["state_dict"] = checkpoint.pop(EMA_STATE_KEY)
         checkpoint["_deepspeed"] = True
     elif path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

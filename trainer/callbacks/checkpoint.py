@@ -1,18 +1,63 @@
-"""Lightning's ``ModelCheckpoint``, plus a checkpoint of the final step.
+"""Lightning's ``ModelCheckpoint``, with atomic writes, every-N-th retention and the final step.
 
-Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a multiple of it, the
-last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only saves when nothing was
-saved at all). This subclass saves the final step, as a top-k checkpoint and as ``last.ckpt``.
+* **Atomic**: each checkpoint (a file, or a DeepSpeed folder of shards) is written under
+  ``<name>.partial`` and renamed to its name once every rank has finished writing, so a crash
+  never leaves a half-written checkpoint under a final name (``trainer.checkpointing`` tells
+  complete from damaged ones when resuming).
+* **Retention**: ``save_top_k`` with ``monitor: step`` keeps the newest K; ``keep_every_n_steps``
+  also keeps every checkpoint whose step is a multiple of N (they are never deleted).
+* **Final step**: Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a
+  multiple of it, the last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only
+  saves when nothing was saved at all). This subclass saves the final step, as a top-k checkpoint
+  and as ``last.ckpt``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+from weakref import proxy
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
+from trainer.checkpointing import PARTIAL_SUFFIX, checkpoint_step, replace_path
+
 
 class ModelCheckpoint(LightningModelCheckpoint):
-    """``lightning.pytorch.callbacks.ModelCheckpoint`` that always saves the final training step."""
+    """``lightning.pytorch.callbacks.ModelCheckpoint`` that writes atomically and keeps every N-th step.
+
+    Args:
+        keep_every_n_steps: never delete checkpoints whose step is a multiple of this (``None``: off).
+        **kwargs: ``ModelCheckpoint``'s arguments.
+    """
+
+    def __init__(self, *args: Any, keep_every_n_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if keep_every_n_steps is not None and keep_every_n_steps < 1:
+            raise ValueError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
+        self.keep_every_n_steps = keep_every_n_steps
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        partial = filepath + PARTIAL_SUFFIX
+        if trainer.is_global_zero and self._fs.exists(partial):  # left by a crash
+            self._fs.rm(partial, recursive=True)
+        trainer.strategy.barrier("checkpoint_partial_clear")
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        trainer.strategy.barrier("checkpoint_written")
+        if trainer.is_global_zero:
+            replace_path(partial, filepath)
+        trainer.strategy.barrier("checkpoint_renamed")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        step = checkpoint_step(filepath)
+        if self.keep_every_n_steps and step is not None and step > 0 and step % self.keep_every_n_steps == 0:
+            return
+        super()._remove_checkpoint(trainer, filepath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):

@@ -14,9 +14,17 @@ validation, stores it as the checkpoint's ``state_dict`` (the raw weights go to
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+EMA_STATE_KEY = "ema_state_dict"
+"""Where a DeepSpeed checkpoint (its client state) keeps the EMA weights (``unet.*`` keys)."""
 
 
 def ema_decay(num_averaged: int, decay: float, warmup: bool) -> float:
@@ -59,5 +67,51 @@ class EMA(WeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Keep the raw weights in the model (see the module docstring)."""
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+            with full_parameters(trainer, pl_module, modify=False):
+                super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _swap_models(self, pl_module: L.LightningModule) -> None:
+        with full_parameters(pl_module.trainer, pl_module, modify=True):
+            super()._swap_models(pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and "current_model_state" in checkpoint:
+            checkpoint[EMA_STATE_KEY] = checkpoint["state_dict"]
+            del checkpoint["current_model_state"]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if EMA_STATE_KEY not in checkpoint or self._average_model is None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # DeepSpeed: the engine has loaded the raw weights already; only the average is restored here.
+        state = {"module." + name: value for name, value in checkpoint[EMA_STATE_KEY].items()}
+        state |= checkpoint.get("averaging_state", {})
+        self._average_model.load_state_dict(state)
+
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.every_n_steps == 0
+
+
+@contextlib.contextmanager
+def full_parameters(trainer: L.Trainer, pl_module: L.LightningModule, modify: bool) -> Iterator[None]:
+    """Make ``pl_module``'s parameters whole on every rank for the body (ZeRO-3, FSDP); else no-op.
+
+    Args:
+        modify: the body writes the parameters (rank 0's values are kept and re-partitioned).
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(pl_module.parameters()), modifier_rank=0 if modify else None):
+            yield
+    elif isinstance(strategy, FSDPStrategy) and strategy.model is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=modify):
+            yield
+    else:
+        yield

@@ -9,6 +9,7 @@ Examples::
     lf-train -m optim.lr=1e-4,3e-4                      # a two-trial Hydra sweep
     lf-train -m hparams_search=lr_optuna data.train_dir=... data.val_dir=...   # Optuna (TPE)
     lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
+    lf-train ckpt_path=last output_dir=outputs/train/<run>       # resume from the newest complete checkpoint
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.callbacks.provenance import Provenance
+from trainer.callbacks.rng import RNGState
+from trainer.checkpointing import resolve_resume_checkpoint
 from trainer.cli.hydra_app import (
     CONF_DIR,
     VERSION_BASE,
@@ -50,9 +53,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
-    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict())])
+    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict()), RNGState()])
+    ckpt_path = resolve_resume_checkpoint(
+        cfg.get("ckpt_path"), OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    )
     with finishing_loggers(trainer):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     metrics.update(

@@ -1,0 +1,132 @@
+"""Exact resume on one CPU process: stopped (max_steps, a damaged newest checkpoint, SIGKILL) and
+resumed runs end with the same weights, EMA and optimizer state as an uninterrupted run.
+
+Gradient accumulation 2, 16 samples a batch, 6 batches an epoch: the runs cross epoch boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import compose_config, tiny_train_overrides
+from trainer.checkpointing import checkpoint_step, resolve_resume_checkpoint
+from trainer.cli.train import run_train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+
+
+def resume_overrides(latent_dir: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        *tiny_train_overrides(latent_dir, out, steps=steps),
+        "trainer.accumulate_grad_batches=2",
+        "callbacks.ema.decay=0.5",
+        *extra,
+    ]
+
+
+def train(latent_dir: Path, out: Path, steps: int, *extra: str) -> dict:
+    return run_train(compose_config("train", resume_overrides(latent_dir, out, steps, *extra)))
+
+
+def final_state(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Raw weights, EMA, optimizer state, LR schedule, counters and data position: bit-identical."""
+    assert a["global_step"] == b["global_step"]
+    for key in ("current_model_state", "state_dict"):
+        assert a[key].keys() == b[key].keys()
+        different = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not different, f"{key}: {len(different)} tensors differ, e.g. {different[:3]}"
+    (opt_a,), (opt_b,) = a["optimizer_states"], b["optimizer_states"]
+    for index, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_b["state"][index][name]), f"optimizer state {index}.{name}"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    position_a, position_b = a["LatentShardDataModule"], b["LatentShardDataModule"]
+    assert (position_a["batches"], position_a["samples"]) == (position_b["batches"], position_b["samples"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(latent_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train(latent_dir, out, STEPS)["global_step"] == STEPS
+    state = final_state(out)
+    assert state["LatentShardDataModule"]["batches"] == 2 * STEPS
+    return state
+
+
+def test_stopped_at_max_steps_then_resumed_is_exact(uninterrupted, latent_dir, tmp_path):
+    train(latent_dir, tmp_path, 3)  # 6 batches: stops at the end of an epoch (final-step checkpoint)
+    assert final_state(tmp_path)["global_step"] == 3
+    train(latent_dir, tmp_path, STEPS, "ckpt_path=last")
+    assert_same_training_state(final_state(tmp_path), uninterrupted)
+
+
+def test_damaged_newest_checkpoint_is_passed_over(uninterrupted, latent_dir, tmp_path, caplog):
+    train(latent_dir, tmp_path, 3)
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("last.ckpt", "step-0000003.ckpt"):  # the newest two: truncated as by a full disk
+        path = checkpoints / name
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpointing"):
+        train(latent_dir, tmp_path, STEPS, "ckpt_path=last")
+    message = caplog.text
+    assert "passed over last.ckpt (truncated" in message or "passed over last.ckpt (not a complete" in message
+    assert "step-0000003.ckpt (" in message and "resuming from" in message and "step-0000002.ckpt" in message
+    assert_same_training_state(final_state(tmp_path), uninterrupted)
+
+
+def test_resolve_refuses_a_folder_without_complete_checkpoints(tmp_path):
+    from data_pipelines.errors import DataError
+
+    (tmp_path / "step-0000002.ckpt").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"no complete checkpoint .* step-0000002.ckpt \(not a complete"):
+        resolve_resume_checkpoint("last", tmp_path)
+    with pytest.raises(DataError, match="does not exist; set output_dir"):
+        resolve_resume_checkpoint("last", tmp_path / "missing")
+    with pytest.raises(DataError, match=r"step-0000009\.ckpt: checkpoint does not exist"):
+        resolve_resume_checkpoint(str(tmp_path / "step-0000009.ckpt"), None)
+
+
+def test_sigkilled_run_resumes_exactly(latent_dir, tmp_path):
+    """Kill the process group of a running lf-train after its second checkpoint; resume from `last`."""
+    killed = tmp_path / "killed"
+    overrides = resume_overrides(latent_dir, killed, 1000, "callbacks.model_checkpoint.save_top_k=-1")
+    script = Path(sys.executable).parent / "lf-train"
+    process = subprocess.Popen(
+        [str(script), *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        while not (killed / "checkpoints" / "step-0000004.ckpt").exists():
+            assert process.poll() is None, "lf-train ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    resumed_from = resolve_resume_checkpoint("last", killed / "checkpoints")
+    target = (checkpoint_step(resumed_from) or final_state(killed)["global_step"]) + 2
+    train(latent_dir, killed, target, "ckpt_path=last", "callbacks.model_checkpoint.save_top_k=-1")
+    reference = tmp_path / "reference"
+    train(latent_dir, reference, target)
+    assert_same_training_state(final_state(killed), final_state(reference))
+    shutil.rmtree(killed)

@@ -1,0 +1,77 @@
+"""Every launcher dry-runs: it prints the command it would run, with the settings in place."""
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[str]:
+    result = subprocess.run(
+        ["bash", str(LAUNCH / script), "--dry-run", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return shlex.split(result.stdout)
+
+
+def test_torchrun_single_node():
+    command = dry_run("torchrun_single_node.sh", "4", "strategy=ddp")
+    assert command[:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
+    assert command[-3:] == ["trainer.accelerator=gpu", "trainer.devices=4", "strategy=ddp"]
+
+
+def test_torchrun_multi_node_static_and_c10d_rendezvous():
+    static = dry_run("torchrun_multi_node.sh", "2", "8", "seed=1", MASTER_ADDR="node0", NODE_RANK="1")
+    assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=node0", "--master_port=29500"} <= set(
+        static
+    )
+    assert static[-2:] == ["trainer.num_nodes=2", "seed=1"]
+    elastic = dry_run("torchrun_multi_node.sh", "2", "8", RDZV_ENDPOINT="node0:29400", RDZV_ID="job7")
+    assert {"--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400", "--rdzv_id=job7"} <= set(elastic)
+
+
+def test_slurm_sbatch():
+    command = dry_run("slurm.sbatch", "strategy=deepspeed_stage_2", SLURM_NTASKS_PER_NODE="4", SLURM_NNODES="3")
+    assert command[:2] == ["srun", "lf-train"]
+    assert {"trainer.devices=4", "trainer.num_nodes=3", "strategy=deepspeed_stage_2"} <= set(command)
+
+
+def test_deepspeed_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnodeA slots=8\n\nnodeB slots=8\n")
+    command = dry_run("deepspeed_hostfile.sh", str(hostfile), "8", "strategy=deepspeed_stage_3")
+    assert command[0] == "deepspeed"
+    assert {f"--hostfile={hostfile}", "--num_nodes=2", "--num_gpus=8", "--master_addr=nodeA"} <= set(command)
+    assert {"--no_python", "--no_local_rank", "trainer.num_nodes=2", "strategy=deepspeed_stage_3"} <= set(command)
+    shim = Path(command[command.index("--no_local_rank") + 1])
+    out = subprocess.run(
+        [str(shim), "bash", "-c", "echo $NODE_RANK"],
+        env={**os.environ, "CROSS_RANK": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == "1", "the node rank reaches Lightning as NODE_RANK"
+
+
+def test_hydra_submitit_launcher_config():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(CONF_DIR, version_base=VERSION_BASE):
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm_gpus", "hydra.launcher.nodes=2", "data.train_dir=x", "output_dir=o"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
