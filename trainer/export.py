@@ -87,24 +87,17 @@ def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[U
     return unet, kind
 
 
-def export_pipeline(
+def build_export(
     ckpt_path: str | Path,
-    out_dir: str | Path,
     weights: Weights = "auto",
     vae_path: str | None = None,
     text_encoder_path: str | None = None,
     tokenizer_path: str | None = None,
     dtype: str = "float32",
-) -> Path:
-    """Write a diffusers pipeline folder for a checkpoint (atomically: complete or absent).
+) -> tuple[StableDiffusionPipeline, dict[str, Any]]:
+    """The pipeline of a checkpoint and what to record about it (step, weights kind, training config).
 
-    Args:
-        ckpt_path: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder.
-        out_dir: the folder to write.
-        weights: ``"ema"``, ``"raw"``, or ``"auto"`` (EMA when the checkpoint has it).
-        vae_path, text_encoder_path, tokenizer_path: override the encoder folders recorded in the
-            checkpoint's latent-shard manifest.
-        dtype: weights dtype of the saved UNet, VAE and text encoder.
+    Args: as :func:`export_pipeline`.
     """
     checkpoint = load_checkpoint(ckpt_path)
     record = checkpoint[CHECKPOINT_KEY]
@@ -135,8 +128,74 @@ def export_pipeline(
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
     }
+    return pipe, info
+
+
+def export_pipeline(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a diffusers pipeline folder for a checkpoint (atomically: complete or absent).
+
+    Args:
+        ckpt_path: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder.
+        out_dir: the folder to write.
+        weights: ``"ema"``, ``"raw"``, or ``"auto"`` (EMA when the checkpoint has it).
+        vae_path, text_encoder_path, tokenizer_path: override the encoder folders recorded in the
+            checkpoint's latent-shard manifest.
+        dtype: weights dtype of the saved UNet, VAE and text encoder.
+    """
+    pipe, info = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-    log.info("exported %s (%s weights, step %s) to %s", ckpt_path, kind, info["global_step"], out_dir)
+    log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)
+
+
+def export_single_file(
+    source: str | Path,
+    out_file: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write one ``.safetensors`` in the original SD layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
+
+    Args:
+        source: a training checkpoint (as :func:`export_pipeline`), or an export folder
+            (diffusers layout, read strictly).
+        out_file: the ``.safetensors`` to write (atomically).
+        dtype: ``"float16"`` halves the file.
+
+    The step, the weights kind and the training config go in the safetensors metadata
+    (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...).
+    """
+    from trainer.formats.pipeline_weights import (
+        PipelineParts,
+        load_diffusers_folder,
+        metadata_strings,
+        save_single_file,
+    )
+
+    source = Path(source)
+    if (source / "model_index.json").is_file():
+        parts = load_diffusers_folder(source)
+        info_file = source / EXPORT_INFO_NAME
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+        info["export"] = str(source.resolve())
+    else:
+        pipe, info = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
+        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
+    info["dtype"] = dtype
+    info.pop("latent_manifest", None)
+    save_single_file(parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info))
+    log.info("exported %s (step %s) to %s", source, info.get("global_step"), out_file)
+    return Path(out_file)

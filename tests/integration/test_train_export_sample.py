@@ -205,3 +205,21 @@ def Image_open(path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def test_single_file_export_of_a_checkpoint_records_step_and_config(trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.formats.pipeline_weights import read_metadata
+
+    out, _ = trained
+    folder = export_last(out, tmp_path / "folder")
+    export_last(out, tmp_path / "model", "format=single_file")
+    metadata = read_metadata(tmp_path / "model.safetensors")
+    assert metadata["global_step"] == 5 and metadata["weights"] == "ema"
+    assert metadata["train_config"]["trainer"]["max_steps"] == 5
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "model.safetensors"), config=str(folder), local_files_only=True, safety_checker=None
+    )
+    reference = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True).unet.state_dict()
+    assert all(torch.equal(pipe.unet.state_dict()[k], reference[k]) for k in reference)
