@@ -1,4 +1,4 @@
-"""``lf-sample``: txt2img, img2img and inpainting from an export folder.
+"""``lf-sample``: txt2img, img2img and inpainting from an export folder or a training checkpoint.
 
 Each image is written as ``NNNNN-SEED.png`` with its parameters in the PNG ``parameters`` text
 chunk (AUTOMATIC1111's layout); ``grid.png`` tiles them, one row per prompt.
@@ -10,6 +10,7 @@ Examples::
     lf-sample model_dir=... init_image=photo.png strength=0.6 'prompts=["a painting"]'
     lf-sample model_dir=... init_image=photo.png mask_image=mask.png 'prompts=["a cat"]'   # white: repaint
     lf-sample model_dir=... scheduler=dpmpp_2m use_karras_sigmas=true
+    lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
     lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
 """
 
@@ -115,10 +116,14 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     mask_image = _open_image(cfg.get("mask_image"), "mask_image")
     if mask_image is not None and init_image is None:
         raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
-    sampler = Sampler.from_export(
+    sampler = Sampler.load(
         cfg.model_dir,
         device=cfg.device,
         dtype=cfg.dtype,
+        weights=cfg.get("weights", "auto"),
+        vae_path=cfg.get("vae_path"),
+        text_encoder_path=cfg.get("text_encoder_path"),
+        tokenizer_path=cfg.get("tokenizer_path"),
         vae_slicing=cfg.get("vae_slicing", False),
         vae_tiling=cfg.get("vae_tiling", False),
     )

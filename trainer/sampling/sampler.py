@@ -103,6 +103,47 @@ class Sampler:
             **options,
         )
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt_path: str | Path,
+        weights: str = "auto",
+        device: str = "auto",
+        dtype: str = "float32",
+        vae_path: str | None = None,
+        text_encoder_path: str | None = None,
+        tokenizer_path: str | None = None,
+        **options: bool,
+    ) -> Sampler:
+        """Load a Lightning ``.ckpt`` or DeepSpeed checkpoint folder directly, without exporting.
+
+        The UNet is rebuilt from the config stored in the checkpoint (EMA weights with ``weights``
+        ``"auto"``/``"ema"``, the raw ones with ``"raw"``); the VAE, text encoder and tokenizer come
+        from the folders the checkpoint's latent-shard manifest names, unless given.
+        """
+        from trainer.export import build_export
+
+        pipe, info = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
+        torch_device = resolve_device(device)
+        return cls(
+            pipe.unet.to(torch_device),
+            pipe.vae.to(torch_device),
+            pipe.text_encoder.to(torch_device),
+            pipe.tokenizer,
+            dict(pipe.scheduler.config),
+            f"{Path(ckpt_path).stem}-{info['weights']}",
+            **options,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> Sampler:
+        """An export folder (``model_index.json`` inside) or else a training checkpoint (:meth:`from_checkpoint`)."""
+        if (Path(path) / "model_index.json").is_file():
+            for key in ("weights", "vae_path", "text_encoder_path", "tokenizer_path"):
+                kwargs.pop(key, None)
+            return cls.from_export(path, **kwargs)
+        return cls.from_checkpoint(path, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
