@@ -7,8 +7,8 @@ from PIL import Image
 
 from data_pipelines.errors import DataError
 from tests.conftest import compose_config
-from tests.tiny_export import make_tiny_export
 from trainer.cli.sample import run_sample
+from trainer.models.tiny_pipeline import make_tiny_export
 from trainer.sampling.png_info import read_parameters
 from trainer.sampling.sampler import Sampler, SampleSettings
 

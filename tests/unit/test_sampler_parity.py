@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_export import make_tiny_export
+from trainer.models.tiny_pipeline import make_tiny_export
 from trainer.sampling.sampler import Sampler, SampleSettings
 from trainer.sampling.schedulers import make_scheduler
 

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from data_pipelines.errors import DataError
 from tests.conftest import compose_config
-from tests.tiny_export import make_tiny_export
 from trainer.cli.export import run_export
 from trainer.cli.import_model import run_import
 from trainer.formats.pipeline_weights import load_diffusers_folder, read_metadata
 from trainer.formats.sd_single_file import KeyMapError
+from trainer.models.tiny_pipeline import make_tiny_export
 
 
 @pytest.fixture(scope="module")

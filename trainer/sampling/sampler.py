@@ -148,6 +148,7 @@ class Sampler:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``(B, T, D)``, exactly as precompute made the training data's."""
         return encode_text(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype)
@@ -186,6 +187,7 @@ class Sampler:
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
 
+    @torch.no_grad()
     def txt2img(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings
     ) -> tuple[list[Image.Image], list[GenerationParameters]]:

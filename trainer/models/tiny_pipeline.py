@@ -1,4 +1,7 @@
-"""A tiny export folder without training: the conftest's pretrained VAE and text encoder, a seeded UNet."""
+"""A tiny export folder without training: a pretrained-style folder's VAE and text encoder, a seeded tiny UNet.
+
+The sampler tests (parity with diffusers, single-file round trips) and the sampler benchmark use it.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +13,20 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel, CLIPTokenizer
 
-TINY_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
+TINY_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
 
 
 def make_tiny_export(pretrained_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """Write a diffusers pipeline folder (32x32 images) with a random, seeded tiny UNet."""
+    """Write a diffusers pipeline folder (32x32 images) with a random, seeded tiny UNet (``conf/model/tiny.yaml``).
+
+    Args:
+        pretrained_dir: a folder with ``vae/``, ``text_encoder/`` and ``tokenizer/`` (diffusers layout).
+        out_dir: the export folder to write.
+    """
     model = OmegaConf.load(TINY_MODEL)
     torch.manual_seed(seed)
     unet = instantiate(model.unet)
-    with torch.no_grad():  # diffusers zero-initialises nothing here, but keep the output scale sane
+    with torch.no_grad():  # a random UNet's output is large; scale it down so images are not saturated
         unet.conv_out.weight.mul_(0.1)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(pretrained_dir / "vae", local_files_only=True),
