@@ -166,6 +166,7 @@ def export_single_file(
     text_encoder_path: str | None = None,
     tokenizer_path: str | None = None,
     dtype: str = "float32",
+    text_layout: str = "auto",
 ) -> Path:
     """Write one ``.safetensors`` in the original SD layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
 
@@ -174,6 +175,8 @@ def export_single_file(
             (diffusers layout, read strictly).
         out_file: the ``.safetensors`` to write (atomically).
         dtype: ``"float16"`` halves the file.
+        text_layout: the text encoder as SD 1.x's CLIP (``"sd1"``) or SD 2.x's OpenCLIP (``"sd2"``);
+            ``"auto"``: ``"sd2"`` when the UNet's ``cross_attention_dim`` is 1024.
 
     The step, the weights kind and the training config go in the safetensors metadata
     (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...).
@@ -196,6 +199,8 @@ def export_single_file(
         parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
     info["dtype"] = dtype
     info.pop("latent_manifest", None)
-    save_single_file(parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info))
+    save_single_file(
+        parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
+    )
     log.info("exported %s (step %s) to %s", source, info.get("global_step"), out_file)
     return Path(out_file)

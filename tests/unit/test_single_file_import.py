@@ -185,3 +185,38 @@ def test_plain_pickle_of_tensors_loads_with_the_flag(single_file, export_dir, tm
 def test_single_file_without_configs_is_refused(single_file, tmp_path):
     with pytest.raises(DataError, match=r"model\.safetensors: a single file needs config_dir=FOLDER"):
         run_import(compose_config("import", [f"pretrained={single_file}", f"out_dir={tmp_path / 'o'}"]))
+
+
+def test_sd2_text_layout_loads_in_diffusers_and_round_trips(export_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    single = tmp_path / "sd2.safetensors"
+    overrides = [f"ckpt_path={export_dir}", "format=single_file", "out_dir=x", f"out_file={single}", "text_layout=sd2"]
+    run_export(compose_config("export", overrides))
+    state = load_file(single)
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in state
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(single), config=str(export_dir), local_files_only=True, safety_checker=None
+    )
+    reference = load_diffusers_folder(export_dir).text_encoder.state_dict()
+    ours = pipe.text_encoder.state_dict()
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+    # An SD 2.x file also holds OpenCLIP's last block (SD 2.x uses the penultimate layer),
+    # text_projection and logit_scale: import skips exactly those, and still refuses strangers.
+    extra = {
+        "cond_stage_model.model.transformer.resblocks.2.ln_1.weight": torch.ones(32),
+        "cond_stage_model.model.text_projection": torch.zeros(32, 32),
+        "cond_stage_model.model.logit_scale": torch.zeros(()),
+    }
+    save_file({**state, **extra}, str(tmp_path / "full.safetensors"))
+    _import(tmp_path / "full.safetensors", export_dir, tmp_path / "imp")
+    before, after = _tensors(export_dir), _tensors(tmp_path / "imp")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    save_file(
+        {**state, "cond_stage_model.model.transformer.resblocks.7.ln_1.weight": torch.ones(32)},
+        str(tmp_path / "x.safetensors"),
+    )
+    with pytest.raises(KeyMapError, match=r"resblocks\.7\.ln_1\.weight"):
+        _import(tmp_path / "x.safetensors", export_dir, tmp_path / "imp2")

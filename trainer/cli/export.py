@@ -34,6 +34,7 @@ def run_export(cfg: DictConfig) -> dict[str, str]:
             text_encoder_path=cfg.text_encoder_path,
             tokenizer_path=cfg.tokenizer_path,
             dtype=cfg.dtype,
+            text_layout=cfg.get("text_layout", "auto"),
         )
         print(f"export: {cfg.ckpt_path} -> {written}")
         return {"out_file": str(written)}

@@ -26,10 +26,15 @@ from data_pipelines.errors import DataError
 from trainer.formats.safe_load import PICKLE_SUFFIXES, read_weights
 from trainer.formats.sd_single_file import (
     NON_WEIGHT_KEYS,
+    OPEN_CLIP_PREFIX,
+    TEXT_LAYOUTS,
     UNET_PREFIX,
     VAE_PREFIX,
     check_state_dict,
+    open_clip_to_text,
+    open_clip_unused_keys,
     text_to_diffusers,
+    text_to_open_clip,
     text_to_original,
     to_diffusers,
     to_original,
@@ -49,29 +54,45 @@ class PipelineParts:
     text_encoder: CLIPTextModel
 
 
-def original_state_dict(parts: PipelineParts) -> dict[str, torch.Tensor]:
-    """All weights of ``parts`` in the original single-file layout."""
+def text_layout_for(parts: PipelineParts, text_layout: str = "auto") -> str:
+    """``"sd1"`` (CLIP under ``cond_stage_model.transformer``) or ``"sd2"`` (OpenCLIP under
+    ``cond_stage_model.model``); ``"auto"``: SD 2.x's when the UNet attends to 1024-wide text."""
+    if text_layout == "auto":
+        return "sd2" if parts.unet.config.cross_attention_dim == 1024 else "sd1"
+    if text_layout not in TEXT_LAYOUTS:
+        raise ValueError(f"text_layout={text_layout!r}: expected 'auto' or one of {list(TEXT_LAYOUTS)}")
+    return text_layout
+
+
+def original_state_dict(parts: PipelineParts, text_layout: str = "sd1") -> dict[str, torch.Tensor]:
+    """All weights of ``parts`` in the original single-file layout (text encoder in ``text_layout``)."""
     state = to_original(parts.unet.state_dict(), unet_rules(parts.unet.config), UNET_PREFIX)
     state |= to_original(parts.vae.state_dict(), vae_rules(parts.vae.config), VAE_PREFIX)
-    state |= text_to_original(parts.text_encoder.state_dict())
+    text = parts.text_encoder.state_dict()
+    state |= text_to_open_clip(text) if text_layout == "sd2" else text_to_original(text)
     return state
 
 
 def save_single_file(
-    parts: PipelineParts, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+    parts: PipelineParts,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+    text_layout: str = "auto",
 ) -> Path:
     """Write ``parts`` as one ``.safetensors`` in the original layout (complete or absent).
 
     Args:
         dtype: cast floating-point weights to it (``torch.float16`` halves the file); ``None`` keeps theirs.
         metadata: strings stored in the safetensors header (the training config, the step...).
+        text_layout: ``"sd1"``, ``"sd2"`` or ``"auto"`` (see :func:`text_layout_for`).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DataError(f"{path}: a single-file export must end in .safetensors")
     state = {
         key: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-        for key, tensor in original_state_dict(parts).items()
+        for key, tensor in original_state_dict(parts, text_layout_for(parts, text_layout)).items()
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
@@ -106,11 +127,16 @@ def load_single_file(path: str | Path, config_dir: str | Path, allow_pickle: boo
     """
     state, _ = read_weights(path, allow_pickle=allow_pickle)
     parts = parts_from_configs(config_dir)
-    weights = {key: tensor for key, tensor in state.items() if key not in NON_WEIGHT_KEYS}
-    check_state_dict(weights, original_state_dict(parts), str(path))
+    text_layout = "sd2" if OPEN_CLIP_PREFIX + "token_embedding.weight" in state else "sd1"
+    skip = set(NON_WEIGHT_KEYS)
+    if text_layout == "sd2":
+        skip |= open_clip_unused_keys(state, parts.text_encoder.config.num_hidden_layers)
+    weights = {key: tensor for key, tensor in state.items() if key not in skip}
+    check_state_dict(weights, original_state_dict(parts, text_layout), str(path))
     parts.unet.load_state_dict(to_diffusers(weights, unet_rules(parts.unet.config), UNET_PREFIX), strict=True)
     parts.vae.load_state_dict(to_diffusers(weights, vae_rules(parts.vae.config), VAE_PREFIX), strict=True)
-    parts.text_encoder.load_state_dict(text_to_diffusers(weights), strict=True)
+    text = open_clip_to_text(weights) if text_layout == "sd2" else text_to_diffusers(weights)
+    parts.text_encoder.load_state_dict(text, strict=True)
     return parts
 
 
