@@ -56,7 +56,7 @@ def test_model_options(option):
     from trainer.modules.latent_diffusion import LatentDiffusion
 
     if option == "pretrained":
-        pytest.skip("needs a pretrained folder; tests/unit/test_import.py trains from one")
+        pytest.skip("needs a pretrained folder; tests/unit/test_single_file_import.py builds one")
     cfg = compose_config("train", [f"model={option}", "data.train_dir=x", "output_dir=o"])
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
     assert isinstance(module, LatentDiffusion)

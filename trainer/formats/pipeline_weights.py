@@ -43,6 +43,7 @@ from trainer.formats.sd_single_file import (
 )
 
 METADATA_PREFIX = "latentforge."
+VARIANTS = ("fp16", "bf16")
 
 
 @dataclass
@@ -143,6 +144,8 @@ def load_single_file(path: str | Path, config_dir: str | Path, allow_pickle: boo
 def _folder_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """All tensors of one part's folder (``*.safetensors``, sharded or not; pickles only when allowed)."""
     files = sorted(folder.glob("*.safetensors"))
+    full = [f for f in files if not any(f".{variant}." in f.name for variant in VARIANTS)]
+    files = full or files  # diffusion_pytorch_model.safetensors over its .fp16. variant
     if not files:
         pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
         if not pickles:

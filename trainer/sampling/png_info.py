@@ -72,11 +72,14 @@ def parse_parameters(text: str, source: str = "parameters") -> GenerationParamet
         raise ValueError(f"{source}: the parameters text lacks {missing}; got {text!r}")
     width, height = (int(v) for v in fields["Size"].split("x"))
     strength = fields.get("Denoising strength")
+    sampler = fields["Sampler"]
+    if fields.get("Schedule type") == "Karras" and not sampler.endswith(" Karras"):
+        sampler += " Karras"  # AUTOMATIC1111 1.9+ writes the schedule apart from the sampler
     return GenerationParameters(
         prompt="\n".join(prompt_lines),
         negative_prompt="\n".join(negative_lines),
         steps=int(fields["Steps"]),
-        sampler=fields["Sampler"],
+        sampler=sampler,
         guidance_scale=float(fields["CFG scale"]),
         seed=int(fields["Seed"]),
         width=width,
