@@ -55,10 +55,17 @@ def test_inpainting_keeps_the_unmasked_latents(export_dir, init_image):
     assert not torch.allclose(latents[~keep], init[~keep]), "inside it the model draws"
 
 
-def test_inpainting_from_the_command_line(export_dir, init_image, tmp_path):
-    _mask().save(tmp_path / "mask.png")
-    result = sample(export_dir, tmp_path / "s", f"init_image={init_image}", f"mask_image={tmp_path / 'mask.png'}")
-    assert len(result["paths"]) == 2 and "Denoising strength: 1" in read_parameters(result["paths"][0])
+def test_inpainting_from_the_command_line(export_dir, tmp_path):
+    # a 48x64 photo and its mask are resized and center-cropped alike to the 32x32 output
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    mask = np.zeros((48, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = sample(
+        export_dir, tmp_path / "s", f"init_image={tmp_path / 'i.png'}", f"mask_image={tmp_path / 'mask.png'}"
+    )
+    assert len(result["paths"]) == 2 and result["images"][0].size == (32, 32)
+    assert "Denoising strength: 1" in read_parameters(result["paths"][0])
 
 
 def test_mask_of_the_wrong_size_is_named(export_dir, init_image, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
@@ -283,20 +282,23 @@ class Sampler:
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
 
-    def latent_mask(self, mask_image: Image.Image, size: tuple[int, int], source: str = "mask") -> torch.Tensor:
+    def latent_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
         """A mask image (white: repaint, black: keep) -> ``(1, 1, h, w)`` in {0, 1} at latent resolution.
 
+        The mask goes through the init image's resize and center crop to ``size``, is binarised at
+        one half (as diffusers' mask processor does) and reduced to the latent grid (nearest).
+
         Raises:
-            ValueError: the mask's size is not ``size`` (the init image's); names ``source``.
+            ValueError: the mask's size is not ``init_size`` (the init image's).
         """
-        if mask_image.size != size:
+        if mask_image.size != init_size:
             raise ValueError(
-                f"{source}: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
-                f"expected the init image's size {size[0]}x{size[1]}"
+                f"mask_image: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
+                f"expected the init image's size {init_size[0]}x{init_size[1]}"
             )
-        mask = torch.from_numpy(np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0)[None, None]
-        mask = (mask >= 0.5).float()  # (1, 1, H, W), binarised as diffusers' mask processor does
-        latent_size = (size[1] // self.vae_scale, size[0] // self.vae_scale)
+        pixels, _ = ResizeCrop(size, crop="center")(mask_image.convert("L").convert("RGB"))  # (3, S, S) in [-1, 1]
+        mask = ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, S, S)
+        latent_size = (size // self.vae_scale, size // self.vae_scale)
         return torch.nn.functional.interpolate(mask, size=latent_size).to(self.device, self.unet.dtype)
 
     @torch.no_grad()
@@ -313,16 +315,15 @@ class Sampler:
 
         After each step the latents outside the mask are replaced by the init image's latents
         noised to the next timestep (un-noised after the last step), so only the masked region is
-        generated, in context. ``init_image`` must be square at the output size; the mask the same size.
+        generated, in context. ``init_image`` is resized and center-cropped to the (square) output
+        size; ``mask_image`` must have the init image's size and goes through the same crop.
 
         Returns:
             ``(latents (B, C, h, w), init latents (B, C, h, w), mask (1, 1, h, w))``.
         """
         self._check_strength(strength)
         size = self._square_size(settings)
-        if init_image.size != (size, size):
-            raise ValueError(f"init_image is {init_image.size[0]}x{init_image.size[1]}; inpainting needs {size}x{size}")
-        mask = self.latent_mask(mask_image, init_image.size)
+        mask = self.latent_mask(mask_image, init_image.size, size)
         scheduler = self._scheduler(settings)
         timesteps = self._partial_schedule(scheduler, settings.steps, strength)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -364,5 +365,5 @@ class Sampler:
     ) -> tuple[list[Image.Image], list[GenerationParameters]]:
         """Images of :meth:`inpaint_latents`, with their parameters."""
         latents, _, _ = self.inpaint_latents(init_image, mask_image, prompts, seeds, settings, strength)
-        size = init_image.size[0]
+        size = self._square_size(settings)
         return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
