@@ -220,3 +220,24 @@ def test_sd2_text_layout_loads_in_diffusers_and_round_trips(export_dir, tmp_path
     )
     with pytest.raises(KeyMapError, match=r"resblocks\.7\.ln_1\.weight"):
         _import(tmp_path / "x.safetensors", export_dir, tmp_path / "imp2")
+
+
+def test_ldm_ema_copy_is_checked_and_can_be_chosen(single_file, export_dir, tmp_path):
+    state = load_file(single_file)
+    unet = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    ema = {"model_ema." + k[len("model.") :].replace(".", ""): v + 1 for k, v in unet.items()}
+    save_file({**state, **ema, "model_ema.decay": torch.tensor(0.9999)}, str(tmp_path / "ema.safetensors"))
+    reference = _tensors(export_dir)
+    _import(tmp_path / "ema.safetensors", export_dir, tmp_path / "raw")
+    assert all(torch.equal(_tensors(tmp_path / "raw")[k], reference[k]) for k in reference)
+    _import(tmp_path / "ema.safetensors", export_dir, tmp_path / "ema", "ema=true")
+    chosen = _tensors(tmp_path / "ema")
+    assert torch.equal(chosen["unet.conv_in.weight"], reference["unet.conv_in.weight"] + 1)
+    assert torch.equal(chosen["vae.quant_conv.weight"], reference["vae.quant_conv.weight"])
+
+    dropped = "model_ema.diffusion_modelout2weight"
+    save_file({**state, **{k: v for k, v in ema.items() if k != dropped}}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KeyMapError, match=r"no EMA copy of \['model\.diffusion_model\.out\.2\.weight'\]"):
+        _import(tmp_path / "bad.safetensors", export_dir, tmp_path / "bad")
+    with pytest.raises(DataError, match=r"model\.safetensors: ema=true, but the file holds no EMA weights"):
+        _import(single_file, export_dir, tmp_path / "none", "ema=true")

@@ -23,7 +23,12 @@ from trainer.formats.importing import import_weights
 def run_import(cfg: DictConfig) -> dict[str, str]:
     """Import ``cfg.pretrained`` into ``cfg.out_dir``; returns ``{"out_dir": ...}``."""
     out = import_weights(
-        cfg.pretrained, cfg.out_dir, config_dir=cfg.config_dir, allow_pickle=cfg.allow_pickle, dtype=cfg.dtype
+        cfg.pretrained,
+        cfg.out_dir,
+        config_dir=cfg.config_dir,
+        allow_pickle=cfg.allow_pickle,
+        dtype=cfg.dtype,
+        ema=cfg.get("ema", False),
     )
     print(f"import: {cfg.pretrained} -> {out}")
     return {"out_dir": str(out)}

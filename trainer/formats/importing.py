@@ -31,7 +31,7 @@ IMPORT_INFO_NAME = "latentforge.json"
 
 
 def read_pipeline_weights(
-    source: str | Path, config_dir: str | Path | None = None, allow_pickle: bool = False
+    source: str | Path, config_dir: str | Path | None = None, allow_pickle: bool = False, ema: bool = False
 ) -> tuple[PipelineParts, Path]:
     """The parts of ``source`` (a diffusers folder or a single file), and the folder holding its configs.
 
@@ -49,7 +49,7 @@ def read_pipeline_weights(
             f"{source}: a single file needs config_dir=FOLDER, a diffusers pipeline folder with the "
             "unet/, vae/, text_encoder/ configs, tokenizer/ and scheduler/ of the same architecture"
         )
-    return load_single_file(source, config_dir, allow_pickle=allow_pickle), Path(config_dir)
+    return load_single_file(source, config_dir, allow_pickle=allow_pickle, ema=ema), Path(config_dir)
 
 
 def import_weights(
@@ -58,13 +58,16 @@ def import_weights(
     config_dir: str | Path | None = None,
     allow_pickle: bool = False,
     dtype: str = "float32",
+    ema: bool = False,
 ) -> Path:
     """Write ``source`` as a diffusers pipeline folder (atomically) that training and sampling load.
+
+    ``ema``: take the UNet from a single file's EMA copy (ldm's ``model_ema.*``).
 
     The folder serves as ``lf-train model=pretrained model.unet.path=OUT_DIR`` (the UNet and the
     noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder).
     """
-    parts, configs = read_pipeline_weights(source, config_dir, allow_pickle)
+    parts, configs = read_pipeline_weights(source, config_dir, allow_pickle, ema)
     torch_dtype = getattr(torch, dtype)
     pipe = StableDiffusionPipeline(
         vae=parts.vae.to(torch_dtype),
@@ -77,7 +80,7 @@ def import_weights(
         requires_safety_checker=False,
     )
     metadata = read_metadata(source) if Path(source).is_file() and Path(source).suffix == ".safetensors" else {}
-    info = {"imported_from": str(Path(source).resolve()), "dtype": dtype, **metadata}
+    info = {"imported_from": str(Path(source).resolve()), "dtype": dtype, "ema": ema, **metadata}
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")

@@ -33,6 +33,7 @@ from trainer.formats.sd_single_file import (
     check_state_dict,
     open_clip_to_text,
     open_clip_unused_keys,
+    split_ema,
     text_to_diffusers,
     text_to_open_clip,
     text_to_original,
@@ -115,18 +116,26 @@ def parts_from_configs(config_dir: str | Path) -> PipelineParts:
     )
 
 
-def load_single_file(path: str | Path, config_dir: str | Path, allow_pickle: bool = False) -> PipelineParts:
+def load_single_file(
+    path: str | Path, config_dir: str | Path, allow_pickle: bool = False, ema: bool = False
+) -> PipelineParts:
     """Read a single file in the original layout into parts built from ``config_dir``'s configs.
 
     Every key of the file must map to a weight of the parts, and every weight must be in the file
     with the shape its config gives (the schedule buffers and counters in
-    :data:`~trainer.formats.sd_single_file.NON_WEIGHT_KEYS` are skipped).
+    :data:`~trainer.formats.sd_single_file.NON_WEIGHT_KEYS` are skipped). An EMA copy of the UNet
+    (ldm's ``model_ema.*``) must match the UNet key for key; ``ema=True`` loads it instead.
 
     Raises:
         KeyMapError: missing, unexpected or misshapen keys (all named, with the file).
-        DataError: a pickle without ``allow_pickle``, a missing file or config.
+        DataError: a pickle without ``allow_pickle``, a missing file or config, ``ema`` without a copy.
     """
     state, _ = read_weights(path, allow_pickle=allow_pickle)
+    state, ema_weights = split_ema(state, str(path))
+    if ema and not ema_weights:
+        raise DataError(f"{path}: ema=true, but the file holds no EMA weights (model_ema.*)")
+    if ema:
+        state |= ema_weights
     parts = parts_from_configs(config_dir)
     text_layout = "sd2" if OPEN_CLIP_PREFIX + "token_embedding.weight" in state else "sd1"
     skip = set(NON_WEIGHT_KEYS)
