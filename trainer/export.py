@@ -108,24 +108,20 @@ def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[U
     return unet, kind
 
 
-def export_pipeline(
+def build_export(
     ckpt_path: str | Path,
-    out_dir: str | Path,
     weights: Weights = "auto",
     vae_path: str | None = None,
     text_encoder_path: str | None = None,
     tokenizer_path: str | None = None,
     dtype: str = "float32",
-) -> Path:
-    """Write a diffusers pipeline folder for a checkpoint (atomically: complete or absent).
+    split_lora: bool = False,
+) -> tuple[StableDiffusionPipeline, dict[str, Any], dict[str, torch.Tensor] | None]:
+    """The pipeline of a checkpoint, what to record about it (step, weights kind, training config), and
+    for a LoRA run with ``split_lora`` its adapter weights (the pipeline then holds the base UNet;
+    without ``split_lora`` the adapters are merged into the UNet).
 
-    Args:
-        ckpt_path: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder.
-        out_dir: the folder to write.
-        weights: ``"ema"``, ``"raw"``, or ``"auto"`` (EMA when the checkpoint has it).
-        vae_path, text_encoder_path, tokenizer_path: override the encoder folders recorded in the
-            checkpoint's latent-shard manifest.
-        dtype: weights dtype of the saved UNet, VAE and text encoder.
+    Args: as :func:`export_pipeline`.
     """
     checkpoint = load_checkpoint(ckpt_path)
     record = checkpoint[CHECKPOINT_KEY]
@@ -133,8 +129,11 @@ def export_pipeline(
     unet, kind = build_unet(checkpoint, weights)
     lora = record.get("lora")
     lora_state = None
-    if lora:  # the pipeline gets the base UNet; the adapters go to lora/ in diffusers' and kohya's layouts
+    if lora and split_lora:  # the pipeline gets the base UNet; the adapters are returned apart
         lora_state = unet_lora_state_dict(unet)
+        unet.unload_lora()
+    elif lora:  # merged: W + (alpha / rank) B A
+        unet.fuse_lora(lora_scale=1.0)
         unet.unload_lora()
     vae_dir = vae_path or manifest.get("vae", {}).get("path")
     text_dir = text_encoder_path or manifest.get("text_encoder", {}).get("path")
@@ -165,10 +164,83 @@ def export_pipeline(
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
     }
+    return pipe, info, lora_state
+
+
+def export_pipeline(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a diffusers pipeline folder for a checkpoint (atomically: complete or absent).
+
+    Args:
+        ckpt_path: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder.
+        out_dir: the folder to write.
+        weights: ``"ema"``, ``"raw"``, or ``"auto"`` (EMA when the checkpoint has it).
+        vae_path, text_encoder_path, tokenizer_path: override the encoder folders recorded in the
+            checkpoint's latent-shard manifest.
+        dtype: weights dtype of the saved UNet, VAE and text encoder.
+    """
+    pipe, info, lora_state = build_export(
+        ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype, split_lora=True
+    )
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if lora_state is not None:
-            save_lora_files(tmp / LORA_DIR, lora_state, LoraSettings(**lora))
+        if lora_state is not None:  # lora/ in diffusers' and kohya's layouts
+            save_lora_files(tmp / LORA_DIR, lora_state, LoraSettings(**info["lora"]))
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-    log.info("exported %s (%s weights, step %s) to %s", ckpt_path, kind, info["global_step"], out_dir)
+    log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)
+
+
+def export_single_file(
+    source: str | Path,
+    out_file: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+    text_layout: str = "auto",
+) -> Path:
+    """Write one ``.safetensors`` in the original SD layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
+
+    Args:
+        source: a training checkpoint (as :func:`export_pipeline`), or an export folder
+            (diffusers layout, read strictly).
+        out_file: the ``.safetensors`` to write (atomically).
+        dtype: ``"float16"`` halves the file.
+        text_layout: the text encoder as SD 1.x's CLIP (``"sd1"``) or SD 2.x's OpenCLIP (``"sd2"``);
+            ``"auto"``: ``"sd2"`` when the UNet's ``cross_attention_dim`` is 1024.
+
+    The step, the weights kind and the training config go in the safetensors metadata
+    (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...).
+    """
+    from trainer.formats.pipeline_weights import (
+        PipelineParts,
+        load_diffusers_folder,
+        metadata_strings,
+        save_single_file,
+    )
+
+    source = Path(source)
+    if (source / "model_index.json").is_file():
+        parts = load_diffusers_folder(source)
+        info_file = source / EXPORT_INFO_NAME
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+        info["export"] = str(source.resolve())
+    else:
+        pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
+        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
+    info["dtype"] = dtype
+    info.pop("latent_manifest", None)
+    save_single_file(
+        parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
+    )
+    log.info("exported %s (step %s) to %s", source, info.get("global_step"), out_file)
+    return Path(out_file)

@@ -206,3 +206,43 @@ def Image_open(path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def test_single_file_export_of_a_checkpoint_records_step_and_config(trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.formats.pipeline_weights import read_metadata
+
+    out, _ = trained
+    folder = export_last(out, tmp_path / "folder")
+    export_last(out, tmp_path / "model", "format=single_file")
+    metadata = read_metadata(tmp_path / "model.safetensors")
+    assert metadata["global_step"] == 5 and metadata["weights"] == "ema"
+    assert metadata["train_config"]["trainer"]["max_steps"] == 5
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "model.safetensors"), config=str(folder), local_files_only=True, safety_checker=None
+    )
+    reference = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True).unet.state_dict()
+    assert all(torch.equal(pipe.unet.state_dict()[k], reference[k]) for k in reference)
+
+
+def test_sampler_loads_the_checkpoint_directly(trained, tmp_path):
+    out, _ = trained
+    checkpoint = out / "checkpoints" / "last.ckpt"
+
+    def sample(model: Path, into: str, *extra: str):
+        overrides = [f"model_dir={model}", f"out_dir={tmp_path / into}", "steps=3", "num_images_per_prompt=1", *extra]
+        return run_sample(compose_config("sample", overrides))
+
+    for weights in ("ema", "raw"):
+        exported = sample(export_last(out, tmp_path / f"export-{weights}", f"weights={weights}"), f"e-{weights}")
+        direct = sample(checkpoint, f"d-{weights}", f"weights={weights}")
+        assert np.array_equal(np.asarray(Image_open(exported["paths"][0])), np.asarray(Image_open(direct["paths"][0])))
+        assert f"Model: last-{weights}" in read_parameters(direct["paths"][0])
+    with pytest.raises(DataError, match="weights=ema: this checkpoint holds no EMA weights"):
+        from trainer.sampling.sampler import Sampler
+
+        raw_only = torch.load(checkpoint, weights_only=True)
+        raw_only["state_dict"] = raw_only.pop("current_model_state")
+        torch.save(raw_only, tmp_path / "raw.ckpt")
+        Sampler.from_checkpoint(tmp_path / "raw.ckpt", weights="ema")

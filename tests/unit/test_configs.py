@@ -24,6 +24,7 @@ def test_every_primary_config_composes():
         "precompute": ["shards=x", "out_dir=o", "pretrained=p"],
         "export": ["ckpt_path=c", "out_dir=o"],
         "sample": ["model_dir=m", "out_dir=o"],
+        "import": ["pretrained=s", "out_dir=o"],
         "validate": ["shards=x"],
         "demo": [],
         "sweep_summary": ["sweep_dir=s"],
@@ -42,7 +43,7 @@ def test_experiment_options_compose(option):
     assert cfg.optimized_direction in ("minimize", "maximize")
     assert cfg.trainer.max_steps > 0
     if option.startswith("dreambooth"):
-        assert cfg.prepare.dreambooth.pretrained == "p" and cfg.model.unet.pretrained_model_name_or_path == "p/unet"
+        assert cfg.prepare.dreambooth.pretrained == "p" and cfg.model.unet.path == "p"
 
 
 @pytest.mark.parametrize("option", options("hparams_search"))

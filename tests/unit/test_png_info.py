@@ -1,6 +1,7 @@
+import pytest
 from PIL import Image
 
-from trainer.sampling.png_info import GenerationParameters, image_grid, read_parameters, save_png
+from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
 
 
 def test_parameters_in_automatic1111_layout(tmp_path):
@@ -27,3 +28,21 @@ def test_grid_tiles_row_by_row():
     grid = image_grid(images, columns=3)
     assert grid.size == (12, 8)
     assert grid.getpixel((9, 5)) == (200, 0, 0)
+
+
+def test_parameters_parse_back_including_automatic1111s_own():
+    made = GenerationParameters("a cat\non two lines", "blurry", 25, "DPM++ 2M Karras", 7.5, 42, 32, 48, "m", 0.5, 0.7)
+    assert parse_parameters(made.to_text()) == made
+    theirs = parse_parameters(
+        "x\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, "
+        'Model hash: abc, Lora hashes: "a: 1, b: 2", Version: v1.10.1'
+    )
+    assert (theirs.prompt, theirs.sampler, theirs.width, theirs.height, theirs.negative_prompt) == (
+        "x",
+        "DPM++ 2M Karras",
+        512,
+        768,
+        "",
+    )
+    with pytest.raises(ValueError, match=r"x\.png: the parameters text lacks \['Seed'\]"):
+        parse_parameters("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Size: 8x8", source="x.png")

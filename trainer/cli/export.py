@@ -1,9 +1,11 @@
-"""``lf-export``: a training checkpoint -> a diffusers pipeline folder.
+"""``lf-export``: a training checkpoint -> a diffusers pipeline folder, or one original-layout file.
 
 Examples::
 
     lf-export ckpt_path=outputs/train/.../checkpoints/last.ckpt out_dir=export/step-1200
     lf-export ckpt_path=... out_dir=... weights=raw vae_path=sd15/vae
+    lf-export ckpt_path=.../last.ckpt format=single_file out_dir=export/step-1200 dtype=float16
+    lf-export ckpt_path=export/step-1200 format=single_file out_dir=x out_file=model.safetensors
 """
 
 from __future__ import annotations
@@ -12,11 +14,30 @@ import hydra
 from omegaconf import DictConfig
 
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
-from trainer.export import export_pipeline
+from trainer.export import export_pipeline, export_single_file
+
+FORMATS = ("diffusers", "single_file")
 
 
 def run_export(cfg: DictConfig) -> dict[str, str]:
-    """Export the configured checkpoint; returns ``{"out_dir": ...}``."""
+    """Export the configured checkpoint; returns ``{"out_dir": ...}`` or ``{"out_file": ...}``."""
+    fmt = cfg.get("format", "diffusers")
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: expected one of {list(FORMATS)}")
+    if fmt == "single_file":
+        out_file = cfg.get("out_file") or f"{str(cfg.out_dir).rstrip('/')}.safetensors"
+        written = export_single_file(
+            cfg.ckpt_path,
+            out_file,
+            weights=cfg.weights,
+            vae_path=cfg.vae_path,
+            text_encoder_path=cfg.text_encoder_path,
+            tokenizer_path=cfg.tokenizer_path,
+            dtype=cfg.dtype,
+            text_layout=cfg.get("text_layout", "auto"),
+        )
+        print(f"export: {cfg.ckpt_path} -> {written}")
+        return {"out_file": str(written)}
     out = export_pipeline(
         cfg.ckpt_path,
         cfg.out_dir,

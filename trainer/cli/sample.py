@@ -1,4 +1,4 @@
-"""``lf-sample``: txt2img and img2img from an export folder.
+"""``lf-sample``: txt2img, img2img and inpainting from an export folder or a training checkpoint.
 
 Each image is written as ``NNNNN-SEED.png`` with its parameters in the PNG ``parameters`` text
 chunk (AUTOMATIC1111's layout); ``grid.png`` tiles them, one row per prompt.
@@ -8,6 +8,10 @@ Examples::
     lf-sample model_dir=export/step-1200 'prompts=["a handwritten digit seven"]' num_images_per_prompt=4
     lf-sample model_dir=... prompt_file=prompts.txt steps=30 guidance_scale=5 scheduler=dpmpp_2m
     lf-sample model_dir=... init_image=photo.png strength=0.6 'prompts=["a painting"]'
+    lf-sample model_dir=... init_image=photo.png mask_image=mask.png 'prompts=["a cat"]'   # white: repaint
+    lf-sample model_dir=... scheduler=dpmpp_2m use_karras_sigmas=true
+    lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
+    lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from PIL import Image
 
 from data_pipelines.errors import DataError
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
-from trainer.sampling.png_info import image_grid, save_png
+from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
 from trainer.sampling.sampler import Sampler, SampleSettings
+from trainer.sampling.schedulers import from_display_name
+
+DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -39,29 +46,87 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
-def run_sample(cfg: DictConfig) -> dict[str, Any]:
-    """Generate ``num_images_per_prompt`` images per prompt; image ``i`` uses seed ``seed + i``.
+def _open_image(path: str | None, key: str) -> Image.Image | None:
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise DataError(f"{path}: {key} does not exist")
+    with Image.open(path) as image:
+        return image.convert("RGB") if key == "init_image" else image.copy()
 
-    Returns:
-        ``paths`` (PNG files), ``prompts`` (each image's prompt), ``images`` (PIL), ``grid``.
-    """
-    sampler = Sampler.from_export(cfg.model_dir, device=cfg.device, dtype=cfg.dtype)
+
+def _from_png(path: str) -> GenerationParameters:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: from_png does not exist")
+    text = read_parameters(path)
+    if not text:
+        raise DataError(f"{path}: no 'parameters' text chunk to re-make the image from")
+    return parse_parameters(text, source=path)
+
+
+def plan(cfg: DictConfig) -> tuple[SampleSettings, list[str], list[int], float | None]:
+    """The settings, one prompt and one seed per image, and the strength: from the config or ``from_png``."""
+    if cfg.get("from_png"):
+        made = _from_png(cfg.from_png)
+        scheduler, karras = from_display_name(made.sampler)
+        settings = SampleSettings(
+            negative_prompt=made.negative_prompt,
+            steps=made.steps,
+            guidance_scale=made.guidance_scale,
+            guidance_rescale=made.guidance_rescale,
+            scheduler=scheduler,
+            use_karras_sigmas=karras,
+            height=made.height,
+            width=made.width,
+        )
+        if made.strength is not None and not cfg.get("init_image"):
+            raise DataError(
+                f"{cfg.from_png}: made with init_image (Denoising strength {made.strength:g}); pass init_image=..."
+            )
+        return settings, [made.prompt], [made.seed], made.strength if made.strength is not None else cfg.strength
     settings = SampleSettings(
         negative_prompt=cfg.negative_prompt,
         steps=cfg.steps,
         guidance_scale=cfg.guidance_scale,
         guidance_rescale=cfg.guidance_rescale,
         scheduler=cfg.scheduler,
+        use_karras_sigmas=cfg.get("use_karras_sigmas", False),
         height=cfg.height,
         width=cfg.width,
     )
     prompts = [p for p in read_prompts(cfg) for _ in range(cfg.num_images_per_prompt)]
-    seeds = [cfg.seed + i for i in range(len(prompts))]
-    init_image = None
-    if cfg.get("init_image"):
-        if not Path(cfg.init_image).is_file():
-            raise DataError(f"{cfg.init_image}: init_image does not exist")
-        init_image = Image.open(cfg.init_image)
+    return settings, prompts, [cfg.seed + i for i in range(len(prompts))], cfg.strength
+
+
+def run_sample(cfg: DictConfig) -> dict[str, Any]:
+    """Generate ``num_images_per_prompt`` images per prompt; image ``i`` uses seed ``seed + i``.
+
+    With ``init_image``: img2img at ``strength``; with ``mask_image`` too: inpainting (white
+    repaints). With ``from_png``: the one image whose parameters that PNG carries.
+
+    Returns:
+        ``paths`` (PNG files), ``prompts`` (each image's prompt), ``images`` (PIL), ``grid``.
+    """
+    settings, prompts, seeds, strength = plan(cfg)  # bad settings fail before any model loads
+    if strength is None:
+        strength = 1.0 if cfg.get("mask_image") else DEFAULT_IMG2IMG_STRENGTH
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength}: expected 0 < strength <= 1")
+    init_image = _open_image(cfg.get("init_image"), "init_image")
+    mask_image = _open_image(cfg.get("mask_image"), "mask_image")
+    if mask_image is not None and init_image is None:
+        raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
+    sampler = Sampler.load(
+        cfg.model_dir,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        weights=cfg.get("weights", "auto"),
+        vae_path=cfg.get("vae_path"),
+        text_encoder_path=cfg.get("text_encoder_path"),
+        tokenizer_path=cfg.get("tokenizer_path"),
+        vae_slicing=cfg.get("vae_slicing", False),
+        vae_tiling=cfg.get("vae_tiling", False),
+    )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
@@ -69,15 +134,17 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         batch_prompts, batch_seeds = prompts[start : start + cfg.batch_size], seeds[start : start + cfg.batch_size]
         if init_image is None:
             batch, parameters = sampler.txt2img(batch_prompts, batch_seeds, settings)
+        elif mask_image is None:
+            batch, parameters = sampler.img2img(init_image, batch_prompts, batch_seeds, settings, strength)
         else:
-            batch, parameters = sampler.img2img(init_image, batch_prompts, batch_seeds, settings, cfg.strength)
+            batch, parameters = sampler.inpaint(init_image, mask_image, batch_prompts, batch_seeds, settings, strength)
         for offset, (image, params) in enumerate(zip(batch, parameters, strict=True)):
             paths.append(save_png(image, out_dir / f"{start + offset:05d}-{params.seed}.png", params))
         images.extend(batch)
     grid = None
-    if cfg.grid:
+    if cfg.grid and len(images) > 1:
         grid = out_dir / "grid.png"
-        image_grid(images, columns=cfg.num_images_per_prompt).save(grid)
+        image_grid(images, columns=min(cfg.num_images_per_prompt, len(images))).save(grid)
     print(f"sample: {len(images)} images -> {out_dir}")
     return {"paths": [str(p) for p in paths], "prompts": prompts, "images": images, "grid": str(grid) if grid else None}
 

@@ -1,1 +1,1 @@
-"""The included sampler: txt2img and img2img from an export folder, with its own denoising loop."""
+"""The included sampler: txt2img, img2img and inpainting from an export or a checkpoint, with our own loop."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -18,6 +20,7 @@ def denoise(
     timesteps: torch.Tensor,
     generator: torch.Generator | list[torch.Generator] | None = None,
     guidance_rescale: float = 0.0,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process over ``timesteps``.
 
@@ -32,13 +35,14 @@ def denoise(
         generator: randomness for stochastic schedulers (Euler ancestral), one per image or shared.
         guidance_rescale: ``phi`` of Lin et al. 2024 (eq. 15-16): rescale the guided output to the
             conditional output's standard deviation, mixed by ``phi`` (0: off; 0.7 with zero-terminal-SNR models).
+        after_step: ``f(i, latents) -> latents`` applied after step ``i`` (inpainting's latent blending).
 
     Returns:
         Denoised latents ``(B, C, h, w)``.
     """
     guided = guidance_scale != 1.0
     context = torch.cat([uncond, cond]) if guided else cond  # (2B or B, T, D)
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
         output = unet(model_input, t, encoder_hidden_states=context).sample
@@ -48,4 +52,6 @@ def denoise(
             if guidance_rescale > 0:
                 output = rescale_noise_cfg(output, output_cond, guidance_rescale)
         latents = scheduler.step(output, t, latents, generator=generator).prev_sample
+        if after_step is not None:
+            latents = after_step(i, latents)
     return latents

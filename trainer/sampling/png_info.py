@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 PARAMETERS_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt: "
+# One "Key: value" pair of the last line; a value may be quoted (AUTOMATIC1111's own pattern).
+FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 @dataclass
@@ -47,6 +51,43 @@ class GenerationParameters:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+def parse_parameters(text: str, source: str = "parameters") -> GenerationParameters:
+    """Read the text :meth:`GenerationParameters.to_text` (or AUTOMATIC1111) writes.
+
+    Raises:
+        ValueError: a required field (Steps, Sampler, CFG scale, Seed, Size) is missing; names ``source``.
+    """
+    lines = text.strip("\n").split("\n")
+    fields = dict(FIELD.findall(lines[-1])) if lines and FIELD.match(lines[-1]) else {}
+    body = lines[:-1] if fields else lines
+    prompt_lines, negative_lines, negative = [], [], False
+    for line in body:
+        if line.startswith(NEGATIVE_PREFIX):
+            negative, line = True, line[len(NEGATIVE_PREFIX) :]
+        (negative_lines if negative else prompt_lines).append(line)
+    missing = [key for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if key not in fields]
+    if missing:
+        raise ValueError(f"{source}: the parameters text lacks {missing}; got {text!r}")
+    width, height = (int(v) for v in fields["Size"].split("x"))
+    strength = fields.get("Denoising strength")
+    sampler = fields["Sampler"]
+    if fields.get("Schedule type") == "Karras" and not sampler.endswith(" Karras"):
+        sampler += " Karras"  # AUTOMATIC1111 1.9+ writes the schedule apart from the sampler
+    return GenerationParameters(
+        prompt="\n".join(prompt_lines),
+        negative_prompt="\n".join(negative_lines),
+        steps=int(fields["Steps"]),
+        sampler=sampler,
+        guidance_scale=float(fields["CFG scale"]),
+        seed=int(fields["Seed"]),
+        width=width,
+        height=height,
+        model=fields.get("Model", ""),
+        strength=float(strength) if strength is not None else None,
+        guidance_rescale=float(fields.get("CFG Rescale phi", 0.0)),
+    )
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: GenerationParameters) -> Path:

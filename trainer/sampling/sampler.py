@@ -1,4 +1,10 @@
-"""txt2img and img2img with the parts of an export folder and :func:`trainer.sampling.denoise.denoise`."""
+"""txt2img, img2img and inpainting with the parts of an export folder and :func:`trainer.sampling.denoise.denoise`.
+
+Randomness follows diffusers' pipelines: image ``i`` has its own CPU generator seeded with its
+seed, which draws (img2img, inpainting) the VAE posterior sample, then the starting noise, then
+Euler ancestral's noise; so a seed gives the same image at any batch size, and the same as
+``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` given ``generator=[...]``.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from data_pipelines.frozen_encoders import encode_text, resolve_device
 from data_pipelines.image_transforms import ResizeCrop, pixels_to_images
 from trainer.sampling.denoise import denoise
 from trainer.sampling.png_info import GenerationParameters
-from trainer.sampling.schedulers import begin_at, display_name, make_scheduler
+from trainer.sampling.schedulers import begin_at, check_scheduler, display_name, make_scheduler
 
 
 @dataclass
@@ -27,8 +33,12 @@ class SampleSettings:
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     scheduler: str = "ddim"
+    use_karras_sigmas: bool = False
     height: int | None = None
     width: int | None = None
+
+    def __post_init__(self) -> None:
+        check_scheduler(self.scheduler, self.use_karras_sigmas)
 
 
 class Sampler:
@@ -38,6 +48,8 @@ class Sampler:
         unet, vae, text_encoder, tokenizer: the pipeline parts.
         scheduler_config: the training scheduler's config (betas, prediction type).
         model_name: written into each image's parameters.
+        vae_slicing: decode a batch one image at a time (less memory for large batches).
+        vae_tiling: decode (and encode) large images in overlapping tiles (less memory for large sizes).
     """
 
     def __init__(
@@ -48,6 +60,8 @@ class Sampler:
         tokenizer: CLIPTokenizer,
         scheduler_config: dict,
         model_name: str = "",
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
     ) -> None:
         self.unet = unet.eval()
         self.vae = vae.eval()
@@ -56,9 +70,13 @@ class Sampler:
         self.scheduler_config = dict(scheduler_config)
         self.model_name = model_name
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        if vae_slicing:
+            self.vae.enable_slicing()
+        if vae_tiling:
+            self.vae.enable_tiling()
 
     @classmethod
-    def from_export(cls, folder: str | Path, device: str = "auto", dtype: str = "float32") -> Sampler:
+    def from_export(cls, folder: str | Path, device: str = "auto", dtype: str = "float32", **options: bool) -> Sampler:
         """Load an export folder (diffusers pipeline layout) from local disk.
 
         Raises:
@@ -75,13 +93,61 @@ class Sampler:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **load)
         config = DDPMScheduler.load_config(folder / "scheduler", **load)
         return cls(
-            unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, config, folder.name
+            unet.to(torch_device),
+            vae.to(torch_device),
+            text_encoder.to(torch_device),
+            tokenizer,
+            config,
+            folder.name,
+            **options,
         )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt_path: str | Path,
+        weights: str = "auto",
+        device: str = "auto",
+        dtype: str = "float32",
+        vae_path: str | None = None,
+        text_encoder_path: str | None = None,
+        tokenizer_path: str | None = None,
+        **options: bool,
+    ) -> Sampler:
+        """Load a Lightning ``.ckpt`` or DeepSpeed checkpoint folder directly, without exporting.
+
+        The UNet is rebuilt from the config stored in the checkpoint (EMA weights with ``weights``
+        ``"auto"``/``"ema"``, the raw ones with ``"raw"``); the VAE, text encoder and tokenizer come
+        from the folders the checkpoint's latent-shard manifest names, unless given.
+        """
+        from trainer.export import build_export
+
+        pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
+        torch_device = resolve_device(device)
+        return cls(
+            pipe.unet.to(torch_device),
+            pipe.vae.to(torch_device),
+            pipe.text_encoder.to(torch_device),
+            pipe.tokenizer,
+            dict(pipe.scheduler.config),
+            f"{Path(ckpt_path).stem}-{info['weights']}",
+            **options,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> Sampler:
+        """An export folder (``model_index.json`` inside) or else a training checkpoint (:meth:`from_checkpoint`)."""
+        if (Path(path) / "model_index.json").is_file():
+            for key in ("weights", "vae_path", "text_encoder_path", "tokenizer_path"):
+                kwargs.pop(key, None)
+            return cls.from_export(path, **kwargs)
+        return cls.from_checkpoint(path, **kwargs)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``(B, T, D)``, exactly as precompute made the training data's."""
         return encode_text(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype)
@@ -108,7 +174,7 @@ class Sampler:
                 prompt=prompt,
                 negative_prompt=settings.negative_prompt,
                 steps=settings.steps,
-                sampler=display_name(settings.scheduler),
+                sampler=display_name(settings.scheduler, settings.use_karras_sigmas),
                 guidance_scale=settings.guidance_scale,
                 guidance_rescale=settings.guidance_rescale,
                 seed=seed,
@@ -120,13 +186,13 @@ class Sampler:
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
 
+    @torch.no_grad()
     def txt2img(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings
     ) -> tuple[list[Image.Image], list[GenerationParameters]]:
         """Generate one image per (prompt, seed) from pure noise."""
         height, width = self._size(settings)
-        scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(settings.steps, device=self.device)
+        scheduler = self._scheduler(settings)
         shape = (self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         noise, generators = self._noise(seeds, shape)
         latents = denoise(
@@ -142,6 +208,50 @@ class Sampler:
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, height, width)
 
+    def _scheduler(self, settings: SampleSettings):
+        scheduler = make_scheduler(settings.scheduler, self.scheduler_config, settings.use_karras_sigmas)
+        scheduler.set_timesteps(settings.steps, device=self.device)
+        if settings.use_karras_sigmas and len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):
+            raise ValueError(
+                f"use_karras_sigmas=true with steps={settings.steps} repeats timesteps "
+                f"{scheduler.timesteps.tolist()} on this noise schedule "
+                f"({self.scheduler_config.get('beta_schedule')}); "
+                "use more steps or use_karras_sigmas=false"
+            )
+        return scheduler
+
+    def _square_size(self, settings: SampleSettings) -> int:
+        height, width = self._size(settings)
+        if height != width:
+            raise ValueError(f"img2img and inpainting take square sizes for now; got {height}x{width}")
+        return height
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, size: int, generators: list[torch.Generator]) -> torch.Tensor:
+        """Scaled latents ``(B, C, h, w)`` of ``image`` (resized, center-cropped to ``size``), one per generator.
+
+        Each is a sample of the VAE posterior drawn with that image's generator, as diffusers' img2img does.
+        """
+        pixels, _ = ResizeCrop(size, crop="center")(image.convert("RGB"))  # (3, H, W) in [-1, 1]
+        posterior = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).latent_dist
+        samples = []
+        for generator in generators:
+            eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            samples.append(posterior.mean + posterior.std * eps)  # (1, C, h, w)
+        return (torch.cat(samples) * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    @staticmethod
+    def _check_strength(strength: float) -> None:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength}: expected 0 < strength <= 1")
+
+    def _partial_schedule(self, scheduler, steps: int, strength: float) -> torch.Tensor:
+        """The last ``int(steps * strength)`` (at least 1) timesteps, the scheduler set to begin there (SDEdit)."""
+        run_steps = max(1, min(steps, int(steps * strength)))
+        begin = (steps - run_steps) * scheduler.order
+        begin_at(scheduler, begin)
+        return scheduler.timesteps[begin:]
+
     @torch.no_grad()
     def img2img(
         self, init_image: Image.Image, prompts: list[str], seeds: list[int], settings: SampleSettings, strength: float
@@ -151,21 +261,14 @@ class Sampler:
         ``strength`` in (0, 1] is the fraction of the schedule run: the image is noised to the
         timestep ``strength`` of the way into the schedule and denoised from there (SDEdit, Meng et al. 2022).
         """
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength}: expected 0 < strength <= 1")
-        height, width = self._size(settings)
-        if height != width:
-            raise ValueError(f"img2img takes square sizes for now; got {height}x{width}")
-        pixels, _ = ResizeCrop(height, crop="center")(init_image.convert("RGB"))
-        init = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).latent_dist.mode()
-        init = (init * self.vae.config.scaling_factor).to(self.unet.dtype)  # (1, C, h, w)
-        scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(settings.steps, device=self.device)
-        run_steps = max(1, min(settings.steps, round(settings.steps * strength)))
-        timesteps = scheduler.timesteps[(settings.steps - run_steps) * scheduler.order :]
-        noise, generators = self._noise(seeds, tuple(init.shape[1:]))
-        begin_at(scheduler, (settings.steps - run_steps) * scheduler.order)
-        latents = scheduler.add_noise(init.expand(len(prompts), -1, -1, -1), noise, timesteps[:1].repeat(len(prompts)))
+        self._check_strength(strength)
+        size = self._square_size(settings)
+        scheduler = self._scheduler(settings)
+        timesteps = self._partial_schedule(scheduler, settings.steps, strength)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
+        noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
         latents = denoise(
             self.unet,
             scheduler,
@@ -177,4 +280,90 @@ class Sampler:
             generator=generators,
             guidance_rescale=settings.guidance_rescale,
         )
-        return self.decode(latents), self._parameters(prompts, seeds, settings, height, width, strength)
+        return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
+
+    def latent_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
+        """A mask image (white: repaint, black: keep) -> ``(1, 1, h, w)`` in {0, 1} at latent resolution.
+
+        The mask goes through the init image's resize and center crop to ``size``, is binarised at
+        one half (as diffusers' mask processor does) and reduced to the latent grid (nearest).
+
+        Raises:
+            ValueError: the mask's size is not ``init_size`` (the init image's).
+        """
+        if mask_image.size != init_size:
+            raise ValueError(
+                f"mask_image: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
+                f"expected the init image's size {init_size[0]}x{init_size[1]}"
+            )
+        pixels, _ = ResizeCrop(size, crop="center")(mask_image.convert("L").convert("RGB"))  # (3, S, S) in [-1, 1]
+        mask = ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, S, S)
+        latent_size = (size // self.vae_scale, size // self.vae_scale)
+        return torch.nn.functional.interpolate(mask, size=latent_size).to(self.device, self.unet.dtype)
+
+    @torch.no_grad()
+    def inpaint_latents(
+        self,
+        init_image: Image.Image,
+        mask_image: Image.Image,
+        prompts: list[str],
+        seeds: list[int],
+        settings: SampleSettings,
+        strength: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inpaint with any UNet by latent blending (Avrahami et al. 2023, Blended Latent Diffusion).
+
+        After each step the latents outside the mask are replaced by the init image's latents
+        noised to the next timestep (un-noised after the last step), so only the masked region is
+        generated, in context. ``init_image`` is resized and center-cropped to the (square) output
+        size; ``mask_image`` must have the init image's size and goes through the same crop.
+
+        Returns:
+            ``(latents (B, C, h, w), init latents (B, C, h, w), mask (1, 1, h, w))``.
+        """
+        self._check_strength(strength)
+        size = self._square_size(settings)
+        mask = self.latent_mask(mask_image, init_image.size, size)
+        scheduler = self._scheduler(settings)
+        timesteps = self._partial_schedule(scheduler, settings.steps, strength)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
+        noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
+        if strength == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
+
+        def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
+            known = init
+            if i < len(timesteps) - 1:
+                known = scheduler.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(len(prompts)))
+            return (1 - mask) * known + mask * latents
+
+        latents = denoise(
+            self.unet,
+            scheduler,
+            latents,
+            self.encode_prompts(prompts),
+            self.encode_prompts([settings.negative_prompt] * len(prompts)),
+            settings.guidance_scale,
+            timesteps,
+            generator=generators,
+            guidance_rescale=settings.guidance_rescale,
+            after_step=blend,
+        )
+        return latents, init, mask
+
+    def inpaint(
+        self,
+        init_image: Image.Image,
+        mask_image: Image.Image,
+        prompts: list[str],
+        seeds: list[int],
+        settings: SampleSettings,
+        strength: float = 1.0,
+    ) -> tuple[list[Image.Image], list[GenerationParameters]]:
+        """Images of :meth:`inpaint_latents`, with their parameters."""
+        latents, _, _ = self.inpaint_latents(init_image, mask_image, prompts, seeds, settings, strength)
+        size = self._square_size(settings)
+        return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)

@@ -20,16 +20,51 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], str]] = {
 }
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
-    """Build the named sampling scheduler from a training scheduler's config (betas, prediction type)."""
+# Schedulers whose diffusers class takes ``use_karras_sigmas`` (Karras et al. 2022, eq. 5).
+KARRAS = frozenset(["euler", "dpmpp_2m"])
+KARRAS_SUFFIX = " Karras"
+
+
+def check_scheduler(name: str, use_karras_sigmas: bool = False) -> None:
+    """Raise ``ValueError`` for an unknown name, or Karras sigmas on a scheduler without them."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler={name!r}: expected one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name][0].from_config(config)
+    if use_karras_sigmas and name not in KARRAS:
+        raise ValueError(
+            f"use_karras_sigmas=true: scheduler={name!r} has no Karras sigmas; use one of {sorted(KARRAS)}"
+        )
 
 
-def display_name(name: str) -> str:
-    """The name AUTOMATIC1111 writes for the scheduler (``"DDIM"``, ``"Euler a"``...)."""
-    return SCHEDULERS[name][1]
+def make_scheduler(name: str, config: dict[str, Any], use_karras_sigmas: bool = False) -> SchedulerMixin:
+    """Build the named sampling scheduler from a training scheduler's config (betas, prediction type).
+
+    Args:
+        use_karras_sigmas: the noise levels of Karras et al. 2022 (eq. 5, rho=7) instead of the
+            training schedule's (``euler`` and ``dpmpp_2m`` only).
+    """
+    check_scheduler(name, use_karras_sigmas)
+    extra = {"use_karras_sigmas": True} if use_karras_sigmas else {}
+    return SCHEDULERS[name][0].from_config(config, **extra)
+
+
+def display_name(name: str, use_karras_sigmas: bool = False) -> str:
+    """The name AUTOMATIC1111 writes for the scheduler (``"DDIM"``, ``"Euler a"``, ``"DPM++ 2M Karras"``...)."""
+    return SCHEDULERS[name][1] + (KARRAS_SUFFIX if use_karras_sigmas else "")
+
+
+def from_display_name(text: str) -> tuple[str, bool]:
+    """AUTOMATIC1111's sampler name -> ``(scheduler name, use_karras_sigmas)``.
+
+    Raises:
+        ValueError: a sampler this project does not have.
+    """
+    karras = text.endswith(KARRAS_SUFFIX)
+    base = text[: -len(KARRAS_SUFFIX)] if karras else text
+    for name, (_, shown) in SCHEDULERS.items():
+        if shown == base:
+            return name, karras
+    known = sorted(shown for _, shown in SCHEDULERS.values())
+    raise ValueError(f"Sampler: {text!r} is not one of {known} (optionally with ' Karras')")
 
 
 def begin_at(scheduler: SchedulerMixin, index: int) -> None:
