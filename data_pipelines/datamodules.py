@@ -24,7 +24,7 @@ from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.latent_format import LatentManifest, decode_latent_sample, load_uncond_embedding
 from data_pipelines.raw_format import decode_raw_sample
 from data_pipelines.shard_list import resolve_shards
-from data_pipelines.streaming import SkipCounter, batches_per_worker, shard_stream
+from data_pipelines.streaming import SampleCounts, SkipCounter, batches_per_worker, shard_stream, take_counts
 
 
 def _world_size() -> int:
@@ -43,7 +43,8 @@ class _StreamingDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         resampled: bool = True,
         seed: int = 0,
-        max_skipped: int = 100,
+        max_bad_fraction: float = 0.01,
+        bad_fraction_min_samples: int = 1000,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -51,7 +52,15 @@ class _StreamingDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.seed = seed
-        self.max_skipped = max_skipped
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
+        self.sample_counts = SampleCounts()  # this rank's loaders, all workers, added up
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the loader workers' sample counts off each batch and add them to :attr:`sample_counts`."""
+        if isinstance(batch, dict):
+            self.sample_counts.add(*take_counts(batch))
+        return batch
 
     def _loader(self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool) -> DataLoader:
         resampled = self.resampled and train
@@ -62,7 +71,7 @@ class _StreamingDataModule(L.LightningDataModule):
             decode,
             self.batch_size,
             collate,
-            handler=SkipCounter(self.max_skipped),
+            handler=SkipCounter(self.max_bad_fraction, self.bad_fraction_min_samples),
             shuffle_buffer=self.shuffle_buffer if train else 0,
             resampled=resampled,
             seed=self.seed,
@@ -122,7 +131,9 @@ class LatentShardDataModule(_StreamingDataModule):
         shuffle_buffer: shuffle buffer in samples.
         resampled: draw training shards with replacement (equal batches on every rank).
         seed: shard and shuffle seed.
-        max_skipped: corrupt samples tolerated per loader process.
+        max_bad_fraction: the run fails when more than this fraction of the samples a loader
+            process reads are corrupt (see :class:`~data_pipelines.streaming.SkipCounter`).
+        bad_fraction_min_samples: the fraction is taken over at least this many samples.
     """
 
     def __init__(self, train_dir: str, val_dir: str | None = None, **loader: Any) -> None:
@@ -174,7 +185,8 @@ class ImageShardDataModule(_StreamingDataModule):
         resolution: training resolution.
         crop: ``"center"`` or ``"random"``.
         val_shards: optional held-out raw shards for validation.
-        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_skipped.
+        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction,
+            bad_fraction_min_samples.
     """
 
     def __init__(

@@ -70,14 +70,21 @@ class LatentShardEncoder:
         encoders: the frozen VAE and text encoder.
         transform: preprocessing of each image to the training resolution.
         batch_size: images per encoder call.
-        max_skipped: corrupt samples tolerated per run before it fails.
+        skips: counts corrupt samples (an undecodable image, a missing member) and fails the run
+            when too many are bad; default: more than 1% of at least 1,000 samples.
     """
 
-    def __init__(self, encoders: FrozenEncoders, transform: ResizeCrop, batch_size: int = 64, max_skipped: int = 100):
+    def __init__(
+        self,
+        encoders: FrozenEncoders,
+        transform: ResizeCrop,
+        batch_size: int = 64,
+        skips: SkipCounter | None = None,
+    ) -> None:
         self.encoders = encoders
         self.transform = transform
         self.batch_size = batch_size
-        self.skips = SkipCounter(max_skipped)
+        self.skips = skips or SkipCounter()
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -112,6 +119,7 @@ class LatentShardEncoder:
                 except Exception as error:  # CorruptSampleError, or bad JSON metadata
                     self.skips(error)
                     continue
+                self.skips.count_good()
                 pixels, info = self.transform(image)
                 batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
                 if len(batch) == self.batch_size:

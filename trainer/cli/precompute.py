@@ -22,6 +22,7 @@ from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.precompute import LatentShardEncoder, precompute_latents
 from data_pipelines.shard_list import resolve_shards
+from data_pipelines.streaming import SkipCounter
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 
@@ -35,7 +36,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         encoders,
         ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation),
         batch_size=cfg.batch_size,
-        max_skipped=cfg.max_skipped,
+        skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
     )
     manifest = precompute_latents(shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale)
     if manifest is None:  # a rank other than 0 under torchrun

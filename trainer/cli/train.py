@@ -21,6 +21,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from data_pipelines.monitoring import SkippedSamplesMonitor
 from trainer.callbacks.provenance import Provenance
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories, resolved_container
 
@@ -37,7 +38,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
-    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict())])
+    monitors = [
+        Provenance(resolved_container(cfg), datamodule.manifest.to_dict()),
+        SkippedSamplesMonitor(datamodule.sample_counts),
+    ]
+    trainer = build_trainer(cfg, monitors)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
