@@ -116,6 +116,8 @@ def test_source_options(tmp_path):
     ):
         source = instantiate(compose_config("shards", [f"source={option}", "out_dir=o", *extra]).source)
         assert iter(source) is not None
+    folder = instantiate(compose_config("shards", ["source=img2dataset", f"source.path={tmp_path}"]).source)
+    assert folder.path == tmp_path
 
 
 def test_data_options(latent_dir, raw_shards):
