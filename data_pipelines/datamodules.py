@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data_pipelines.buckets import BucketBatcher
 from data_pipelines.errors import DataError
 from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.latent_format import LatentManifest, decode_latent_sample, load_uncond_embedding
@@ -62,7 +63,9 @@ class _StreamingDataModule(L.LightningDataModule):
             self.sample_counts.add(*take_counts(batch))
         return batch
 
-    def _loader(self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool) -> DataLoader:
+    def _loader(
+        self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool, bucketed: bool = False
+    ) -> DataLoader:
         resampled = self.resampled and train
         workers = self.num_workers if resampled else self._split_workers(len(urls), train)
         epoch_batches = batches_per_worker(num_samples, self.batch_size, _world_size(), workers)
@@ -77,6 +80,7 @@ class _StreamingDataModule(L.LightningDataModule):
             seed=self.seed,
             batches_per_epoch=epoch_batches if resampled else None,
             partial_batches=not train,
+            batcher=BucketBatcher(self.batch_size, collate, partial=not train) if bucketed else None,
         )
         return DataLoader(
             pipeline,
@@ -106,22 +110,27 @@ class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers)."""
 
     def __init__(self, manifest: LatentManifest) -> None:
-        self.latent_shape = tuple(manifest.latent_shape)
+        self.latent_shapes = manifest.latent_shapes()
         self.text_shape = tuple(manifest.text_shape)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        decoded = decode_latent_sample(sample, self.latent_shape, self.text_shape)
+        decoded = decode_latent_sample(sample, text_shape=self.text_shape, latent_shapes=self.latent_shapes)
         return decoded.latent, decoded.text
 
 
 def collate_latents(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16."""
+    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16.
+    Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.buckets.BucketBatcher`),
+    so ``(h, w)`` is the same within a batch and may differ between batches."""
     latents, texts = zip(*samples, strict=True)
     return {"latents": torch.from_numpy(np.stack(latents)), "text": torch.from_numpy(np.stack(texts))}
 
 
 class LatentShardDataModule(_StreamingDataModule):
     """Streams latent shards written by precompute.
+
+    When the shards are bucketed (the manifest lists ``bucket_sizes``), every batch holds samples
+    of one bucket, so batches differ in ``(h, w)``.
 
     Args:
         train_dir: a precompute output folder (with ``manifest.json``).
@@ -148,7 +157,12 @@ class LatentShardDataModule(_StreamingDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
-            self.train_urls, self.manifest.num_samples, _LatentDecoder(self.manifest), collate_latents, train=True
+            self.train_urls,
+            self.manifest.num_samples,
+            _LatentDecoder(self.manifest),
+            collate_latents,
+            train=True,
+            bucketed=bool(self.manifest.bucket_sizes),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -156,7 +170,12 @@ class LatentShardDataModule(_StreamingDataModule):
             return []
         urls = self.val_manifest.shard_paths(self.val_dir)
         return self._loader(
-            urls, self.val_manifest.num_samples, _LatentDecoder(self.val_manifest), collate_latents, train=False
+            urls,
+            self.val_manifest.num_samples,
+            _LatentDecoder(self.val_manifest),
+            collate_latents,
+            train=False,
+            bucketed=bool(self.val_manifest.bucket_sizes),
         )
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import webdataset as wds
 
 from data_pipelines.atomic import atomic_path
+from data_pipelines.buckets import BucketResizeCrop
 from data_pipelines.errors import DataError
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
@@ -55,10 +56,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+Transform = ResizeCrop | BucketResizeCrop
+
+
 @dataclass
 class _Pending:
     key: str
-    pixels: torch.Tensor  # (3, R, R)
+    pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
     caption: str
     meta: dict[str, Any]
 
@@ -68,8 +72,9 @@ class LatentShardEncoder:
 
     Args:
         encoders: the frozen VAE and text encoder.
-        transform: preprocessing of each image to the training resolution.
-        batch_size: images per encoder call.
+        transform: preprocessing of each image to the training resolution, or into its
+            aspect-ratio bucket (:class:`~data_pipelines.buckets.BucketResizeCrop`).
+        batch_size: images per encoder call (each call encodes images of one size).
         skips: counts corrupt samples (an undecodable image, a missing member) and fails the run
             when too many are bad; default: more than 1% of at least 1,000 samples.
     """
@@ -77,7 +82,7 @@ class LatentShardEncoder:
     def __init__(
         self,
         encoders: FrozenEncoders,
-        transform: ResizeCrop,
+        transform: Transform,
         batch_size: int = 64,
         skips: SkipCounter | None = None,
     ) -> None:
@@ -107,11 +112,16 @@ class LatentShardEncoder:
         ]
 
     def encode_shard(self, source: str, target: Path, key: CacheKey) -> ShardEntry:
-        """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it."""
+        """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it.
+
+        Samples wait in one batch per image size (one per bucket, when bucketed; at most
+        ``buckets x batch_size`` images held); a full batch is encoded and written at once, the
+        rest at the end of the shard, smallest size first.
+        """
         skipped_before = self.skips.skipped
         count = 0
         with atomic_path(target) as tmp, open_tar_writer(tmp) as writer:
-            batch: list[_Pending] = []
+            batches: dict[tuple[int, ...], list[_Pending]] = {}
             dataset = wds.DataPipeline(wds.SimpleShardList([source]), wds.tarfile_to_samples(handler=self.skips))
             for raw in dataset:
                 try:
@@ -121,12 +131,14 @@ class LatentShardEncoder:
                     continue
                 self.skips.count_good()
                 pixels, info = self.transform(image)
+                batch = batches.setdefault(tuple(pixels.shape), [])
                 batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
                 if len(batch) == self.batch_size:
                     count += self._write(writer, batch)
-                    batch = []
-            if batch:
-                count += self._write(writer, batch)
+                    batch.clear()
+            for shape in sorted(batches):
+                if batches[shape]:
+                    count += self._write(writer, batches[shape])
         entry = ShardEntry(
             name=target.name,
             num_samples=count,
@@ -143,10 +155,25 @@ class LatentShardEncoder:
             writer.write(encode_latent_sample(sample))
         return len(batch)
 
-    def latent_shape(self) -> list[int]:
-        """``[C, h, w]`` of one latent at the transform's resolution."""
-        probe = torch.zeros(1, 3, self.transform.resolution, self.transform.resolution)
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> list[int]:
+        """``[C, h, w]`` of one latent of a ``height`` x ``width`` image (default: the resolution square)."""
+        height = height or self.transform.resolution
+        probe = torch.zeros(1, 3, height, width or height)
         return list(self.encoders.encode_images(probe).shape[1:])
+
+    def bucket_latent_shapes(self) -> list[list[int]]:
+        """``[C, h, w]`` of each bucket's latents (empty when not bucketed)."""
+        if not isinstance(self.transform, BucketResizeCrop):
+            return []
+        channels = self.latent_shape()[0]
+        factor = 2 ** (len(self.encoders.vae.config.block_out_channels) - 1)  # the VAE's downsampling factor
+        for height, width in self.transform.buckets.sizes:
+            if height % factor or width % factor:
+                raise DataError(
+                    f"bucket {height}x{width} is not a multiple of the VAE's factor {factor}; "
+                    "use a bucket step that is a multiple of it"
+                )
+        return [[channels, height // factor, width // factor] for height, width in self.transform.buckets.sizes]
 
     def text_shape_and_uncond(self) -> tuple[list[int], Any]:
         """``[T, D]`` of one text embedding and the empty caption's embedding ``(T, D)``."""
@@ -254,6 +281,8 @@ def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) ->
         tokenizer_path=encoder.encoders.tokenizer_path,
         transforms=encoder.transform.settings(),
         shards=entries,  # type: ignore[arg-type]
+        bucket_sizes=encoder.transform.buckets.to_list() if isinstance(encoder.transform, BucketResizeCrop) else [],
+        bucket_latent_shapes=encoder.bucket_latent_shapes(),
     )
     save_uncond_embedding(out, uncond)
     manifest.save(out)

@@ -143,3 +143,12 @@ def test_objective_options_train_a_step(option):
     loss.backward()
     assert torch.isfinite(loss)
     assert module.noise_scheduler.config.prediction_type == cfg.model.noise_scheduler.prediction_type
+
+
+@pytest.mark.parametrize("option", options("buckets"))
+def test_bucket_options(option):
+    from data_pipelines.buckets import BucketSet
+
+    cfg = compose_config("precompute", ["shards=x", "out_dir=o", "pretrained=p", f"buckets={option}"])
+    buckets = instantiate(cfg.buckets)
+    assert isinstance(buckets, BucketSet) and len(buckets.sizes) >= 3
