@@ -33,7 +33,8 @@ def test_ddp_on_two_cpu_processes(latent_dir, tmp_path):
     assert (tmp_path / "hydra" / "train_ddp_process_1.log").is_file(), "a second process ran"
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 4
-    assert (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").is_file()
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "data/skipped_samples" in metrics.splitlines()[0], "the skip count, summed over ranks, is logged"
 
 
 def test_deepspeed_zero2_on_two_cpu_processes_then_export(latent_dir, tmp_path):
