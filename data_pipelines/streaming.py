@@ -6,6 +6,8 @@ fraction is taken over at least ``min_samples`` samples, so a bad sample early i
 fail it on its own). Counts are kept per loader process; each batch carries its process's new
 counts under :data:`COUNTS_KEY`, which the data modules take off and add up in the main process
 (:class:`SampleCounts`), where :class:`~data_pipelines.monitoring.SkippedSamplesMonitor` logs them.
+Samples a worker reads after its last batch of an epoch (a dropped partial batch) reach the limit
+check but not the logged counts.
 """
 
 from __future__ import annotations

@@ -32,13 +32,15 @@ from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     """Encode the configured shards; returns the written manifest as a dict."""
     shards = resolve_shards(cfg.shards)
-    encoders = FrozenEncoders.from_pretrained(
-        cfg.vae_path, cfg.text_encoder_path, cfg.tokenizer_path, device=cfg.device, dtype=cfg.dtype
-    )
     if cfg.get("buckets"):
+        if cfg.crop != "center":
+            raise ValueError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
         transform: Transform = BucketResizeCrop(instantiate(cfg.buckets), interpolation=cfg.interpolation)
     else:
         transform = ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation)
+    encoders = FrozenEncoders.from_pretrained(
+        cfg.vae_path, cfg.text_encoder_path, cfg.tokenizer_path, device=cfg.device, dtype=cfg.dtype
+    )
     encoder = LatentShardEncoder(
         encoders,
         transform,
