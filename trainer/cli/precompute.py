@@ -2,7 +2,8 @@
 
 Rerunning into the same out_dir reuses complete, up-to-date shards and encodes the rest; stale
 shards (edited input, other encoders or transforms) are refused unless ``recompute_stale=true``.
-Several processes: ``torchrun --nproc_per_node=N -m trainer.cli.precompute ...``.
+Several processes: ``torchrun --nproc_per_node=N -m trainer.cli.precompute ...`` (Lightning's
+``Trainer.predict`` runs DDP across them; rank r encodes input shards r, r + N, ... and writes its own).
 
 Examples::
 
