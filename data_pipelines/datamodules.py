@@ -20,12 +20,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data_pipelines.buckets import BucketBatcher
 from data_pipelines.errors import DataError
 from data_pipelines.image_transforms import ResizeCrop
 from data_pipelines.latent_format import LatentManifest, decode_latent_sample, load_uncond_embedding
 from data_pipelines.raw_format import decode_raw_sample
 from data_pipelines.shard_list import resolve_shards
-from data_pipelines.streaming import ResumableLoader, SkipCounter, batches_per_worker, shard_stream
+from data_pipelines.streaming import (
+    ResumableLoader,
+    SampleCounts,
+    SkipCounter,
+    batches_per_worker,
+    shard_stream,
+    take_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,8 @@ class _StreamingDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         resampled: bool = True,
         seed: int = 0,
-        max_skipped: int = 100,
+        max_bad_fraction: float = 0.01,
+        bad_fraction_min_samples: int = 1000,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -62,14 +71,19 @@ class _StreamingDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.seed = seed
-        self.max_skipped = max_skipped
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
+        self.sample_counts = SampleCounts()  # this rank's loaders, all workers, added up
         self._batches = 0  # training batches consumed since the stream began
         self._epoch_batches = 0  # ... since the current epoch began
         self._epoch = 0
         self._resume: dict[str, Any] | None = None  # the restored position, until training consumes a batch
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training batches the loop consumes (the stream position)."""
+        """Take the loader workers' sample counts off each batch (into :attr:`sample_counts`), and count
+        the training batches the loop consumes (the stream position)."""
+        if isinstance(batch, dict):
+            self.sample_counts.add(*take_counts(batch))
         if self.trainer is not None and self.trainer.training:
             self._resume = None
             if self.trainer.current_epoch != self._epoch:
@@ -133,7 +147,9 @@ class _StreamingDataModule(L.LightningDataModule):
             return self._resume["batches"], next_epoch
         return (0, False) if next_epoch else (self._resume["epoch_batches"], False)
 
-    def _loader(self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool) -> DataLoader:
+    def _loader(
+        self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool, bucketed: bool = False
+    ) -> DataLoader:
         resampled = self.resampled and train
         workers = self.num_workers if resampled else self._split_workers(len(urls), train)
         epoch_batches = batches_per_worker(num_samples, self.batch_size, _world_size(), workers)
@@ -142,12 +158,13 @@ class _StreamingDataModule(L.LightningDataModule):
             decode,
             self.batch_size,
             collate,
-            handler=SkipCounter(self.max_skipped),
+            handler=SkipCounter(self.max_bad_fraction, self.bad_fraction_min_samples),
             shuffle_buffer=self.shuffle_buffer if train else 0,
             resampled=resampled,
             seed=self.seed,
             batches_per_epoch=epoch_batches if resampled else None,
             partial_batches=not train,
+            batcher=BucketBatcher(self.batch_size, collate, partial=not train) if bucketed else None,
         )
         loader = ResumableLoader(
             pipeline,
@@ -181,22 +198,27 @@ class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers)."""
 
     def __init__(self, manifest: LatentManifest) -> None:
-        self.latent_shape = tuple(manifest.latent_shape)
+        self.latent_shapes = manifest.latent_shapes()
         self.text_shape = tuple(manifest.text_shape)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        decoded = decode_latent_sample(sample, self.latent_shape, self.text_shape)
+        decoded = decode_latent_sample(sample, text_shape=self.text_shape, latent_shapes=self.latent_shapes)
         return decoded.latent, decoded.text
 
 
 def collate_latents(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16."""
+    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16.
+    Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.buckets.BucketBatcher`),
+    so ``(h, w)`` is the same within a batch and may differ between batches."""
     latents, texts = zip(*samples, strict=True)
     return {"latents": torch.from_numpy(np.stack(latents)), "text": torch.from_numpy(np.stack(texts))}
 
 
 class LatentShardDataModule(_StreamingDataModule):
     """Streams latent shards written by precompute.
+
+    When the shards are bucketed (the manifest lists ``bucket_sizes``), every batch holds samples
+    of one bucket, so batches differ in ``(h, w)``.
 
     Args:
         train_dir: a precompute output folder (with ``manifest.json``).
@@ -206,7 +228,9 @@ class LatentShardDataModule(_StreamingDataModule):
         shuffle_buffer: shuffle buffer in samples.
         resampled: draw training shards with replacement (equal batches on every rank).
         seed: shard and shuffle seed.
-        max_skipped: corrupt samples tolerated per loader process.
+        max_bad_fraction: the run fails when more than this fraction of the samples a loader
+            process reads are corrupt (see :class:`~data_pipelines.streaming.SkipCounter`).
+        bad_fraction_min_samples: the fraction is taken over at least this many samples.
     """
 
     def __init__(self, train_dir: str, val_dir: str | None = None, **loader: Any) -> None:
@@ -221,7 +245,12 @@ class LatentShardDataModule(_StreamingDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
-            self.train_urls, self.manifest.num_samples, _LatentDecoder(self.manifest), collate_latents, train=True
+            self.train_urls,
+            self.manifest.num_samples,
+            _LatentDecoder(self.manifest),
+            collate_latents,
+            train=True,
+            bucketed=bool(self.manifest.bucket_sizes),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -229,7 +258,12 @@ class LatentShardDataModule(_StreamingDataModule):
             return []
         urls = self.val_manifest.shard_paths(self.val_dir)
         return self._loader(
-            urls, self.val_manifest.num_samples, _LatentDecoder(self.val_manifest), collate_latents, train=False
+            urls,
+            self.val_manifest.num_samples,
+            _LatentDecoder(self.val_manifest),
+            collate_latents,
+            train=False,
+            bucketed=bool(self.val_manifest.bucket_sizes),
         )
 
 
@@ -258,7 +292,8 @@ class ImageShardDataModule(_StreamingDataModule):
         resolution: training resolution.
         crop: ``"center"`` or ``"random"``.
         val_shards: optional held-out raw shards for validation.
-        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_skipped.
+        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction,
+            bad_fraction_min_samples.
     """
 
     def __init__(

@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 
 from data_pipelines.datamodules import LatentShardDataModule
+from data_pipelines.streaming import SampleCounts, take_counts
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -51,6 +52,13 @@ class DreamBoothDataModule(L.LightningDataModule):
         )
         self.manifest = self.instance.manifest
         self.uncond_text = self.instance.uncond_text
+        self.sample_counts = SampleCounts()  # both streams' loader workers, added up
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take each stream's corrupt-sample counts off its batch (logged as data/skipped_samples)."""
+        for part in batch.values():
+            self.sample_counts.add(*take_counts(part))
+        return batch
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {"instance": self.instance.train_dataloader()}

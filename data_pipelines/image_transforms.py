@@ -38,24 +38,45 @@ class ResizeCrop:
             size and the crop's top-left corner in the resized image.
         """
         width, height = image.size
-        scale = self.resolution / min(width, height)
-        new_w, new_h = max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale))
-        resample = Image.Resampling[self.interpolation.upper()]
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), resample)
-        if self.crop == "random":
-            rng = rng or np.random.default_rng()
-            top = int(rng.integers(0, new_h - self.resolution + 1))
-            left = int(rng.integers(0, new_w - self.resolution + 1))
-        elif self.crop == "center":
-            top, left = (new_h - self.resolution) // 2, (new_w - self.resolution) // 2
-        else:
-            raise ValueError(f"crop={self.crop!r}: expected 'center' or 'random'")
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, R, R)
-        pixels = pixels / 127.5 - 1.0
+        image, top, left = resize_and_crop(image, self.resolution, self.resolution, self.crop, self.interpolation, rng)
+        pixels = image_to_pixels(image)  # (3, R, R)
         info = {"original_size": [height, width], "crop_top_left": [top, left], "resolution": self.resolution}
         return pixels, info
+
+
+def resize_and_crop(
+    image: Image.Image,
+    height: int,
+    width: int,
+    crop: str = "center",
+    interpolation: str = "bicubic",
+    rng: np.random.Generator | None = None,
+) -> tuple[Image.Image, int, int]:
+    """Resize ``image`` (keeping its aspect) to the smallest size that covers ``height`` x ``width``,
+    then crop that size out of it.
+
+    Returns:
+        ``(image, top, left)``: the ``width`` x ``height`` crop and its top-left corner in the resized image.
+    """
+    original_w, original_h = image.size
+    scale = max(width / original_w, height / original_h)
+    new_w, new_h = max(width, round(original_w * scale)), max(height, round(original_h * scale))
+    if (new_w, new_h) != (original_w, original_h):
+        image = image.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
+    if crop == "random":
+        rng = rng or np.random.default_rng()
+        top, left = int(rng.integers(0, new_h - height + 1)), int(rng.integers(0, new_w - width + 1))
+    elif crop == "center":
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+    else:
+        raise ValueError(f"crop={crop!r}: expected 'center' or 'random'")
+    return image.crop((left, top, left + width, top + height)), top, left
+
+
+def image_to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image as pixels ``(3, H, W)`` float32 in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W)
+    return pixels / 127.5 - 1.0
 
 
 def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:

@@ -2,7 +2,8 @@
 
 A latent shard is a WebDataset tar whose samples hold::
 
-    KEY.latent.npy   float16 (C, h, w)  VAE posterior mode times the VAE's scaling factor
+    KEY.latent.npy   float16 (C, h, w)  VAE posterior mode times the VAE's scaling factor; (h, w) is
+                                        the resolution / f, or its bucket's size / f when bucketed
     KEY.text.npy     float16 (T, D)     text encoder last hidden state of the tokenized caption
     KEY.txt          UTF-8               the caption
     KEY.json         JSON                the raw sample's metadata plus preprocessing info
@@ -10,7 +11,10 @@ A latent shard is a WebDataset tar whose samples hold::
 Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
 fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
 the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
-caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance.
+caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. With
+aspect-ratio buckets (:mod:`data_pipelines.buckets`) the manifest also lists the bucket sizes
+``[height, width]`` and their latent shapes, and ``KEY.json`` holds each sample's ``bucket`` index
+and ``target_size``.
 The writer (precompute) and the reader (training loader) both import this module.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -80,10 +85,10 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return data[: len(data) - _payload_bytes(shape)]
 
 
-def _load_npy_of_shape(data: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
+def _load_npy_of_shape(data: bytes, shapes: Sequence[tuple[int, ...]] | None) -> np.ndarray:
     """Read a ``.npy`` member; skip parsing the header when it is byte for byte the one written for
-    ``shape`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to ``np.load``."""
-    if shape is not None:
+    one of ``shapes`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to ``np.load``."""
+    for shape in shapes or ():
         header = _npy_header(tuple(shape))
         if data.startswith(header) and len(data) == len(header) + _payload_bytes(tuple(shape)):
             return np.frombuffer(data, dtype=STORAGE_DTYPE, offset=len(header)).reshape(shape)
@@ -102,25 +107,42 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
 
 
 def decode_latent_sample(
-    sample: dict[str, Any], latent_shape: tuple[int, ...] | None = None, text_shape: tuple[int, ...] | None = None
+    sample: dict[str, Any],
+    latent_shape: tuple[int, ...] | None = None,
+    text_shape: tuple[int, ...] | None = None,
+    *,
+    latent_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
+
+    Args:
+        sample: the raw webdataset sample (``__key__``, ``__url__``, member bytes).
+        latent_shape: the expected ``(C, h, w)``.
+        text_shape: the expected ``(T, D)``.
+        latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
     """
     origin = sample_origin(sample)
+    allowed_latent = (
+        [tuple(s) for s in latent_shapes] if latent_shapes else ([tuple(latent_shape)] if latent_shape else None)
+    )
+    allowed_text = [tuple(text_shape)] if text_shape else None
     arrays = {}
-    for key, shape in ((LATENT_KEY, latent_shape), (TEXT_KEY, text_shape)):
+    for key, shapes in ((LATENT_KEY, allowed_latent), (TEXT_KEY, allowed_text)):
         if key not in sample:
             raise CorruptSampleError(f"{origin}: member '{key}' is missing")
         try:
-            array = _load_npy_of_shape(sample[key], shape)
+            array = _load_npy_of_shape(sample[key], shapes)
         except Exception as error:
             raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
-        if array.dtype != STORAGE_DTYPE or (shape is not None and tuple(array.shape) != tuple(shape)):
-            found, expected = f"{array.dtype} {tuple(array.shape)}", f"{np.dtype(STORAGE_DTYPE)} {shape}"
-            raise CorruptSampleError(f"{origin}: member '{key}' is {found}, expected {expected}")
+        if array.dtype != STORAGE_DTYPE or (shapes is not None and tuple(array.shape) not in shapes):
+            expected = " or ".join(str(s) for s in shapes) if shapes else "any shape"
+            found = f"{array.dtype} {tuple(array.shape)}"
+            raise CorruptSampleError(
+                f"{origin}: member '{key}' is {found}, expected {np.dtype(STORAGE_DTYPE)} {expected}"
+            )
         arrays[key] = array
     caption = sample[CAPTION_KEY].decode("utf-8") if CAPTION_KEY in sample else ""
     meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
@@ -232,6 +254,8 @@ class LatentManifest:
     tokenizer_path: str
     transforms: dict[str, Any]
     shards: list[ShardEntry] = field(default_factory=list)
+    bucket_sizes: list[list[int]] = field(default_factory=list)  # [height, width] pixels; empty: not bucketed
+    bucket_latent_shapes: list[list[int]] = field(default_factory=list)  # [C, h, w] of each bucket
     uncond_file: str = UNCOND_NAME
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
@@ -240,6 +264,10 @@ class LatentManifest:
     def num_samples(self) -> int:
         """Samples in all shards."""
         return sum(shard.num_samples for shard in self.shards)
+
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Every latent shape a sample may have: one per bucket, or ``latent_shape`` alone."""
+        return [tuple(s) for s in self.bucket_latent_shapes] or [tuple(self.latent_shape)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""

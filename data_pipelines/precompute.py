@@ -4,8 +4,12 @@ Resumable and cache-correct: each output shard is written under a temporary name
 complete, then recorded (``shard-NNNNNN.entry.json``) with its :class:`CacheKey`. A rerun reuses a
 shard whose recorded key equals the current one, encodes missing ones, and refuses stale ones
 (an edited input shard, another VAE, text encoder or tokenizer, other transforms) with a message
-saying what changed, unless ``recompute_stale`` is set. Under torchrun, rank ``r`` of ``w`` takes
-input shards ``r, r + w, ...``; rank 0 writes the manifest once every rank is done.
+saying what changed, unless ``recompute_stale`` is set.
+
+The encoding loop is Lightning's ``Trainer.predict``: on N devices (or N CPU processes started by
+torchrun), rank ``r`` of ``w`` takes input shards ``r, r + w, ...`` and one writer per rank
+(:class:`LatentShardWriter`) writes its output shards; rank 0 writes the manifest once every rank
+is done.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-import torch.distributed as dist
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
 
-from data_pipelines.atomic import atomic_path
+from data_pipelines.atomic import TMP_SUFFIX
+from data_pipelines.buckets import BucketResizeCrop
 from data_pipelines.errors import DataError
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
@@ -55,10 +62,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+Transform = ResizeCrop | BucketResizeCrop
+
+
 @dataclass
 class _Pending:
     key: str
-    pixels: torch.Tensor  # (3, R, R)
+    pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
     caption: str
     meta: dict[str, Any]
 
@@ -68,16 +78,24 @@ class LatentShardEncoder:
 
     Args:
         encoders: the frozen VAE and text encoder.
-        transform: preprocessing of each image to the training resolution.
-        batch_size: images per encoder call.
-        max_skipped: corrupt samples tolerated per run before it fails.
+        transform: preprocessing of each image to the training resolution, or into its
+            aspect-ratio bucket (:class:`~data_pipelines.buckets.BucketResizeCrop`).
+        batch_size: images per encoder call (each call encodes images of one size).
+        skips: counts corrupt samples (an undecodable image, a missing member) and fails the run
+            when too many are bad; default: more than 1% of at least 1,000 samples.
     """
 
-    def __init__(self, encoders: FrozenEncoders, transform: ResizeCrop, batch_size: int = 64, max_skipped: int = 100):
+    def __init__(
+        self,
+        encoders: FrozenEncoders,
+        transform: Transform,
+        batch_size: int = 64,
+        skips: SkipCounter | None = None,
+    ) -> None:
         self.encoders = encoders
         self.transform = transform
         self.batch_size = batch_size
-        self.skips = SkipCounter(max_skipped)
+        self.skips = skips or SkipCounter()
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -99,51 +117,117 @@ class LatentShardEncoder:
             for p, latent, text in zip(batch, latents, texts, strict=True)
         ]
 
+    def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
+        """Decode and preprocess the samples of raw shard ``source`` into batches of one image size.
+
+        Samples wait in one batch per size (one per bucket, when bucketed; at most
+        ``buckets x batch_size`` images held); a batch is yielded when full, the rest at the end of
+        the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`.
+        """
+        batches: dict[tuple[int, ...], list[_Pending]] = {}
+        dataset = wds.DataPipeline(wds.SimpleShardList([source]), wds.tarfile_to_samples(handler=self.skips))
+        for raw in dataset:
+            try:
+                sample_key, image, caption, meta = decode_raw_sample(raw)
+            except Exception as error:  # CorruptSampleError, or bad JSON metadata
+                self.skips(error)
+                continue
+            self.skips.count_good()
+            pixels, info = self.transform(image)
+            batch = batches.setdefault(tuple(pixels.shape), [])
+            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
+            if len(batch) == self.batch_size:
+                yield list(batch)
+                batch.clear()
+        for shape in sorted(batches):
+            if batches[shape]:
+                yield batches[shape]
+
     def encode_shard(self, source: str, target: Path, key: CacheKey) -> ShardEntry:
-        """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it."""
+        """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it
+        (in this process, without Lightning)."""
         skipped_before = self.skips.skipped
-        count = 0
-        with atomic_path(target) as tmp, open_tar_writer(tmp) as writer:
-            batch: list[_Pending] = []
-            dataset = wds.DataPipeline(wds.SimpleShardList([source]), wds.tarfile_to_samples(handler=self.skips))
-            for raw in dataset:
-                try:
-                    sample_key, image, caption, meta = decode_raw_sample(raw)
-                except Exception as error:  # CorruptSampleError, or bad JSON metadata
-                    self.skips(error)
-                    continue
-                pixels, info = self.transform(image)
-                batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
-                if len(batch) == self.batch_size:
-                    count += self._write(writer, batch)
-                    batch = []
-            if batch:
-                count += self._write(writer, batch)
-        entry = ShardEntry(
-            name=target.name,
-            num_samples=count,
-            source=str(Path(source).resolve()),
-            source_sha256=key.source_sha256,
-            skipped=self.skips.skipped - skipped_before,
-            cache_key=asdict(key),
-        )
-        save_entry(target, entry)
-        return entry
+        output = ShardOutput(target, source, key)
+        try:
+            for batch in self.preprocessed_batches(source):
+                output.write(self.encode_batch(batch))
+        except BaseException:
+            output.abort()
+            raise
+        return output.finish(self.skips.skipped - skipped_before)
 
-    def _write(self, writer: wds.TarWriter, batch: list[_Pending]) -> int:
-        for sample in self.encode_batch(batch):
-            writer.write(encode_latent_sample(sample))
-        return len(batch)
-
-    def latent_shape(self) -> list[int]:
-        """``[C, h, w]`` of one latent at the transform's resolution."""
-        probe = torch.zeros(1, 3, self.transform.resolution, self.transform.resolution)
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> list[int]:
+        """``[C, h, w]`` of one latent of a ``height`` x ``width`` image (default: the resolution square)."""
+        height = height or self.transform.resolution
+        probe = torch.zeros(1, 3, height, width or height)
         return list(self.encoders.encode_images(probe).shape[1:])
+
+    def bucket_latent_shapes(self) -> list[list[int]]:
+        """``[C, h, w]`` of each bucket's latents (empty when not bucketed)."""
+        if not isinstance(self.transform, BucketResizeCrop):
+            return []
+        channels = self.latent_shape()[0]
+        factor = 2 ** (len(self.encoders.vae.config.block_out_channels) - 1)  # the VAE's downsampling factor
+        for height, width in self.transform.buckets.sizes:
+            if height % factor or width % factor:
+                raise DataError(
+                    f"bucket {height}x{width} is not a multiple of the VAE's factor {factor}; "
+                    "use a bucket step that is a multiple of it"
+                )
+        return [[channels, height // factor, width // factor] for height, width in self.transform.buckets.sizes]
 
     def text_shape_and_uncond(self) -> tuple[list[int], Any]:
         """``[T, D]`` of one text embedding and the empty caption's embedding ``(T, D)``."""
         uncond = self.encoders.encode_captions([""])[0].float().cpu().numpy()
         return list(uncond.shape), uncond
+
+
+class ShardOutput:
+    """One latent shard being written: samples go to ``NAME.tar.tmp``, which :meth:`finish` renames
+    to ``NAME.tar`` and records (``NAME.entry.json``); :meth:`abort` removes it. A crash leaves no
+    file under the final name that is not complete.
+
+    Args:
+        target: the final shard path.
+        source: the raw shard it is made from.
+        key: its cache key.
+    """
+
+    def __init__(self, target: Path, source: str, key: CacheKey) -> None:
+        self.target = target
+        self.source = source
+        self.key = key
+        self.tmp = target.with_name(target.name + TMP_SUFFIX)
+        self.tmp.unlink(missing_ok=True)
+        self.writer = open_tar_writer(self.tmp)
+        self.count = 0
+
+    def write(self, samples: list[LatentSample]) -> None:
+        """Append encoded samples."""
+        for sample in samples:
+            self.writer.write(encode_latent_sample(sample))
+        self.count += len(samples)
+
+    def finish(self, skipped: int) -> ShardEntry:
+        """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
+        self.writer.close()
+        os.replace(self.tmp, self.target)
+        entry = ShardEntry(
+            name=self.target.name,
+            num_samples=self.count,
+            source=str(Path(self.source).resolve()),
+            source_sha256=self.key.source_sha256,
+            skipped=skipped,
+            cache_key=asdict(self.key),
+        )
+        save_entry(self.target, entry)
+        log.info("%s: %d samples from %s (%d skipped)", entry.name, entry.num_samples, self.source, skipped)
+        return entry
+
+    def abort(self) -> None:
+        """Drop the partial shard."""
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -170,20 +254,25 @@ def plan_shards(out: Path, names: list[str], keys: dict[str, CacheKey]) -> Preco
     return plan
 
 
-def _rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def precompute_latents(
-    shards: list[str], out_dir: str | Path, encoder: LatentShardEncoder, recompute_stale: bool = False
+    shards: list[str],
+    out_dir: str | Path,
+    encoder: LatentShardEncoder,
+    recompute_stale: bool = False,
+    trainer_options: dict[str, Any] | None = None,
 ) -> LatentManifest | None:
-    """Encode this rank's input shards into ``out_dir`` (same file names); rank 0 writes the manifest.
+    """Encode the input shards into ``out_dir`` (same file names) with Lightning's ``Trainer.predict``;
+    each rank takes whole input shards (``r, r + w, ...``) and writes its own output shards; rank 0
+    writes the manifest once every rank is done.
 
     Args:
         shards: all raw shard paths (every rank gets the same list).
         out_dir: output folder.
         encoder: the configured encoder.
         recompute_stale: re-encode stale shards instead of refusing them.
+        trainer_options: ``lightning.Trainer`` arguments (``accelerator``, ``devices``,
+            ``num_nodes``, ``strategy``); default: one process on the encoders' device, or the
+            layout torchrun gives (``LOCAL_WORLD_SIZE`` devices per node, DDP).
 
     Returns:
         The manifest on rank 0, ``None`` on other ranks.
@@ -201,34 +290,138 @@ def precompute_latents(
     names = [Path(s).name for s in shards]
     if len(set(names)) != len(names):
         raise DataError(f"input shards share file names; give shards with distinct names: {names}")
-    rank, world = _rank_and_world()
-    mine = {
-        name: source for index, (name, source) in enumerate(zip(names, shards, strict=True)) if index % world == rank
+    options = {
+        **launch_layout(encoder.encoders.device),
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        **(trainer_options or {}),
     }
-    keys = {name: encoder.cache_key(file_sha256(source)) for name, source in mine.items()}
-    plan = plan_shards(out, list(mine), keys)
-    if plan.stale and not recompute_stale:
-        details = "; ".join(f"{name}: {', '.join(changes)} changed" for name, changes in sorted(plan.stale.items()))
-        raise StaleLatentsError(
-            f"{out}: {len(plan.stale)} latent shard(s) do not match the current settings ({details}). "
-            "Use another out_dir, or set recompute_stale=true to encode them again."
-        )
-    for name in plan.reuse:
-        log.info("%s: complete and up to date, reused", name)
-    for name in plan.encode + sorted(plan.stale):
-        entry = encoder.encode_shard(mine[name], out / name, keys[name])
-        log.info("%s: %d samples from %s (%d skipped)", name, entry.num_samples, mine[name], entry.skipped)
-    if world > 1:
-        _barrier()
-    if rank != 0:
+    trainer = L.Trainer(**options, callbacks=[LatentShardWriter()])
+    job = _RankShards(shards, out, encoder, recompute_stale)
+    trainer.predict(LatentEncoding(encoder), datamodule=job, return_predictions=False)
+    trainer.strategy.barrier("precompute done")
+    if not trainer.is_global_zero:
         return None
     return _write_manifest(out, names, encoder)
 
 
-def _barrier() -> None:
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
+def launch_layout(device: torch.device) -> dict[str, Any]:
+    """Trainer arguments for the processes torchrun started (one process otherwise)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "devices": local,
+        "num_nodes": max(1, world // local),
+        "strategy": "ddp" if world > 1 else "auto",
+    }
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _RankShards(L.LightningDataModule):
+    """This rank's input shards as a stream of work items for :class:`LatentEncoding`.
+
+    For each shard it encodes (missing, or stale with ``recompute_stale``), one item per batch of
+    preprocessed samples, then an end item with the shard's skip count. Reused shards yield nothing.
+    """
+
+    def __init__(self, shards: list[str], out: Path, encoder: LatentShardEncoder, recompute_stale: bool) -> None:
+        super().__init__()
+        self.shards = shards
+        self.out = out
+        self.encoder = encoder
+        self.recompute_stale = recompute_stale
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # LatentShardEncoder.encode_batch moves the pixels itself
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = {Path(s).name: s for index, s in enumerate(self.shards) if index % world == rank}
+        keys = {name: self.encoder.cache_key(file_sha256(source)) for name, source in mine.items()}
+        plan = plan_shards(self.out, list(mine), keys)
+        if plan.stale and not self.recompute_stale:
+            details = "; ".join(f"{name}: {', '.join(changes)} changed" for name, changes in sorted(plan.stale.items()))
+            raise StaleLatentsError(
+                f"{self.out}: {len(plan.stale)} latent shard(s) do not match the current settings ({details}). "
+                "Use another out_dir, or set recompute_stale=true to encode them again."
+            )
+        for name in plan.reuse:
+            log.info("%s: complete and up to date, reused", name)
+        work = [(self.out / name, mine[name], keys[name]) for name in plan.encode + sorted(plan.stale)]
+        return DataLoader(_WorkItems(work, self.encoder), batch_size=None, collate_fn=_as_is)
+
+
+class _WorkItems(IterableDataset):
+    """Work items for the shards ``work`` lists: ``(target, source, key)`` each."""
+
+    def __init__(self, work: list[tuple[Path, str, CacheKey]], encoder: LatentShardEncoder) -> None:
+        self.work = work
+        self.encoder = encoder
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for target, source, key in self.work:
+            shard = {"target": target, "source": source, "key": key}
+            skipped_before = self.encoder.skips.skipped
+            for batch in self.encoder.preprocessed_batches(source):
+                yield {**shard, "pending": batch}
+            yield {**shard, "skipped": self.encoder.skips.skipped - skipped_before}
+
+
+class LatentEncoding(L.LightningModule):
+    """Runs the frozen encoders on work items: a batch of preprocessed samples becomes encoded
+    :class:`LatentSample` s (``samples``); a shard's end item passes through.
+
+    Args:
+        encoder: the configured encoder (its VAE and text encoder become this module's submodules).
+    """
+
+    def __init__(self, encoder: LatentShardEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.vae = encoder.encoders.vae
+        self.text_encoder = encoder.encoders.text_encoder
+
+    def predict_step(self, item: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "pending" not in item:
+            return item
+        samples = self.encoder.encode_batch(item["pending"])
+        return {key: value for key, value in item.items() if key != "pending"} | {"samples": samples}
+
+
+class LatentShardWriter(L.Callback):
+    """This rank's writer: each shard goes to its own :class:`ShardOutput`, finished (renamed and
+    recorded) at the shard's end item; partial shards are removed when the run fails."""
+
+    def __init__(self) -> None:
+        self.open: dict[Path, ShardOutput] = {}
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        target = prediction["target"]
+        if target not in self.open:
+            self.open[target] = ShardOutput(target, prediction["source"], prediction["key"])
+        if "samples" in prediction:
+            self.open[target].write(prediction["samples"])
+        else:
+            self.open.pop(target).finish(prediction["skipped"])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for output in self.open.values():
+            output.abort()
+        self.open.clear()
 
 
 def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) -> LatentManifest:
@@ -246,6 +439,8 @@ def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) ->
         tokenizer_path=encoder.encoders.tokenizer_path,
         transforms=encoder.transform.settings(),
         shards=entries,  # type: ignore[arg-type]
+        bucket_sizes=encoder.transform.buckets.to_list() if isinstance(encoder.transform, BucketResizeCrop) else [],
+        bucket_latent_shapes=encoder.bucket_latent_shapes(),
     )
     save_uncond_embedding(out, uncond)
     manifest.save(out)

@@ -6,7 +6,10 @@ Each sample of a raw shard is three tar members sharing one key::
     KEY.txt                        the caption, UTF-8
     KEY.json                       metadata (source path or index, labels, ...)
 
-That is the layout img2dataset writes, so its output is valid input.
+That is the layout img2dataset writes, so its output is valid input. img2dataset's ``KEY.json``
+holds ``url``, ``key``, ``status``, ``error_message``, ``width``, ``height``, ``original_width``,
+``original_height``, ``exif``, ``sha256``...; a sample whose ``status`` is not ``"success"`` is
+treated as corrupt (skipped and counted by the readers, reported by validation).
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ def sample_origin(sample: dict[str, Any]) -> str:
     return f"{sample.get('__url__', '<unknown shard>')}: sample {sample.get('__key__', '<no key>')}"
 
 
+def failed_status(meta: dict[str, Any]) -> str | None:
+    """Why ``KEY.json`` marks a sample as failed (img2dataset's ``status`` and ``error_message``),
+    or ``None`` for a sample without a status or with ``status == "success"``."""
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if status is None or status == "success":
+        return None
+    message = meta.get("error_message")
+    return f"status {status!r}" + (f" ({message})" if message else "")
+
+
 def decode_raw_sample(sample: dict[str, Any]) -> tuple[str, Image.Image, str, dict[str, Any]]:
     """Decode one webdataset sample of a raw shard.
 
@@ -61,9 +74,17 @@ def decode_raw_sample(sample: dict[str, Any]) -> tuple[str, Image.Image, str, di
         ``(key, image, caption, meta)``, the image converted to RGB.
 
     Raises:
-        CorruptSampleError: the image is missing or does not decode, or the caption is missing.
+        CorruptSampleError: the image is missing or does not decode, the caption is missing, or
+            ``KEY.json`` does not parse or marks the sample as failed (img2dataset's ``status``).
     """
     origin = sample_origin(sample)
+    try:
+        meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
+    except ValueError as error:
+        raise CorruptSampleError(f"{origin}: member '{META_KEY}' is not valid JSON ({error})") from error
+    failure = failed_status(meta)
+    if failure is not None:
+        raise CorruptSampleError(f"{origin}: '{META_KEY}' marks the sample as failed: {failure}")
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_ext is None:
         raise CorruptSampleError(f"{origin}: no image member (expected one of {IMAGE_EXTENSIONS})")
@@ -75,7 +96,6 @@ def decode_raw_sample(sample: dict[str, Any]) -> tuple[str, Image.Image, str, di
     except Exception as error:  # PIL raises several types for bad bytes
         raise CorruptSampleError(f"{origin}: image '{image_ext}' does not decode ({error})") from error
     caption = sample[CAPTION_KEY].decode("utf-8").strip()
-    meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
     return sample["__key__"], image, caption, meta
 
 

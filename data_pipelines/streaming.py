@@ -1,7 +1,13 @@
 """Webdataset pipelines over shard lists: split by node and worker, shuffle, decode, batch.
 
-Corrupt samples are skipped by a :class:`SkipCounter`, which logs each one with its shard and key
-and fails the run once more than ``max_skipped`` are seen (counts are per loader process).
+Corrupt samples are skipped by a :class:`SkipCounter`, which logs each one with its shard and key,
+counts it, and fails the run once more than ``max_bad_fraction`` of the samples read are bad (the
+fraction is taken over at least ``min_samples`` samples, so a bad sample early in a run does not
+fail it on its own). Counts are kept per loader process; each batch carries its process's new
+counts under :data:`COUNTS_KEY`, which the data modules take off and add up in the main process
+(:class:`SampleCounts`), where :class:`~data_pipelines.monitoring.SkippedSamplesMonitor` logs them.
+Samples a worker reads after its last batch of an epoch (a dropped partial batch) reach the limit
+check but not the logged counts.
 """
 
 from __future__ import annotations
@@ -10,39 +16,119 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from data_pipelines.errors import DataError
 
 log = logging.getLogger(__name__)
+COUNTS_KEY = "__sample_counts__"  # (2,) int64 in a batch: samples read and samples skipped since the last batch
 
 
 class TooManyCorruptSamples(DataError):
-    """More corrupt samples than the configured limit."""
+    """More corrupt samples than the configured fraction."""
+
+
+@dataclass
+class SampleCounts:
+    """Samples read (good and bad) and samples skipped as corrupt.
+
+    Attributes:
+        seen: samples read, the skipped ones included.
+        skipped: corrupt samples skipped.
+    """
+
+    seen: int = 0
+    skipped: int = 0
+
+    @property
+    def bad_fraction(self) -> float:
+        """``skipped / seen`` (0 before anything is read)."""
+        return self.skipped / self.seen if self.seen else 0.0
+
+    def add(self, seen: int, skipped: int) -> None:
+        """Add the counts another process reported."""
+        self.seen += seen
+        self.skipped += skipped
 
 
 class SkipCounter:
-    """A webdataset exception handler that logs, counts and skips bad samples.
+    """A webdataset exception handler that logs, counts and skips bad samples, and fails the run
+    when too many are bad.
+
+    The run fails when ``skipped > max_bad_fraction * max(seen, min_samples)``.
 
     Args:
-        max_skipped: the most samples one process may skip before the run fails.
+        max_bad_fraction: the largest fraction of the samples read that may be bad.
+        min_samples: the fraction is taken over at least this many samples (so up to
+            ``max_bad_fraction * min_samples`` bad samples are tolerated at the start of a run).
     """
 
-    def __init__(self, max_skipped: int = 100) -> None:
-        self.max_skipped = max_skipped
-        self.skipped = 0
+    def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 1000) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1]")
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.counts = SampleCounts()
+        self._reported = SampleCounts()
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far by this process."""
+        return self.counts.skipped
+
+    def count_good(self) -> None:
+        """Count one sample that decoded."""
+        self.counts.seen += 1
 
     def __call__(self, error: Exception) -> bool:
-        self.skipped += 1
-        log.warning("skipped corrupt sample %d: %s", self.skipped, error)
-        if self.skipped > self.max_skipped:
+        """Count, log and skip the sample ``error`` is about (webdataset's handler protocol).
+
+        Raises:
+            TooManyCorruptSamples: the bad fraction is over the limit; names the last bad sample.
+        """
+        self.counts.add(1, 1)
+        log.warning("skipped corrupt sample %d (of %d read): %s", self.counts.skipped, self.counts.seen, error)
+        if self.counts.skipped > self.max_bad_fraction * max(self.counts.seen, self.min_samples):
             raise TooManyCorruptSamples(
-                f"{self.skipped} corrupt samples skipped, more than max_skipped={self.max_skipped}; last: {error}"
+                f"{self.counts.skipped} of {self.counts.seen} samples read are corrupt, more than "
+                f"max_bad_fraction={self.max_bad_fraction} (taken over at least {self.min_samples} samples); "
+                f"last: {error}"
             ) from error
         return True
+
+    def attach_counts(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add the counts since the previous batch to ``batch`` under :data:`COUNTS_KEY` (a batching stage)."""
+        new = (self.counts.seen - self._reported.seen, self.counts.skipped - self._reported.skipped)
+        self._reported = SampleCounts(self.counts.seen, self.counts.skipped)
+        batch[COUNTS_KEY] = torch.tensor(new, dtype=torch.int64)
+        return batch
+
+
+def take_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """Remove :data:`COUNTS_KEY` from a batch; ``(seen, skipped)`` it held (zeros when absent)."""
+    counts = batch.pop(COUNTS_KEY, None)
+    if counts is None:
+        return 0, 0
+    seen, skipped = (int(v) for v in counts.tolist())
+    return seen, skipped
+
+
+class _CountedDecode:
+    """A decode step that counts each sample it decodes (a picklable wrapper)."""
+
+    def __init__(self, decode: Callable[[dict[str, Any]], Any], counter: SkipCounter) -> None:
+        self.decode = decode
+        self.counter = counter
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        decoded = self.decode(sample)
+        self.counter.count_good()
+        return decoded
 
 
 def shard_stream(
@@ -57,6 +143,7 @@ def shard_stream(
     seed: int = 0,
     batches_per_epoch: int | None = None,
     partial_batches: bool = False,
+    batcher: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
 ) -> wds.DataPipeline | EpochSlices:
     """A pipeline yielding collated batches from shards.
 
@@ -66,7 +153,8 @@ def shard_stream(
             sample; raising skips the sample through ``handler``.
         batch_size: samples per batch.
         collate: list of decoded samples -> batch.
-        handler: counts and logs skipped samples.
+        handler: counts and logs skipped samples; each batch carries its new counts
+            (:data:`COUNTS_KEY`, see :func:`take_counts`).
         shuffle_buffer: samples held for shuffling (0: none).
         resampled: draw shards with replacement, endlessly: every rank and worker sees an equal,
             unbounded stream, served in epochs of ``batches_per_epoch`` that continue one another
@@ -75,6 +163,8 @@ def shard_stream(
         seed: seed of shard resampling and sample shuffling.
         batches_per_epoch: batches each loader worker yields per epoch (needed with ``resampled``).
         partial_batches: keep the last, smaller batch of an epoch.
+        batcher: a pipeline stage (iterator of decoded samples -> iterator of collated batches)
+            used instead of plain batching, e.g. :class:`~data_pipelines.buckets.BucketBatcher`.
     """
     if resampled:
         stages: list[Any] = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
@@ -84,8 +174,9 @@ def shard_stream(
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     stages += [
-        wds.map(decode, handler=handler),
-        wds.batched(batch_size, collation_fn=collate, partial=partial_batches),
+        wds.map(_CountedDecode(decode, handler), handler=handler),
+        batcher or wds.batched(batch_size, collation_fn=collate, partial=partial_batches),
+        wds.map(handler.attach_counts),
     ]
     pipeline = wds.DataPipeline(*stages)
     if resampled:

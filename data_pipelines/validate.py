@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from data_pipelines.raw_format import CAPTION_KEY, IMAGE_EXTENSIONS
+from data_pipelines.raw_format import CAPTION_KEY, IMAGE_EXTENSIONS, META_KEY, failed_status
 
 
 @dataclass
@@ -24,6 +25,8 @@ class ShardReport:
         missing_image: keys with no image member.
         missing_caption: keys with no ``txt`` member.
         duplicate_keys: keys whose members are not contiguous or appear twice.
+        failed_status: keys whose ``KEY.json`` says the download failed (img2dataset's ``status``
+            other than ``"success"``), or does not parse as JSON.
         truncated: the tar error when the file ends early or is not a tar.
     """
 
@@ -33,12 +36,18 @@ class ShardReport:
     missing_image: list[str] = field(default_factory=list)
     missing_caption: list[str] = field(default_factory=list)
     duplicate_keys: list[str] = field(default_factory=list)
+    failed_status: list[str] = field(default_factory=list)
     truncated: str | None = None
 
     @property
     def ok(self) -> bool:
         return not (
-            self.undecodable or self.missing_image or self.missing_caption or self.duplicate_keys or self.truncated
+            self.undecodable
+            or self.missing_image
+            or self.missing_caption
+            or self.duplicate_keys
+            or self.failed_status
+            or self.truncated
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +83,13 @@ def validate_shard(path: str | Path) -> ShardReport:
                 report.undecodable.append(key)
         if CAPTION_KEY not in members:
             report.missing_caption.append(key)
+        if META_KEY in members:
+            try:
+                status = failed_status(json.loads(members[META_KEY]))
+            except ValueError:
+                status = "KEY.json is not valid JSON"
+            if status is not None:
+                report.failed_status.append(key)
 
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -113,3 +129,18 @@ def _ends_with_end_marker(path: Path) -> bool:
 def validate_shards(paths: list[str]) -> list[ShardReport]:
     """Reports for every shard, in order."""
     return [validate_shard(path) for path in paths]
+
+
+def report_table(reports: list[ShardReport]) -> list[str]:
+    """The reports as lines of a table, one shard a line, under a header."""
+    lines = [
+        f"{'shard':<50} {'samples':>8} {'bad image':>9} {'no image':>8} {'no caption':>10} {'dup key':>7} "
+        f"{'failed':>6}  tar"
+    ]
+    for r in reports:
+        tar = "ok" if r.truncated is None else f"BROKEN ({r.truncated})"
+        lines.append(
+            f"{r.shard[-50:]:<50} {r.samples:>8} {len(r.undecodable):>9} {len(r.missing_image):>8} "
+            f"{len(r.missing_caption):>10} {len(r.duplicate_keys):>7} {len(r.failed_status):>6}  {tar}"
+        )
+    return lines

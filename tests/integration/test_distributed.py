@@ -65,7 +65,8 @@ def test_ddp_on_two_cpu_processes_and_exact_resume(latent_dir, tmp_path):
     uninterrupted = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert uninterrupted["global_step"] == 4
     assert len(uninterrupted["callbacks"]["RNGState"]["ranks"]) == 2, "each rank's RNG states are saved"
-    assert (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").is_file()
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "data/skipped_samples" in metrics.splitlines()[0], "the skip count, summed over ranks, is logged"
     # stopped at step 2 (4 batches a rank, mid-epoch), resumed to 4 (across the epoch's end)
     train(latent_dir, tmp_path / "stopped", "ddp", 2, cwd=tmp_path)
     train(latent_dir, tmp_path / "stopped", "ddp", 4, "ckpt_path=last", cwd=tmp_path)

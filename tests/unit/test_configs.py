@@ -148,6 +148,8 @@ def test_source_options(tmp_path):
     ):
         source = instantiate(compose_config("shards", [f"source={option}", "out_dir=o", *extra]).source)
         assert iter(source) is not None
+    folder = instantiate(compose_config("shards", ["source=img2dataset", f"source.path={tmp_path}"]).source)
+    assert folder.path == tmp_path
 
 
 def test_data_options(latent_dir, raw_shards):
@@ -173,3 +175,12 @@ def test_objective_options_train_a_step(option):
     loss.backward()
     assert torch.isfinite(loss)
     assert module.noise_scheduler.config.prediction_type == cfg.model.noise_scheduler.prediction_type
+
+
+@pytest.mark.parametrize("option", options("buckets"))
+def test_bucket_options(option):
+    from data_pipelines.buckets import BucketSet
+
+    cfg = compose_config("precompute", ["shards=x", "out_dir=o", "pretrained=p", f"buckets={option}"])
+    buckets = instantiate(cfg.buckets)
+    assert isinstance(buckets, BucketSet) and len(buckets.sizes) >= 3

@@ -6,7 +6,7 @@ from PIL import Image
 
 from data_pipelines.datamodules import ImageShardDataModule
 from data_pipelines.shard_writer import open_tar_writer
-from data_pipelines.streaming import TooManyCorruptSamples
+from data_pipelines.streaming import COUNTS_KEY, SkipCounter, TooManyCorruptSamples
 
 
 def write_shard(path, good: int, bad: int):
@@ -21,23 +21,43 @@ def write_shard(path, good: int, bad: int):
 def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     write_shard(tmp_path / "s.tar", good=6, bad=2)
     datamodule = ImageShardDataModule(
-        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False, max_skipped=5
+        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False
     )
     with caplog.at_level(logging.WARNING):
         batches = list(datamodule.train_dataloader())
     assert sum(b["pixels"].shape[0] for b in batches) == 6
     assert batches[0]["pixels"].shape == (2, 3, 8, 8)
     assert "s.tar: sample 000000000: image 'png' does not decode" in caplog.text
-    assert "skipped corrupt sample 2" in caplog.text
+    assert "skipped corrupt sample 2 (of 2 read)" in caplog.text
+    for batch in batches:  # what Lightning does with each batch before the step
+        datamodule.on_before_batch_transfer(batch, 0)
+        assert COUNTS_KEY not in batch
+    assert (datamodule.sample_counts.seen, datamodule.sample_counts.skipped) == (8, 2)
 
 
 def test_too_many_corrupt_samples_fail_the_run(tmp_path):
     write_shard(tmp_path / "s.tar", good=2, bad=3)
     datamodule = ImageShardDataModule(
-        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False, max_skipped=2
+        str(tmp_path),
+        resolution=8,
+        batch_size=2,
+        num_workers=0,
+        shuffle_buffer=0,
+        resampled=False,
+        bad_fraction_min_samples=4,
     )
-    with pytest.raises(TooManyCorruptSamples, match="more than max_skipped=2"):
+    with pytest.raises(TooManyCorruptSamples, match=r"1 of 1 samples read .* more than max_bad_fraction=0.01 .*s\.tar"):
         list(datamodule.train_dataloader())
+
+
+def test_bad_fraction_limit_counts_good_samples():
+    counter = SkipCounter(max_bad_fraction=0.25, min_samples=4)
+    counter(ValueError("a.tar: sample 1"))  # 1 bad of at least 4: within 25%
+    for _ in range(6):
+        counter.count_good()
+    counter(ValueError("a.tar: sample 8"))  # 2 of 8
+    with pytest.raises(TooManyCorruptSamples, match=r"3 of 9 samples read are corrupt.*last: b\.tar: sample 9"):
+        counter(ValueError("b.tar: sample 9"))
 
 
 def test_resampled_stream_gives_equal_epochs(tmp_path):

@@ -2,13 +2,15 @@
 
 Rerunning into the same out_dir reuses complete, up-to-date shards and encodes the rest; stale
 shards (edited input, other encoders or transforms) are refused unless ``recompute_stale=true``.
-Several processes: ``torchrun --nproc_per_node=N -m trainer.cli.precompute ...``.
+Several processes: ``torchrun --nproc_per_node=N -m trainer.cli.precompute ...`` (Lightning's
+``Trainer.predict`` runs DDP across them; rank r encodes input shards r, r + N, ... and writes its own).
 
 Examples::
 
     lf-precompute shards=data/digits-train out_dir=data/latents pretrained=base/ resolution=32
     lf-precompute shards='data/shard-{000000..000099}.tar' out_dir=latents \\
         vae_path=sd15/vae text_encoder_path=sd15/text_encoder tokenizer_path=sd15/tokenizer
+    lf-precompute shards=data/raw out_dir=data/latents-buckets pretrained=sd15/ buckets=sd512
 """
 
 from __future__ import annotations
@@ -16,34 +18,44 @@ from __future__ import annotations
 from typing import Any
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from data_pipelines.buckets import BucketResizeCrop
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.precompute import LatentShardEncoder, precompute_latents
+from data_pipelines.precompute import LatentShardEncoder, Transform, precompute_latents
 from data_pipelines.shard_list import resolve_shards
+from data_pipelines.streaming import SkipCounter
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     """Encode the configured shards; returns the written manifest as a dict."""
     shards = resolve_shards(cfg.shards)
+    if cfg.get("buckets"):
+        if cfg.crop != "center":
+            raise ValueError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
+        transform: Transform = BucketResizeCrop(instantiate(cfg.buckets), interpolation=cfg.interpolation)
+    else:
+        transform = ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation)
     encoders = FrozenEncoders.from_pretrained(
         cfg.vae_path, cfg.text_encoder_path, cfg.tokenizer_path, device=cfg.device, dtype=cfg.dtype
     )
     encoder = LatentShardEncoder(
         encoders,
-        ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation),
+        transform,
         batch_size=cfg.batch_size,
-        max_skipped=cfg.max_skipped,
+        skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
     )
     manifest = precompute_latents(shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale)
     if manifest is None:  # a rank other than 0 under torchrun
         return {}
     skipped = sum(s.skipped for s in manifest.shards)
+    latent = manifest.bucket_latent_shapes or manifest.latent_shape
     print(
         f"precompute: {manifest.num_samples} samples in {len(manifest.shards)} shards, {skipped} skipped; "
-        f"latent {manifest.latent_shape}, text {manifest.text_shape} -> {cfg.out_dir}"
+        f"latent {latent}, text {manifest.text_shape} -> {cfg.out_dir}"
     )
     return manifest.to_dict()
 

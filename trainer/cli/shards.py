@@ -6,25 +6,40 @@ Examples::
     lf-shards source=digits source.split=heldout out_dir=data/digits-heldout
     lf-shards source=folder source.root=photos/ out_dir=data/photos samples_per_shard=500
     lf-shards source=table source.table=captions.csv out_dir=data/table on_bad_sample=skip
+    lf-shards source=table source.table=laion.parquet source.path_column=file source.caption_column=text out_dir=...
+    lf-shards source=img2dataset source.path=img2dataset_out    # validated in place, not rewritten
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.atomic import write_json_atomic
 from data_pipelines.raw_shards import write_raw_shards
+from data_pipelines.sources.img2dataset import Img2DatasetFolder
+from data_pipelines.validate import report_table
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 
 def run_shards(cfg: DictConfig) -> dict[str, Any]:
-    """Write the configured source to shards; returns the summary as a dict."""
+    """Write the configured source to shards; returns the summary as a dict.
+
+    An img2dataset folder (``source=img2dataset``) is validated in place instead: its summary
+    (with ``ok``) goes to ``out_dir/img2dataset_summary.json``, or into the folder itself when
+    ``out_dir`` is not given.
+    """
+    source = instantiate(cfg.source)
+    if isinstance(source, Img2DatasetFolder):
+        return check_img2dataset(source, None if OmegaConf.is_missing(cfg, "out_dir") else cfg.out_dir)
     summary = write_raw_shards(
-        instantiate(cfg.source),
+        source,
         cfg.out_dir,
         samples_per_shard=cfg.samples_per_shard,
         on_bad_sample=cfg.on_bad_sample,
@@ -41,10 +56,26 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
     return asdict(summary)
 
 
+def check_img2dataset(folder: Img2DatasetFolder, out_dir: str | None) -> dict[str, Any]:
+    """Validate an img2dataset folder in place, print and write its summary; returns it as a dict."""
+    summary = folder.check()
+    print("\n".join(report_table(summary.reports)))
+    failed = summary.attempted - summary.status_counts.get("success", 0)
+    print(
+        f"img2dataset: {summary.samples} samples in {len(summary.shards)} shards, {summary.bytes / 1e6:.1f} MB; "
+        f"{summary.attempted} URLs tried, {failed} failed {summary.status_counts}; "
+        f"{'ok' if summary.ok else 'PROBLEMS in the shards (see the table)'}"
+    )
+    path = Path(out_dir or folder.path) / "img2dataset_summary.json"
+    write_json_atomic(path, summary.to_dict())
+    return summary.to_dict()
+
+
 @hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="shards")
 def main(cfg: DictConfig) -> None:
-    """Console entry point."""
-    run_shards(cfg)
+    """Console entry point; exit status 1 when an img2dataset folder has problems."""
+    if not run_shards(cfg).get("ok", True):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

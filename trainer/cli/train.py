@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.monitoring import SkippedSamplesMonitor
 from trainer.callbacks.provenance import Provenance
 from trainer.callbacks.rng import RNGState
 from trainer.checkpointing import resolve_resume_checkpoint
@@ -53,7 +54,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
-    trainer = build_trainer(cfg, [Provenance(resolved_container(cfg), datamodule.manifest.to_dict()), RNGState()])
+    monitors = [
+        Provenance(resolved_container(cfg), datamodule.manifest.to_dict()),
+        SkippedSamplesMonitor(datamodule.sample_counts),
+        RNGState(),
+    ]
+    trainer = build_trainer(cfg, monitors)
     ckpt_path = resolve_resume_checkpoint(
         cfg.get("ckpt_path"), OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     )

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from data_pipelines.atomic import atomic_path
+from data_pipelines.monitoring import SkippedSamplesMonitor
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, [SkippedSamplesMonitor(datamodule.sample_counts)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

@@ -1,8 +1,8 @@
 """``lf-validate``: check raw shards (yours, or img2dataset's output) before training on them.
 
-Per shard: samples, undecodable images, samples without image or caption, duplicate keys, and a
-truncated or unreadable tar. Prints a table, writes a JSON report when ``report=`` is set, and
-exits with status 1 when anything is wrong.
+Per shard: samples, undecodable images, samples without image or caption, duplicate keys, samples
+marked failed in KEY.json (img2dataset's status), and a truncated or unreadable tar. Prints a
+table, writes a JSON report when ``report=`` is set, and exits with status 1 when anything is wrong.
 
 Examples::
 
@@ -20,20 +20,14 @@ from omegaconf import DictConfig
 
 from data_pipelines.atomic import write_json_atomic
 from data_pipelines.shard_list import resolve_shards
-from data_pipelines.validate import validate_shards
+from data_pipelines.validate import report_table, validate_shards
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 
 def run_validate(cfg: DictConfig) -> dict[str, Any]:
     """Validate the configured shards; returns ``{"ok": bool, "shards": [report, ...]}``."""
     reports = validate_shards(resolve_shards(cfg.shards))
-    print(f"{'shard':<50} {'samples':>8} {'bad image':>9} {'no image':>8} {'no caption':>10} {'dup key':>7}  tar")
-    for r in reports:
-        tar = "ok" if r.truncated is None else f"BROKEN ({r.truncated})"
-        print(
-            f"{r.shard[-50:]:<50} {r.samples:>8} {len(r.undecodable):>9} {len(r.missing_image):>8} "
-            f"{len(r.missing_caption):>10} {len(r.duplicate_keys):>7}  {tar}"
-        )
+    print("\n".join(report_table(reports)))
     result = {"ok": all(r.ok for r in reports), "shards": [r.to_dict() for r in reports]}
     bad = sum(not r.ok for r in reports)
     print(f"validate: {len(reports)} shards, {sum(r.samples for r in reports)} samples, {bad} with problems")
