@@ -9,8 +9,11 @@ from safetensors.torch import load_file
 
 from tests.conftest import compose_config, tiny_train_overrides
 from trainer.cli.export import run_export
+from trainer.cli.sample import run_sample
 from trainer.cli.train import run_train
 from trainer.export import build_unet, load_checkpoint
+from trainer.lora.loading import load_lora_into_unet
+from trainer.sampling.sampler import Sampler
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +46,21 @@ def test_lora_run_exports_base_plus_adapters_that_diffusers_loads(latent_dir, tm
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 32)
     with torch.no_grad():  # diffusers applies the adapters with the trained scale (alpha/rank from metadata)
         torch.testing.assert_close(pipe.unet(x, t, text).sample, trained_unet(x, t, text).sample, atol=1e-5, rtol=0)
+
+    # Our sampler applies both files at a scale: 1 gives the trained model, 0 the base.
+    for lora_file in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        ours = Sampler.from_export(export, device="cpu")
+        load_lora_into_unet(ours.unet, export / "lora" / lora_file, scale=1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.unet(x, t, text).sample, trained_unet(x, t, text).sample, atol=1e-5, rtol=0)
+            ours.unet.set_adapters(["lora"], weights=[0.0])
+            base_unet = StableDiffusionPipeline.from_pretrained(export, local_files_only=True).unet
+            torch.testing.assert_close(ours.unet(x, t, text).sample, base_unet(x, t, text).sample, atol=1e-6, rtol=0)
+    sampled = run_sample(compose_config("sample", [
+        f"model_dir={export}", f"lora={export / 'lora'}", "lora_scale=0.5", "prompts=[a handwritten digit seven]",
+        "num_images_per_prompt=1", "steps=2", f"out_dir={tmp_path / 'samples'}",
+    ]))  # fmt: skip
+    assert len(sampled["paths"]) == 1
 
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()  # fused weights stay, adapter layers go
