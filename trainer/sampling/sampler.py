@@ -8,11 +8,12 @@ Euler ancestral's noise; so a seed gives the same image at any batch size, and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -186,6 +187,30 @@ class Sampler:
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
 
+    def _denoise(
+        self,
+        scheduler: SchedulerMixin,
+        latents: torch.Tensor,
+        prompts: list[str],
+        settings: SampleSettings,
+        timesteps: torch.Tensor,
+        generators: list[torch.Generator],
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run the denoising loop on ``latents`` ``(B, C, h, w)`` with classifier-free guidance."""
+        return denoise(
+            self.unet,
+            scheduler,
+            latents,
+            self.encode_prompts(prompts),
+            self.encode_prompts([settings.negative_prompt] * len(prompts)),
+            settings.guidance_scale,
+            timesteps,
+            generator=generators,
+            guidance_rescale=settings.guidance_rescale,
+            after_step=after_step,
+        )
+
     @torch.no_grad()
     def txt2img(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings
@@ -195,16 +220,8 @@ class Sampler:
         scheduler = self._scheduler(settings)
         shape = (self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         noise, generators = self._noise(seeds, shape)
-        latents = denoise(
-            self.unet,
-            scheduler,
-            noise * scheduler.init_noise_sigma,
-            self.encode_prompts(prompts),
-            self.encode_prompts([settings.negative_prompt] * len(prompts)),
-            settings.guidance_scale,
-            scheduler.timesteps,
-            generator=generators,
-            guidance_rescale=settings.guidance_rescale,
+        latents = self._denoise(
+            scheduler, noise * scheduler.init_noise_sigma, prompts, settings, scheduler.timesteps, generators
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, height, width)
 
@@ -269,17 +286,7 @@ class Sampler:
         init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
         noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
-        latents = denoise(
-            self.unet,
-            scheduler,
-            latents,
-            self.encode_prompts(prompts),
-            self.encode_prompts([settings.negative_prompt] * len(prompts)),
-            settings.guidance_scale,
-            timesteps,
-            generator=generators,
-            guidance_rescale=settings.guidance_rescale,
-        )
+        latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators)
         return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
 
     def latent_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
@@ -340,18 +347,7 @@ class Sampler:
                 known = scheduler.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(len(prompts)))
             return (1 - mask) * known + mask * latents
 
-        latents = denoise(
-            self.unet,
-            scheduler,
-            latents,
-            self.encode_prompts(prompts),
-            self.encode_prompts([settings.negative_prompt] * len(prompts)),
-            settings.guidance_scale,
-            timesteps,
-            generator=generators,
-            guidance_rescale=settings.guidance_rescale,
-            after_step=blend,
-        )
+        latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators, after_step=blend)
         return latents, init, mask
 
     def inpaint(
