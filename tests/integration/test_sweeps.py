@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
+from sqlalchemy.exc import SQLAlchemyError
 
 from tests.conftest import tiny_train_overrides
 from tests.integration.cli import cli_command, run_cli
@@ -79,10 +80,10 @@ def load_study(tmp_path: Path) -> optuna.Study:
 
 
 def completed_trials(tmp_path: Path) -> int:
-    """Complete trials so far (0 while the sweeper is still creating the study)."""
+    """Complete trials so far (0 while the sweeper is still creating the study and its tables)."""
     try:
         return len(load_study(tmp_path).get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-    except KeyError:
+    except (KeyError, SQLAlchemyError):
         return 0
 
 
@@ -162,7 +163,8 @@ def test_wandb_agent_command_reaches_lf_train_with_the_sampled_overrides(latent_
     argv = launched["command"]
     assert argv[:2] == ["/usr/bin/env", "lf-train"] and argv[-2:] == ["optim.lr=0.00042", "optim.weight_decay=0.01"]
 
-    env = {**launched["env"], "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{launched['env'].get('PATH', '')}"  # as in an activated venv
+    env = {**launched["env"], "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PATH": path}
     result = subprocess.run(
         [*argv, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

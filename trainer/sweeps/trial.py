@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from data_pipelines.atomic import write_json_atomic
 from trainer.callbacks.finite_loss import NonFiniteLossError
@@ -156,4 +157,5 @@ def run_trial(
         raise
     finally:
         record.seconds = round(time.monotonic() - start, 3)
-        record.write(output_dir)
+        if rank_zero_only.rank == 0:  # every rank of a multi-process run returns here
+            record.write(output_dir)
