@@ -99,6 +99,8 @@ def test_deepspeed_zero_on_two_cpu_processes_then_export_ema(latent_dir, tmp_pat
         assert_resume_is_exact(load_checkpoint(resumed_last), checkpoint)
         for rank in (0, 1):
             name = f"checkpoint/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            # weights_only=False on purpose: DeepSpeed pickles its own objects into these partition
+            # files (it loads them the same way), and these are files this test just wrote.
             partitions = [torch.load(p / name, map_location="cpu", weights_only=False) for p in (last, resumed_last)]
             assert_same_nested(*(p["optimizer_state_dict"] for p in partitions), name)
 

@@ -270,6 +270,16 @@ class Sampler:
         return scheduler.timesteps[begin:]
 
     @torch.no_grad()
+    def _init_and_noise(
+        self, init_image: Image.Image, size: int, seeds: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
+        """The init image's latents ``(B, C, h, w)`` (posterior sampled with each image's generator),
+        per-image noise of that shape, and the generators, in the order diffusers draws them."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
+        noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
+        return init, noise, generators
+
     def img2img(
         self, init_image: Image.Image, prompts: list[str], seeds: list[int], settings: SampleSettings, strength: float
     ) -> tuple[list[Image.Image], list[GenerationParameters]]:
@@ -282,9 +292,7 @@ class Sampler:
         size = self._square_size(settings)
         scheduler = self._scheduler(settings)
         timesteps = self._partial_schedule(scheduler, settings.steps, strength)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
-        noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
+        init, noise, generators = self._init_and_noise(init_image, size, seeds)
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
         latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators)
         return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
@@ -333,9 +341,7 @@ class Sampler:
         mask = self.latent_mask(mask_image, init_image.size, size)
         scheduler = self._scheduler(settings)
         timesteps = self._partial_schedule(scheduler, settings.steps, strength)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
-        noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
+        init, noise, generators = self._init_and_noise(init_image, size, seeds)
         if strength == 1.0:
             latents = noise * scheduler.init_noise_sigma
         else:
