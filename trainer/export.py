@@ -3,7 +3,8 @@
 The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
 ``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
 the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
-adapters in ``lora/`` (``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file). Both ``lf-sample`` and
+adapters (and the text encoder's, when DreamBooth trained one) in ``lora/``
+(``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file). Both ``lf-sample`` and
 ``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
 """
 
@@ -22,8 +23,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from data_pipelines.atomic import atomic_path
 from data_pipelines.errors import DataError
 from trainer.callbacks.ema import EMA_STATE_KEY
-from trainer.lora.adapters import LoraSettings, add_unet_lora
-from trainer.lora.formats import save_lora_files, unet_lora_state_dict
+from trainer.lora.adapters import LoraSettings, add_lora, merge_adapters, remove_adapters
+from trainer.lora.formats import AdapterWeights, adapter_state_dict, save_lora_files
 from trainer.modules.latent_diffusion import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,39 @@ def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[U
     """Rebuild the UNet from the checkpoint's stored config and load its weights strictly."""
     unet = UNet2DConditionModel.from_config(checkpoint[CHECKPOINT_KEY]["unet_config"])
     if lora := checkpoint[CHECKPOINT_KEY].get("lora"):
-        add_unet_lora(unet, LoraSettings(**lora))  # the checkpoint holds base + adapter weights
+        add_lora(unet, LoraSettings(**lora))  # the checkpoint holds base + adapter weights
     state, kind = unet_state_dict(checkpoint, weights)
     unet.load_state_dict(state, strict=True)
     return unet, kind
+
+
+def build_text_encoder(checkpoint: dict[str, Any], text_dir: str, kind: str) -> CLIPTextModel:
+    """The text encoder at ``text_dir``, with the weights DreamBooth trained (and its LoRA adapters) if any."""
+    text_encoder = CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
+    if lora := checkpoint[CHECKPOINT_KEY].get("text_encoder_lora"):
+        add_lora(text_encoder, LoraSettings(**lora))
+    if trained_text := part_state_dict(checkpoint, TEXT_ENCODER_PREFIX, kind):
+        text_encoder.load_state_dict(trained_text, strict=True)
+    return text_encoder
+
+
+def take_adapters(record: dict[str, Any], models: dict[str, torch.nn.Module], split: bool) -> dict[str, AdapterWeights]:
+    """Remove the LoRA adapters from ``models`` (``{"unet": ..., "text_encoder": ...}``): returned
+    apart with ``split``, else merged into the base weights.
+
+    Returns:
+        ``{"unet": AdapterWeights, "text_encoder": AdapterWeights}`` for the parts that had adapters (split only).
+    """
+    adapters = {}
+    for part, key in (("unet", "lora"), ("text_encoder", "text_encoder_lora")):
+        if not (settings := record.get(key)):
+            continue
+        if split:
+            adapters[part] = AdapterWeights(adapter_state_dict(models[part]), LoraSettings(**settings))
+            remove_adapters(models[part])
+        else:
+            merge_adapters(models[part])
+    return adapters
 
 
 def build_export(
@@ -116,10 +146,10 @@ def build_export(
     tokenizer_path: str | None = None,
     dtype: str = "float32",
     split_lora: bool = False,
-) -> tuple[StableDiffusionPipeline, dict[str, Any], dict[str, torch.Tensor] | None]:
+) -> tuple[StableDiffusionPipeline, dict[str, Any], dict[str, AdapterWeights]]:
     """The pipeline of a checkpoint, what to record about it (step, weights kind, training config), and
-    for a LoRA run with ``split_lora`` its adapter weights (the pipeline then holds the base UNet;
-    without ``split_lora`` the adapters are merged into the UNet).
+    for a LoRA run with ``split_lora`` its adapter weights per part (the pipeline then holds the base
+    UNet and text encoder; without ``split_lora`` the adapters are merged into them).
 
     Args: as :func:`export_pipeline`.
     """
@@ -127,24 +157,15 @@ def build_export(
     record = checkpoint[CHECKPOINT_KEY]
     manifest = record.get("latent_manifest", {})
     unet, kind = build_unet(checkpoint, weights)
-    lora = record.get("lora")
-    lora_state = None
-    if lora and split_lora:  # the pipeline gets the base UNet; the adapters are returned apart
-        lora_state = unet_lora_state_dict(unet)
-        unet.unload_lora()
-    elif lora:  # merged: W + (alpha / rank) B A
-        unet.fuse_lora(lora_scale=1.0)
-        unet.unload_lora()
     vae_dir = vae_path or manifest.get("vae", {}).get("path")
     text_dir = text_encoder_path or manifest.get("text_encoder", {}).get("path")
     tokenizer_dir = tokenizer_path or manifest.get("tokenizer_path")
     for name, value in (("vae_path", vae_dir), ("text_encoder_path", text_dir), ("tokenizer_path", tokenizer_dir)):
         if not value or not Path(value).is_dir():
             raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
+    text_encoder = build_text_encoder(checkpoint, text_dir, kind)
+    adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
     torch_dtype = getattr(torch, dtype)
-    text_encoder = CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
-    if trained_text := part_state_dict(checkpoint, TEXT_ENCODER_PREFIX, kind):  # DreamBooth trained it
-        text_encoder.load_state_dict(trained_text, strict=True)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
         text_encoder=text_encoder.to(torch_dtype),
@@ -159,12 +180,13 @@ def build_export(
         "checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": record.get("global_step", checkpoint.get("global_step")),
         "weights": kind,
-        "lora": lora,
+        "lora": record.get("lora"),
+        "text_encoder_lora": record.get("text_encoder_lora"),
         "dtype": dtype,
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
     }
-    return pipe, info, lora_state
+    return pipe, info, adapters
 
 
 def export_pipeline(
@@ -186,13 +208,13 @@ def export_pipeline(
             checkpoint's latent-shard manifest.
         dtype: weights dtype of the saved UNet, VAE and text encoder.
     """
-    pipe, info, lora_state = build_export(
+    pipe, info, adapters = build_export(
         ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype, split_lora=True
     )
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if lora_state is not None:  # lora/ in diffusers' and kohya's layouts
-            save_lora_files(tmp / LORA_DIR, lora_state, LoraSettings(**info["lora"]))
+        if adapters:  # lora/ in diffusers' and kohya's layouts
+            save_lora_files(tmp / LORA_DIR, adapters.get("unet"), adapters.get("text_encoder"))
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)

@@ -1,4 +1,5 @@
-"""LoRA adapters on the tiny UNet: only adapters train, bad targets are named, kohya keys."""
+"""LoRA adapters on the tiny UNet and CLIP text encoder: only adapters train, bad targets are named,
+kohya keys."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
-from trainer.lora.adapters import LoraSettings, add_unet_lora
-from trainer.lora.formats import kohya_state_dict, unet_lora_state_dict
+from trainer.lora.adapters import TEXT_ENCODER_TARGETS, LoraSettings, add_lora
+from trainer.lora.formats import AdapterWeights, adapter_state_dict, kohya_state_dict
 
 
 def lora_module() -> torch.nn.Module:
@@ -39,15 +40,15 @@ def test_only_the_adapters_train():
 def test_unknown_target_module_lists_the_available_names():
     cfg = compose_config("train", ["data.train_dir=x", "output_dir=o"])
     with pytest.raises(ValueError, match=r"\['to_qkv'\] match no Linear/Conv2d module.*'to_q'"):
-        add_unet_lora(instantiate(cfg.model.unet), LoraSettings(target_modules=["to_q", "to_qkv"]))
+        add_lora(instantiate(cfg.model.unet), LoraSettings(target_modules=["to_q", "to_qkv"]))
 
 
 def test_kohya_keys_shapes_and_alpha():
     cfg = compose_config("train", ["data.train_dir=x", "output_dir=o"])
     unet = instantiate(cfg.model.unet)
     settings = LoraSettings(rank=2, alpha=8.0, target_modules=["to_q", "to_out.0"])
-    add_unet_lora(unet, settings)
-    kohya = kohya_state_dict(unet_lora_state_dict(unet), settings)
+    add_lora(unet, settings)
+    kohya = kohya_state_dict(AdapterWeights(adapter_state_dict(unet), settings))
     q = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
     out = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"
     assert kohya[f"{q}.lora_down.weight"].shape == (2, 64)  # (rank, in): mid block width 64
@@ -56,3 +57,30 @@ def test_kohya_keys_shapes_and_alpha():
     assert float(kohya[f"{q}.alpha"]) == 8.0
     assert all(k.startswith("lora_unet_") for k in kohya)
     assert len(kohya) == 4 * 3  # to_q and to_out.0 of attn1 and attn2, each down/up/alpha
+
+
+def test_text_encoder_kohya_keys_use_sd_clip_layout(tmp_path):
+    from transformers import CLIPTextModel
+
+    from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+
+    save_tiny_text_encoder(tmp_path, num_layers=2)
+    text_encoder = CLIPTextModel.from_pretrained(tmp_path / "text_encoder", local_files_only=True)
+    with pytest.raises(ValueError, match=r"model.text_encoder_lora.target_modules: \['to_q'\].*'q_proj'"):
+        add_lora(text_encoder, LoraSettings(target_modules=["to_q"]), "model.text_encoder_lora")
+    settings = LoraSettings(rank=2, alpha=1.0, target_modules=list(TEXT_ENCODER_TARGETS))
+    trainable = add_lora(text_encoder, settings)
+    assert trainable == 2 * 4 * (2 * 32 + 32 * 2)  # layers x projections x (A (2,32) + B (32,2))
+    unet_settings = LoraSettings(rank=4, alpha=4.0, target_modules=["to_q"])
+    unet = instantiate(compose_config("train", ["data.train_dir=x", "output_dir=o"]).model.unet)
+    add_lora(unet, unet_settings)
+    kohya = kohya_state_dict(
+        AdapterWeights(adapter_state_dict(unet), unet_settings),
+        AdapterWeights(adapter_state_dict(text_encoder), settings),
+    )
+    q = "lora_te_text_model_encoder_layers_1_self_attn_q_proj"  # what A1111 and kohya expect for SD 1.x
+    assert kohya[f"{q}.lora_down.weight"].shape == (2, 32)
+    assert kohya[f"{q}.lora_up.weight"].shape == (32, 2)
+    assert float(kohya[f"{q}.alpha"]) == 1.0  # each part keeps its own alpha
+    assert float(kohya["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha"]) == 4.0
+    assert len([k for k in kohya if k.startswith("lora_te_")]) == 2 * 4 * 3

@@ -25,7 +25,7 @@ from PIL import Image
 
 from data_pipelines.errors import DataError
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
-from trainer.lora.loading import load_lora_into_unet
+from trainer.lora.loading import load_lora
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
 from trainer.sampling.sampler import Sampler, SampleSettings
 from trainer.sampling.schedulers import from_display_name
@@ -129,7 +129,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         vae_tiling=cfg.get("vae_tiling", False),
     )
     if cfg.get("lora"):
-        load_lora_into_unet(sampler.unet, cfg.lora, cfg.get("lora_scale", 1.0))
+        load_lora(sampler.unet, sampler.text_encoder, cfg.lora, cfg.get("lora_scale", 1.0))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, paths = [], []

@@ -1,4 +1,5 @@
-"""Add LoRA adapters to a diffusers UNet with peft; only the adapters train.
+"""Add LoRA adapters to a diffusers UNet or a transformers CLIP text encoder with peft; only the
+adapters train.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": a frozen weight ``W`` gets
 a trainable update ``(alpha / rank) * B @ A`` with ``A`` of shape ``(rank, in)`` and ``B`` of shape
@@ -11,9 +12,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's, as train_dreambooth_lora.py
 
 
 @dataclass
@@ -50,26 +54,50 @@ def adaptable_module_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
-def check_target_modules(model: torch.nn.Module, targets: Sequence[str]) -> None:
-    """Raise a ValueError naming every target that matches no module, with the names available."""
+def check_target_modules(model: torch.nn.Module, targets: Sequence[str], config_key: str = "model.lora") -> None:
+    """Raise a ValueError naming every target that matches no module, with the names available.
+
+    Args:
+        config_key: the config entry the targets came from, for the message.
+    """
     names = adaptable_module_names(model)
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         suffixes = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
                            for n in names})  # fmt: skip
         raise ValueError(
-            f"model.lora.target_modules: {missing} match no Linear/Conv2d module of the "
+            f"{config_key}.target_modules: {missing} match no Linear/Conv2d module of the "
             f"{type(model).__name__}; available names: {suffixes}"
         )
 
 
-def add_unet_lora(unet: torch.nn.Module, settings: LoraSettings) -> int:
-    """Freeze ``unet`` and add LoRA adapters (peft, through diffusers' ``add_adapter``).
+def add_lora(model: torch.nn.Module, settings: LoraSettings, config_key: str = "model.lora") -> int:
+    """Freeze ``model`` and add LoRA adapters named ``"default"`` (peft, through the ``add_adapter`` of
+    diffusers' UNet or of a transformers model).
+
+    Args:
+        config_key: the config entry of ``settings``, named when a target module does not exist.
 
     Returns:
         The number of trainable (adapter) parameters.
     """
-    check_target_modules(unet, settings.target_modules)
-    unet.requires_grad_(False)
-    unet.add_adapter(settings.peft_config())
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    check_target_modules(model, settings.target_modules, config_key)
+    model.requires_grad_(False)
+    model.add_adapter(settings.peft_config())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Fold every adapter into its base weight, ``W + (alpha / rank) B A``, and drop the adapter layers."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    remove_adapters(model)
+
+
+def remove_adapters(model: torch.nn.Module) -> None:
+    """Drop the adapter layers (unmerged adapters are discarded): ``model`` is its base again."""
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model._hf_peft_config_loaded = False

@@ -3,7 +3,8 @@ Diffusion Models for Subject-Driven Generation", eq. 2): the denoising loss on t
 plus ``prior_loss_weight`` times the loss on images the base model made for the class prompt, so
 the class keeps its variety while the rare identifier learns the subject.
 
-Optionally the CLIP text encoder trains too. Its embeddings cannot then come from the latent shards:
+Optionally the CLIP text encoder trains too, fully or through LoRA adapters (``text_encoder_lora``).
+Its embeddings cannot then come from the latent shards:
 the module encodes the instance and class prompts in the step. UNet and text encoder are one module
 with one optimizer (a parameter group each, with its own learning rate), so DDP and DeepSpeed ZeRO
 see a single model.
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from trainer.modules.latent_diffusion import LatentDiffusion
+from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.modules.latent_diffusion import CHECKPOINT_KEY, LatentDiffusion
 
 
 class DreamBoothDiffusion(LatentDiffusion):
@@ -28,6 +30,8 @@ class DreamBoothDiffusion(LatentDiffusion):
         tokenizer: the text encoder's tokenizer (needed with ``text_encoder``).
         instance_prompt, class_prompt: the captions of the two sets (needed with ``text_encoder``).
         text_encoder_lr: the text encoder's learning rate (default: the optimizer's).
+        text_encoder_lora: when given (with ``text_encoder``), the text encoder is frozen and only
+            LoRA adapters on ``text_encoder_lora.target_modules`` train.
         *args, **kwargs: as :class:`LatentDiffusion`.
     """
 
@@ -40,11 +44,12 @@ class DreamBoothDiffusion(LatentDiffusion):
         instance_prompt: str | None = None,
         class_prompt: str | None = None,
         text_encoder_lr: float | None = None,
+        text_encoder_lora: LoraSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         for hparams in (self.hparams, self._hparams_initial):  # the base collected our objects too
-            for name in ("text_encoder", "tokenizer"):
+            for name in ("text_encoder", "tokenizer", "text_encoder_lora"):
                 hparams.pop(name, None)
         self.hparams.update(  # plain values only: checkpoints load with weights_only=True
             prior_loss_weight=prior_loss_weight, instance_prompt=instance_prompt, class_prompt=class_prompt,
@@ -53,7 +58,14 @@ class DreamBoothDiffusion(LatentDiffusion):
         self.prior_loss_weight = prior_loss_weight
         if text_encoder is not None and (tokenizer is None or instance_prompt is None):
             raise ValueError("training the text encoder needs model.tokenizer and model.instance_prompt")
-        self.text_encoder = text_encoder.train().requires_grad_(True) if text_encoder is not None else None
+        if text_encoder_lora is not None and text_encoder is None:
+            raise ValueError("model.text_encoder_lora needs model.text_encoder, the encoder to add adapters to")
+        self.text_encoder_lora = text_encoder_lora
+        if text_encoder is not None:
+            text_encoder.train().requires_grad_(True)
+            if text_encoder_lora is not None:
+                add_lora(text_encoder, text_encoder_lora, "model.text_encoder_lora")
+        self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
         self.text_encoder_lr = text_encoder_lr
@@ -96,6 +108,11 @@ class DreamBoothDiffusion(LatentDiffusion):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.text_encoder_lora is not None:  # export rebuilds the adapters before loading the weights
+            checkpoint[CHECKPOINT_KEY]["text_encoder_lora"] = self.text_encoder_lora.to_dict()
 
 
 def batch_size(batch: dict[str, dict[str, torch.Tensor]]) -> int:

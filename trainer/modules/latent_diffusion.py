@@ -15,7 +15,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from torch.optim import Optimizer
 
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
-from trainer.lora.adapters import LoraSettings, add_unet_lora
+from trainer.lora.adapters import LoraSettings, add_lora
 
 CHECKPOINT_KEY = "latentforge"
 
@@ -73,7 +73,7 @@ class LatentDiffusion(L.LightningModule):
         self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
         if lora is not None:
-            add_unet_lora(self.unet, lora)
+            add_lora(self.unet, lora)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
