@@ -15,9 +15,7 @@ passed over for the previous complete one, and the log says which one and why.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -144,23 +142,3 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
         refused.append(f"{path.name} ({problem})")
     where = checkpoint_dir if ckpt_path == LAST_NAME else ckpt_path
     raise DataError(f"no complete checkpoint to resume from at {where}: {'; '.join(refused) or 'none found'}")
-
-
-def replace_path(source: str | Path, target: str | Path) -> None:
-    """Rename ``source`` (a file or folder) to ``target``, replacing what is there.
-
-    A file replaces atomically (``os.replace``). A folder cannot replace a folder in one step: the
-    old one is renamed aside first, then removed, so ``target`` is never a mix of both.
-    """
-    source, target = Path(source), Path(target)
-    if source.is_file():
-        with open(source, "rb") as handle:
-            os.fsync(handle.fileno())
-    if target.is_dir() and not target.is_symlink():
-        aside = target.with_name(target.name + ".old")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(target, aside)
-        os.replace(source, target)
-        shutil.rmtree(aside)
-    else:
-        os.replace(source, target)
