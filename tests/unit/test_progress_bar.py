@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from tests.conftest import compose_config, tiny_train_overrides
+from tests.unit.tiny_lightning import TinyLinear, bare_trainer
 from trainer.callbacks.progress import StepProgressBar
 from trainer.cli.hydra_app import build_trainer
 
@@ -24,18 +25,6 @@ class Streamed(torch.utils.data.IterableDataset):
         return iter([torch.randn(3, generator=generator) for _ in range(8)])
 
 
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 2)
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.layer(batch).pow(2).mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 class BarPosition(L.Callback):
     """The train bar's count after every batch (runs after the bar, which Lightning keeps in list order)."""
 
@@ -47,19 +36,13 @@ class BarPosition(L.Callback):
 
 
 def fit(bar: StepProgressBar, max_steps: int, root: Path, ckpt_path: Path | None = None) -> BarPosition:
-    """Train ``Tiny`` on 4 batches an epoch, accumulating 2; save ``root/last.ckpt``."""
+    """Train ``TinyLinear`` on 4 batches an epoch, accumulating 2; save ``root/last.ckpt``."""
     position = BarPosition(bar)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accumulate_grad_batches=ACCUMULATE,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[bar, position],
+    trainer = bare_trainer(
+        max_steps=max_steps, accumulate_grad_batches=ACCUMULATE, default_root_dir=root, callbacks=[bar, position]
     )
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(Streamed(), batch_size=2), ckpt_path=ckpt_path, weights_only=True)
+    loader = torch.utils.data.DataLoader(Streamed(), batch_size=2)
+    trainer.fit(TinyLinear(), loader, ckpt_path=ckpt_path, weights_only=True)
     trainer.save_checkpoint(root / "last.ckpt")
     return position
 
