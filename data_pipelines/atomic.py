@@ -26,7 +26,8 @@ _REPLACE_TRIES = 100
 
 
 def _host() -> str:
-    return socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+    """This machine's name as a temporary name holds it: no dots or dashes, at most 24 characters."""
+    return socket.gethostname().replace(".", "_").replace("-", "_")[:24] or "host"
 
 
 def unique_temporary(final: str | Path, suffix: str = TMP_SUFFIX) -> Path:
