@@ -80,12 +80,20 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 def checkpoints_newest_first(folder: str | Path) -> list[Path]:
-    """The checkpoints of a folder, newest first: ``last*`` (written after each step's), then by step."""
+    """The checkpoints of a folder, newest first: ``last*``, then by step.
+
+    ``last.ckpt`` is rewritten right after each step's checkpoint, so it is normally the newest.
+    A run that dies after ``step-N.ckpt`` was written but before ``last.ckpt`` was rewritten (a
+    large checkpoint takes a while) leaves ``last.ckpt`` one save behind: step checkpoints written
+    after it (by modification time) come before it.
+    """
     folder = Path(folder)
     entries = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.endswith(PARTIAL_SUFFIX)]
     last = sorted(p for p in entries if p.name.startswith(LAST_NAME))
     stepped = sorted((p for p in entries if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
-    return last + stepped
+    last_written = max((p.stat().st_mtime_ns for p in last), default=None)
+    after_last = [p for p in stepped if last_written is not None and p.stat().st_mtime_ns > last_written]
+    return after_last + last + [p for p in stepped if p not in after_last]
 
 
 def _is_checkpoint_folder(path: Path) -> bool:

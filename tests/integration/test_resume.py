@@ -82,7 +82,7 @@ def test_damaged_newest_checkpoint_is_passed_over(uninterrupted, latent_dir, tmp
     with caplog.at_level(logging.WARNING, logger="trainer.checkpointing"):
         train(latent_dir, tmp_path, STEPS, "ckpt_path=last")
     message = caplog.text
-    assert "passed over last.ckpt (truncated" in message or "passed over last.ckpt (not a complete" in message
+    assert "last.ckpt (truncated" in message or "last.ckpt (not a complete" in message
     assert "step-0000003.ckpt (" in message and "resuming from" in message and "step-0000002.ckpt" in message
     assert_same_training_state(final_state(tmp_path), uninterrupted)
 
