@@ -15,9 +15,7 @@ passed over for the previous complete one, and the log says which one and why.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -82,12 +80,20 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 def checkpoints_newest_first(folder: str | Path) -> list[Path]:
-    """The checkpoints of a folder, newest first: ``last*`` (written after each step's), then by step."""
+    """The checkpoints of a folder, newest first: ``last*``, then by step.
+
+    ``last.ckpt`` is rewritten right after each step's checkpoint, so it is normally the newest.
+    A run that dies after ``step-N.ckpt`` was written but before ``last.ckpt`` was rewritten (a
+    large checkpoint takes a while) leaves ``last.ckpt`` one save behind: step checkpoints written
+    after it (by modification time) come before it.
+    """
     folder = Path(folder)
     entries = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.endswith(PARTIAL_SUFFIX)]
     last = sorted(p for p in entries if p.name.startswith(LAST_NAME))
     stepped = sorted((p for p in entries if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
-    return last + stepped
+    last_written = max((p.stat().st_mtime_ns for p in last), default=None)
+    after_last = [p for p in stepped if last_written is not None and p.stat().st_mtime_ns > last_written]
+    return after_last + last + [p for p in stepped if p not in after_last]
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
@@ -144,23 +150,3 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
         refused.append(f"{path.name} ({problem})")
     where = checkpoint_dir if ckpt_path == LAST_NAME else ckpt_path
     raise DataError(f"no complete checkpoint to resume from at {where}: {'; '.join(refused) or 'none found'}")
-
-
-def replace_path(source: str | Path, target: str | Path) -> None:
-    """Rename ``source`` (a file or folder) to ``target``, replacing what is there.
-
-    A file replaces atomically (``os.replace``). A folder cannot replace a folder in one step: the
-    old one is renamed aside first, then removed, so ``target`` is never a mix of both.
-    """
-    source, target = Path(source), Path(target)
-    if source.is_file():
-        with open(source, "rb") as handle:
-            os.fsync(handle.fileno())
-    if target.is_dir() and not target.is_symlink():
-        aside = target.with_name(target.name + ".old")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(target, aside)
-        os.replace(source, target)
-        shutil.rmtree(aside)
-    else:
-        os.replace(source, target)

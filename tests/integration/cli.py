@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -21,3 +23,25 @@ def run_cli(command: str, *overrides: str, cwd: Path, timeout: int = 300) -> sub
     """Run ``command`` with Hydra overrides; Hydra's own files go under ``cwd``."""
     argv, env = cli_command(command, *overrides, cwd=cwd)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_cli_when(path: Path, command: str, *overrides: str, cwd: Path) -> None:
+    """Start ``command`` in a process group of its own; SIGKILL the whole group once ``path`` exists.
+
+    The group holds every process the command starts (the other ranks of a DDP or DeepSpeed run),
+    so all of them die at once, as on a lost node; none is running when this returns.
+
+    Raises:
+        AssertionError: the command ended before ``path`` appeared.
+    """
+    argv, env = cli_command(command, *overrides, cwd=cwd)
+    process = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        while not path.exists():
+            assert process.poll() is None, f"{command} ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -7,18 +7,14 @@ Gradient accumulation 2, 16 samples a batch, 6 batches an epoch: the runs cross 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import compose_config, tiny_train_overrides
+from tests.integration.cli import kill_cli_when
 from trainer.checkpointing import checkpoint_step, resolve_resume_checkpoint
 from trainer.cli.train import run_train
 
@@ -86,7 +82,7 @@ def test_damaged_newest_checkpoint_is_passed_over(uninterrupted, latent_dir, tmp
     with caplog.at_level(logging.WARNING, logger="trainer.checkpointing"):
         train(latent_dir, tmp_path, STEPS, "ckpt_path=last")
     message = caplog.text
-    assert "passed over last.ckpt (truncated" in message or "passed over last.ckpt (not a complete" in message
+    assert "last.ckpt (truncated" in message or "last.ckpt (not a complete" in message
     assert "step-0000003.ckpt (" in message and "resuming from" in message and "step-0000002.ckpt" in message
     assert_same_training_state(final_state(tmp_path), uninterrupted)
 
@@ -107,22 +103,7 @@ def test_sigkilled_run_resumes_exactly(latent_dir, tmp_path):
     """Kill the process group of a running lf-train after its second checkpoint; resume from `last`."""
     killed = tmp_path / "killed"
     overrides = resume_overrides(latent_dir, killed, 1000, "callbacks.model_checkpoint.save_top_k=-1")
-    script = Path(sys.executable).parent / "lf-train"
-    process = subprocess.Popen(
-        [str(script), *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        while not (killed / "checkpoints" / "step-0000004.ckpt").exists():
-            assert process.poll() is None, "lf-train ended before it was killed"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_cli_when(killed / "checkpoints" / "step-0000004.ckpt", "lf-train", *overrides, cwd=tmp_path)
     resumed_from = resolve_resume_checkpoint("last", killed / "checkpoints")
     target = (checkpoint_step(resumed_from) or final_state(killed)["global_step"]) + 2
     train(latent_dir, killed, target, "ckpt_path=last", "callbacks.model_checkpoint.save_top_k=-1")

@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 
+from tests.unit.tiny_lightning import TinyLinear, bare_trainer
 from trainer.callbacks.ema import EMA, ema_decay
 
 
@@ -39,29 +40,10 @@ def test_ema_equals_a_reference_computed_by_hand():
     """The callback's average after 6 steps of a real fit equals the warm-up EMA recomputed from the raw weights."""
     import torch
 
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(3, 2)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
     torch.manual_seed(0)
     ema, recorder = EMA(decay=0.9, warmup=True), Recorder()
-    trainer = L.Trainer(
-        max_steps=6,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ema, recorder],
-    )
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(12, 3), batch_size=2))
+    trainer = bare_trainer(max_steps=6, enable_progress_bar=False, callbacks=[ema, recorder])
+    trainer.fit(TinyLinear(lr=0.5), torch.utils.data.DataLoader(torch.randn(12, 3), batch_size=2))
     reference = recorder.steps[0]  # the first update copies the weights
     for n, params in enumerate(recorder.steps[1:], start=1):
         decay = min(0.9, (1 + n) / (10 + n))

@@ -20,7 +20,8 @@ from weakref import proxy
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-from trainer.checkpointing import PARTIAL_SUFFIX, checkpoint_step, replace_path
+from data_pipelines.atomic import replace_path
+from trainer.checkpointing import PARTIAL_SUFFIX, checkpoint_step
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,8 +49,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> L.Trainer:
     """The configured ``Trainer`` with ``cfg.callbacks`` (+ extras) and ``cfg.logger``; the loggers
-    get the resolved config as the run's hyperparameters."""
+    get the resolved config as the run's hyperparameters.
+
+    ``trainer.enable_progress_bar=false`` turns off the progress bar of ``cfg.callbacks`` too
+    (Lightning refuses a progress-bar callback with that flag), so the flag stays the one switch.
+    """
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
