@@ -23,7 +23,8 @@ from hydra.utils import instantiate
 from data_pipelines.datamodules import LatentShardDataModule
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.precompute import LatentShardEncoder, precompute_latents
+from data_pipelines.latent_shard_encoder import LatentShardEncoder
+from data_pipelines.precompute import precompute_latents
 from data_pipelines.raw_format import decode_raw_sample
 from data_pipelines.raw_shards import write_raw_shards
 from data_pipelines.sources.digits import DigitsSource

@@ -8,27 +8,13 @@ import pytest
 from omegaconf import open_dict
 from PIL import Image
 
-from tests.conftest import compose_config
+from tests.integration.conftest import shrunk_demo_config
 from trainer.cli.demo import SUMMARY_NAME, run_demo
 from trainer.sampling.png_info import read_parameters
 
 pytestmark = pytest.mark.slow
 
-SHRINK = {
-    "shards": ["source.limit=300", "samples_per_shard=100"],
-    "autoencoder": ["trainer.max_steps=150"],
-    "train": ["trainer.max_steps=500", "data.batch_size=64"],
-}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    cfg = compose_config("demo", [f"out_dir={out}", "samples_per_prompt=10"])
-    with open_dict(cfg):
-        for stage, extra in SHRINK.items():
-            cfg.stages[stage] = [*cfg.stages[stage], *extra]
-    return out, run_demo(cfg)
+# The `demo` fixture (tests/integration/conftest.py) runs the shrunk demo once per test session.
 
 
 def test_every_stage_leaves_its_output(demo):
@@ -93,10 +79,8 @@ def test_diffusers_pipeline_loads_the_export_and_is_deterministic(demo):
 
 def test_v_prediction_reaches_epsilon_accuracy_on_the_same_budget(demo, tmp_path):
     _, epsilon = demo
-    cfg = compose_config("demo", [f"out_dir={tmp_path}", "samples_per_prompt=10"])
+    cfg = shrunk_demo_config(tmp_path)
     with open_dict(cfg):
-        for stage, extra in SHRINK.items():
-            cfg.stages[stage] = [*cfg.stages[stage], *extra]
         cfg.stages.train = [*cfg.stages.train, "objective=v"]
     v_prediction = run_demo(cfg)
     scheduler = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())

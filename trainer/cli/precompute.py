@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 from data_pipelines.buckets import BucketResizeCrop
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.precompute import LatentShardEncoder, Transform, precompute_latents
+from data_pipelines.latent_shard_encoder import LatentShardEncoder, Transform
+from data_pipelines.precompute import precompute_latents
 from data_pipelines.shard_list import resolve_shards
 from data_pipelines.streaming import SkipCounter
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE

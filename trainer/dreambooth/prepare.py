@@ -22,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from data_pipelines.errors import DataError
 from data_pipelines.frozen_encoders import FrozenEncoders
 from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.precompute import LatentShardEncoder, precompute_latents
+from data_pipelines.latent_shard_encoder import LatentShardEncoder
+from data_pipelines.precompute import precompute_latents
 from data_pipelines.raw_shards import write_raw_shards
 from data_pipelines.shard_list import resolve_shards
 from data_pipelines.sources.base import SourceItem

@@ -31,16 +31,18 @@ from trainer.formats.sd_single_file import (
     UNET_PREFIX,
     VAE_PREFIX,
     check_state_dict,
-    open_clip_to_text,
-    open_clip_unused_keys,
     split_ema,
-    text_to_diffusers,
-    text_to_open_clip,
-    text_to_original,
     to_diffusers,
     to_original,
     unet_rules,
     vae_rules,
+)
+from trainer.formats.sd_text_encoder_keys import (
+    open_clip_to_text,
+    open_clip_unused_keys,
+    text_to_diffusers,
+    text_to_open_clip,
+    text_to_original,
 )
 
 METADATA_PREFIX = "latentforge."

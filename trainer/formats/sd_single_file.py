@@ -11,7 +11,9 @@ ComfyUI load. It holds three parts under three prefixes::
 The map is derived from the diffusers configs (number of blocks, ``layers_per_block``, which blocks
 have attention), so it covers any UNet / VAE of the SD family, from the tiny test model to SD 1.5
 and SD 2.x (whose ``proj_in``/``proj_out`` are linear in both layouts, so no reshape is needed).
-Both directions are strict: a key that no rule maps raises :class:`KeyMapError` naming it.
+Both directions are strict: a key that no rule maps raises :class:`KeyMapError` naming it. The
+text encoder's two layouts (SD 1.x's CLIP, SD 2.x's OpenCLIP) are mapped in
+:mod:`trainer.formats.sd_text_encoder_keys`.
 
 The rules follow diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``, with
 the block indices computed from the config instead of SD 1.5's fixed ones.
@@ -197,7 +199,7 @@ def vae_rules(config: Mapping[str, Any]) -> list[Rule]:
     return rules
 
 
-def _rename(name: str, renames: Mapping[str, str]) -> str:
+def rename_parts(name: str, renames: Mapping[str, str]) -> str:
     for old, new in renames.items():
         if name.startswith(old):
             return new + name[len(old) :]
@@ -226,7 +228,7 @@ def to_original(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: st
         if rule is None:
             unmapped.append(key)
             continue
-        name = rule.original_prefix + _rename(key[len(rule.diffusers_prefix) :], rule.renames)
+        name = rule.original_prefix + rename_parts(key[len(rule.diffusers_prefix) :], rule.renames)
         if rule.conv1x1 and name.endswith(".weight") and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]  # (O, I) -> (O, I, 1, 1)
         out[prefix + name] = tensor
@@ -255,118 +257,13 @@ def to_diffusers(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: s
         if rule is None:
             unmapped.append(key)
             continue
-        name = rule.original_prefix + _rename(local[len(rule.diffusers_prefix) :], rule.renames)
+        name = rule.original_prefix + rename_parts(local[len(rule.diffusers_prefix) :], rule.renames)
         if rule.conv1x1 and name.endswith(".weight") and tensor.ndim == 4:
             tensor = tensor[:, :, 0, 0]  # (O, I, 1, 1) -> (O, I)
         out[name] = tensor
     if unmapped:
         raise KeyMapError(f"no rule maps these keys of the original layout: {sorted(unmapped)}")
     return out
-
-
-def text_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*``."""
-    return {TEXT_PREFIX + key.removeprefix("text_model."): tensor for key, tensor in state.items()}
-
-
-def text_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``cond_stage_model.transformer.text_model.*`` keys -> a ``CLIPTextModel`` state dict."""
-    return {
-        key[len(TEXT_PREFIX) :]: tensor
-        for key, tensor in state.items()
-        if key.startswith(TEXT_PREFIX) and key not in NON_WEIGHT_KEYS
-    }
-
-
-# CLIPEncoderLayer (transformers) -> ResidualAttentionBlock (OpenCLIP); q/k/v are fused into in_proj.
-OPEN_CLIP_LAYER_RENAMES = {
-    "layer_norm1.": "ln_1.",
-    "layer_norm2.": "ln_2.",
-    "mlp.fc1.": "mlp.c_fc.",
-    "mlp.fc2.": "mlp.c_proj.",
-    "self_attn.out_proj.": "attn.out_proj.",
-}
-OPEN_CLIP_TOP = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
-}
-# OpenCLIP parts SD 2.x does not use: the projection and temperature of contrastive training.
-OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
-
-
-def text_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ``CLIPTextModel`` state dict -> SD 2.x's ``cond_stage_model.model.*`` (OpenCLIP) names.
-
-    Raises:
-        KeyMapError: keys with no OpenCLIP counterpart (named).
-    """
-    state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
-    out, unmapped, layers = {}, [], set()
-    for key, tensor in state.items():
-        if key in OPEN_CLIP_TOP:
-            out[OPEN_CLIP_PREFIX + OPEN_CLIP_TOP[key]] = tensor
-        elif key.startswith("encoder.layers."):
-            index, rest = key[len("encoder.layers.") :].split(".", 1)
-            layers.add(int(index))
-            if rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-                continue  # fused below
-            renamed = _rename(rest, OPEN_CLIP_LAYER_RENAMES)
-            if renamed == rest:
-                unmapped.append(key)
-            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.{renamed}"] = tensor
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise KeyMapError(f"no rule maps these text encoder keys to OpenCLIP's layout: {sorted(unmapped)}")
-    for index in sorted(layers):
-        for kind in ("weight", "bias"):
-            parts = [state[f"encoder.layers.{index}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
-            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(parts)  # (3D, ...)
-    return out
-
-
-def open_clip_to_text(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``cond_stage_model.model.*`` keys (OpenCLIP) -> a ``CLIPTextModel`` state dict.
-
-    Raises:
-        KeyMapError: keys under the prefix that no rule maps (named).
-    """
-    top = {new: old for old, new in OPEN_CLIP_TOP.items()}
-    layer_renames = {new: old for old, new in OPEN_CLIP_LAYER_RENAMES.items()}
-    out, unmapped = {}, []
-    for key, tensor in state.items():
-        if not key.startswith(OPEN_CLIP_PREFIX):
-            continue
-        local = key[len(OPEN_CLIP_PREFIX) :]
-        if local in top:
-            out[top[local]] = tensor
-        elif local.startswith("transformer.resblocks."):
-            index, rest = local[len("transformer.resblocks.") :].split(".", 1)
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = rest.rsplit("_", 1)[1]
-                for name, chunk in zip("qkv", tensor.chunk(3), strict=True):  # (3D, ...) -> 3 x (D, ...)
-                    out[f"encoder.layers.{index}.self_attn.{name}_proj.{kind}"] = chunk.contiguous()
-                continue
-            renamed = _rename(rest, layer_renames)
-            if renamed == rest:
-                unmapped.append(key)
-            out[f"encoder.layers.{index}.{renamed}"] = tensor
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise KeyMapError(f"no rule maps these OpenCLIP keys: {sorted(unmapped)}")
-    return out
-
-
-def open_clip_unused_keys(state: Mapping[str, torch.Tensor], num_layers: int) -> set[str]:
-    """Keys of an SD 2.x file its text encoder does not use: the projection, the temperature, and
-    the last block (SD 2.x takes the penultimate layer, so diffusers' text encoder has one block less)."""
-    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{num_layers}."
-    return {
-        key for key in state if key in {OPEN_CLIP_PREFIX + name for name in OPEN_CLIP_UNUSED} or key.startswith(last)
-    }
 
 
 def split_ema(

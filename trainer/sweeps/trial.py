@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class TrialRecord:
     error: str | None = None
     global_step: int | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def params(self, exclude: tuple[str, ...] = ()) -> dict[str, str]:
         """The overrides as ``{key: value}`` (``+``/``++``/``~`` prefixes dropped)."""
@@ -86,8 +85,10 @@ class TrialRecord:
 
     @classmethod
     def read(cls, path: str | Path) -> TrialRecord:
+        """Read a ``trial.json``; fields this version does not know (from older files) are ignored."""
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def check_direction(direction: str) -> str:
