@@ -7,3 +7,7 @@ class DataError(ValueError):
 
 class CorruptSampleError(DataError):
     """One sample inside a shard that cannot be decoded; the loaders skip and count these."""
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run as given (a combination of settings that does not train)."""

@@ -40,8 +40,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     A DeepSpeed checkpoint is a folder; its ZeRO shards are merged into full fp32 weights with
     Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` (any world size). When the EMA
-    callback saved its average there (``EMA_STATE_KEY``), the result has the layout of a ``.ckpt``
-    with EMA: the average in ``state_dict``, the merged raw weights in ``current_model_state``.
+    callback saved its average (``EMA_STATE_KEY``, beside the raw weights in ``state_dict``), the
+    result holds the average in ``state_dict`` and the raw weights in ``current_model_state``
+    (older ``.ckpt`` files of Lightning's ``WeightAveraging`` have that layout on disk).
 
     Raises:
         DataError: the path does not exist or is not a training checkpoint of this project.
@@ -55,14 +56,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(merged))
             checkpoint = torch.load(merged, map_location="cpu", weights_only=True)
         checkpoint.pop("current_model_state", None)  # a rank-local copy under ZeRO; the merged one is exact
-        if EMA_STATE_KEY in checkpoint:  # the EMA callback's average; the merged weights are the raw ones
-            checkpoint["current_model_state"] = checkpoint["state_dict"]
-            checkpoint["state_dict"] = checkpoint.pop(EMA_STATE_KEY)
         checkpoint["_deepspeed"] = True
     elif path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise DataError(f"{path}: checkpoint does not exist")
+    if EMA_STATE_KEY in checkpoint:  # the EMA callback's average; state_dict holds the raw weights
+        checkpoint["current_model_state"] = checkpoint["state_dict"]
+        checkpoint["state_dict"] = checkpoint.pop(EMA_STATE_KEY)
     if CHECKPOINT_KEY not in checkpoint or "unet_config" not in checkpoint[CHECKPOINT_KEY]:
         raise DataError(f"{path}: key '{CHECKPOINT_KEY}.unet_config' is missing; not a latentforge training checkpoint")
     return checkpoint

@@ -35,8 +35,14 @@ def export_last(run: Path, export: Path) -> Path:
     return export
 
 
-def changed_parts(base_model: Path, export: Path) -> set[str]:
-    """Which of ``unet`` and ``text_encoder`` differ between the base model and the export folder."""
+def changed_parts(base_model: Path, export: Path, held_as: dict[str, torch.dtype] | None = None) -> set[str]:
+    """Which of ``unet`` and ``text_encoder`` differ between the base model and the export folder.
+
+    Args:
+        held_as: per part, the dtype training held its weights in (default float32): a part equal to the base
+            rounded to it is unchanged (DeepSpeed's bf16 mode holds a LoRA run's frozen base UNet in bf16, and
+            its checkpoint stores that).
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -44,7 +50,8 @@ def changed_parts(base_model: Path, export: Path) -> set[str]:
     for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
         before = cls.from_pretrained(base_model / part, local_files_only=True).state_dict()
         after = cls.from_pretrained(export / part, local_files_only=True).state_dict()
-        if any(not torch.equal(before[k], after[k]) for k in before):
+        dtype = (held_as or {}).get(part, torch.float32)
+        if any(not torch.equal(before[k].to(dtype).float(), after[k].float()) for k in before):
             changed.add(part)
     return changed
 

@@ -103,10 +103,11 @@ def test_instance_folder_errors(tmp_path, cat_photos, base_model, caplog):
     assert "class_prompt equals data.instance_prompt" in caplog.text
 
 
-def test_text_encoder_trains_with_the_unet(base_model, cat_photos, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_text_encoder_trains_with_the_unet(base_model, cat_photos, tmp_path, precision):
     run = tmp_path / "run"
     overrides = dreambooth_overrides("dreambooth_text_encoder", base_model, cat_photos, tmp_path / "c", run)
-    validation = ["callbacks.validation_images.every_n_steps=2"]
+    validation = ["callbacks.validation_images.every_n_steps=2", f"trainer.precision={precision}"]
     run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3", *validation]))
     grids = sorted(p.name for p in (run / "csv").rglob("validation-step*.png"))
     assert grids == ["validation-step0000002.png", "validation-step0000003.png"]  # every 2 steps and the last
@@ -116,13 +117,13 @@ def test_text_encoder_trains_with_the_unet(base_model, cat_photos, tmp_path):
 
 
 @pytest.mark.dist
-def test_text_encoder_trains_under_zero2_on_two_processes(base_model, cat_photos, tmp_path):
+def test_text_encoder_trains_under_zero2_bf16_on_two_processes(base_model, cat_photos, tmp_path):
     from tests.integration.cli import run_cli
 
     run = tmp_path / "run"
     overrides = dreambooth_overrides("dreambooth_text_encoder", base_model, cat_photos, tmp_path / "c", run)
     result = run_cli("lf-train", *overrides, "model.text_encoder_lr=1e-3", "strategy=deepspeed_stage_2",
-                     "trainer.devices=2", cwd=tmp_path)  # fmt: skip
+                     "trainer.precision=bf16-mixed", "trainer.devices=2", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     export = export_last(run, tmp_path / "export")
     assert changed_parts(base_model, export) == {"unet", "text_encoder"}

@@ -1,15 +1,18 @@
 """Precompute is resumable, refuses stale latents, and splits work over processes."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_pipelines.latent_format import ENTRY_SUFFIX, LatentManifest
@@ -135,3 +138,32 @@ def test_two_processes_write_disjoint_complete_outputs(raw_shards, pretrained_di
     assert digests(tmp_path / "latents") == digests(single)
     logs = {p.name: p.read_text() for p in (tmp_path / "hydra").glob("*.log")}
     assert logs, "each rank logged"
+
+
+def read_latents(folder: Path) -> dict[str, np.ndarray]:
+    """Every ``KEY.latent.npy`` of a latent-shard folder, by key."""
+
+    arrays = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".latent.npy"):
+                    arrays[member.name] = np.load(io.BytesIO(tar.extractfile(member).read()))
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_encoders_give_the_float32_latents_to_their_precision(
+    raw_shards, pretrained_dir, tmp_path, dtype
+):
+    import numpy as np
+
+    precompute(raw_shards, tmp_path / "fp32", pretrained_dir, "device=cpu")
+    manifest = precompute(raw_shards, tmp_path / dtype, pretrained_dir, "device=cpu", f"dtype={dtype}")
+    assert manifest["vae"]["extra"]["dtype"] == dtype, "the encoders' dtype is in the manifest and the cache key"
+    reference, half = read_latents(tmp_path / "fp32"), read_latents(tmp_path / dtype)
+    assert half.keys() == reference.keys() and len(half) == 96
+    scale = max(float(np.abs(a).max()) for a in reference.values())
+    worst = max(float(np.abs(half[k].astype(np.float32) - reference[k].astype(np.float32)).max()) for k in half)
+    tolerance = 2**-6 if dtype == "bfloat16" else 2**-9  # a few units of the last place, relative to the range
+    assert 0 < worst <= tolerance * scale, (worst, scale)

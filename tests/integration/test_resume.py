@@ -17,6 +17,7 @@ from tests.conftest import compose_config, tiny_train_overrides
 from tests.integration.cli import kill_cli_when
 from trainer.checkpointing import checkpoint_step, resolve_resume_checkpoint
 from trainer.cli.train import run_train
+from trainer.export import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def train(latent_dir: Path, out: Path, steps: int, *extra: str) -> dict:
 
 
 def final_state(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return load_checkpoint(out / "checkpoints" / "last.ckpt")  # EMA in state_dict, raw in current_model_state
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from data_pipelines.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
+from trainer.callbacks.ema import EMA_STATE_KEY
 from trainer.cli.export import run_export
 from trainer.cli.sample import run_sample
 from trainer.cli.train import run_train
@@ -243,6 +244,6 @@ def test_sampler_loads_the_checkpoint_directly(trained, tmp_path):
         from trainer.sampling.sampler import Sampler
 
         raw_only = torch.load(checkpoint, weights_only=True)
-        raw_only["state_dict"] = raw_only.pop("current_model_state")
+        del raw_only[EMA_STATE_KEY]
         torch.save(raw_only, tmp_path / "raw.ckpt")
         Sampler.from_checkpoint(tmp_path / "raw.ckpt", weights="ema")

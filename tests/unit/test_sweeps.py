@@ -12,11 +12,17 @@ import sys
 import optuna
 import pytest
 import torch
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from trainer.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from trainer.callbacks.optuna_pruning import OptunaPruning
-from trainer.sweeps.optuna_sweeper import counted_trials, fail_interrupted_trials, make_sqlite_folder
+from trainer.sweeps.optuna_sweeper import (
+    ResumableOptunaSweeperImpl,
+    counted_trials,
+    fail_interrupted_trials,
+    make_sqlite_folder,
+)
 from trainer.sweeps.summary import rank_trials, swept_parameters, write_summary
 from trainer.sweeps.trial import FAILED_VALUE, TRIAL_FILE, TrialRecord, run_trial
 
@@ -169,6 +175,16 @@ def test_interrupted_trials_are_failed_and_not_counted(tmp_path):
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
     assert counted_trials(study) == 3  # the interrupted one will be re-asked; the live one counts
+
+
+def test_a_worker_that_ran_no_trial_still_records_the_best(tmp_path):
+    """With several workers on one study, one may find every trial taken and create no job folder."""
+    study = optuna.create_study()
+    study.tell(study.ask(), 0.5)
+    sweeper = object.__new__(ResumableOptunaSweeperImpl)
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "worker-1")}}})
+    sweeper._save_results(study)
+    assert OmegaConf.load(tmp_path / "worker-1" / "optimization_results.yaml").best_value == 0.5
 
 
 class PruningTrainer:

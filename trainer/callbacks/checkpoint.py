@@ -6,6 +6,10 @@
   complete from damaged ones when resuming).
 * **Retention**: ``save_top_k`` with ``monitor: step`` keeps the newest K; ``keep_every_n_steps``
   also keeps every checkpoint whose step is a multiple of N (they are never deleted).
+* **No rewrite on resume**: Lightning does not restore which step it saved last, so after a
+  resume with gradient accumulation the first micro-batch (still at the resumed step) saved that
+  step again, over the checkpoint it resumed from and ``last.ckpt``, with one micro-batch consumed
+  whose gradient no checkpoint holds. The resumed step counts as saved here.
 * **Final step**: Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a
   multiple of it, the last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only
   saves when nothing was saved at all). This subclass saves the final step, as a top-k checkpoint
@@ -37,6 +41,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if keep_every_n_steps is not None and keep_every_n_steps < 1:
             raise ValueError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
         self.keep_every_n_steps = keep_every_n_steps
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # a resumed step is in the checkpoint it came from
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         partial = filepath + PARTIAL_SUFFIX

@@ -1,8 +1,7 @@
 """Exponential moving average of the trained weights, built on Lightning's ``WeightAveraging``.
 
-Lightning keeps the average in a ``torch.optim.swa_utils.AveragedModel``, swaps it in for
-validation, stores it as the checkpoint's ``state_dict`` (the raw weights go to
-``current_model_state``) and restores both on resume. This subclass changes two things:
+Lightning keeps the average in a ``torch.optim.swa_utils.AveragedModel`` and restores it on
+resume. This subclass changes what follows:
 
 * the decay warm-up of ``diffusers.training_utils.EMAModel``: ``decay_n = min(decay, (1 + n) / (10 + n))``
   after ``n`` updates, so early averages are not dominated by the random initialisation;
@@ -10,6 +9,9 @@ validation, stores it as the checkpoint's ``state_dict`` (the raw weights go to
   ``ModelCheckpoint`` writes the final ``last.ckpt`` after that copy, which would store the
   average as the raw weights too and make the checkpoint resume from the wrong weights. Export
   takes the EMA weights from the checkpoint.
+* the checkpoint keeps the raw weights in ``state_dict`` and the average in ``ema_state_dict``
+  (Lightning swaps them), so every strategy's loader restores the raw weights into the model;
+* validation runs on the average without rounding it to the model's dtype (bf16 weights).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 EMA_STATE_KEY = "ema_state_dict"
-"""Where a DeepSpeed checkpoint (its client state) keeps the EMA weights (``unet.*`` keys)."""
+"""Where a checkpoint keeps the EMA weights (``unet.*`` keys); its ``state_dict`` holds the raw ones."""
 
 
 def ema_decay(num_averaged: int, decay: float, warmup: bool) -> float:
@@ -51,14 +53,15 @@ class EMA(WeightAveraging):
         self.warmup = warmup
         self.every_n_steps = every_n_steps
         self.start_step = start_step
+        self._stashed: list[torch.Tensor] | None = None  # the raw weights while validation runs on the average
         super().__init__(use_buffers=True, multi_avg_fn=self._update)
 
     @torch.no_grad()
     def _update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         weight = 1.0 - ema_decay(int(num_averaged), self.decay, self.warmup)
         floating = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        if floating:
-            torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
+        if floating:  # the average keeps its own dtype (float32) when the weights are bf16/fp16
+            torch._foreach_lerp_([a for a, _ in floating], [c.to(a.dtype) for a, c in floating], weight)
 
     def averaged_module(self) -> L.LightningModule | None:
         """The module holding the EMA weights (``None`` before fit starts)."""
@@ -72,21 +75,48 @@ class EMA(WeightAveraging):
             with full_parameters(trainer, pl_module, modify=False):
                 super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
-    def _swap_models(self, pl_module: L.LightningModule) -> None:
-        with full_parameters(pl_module.trainer, pl_module, modify=True):
-            super()._swap_models(pl_module)
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Validate the average: stash the raw weights and copy the average into the model.
+
+        Lightning's own swap copies each way through the model's dtype, which rounds a float32
+        average to bf16 when the weights are bf16 (``bf16-true``, DeepSpeed's bf16); here the average
+        is only read, and the raw weights come back from the stash unchanged.
+        """
+        if self._average_model is None or self._stashed is not None:
+            return
+        with full_parameters(trainer, pl_module, modify=True):
+            current = [*pl_module.parameters(), *pl_module.buffers()]
+            averaged = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
+            self._stashed = [tensor.detach().clone() for tensor in current]
+            for tensor, average in zip(current, averaged, strict=True):
+                tensor.data.copy_(average.data)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Put the raw weights back after validation."""
+        if self._stashed is None:
+            return
+        with full_parameters(trainer, pl_module, modify=True):
+            for tensor, raw in zip([*pl_module.parameters(), *pl_module.buffers()], self._stashed, strict=True):
+                tensor.data.copy_(raw)
+        self._stashed = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep the raw weights in ``state_dict`` and the average in ``EMA_STATE_KEY``, under every strategy.
+
+        ``state_dict`` is what each strategy loads back into the model on resume (Lightning's own
+        restore, FSDP's loader, DeepSpeed's engine), so it must hold the raw weights; Lightning's
+        ``WeightAveraging`` layout (average in ``state_dict``) made FSDP resume the average as raw weights.
+        """
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if isinstance(trainer.strategy, DeepSpeedStrategy) and "current_model_state" in checkpoint:
+        if "current_model_state" in checkpoint:
             checkpoint[EMA_STATE_KEY] = checkpoint["state_dict"]
-            del checkpoint["current_model_state"]
+            checkpoint["state_dict"] = checkpoint.pop("current_model_state")
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if EMA_STATE_KEY not in checkpoint or self._average_model is None:
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)  # Lightning's layout (older checkpoints)
             return
-        # DeepSpeed: the engine has loaded the raw weights already; only the average is restored here.
+        # the strategy has loaded the raw weights from state_dict already; only the average is restored here
         state = {"module." + name: value for name, value in checkpoint[EMA_STATE_KEY].items()}
         state |= checkpoint.get("averaging_state", {})
         self._average_model.load_state_dict(state)

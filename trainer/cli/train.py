@@ -38,6 +38,7 @@ from trainer.cli.hydra_app import (
     optimizer_factories,
     resolved_container,
 )
+from trainer.strategies.precision import check_precision
 from trainer.sweeps.trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         The final logged metrics (floats), ``optimized_metric`` (the value of
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
+    check_precision(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
     datamodule = instantiate(cfg.data)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from data_pipelines.atomic import atomic_path
 from data_pipelines.monitoring import SkippedSamplesMonitor
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories
+from trainer.strategies.precision import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         Final metrics, ``scaling_factor`` and ``save_dir``.
     """
+    check_precision(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))

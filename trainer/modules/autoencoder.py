@@ -45,9 +45,14 @@ class AutoencoderModule(L.LightningModule):
         self.kl_weight = kl_weight
         self.reconstruction_loss = reconstruction_loss
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype of the VAE's weights now (bf16 under ``bf16-true`` and DeepSpeed's bf16 mode)."""
+        return next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
+
     def losses(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss terms for images ``(B, 3, H, W)`` in [-1, 1]."""
-        posterior = self.vae.encode(pixels.to(self.dtype)).latent_dist
+        """Loss terms for images ``(B, 3, H, W)`` in [-1, 1]; the VAE's inputs follow its weights' dtype."""
+        posterior = self.vae.encode(pixels.to(self.vae_dtype)).latent_dist
         reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
         if self.reconstruction_loss == "l1":
             rec = F.l1_loss(reconstruction.float(), pixels.float())
@@ -80,5 +85,5 @@ class AutoencoderModule(L.LightningModule):
     @torch.no_grad()
     def latent_std(self, batches: list[torch.Tensor]) -> float:
         """Standard deviation of the posterior modes over some image batches ``(B, 3, H, W)``."""
-        modes = [self.vae.encode(b.to(self.device, self.dtype)).latent_dist.mode().float() for b in batches]
+        modes = [self.vae.encode(b.to(self.device, self.vae_dtype)).latent_dist.mode().float() for b in batches]
         return float(torch.cat([m.flatten() for m in modes]).std())

@@ -102,17 +102,32 @@ class LatentDiffusion(L.LightningModule):
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
 
+        The objective's math (noise, ``x_t``, target, loss) runs in float32 whatever the precision;
+        only the UNet's inputs are cast, in :meth:`_predict`.
+
         Args:
             batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype).
         """
-        latents = batch["latents"].to(self.dtype)
-        if self.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        text = self.drop_captions(batch["text"].to(self.dtype))
+        latents = batch["latents"].float()
+        text = self.drop_captions(batch["text"].float())
         return self.objective.loss(self._predict, self.noise_scheduler, latents, text)
 
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the UNet's weights have now: float32 under autocast (``*-mixed``) and ``32-true``,
+        bfloat16/float16 under ``bf16-true``/``16-true`` and DeepSpeed's bf16/fp16 modes (which cast the
+        module and run no autocast)."""
+        return next(p.dtype for p in self.unet.parameters() if p.is_floating_point())
+
     def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        """The UNet's prediction ``(B, C, h, w)`` for ``x_t`` ``(B, C, h, w)``, ``t`` ``(B,)`` and text ``(B, T, D)``.
+
+        The one place the UNet is called in training and validation: its inputs follow the dtype of its
+        weights (and ``channels_last``), so every strategy and precision feeds it what it holds.
+        """
+        dtype = self.unet_dtype
+        noisy = noisy.to(dtype, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.compute_loss(batch)
@@ -140,8 +155,8 @@ class LatentDiffusion(L.LightningModule):
         loss = fixed_timestep_loss(
             self._predict,
             self.noise_scheduler,
-            batch["latents"].to(self.dtype),
-            batch["text"].to(self.dtype),
+            batch["latents"].float(),
+            batch["text"].float(),
             self.validation_timesteps,
             seed=batch_idx,
         )

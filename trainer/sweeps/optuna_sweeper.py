@@ -175,11 +175,13 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             return
         best = study.best_trial
         log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
+        sweep_dir = Path(self.config.hydra.sweep.dir)  # absent when this worker ran no trial (others took them all)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(
             OmegaConf.create(
                 {"name": "optuna", "best_trial": best.number, "best_params": best.params, "best_value": best.value}
             ),
-            f"{self.config.hydra.sweep.dir}/optimization_results.yaml",
+            sweep_dir / "optimization_results.yaml",
         )
 
 

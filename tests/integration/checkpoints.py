@@ -1,0 +1,51 @@
+"""Comparing training checkpoints bit for bit: what the exact-resume tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.export import load_checkpoint
+
+
+def assert_same_nested(a, b, where="checkpoint"):
+    """Tensors equal bit for bit, everything else equal, through dicts, lists, tuples and objects' attributes."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_nested(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_nested(x, y, f"{where}[{i}]")
+    elif isinstance(a, (int, float, str, bytes, type(None))):
+        assert a == b, f"{where}: {a!r} != {b!r}"
+    else:  # an object DeepSpeed pickles into its partition files (its loss scaler): its attributes
+        assert type(a) is type(b), where
+        assert_same_nested(vars(a), vars(b), f"{where}.{type(a).__name__}")
+
+
+def assert_resume_is_exact(resumed: Path, uninterrupted: Path) -> None:
+    """Two checkpoints (files or DeepSpeed folders) hold the same training state, bit for bit.
+
+    Weights, EMA, optimizer state (under ZeRO: each rank's partition), LR schedule, step and
+    data position.
+    """
+    a, b = load_checkpoint(resumed), load_checkpoint(uninterrupted)
+    for key in ("global_step", "state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        if key in b:
+            assert_same_nested(a[key], b[key], key)
+    assert a["LatentShardDataModule"]["batches"] == b["LatentShardDataModule"]["batches"]
+    partitions = sorted(p.name for p in (uninterrupted / "checkpoint").glob("*zero_pp_rank_*_optim_states.pt"))
+    assert uninterrupted.is_file() or len(partitions) == 2, "a ZeRO checkpoint holds each rank's partition"
+    for name in partitions:
+        # weights_only=False on purpose: DeepSpeed pickles its own objects into these partition
+        # files (it loads them the same way), and these are files this test session just wrote.
+        states = [
+            torch.load(p / "checkpoint" / name, map_location="cpu", weights_only=False)
+            for p in (resumed, uninterrupted)
+        ]
+        assert_same_nested(*(state["optimizer_state_dict"] for state in states), name)
