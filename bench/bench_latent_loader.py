@@ -24,7 +24,7 @@ from pathlib import Path
 import webdataset as wds
 from synthetic_latents import latentforge_loader, webdataset_idiom, write_latent_shards
 
-from data_pipelines.shard_writer import open_tar_writer
+from data_pipelines.shards.tar_writer import open_tar_writer
 
 SAMPLES, PER_SHARD, BATCH, BUFFER, EPOCHS = 1440, 240, 128, 500, 6
 LATENT, TEXT = (4, 8, 8), (77, 32)

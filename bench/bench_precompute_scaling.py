@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.sources.digits import DigitsSource
+from data_pipelines.raw.sources.digits import DigitsSource
+from data_pipelines.raw.writer import write_raw_shards
 from trainer.cli.hydra_app import compose_config
-from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 SAMPLES, RESOLUTION = 1024, 256
 

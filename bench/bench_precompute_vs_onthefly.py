@@ -20,16 +20,16 @@ import torch
 import webdataset as wds
 from hydra.utils import instantiate
 
-from data_pipelines.datamodules import LatentShardDataModule
-from data_pipelines.frozen_encoders import FrozenEncoders
-from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.latent_shard_encoder import LatentShardEncoder
-from data_pipelines.precompute import precompute_latents
-from data_pipelines.raw_format import decode_raw_sample
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.sources.digits import DigitsSource
+from data_pipelines.latents.encoders import FrozenEncoders
+from data_pipelines.latents.precompute import precompute_latents
+from data_pipelines.latents.shard_encoder import LatentShardEncoder
+from data_pipelines.loading.datamodules import LatentShardDataModule
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.raw.sources.digits import DigitsSource
+from data_pipelines.raw.writer import write_raw_shards
+from data_pipelines.transforms.images import ResizeCrop
 from trainer.cli.hydra_app import compose_config
-from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 BATCH, STEPS, WARMUP = 64, 40, 5
 

@@ -30,10 +30,10 @@ from diffusers import StableDiffusionPipeline
 from hydra.utils import instantiate
 
 from trainer.cli.hydra_app import compose_config
-from trainer.models.tiny_pipeline import make_tiny_export
-from trainer.models.tiny_text_encoder import save_tiny_text_encoder
 from trainer.sampling.sampler import Sampler, SampleSettings
 from trainer.sampling.schedulers import make_scheduler
+from trainer.tiny_models.tiny_pipeline import make_tiny_export
+from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 PROMPTS = [
     "a handwritten digit zero",
@@ -57,7 +57,7 @@ def build_sd15(folder: Path, dtype: torch.dtype) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from data_pipelines.tokenizer import save_clip_tokenizer
+    from data_pipelines.latents.tokenizer import save_clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from data_pipelines.datamodules import LatentShardDataModule
-from data_pipelines.latent_format import (
+from data_pipelines.latents.format import (
     EncoderInfo,
     LatentManifest,
     LatentSample,
@@ -18,7 +17,8 @@ from data_pipelines.latent_format import (
     encode_latent_sample,
     save_uncond_embedding,
 )
-from data_pipelines.shard_writer import open_tar_writer
+from data_pipelines.loading.datamodules import LatentShardDataModule
+from data_pipelines.shards.tar_writer import open_tar_writer
 
 
 def write_latent_shards(

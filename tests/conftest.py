@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def FirstDigits(count: int):
     """The first ``count`` training digits (a source for the shard writer)."""
-    from data_pipelines.sources.digits import DigitsSource
+    from data_pipelines.raw.sources.digits import DigitsSource
 
     return DigitsSource("train", limit=count)
 
@@ -39,7 +39,7 @@ def FirstDigits(count: int):
 @pytest.fixture(scope="session")
 def raw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Raw shards of 96 real digits, 32 per shard."""
-    from data_pipelines.raw_shards import write_raw_shards
+    from data_pipelines.raw.writer import write_raw_shards
 
     out = tmp_path_factory.mktemp("raw_shards")
     write_raw_shards(FirstDigits(NUM_DIGITS), out, samples_per_shard=32)
@@ -51,7 +51,7 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers-layout folder with vae/, text_encoder/, tokenizer/ (small, random, seeded)."""
     from hydra.utils import instantiate
 
-    from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+    from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
     out = tmp_path_factory.mktemp("pretrained")
     save_tiny_text_encoder(out, max_length=8)

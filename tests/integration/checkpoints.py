@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.export import load_checkpoint
+from trainer.checkpoint.reading import load_checkpoint
 
 
 def assert_same_nested(a, b, where="checkpoint"):

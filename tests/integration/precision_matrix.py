@@ -32,10 +32,10 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from tests.integration.checkpoints import assert_resume_is_exact
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.hydra_app import compose_config
 from trainer.cli.train import run_train
-from trainer.export import load_checkpoint
 from trainer.sampling.sampler import Sampler, SampleSettings
 
 STEPS = 4

@@ -10,11 +10,11 @@ import webdataset as wds
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from data_pipelines.datamodules import LatentShardDataModule
-from data_pipelines.latent_format import LatentManifest
-from data_pipelines.precompute import StaleLatentsError
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.sources.base import SourceItem
+from data_pipelines.latents.format import LatentManifest
+from data_pipelines.latents.precompute import StaleLatentsError
+from data_pipelines.loading.datamodules import LatentShardDataModule
+from data_pipelines.raw.sources.base import SourceItem
+from data_pipelines.raw.writer import write_raw_shards
 from tests.conftest import compose_config, tiny_train_overrides
 from trainer.cli.precompute import run_precompute
 from trainer.cli.train import run_train

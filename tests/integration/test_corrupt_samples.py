@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.shard_writer import open_tar_writer
-from data_pipelines.streaming import TooManyCorruptSamples
+from data_pipelines.raw.writer import write_raw_shards
+from data_pipelines.shards.streaming import TooManyCorruptSamples
+from data_pipelines.shards.tar_writer import open_tar_writer
 from tests.conftest import FirstDigits, compose_config, tiny_train_overrides
 from trainer.cli.precompute import run_precompute
 from trainer.cli.train import run_train

@@ -14,8 +14,8 @@ import pytest
 
 from tests.integration.checkpoints import assert_resume_is_exact
 from tests.integration.cli import kill_cli_when, run_cli
-from trainer.checkpointing import resolve_resume_checkpoint
-from trainer.export import load_checkpoint
+from trainer.checkpoint.reading import load_checkpoint
+from trainer.checkpoint.resume import resolve_resume_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 

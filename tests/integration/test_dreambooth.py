@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.errors import DataError
-from data_pipelines.image_transforms import ResizeCrop
+from data_pipelines.transforms.images import ResizeCrop
+from lf_common.errors import DataError
 from tests.conftest import compose_config
 from tests.integration.dreambooth import (
     CLASS_PROMPT,

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import compose_config, tiny_train_overrides
+from trainer.checkpoint.reading import build_unet, load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.sample import run_sample
 from trainer.cli.train import run_train
-from trainer.export import build_unet, load_checkpoint
 from trainer.lora.loading import load_lora
 from trainer.sampling.sampler import Sampler
 
@@ -73,7 +73,7 @@ def test_dreambooth_lora_on_unet_and_text_encoder(base_model, cat_photos, tmp_pa
     from diffusers import StableDiffusionPipeline
 
     from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
-    from trainer.export import build_text_encoder
+    from trainer.checkpoint.reading import build_text_encoder
 
     run = tmp_path / "run"
     overrides = dreambooth_overrides("dreambooth_lora_text_encoder", base_model, cat_photos, tmp_path / "c", run)

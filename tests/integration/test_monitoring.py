@@ -6,8 +6,8 @@ import csv
 import pytest
 
 from tests.conftest import compose_config, tiny_train_overrides
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.train import run_train
-from trainer.export import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines.latent_format import ENTRY_SUFFIX, LatentManifest
-from data_pipelines.precompute import StaleLatentsError
-from data_pipelines.raw_shards import write_raw_shards
+from data_pipelines.latents.format import ENTRY_SUFFIX, LatentManifest
+from data_pipelines.latents.precompute import StaleLatentsError
+from data_pipelines.raw.writer import write_raw_shards
 from tests.conftest import FirstDigits, compose_config
 from trainer.cli.precompute import run_precompute
 

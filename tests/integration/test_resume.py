@@ -15,9 +15,9 @@ import torch
 
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.integration.cli import kill_cli_when
-from trainer.checkpointing import checkpoint_step, resolve_resume_checkpoint
+from trainer.checkpoint.reading import load_checkpoint
+from trainer.checkpoint.resume import checkpoint_step, resolve_resume_checkpoint
 from trainer.cli.train import run_train
-from trainer.export import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_damaged_newest_checkpoint_is_passed_over(uninterrupted, latent_dir, tmp
         path = checkpoints / name
         with open(path, "r+b") as handle:
             handle.truncate(path.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint.resume"):
         train(latent_dir, tmp_path, STEPS, "ckpt_path=last")
     message = caplog.text
     assert "last.ckpt (truncated" in message or "last.ckpt (not a complete" in message
@@ -89,7 +89,7 @@ def test_damaged_newest_checkpoint_is_passed_over(uninterrupted, latent_dir, tmp
 
 
 def test_resolve_refuses_a_folder_without_complete_checkpoints(tmp_path):
-    from data_pipelines.errors import DataError
+    from lf_common.errors import DataError
 
     (tmp_path / "step-0000002.ckpt").write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"no complete checkpoint .* step-0000002.ckpt \(not a complete"):

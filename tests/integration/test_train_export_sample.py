@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.errors import DataError
+from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
-from trainer.callbacks.ema import EMA_STATE_KEY
+from trainer.checkpoint.keys import EMA_STATE_KEY
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.sample import run_sample
 from trainer.cli.train import run_train
-from trainer.export import load_checkpoint
 from trainer.sampling.png_info import read_parameters
 
 pytestmark = pytest.mark.slow
@@ -212,7 +212,7 @@ def Image_open(path):
 def test_single_file_export_of_a_checkpoint_records_step_and_config(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.formats.pipeline_weights import read_metadata
+    from trainer.checkpoint.pipeline_weights import read_metadata
 
     out, _ = trained
     folder = export_last(out, tmp_path / "folder")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.atomic import atomic_path, remove_stale_temporaries, unique_temporary, write_json_atomic
+from lf_common.atomic import atomic_path, remove_stale_temporaries, unique_temporary, write_json_atomic
 
 WRITERS = 2
 PAYLOAD_BYTES = 1 << 20

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.buckets import BucketBatcher, BucketResizeCrop, BucketSet, generate_buckets
-from data_pipelines.datamodules import collate_latents
+from data_pipelines.loading.datamodules import collate_latents
+from data_pipelines.transforms.buckets import BucketBatcher, BucketResizeCrop, BucketSet, generate_buckets
 
 
 def test_generated_buckets_have_about_equal_area_and_bounded_ratios():

@@ -2,11 +2,11 @@
 
 import torch
 
-from data_pipelines.frozen_encoders import FrozenEncoders
-from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.latent_format import ShardEntry
-from data_pipelines.latent_shard_encoder import LatentShardEncoder
-from data_pipelines.precompute import file_sha256
+from data_pipelines.latents.encoders import FrozenEncoders
+from data_pipelines.latents.format import ShardEntry
+from data_pipelines.latents.precompute import file_sha256
+from data_pipelines.latents.shard_encoder import LatentShardEncoder
+from data_pipelines.transforms.images import ResizeCrop
 
 
 def encoders(pretrained_dir) -> FrozenEncoders:

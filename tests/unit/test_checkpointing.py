@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpointing import checkpoints_newest_first, resolve_resume_checkpoint
+from trainer.checkpoint.resume import checkpoints_newest_first, resolve_resume_checkpoint
 
 
 def write_checkpoints(folder: Path, written: dict[str, int]) -> None:

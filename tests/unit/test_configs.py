@@ -179,7 +179,7 @@ def test_objective_options_train_a_step(option):
 
 @pytest.mark.parametrize("option", options("buckets"))
 def test_bucket_options(option):
-    from data_pipelines.buckets import BucketSet
+    from data_pipelines.transforms.buckets import BucketSet
 
     cfg = compose_config("precompute", ["shards=x", "out_dir=o", "pretrained=p", f"buckets={option}"])
     buckets = instantiate(cfg.buckets)

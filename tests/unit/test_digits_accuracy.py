@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_pipelines.sources.digits import digit_caption, digit_to_image, digits_split
+from data_pipelines.raw.sources.digits import digit_caption, digit_to_image, digits_split
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy, label_of_prompt
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.image_transforms import ResizeCrop, pixels_to_images
+from data_pipelines.transforms.images import ResizeCrop, pixels_to_images
 
 
 def test_center_crop_of_a_wide_image():

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipelines.errors import CorruptSampleError
-from data_pipelines.raw_format import decode_raw_sample
-from data_pipelines.shard_writer import open_tar_writer
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.shards.tar_writer import open_tar_writer
+from lf_common.errors import CorruptSampleError
 from tests.conftest import compose_config
 from trainer.cli.shards import run_shards
 
@@ -103,7 +103,7 @@ def test_img2dataset_samples_decode_and_failed_status_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_lf_precompute_takes_an_img2dataset_folder(pretrained_dir, tmp_path):
-    from data_pipelines.latent_format import LatentManifest
+    from data_pipelines.latents.format import LatentManifest
     from trainer.cli.precompute import run_precompute
 
     folder = make_img2dataset_folder(tmp_path / "i2d")

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_pipelines.errors import CorruptSampleError, DataError
-from data_pipelines.latent_format import (
+from data_pipelines.latents.format import (
     LATENT_KEY,
     MANIFEST_NAME,
     EncoderInfo,
@@ -17,7 +16,8 @@ from data_pipelines.latent_format import (
     load_uncond_embedding,
     save_uncond_embedding,
 )
-from data_pipelines.shard_writer import open_tar_writer
+from data_pipelines.shards.tar_writer import open_tar_writer
+from lf_common.errors import CorruptSampleError, DataError
 
 
 def make_manifest(**changes):
@@ -112,7 +112,7 @@ def test_shards_from_other_encoders_are_refused(tmp_path):
 
 
 def test_cache_key_differences_in_words():
-    from data_pipelines.latent_format import CacheKey
+    from data_pipelines.latents.format import CacheKey
 
     old = CacheKey("s1", "v1", "t1", "k1", {"resolution": 32, "crop": "center"})
     new = CacheKey("s2", "v1", "t1", "k1", {"resolution": 64, "crop": "center"})

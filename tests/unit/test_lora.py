@@ -62,7 +62,7 @@ def test_kohya_keys_shapes_and_alpha():
 def test_text_encoder_kohya_keys_use_sd_clip_layout(tmp_path):
     from transformers import CLIPTextModel
 
-    from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+    from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
     save_tiny_text_encoder(tmp_path, num_layers=2)
     text_encoder = CLIPTextModel.from_pretrained(tmp_path / "text_encoder", local_files_only=True)

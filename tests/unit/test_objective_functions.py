@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 from trainer.diffusion.loss_weights import DebiasedWeighting, MinSNRWeighting, UniformWeighting
 from trainer.diffusion.noise import offset_noise
 from trainer.diffusion.objective import Objective, fixed_timestep_loss
-from trainer.diffusion.objectives import training_target
+from trainer.diffusion.targets import training_target
 from trainer.diffusion.timesteps import BiasedTimesteps, LogitNormalTimesteps, UniformTimesteps
 
 TIMESTEPS = torch.tensor([0, 250, 500, 999])

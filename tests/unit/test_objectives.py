@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from trainer.diffusion.objectives import diffusion_loss, training_target
+from trainer.diffusion.targets import per_sample_mse, training_target
 
 
 def alpha_bar(scheduler, t):
@@ -31,7 +31,10 @@ def test_epsilon_and_sample_targets():
     assert torch.equal(training_target(DDPMScheduler(prediction_type="sample"), x0, eps, t), x0)
 
 
-def test_weighted_loss_is_mean_of_weighted_per_sample_mse():
-    output, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
-    assert diffusion_loss(output, target).item() == pytest.approx((1 + 4) / 2)
-    assert diffusion_loss(output, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+def test_per_sample_mse_is_in_float32_per_sample():
+    output, target = (
+        torch.zeros(2, 1, 2, 2, dtype=torch.bfloat16),
+        torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)]),
+    )
+    errors = per_sample_mse(output, target)
+    assert errors.dtype == torch.float32 and errors.tolist() == [1.0, 4.0]

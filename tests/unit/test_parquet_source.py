@@ -8,10 +8,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.errors import DataError
-from data_pipelines.raw_format import decode_raw_sample
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.sources.caption_table import CaptionTableSource
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.raw.sources.caption_table import CaptionTableSource
+from data_pipelines.raw.writer import write_raw_shards
+from lf_common.errors import DataError
 from tests.conftest import compose_config
 from trainer.cli.shards import run_shards
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from data_pipelines.errors import ConfigError
+from lf_common.errors import ConfigError
 from tests.conftest import compose_config
 from trainer.cli.train import run_train
 from trainer.strategies.precision import check_precision, precision_problem, strategy_kind

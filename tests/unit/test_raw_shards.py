@@ -9,13 +9,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.errors import CorruptSampleError, DataError
-from data_pipelines.raw_format import decode_raw_sample
-from data_pipelines.raw_shards import SUMMARY_NAME, write_raw_shards
-from data_pipelines.sources.base import SourceItem
-from data_pipelines.sources.caption_table import CaptionTableSource
-from data_pipelines.sources.digits import DigitsSource, digits_split
-from data_pipelines.sources.image_folder import ImageFolderSource
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.raw.sources.base import SourceItem
+from data_pipelines.raw.sources.caption_table import CaptionTableSource
+from data_pipelines.raw.sources.digits import DigitsSource, digits_split
+from data_pipelines.raw.sources.image_folder import ImageFolderSource
+from data_pipelines.raw.writer import SUMMARY_NAME, write_raw_shards
+from lf_common.errors import CorruptSampleError, DataError
 from tests.conftest import FirstDigits
 
 

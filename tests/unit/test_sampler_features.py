@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.errors import DataError
+from lf_common.errors import DataError
 from tests.conftest import compose_config
 from trainer.cli.sample import run_sample
-from trainer.models.tiny_pipeline import make_tiny_export
 from trainer.sampling.png_info import read_parameters
 from trainer.sampling.sampler import Sampler, SampleSettings
+from trainer.tiny_models.tiny_pipeline import make_tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.models.tiny_pipeline import make_tiny_export
 from trainer.sampling.sampler import Sampler, SampleSettings
 from trainer.sampling.schedulers import make_scheduler
+from trainer.tiny_models.tiny_pipeline import make_tiny_export
 
 MAX_PIXEL_DIFFERENCE = 2
 PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]

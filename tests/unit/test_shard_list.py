@@ -1,7 +1,7 @@
 import pytest
 
-from data_pipelines.errors import DataError
-from data_pipelines.shard_list import resolve_shards
+from data_pipelines.shards.listing import resolve_shards
+from lf_common.errors import DataError
 
 
 def test_folder_glob_brace_and_list(tmp_path):

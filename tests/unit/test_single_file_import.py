@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data_pipelines.errors import DataError
+from lf_common.errors import DataError
 from tests.conftest import compose_config
+from trainer.checkpoint.pipeline_weights import load_diffusers_folder, read_metadata
+from trainer.checkpoint.sd_single_file import KeyMapError
 from trainer.cli.export import run_export
 from trainer.cli.import_model import run_import
-from trainer.formats.pipeline_weights import load_diffusers_folder, read_metadata
-from trainer.formats.sd_single_file import KeyMapError
-from trainer.models.tiny_pipeline import make_tiny_export
+from trainer.tiny_models.tiny_pipeline import make_tiny_export
 
 
 @pytest.fixture(scope="module")

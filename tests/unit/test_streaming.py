@@ -4,9 +4,9 @@ import logging
 import pytest
 from PIL import Image
 
-from data_pipelines.datamodules import ImageShardDataModule
-from data_pipelines.shard_writer import open_tar_writer
-from data_pipelines.streaming import COUNTS_KEY, SkipCounter, TooManyCorruptSamples
+from data_pipelines.loading.datamodules import ImageShardDataModule
+from data_pipelines.shards.streaming import COUNTS_KEY, SkipCounter, TooManyCorruptSamples
+from data_pipelines.shards.tar_writer import open_tar_writer
 
 
 def write_shard(path, good: int, bad: int):
@@ -80,7 +80,7 @@ def test_worker_processes_share_out_the_epoch(tmp_path):
 
 
 def test_too_few_shards_for_the_workers_is_named(tmp_path):
-    from data_pipelines.errors import DataError
+    from lf_common.errors import DataError
 
     write_shard(tmp_path / "only.tar", good=4, bad=0)
     datamodule = ImageShardDataModule(str(tmp_path), resolution=8, batch_size=2, num_workers=2, resampled=False)

@@ -1,6 +1,6 @@
 from transformers import CLIPTokenizer
 
-from data_pipelines.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, save_clip_tokenizer
+from data_pipelines.latents.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, save_clip_tokenizer
 
 
 def test_tokenizes_like_openai_clip():

@@ -3,9 +3,9 @@ import json
 
 from PIL import Image
 
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.shard_writer import open_tar_writer
-from data_pipelines.validate import validate_shard
+from data_pipelines.raw.validate import validate_shard
+from data_pipelines.raw.writer import write_raw_shards
+from data_pipelines.shards.tar_writer import open_tar_writer
 from tests.conftest import FirstDigits, compose_config
 from trainer.cli.validate import run_validate
 

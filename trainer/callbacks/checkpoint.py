@@ -2,7 +2,7 @@
 
 * **Atomic**: each checkpoint (a file, or a DeepSpeed folder of shards) is written under
   ``<name>.partial`` and renamed to its name once every rank has finished writing, so a crash
-  never leaves a half-written checkpoint under a final name (``trainer.checkpointing`` tells
+  never leaves a half-written checkpoint under a final name (``trainer.checkpoint.resume`` tells
   complete from damaged ones when resuming).
 * **Retention**: ``save_top_k`` with ``monitor: step`` keeps the newest K; ``keep_every_n_steps``
   also keeps every checkpoint whose step is a multiple of N (they are never deleted).
@@ -24,8 +24,8 @@ from weakref import proxy
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-from data_pipelines.atomic import replace_path
-from trainer.checkpointing import PARTIAL_SUFFIX, checkpoint_step
+from lf_common.atomic import replace_path
+from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_step
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

@@ -25,8 +25,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-EMA_STATE_KEY = "ema_state_dict"
-"""Where a checkpoint keeps the EMA weights (``unet.*`` keys); its ``state_dict`` holds the raw ones."""
+from trainer.checkpoint.keys import EMA_STATE_KEY, RAW_STATE_KEY
 
 
 def ema_decay(num_averaged: int, decay: float, warmup: bool) -> float:
@@ -108,9 +107,9 @@ class EMA(WeightAveraging):
         ``WeightAveraging`` layout (average in ``state_dict``) made FSDP resume the average as raw weights.
         """
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if "current_model_state" in checkpoint:
+        if RAW_STATE_KEY in checkpoint:  # Lightning put the average in state_dict, the raw weights here
             checkpoint[EMA_STATE_KEY] = checkpoint["state_dict"]
-            checkpoint["state_dict"] = checkpoint.pop("current_model_state")
+            checkpoint["state_dict"] = checkpoint.pop(RAW_STATE_KEY)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if EMA_STATE_KEY not in checkpoint or self._average_model is None:

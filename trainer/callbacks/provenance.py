@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from trainer.modules.latent_diffusion import CHECKPOINT_KEY
+from trainer.checkpoint.keys import CHECKPOINT_KEY
 
 
 class Provenance(Callback):

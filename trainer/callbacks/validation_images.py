@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from data_pipelines.sources.digits import digit_caption
+from data_pipelines.raw.sources.digits import digit_caption
 from trainer.callbacks.ema import EMA
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
 from trainer.sampling.png_info import image_grid

@@ -19,8 +19,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.atomic import write_json_atomic
-from data_pipelines.sources.digits import digit_caption
+from data_pipelines.raw.sources.digits import digit_caption
+from lf_common.atomic import write_json_atomic
 from trainer.cli.export import run_export
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, compose_config
 from trainer.cli.precompute import run_precompute
@@ -29,7 +29,7 @@ from trainer.cli.shards import run_shards
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
-from trainer.models.tiny_text_encoder import save_tiny_text_encoder
+from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 SUMMARY_NAME = "demo_summary.json"
 

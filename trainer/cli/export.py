@@ -13,8 +13,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from trainer.checkpoint.export import export_pipeline, export_single_file
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
-from trainer.export import export_pipeline, export_single_file
 
 FORMATS = ("diffusers", "single_file")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from trainer.checkpoint.importing import import_weights
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
-from trainer.formats.importing import import_weights
 
 
 def run_import(cfg: DictConfig) -> dict[str, str]:

@@ -21,13 +21,13 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data_pipelines.buckets import BucketResizeCrop
-from data_pipelines.frozen_encoders import FrozenEncoders
-from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.latent_shard_encoder import LatentShardEncoder, Transform
-from data_pipelines.precompute import precompute_latents
-from data_pipelines.shard_list import resolve_shards
-from data_pipelines.streaming import SkipCounter
+from data_pipelines.latents.encoders import FrozenEncoders
+from data_pipelines.latents.precompute import precompute_latents
+from data_pipelines.latents.shard_encoder import LatentShardEncoder, Transform
+from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.streaming import SkipCounter
+from data_pipelines.transforms.buckets import BucketResizeCrop
+from data_pipelines.transforms.images import ResizeCrop
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 

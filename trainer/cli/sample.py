@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from data_pipelines.errors import DataError
+from lf_common.errors import DataError
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 from trainer.lora.loading import load_lora
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png

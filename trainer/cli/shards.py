@@ -21,10 +21,10 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.atomic import write_json_atomic
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.sources.img2dataset import Img2DatasetFolder
-from data_pipelines.validate import report_table
+from data_pipelines.raw.sources.img2dataset import Img2DatasetFolder
+from data_pipelines.raw.validate import report_table
+from data_pipelines.raw.writer import write_raw_shards
+from lf_common.atomic import write_json_atomic
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 

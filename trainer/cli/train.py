@@ -25,10 +25,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.monitoring import SkippedSamplesMonitor
+from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from trainer.callbacks.provenance import Provenance
 from trainer.callbacks.rng import RNGState
-from trainer.checkpointing import resolve_resume_checkpoint
+from trainer.checkpoint.resume import resolve_resume_checkpoint
 from trainer.cli.hydra_app import (
     CONF_DIR,
     VERSION_BASE,

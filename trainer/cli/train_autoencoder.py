@@ -20,8 +20,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data_pipelines.atomic import atomic_path
-from data_pipelines.monitoring import SkippedSamplesMonitor
+from data_pipelines.loading.monitoring import SkippedSamplesMonitor
+from lf_common.atomic import atomic_path
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories
 from trainer.strategies.precision import check_precision
 

@@ -18,9 +18,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.atomic import write_json_atomic
-from data_pipelines.shard_list import resolve_shards
-from data_pipelines.validate import report_table, validate_shards
+from data_pipelines.raw.validate import report_table, validate_shards
+from data_pipelines.shards.listing import resolve_shards
+from lf_common.atomic import write_json_atomic
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from trainer.diffusion.objectives import PREDICTION_TYPES
+from trainer.diffusion.targets import PREDICTION_TYPES
 
 
 class LossWeighting(Protocol):

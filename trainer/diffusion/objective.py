@@ -11,7 +11,7 @@ from diffusers.training_utils import compute_snr
 
 from trainer.diffusion.loss_weights import LossWeighting, UniformWeighting
 from trainer.diffusion.noise import offset_noise, perturb_noise
-from trainer.diffusion.objectives import per_sample_mse, training_target
+from trainer.diffusion.targets import per_sample_mse, training_target
 from trainer.diffusion.timesteps import TimestepSampler, UniformTimesteps
 
 

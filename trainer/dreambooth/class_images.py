@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from data_pipelines.atomic import atomic_path
+from lf_common.atomic import atomic_path
 from trainer.sampling.sampler import Sampler, SampleSettings
 
 log = logging.getLogger(__name__)

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 
-from data_pipelines.errors import DataError
-from data_pipelines.frozen_encoders import FrozenEncoders
-from data_pipelines.image_transforms import ResizeCrop
-from data_pipelines.latent_shard_encoder import LatentShardEncoder
-from data_pipelines.precompute import precompute_latents
-from data_pipelines.raw_shards import write_raw_shards
-from data_pipelines.shard_list import resolve_shards
-from data_pipelines.sources.base import SourceItem
+from data_pipelines.latents.encoders import FrozenEncoders
+from data_pipelines.latents.precompute import precompute_latents
+from data_pipelines.latents.shard_encoder import LatentShardEncoder
+from data_pipelines.raw.sources.base import SourceItem
+from data_pipelines.raw.writer import write_raw_shards
+from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.transforms.images import ResizeCrop
+from lf_common.errors import DataError
 from trainer.dreambooth.class_images import class_image_path, generate_class_images, missing_class_images
 from trainer.sampling.sampler import SampleSettings
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from sklearn.svm import SVC
 
-from data_pipelines.sources.digits import DIGIT_WORDS, digit_to_image, digits_split, image_to_digit
+from data_pipelines.raw.sources.digits import DIGIT_WORDS, digit_to_image, digits_split, image_to_digit
 
 
 def label_of_prompt(prompt: str) -> int:

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from transformers import CLIPTextModel
 
-from data_pipelines.errors import DataError
+from lf_common.errors import DataError
 from trainer.lora.formats import DIFFUSERS_LORA_FILE
 
 

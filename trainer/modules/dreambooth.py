@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.lora.adapters import LoraSettings, add_lora
-from trainer.modules.latent_diffusion import CHECKPOINT_KEY, LatentDiffusion
+from trainer.modules.latent_diffusion import LatentDiffusion
 
 
 class DreamBoothDiffusion(LatentDiffusion):

@@ -1,7 +1,7 @@
 """LatentDiffusion: trains a diffusers UNet on precomputed latents and text embeddings.
 
 The module holds the UNet only: no VAE and no text encoder run in the training step, because the
-latent shards already hold their outputs (see ``data_pipelines.latent_format``).
+latent shards already hold their outputs (see ``data_pipelines.latents.format``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 from torch.optim import Optimizer
 
+from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
-
-CHECKPOINT_KEY = "latentforge"
 
 
 class LatentDiffusion(L.LightningModule):

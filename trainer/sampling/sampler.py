@@ -17,9 +17,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DCondit
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from data_pipelines.errors import DataError
-from data_pipelines.frozen_encoders import encode_text, resolve_device
-from data_pipelines.image_transforms import ResizeCrop, pixels_to_images
+from data_pipelines.latents.encoders import encode_text, resolve_device
+from data_pipelines.transforms.images import ResizeCrop, pixels_to_images
+from lf_common.errors import DataError
+from trainer.checkpoint.export import build_export
 from trainer.sampling.denoise import denoise
 from trainer.sampling.png_info import GenerationParameters
 from trainer.sampling.schedulers import begin_at, check_scheduler, display_name, make_scheduler
@@ -121,8 +122,6 @@ class Sampler:
         ``"auto"``/``"ema"``, the raw ones with ``"raw"``); the VAE, text encoder and tokenizer come
         from the folders the checkpoint's latent-shard manifest names, unless given.
         """
-        from trainer.export import build_export
-
         pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
         torch_device = resolve_device(device)
         return cls(

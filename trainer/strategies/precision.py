@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_pipelines.errors import ConfigError
+from lf_common.errors import ConfigError
 
 SHIPPED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}

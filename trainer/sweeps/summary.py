@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipelines.atomic import atomic_path
+from lf_common.atomic import atomic_path
 from trainer.sweeps.trial import TRIAL_FILE, TrialRecord
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from data_pipelines.atomic import write_json_atomic
+from lf_common.atomic import write_json_atomic
 from trainer.callbacks.finite_loss import NonFiniteLossError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,370 @@
+"""The latent-shard format: the one place that defines its keys, dtypes, shapes and manifest.
+
+A latent shard is a WebDataset tar whose samples hold::
+
+    KEY.latent.npy   float16 (C, h, w)  VAE posterior mode times the VAE's scaling factor; (h, w) is
+                                        the resolution / f, or its bucket's size / f when bucketed
+    KEY.text.npy     float16 (T, D)     text encoder last hidden state of the tokenized caption
+    KEY.txt          UTF-8               the caption
+    KEY.json         JSON                the raw sample's metadata plus preprocessing info
+
+Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
+fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
+the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
+caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. With
+aspect-ratio buckets (:mod:`data_pipelines.transforms.buckets`) the manifest also lists the bucket sizes
+``[height, width]`` and their latent shapes, and ``KEY.json`` holds each sample's ``bucket`` index
+and ``target_size``.
+The writer (precompute) and the reader (training loader) both import this module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.raw.format import sample_origin
+from lf_common.atomic import atomic_path, write_json_atomic
+from lf_common.errors import CorruptSampleError, DataError
+
+FORMAT_NAME = "latentforge.latent-shards"
+FORMAT_VERSION = 1
+LATENT_KEY = "latent.npy"
+TEXT_KEY = "text.npy"
+CAPTION_KEY = "txt"
+META_KEY = "json"
+STORAGE_DTYPE = np.float16
+MANIFEST_NAME = "manifest.json"
+UNCOND_NAME = "uncond.text.npy"
+
+
+@dataclass
+class LatentSample:
+    """One decoded latent-shard sample.
+
+    Attributes:
+        key: the sample key.
+        latent: ``(C, h, w)`` float16.
+        text: ``(T, D)`` float16.
+        caption: the caption.
+        meta: metadata.
+    """
+
+    key: str
+    latent: np.ndarray
+    text: np.ndarray
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=STORAGE_DTYPE), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _payload_bytes(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape)) * np.dtype(STORAGE_DTYPE).itemsize
+
+
+@lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The exact ``.npy`` header that :func:`_npy_bytes` writes for an array of ``shape``."""
+    data = _npy_bytes(np.zeros(shape, dtype=STORAGE_DTYPE))
+    return data[: len(data) - _payload_bytes(shape)]
+
+
+def _load_npy_of_shape(data: bytes, shapes: Sequence[tuple[int, ...]] | None) -> np.ndarray:
+    """Read a ``.npy`` member; skip parsing the header when it is byte for byte the one written for
+    one of ``shapes`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to ``np.load``."""
+    for shape in shapes or ():
+        header = _npy_header(tuple(shape))
+        if data.startswith(header) and len(data) == len(header) + _payload_bytes(tuple(shape)):
+            return np.frombuffer(data, dtype=STORAGE_DTYPE, offset=len(header)).reshape(shape)
+    return _load_npy(data)
+
+
+def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
+    """The tar members of one sample (bytes), for ``webdataset.TarWriter(encoder=False)``."""
+    return {
+        "__key__": sample.key,
+        LATENT_KEY: _npy_bytes(sample.latent),
+        TEXT_KEY: _npy_bytes(sample.text),
+        CAPTION_KEY: sample.caption.encode("utf-8"),
+        META_KEY: json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def decode_latent_sample(
+    sample: dict[str, Any],
+    latent_shape: tuple[int, ...] | None = None,
+    text_shape: tuple[int, ...] | None = None,
+    *,
+    latent_shapes: Sequence[tuple[int, ...]] | None = None,
+) -> LatentSample:
+    """Decode one webdataset sample of a latent shard, checking shapes when given.
+
+    Args:
+        sample: the raw webdataset sample (``__key__``, ``__url__``, member bytes).
+        latent_shape: the expected ``(C, h, w)``.
+        text_shape: the expected ``(T, D)``.
+        latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
+
+    Raises:
+        CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
+    """
+    origin = sample_origin(sample)
+    allowed_latent = (
+        [tuple(s) for s in latent_shapes] if latent_shapes else ([tuple(latent_shape)] if latent_shape else None)
+    )
+    allowed_text = [tuple(text_shape)] if text_shape else None
+    arrays = {}
+    for key, shapes in ((LATENT_KEY, allowed_latent), (TEXT_KEY, allowed_text)):
+        if key not in sample:
+            raise CorruptSampleError(f"{origin}: member '{key}' is missing")
+        try:
+            array = _load_npy_of_shape(sample[key], shapes)
+        except Exception as error:
+            raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
+        if array.dtype != STORAGE_DTYPE or (shapes is not None and tuple(array.shape) not in shapes):
+            expected = " or ".join(str(s) for s in shapes) if shapes else "any shape"
+            found = f"{array.dtype} {tuple(array.shape)}"
+            raise CorruptSampleError(
+                f"{origin}: member '{key}' is {found}, expected {np.dtype(STORAGE_DTYPE)} {expected}"
+            )
+        arrays[key] = array
+    caption = sample[CAPTION_KEY].decode("utf-8") if CAPTION_KEY in sample else ""
+    meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
+    return LatentSample(sample["__key__"], arrays[LATENT_KEY], arrays[TEXT_KEY], caption, meta)
+
+
+@dataclass
+class EncoderInfo:
+    """A frozen encoder the latents were made with.
+
+    Attributes:
+        path: the local folder it was loaded from.
+        class_name: its class (``AutoencoderKL``, ``CLIPTextModel``, ...).
+        fingerprint: SHA-256 over its config and weights.
+        extra: settings that change its output (``scaling_factor``, ``max_length``).
+    """
+
+    path: str
+    class_name: str
+    fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything a latent shard's content depends on. A shard is reused only when its key equals
+    the key the current settings give; otherwise it is stale.
+
+    Attributes:
+        source_sha256: SHA-256 of the raw input shard's bytes (an edited image changes it).
+        vae: fingerprint of the VAE folder (config and weights).
+        text_encoder: fingerprint of the text encoder folder.
+        tokenizer: fingerprint of the tokenizer folder (vocabulary, ``model_max_length``).
+        transforms: preprocessing settings (resolution, crop, interpolation).
+        format_version: the latent-shard format version.
+    """
+
+    source_sha256: str
+    vae: str
+    text_encoder: str
+    tokenizer: str
+    transforms: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+
+    def differences(self, other: CacheKey) -> list[str]:
+        """What differs from ``other`` (the key the shard was written with), in words."""
+        labels = {
+            "source_sha256": "the input shard's content",
+            "vae": "the VAE",
+            "text_encoder": "the text encoder",
+            "tokenizer": "the tokenizer",
+            "format_version": "the latent-shard format version",
+        }
+        changed = [label for name, label in labels.items() if getattr(self, name) != getattr(other, name)]
+        for setting in sorted(set(self.transforms) | set(other.transforms)):
+            was, now = other.transforms.get(setting), self.transforms.get(setting)
+            if was != now:
+                changed.append(f"transform {setting} ({was!r} -> {now!r})")
+        return changed
+
+
+@dataclass
+class ShardEntry:
+    """One latent shard: its file name, sample count, the raw shard it came from, and its cache key."""
+
+    name: str
+    num_samples: int
+    source: str
+    source_sha256: str
+    skipped: int = 0
+    cache_key: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> CacheKey | None:
+        """The cache key the shard was written with (``None`` for shards written without one)."""
+        return CacheKey(**self.cache_key) if self.cache_key else None
+
+
+ENTRY_SUFFIX = ".entry.json"
+
+
+def entry_path(shard: str | Path) -> Path:
+    """The record written next to a complete latent shard: ``shard-000003.tar`` -> ``shard-000003.entry.json``."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".tar") + ENTRY_SUFFIX)
+
+
+def save_entry(shard: str | Path, entry: ShardEntry) -> None:
+    """Record a complete shard (after its tar is in place), atomically."""
+    write_json_atomic(entry_path(shard), asdict(entry))
+
+
+def load_entry(shard: str | Path) -> ShardEntry | None:
+    """The record of a complete shard, or ``None`` when the shard or its record is missing."""
+    path = entry_path(shard)
+    if not (Path(shard).is_file() and path.is_file()):
+        return None
+    return ShardEntry(**json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass
+class LatentManifest:
+    """Everything a reader needs to trust and use a folder of latent shards."""
+
+    resolution: int
+    latent_shape: list[int]
+    text_shape: list[int]
+    vae: EncoderInfo
+    text_encoder: EncoderInfo
+    tokenizer_path: str
+    transforms: dict[str, Any]
+    shards: list[ShardEntry] = field(default_factory=list)
+    bucket_sizes: list[list[int]] = field(default_factory=list)  # [height, width] pixels; empty: not bucketed
+    bucket_latent_shapes: list[list[int]] = field(default_factory=list)  # [C, h, w] of each bucket
+    uncond_file: str = UNCOND_NAME
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in all shards."""
+        return sum(shard.num_samples for shard in self.shards)
+
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Every latent shape a sample may have: one per bucket, or ``latent_shape`` alone."""
+        return [tuple(s) for s in self.bucket_latent_shapes] or [tuple(self.latent_shape)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/manifest.json`` atomically."""
+        path = Path(folder) / MANIFEST_NAME
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> LatentManifest:
+        """Build from a dict, naming the missing or wrong key.
+
+        Raises:
+            DataError: not a latent-shard manifest of this version, or a key is missing.
+        """
+        if data.get("format") != FORMAT_NAME:
+            raise DataError(f"{where}: key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+        if data.get("version") != FORMAT_VERSION:
+            raise DataError(f"{where}: key 'version' is {data.get('version')!r}, expected {FORMAT_VERSION}")
+        try:
+            fields = dict(data)
+            fields["vae"] = EncoderInfo(**data["vae"])
+            fields["text_encoder"] = EncoderInfo(**data["text_encoder"])
+            fields["shards"] = [ShardEntry(**entry) for entry in data["shards"]]
+            return cls(**fields)
+        except KeyError as error:
+            raise DataError(f"{where}: key {error} is missing") from error
+        except TypeError as error:
+            raise DataError(f"{where}: unexpected layout ({error})") from error
+
+    @classmethod
+    def load(cls, folder: str | Path) -> LatentManifest:
+        """Read ``folder/manifest.json``.
+
+        Raises:
+            DataError: the folder or its manifest is missing or invalid.
+        """
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"{path}: latent-shard manifest is missing (is {folder} a precompute output folder?)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_dict(data, where=str(path))
+
+    def check_consistent(self, folder: str | Path) -> None:
+        """Every shard was made with the manifest's encoders and transforms.
+
+        Raises:
+            DataError: naming a shard whose cache key disagrees (shards mixed from two runs).
+        """
+        for shard in self.shards:
+            key = shard.key()
+            if key is None:
+                continue
+            ours = (self.vae.fingerprint, self.text_encoder.fingerprint, self.transforms)
+            if (key.vae, key.text_encoder, key.transforms) != ours:
+                raise DataError(
+                    f"{Path(folder) / shard.name}: made with other encoders or transforms than "
+                    f"{Path(folder) / MANIFEST_NAME} names; precompute this folder again"
+                )
+
+    def shard_paths(self, folder: str | Path) -> list[str]:
+        """The shard files, checked to exist.
+
+        Raises:
+            DataError: a shard the manifest lists is missing.
+        """
+        paths = [Path(folder) / shard.name for shard in self.shards]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"{Path(folder) / MANIFEST_NAME}: lists shards that are missing: {missing[:3]}")
+        if not paths:
+            raise DataError(f"{Path(folder) / MANIFEST_NAME}: lists no shards")
+        return [str(p) for p in paths]
+
+
+def save_uncond_embedding(folder: str | Path, embedding: np.ndarray) -> None:
+    """Write the empty caption's embedding ``(T, D)`` as ``uncond.text.npy`` (atomically)."""
+    with atomic_path(Path(folder) / UNCOND_NAME) as tmp:
+        tmp.write_bytes(_npy_bytes(embedding))
+
+
+def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.ndarray:
+    """Read the empty caption's embedding ``(T, D)`` float16.
+
+    Raises:
+        DataError: the file is missing or its shape is not the manifest's ``text_shape``.
+    """
+    path = Path(folder) / manifest.uncond_file
+    if not path.is_file():
+        raise DataError(f"{path}: unconditional embedding is missing")
+    array = _load_npy(path.read_bytes())
+    if list(array.shape) != list(manifest.text_shape):
+        raise DataError(f"{path}: shape {list(array.shape)}, expected text_shape {manifest.text_shape}")
+    return array

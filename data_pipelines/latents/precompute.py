@@ -1,0 +1,264 @@
+"""Precompute: raw shards -> latent shards, one output shard per input shard.
+
+Resumable and cache-correct: each output shard is written under a temporary name and renamed when
+complete, then recorded (``shard-NNNNNN.entry.json``) with its :class:`CacheKey`. A rerun reuses a
+shard whose recorded key equals the current one, encodes missing ones, and refuses stale ones
+(an edited input shard, another VAE, text encoder or tokenizer, other transforms) with a message
+saying what changed, unless ``recompute_stale`` is set.
+
+Encoding one shard is :mod:`data_pipelines.latents.shard_encoder`'s job. The loop over shards is
+Lightning's ``Trainer.predict``: on N devices (or N CPU processes started by torchrun), rank ``r``
+of ``w`` takes input shards ``r, r + w, ...`` and one writer per rank (:class:`LatentShardWriter`)
+writes its output shards; rank 0 writes the manifest once every rank is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from data_pipelines.latents.format import CacheKey, LatentManifest, load_entry, save_uncond_embedding
+from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
+from data_pipelines.transforms.buckets import BucketResizeCrop
+from lf_common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class StaleLatentsError(DataError):
+    """Latent shards whose cache key does not match the current settings."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class PrecomputePlan:
+    """What a run does with each of its input shards (by output name)."""
+
+    reuse: list[str] = field(default_factory=list)
+    encode: list[str] = field(default_factory=list)
+    stale: dict[str, list[str]] = field(default_factory=dict)  # name -> what changed
+
+
+def plan_shards(out: Path, names: list[str], keys: dict[str, CacheKey]) -> PrecomputePlan:
+    """Sort output shards into reusable (recorded with the same key), missing, and stale."""
+    plan = PrecomputePlan()
+    for name in names:
+        entry = load_entry(out / name)
+        recorded = entry.key() if entry else None
+        if entry is None:
+            plan.encode.append(name)
+        elif recorded == keys[name]:
+            plan.reuse.append(name)
+        else:
+            plan.stale[name] = keys[name].differences(recorded) if recorded else ["no cache key was recorded"]
+    return plan
+
+
+def precompute_latents(
+    shards: list[str],
+    out_dir: str | Path,
+    encoder: LatentShardEncoder,
+    recompute_stale: bool = False,
+    trainer_options: dict[str, Any] | None = None,
+) -> LatentManifest | None:
+    """Encode the input shards into ``out_dir`` (same file names) with Lightning's ``Trainer.predict``;
+    each rank takes whole input shards (``r, r + w, ...``) and writes its own output shards; rank 0
+    writes the manifest once every rank is done.
+
+    Args:
+        shards: all raw shard paths (every rank gets the same list).
+        out_dir: output folder.
+        encoder: the configured encoder.
+        recompute_stale: re-encode stale shards instead of refusing them.
+        trainer_options: ``lightning.Trainer`` arguments (``accelerator``, ``devices``,
+            ``num_nodes``, ``strategy``); default: one process on the encoders' device, or the
+            layout torchrun gives (``LOCAL_WORLD_SIZE`` devices per node, DDP).
+
+    Returns:
+        The manifest on rank 0, ``None`` on other ranks.
+
+    Raises:
+        StaleLatentsError: some of this rank's shards are stale and ``recompute_stale`` is off.
+    """
+    remote = [s for s in shards if not Path(s).is_file()]
+    if remote:
+        raise DataError(
+            f"precompute reads local shard files (it hashes each for the cache key); not local: {remote[:3]}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(s).name for s in shards]
+    if len(set(names)) != len(names):
+        raise DataError(f"input shards share file names; give shards with distinct names: {names}")
+    options = {
+        **launch_layout(encoder.encoders.device),
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        **(trainer_options or {}),
+    }
+    trainer = L.Trainer(**options, callbacks=[LatentShardWriter()])
+    job = _RankShards(shards, out, encoder, recompute_stale)
+    trainer.predict(LatentEncoding(encoder), datamodule=job, return_predictions=False)
+    trainer.strategy.barrier("precompute done")
+    if not trainer.is_global_zero:
+        return None
+    return _write_manifest(out, names, encoder)
+
+
+def launch_layout(device: torch.device) -> dict[str, Any]:
+    """Trainer arguments for the processes torchrun started (one process otherwise)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "devices": local,
+        "num_nodes": max(1, world // local),
+        "strategy": "ddp" if world > 1 else "auto",
+    }
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _RankShards(L.LightningDataModule):
+    """This rank's input shards as a stream of work items for :class:`LatentEncoding`.
+
+    For each shard it encodes (missing, or stale with ``recompute_stale``), one item per batch of
+    preprocessed samples, then an end item with the shard's skip count. Reused shards yield nothing.
+    """
+
+    def __init__(self, shards: list[str], out: Path, encoder: LatentShardEncoder, recompute_stale: bool) -> None:
+        super().__init__()
+        self.shards = shards
+        self.out = out
+        self.encoder = encoder
+        self.recompute_stale = recompute_stale
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # LatentShardEncoder.encode_batch moves the pixels itself
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = {Path(s).name: s for index, s in enumerate(self.shards) if index % world == rank}
+        keys = {name: self.encoder.cache_key(file_sha256(source)) for name, source in mine.items()}
+        plan = plan_shards(self.out, list(mine), keys)
+        if plan.stale and not self.recompute_stale:
+            details = "; ".join(f"{name}: {', '.join(changes)} changed" for name, changes in sorted(plan.stale.items()))
+            raise StaleLatentsError(
+                f"{self.out}: {len(plan.stale)} latent shard(s) do not match the current settings ({details}). "
+                "Use another out_dir, or set recompute_stale=true to encode them again."
+            )
+        for name in plan.reuse:
+            log.info("%s: complete and up to date, reused", name)
+        work = [(self.out / name, mine[name], keys[name]) for name in plan.encode + sorted(plan.stale)]
+        return DataLoader(_WorkItems(work, self.encoder), batch_size=None, collate_fn=_as_is)
+
+
+class _WorkItems(IterableDataset):
+    """Work items for the shards ``work`` lists: ``(target, source, key)`` each."""
+
+    def __init__(self, work: list[tuple[Path, str, CacheKey]], encoder: LatentShardEncoder) -> None:
+        self.work = work
+        self.encoder = encoder
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for target, source, key in self.work:
+            shard = {"target": target, "source": source, "key": key}
+            skipped_before = self.encoder.skips.skipped
+            for batch in self.encoder.preprocessed_batches(source):
+                yield {**shard, "pending": batch}
+            yield {**shard, "skipped": self.encoder.skips.skipped - skipped_before}
+
+
+class LatentEncoding(L.LightningModule):
+    """Runs the frozen encoders on work items: a batch of preprocessed samples becomes encoded
+    :class:`LatentSample` s (``samples``); a shard's end item passes through.
+
+    Args:
+        encoder: the configured encoder (its VAE and text encoder become this module's submodules).
+    """
+
+    def __init__(self, encoder: LatentShardEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.vae = encoder.encoders.vae
+        self.text_encoder = encoder.encoders.text_encoder
+
+    def predict_step(self, item: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "pending" not in item:
+            return item
+        samples = self.encoder.encode_batch(item["pending"])
+        return {key: value for key, value in item.items() if key != "pending"} | {"samples": samples}
+
+
+class LatentShardWriter(L.Callback):
+    """This rank's writer: each shard goes to its own :class:`ShardOutput`, finished (renamed and
+    recorded) at the shard's end item; partial shards are removed when the run fails."""
+
+    def __init__(self) -> None:
+        self.open: dict[Path, ShardOutput] = {}
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        target = prediction["target"]
+        if target not in self.open:
+            self.open[target] = ShardOutput(target, prediction["source"], prediction["key"])
+        if "samples" in prediction:
+            self.open[target].write(prediction["samples"])
+        else:
+            self.open.pop(target).finish(prediction["skipped"])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for output in self.open.values():
+            output.abort()
+        self.open.clear()
+
+
+def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) -> LatentManifest:
+    entries = [load_entry(out / name) for name in names]
+    missing = [name for name, entry in zip(names, entries, strict=True) if entry is None]
+    if missing:
+        raise DataError(f"{out}: shards {missing[:3]} were not written by any rank")
+    text_shape, uncond = encoder.text_shape_and_uncond()
+    manifest = LatentManifest(
+        resolution=encoder.transform.resolution,
+        latent_shape=encoder.latent_shape(),
+        text_shape=text_shape,
+        vae=encoder.encoders.vae_info,
+        text_encoder=encoder.encoders.text_encoder_info,
+        tokenizer_path=encoder.encoders.tokenizer_path,
+        transforms=encoder.transform.settings(),
+        shards=entries,  # type: ignore[arg-type]
+        bucket_sizes=encoder.transform.buckets.to_list() if isinstance(encoder.transform, BucketResizeCrop) else [],
+        bucket_latent_shapes=encoder.bucket_latent_shapes(),
+    )
+    save_uncond_embedding(out, uncond)
+    manifest.save(out)
+    return manifest

@@ -1,0 +1,199 @@
+"""Encode raw shards into latent shards with the frozen encoders, one shard at a time.
+
+:class:`LatentShardEncoder` decodes and preprocesses a raw shard's samples (counting corrupt ones),
+encodes them in batches of one image size, and :class:`ShardOutput` writes the result under a
+temporary name that only a complete shard loses. ``data_pipelines.latents.precompute`` runs it on every
+rank and keeps the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from data_pipelines.latents.encoders import FrozenEncoders
+from data_pipelines.latents.format import CacheKey, LatentSample, ShardEntry, encode_latent_sample, save_entry
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.shards.streaming import SkipCounter
+from data_pipelines.shards.tar_writer import open_tar_writer
+from data_pipelines.transforms.buckets import BucketResizeCrop
+from data_pipelines.transforms.images import ResizeCrop
+from lf_common.atomic import TMP_SUFFIX
+from lf_common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+Transform = ResizeCrop | BucketResizeCrop
+
+
+@dataclass
+class _Pending:
+    key: str
+    pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
+    caption: str
+    meta: dict[str, Any]
+
+
+class LatentShardEncoder:
+    """Encode raw shards into latent shards with frozen encoders.
+
+    Args:
+        encoders: the frozen VAE and text encoder.
+        transform: preprocessing of each image to the training resolution, or into its
+            aspect-ratio bucket (:class:`~data_pipelines.transforms.buckets.BucketResizeCrop`).
+        batch_size: images per encoder call (each call encodes images of one size).
+        skips: counts corrupt samples (an undecodable image, a missing member) and fails the run
+            when too many are bad; default: more than 1% of at least 1,000 samples.
+    """
+
+    def __init__(
+        self,
+        encoders: FrozenEncoders,
+        transform: Transform,
+        batch_size: int = 64,
+        skips: SkipCounter | None = None,
+    ) -> None:
+        self.encoders = encoders
+        self.transform = transform
+        self.batch_size = batch_size
+        self.skips = skips or SkipCounter()
+
+    def cache_key(self, source_sha256: str) -> CacheKey:
+        """The key of a latent shard made from an input shard with this content hash."""
+        return CacheKey(
+            source_sha256=source_sha256,
+            vae=self.encoders.vae_info.fingerprint,
+            text_encoder=self.encoders.text_encoder_info.fingerprint,
+            tokenizer=self.encoders.tokenizer_fingerprint,
+            transforms=self.transform.settings(),
+        )
+
+    def encode_batch(self, batch: list[_Pending]) -> list[LatentSample]:
+        """Encode one batch of preprocessed samples."""
+        latents = self.encoders.encode_images(torch.stack([p.pixels for p in batch]))  # (B, C, h, w)
+        texts = self.encoders.encode_captions([p.caption for p in batch])  # (B, T, D)
+        latents, texts = latents.float().cpu().numpy(), texts.float().cpu().numpy()
+        return [
+            LatentSample(p.key, latent, text, p.caption, p.meta)
+            for p, latent, text in zip(batch, latents, texts, strict=True)
+        ]
+
+    def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
+        """Decode and preprocess the samples of raw shard ``source`` into batches of one image size.
+
+        Samples wait in one batch per size (one per bucket, when bucketed; at most
+        ``buckets x batch_size`` images held); a batch is yielded when full, the rest at the end of
+        the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`.
+        """
+        batches: dict[tuple[int, ...], list[_Pending]] = {}
+        dataset = wds.DataPipeline(wds.SimpleShardList([source]), wds.tarfile_to_samples(handler=self.skips))
+        for raw in dataset:
+            try:
+                sample_key, image, caption, meta = decode_raw_sample(raw)
+            except Exception as error:  # CorruptSampleError, or bad JSON metadata
+                self.skips(error)
+                continue
+            self.skips.count_good()
+            pixels, info = self.transform(image)
+            batch = batches.setdefault(tuple(pixels.shape), [])
+            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
+            if len(batch) == self.batch_size:
+                yield list(batch)
+                batch.clear()
+        for shape in sorted(batches):
+            if batches[shape]:
+                yield batches[shape]
+
+    def encode_shard(self, source: str, target: Path, key: CacheKey) -> ShardEntry:
+        """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it
+        (in this process, without Lightning)."""
+        skipped_before = self.skips.skipped
+        output = ShardOutput(target, source, key)
+        try:
+            for batch in self.preprocessed_batches(source):
+                output.write(self.encode_batch(batch))
+        except BaseException:
+            output.abort()
+            raise
+        return output.finish(self.skips.skipped - skipped_before)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> list[int]:
+        """``[C, h, w]`` of one latent of a ``height`` x ``width`` image (default: the resolution square)."""
+        height = height or self.transform.resolution
+        probe = torch.zeros(1, 3, height, width or height)
+        return list(self.encoders.encode_images(probe).shape[1:])
+
+    def bucket_latent_shapes(self) -> list[list[int]]:
+        """``[C, h, w]`` of each bucket's latents (empty when not bucketed)."""
+        if not isinstance(self.transform, BucketResizeCrop):
+            return []
+        channels = self.latent_shape()[0]
+        factor = 2 ** (len(self.encoders.vae.config.block_out_channels) - 1)  # the VAE's downsampling factor
+        for height, width in self.transform.buckets.sizes:
+            if height % factor or width % factor:
+                raise DataError(
+                    f"bucket {height}x{width} is not a multiple of the VAE's factor {factor}; "
+                    "use a bucket step that is a multiple of it"
+                )
+        return [[channels, height // factor, width // factor] for height, width in self.transform.buckets.sizes]
+
+    def text_shape_and_uncond(self) -> tuple[list[int], Any]:
+        """``[T, D]`` of one text embedding and the empty caption's embedding ``(T, D)``."""
+        uncond = self.encoders.encode_captions([""])[0].float().cpu().numpy()
+        return list(uncond.shape), uncond
+
+
+class ShardOutput:
+    """One latent shard being written: samples go to ``NAME.tar.tmp``, which :meth:`finish` renames
+    to ``NAME.tar`` and records (``NAME.entry.json``); :meth:`abort` removes it. A crash leaves no
+    file under the final name that is not complete.
+
+    Args:
+        target: the final shard path.
+        source: the raw shard it is made from.
+        key: its cache key.
+    """
+
+    def __init__(self, target: Path, source: str, key: CacheKey) -> None:
+        self.target = target
+        self.source = source
+        self.key = key
+        self.tmp = target.with_name(target.name + TMP_SUFFIX)
+        self.tmp.unlink(missing_ok=True)
+        self.writer = open_tar_writer(self.tmp)
+        self.count = 0
+
+    def write(self, samples: list[LatentSample]) -> None:
+        """Append encoded samples."""
+        for sample in samples:
+            self.writer.write(encode_latent_sample(sample))
+        self.count += len(samples)
+
+    def finish(self, skipped: int) -> ShardEntry:
+        """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
+        self.writer.close()
+        os.replace(self.tmp, self.target)
+        entry = ShardEntry(
+            name=self.target.name,
+            num_samples=self.count,
+            source=str(Path(self.source).resolve()),
+            source_sha256=self.key.source_sha256,
+            skipped=skipped,
+            cache_key=asdict(self.key),
+        )
+        save_entry(self.target, entry)
+        log.info("%s: %d samples from %s (%d skipped)", entry.name, entry.num_samples, self.source, skipped)
+        return entry
+
+    def abort(self) -> None:
+        """Drop the partial shard."""
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,324 @@
+"""LightningDataModules that stream shards with webdataset.
+
+* :class:`LatentShardDataModule` streams precomputed latent shards for UNet training.
+* :class:`ImageShardDataModule` streams raw image shards for autoencoder training.
+
+Both split shards (or resample them) per rank and worker, shuffle through a buffer, skip and
+count corrupt samples, and yield dict batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.latents.format import LatentManifest, decode_latent_sample, load_uncond_embedding
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.streaming import (
+    ResumableLoader,
+    SampleCounts,
+    SkipCounter,
+    batches_per_worker,
+    shard_stream,
+    take_counts,
+)
+from data_pipelines.transforms.buckets import BucketBatcher
+from data_pipelines.transforms.images import ResizeCrop
+from lf_common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class _StreamingDataModule(L.LightningDataModule):
+    """Shared loader settings of the shard-streaming data modules, and the stream position.
+
+    The position is the number of training batches this rank has consumed (counted when Lightning
+    moves a batch to the device, so batches the loop prefetched are not counted): since the stream
+    began for resampled streams (one endless stream served in epochs), since the epoch began
+    otherwise. It is saved in checkpoints (``state_dict``) with the settings it depends on, and a
+    resumed run's training loader skips that many batches (:class:`ResumableLoader`). The stream
+    is a function of the seed, the rank and the worker, so every rank resumes where it stopped.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        seed: int = 0,
+        max_bad_fraction: float = 0.01,
+        bad_fraction_min_samples: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.seed = seed
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
+        self.sample_counts = SampleCounts()  # this rank's loaders, all workers, added up
+        self._batches = 0  # training batches consumed since the stream began
+        self._epoch_batches = 0  # ... since the current epoch began
+        self._epoch = 0
+        self._resume: dict[str, Any] | None = None  # the restored position, until training consumes a batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the loader workers' sample counts off each batch (into :attr:`sample_counts`), and count
+        the training batches the loop consumes (the stream position)."""
+        if isinstance(batch, dict):
+            self.sample_counts.add(*take_counts(batch))
+        if self.trainer is not None and self.trainer.training:
+            self._resume = None
+            if self.trainer.current_epoch != self._epoch:
+                self._epoch, self._epoch_batches = self.trainer.current_epoch, 0
+            self._batches += 1
+            self._epoch_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position of this rank and what it depends on."""
+        return {
+            "batches": self._batches,
+            "epoch": self._epoch,
+            "epoch_batches": self._epoch_batches,
+            "samples": self._batches * self.batch_size,
+            "batch_size": self.batch_size,
+            "world_size": _world_size(),
+            "seed": self.seed,
+            "resampled": self.resampled,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training stream where the checkpoint left it (the loader skips the consumed batches).
+
+        A stream of other settings (batch size, ranks, seed, shuffle) is a different stream: then the
+        position is not restored and a warning says why.
+        """
+        now = self.state_dict()
+        changed = [
+            k for k in ("batch_size", "world_size", "seed", "resampled", "shuffle_buffer") if state_dict[k] != now[k]
+        ]
+        if changed:
+            log.warning(
+                "data position not restored: %s changed since the checkpoint (%s); the stream starts afresh",
+                ", ".join(changed),
+                ", ".join(f"{k} {state_dict[k]} -> {now[k]}" for k in changed),
+            )
+            return
+        self._batches, self._epoch, self._epoch_batches = (
+            state_dict["batches"],
+            state_dict["epoch"],
+            state_dict["epoch_batches"],
+        )
+        self._resume = dict(state_dict)
+        log.info("data position restored: %d batches consumed per rank", self._batches)
+
+    def _resume_plan(self) -> tuple[int, bool] | None:
+        """``(batches to skip, go on past an epoch's end)`` for the training loader, while resuming.
+
+        Lightning either continues the epoch the checkpoint was taken in (a checkpoint after a
+        batch), or starts the next one (a checkpoint after the epoch ended, as at ``max_steps``).
+        Continuing: skip what was consumed and serve the rest of that epoch (maybe nothing). Next
+        epoch: a resampled stream skips what was consumed and serves from there, without an empty
+        epoch; a stream of epochs (``resampled=false``) starts its next pass.
+        """
+        if self._resume is None:
+            return None
+        next_epoch = self.trainer is not None and self.trainer.current_epoch > self._resume["epoch"]
+        if self.resampled:
+            return self._resume["batches"], next_epoch
+        return (0, False) if next_epoch else (self._resume["epoch_batches"], False)
+
+    def _loader(
+        self, urls: list[str], num_samples: int, decode: Any, collate: Any, train: bool, bucketed: bool = False
+    ) -> DataLoader:
+        resampled = self.resampled and train
+        workers = self.num_workers if resampled else self._split_workers(len(urls), train)
+        epoch_batches = batches_per_worker(num_samples, self.batch_size, _world_size(), workers)
+        pipeline = shard_stream(
+            urls,
+            decode,
+            self.batch_size,
+            collate,
+            handler=SkipCounter(self.max_bad_fraction, self.bad_fraction_min_samples),
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            resampled=resampled,
+            seed=self.seed,
+            batches_per_epoch=epoch_batches if resampled else None,
+            partial_batches=not train,
+            batcher=BucketBatcher(self.batch_size, collate, partial=not train) if bucketed else None,
+        )
+        loader = ResumableLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds leave the global RNG alone
+        )
+        if train:
+            loader.resume_plan = self._resume_plan
+        return loader
+
+    def _split_workers(self, num_shards: int, train: bool) -> int:
+        """Loader workers when shards are split between ranks and workers (each needs a shard).
+
+        Raises:
+            DataError: training has fewer shards than ranks x workers, or any loader fewer than ranks.
+        """
+        world = _world_size()
+        if num_shards < world or (train and num_shards < world * max(1, self.num_workers)):
+            raise DataError(
+                f"{num_shards} shard(s) for {world} rank(s) x {max(1, self.num_workers)} loader worker(s): every "
+                "worker of every rank needs a shard of its own; write more, smaller shards, lower "
+                "data.num_workers, or set data.resampled=true"
+            )
+        return self.num_workers if train else min(self.num_workers, num_shards // world)
+
+
+class _LatentDecoder:
+    """Picklable decode step for latent samples (runs in loader workers)."""
+
+    def __init__(self, manifest: LatentManifest) -> None:
+        self.latent_shapes = manifest.latent_shapes()
+        self.text_shape = tuple(manifest.text_shape)
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        decoded = decode_latent_sample(sample, text_shape=self.text_shape, latent_shapes=self.latent_shapes)
+        return decoded.latent, decoded.text
+
+
+def collate_latents(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16.
+    Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
+    so ``(h, w)`` is the same within a batch and may differ between batches."""
+    latents, texts = zip(*samples, strict=True)
+    return {"latents": torch.from_numpy(np.stack(latents)), "text": torch.from_numpy(np.stack(texts))}
+
+
+class LatentShardDataModule(_StreamingDataModule):
+    """Streams latent shards written by precompute.
+
+    When the shards are bucketed (the manifest lists ``bucket_sizes``), every batch holds samples
+    of one bucket, so batches differ in ``(h, w)``.
+
+    Args:
+        train_dir: a precompute output folder (with ``manifest.json``).
+        val_dir: an optional second folder for validation loss.
+        batch_size: samples per batch on each rank.
+        num_workers: loader worker processes per rank.
+        shuffle_buffer: shuffle buffer in samples.
+        resampled: draw training shards with replacement (equal batches on every rank).
+        seed: shard and shuffle seed.
+        max_bad_fraction: the run fails when more than this fraction of the samples a loader
+            process reads are corrupt (see :class:`~data_pipelines.shards.streaming.SkipCounter`).
+        bad_fraction_min_samples: the fraction is taken over at least this many samples.
+    """
+
+    def __init__(self, train_dir: str, val_dir: str | None = None, **loader: Any) -> None:
+        super().__init__(**loader)
+        self.train_dir = train_dir
+        self.val_dir = val_dir
+        self.manifest = LatentManifest.load(train_dir)
+        self.manifest.check_consistent(train_dir)
+        self.train_urls = self.manifest.shard_paths(train_dir)
+        self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
+        self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.train_urls,
+            self.manifest.num_samples,
+            _LatentDecoder(self.manifest),
+            collate_latents,
+            train=True,
+            bucketed=bool(self.manifest.bucket_sizes),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_manifest is None:
+            return []
+        urls = self.val_manifest.shard_paths(self.val_dir)
+        return self._loader(
+            urls,
+            self.val_manifest.num_samples,
+            _LatentDecoder(self.val_manifest),
+            collate_latents,
+            train=False,
+            bucketed=bool(self.val_manifest.bucket_sizes),
+        )
+
+
+class _ImageDecoder:
+    """Picklable decode step for raw image samples."""
+
+    def __init__(self, transform: ResizeCrop) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> torch.Tensor:
+        _, image, _, _ = decode_raw_sample(sample)
+        pixels, _ = self.transform(image)
+        return pixels
+
+
+def collate_pixels(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack images: ``pixels`` ``(B, 3, R, R)`` float32 in [-1, 1]."""
+    return {"pixels": torch.stack(samples)}
+
+
+class ImageShardDataModule(_StreamingDataModule):
+    """Streams raw image shards, preprocessed to a square resolution, for autoencoder training.
+
+    Args:
+        shards: raw shards (a folder, glob, brace pattern or list).
+        resolution: training resolution.
+        crop: ``"center"`` or ``"random"``.
+        val_shards: optional held-out raw shards for validation.
+        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction,
+            bad_fraction_min_samples.
+    """
+
+    def __init__(
+        self, shards: Any, resolution: int, crop: str = "random", val_shards: Any = None, **loader: Any
+    ) -> None:
+        super().__init__(**loader)
+        self.urls = resolve_shards(shards)
+        self.val_urls = resolve_shards(val_shards) if val_shards else None
+        self.transform = ResizeCrop(resolution, crop=crop)
+        self.num_samples = _count_samples(self.urls)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.urls, self.num_samples, _ImageDecoder(self.transform), collate_pixels, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        center = ResizeCrop(self.transform.resolution, crop="center")
+        return self._loader(self.val_urls, _count_samples(self.val_urls), _ImageDecoder(center), collate_pixels, False)
+
+
+def _count_samples(urls: list[str]) -> int:
+    """Samples in raw shards: the distinct keys of their members (webdataset's key rule)."""
+    total = 0
+    for url in urls:
+        with tarfile.open(url) as tar:
+            total += len({Path(name).name.split(".", 1)[0] for name in tar.getnames()})
+    return total

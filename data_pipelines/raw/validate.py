@@ -1,0 +1,146 @@
+"""Check raw shards before anything trains on them: every sample, every member, the tar itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from data_pipelines.raw.format import CAPTION_KEY, IMAGE_EXTENSIONS, META_KEY, failed_status
+
+
+@dataclass
+class ShardReport:
+    """What is wrong with one shard (empty lists and ``truncated=None`` when nothing is).
+
+    Attributes:
+        shard: the shard path.
+        samples: distinct keys read.
+        undecodable: keys whose image does not decode.
+        missing_image: keys with no image member.
+        missing_caption: keys with no ``txt`` member.
+        duplicate_keys: keys whose members are not contiguous or appear twice.
+        failed_status: keys whose ``KEY.json`` says the download failed (img2dataset's ``status``
+            other than ``"success"``), or does not parse as JSON.
+        truncated: the tar error when the file ends early or is not a tar.
+    """
+
+    shard: str
+    samples: int = 0
+    undecodable: list[str] = field(default_factory=list)
+    missing_image: list[str] = field(default_factory=list)
+    missing_caption: list[str] = field(default_factory=list)
+    duplicate_keys: list[str] = field(default_factory=list)
+    failed_status: list[str] = field(default_factory=list)
+    truncated: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.undecodable
+            or self.missing_image
+            or self.missing_caption
+            or self.duplicate_keys
+            or self.failed_status
+            or self.truncated
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _split(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), suffix
+
+
+def validate_shard(path: str | Path) -> ShardReport:
+    """Read every member of a raw shard and decode every image."""
+    report = ShardReport(shard=str(path))
+    seen: set[str] = set()
+    current: str | None = None
+    members: dict[str, bytes] = {}
+
+    def finish(key: str | None) -> None:
+        if key is None:
+            return
+        report.samples += 1
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image_ext is None:
+            report.missing_image.append(key)
+        else:
+            try:
+                with Image.open(io.BytesIO(members[image_ext])) as image:
+                    image.load()
+            except Exception:
+                report.undecodable.append(key)
+        if CAPTION_KEY not in members:
+            report.missing_caption.append(key)
+        if META_KEY in members:
+            try:
+                status = failed_status(json.loads(members[META_KEY]))
+            except ValueError:
+                status = "KEY.json is not valid JSON"
+            if status is not None:
+                report.failed_status.append(key)
+
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, suffix = _split(member.name)
+                if key != current:
+                    finish(current)
+                    if key in seen:
+                        report.duplicate_keys.append(key)
+                    seen.add(key)
+                    current, members = key, {}
+                elif suffix in members:
+                    report.duplicate_keys.append(key)
+                handle = tar.extractfile(member)
+                members[suffix] = handle.read() if handle else b""
+        finish(current)
+        if not _ends_with_end_marker(Path(path)):
+            report.truncated = "no end-of-archive marker: the file was cut short"
+    except (tarfile.TarError, EOFError, OSError) as error:
+        report.truncated = f"{type(error).__name__}: {error}"
+    return report
+
+
+def _ends_with_end_marker(path: Path) -> bool:
+    """A complete tar ends with two zero blocks (1,024 zero bytes) and is a whole number of blocks.
+    Python's tarfile reads a tar cut at a member boundary without complaint; this catches it."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with path.open("rb") as handle:
+        handle.seek(size - 1024)
+        return handle.read(1024) == bytes(1024)
+
+
+def validate_shards(paths: list[str]) -> list[ShardReport]:
+    """Reports for every shard, in order."""
+    return [validate_shard(path) for path in paths]
+
+
+def report_table(reports: list[ShardReport]) -> list[str]:
+    """The reports as lines of a table, one shard a line, under a header."""
+    lines = [
+        f"{'shard':<50} {'samples':>8} {'bad image':>9} {'no image':>8} {'no caption':>10} {'dup key':>7} "
+        f"{'failed':>6}  tar"
+    ]
+    for r in reports:
+        tar = "ok" if r.truncated is None else f"BROKEN ({r.truncated})"
+        lines.append(
+            f"{r.shard[-50:]:<50} {r.samples:>8} {len(r.undecodable):>9} {len(r.missing_image):>8} "
+            f"{len(r.missing_caption):>10} {len(r.duplicate_keys):>7} {len(r.failed_status):>6}  {tar}"
+        )
+    return lines

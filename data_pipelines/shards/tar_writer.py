@@ -1,0 +1,135 @@
+"""Write WebDataset tar shards with a fixed number of samples each, atomically."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from lf_common.atomic import TMP_SUFFIX
+from lf_common.errors import DataError
+
+SHARD_SUFFIX = ".tar"
+# A fixed, whole-second member time: identical input gives byte-identical shards (stable content
+# hashes), and tarfile writes no per-member PAX header, which would double the headers a reader parses.
+SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z
+
+
+def open_tar_writer(path: str | Path) -> wds.TarWriter:
+    """A ``webdataset.TarWriter`` for members given as bytes, with :data:`SHARD_MTIME`."""
+    return wds.TarWriter(str(path), encoder=False, mtime=SHARD_MTIME)
+
+
+@dataclass
+class WrittenShard:
+    """One complete shard on disk."""
+
+    path: Path
+    num_samples: int
+    num_bytes: int
+
+
+class AtomicShardWriter:
+    """Write samples to ``{prefix}-{index:06d}.tar`` shards of ``samples_per_shard`` samples.
+
+    Each shard is written under ``*.tar.tmp`` and renamed when complete, so a crash leaves no
+    partial shard under a ``.tar`` name. Use as a context manager; :attr:`shards` lists what was
+    written.
+
+    Args:
+        out_dir: the output folder (created).
+        samples_per_shard: samples per shard (the last one may hold fewer).
+        max_bytes_per_shard: also start a new shard once a shard holds this many bytes (``None``: no limit).
+        prefix: shard file name prefix.
+        overwrite: remove existing ``.tar`` shards in ``out_dir`` first; without it, a folder that
+            already holds shards is refused, so old and new shards never mix.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        samples_per_shard: int,
+        prefix: str = "shard",
+        overwrite: bool = False,
+        max_bytes_per_shard: int | None = None,
+    ):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={samples_per_shard}: expected at least 1")
+        self.out_dir = Path(out_dir)
+        self.samples_per_shard = samples_per_shard
+        self.max_bytes_per_shard = max_bytes_per_shard
+        self._bytes = 0
+        self.prefix = prefix
+        self.shards: list[WrittenShard] = []
+        self._writer: wds.TarWriter | None = None
+        self._count = 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob(f"*{SHARD_SUFFIX}")) + sorted(
+            self.out_dir.glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}")
+        )
+        if existing and not overwrite:
+            raise DataError(
+                f"{self.out_dir}: already holds {len(existing)} shard(s) such as {existing[0].name}; "
+                "choose another out_dir or set overwrite=true"
+            )
+        for path in existing:
+            path.unlink()
+
+    def shard_path(self, index: int) -> Path:
+        """The final path of shard ``index``."""
+        return self.out_dir / f"{self.prefix}-{index:06d}{SHARD_SUFFIX}"
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Add one sample (``__key__`` plus members as bytes)."""
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        self._writer.write(sample)
+        self._count += 1
+        # Each tar member takes a 512-byte header and its data padded to whole 512-byte blocks.
+        self._bytes += sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))
+        full = self.max_bytes_per_shard is not None and self._bytes >= self.max_bytes_per_shard
+        if self._count >= self.samples_per_shard or full:
+            self._close_shard()
+
+    def _tmp_path(self) -> Path:
+        final = self.shard_path(len(self.shards))
+        return final.with_name(final.name + TMP_SUFFIX)
+
+    def _open(self) -> None:
+        self._writer = open_tar_writer(self._tmp_path())
+        self._count = 0
+        self._bytes = 0
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        final = self.shard_path(len(self.shards))
+        os.replace(self._tmp_path(), final)
+        self.shards.append(WrittenShard(final, self._count, final.stat().st_size))
+        self._writer = None
+
+    def close(self) -> list[WrittenShard]:
+        """Finish the last shard and return every shard written."""
+        if self._writer is not None and self._count:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file is removed)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp_path().unlink(missing_ok=True)
+            self._writer = None
+
+    def __enter__(self) -> AtomicShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,5 +1,0 @@
-"""Where raw image-caption pairs come from: each source yields :class:`SourceItem` in a fixed order."""
-
-from data_pipelines.sources.base import SourceItem
-
-__all__ = ["SourceItem"]

@@ -1,0 +1,180 @@
+"""Export a training checkpoint as a diffusers ``StableDiffusionPipeline`` folder.
+
+The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
+``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
+the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
+adapters (and the text encoder's, when DreamBooth trained one) in ``lora/``
+(``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file). Both ``lf-sample`` and
+``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from lf_common.atomic import atomic_path
+from lf_common.errors import DataError
+from trainer.checkpoint.keys import CHECKPOINT_KEY
+from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
+from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
+from trainer.lora.formats import AdapterWeights, adapter_state_dict, save_lora_files
+
+log = logging.getLogger(__name__)
+EXPORT_INFO_NAME = "latentforge.json"
+LORA_DIR = "lora"
+
+
+def take_adapters(record: dict[str, Any], models: dict[str, torch.nn.Module], split: bool) -> dict[str, AdapterWeights]:
+    """Remove the LoRA adapters from ``models`` (``{"unet": ..., "text_encoder": ...}``): returned
+    apart with ``split``, else merged into the base weights.
+
+    Returns:
+        ``{"unet": AdapterWeights, "text_encoder": AdapterWeights}`` for the parts that had adapters (split only).
+    """
+    adapters = {}
+    for part, key in (("unet", "lora"), ("text_encoder", "text_encoder_lora")):
+        if not (settings := record.get(key)):
+            continue
+        if split:
+            adapters[part] = AdapterWeights(adapter_state_dict(models[part]), LoraSettings(**settings))
+            remove_adapters(models[part])
+        else:
+            merge_adapters(models[part])
+    return adapters
+
+
+def build_export(
+    ckpt_path: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+    split_lora: bool = False,
+) -> tuple[StableDiffusionPipeline, dict[str, Any], dict[str, AdapterWeights]]:
+    """The pipeline of a checkpoint, what to record about it (step, weights kind, training config), and
+    for a LoRA run with ``split_lora`` its adapter weights per part (the pipeline then holds the base
+    UNet and text encoder; without ``split_lora`` the adapters are merged into them).
+
+    Args: as :func:`export_pipeline`.
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    record = checkpoint[CHECKPOINT_KEY]
+    manifest = record.get("latent_manifest", {})
+    unet, kind = build_unet(checkpoint, weights)
+    vae_dir = vae_path or manifest.get("vae", {}).get("path")
+    text_dir = text_encoder_path or manifest.get("text_encoder", {}).get("path")
+    tokenizer_dir = tokenizer_path or manifest.get("tokenizer_path")
+    for name, value in (("vae_path", vae_dir), ("text_encoder_path", text_dir), ("tokenizer_path", tokenizer_dir)):
+        if not value or not Path(value).is_dir():
+            raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
+    text_encoder = build_text_encoder(checkpoint, text_dir, kind)
+    adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
+    torch_dtype = getattr(torch, dtype)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
+        text_encoder=text_encoder.to(torch_dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+        unet=unet.to(torch_dtype),
+        scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    info = {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "global_step": record.get("global_step", checkpoint.get("global_step")),
+        "weights": kind,
+        "lora": record.get("lora"),
+        "text_encoder_lora": record.get("text_encoder_lora"),
+        "dtype": dtype,
+        "train_config": record.get("train_config"),
+        "latent_manifest": manifest,
+    }
+    return pipe, info, adapters
+
+
+def export_pipeline(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a diffusers pipeline folder for a checkpoint (atomically: complete or absent).
+
+    Args:
+        ckpt_path: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder.
+        out_dir: the folder to write.
+        weights: ``"ema"``, ``"raw"``, or ``"auto"`` (EMA when the checkpoint has it).
+        vae_path, text_encoder_path, tokenizer_path: override the encoder folders recorded in the
+            checkpoint's latent-shard manifest.
+        dtype: weights dtype of the saved UNet, VAE and text encoder.
+    """
+    pipe, info, adapters = build_export(
+        ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype, split_lora=True
+    )
+    with atomic_path(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if adapters:  # lora/ in diffusers' and kohya's layouts
+            save_lora_files(tmp / LORA_DIR, adapters.get("unet"), adapters.get("text_encoder"))
+        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
+    return Path(out_dir)
+
+
+def export_single_file(
+    source: str | Path,
+    out_file: str | Path,
+    weights: Weights = "auto",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+    text_layout: str = "auto",
+) -> Path:
+    """Write one ``.safetensors`` in the original SD layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
+
+    Args:
+        source: a training checkpoint (as :func:`export_pipeline`), or an export folder
+            (diffusers layout, read strictly).
+        out_file: the ``.safetensors`` to write (atomically).
+        dtype: ``"float16"`` halves the file.
+        text_layout: the text encoder as SD 1.x's CLIP (``"sd1"``) or SD 2.x's OpenCLIP (``"sd2"``);
+            ``"auto"``: ``"sd2"`` when the UNet's ``cross_attention_dim`` is 1024.
+
+    The step, the weights kind and the training config go in the safetensors metadata
+    (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...).
+    """
+    from trainer.checkpoint.pipeline_weights import (
+        PipelineParts,
+        load_diffusers_folder,
+        metadata_strings,
+        save_single_file,
+    )
+
+    source = Path(source)
+    if (source / "model_index.json").is_file():
+        parts = load_diffusers_folder(source)
+        info_file = source / EXPORT_INFO_NAME
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+        info["export"] = str(source.resolve())
+    else:
+        pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
+        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
+    info["dtype"] = dtype
+    info.pop("latent_manifest", None)
+    save_single_file(
+        parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
+    )
+    log.info("exported %s (step %s) to %s", source, info.get("global_step"), out_file)
+    return Path(out_file)

@@ -1,0 +1,102 @@
+"""A user's local SD 1.x/2.x weights -> the starting point for training, loaded strictly.
+
+Two sources: a diffusers pipeline folder, or one ``.safetensors`` in the original single-file
+layout (with a diffusers folder giving the configs, tokenizer and scheduler, as diffusers'
+``from_single_file(config=...)`` takes). Pickles (``.ckpt``) only with ``allow_pickle``, read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTokenizer
+
+from lf_common.atomic import atomic_path
+from lf_common.errors import DataError
+from trainer.checkpoint.pipeline_weights import (
+    PipelineParts,
+    load_diffusers_folder,
+    load_part,
+    load_single_file,
+    read_metadata,
+)
+
+log = logging.getLogger(__name__)
+IMPORT_INFO_NAME = "latentforge.json"
+
+
+def read_pipeline_weights(
+    source: str | Path, config_dir: str | Path | None = None, allow_pickle: bool = False, ema: bool = False
+) -> tuple[PipelineParts, Path]:
+    """The parts of ``source`` (a diffusers folder or a single file), and the folder holding its configs.
+
+    Raises:
+        DataError: ``source`` is missing, or a single file comes without ``config_dir``.
+        KeyMapError: the weights do not match the configs (every offending key named).
+    """
+    source = Path(source)
+    if source.is_dir():
+        return load_diffusers_folder(source, allow_pickle=allow_pickle), source
+    if not source.is_file():
+        raise DataError(f"{source}: does not exist; expected a diffusers folder or a .safetensors file")
+    if config_dir is None:
+        raise DataError(
+            f"{source}: a single file needs config_dir=FOLDER, a diffusers pipeline folder with the "
+            "unet/, vae/, text_encoder/ configs, tokenizer/ and scheduler/ of the same architecture"
+        )
+    return load_single_file(source, config_dir, allow_pickle=allow_pickle, ema=ema), Path(config_dir)
+
+
+def import_weights(
+    source: str | Path,
+    out_dir: str | Path,
+    config_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    dtype: str = "float32",
+    ema: bool = False,
+) -> Path:
+    """Write ``source`` as a diffusers pipeline folder (atomically) that training and sampling load.
+
+    ``ema``: take the UNet from a single file's EMA copy (ldm's ``model_ema.*``).
+
+    The folder serves as ``lf-train model=pretrained model.pretrained=OUT_DIR`` (the UNet and the
+    noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder).
+    """
+    parts, configs = read_pipeline_weights(source, config_dir, allow_pickle, ema)
+    torch_dtype = getattr(torch, dtype)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae.to(torch_dtype),
+        text_encoder=parts.text_encoder.to(torch_dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(configs / "tokenizer", local_files_only=True),
+        unet=parts.unet.to(torch_dtype),
+        scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(configs / "scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    metadata = read_metadata(source) if Path(source).is_file() and Path(source).suffix == ".safetensors" else {}
+    info = {"imported_from": str(Path(source).resolve()), "dtype": dtype, "ema": ema, **metadata}
+    with atomic_path(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    log.info("imported %s to %s", source, out_dir)
+    return Path(out_dir)
+
+
+def pretrained_unet(path: str, allow_pickle: bool = False) -> UNet2DConditionModel:
+    """The UNet of a diffusers folder (``path/unet``), built from its config and loaded strictly.
+
+    The model config ``conf/model/pretrained.yaml`` calls this to start training from it.
+    """
+    folder = Path(path)
+    if not (folder / "unet" / "config.json").is_file():
+        raise DataError(
+            f"{folder}: unet/config.json is missing; model.pretrained must be a diffusers folder (lf-import writes one)"
+        )
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    return load_part(unet, folder / "unet", allow_pickle)

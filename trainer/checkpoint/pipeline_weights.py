@@ -1,0 +1,208 @@
+"""Pipeline parts (UNet, VAE, CLIP text encoder) to and from a single file or a diffusers folder, strictly.
+
+Writing: :func:`save_single_file` renames the parts' weights with the key map of
+:mod:`trainer.checkpoint.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
+
+Reading: :func:`load_single_file` and :func:`load_diffusers_folder` build each part from its
+config, check that the weights hold exactly the keys and shapes the config implies (a
+:class:`~trainer.checkpoint.sd_single_file.KeyMapError` lists every missing, unexpected and misshapen
+key), then load them with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from lf_common.atomic import atomic_path
+from lf_common.errors import DataError
+from trainer.checkpoint.safe_load import PICKLE_SUFFIXES, read_weights
+from trainer.checkpoint.sd_single_file import (
+    NON_WEIGHT_KEYS,
+    OPEN_CLIP_PREFIX,
+    TEXT_LAYOUTS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    check_state_dict,
+    split_ema,
+    to_diffusers,
+    to_original,
+    unet_rules,
+    vae_rules,
+)
+from trainer.checkpoint.sd_text_encoder_keys import (
+    open_clip_to_text,
+    open_clip_unused_keys,
+    text_to_diffusers,
+    text_to_open_clip,
+    text_to_original,
+)
+
+METADATA_PREFIX = "latentforge."
+VARIANTS = ("fp16", "bf16")
+
+
+@dataclass
+class PipelineParts:
+    """The three networks of an SD pipeline."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+
+
+def text_layout_for(parts: PipelineParts, text_layout: str = "auto") -> str:
+    """``"sd1"`` (CLIP under ``cond_stage_model.transformer``) or ``"sd2"`` (OpenCLIP under
+    ``cond_stage_model.model``); ``"auto"``: SD 2.x's when the UNet attends to 1024-wide text."""
+    if text_layout == "auto":
+        return "sd2" if parts.unet.config.cross_attention_dim == 1024 else "sd1"
+    if text_layout not in TEXT_LAYOUTS:
+        raise ValueError(f"text_layout={text_layout!r}: expected 'auto' or one of {list(TEXT_LAYOUTS)}")
+    return text_layout
+
+
+def original_state_dict(parts: PipelineParts, text_layout: str = "sd1") -> dict[str, torch.Tensor]:
+    """All weights of ``parts`` in the original single-file layout (text encoder in ``text_layout``)."""
+    state = to_original(parts.unet.state_dict(), unet_rules(parts.unet.config), UNET_PREFIX)
+    state |= to_original(parts.vae.state_dict(), vae_rules(parts.vae.config), VAE_PREFIX)
+    text = parts.text_encoder.state_dict()
+    state |= text_to_open_clip(text) if text_layout == "sd2" else text_to_original(text)
+    return state
+
+
+def save_single_file(
+    parts: PipelineParts,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+    text_layout: str = "auto",
+) -> Path:
+    """Write ``parts`` as one ``.safetensors`` in the original layout (complete or absent).
+
+    Args:
+        dtype: cast floating-point weights to it (``torch.float16`` halves the file); ``None`` keeps theirs.
+        metadata: strings stored in the safetensors header (the training config, the step...).
+        text_layout: ``"sd1"``, ``"sd2"`` or ``"auto"`` (see :func:`text_layout_for`).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DataError(f"{path}: a single-file export must end in .safetensors")
+    state = {
+        key: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+        for key, tensor in original_state_dict(parts, text_layout_for(parts, text_layout)).items()
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    return path
+
+
+def parts_from_configs(config_dir: str | Path) -> PipelineParts:
+    """Freshly initialised parts from a diffusers folder's ``unet/``, ``vae/``, ``text_encoder/`` configs."""
+    config_dir = Path(config_dir)
+    for part in ("unet", "vae", "text_encoder"):
+        if not (config_dir / part / "config.json").is_file():
+            raise DataError(
+                f"{config_dir}: {part}/config.json is missing; config_dir must be a diffusers pipeline folder"
+            )
+    return PipelineParts(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+    )
+
+
+def load_single_file(
+    path: str | Path, config_dir: str | Path, allow_pickle: bool = False, ema: bool = False
+) -> PipelineParts:
+    """Read a single file in the original layout into parts built from ``config_dir``'s configs.
+
+    Every key of the file must map to a weight of the parts, and every weight must be in the file
+    with the shape its config gives (the schedule buffers and counters in
+    :data:`~trainer.checkpoint.sd_single_file.NON_WEIGHT_KEYS` are skipped). An EMA copy of the UNet
+    (ldm's ``model_ema.*``) must match the UNet key for key; ``ema=True`` loads it instead.
+
+    Raises:
+        KeyMapError: missing, unexpected or misshapen keys (all named, with the file).
+        DataError: a pickle without ``allow_pickle``, a missing file or config, ``ema`` without a copy.
+    """
+    state, _ = read_weights(path, allow_pickle=allow_pickle)
+    state, ema_weights = split_ema(state, str(path))
+    if ema and not ema_weights:
+        raise DataError(f"{path}: ema=true, but the file holds no EMA weights (model_ema.*)")
+    if ema:
+        state |= ema_weights
+    parts = parts_from_configs(config_dir)
+    text_layout = "sd2" if OPEN_CLIP_PREFIX + "token_embedding.weight" in state else "sd1"
+    skip = set(NON_WEIGHT_KEYS)
+    if text_layout == "sd2":
+        skip |= open_clip_unused_keys(state, parts.text_encoder.config.num_hidden_layers)
+    weights = {key: tensor for key, tensor in state.items() if key not in skip}
+    check_state_dict(weights, original_state_dict(parts, text_layout), str(path))
+    parts.unet.load_state_dict(to_diffusers(weights, unet_rules(parts.unet.config), UNET_PREFIX), strict=True)
+    parts.vae.load_state_dict(to_diffusers(weights, vae_rules(parts.vae.config), VAE_PREFIX), strict=True)
+    text = open_clip_to_text(weights) if text_layout == "sd2" else text_to_diffusers(weights)
+    parts.text_encoder.load_state_dict(text, strict=True)
+    return parts
+
+
+def _folder_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """All tensors of one part's folder (``*.safetensors``, sharded or not; pickles only when allowed)."""
+    files = sorted(folder.glob("*.safetensors"))
+    full = [f for f in files if not any(f".{variant}." in f.name for variant in VARIANTS)]
+    files = full or files  # diffusion_pytorch_model.safetensors over its .fp16. variant
+    if not files:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+        if not pickles:
+            raise DataError(f"{folder}: no weights (*.safetensors) found")
+        files = pickles
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state |= read_weights(file, allow_pickle=allow_pickle)[0]
+    return state
+
+
+def load_part(network: torch.nn.Module, folder: str | Path, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load one part's folder (``unet/``, ``vae/``, ``text_encoder/``) into ``network``, strictly."""
+    folder = Path(folder)
+    state = _folder_weights(folder, allow_pickle)
+    if isinstance(network, CLIPTextModel):
+        state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+        state.pop("embeddings.position_ids", None)
+    check_state_dict(state, network.state_dict(), str(folder))
+    network.load_state_dict(state, strict=True)
+    return network
+
+
+def load_diffusers_folder(folder: str | Path, allow_pickle: bool = False) -> PipelineParts:
+    """Read a diffusers pipeline folder strictly (every key and shape checked against each part's config)."""
+    folder = Path(folder)
+    parts = parts_from_configs(folder)
+    for name in ("unet", "vae", "text_encoder"):
+        load_part(getattr(parts, name), folder / name, allow_pickle)
+    return parts
+
+
+def read_metadata(path: str | Path) -> dict[str, object]:
+    """The ``latentforge.*`` metadata of a single file we wrote (JSON values decoded)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    out: dict[str, object] = {}
+    for key, value in metadata.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                out[key[len(METADATA_PREFIX) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len(METADATA_PREFIX) :]] = value
+    return out
+
+
+def metadata_strings(info: dict[str, object]) -> dict[str, str]:
+    """``info`` as safetensors metadata: ``latentforge.<key>`` -> JSON text."""
+    return {METADATA_PREFIX + key: json.dumps(value, default=str) for key, value in info.items()}

@@ -1,0 +1,152 @@
+"""Which checkpoints are complete, and which one a resume takes.
+
+Checkpoints are written under a temporary name and renamed when complete
+(:class:`trainer.callbacks.checkpoint.ModelCheckpoint`), so a crash leaves no half-written
+checkpoint under a final name. A file can still be damaged afterwards (a full disk, a copy cut
+short), so a resume checks what it takes: a checkpoint file is a zip archive (``torch.save``'s
+format) whose central directory is intact and whose members lie inside the file; a DeepSpeed
+checkpoint folder has its ``latest`` tag, the model-state file of rank 0, and only such files.
+
+``resolve_resume_checkpoint`` turns ``ckpt_path`` into the checkpoint to resume from: ``last``
+means the newest complete checkpoint of the run's checkpoint folder; a damaged checkpoint is
+passed over for the previous complete one, and the log says which one and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+from lf_common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+LAST_NAME = "last"
+_STEP = re.compile(r"step[-=](\d+)")
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or ``None`` when it is.
+
+    Args:
+        path: a checkpoint file (``torch.save`` zip) or a DeepSpeed checkpoint folder.
+    """
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        return "a partial write (its save did not finish)"
+    if path.is_dir():
+        return _deepspeed_folder_problem(path)
+    if not path.is_file():
+        return "does not exist"
+    return _zip_problem(path)
+
+
+def _zip_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"not a complete torch.save archive ({size} bytes; {error})"
+    if not any(m.filename.endswith("data.pkl") for m in members):
+        return "no data.pkl member: not a torch.save archive"
+    end = max(m.header_offset + len(m.filename) + 30 + m.compress_size for m in members)
+    if end > size:
+        return f"truncated: its members end at byte {end}, the file at {size}"
+    return None
+
+
+def _deepspeed_folder_problem(path: Path) -> str | None:
+    latest = path / "latest"
+    if not latest.is_file():
+        return "no 'latest' file: not a complete DeepSpeed checkpoint folder"
+    tag = path / latest.read_text().strip()
+    states = sorted(tag.glob("*model_states.pt"))
+    if not states:
+        return f"{tag.name}/ holds no model-state file"
+    for part in sorted(tag.glob("*.pt")):
+        if problem := _zip_problem(part):
+            return f"{part.relative_to(path)}: {problem}"
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global step in a checkpoint's name (``step-0000500.ckpt``), or ``None``."""
+    match = _STEP.search(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_newest_first(folder: str | Path) -> list[Path]:
+    """The checkpoints of a folder, newest first: ``last*``, then by step.
+
+    ``last.ckpt`` is rewritten right after each step's checkpoint, so it is normally the newest.
+    A run that dies after ``step-N.ckpt`` was written but before ``last.ckpt`` was rewritten (a
+    large checkpoint takes a while) leaves ``last.ckpt`` one save behind: step checkpoints written
+    after it (by modification time) come before it.
+    """
+    folder = Path(folder)
+    entries = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.endswith(PARTIAL_SUFFIX)]
+    last = sorted(p for p in entries if p.name.startswith(LAST_NAME))
+    stepped = sorted((p for p in entries if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
+    last_written = max((p.stat().st_mtime_ns for p in last), default=None)
+    after_last = [p for p in stepped if last_written is not None and p.stat().st_mtime_ns > last_written]
+    return after_last + last + [p for p in stepped if p not in after_last]
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """A folder of checkpoints (not itself a DeepSpeed checkpoint)."""
+    return path.is_dir() and not (path / "latest").exists() and any(path.glob("*.ckpt"))
+
+
+def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path | None) -> str | None:
+    """The complete checkpoint to resume from.
+
+    Args:
+        ckpt_path: ``None`` (no resume), ``"last"`` (the newest complete checkpoint in
+            ``checkpoint_dir``), a folder of checkpoints (its newest complete one), or a checkpoint
+            (itself when complete, else, when damaged, the newest complete one before it in its folder).
+        checkpoint_dir: the run's checkpoint folder (for ``"last"``).
+
+    Raises:
+        DataError: no complete checkpoint is found; the message lists what was checked and why
+            each was refused.
+    """
+    if ckpt_path is None or ckpt_path == "":
+        return None
+    if ckpt_path == LAST_NAME:
+        if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
+            raise DataError(
+                f"ckpt_path=last: the checkpoint folder {checkpoint_dir} does not exist; set output_dir to the "
+                "run to resume, or give ckpt_path=<checkpoint or folder>"
+            )
+        candidates, wanted = checkpoints_newest_first(checkpoint_dir), None
+    elif _is_checkpoint_folder(Path(ckpt_path)):
+        candidates, wanted = checkpoints_newest_first(ckpt_path), None
+    else:
+        wanted = Path(ckpt_path)
+        if (problem := checkpoint_problem(wanted)) is None:
+            return str(wanted)
+        if not wanted.exists():
+            raise DataError(f"ckpt_path={wanted}: checkpoint does not exist")
+        step = checkpoint_step(wanted)  # None for last.ckpt: every other checkpoint is older
+        older = [
+            p
+            for p in checkpoints_newest_first(wanted.parent)
+            if p != wanted and (step is None or (checkpoint_step(p) is not None and checkpoint_step(p) < step))
+        ]
+        candidates = [wanted, *older]
+    refused: list[str] = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if refused:
+                log.warning("resume: passed over %s; resuming from %s", "; ".join(refused), path)
+            else:
+                log.info("resume: from %s", path)
+            return str(path)
+        refused.append(f"{path.name} ({problem})")
+    where = checkpoint_dir if ckpt_path == LAST_NAME else ckpt_path
+    raise DataError(f"no complete checkpoint to resume from at {where}: {'; '.join(refused) or 'none found'}")

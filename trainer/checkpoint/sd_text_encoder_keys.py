@@ -1,0 +1,120 @@
+"""The text encoder's keys in an original SD single file <-> a transformers ``CLIPTextModel``'s.
+
+SD 1.x files hold OpenAI's CLIP under ``cond_stage_model.transformer.text_model.*`` with Hugging
+Face's names (a prefix change). SD 2.x files hold OpenCLIP's ViT-H text tower under
+``cond_stage_model.model.*`` with OpenCLIP's names and fused q/k/v projections (``in_proj``); the
+two OpenCLIP functions map in opposite directions with the same rename tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from trainer.checkpoint.sd_single_file import NON_WEIGHT_KEYS, OPEN_CLIP_PREFIX, TEXT_PREFIX, KeyMapError, rename_parts
+
+
+def text_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*``."""
+    return {TEXT_PREFIX + key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+
+
+def text_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``cond_stage_model.transformer.text_model.*`` keys -> a ``CLIPTextModel`` state dict."""
+    return {
+        key[len(TEXT_PREFIX) :]: tensor
+        for key, tensor in state.items()
+        if key.startswith(TEXT_PREFIX) and key not in NON_WEIGHT_KEYS
+    }
+
+
+# CLIPEncoderLayer (transformers) -> ResidualAttentionBlock (OpenCLIP); q/k/v are fused into in_proj.
+OPEN_CLIP_LAYER_RENAMES = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+# OpenCLIP parts SD 2.x does not use: the projection and temperature of contrastive training.
+OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
+
+
+def text_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModel`` state dict -> SD 2.x's ``cond_stage_model.model.*`` (OpenCLIP) names.
+
+    Raises:
+        KeyMapError: keys with no OpenCLIP counterpart (named).
+    """
+    state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+    out, unmapped, layers = {}, [], set()
+    for key, tensor in state.items():
+        if key in OPEN_CLIP_TOP:
+            out[OPEN_CLIP_PREFIX + OPEN_CLIP_TOP[key]] = tensor
+        elif key.startswith("encoder.layers."):
+            index, rest = key[len("encoder.layers.") :].split(".", 1)
+            layers.add(int(index))
+            if rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                continue  # fused below
+            renamed = rename_parts(rest, OPEN_CLIP_LAYER_RENAMES)
+            if renamed == rest:
+                unmapped.append(key)
+            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.{renamed}"] = tensor
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise KeyMapError(f"no rule maps these text encoder keys to OpenCLIP's layout: {sorted(unmapped)}")
+    for index in sorted(layers):
+        for kind in ("weight", "bias"):
+            parts = [state[f"encoder.layers.{index}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
+            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(parts)  # (3D, ...)
+    return out
+
+
+def open_clip_to_text(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``cond_stage_model.model.*`` keys (OpenCLIP) -> a ``CLIPTextModel`` state dict.
+
+    Raises:
+        KeyMapError: keys under the prefix that no rule maps (named).
+    """
+    top = {new: old for old, new in OPEN_CLIP_TOP.items()}
+    layer_renames = {new: old for old, new in OPEN_CLIP_LAYER_RENAMES.items()}
+    out, unmapped = {}, []
+    for key, tensor in state.items():
+        if not key.startswith(OPEN_CLIP_PREFIX):
+            continue
+        local = key[len(OPEN_CLIP_PREFIX) :]
+        if local in top:
+            out[top[local]] = tensor
+        elif local.startswith("transformer.resblocks."):
+            index, rest = local[len("transformer.resblocks.") :].split(".", 1)
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]
+                for name, chunk in zip("qkv", tensor.chunk(3), strict=True):  # (3D, ...) -> 3 x (D, ...)
+                    out[f"encoder.layers.{index}.self_attn.{name}_proj.{kind}"] = chunk.contiguous()
+                continue
+            renamed = rename_parts(rest, layer_renames)
+            if renamed == rest:
+                unmapped.append(key)
+            out[f"encoder.layers.{index}.{renamed}"] = tensor
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise KeyMapError(f"no rule maps these OpenCLIP keys: {sorted(unmapped)}")
+    return out
+
+
+def open_clip_unused_keys(state: Mapping[str, torch.Tensor], num_layers: int) -> set[str]:
+    """Keys of an SD 2.x file its text encoder does not use: the projection, the temperature, and
+    the last block (SD 2.x takes the penultimate layer, so diffusers' text encoder has one block less)."""
+    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{num_layers}."
+    return {
+        key for key in state if key in {OPEN_CLIP_PREFIX + name for name in OPEN_CLIP_UNUSED} or key.startswith(last)
+    }

@@ -1,1 +1,0 @@
-"""Weight formats: the original SD single-file key map, safe file reading, strict import and export."""

@@ -1,1 +1,0 @@
-"""latentforge trainer.models."""
