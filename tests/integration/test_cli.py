@@ -34,6 +34,9 @@ def test_wandb_offline_logging(latent_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    # a plain run (no sweep, no validation data): no trial record, no warning about the sweep metric
+    assert not list(tmp_path.rglob("trial.json"))
+    assert "optimized_metric" not in result.stderr
 
 
 def test_unknown_config_key_is_named(tmp_path):

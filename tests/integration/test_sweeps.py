@@ -103,8 +103,11 @@ def test_optuna_sweep_best_trial_reproduces_alone(latent_dir, tmp_path):
     trial_overrides = [o for o in best_recorded.overrides if not o.startswith("++optuna_trial_number")]
     rerun = run_cli("lf-train", *trial_overrides, cwd=alone)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    (record_path,) = (alone / "hydra").glob(TRIAL_FILE)
-    assert TrialRecord.read(record_path).value == pytest.approx(best_recorded.value, rel=1e-5)
+    assert not list((alone / "hydra").glob(TRIAL_FILE)), "a plain run is no trial: no trial.json"
+    assert "optimized_metric" not in rerun.stderr
+    (metrics,) = (alone / "hydra").rglob("metrics.csv")
+    values = [float(row["val/loss"]) for row in csv.DictReader(metrics.open()) if row.get("val/loss")]
+    assert values[-1] == pytest.approx(best_recorded.value, rel=1e-5)
 
 
 def test_optuna_sweep_killed_then_resumed_runs_only_the_missing_trials(latent_dir, tmp_path):

@@ -1,15 +1,13 @@
 """Every option of every config group composes and instantiates."""
 
-from pathlib import Path
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
-from trainer.cli.hydra_app import CONF_DIR, instantiate_group
+from trainer.cli.hydra_app import CONF_MODULE, conf_folder, instantiate_group
 
-CONF = Path(CONF_DIR)
+CONF = conf_folder()
 
 
 def options(group: str) -> list[str]:
@@ -48,9 +46,9 @@ def test_experiment_options_compose(option):
 
 @pytest.mark.parametrize("option", options("hparams_search"))
 def test_hparams_search_options_compose(option):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+    with initialize_config_module(CONF_MODULE, version_base="1.3"):
         cfg = compose("train", [f"hparams_search={option}", "data.train_dir=x"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.startswith("hydra_plugins.latentforge_sweepers.")
     assert cfg.hydra.sweeper.storage.startswith("sqlite:///") and cfg.hydra.sweeper.params
@@ -174,7 +172,7 @@ def test_objective_options_train_a_step(option):
     loss = module.compute_loss(batch).loss
     loss.backward()
     assert torch.isfinite(loss)
-    assert module.noise_scheduler.config.prediction_type == cfg.model.noise_scheduler.prediction_type
+    assert module.noise_scheduler.config.prediction_type == (cfg.objective.prediction_type or "epsilon")
 
 
 @pytest.mark.parametrize("option", options("buckets"))

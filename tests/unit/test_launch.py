@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.hydra_app import CONF_MODULE, VERSION_BASE
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
@@ -66,7 +66,7 @@ def test_deepspeed_hostfile(tmp_path):
 
 def test_hydra_submitit_launcher_config():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(CONF_DIR, version_base=VERSION_BASE):
+    with initialize_config_module(CONF_MODULE, version_base=VERSION_BASE):
         cfg = compose(
             "train",
             ["hydra/launcher=slurm_gpus", "hydra.launcher.nodes=2", "data.train_dir=x", "output_dir=o"],

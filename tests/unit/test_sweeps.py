@@ -24,7 +24,7 @@ from trainer.sweeps.optuna_sweeper import (
     make_sqlite_folder,
 )
 from trainer.sweeps.summary import rank_trials, swept_parameters, write_summary
-from trainer.sweeps.trial import FAILED_VALUE, TRIAL_FILE, TrialRecord, run_trial
+from trainer.sweeps.trial import FAILED_VALUE, TRIAL_FILE, TrialRecord, in_sweep, run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -77,6 +77,13 @@ def test_missing_metric_fails_a_sweep_trial_but_not_a_plain_run(tmp_path):
     assert saved.status == "failed" and "'val/loss' was not logged" in saved.error and "train/loss" in saved.error
     assert math.isnan(run_trial(lambda: {"train/loss": 0.3}, **trial_kwargs(tmp_path, catch=False)))
     assert TrialRecord.read(tmp_path / TRIAL_FILE).status == "complete"
+
+
+def test_only_multirun_jobs_and_wandb_sweep_runs_are_trials(monkeypatch):
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    assert in_sweep(multirun=True) and not in_sweep(multirun=False)
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")  # set by `wandb agent` for the runs it starts
+    assert in_sweep(multirun=False)
 
 
 def test_pruned_trial_is_recorded_as_pruned(tmp_path):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.pipeline_weights import (
     PipelineParts,
     load_diffusers_folder,
@@ -25,6 +26,7 @@ from trainer.checkpoint.pipeline_weights import (
     load_single_file,
     read_metadata,
 )
+from trainer.diffusion.noise_schedulers import DEFAULT_PREDICTION_TYPE, check_prediction_type
 
 log = logging.getLogger(__name__)
 IMPORT_INFO_NAME = "latentforge.json"
@@ -100,3 +102,39 @@ def pretrained_unet(path: str, allow_pickle: bool = False) -> UNet2DConditionMod
         )
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
     return load_part(unet, folder / "unet", allow_pickle)
+
+
+def pretrained_noise_scheduler(
+    path: str, prediction_type: str | None = None, allow_prediction_type_change: bool = False, **overrides: Any
+) -> DDPMScheduler:
+    """The training scheduler of a diffusers folder (``path/scheduler``), predicting what the base predicts.
+
+    The model config ``conf/model/pretrained.yaml`` calls this, so fine-tuning an SD 2.x 768-v base
+    trains v-prediction without the user having to know it.
+
+    Args:
+        path: the diffusers folder.
+        prediction_type: ``objective.prediction_type``: ``None`` takes the base's; a different one
+            is refused unless ``allow_prediction_type_change``.
+        allow_prediction_type_change: convert the base on purpose (e.g. epsilon to v-prediction).
+        overrides: other scheduler settings (``clip_sample``, ``rescale_betas_zero_snr``, ...).
+
+    Raises:
+        DataError: the folder has no ``scheduler/scheduler_config.json``.
+        ConfigError: ``prediction_type`` contradicts the base's and no change is allowed.
+    """
+    folder = Path(path) / "scheduler"
+    if not (folder / "scheduler_config.json").is_file():
+        raise DataError(f"{folder}: scheduler_config.json is missing; model.pretrained must be a diffusers folder")
+    config = dict(DDPMScheduler.load_config(folder, local_files_only=True))
+    base = config.get("prediction_type", DEFAULT_PREDICTION_TYPE)
+    chosen = check_prediction_type(prediction_type or base)
+    if chosen != base and not allow_prediction_type_change:
+        raise ConfigError(
+            f"{folder}: the base model predicts {base}, but objective.prediction_type={chosen}; leave the objective's "
+            f"prediction type to the base (e.g. objective=default), or set objective.allow_prediction_type_change=true "
+            "to convert the model on purpose"
+        )
+    changed = "" if chosen == base else f" (converted from the base's {base})"
+    log.info("noise scheduler from %s: prediction_type=%s%s", folder, chosen, changed)
+    return DDPMScheduler.from_config({**config, **overrides, "prediction_type": chosen})

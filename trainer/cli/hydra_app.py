@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -17,7 +18,15 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_MODULE = "latentforge_conf"
+"""The configs ship in the package: ``conf/`` of the source tree installs as this module (pyproject.toml)."""
+CONF_DIR = f"pkg://{CONF_MODULE}"
+"""What ``@hydra.main(config_path=...)`` takes; users add their own folders with ``hydra.searchpath``."""
+
+
+def conf_folder() -> Path:
+    """The built-in configs as a folder on disk (the installed package, or ``conf/`` of an editable install)."""
+    return Path(str(resources.files(CONF_MODULE)))
 VERSION_BASE = "1.3"
 
 
@@ -95,5 +104,5 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=config_name, overrides=list(overrides))
-    with initialize_config_dir(CONF_DIR, version_base=VERSION_BASE):
+    with initialize_config_module(CONF_MODULE, version_base=VERSION_BASE):
         return compose(config_name=config_name, overrides=list(overrides))

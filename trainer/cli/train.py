@@ -39,7 +39,7 @@ from trainer.cli.hydra_app import (
     resolved_container,
 )
 from trainer.strategies.precision import check_precision
-from trainer.sweeps.trial import run_trial
+from trainer.sweeps.trial import in_sweep, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,18 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Console entry point; returns the optimized metric for Hydra sweepers.
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; in a sweep, returns the optimized metric for Hydra's sweepers.
 
-    Every run records itself as a trial (``trial.json`` in its output folder); in a multirun a
-    diverged, out-of-memory or pruned trial returns NaN instead of stopping the sweep.
+    A sweep's trial (a multirun job, or a run of a W&B sweep agent) records itself in ``trial.json``
+    in its output folder, and a diverged, out-of-memory or pruned trial returns NaN instead of
+    stopping a multirun. A plain run just trains.
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not in_sweep(multirun):
+        run_train(cfg)
+        return None
     return run_trial(
         lambda: run_train(cfg),
         metric=cfg.optimized_metric,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -89,6 +90,13 @@ class TrialRecord:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def in_sweep(multirun: bool) -> bool:
+    """Whether this run is a sweep's trial: a job of a Hydra multirun, or a run a W&B sweep agent
+    started (it sets ``WANDB_SWEEP_ID``). Only trials record ``trial.json`` and warn about a missing
+    optimized metric; a plain run does neither."""
+    return multirun or bool(os.environ.get("WANDB_SWEEP_ID"))
 
 
 def check_direction(direction: str) -> str:

@@ -5,6 +5,7 @@ The sampler tests (parity with diffusers, single-file round trips) and the sampl
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel, CLIPTokenizer
 
-TINY_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
+TINY_MODEL = resources.files("latentforge_conf") / "model" / "tiny.yaml"  # conf/model/tiny.yaml
 
 
 def make_tiny_export(pretrained_dir: Path, out_dir: Path, seed: int = 0) -> Path:
@@ -23,7 +24,7 @@ def make_tiny_export(pretrained_dir: Path, out_dir: Path, seed: int = 0) -> Path
         pretrained_dir: a folder with ``vae/``, ``text_encoder/`` and ``tokenizer/`` (diffusers layout).
         out_dir: the export folder to write.
     """
-    model = OmegaConf.load(TINY_MODEL)
+    model = OmegaConf.load(str(TINY_MODEL))
     torch.manual_seed(seed)
     unet = instantiate(model.unet)
     with torch.no_grad():  # a random UNet's output is large; scale it down so images are not saturated
