@@ -1,23 +1,27 @@
-"""Training throughput on a GPU: the ``lf-train`` path vs a plain PyTorch + diffusers loop.
+"""Training throughput on a GPU: ``lf-train``'s configurations vs a plain PyTorch + diffusers loop.
 
 The plain loop is what a user writes from diffusers' ``train_text_to_image.py`` on precomputed
 latents: ``UNet2DConditionModel`` from the same config, AdamW (fused on CUDA), bf16 autocast, DDPM
-noise, MSE on epsilon, backward, step. The contender is the ``Trainer`` that ``lf-train`` builds from
-``conf/train.yaml`` with ``model=<model>``, the given strategy (default DeepSpeed ZeRO-2 on one
-device) and precision, without EMA and checkpoints (the plain loop has neither). Both read the same
-in-memory batches (latents ``(B, 4, R/8, R/8)`` and text ``(B, 77, 768)``, fp16, moved to the device
-each step). Throughput is images/s over ``--steps`` steps after ``--warmup``; MFU uses the UNet's
-FLOPs counted once (``torch.utils.flop_counter``) and ``--peak-tflops``.
+noise, MSE on epsilon, backward, step, uncompiled. The contenders are the ``Trainer`` that
+``lf-train`` builds from ``conf/train.yaml`` with ``model=<model>``: ``single`` (one device, UNet not
+compiled), ``compiled`` (the default GPU recipe: bf16-mixed, compiled UNet, fused AdamW, TF32),
+``zero2`` and ``compiled_zero2`` (DeepSpeed ZeRO-2 on one device), all without EMA, checkpoints and
+clipping (the plain loop has none). All read the same in-memory batches (latents ``(B, 4, R/8, R/8)``
+and text ``(B, 77, 768)``, fp16, moved to the device each step), one after another in one process.
+Throughput is images/s over ``--steps`` steps after ``--warmup``; the first step's time (compilation
+included) is reported apart; MFU uses the UNet's FLOPs counted once (``torch.utils.flop_counter``)
+and ``--peak-tflops``; peak memory is ``torch.cuda.max_memory_allocated``.
 
-Run: ``python bench/gpu_train.py --resolution 512 --batch 16`` (``bench/gpu_train.sh`` sweeps both
-resolutions and batch sizes). The last line is the ratio lf-train / plain. On a CPU, a smoke run:
-``python bench/gpu_train.py --model tiny --accelerator cpu --strategy single --precision 32-true
---resolution 32 --batch 4 --steps 2 --warmup 1``.
+Run: ``python bench/gpu_train.py --resolution 512 --batch 32`` (``bench/gpu_train.sh`` runs 256 and
+512 px). It prints a Markdown table and each configuration's ratio to the plain loop. On a CPU, a
+smoke run (dynamo's aot_eager backend stands in for inductor): ``python bench/gpu_train.py --model tiny
+--accelerator cpu --precision 32-true --resolution 32 --batch 4 --steps 2 --warmup 1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.callbacks.throughput import unet_train_flops
 from trainer.cli.hydra_app import build_trainer, compose_config, optimizer_factories
+from trainer.strategies.gpu_defaults import apply_matmul_precision
 
 
 class InMemory(IterableDataset):
@@ -45,8 +50,12 @@ class StepTimer(L.Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end = warmup, None, 0.0
+        self.first_started, self.first_step = None, float("nan")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_started is None:
+            _sync()
+            self.first_started = time.perf_counter()
         if trainer.global_step == self.warmup and self.start is None:
             _sync()
             self.start = time.perf_counter()
@@ -54,6 +63,8 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _sync()
         self.end = time.perf_counter()
+        if trainer.global_step == 1:
+            self.first_step = self.end - self.first_started
 
 
 def _sync() -> None:
@@ -105,15 +116,48 @@ def plain_loop(cfg, batches, args) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
-def lightning_path(cfg, batches, args) -> float:
-    """Seconds per step of the Trainer lf-train builds."""
+CONFIGURATIONS = {  # name -> (strategy, compile the UNet)
+    "single": ("single", False),
+    "compiled": ("single", True),  # the default GPU recipe: bf16-mixed, compiled UNet, fused AdamW, TF32
+    "zero2": ("deepspeed_stage_2", False),
+    "compiled_zero2": ("deepspeed_stage_2", True),
+}
+
+
+def train_config(args, tmp: str, strategy: str, compiled: bool):
+    """``lf-train``'s config for one configuration, without EMA, checkpoints or clipping (the plain loop has none)."""
+    return compose_config("train", [
+        f"model={args.model}", "data.train_dir=unused", f"output_dir={tmp}", f"strategy={strategy}",
+        f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
+        f"trainer.max_steps={args.warmup + args.steps}", "trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false", "trainer.gradient_clip_val=null", "callbacks.ema=null",
+        "callbacks.model_checkpoint=null", f"data.batch_size={args.batch}", "model.caption_dropout=0",
+        "lr_scheduler=constant", "++trainer.enable_checkpointing=false", f"model.compile_unet={str(compiled).lower()}",
+        *(["model.compile_options={backend:aot_eager}"] if compiled and args.accelerator == "cpu" else []),
+    ])  # fmt: skip
+
+
+def lightning_path(cfg, batches, args) -> tuple[float, float]:
+    """Seconds per step of the Trainer lf-train builds, and seconds of its first step (compilation included)."""
     torch.manual_seed(0)
     uncond = torch.zeros(77, cfg.model.unet.cross_attention_dim)
     module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=uncond)
     timer = StepTimer(args.warmup)
     trainer = build_trainer(cfg, [timer])
     trainer.fit(module, train_dataloaders=DataLoader(InMemory(batches), batch_size=None))
-    return (timer.end - timer.start) / args.steps
+    return (timer.end - timer.start) / args.steps, timer.first_step
+
+
+def release() -> None:
+    """Free what the previous configuration left on the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def main() -> None:
@@ -123,32 +167,45 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--strategy", default="deepspeed_stage_2")
+    parser.add_argument("--configs", default="plain,single,compiled,zero2,compiled_zero2",
+                        help=f"comma-separated: plain, {', '.join(CONFIGURATIONS)}")  # fmt: skip
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--accelerator", default="gpu")
-    parser.add_argument("--peak-tflops", type=float, default=800.0, help="the device's dense bf16 peak")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H100 SXM: 989)")
     args = parser.parse_args()
+    names = args.configs.split(",")
+    rows: dict[str, tuple[float, float, float]] = {}  # name -> (seconds per step, first step, peak GiB)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config("train", [
-            f"model={args.model}", "data.train_dir=unused", f"output_dir={tmp}", f"strategy={args.strategy}",
-            f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
-            f"trainer.max_steps={args.warmup + args.steps}", "trainer.enable_model_summary=false",
-            "trainer.enable_progress_bar=false", "trainer.gradient_clip_val=null", "callbacks.ema=null",
-            "callbacks.model_checkpoint=null", f"data.batch_size={args.batch}", "model.caption_dropout=0",
-            "lr_scheduler=constant", "++trainer.enable_checkpointing=false",
-        ])  # fmt: skip
-        batches = make_batches(args.batch, args.resolution, cfg.model.unet.cross_attention_dim)
+        base = train_config(args, tmp, "single", False)
+        apply_matmul_precision(base)
+        batches = make_batches(args.batch, args.resolution, base.model.unet.cross_attention_dim)
         side = args.resolution // 8
-        flops = unet_train_flops(dict(cfg.model.unet), torch.Size((args.batch, 4, side, side)),
-                                 torch.Size((args.batch, 77, cfg.model.unet.cross_attention_dim)))  # fmt: skip
-        plain = plain_loop(cfg, batches, args)
-        ours = lightning_path(cfg, batches, args)
+        flops = unet_train_flops(dict(base.model.unet), torch.Size((args.batch, 4, side, side)),
+                                 torch.Size((args.batch, 77, base.model.unet.cross_attention_dim)))  # fmt: skip
+        for name in names:
+            release()
+            try:
+                if name == "plain":
+                    rows[name] = (plain_loop(base, batches, args), float("nan"), peak_gib())
+                else:
+                    strategy, compiled = CONFIGURATIONS[name]
+                    step, first = lightning_path(train_config(args, tmp, strategy, compiled), batches, args)
+                    rows[name] = (step, first, peak_gib())
+            except torch.OutOfMemoryError:
+                print(f"{name}: out of memory at batch {args.batch}")
+                rows[name] = (float("nan"), float("nan"), float("nan"))
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
-    for name, seconds in (("plain PyTorch + diffusers", plain), (f"lf-train ({args.strategy})", ours)):
+    print(f"\n{args.model} UNet, {args.resolution}px, batch {args.batch}, {args.precision}, {device}")
+    print("| configuration | img/s | MFU | ms/step | first step (compile) s | peak GiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, (seconds, first, peak) in rows.items():
         mfu = flops / seconds / (args.peak_tflops * 1e12)
-        print(f"{name:32s} {args.model} {args.resolution}px batch {args.batch} {args.precision} on {device}: "
-              f"{args.batch / seconds:8.1f} img/s, {seconds * 1e3:7.1f} ms/step, MFU {mfu:.1%}")  # fmt: skip
-    print(f"ratio lf-train / plain (img/s): {plain / ours:.3f}")
+        print(f"| {name} | {args.batch / seconds:.1f} | {mfu:.1%} | {seconds * 1e3:.1f} | {first:.1f} | {peak:.1f} |")
+    if "plain" in rows:
+        for name in rows.keys() - {"plain"}:
+            print(f"ratio {name} / plain (img/s): {rows['plain'][0] / rows[name][0]:.3f}")
+    if {"compiled", "compiled_zero2"} <= rows.keys():
+        print(f"ratio compiled_zero2 / compiled (img/s): {rows['compiled'][0] / rows['compiled_zero2'][0]:.3f}")
 
 
 if __name__ == "__main__":

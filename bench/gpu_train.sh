@@ -1,19 +1,12 @@
 #!/usr/bin/env bash
-# GPU training throughput at SD 1.5 scale (random init), 256 and 512 px, bf16, DeepSpeed ZeRO-2 on
-# one GPU, for a list of batch sizes (largest first; an out-of-memory batch is reported and skipped):
-# lf-train vs a plain PyTorch + diffusers loop on the same card in the same run.
-#   bench/gpu_train.sh                     # BATCHES_256="128 64 32" BATCHES_512="32 16 8" to change
-#   PEAK_TFLOPS=989 bench/gpu_train.sh     # the card's dense bf16 peak for MFU (H100 SXM: 989)
+# GPU training throughput at SD 1.5 scale (random init), bf16, one GPU: the plain diffusers loop and
+# lf-train single / compiled (the default GPU recipe) / ZeRO-2 / compiled + ZeRO-2, at 256 and 512 px,
+# in one run (bench/gpu_train.py prints a table per resolution, compile time apart from step time).
+#   bench/gpu_train.sh                     # BATCH_256=128 BATCH_512=32 to change
+#   PEAK_TFLOPS=989 bench/gpu_train.sh     # the card's dense bf16 peak for MFU (H100 SXM: 989, H200: 989)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-peak=${PEAK_TFLOPS:-800}
-for resolution in 256 512; do
-  var="BATCHES_${resolution}"
-  default=$([[ $resolution == 256 ]] && echo "128 64 32" || echo "32 16 8")
-  for batch in ${!var:-$default}; do
-    echo "== ${resolution}px batch ${batch}"
-    if python bench/gpu_train.py --resolution "$resolution" --batch "$batch" --peak-tflops "$peak" "$@"; then
-      break  # the largest batch that fits
-    fi
-  done
-done
+peak=${PEAK_TFLOPS:-989}
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1     # the second compile of the same graph reuses the first's kernels
+python bench/gpu_train.py --resolution 256 --batch "${BATCH_256:-128}" --peak-tflops "$peak" "$@"
+python bench/gpu_train.py --resolution 512 --batch "${BATCH_512:-32}" --peak-tflops "$peak" "$@"

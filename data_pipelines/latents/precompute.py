@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.latents.format import CacheKey, LatentManifest, load_entry, save_uncond_embedding
 from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
@@ -77,6 +77,7 @@ def precompute_latents(
     encoder: LatentShardEncoder,
     recompute_stale: bool = False,
     trainer_options: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> LatentManifest | None:
     """Encode the input shards into ``out_dir`` (same file names) with Lightning's ``Trainer.predict``;
     each rank takes whole input shards (``r, r + w, ...``) and writes its own output shards; rank 0
@@ -90,6 +91,8 @@ def precompute_latents(
         trainer_options: ``lightning.Trainer`` arguments (``accelerator``, ``devices``,
             ``num_nodes``, ``strategy``); default: one process on the encoders' device, or the
             layout torchrun gives (``LOCAL_WORLD_SIZE`` devices per node, DDP).
+        num_workers: loader processes decoding and resizing images while the encoders run (each
+            takes whole shards); 0 decodes in the main process, between encoder batches.
 
     Returns:
         The manifest on rank 0, ``None`` on other ranks.
@@ -116,7 +119,7 @@ def precompute_latents(
         **(trainer_options or {}),
     }
     trainer = L.Trainer(**options, callbacks=[LatentShardWriter()])
-    job = _RankShards(shards, out, encoder, recompute_stale)
+    job = _RankShards(shards, out, encoder, recompute_stale, num_workers)
     trainer.predict(LatentEncoding(encoder), datamodule=job, return_predictions=False)
     trainer.strategy.barrier("precompute done")
     if not trainer.is_global_zero:
@@ -147,8 +150,11 @@ class _RankShards(L.LightningDataModule):
     preprocessed samples, then an end item with the shard's skip count. Reused shards yield nothing.
     """
 
-    def __init__(self, shards: list[str], out: Path, encoder: LatentShardEncoder, recompute_stale: bool) -> None:
+    def __init__(
+        self, shards: list[str], out: Path, encoder: LatentShardEncoder, recompute_stale: bool, num_workers: int = 0
+    ) -> None:
         super().__init__()
+        self.num_workers = num_workers
         self.shards = shards
         self.out = out
         self.encoder = encoder
@@ -171,7 +177,11 @@ class _RankShards(L.LightningDataModule):
         for name in plan.reuse:
             log.info("%s: complete and up to date, reused", name)
         work = [(self.out / name, mine[name], keys[name]) for name in plan.encode + sorted(plan.stale)]
-        return DataLoader(_WorkItems(work, self.encoder), batch_size=None, collate_fn=_as_is)
+        workers = min(self.num_workers, len(work))
+        return DataLoader(
+            _WorkItems(work, self.encoder), batch_size=None, collate_fn=_as_is, num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )  # fmt: skip
 
 
 class _WorkItems(IterableDataset):
@@ -182,7 +192,9 @@ class _WorkItems(IterableDataset):
         self.encoder = encoder
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for target, source, key in self.work:
+        worker = get_worker_info()  # with loader workers, each decodes whole shards: w, w + n, ...
+        work = self.work if worker is None else self.work[worker.id :: worker.num_workers]
+        for target, source, key in work:
             shard = {"target": target, "source": source, "key": key}
             skipped_before = self.encoder.skips.skipped
             for batch in self.encoder.preprocessed_batches(source):

@@ -94,12 +94,22 @@ def run_overrides(
 
 
 def run_matrix(
-    latent_dir: Path, out: Path, strategy: str, precisions: list[str], devices: int, accelerator: str = "cpu"
+    latent_dir: Path,
+    out: Path,
+    strategy: str,
+    precisions: list[str],
+    devices: int,
+    accelerator: str = "cpu",
+    extra: tuple[str, ...] = (),
 ) -> None:
-    """The two runs of each precision (see the module docstring)."""
+    """The two runs of each precision (see the module docstring); ``extra`` overrides are added to both."""
     for precision in precisions:
         full, resumed = out / precision / "full", out / precision / "resumed"
-        run_train(compose_config("train", run_overrides(latent_dir, full, strategy, precision, devices, accelerator)))
+        run_train(
+            compose_config(
+                "train", [*run_overrides(latent_dir, full, strategy, precision, devices, accelerator), *extra]
+            )
+        )
         checkpoint = full / "checkpoints" / f"step-{RESUME_FROM:07d}.ckpt"
         overrides = [
             *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator),
@@ -118,7 +128,9 @@ def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k].float(), b[k].float()) for k in a)
 
 
-def check_combination(out: Path, expected: dict[str, str | None], scratch: Path, exact_resume: bool = True) -> None:
+def check_combination(
+    out: Path, expected: dict[str, str | None], scratch: Path, exact_resume: bool = True, ranks: int = 2
+) -> None:
     """What every strategy × precision must do (see ``test_precision_matrix.py``), checked on the
     folder :func:`run_matrix` wrote for one precision.
 
@@ -128,6 +140,7 @@ def check_combination(out: Path, expected: dict[str, str | None], scratch: Path,
         scratch: a folder for the export.
         exact_resume: compare the resumed run with the uninterrupted one bit for bit (CPU runs are
             deterministic; CUDA kernels need not be).
+        ranks: the processes that trained (a ZeRO checkpoint holds one optimizer partition each).
     """
     full, resumed = out / "full", out / "resumed"
     assert json.loads((full / "unet_inputs.json").read_text()) == expected
@@ -138,6 +151,7 @@ def check_combination(out: Path, expected: dict[str, str | None], scratch: Path,
     at_resume = load_checkpoint(checkpoints / f"step-{RESUME_FROM:07d}.ckpt")
     at_end = load_checkpoint(checkpoints / f"step-{STEPS:07d}.ckpt")
     ema, raw = at_end["state_dict"], at_end["current_model_state"]
+    assert not [k for k in (*ema, *raw) if "_orig_mod" in k], "parameter names are the UNet's own (compiled or not)"
     assert differs(at_resume["current_model_state"], raw), "the weights trained"
     assert differs(at_resume["state_dict"], ema), "the EMA updated"
     assert differs(ema, raw), "the EMA is not the raw weights"
@@ -146,7 +160,7 @@ def check_combination(out: Path, expected: dict[str, str | None], scratch: Path,
     # resume: exact, and the checkpoint it resumed from is not written again
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["last.ckpt", f"step-{STEPS:07d}.ckpt"]
     if exact_resume:
-        assert_resume_is_exact(resumed / "checkpoints" / "last.ckpt", checkpoints / f"step-{STEPS:07d}.ckpt")
+        assert_resume_is_exact(resumed / "checkpoints" / "last.ckpt", checkpoints / f"step-{STEPS:07d}.ckpt", ranks)
 
     # export: diffusers loads and runs it; the sampler runs from the checkpoint itself
     export = scratch / "export"

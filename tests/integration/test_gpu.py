@@ -37,4 +37,5 @@ def test_strategy_trains_in_gpu_precisions(latent_dir: Path, tmp_path: Path, str
             expected_unet_on_cuda(strategy, precision),
             tmp_path / precision,
             exact_resume=False,  # CUDA kernels need not be bit-deterministic
+            ranks=1,
         )

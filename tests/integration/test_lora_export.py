@@ -24,7 +24,10 @@ def test_lora_run_exports_base_plus_adapters_that_diffusers_loads(latent_dir, tm
 
     run = tmp_path / "run"
     lora = ["experiment=lora", "optim.lr=2e-2", "model.lora.alpha=8"]  # scale alpha/rank = 2
-    run_train(compose_config("train", [*tiny_train_overrides(latent_dir, run, steps=6), *lora]))
+    compiled = ["model.compile_unet=true", "model.compile_options={backend:aot_eager}"]  # the GPU default: compiled
+    run_train(compose_config("train", [*tiny_train_overrides(latent_dir, run, steps=6), *lora, *compiled]))
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not [k for k in (*saved["state_dict"], *saved["ema_state_dict"]) if "_orig_mod" in k]
     export = tmp_path / "export"
     run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
     kohya = load_file(export / "lora" / "lora_kohya.safetensors")

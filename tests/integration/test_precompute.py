@@ -167,3 +167,9 @@ def test_half_precision_encoders_give_the_float32_latents_to_their_precision(
     worst = max(float(np.abs(half[k].astype(np.float32) - reference[k].astype(np.float32)).max()) for k in half)
     tolerance = 2**-6 if dtype == "bfloat16" else 2**-9  # a few units of the last place, relative to the range
     assert 0 < worst <= tolerance * scale, (worst, scale)
+
+
+def test_loader_workers_give_the_same_shards(raw_shards, pretrained_dir, tmp_path):
+    precompute(raw_shards, tmp_path / "serial", pretrained_dir, "device=cpu", "num_workers=0")
+    precompute(raw_shards, tmp_path / "workers", pretrained_dir, "device=cpu", "num_workers=2")
+    assert digests(tmp_path / "workers") == digests(tmp_path / "serial")

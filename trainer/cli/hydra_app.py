@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.strategies.gpu_defaults import register_resolvers
+
 CONF_MODULE = "latentforge_conf"
 """The configs ship in the package: ``conf/`` of the source tree installs as this module (pyproject.toml)."""
 CONF_DIR = f"pkg://{CONF_MODULE}"
@@ -27,6 +29,8 @@ CONF_DIR = f"pkg://{CONF_MODULE}"
 def conf_folder() -> Path:
     """The built-in configs as a folder on disk (the installed package, or ``conf/`` of an editable install)."""
     return Path(str(resources.files(CONF_MODULE)))
+
+
 VERSION_BASE = "1.3"
 
 
@@ -42,6 +46,7 @@ def sweep_group() -> str | None:
 
 
 OmegaConf.register_new_resolver("lf_sweep_group", sweep_group, replace=True)
+register_resolvers()  # the GPU defaults: ${lf_on_cuda:...}, ${lf_default_precision:...}, ...
 
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:

@@ -49,7 +49,9 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
     )
-    manifest = precompute_latents(shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale)
+    manifest = precompute_latents(
+        shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers
+    )
     if manifest is None:  # a rank other than 0 under torchrun
         return {}
     skipped = sum(s.skipped for s in manifest.shards)

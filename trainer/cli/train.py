@@ -38,6 +38,7 @@ from trainer.cli.hydra_app import (
     optimizer_factories,
     resolved_container,
 )
+from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.precision import check_precision
 from trainer.sweeps.trial import in_sweep, run_trial
 
@@ -52,6 +53,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
     check_precision(cfg.trainer)
+    apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
     datamodule = instantiate(cfg.data)

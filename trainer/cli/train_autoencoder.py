@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common.atomic import atomic_path
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories
+from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.precision import check_precision
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
         Final metrics, ``scaling_factor`` and ``save_dir``.
     """
     check_precision(cfg.trainer)
+    apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))

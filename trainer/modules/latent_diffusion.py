@@ -6,17 +6,22 @@ latent shards already hold their outputs (see ``data_pipelines.latents.format``)
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
+
+log = logging.getLogger(__name__)
 
 
 class LatentDiffusion(L.LightningModule):
@@ -88,6 +93,8 @@ class LatentDiffusion(L.LightningModule):
             unet.enable_gradient_checkpointing()
         if channels_last:
             unet.to(memory_format=torch.channels_last)
+        self.compile_unet = compile_unet
+        self._first_step_started: float | None = None
         if compile_unet:
             unet.compile(**(compile_options or {}))
 
@@ -128,6 +135,18 @@ class LatentDiffusion(L.LightningModule):
         noisy = noisy.to(dtype, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.compile_unet and self._first_step_started is None:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log how long the first batch took when the UNet is compiled: compilation happens there."""
+        if self.compile_unet and self._first_step_started is not None and self._first_step_started > 0:
+            seconds = time.perf_counter() - self._first_step_started
+            self._first_step_started = 0.0  # done
+            log.info("torch.compile: the first training batch took %.1f s, compilation included", seconds)
+            self.log("train/compile_seconds", seconds, rank_zero_only=True)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.compute_loss(batch)
         size = batch["latents"].shape[0]
@@ -167,6 +186,25 @@ class LatentDiffusion(L.LightningModule):
             norms = [p.grad.detach().float().norm() for p in self.unet.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip as configured; under bf16 autocast also with a fused optimizer.
+
+        Lightning's AMP plugin refuses to clip for an optimizer that unscales gradients in its own
+        step (fused AdamW), which matters only with a loss scaler (``16-mixed``); ``bf16-mixed`` has
+        none, so the gradients are clipped here directly, as in ``32-true``.
+        """
+        precision = self.trainer.precision_plugin
+        no_scaler = isinstance(precision, MixedPrecision) and precision.scaler is None
+        if gradient_clip_val and no_scaler and getattr(optimizer, "defaults", {}).get("fused"):
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
