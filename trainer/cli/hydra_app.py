@@ -27,6 +27,8 @@ CONF_DIR = f"pkg://{CONF_MODULE}"
 def conf_folder() -> Path:
     """The built-in configs as a folder on disk (the installed package, or ``conf/`` of an editable install)."""
     return Path(str(resources.files(CONF_MODULE)))
+
+
 VERSION_BASE = "1.3"
 
 
