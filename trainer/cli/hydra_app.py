@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lf_common.upstream.lightning_private import wandb_run_started
+
 CONF_MODULE = "latentforge_conf"
 """The configs ship in the package: ``conf/`` of the source tree installs as this module (pyproject.toml)."""
 CONF_DIR = f"pkg://{CONF_MODULE}"
@@ -87,7 +89,7 @@ def finishing_loggers(trainer: L.Trainer) -> Iterator[None]:
         raise
     finally:
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            if isinstance(logger, WandbLogger) and wandb_run_started(logger):
                 logger.experiment.finish(exit_code=1 if failed else 0)
 
 
