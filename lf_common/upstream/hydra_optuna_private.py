@@ -31,7 +31,7 @@ UPSTREAM = "hydra-optuna-sweeper"
 class OptunaSweeperSteps(OptunaSweeperImpl):
     """``OptunaSweeperImpl`` (takes its arguments) with the private steps of its sweep under names of ours."""
 
-    def search_space(self, arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any]]:
+    def parameter_space(self, arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any]]:
         """The swept parameters' distributions and the fixed parameters' values.
 
         From ``hydra.sweeper.params`` (or the deprecated ``search_space``) and the command line's

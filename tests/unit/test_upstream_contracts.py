@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 import pkgutil
+import re
 from types import ModuleType
 
 import pytest
@@ -42,6 +44,23 @@ def test_private_upstream_name_still_holds(contract: PrivateName):
     problem = contract.problem()
     if problem is not None:
         pytest.fail(contract.message(problem), pytrace=False)
+
+
+def test_names_the_adapters_add_are_not_upstream_names():
+    """A hooks class gives upstream's private steps names of ours; one that upstream also uses (a method, or an
+    attribute its code sets) would be overwritten or called by upstream in its own sense."""
+    clashes = []
+    for module in adapters():
+        for cls in vars(module).values():
+            if not inspect.isclass(cls) or cls.__module__ != module.__name__ or cls.__bases__ == (object,):
+                continue
+            upstream = [base for base in cls.__mro__[1:] if base is not object]
+            sources = "\n".join(inspect.getsource(base) for base in upstream)
+            for name in (n for n in vars(cls) if not n.startswith("_")):
+                assigned = re.search(rf"self\.{name}\b\s*(:[^=\n]*)?=", sources)  # an instance attribute
+                if assigned or any(hasattr(base, name) for base in upstream):
+                    clashes.append(f"{cls.__name__}.{name}")
+    assert not clashes, f"adapter names that upstream also uses (rename them): {clashes}"
 
 
 def test_a_changed_name_fails_with_one_line_naming_upstream_version_and_adapter():

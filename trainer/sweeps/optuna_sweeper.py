@@ -104,7 +104,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        distributions, fixed_params = self.search_space(arguments)
+        distributions, fixed_params = self.parameter_space(arguments)
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
             grid = {name: self.grid_choices(d) for name, d in distributions.items()}
             self.sampler = self.sampler(grid)
