@@ -85,12 +85,12 @@ class EMA(WeightAveraging):
         average to bf16 when the weights are bf16 (``bf16-true``, DeepSpeed's bf16); here the average
         is only read, and the raw weights come back from the stash unchanged.
         """
-        average = self.averaged_module()
-        if average is None or self._stashed is not None:
+        average_module = self.averaged_module()
+        if average_module is None or self._stashed is not None:
             return
         with full_parameters(trainer, pl_module, modify=True):
             current = [*pl_module.parameters(), *pl_module.buffers()]
-            averaged = [*average.parameters(), *average.buffers()]
+            averaged = [*average_module.parameters(), *average_module.buffers()]
             self._stashed = [tensor.detach().clone() for tensor in current]
             for tensor, average in zip(current, averaged, strict=True):
                 tensor.data.copy_(average.data)
