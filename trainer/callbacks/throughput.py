@@ -25,6 +25,8 @@ from diffusers import UNet2DConditionModel
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from lf_common.upstream.lightning_private import stage_throughputs
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ class Throughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.peak_flops is not None:
             self.available_flops = int(self.peak_flops)
-            for throughput in self._throughputs.values():
+            for throughput in stage_throughputs(self):
                 throughput.available_flops = self.available_flops
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:

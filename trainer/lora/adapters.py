@@ -16,6 +16,8 @@ from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lf_common.upstream.peft_integration_private import forget_adapters
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's, as train_dreambooth_lora.py
 
@@ -100,4 +102,4 @@ def remove_adapters(model: torch.nn.Module) -> None:
     recurse_remove_peft_layers(model)
     if hasattr(model, "peft_config"):
         del model.peft_config
-    model._hf_peft_config_loaded = False
+    forget_adapters(model)

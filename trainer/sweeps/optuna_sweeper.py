@@ -29,10 +29,11 @@ from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lf_common.upstream.hydra_optuna_private import OptunaSweeperSteps
+from lf_common.upstream.optuna_private import fail_trial
 from trainer.sweeps.trial import TRIAL_FILE, TrialRecord
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def fail_interrupted_trials(study: optuna.Study) -> int:
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _owner_alive(trial):
-            study._storage.set_trial_system_attr(trial._trial_id, _INTERRUPTED, True)
-            study._storage.set_trial_state(trial._trial_id, TrialState.FAIL)
+            fail_trial(study, trial.number, {_INTERRUPTED: True})
             log.warning("trial %d was interrupted (its sweeper process is gone): marked failed", trial.number)
             count += 1
     return count
@@ -85,8 +85,8 @@ def make_sqlite_folder(storage: Any) -> None:
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
-    """The sweep loop; see the module docstring for what differs from ``OptunaSweeperImpl``."""
+class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
+    """The sweep loop; see the module docstring for what differs from the plugin's ``OptunaSweeperImpl``."""
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(
@@ -104,15 +104,9 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config() + list(arguments)
-        distributions, fixed_params = create_params_from_overrides(params_conf)
-        if self.search_space_distributions:
-            distributions = {**self.search_space_distributions, **distributions}
-        for name in fixed_params:
-            distributions.pop(name, None)
+        distributions, fixed_params = self.parameter_space(arguments)
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
+            grid = {name: self.grid_choices(d) for name, d in distributions.items()}
             self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
 
@@ -121,7 +115,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             study_name=self.study_name,
             storage=self.storage,
             sampler=self.sampler,
-            directions=self._get_directions(),
+            directions=self.directions(),
             load_if_exists=True,
         )
         fail_interrupted_trials(study)
@@ -138,7 +132,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             overrides = [
                 (*trial_overrides, f"++{TRIAL_NUMBER_KEY}={trial.number}")
                 for trial, trial_overrides in zip(
-                    trials, self._configure_trials(trials, distributions, fixed_params), strict=True
+                    trials, self.trial_overrides(trials, distributions, fixed_params), strict=True
                 )
             ]
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
