@@ -45,6 +45,21 @@ from trainer.sweeps.trial import in_sweep, run_trial
 log = logging.getLogger(__name__)
 
 
+def register_sweeper_plugin() -> None:
+    """Register the resumable Optuna sweeper with Hydra by name (``Plugins.register``, Hydra's public
+    way). Hydra finds plugins by listing the ``hydra_plugins`` namespace, and under an editable
+    install setuptools' import hook imports ``hydra_plugins.latentforge_sweepers`` without listing
+    it there, so ``hparams_search=lr_optuna`` failed with "Unknown plugin class"."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.latentforge_sweepers.resumable_optuna import ResumableOptunaSweeper
+
+    Plugins.instance().register(ResumableOptunaSweeper)
+
+
+register_sweeper_plugin()
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train a LatentDiffusion module as ``cfg`` describes.
 

@@ -39,12 +39,22 @@ from trainer.sweeps.trial import TRIAL_FILE, TrialRecord
 log = logging.getLogger(__name__)
 
 TRIAL_NUMBER_KEY = "optuna_trial_number"
-_OWNER_HOST, _OWNER_PID, _INTERRUPTED = "latentforge_host", "latentforge_pid", "latentforge_interrupted"
+_OWNER, _INTERRUPTED = "latentforge_owner", "latentforge_interrupted"
+_OWNER_HOST, _OWNER_PID = "latentforge_host", "latentforge_pid"  # older studies: two writes, a kill could split them
+
+
+def owner_record() -> list[str | int]:
+    """``[host, pid]`` of this sweeper process, written to a trial in ONE storage write (a kill between
+    two writes left a trial with a host and no pid, taken for alive forever)."""
+    return [socket.gethostname(), os.getpid()]
 
 
 def _owner_alive(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the sweeper process that asked for ``trial`` still runs (unknown hosts: assume so)."""
-    host, pid = trial.system_attrs.get(_OWNER_HOST), trial.system_attrs.get(_OWNER_PID)
+    host, pid = trial.system_attrs.get(_OWNER) or (
+        trial.system_attrs.get(_OWNER_HOST),
+        trial.system_attrs.get(_OWNER_PID),
+    )
     if host != socket.gethostname() or pid is None:
         return True
     try:
@@ -127,8 +137,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
         while (batch := min(self.n_jobs, self.n_trials - counted_trials(study))) > 0:
             trials = [study.ask() for _ in range(batch)]
             for trial in trials:
-                trial.set_system_attr(_OWNER_HOST, socket.gethostname())
-                trial.set_system_attr(_OWNER_PID, os.getpid())
+                trial.set_system_attr(_OWNER, owner_record())
             overrides = [
                 (*trial_overrides, f"++{TRIAL_NUMBER_KEY}={trial.number}")
                 for trial, trial_overrides in zip(
