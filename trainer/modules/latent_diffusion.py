@@ -89,7 +89,8 @@ class LatentDiffusion(L.LightningModule):
         steps = noise_scheduler.config.num_train_timesteps
         self.validation_timesteps = list(validation_timesteps or range(steps // 20, steps, steps // 10))
         self.timestep_buckets = timestep_buckets
-        self.register_buffer("uncond_text", uncond_text, persistent=False)
+        # Not a buffer: it may arrive in setup (below), after the EMA callback has copied the module.
+        self.uncond_text = uncond_text
         self.channels_last = channels_last
         self.flops_per_batch: int | None = None  # set by trainer.callbacks.throughput (Lightning reads it)
         if gradient_checkpointing:
@@ -101,11 +102,14 @@ class LatentDiffusion(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take the empty caption's embedding from the data module when it was not given (data that a
-        data module prepares in its own ``setup``, as DreamBooth's, exists only from then on)."""
+        data module prepares in its own ``setup``, as DreamBooth's, exists only from then on), onto
+        this rank's device."""
         if self.uncond_text is None and self.caption_dropout > 0:
             self.uncond_text = getattr(self.trainer.datamodule, "uncond_text", None)
             if self.uncond_text is None:
                 raise ValueError(NO_UNCOND_TEXT)
+        if self.uncond_text is not None:
+            self.uncond_text = self.uncond_text.to(self.trainer.strategy.root_device)
 
     def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
         """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``.
@@ -118,7 +122,7 @@ class LatentDiffusion(L.LightningModule):
         if self.uncond_text is None:
             raise ValueError(NO_UNCOND_TEXT)
         drop = torch.rand(text.shape[0], device=text.device) < self.caption_dropout  # (B,)
-        return torch.where(drop[:, None, None], self.uncond_text.to(text.dtype), text)
+        return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
