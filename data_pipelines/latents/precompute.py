@@ -10,6 +10,8 @@ Encoding one shard is :mod:`data_pipelines.latents.shard_encoder`'s job. The loo
 Lightning's ``Trainer.predict``: on N devices (or N CPU processes started by torchrun), rank ``r``
 of ``w`` takes input shards ``r, r + w, ...`` and one writer per rank (:class:`LatentShardWriter`)
 writes its output shards; rank 0 writes the manifest once every rank is done.
+:func:`precompute_latents_in_process` runs the same work in the calling process alone, for callers
+inside a running training job (no ``Trainer`` of its own).
 """
 
 from __future__ import annotations
