@@ -231,9 +231,14 @@ class LatentShardDataModule(_StreamingDataModule):
         max_bad_fraction: the run fails when more than this fraction of the samples a loader
             process reads are corrupt (see :class:`~data_pipelines.shards.streaming.SkipCounter`).
         bad_fraction_min_samples: the fraction is taken over at least this many samples.
+        epoch_samples: the samples an epoch of the resampled training stream covers (default: the
+            manifest's count); e.g. to give two streams that are paired batch by batch epochs of
+            one length.
     """
 
-    def __init__(self, train_dir: str, val_dir: str | None = None, **loader: Any) -> None:
+    def __init__(
+        self, train_dir: str, val_dir: str | None = None, epoch_samples: int | None = None, **loader: Any
+    ) -> None:
         super().__init__(**loader)
         self.train_dir = train_dir
         self.val_dir = val_dir
@@ -242,11 +247,12 @@ class LatentShardDataModule(_StreamingDataModule):
         self.train_urls = self.manifest.shard_paths(train_dir)
         self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
+        self.epoch_samples = epoch_samples or self.manifest.num_samples
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
             self.train_urls,
-            self.manifest.num_samples,
+            self.epoch_samples,
             _LatentDecoder(self.manifest),
             collate_latents,
             train=True,

@@ -22,6 +22,10 @@ from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_los
 from trainer.lora.adapters import LoraSettings, add_lora
 
 log = logging.getLogger(__name__)
+NO_UNCOND_TEXT = (
+    "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
+    "module that has it (latent shards hold it), or set model.caption_dropout=0"
+)
 
 
 class LatentDiffusion(L.LightningModule):
@@ -36,6 +40,7 @@ class LatentDiffusion(L.LightningModule):
         caption_dropout: probability of replacing a sample's text embedding with ``uncond_text``
             (so the model learns the unconditional score classifier-free guidance needs).
         uncond_text: the empty caption's embedding ``(T, D)``; needed when ``caption_dropout > 0``.
+            When not given, :meth:`setup` takes it from the trainer's data module (``uncond_text``).
         objective: timestep sampling, loss weighting and noise tweaks (default: uniform, unweighted).
         validation_timesteps: the fixed timesteps of the validation loss (default: 10, evenly spaced).
         timestep_buckets: the training loss is also logged per this many ranges of timesteps.
@@ -48,6 +53,13 @@ class LatentDiffusion(L.LightningModule):
         lora: when given, the UNet is frozen and only LoRA adapters on ``lora.target_modules`` train.
         pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
     """
+
+    #: Constructor arguments that are objects, not hyperparameters (checkpoints load with
+    #: ``weights_only=True``); a subclass adds its own, since the hyperparameters are collected
+    #: from every ``__init__`` of the class chain.
+    hparams_ignore: tuple[str, ...] = (
+        "unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -68,12 +80,7 @@ class LatentDiffusion(L.LightningModule):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora"],
-            logger=False,
-        )
-        if caption_dropout > 0 and uncond_text is None:
-            raise ValueError("caption_dropout > 0 needs uncond_text, the empty caption's embedding")
+        self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
         self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
         if lora is not None:
@@ -86,7 +93,8 @@ class LatentDiffusion(L.LightningModule):
         steps = noise_scheduler.config.num_train_timesteps
         self.validation_timesteps = list(validation_timesteps or range(steps // 20, steps, steps // 10))
         self.timestep_buckets = timestep_buckets
-        self.register_buffer("uncond_text", uncond_text, persistent=False)
+        # Not a buffer: it may arrive in setup (below), after the EMA callback has copied the module.
+        self.uncond_text = uncond_text
         self.channels_last = channels_last
         self.flops_per_batch: int | None = None  # set by trainer.callbacks.throughput (Lightning reads it)
         if gradient_checkpointing:
@@ -98,12 +106,29 @@ class LatentDiffusion(L.LightningModule):
         if compile_unet:
             unet.compile(**(compile_options or {}))
 
+    def setup(self, stage: str) -> None:
+        """Take the empty caption's embedding from the data module when it was not given (data that a
+        data module prepares in its own ``setup``, as DreamBooth's, exists only from then on), onto
+        this rank's device."""
+        if self.uncond_text is None and self.caption_dropout > 0:
+            self.uncond_text = getattr(self.trainer.datamodule, "uncond_text", None)
+            if self.uncond_text is None:
+                raise ValueError(NO_UNCOND_TEXT)
+        if self.uncond_text is not None:
+            self.uncond_text = self.uncond_text.to(self.trainer.strategy.root_device)
+
     def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
-        """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``."""
+        """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``.
+
+        Raises:
+            ValueError: ``caption_dropout > 0`` and no ``uncond_text`` was given or found in the data module.
+        """
         if self.caption_dropout <= 0:
             return text
+        if self.uncond_text is None:
+            raise ValueError(NO_UNCOND_TEXT)
         drop = torch.rand(text.shape[0], device=text.device) < self.caption_dropout  # (B,)
-        return torch.where(drop[:, None, None], self.uncond_text.to(text.dtype), text)
+        return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
