@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.lora.loading import trainable_adapters_from_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class LatentDiffusion(L.LightningModule):
         compile_unet: compile the UNet's forward with ``torch.compile`` (in place, so parameter
             names and checkpoints are unchanged); ``compile_options`` go to it (``mode``, ``backend``, ...).
         lora: when given, the UNet is frozen and only LoRA adapters on ``lora.target_modules`` train.
+        lora_from: a LoRA file (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) whose UNet adapters,
+            as they are, train on (the base frozen); instead of ``lora``.
         pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
     """
 
@@ -66,6 +69,7 @@ class LatentDiffusion(L.LightningModule):
         compile_options: dict[str, Any] | None = None,
         lora: LoraSettings | None = None,
         pretrained: str | None = None,
+        lora_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -76,8 +80,12 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError("caption_dropout > 0 needs uncond_text, the empty caption's embedding")
         self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
+        if lora is not None and lora_from:
+            raise ValueError("model.lora and model.lora_from are both set; the file defines its adapters: set one")
         if lora is not None:
             add_lora(self.unet, lora)
+        if lora_from:
+            self.lora = trainable_adapters_from_file(self.unet, lora_from)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
