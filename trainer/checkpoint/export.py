@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
@@ -28,6 +28,7 @@ from trainer.lora.formats import AdapterWeights, adapter_state_dict, save_lora_f
 
 log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
+INPAINTING_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 LORA_DIR = "lora"
 
 
@@ -78,7 +79,8 @@ def build_export(
     text_encoder = build_text_encoder(checkpoint, text_dir, kind)
     adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
     torch_dtype = getattr(torch, dtype)
-    pipe = StableDiffusionPipeline(
+    inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
         text_encoder=text_encoder.to(torch_dtype),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),

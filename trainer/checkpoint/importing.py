@@ -20,6 +20,7 @@ from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import ConfigError, DataError
+from trainer.checkpoint.export import INPAINTING_CHANNELS
 from trainer.checkpoint.pipeline_weights import load_diffusers_folder, load_part, read_metadata
 from trainer.checkpoint.prediction_test import OUR_CONFIGS_KEY
 from trainer.checkpoint.single_file_import import ImportedPipeline, read_single_file
@@ -27,7 +28,6 @@ from trainer.diffusion.noise_schedulers import DEFAULT_PREDICTION_TYPE, check_pr
 
 log = logging.getLogger(__name__)
 IMPORT_INFO_NAME = "latentforge.json"
-INPAINTING_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 
 
 def read_pipeline_weights(
