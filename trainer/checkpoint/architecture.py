@@ -187,10 +187,10 @@ def configs_width(model_type: ModelType) -> int:
 
 
 def differences(configs: Configs, model_type: ModelType) -> list[str]:
-    """``part.key=value (standard value)`` for every setting that differs from the type's standard configs."""
+    """``part.key=value`` for every setting that differs from the type's standard configs."""
     standard = model_type.configs()
     return [
-        f"{part}.{key}={value} (standard {standard[part].get(key)})"
+        f"{part}.{key}={value}"
         for part, config in configs.items()
         for key, value in config.items()
         if standard[part].get(key) != value

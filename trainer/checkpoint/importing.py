@@ -102,7 +102,8 @@ def import_weights(
     source = Path(source)
     metadata = read_metadata(source) if source.is_file() and source.suffix == ".safetensors" else {}
     metadata.pop(OUR_CONFIGS_KEY.removeprefix("latentforge."), None)
-    info = {"imported_from": str(source.resolve()), "dtype": dtype, "ema": ema, **imported.info, **metadata}
+    # the file's own record (step, training config...) first; what this import found out wins
+    info = {**metadata, "imported_from": str(source.resolve()), "dtype": dtype, "ema": ema, **imported.info}
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")

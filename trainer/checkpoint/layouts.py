@@ -155,8 +155,7 @@ def _drop_open_clip_unused(state: dict[str, torch.Tensor], ema: bool) -> tuple[d
     unused = {OPEN_CLIP_PREFIX + name for name in OPEN_CLIP_UNUSED}
     dropped = [key for key in state if key in unused or (last and key.startswith(last))]
     out = {key: tensor for key, tensor in state.items() if key not in dropped}
-    return out, f"OpenCLIP's whole text tower: its last block (resblocks.{max(blocks)}, unused by SD 2.x), " \
-        "text_projection and logit_scale ignored"  # fmt: skip
+    return out, f"its last block (resblocks.{max(blocks)}, unused by SD 2.x), text_projection and logit_scale ignored"
 
 
 def _has_extras(file: WeightFile) -> bool:

@@ -133,6 +133,7 @@ def read_single_file(
     standard = configs_from.endswith(STANDARD)
     if model_type is not rows[0] and standard:
         configs = scaled_configs(normalized.state, model_type, source)
+        configs_from = f"the {model_type.title} {STANDARD}"
         if parts is not None:  # same weights, the other type's UNet config (image size, attention upcast)
             unet = UNet2DConditionModel.from_config(configs["unet"])
             unet.load_state_dict(parts.unet.state_dict(), strict=True)
