@@ -321,7 +321,7 @@ def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) ->
         vae=encoder.encoders.vae_info,
         text_encoder=encoder.encoders.text_encoder_info,
         tokenizer_path=encoder.encoders.tokenizer_path,
-        transforms=encoder.transform.settings(),
+        transforms=encoder.transform_settings(),
         shards=entries,  # type: ignore[arg-type]
         bucket_sizes=encoder.transform.buckets.to_list() if isinstance(encoder.transform, BucketResizeCrop) else [],
         bucket_latent_shapes=encoder.bucket_latent_shapes(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -17,9 +18,11 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
+from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.lora.loading import trainable_adapters_from_file
 
 log = logging.getLogger(__name__)
 NO_UNCOND_TEXT = (
@@ -51,6 +54,8 @@ class LatentDiffusion(L.LightningModule):
         compile_unet: compile the UNet's forward with ``torch.compile`` (in place, so parameter
             names and checkpoints are unchanged); ``compile_options`` go to it (``mode``, ``backend``, ...).
         lora: when given, the UNet is frozen and only LoRA adapters on ``lora.target_modules`` train.
+        lora_from: a LoRA file (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) whose UNet adapters,
+            as they are, train on (the base frozen); instead of ``lora``.
         pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
     """
 
@@ -78,13 +83,18 @@ class LatentDiffusion(L.LightningModule):
         compile_options: dict[str, Any] | None = None,
         lora: LoraSettings | None = None,
         pretrained: str | None = None,
+        lora_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
         self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
+        if lora is not None and lora_from:
+            raise ValueError("model.lora and model.lora_from are both set; the file defines its adapters: set one")
         if lora is not None:
             add_lora(self.unet, lora)
+        if lora_from:
+            self.lora = trainable_adapters_from_file(self.unet, lora_from)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -137,11 +147,33 @@ class LatentDiffusion(L.LightningModule):
         only the UNet's inputs are cast, in :meth:`_predict`.
 
         Args:
-            batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype).
+            batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype); for an
+                inpainting UNet also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``.
         """
         latents = batch["latents"].float()
         text = self.drop_captions(batch["text"].float())
-        return self.objective.loss(self._predict, self.noise_scheduler, latents, text)
+        return self.objective.loss(self._predictor(batch), self.noise_scheduler, latents, text)
+
+    def _predictor(self, batch: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """:meth:`_predict` with the batch's inpainting conditioning bound (none for a plain UNet).
+
+        An inpainting UNet (9 input channels, as SD's inpainting models) takes the noisy latents, then the
+        mask, then the masked image's latents, concatenated on channels (diffusers' order).
+
+        Raises:
+            ValueError: the UNet wants inpainting conditioning and the batch has none, or the reverse.
+        """
+        extra = self.unet.config.in_channels - batch["latents"].shape[1]
+        has_masks = all(key in batch for key in INPAINTING_BATCH_KEYS)
+        if extra == 0:
+            return self._predict
+        if not has_masks or extra != batch["masked_latents"].shape[1] + 1:
+            raise ValueError(
+                f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): its latent "
+                "shards need masks and masked-image latents; precompute them with lf-precompute inpainting=true"
+            )
+        conditioning = torch.cat([batch["mask"], batch["masked_latents"]], dim=1).float()  # (B, 1 + C, h, w)
+        return partial(self._predict, conditioning=conditioning)
 
     @property
     def unet_dtype(self) -> torch.dtype:
@@ -150,13 +182,22 @@ class LatentDiffusion(L.LightningModule):
         module and run no autocast)."""
         return next(p.dtype for p in self.unet.parameters() if p.is_floating_point())
 
-    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction ``(B, C, h, w)`` for ``x_t`` ``(B, C, h, w)``, ``t`` ``(B,)`` and text ``(B, T, D)``.
+    def _predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        conditioning: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's prediction ``(B, C, h, w)`` for ``x_t`` ``(B, C, h, w)``, ``t`` ``(B,)`` and text ``(B, T, D)``
+        (and an inpainting UNet's ``conditioning`` ``(B, 1 + C, h, w)``, concatenated after ``x_t``).
 
         The one place the UNet is called in training and validation: its inputs follow the dtype of its
         weights (and ``channels_last``), so every strategy and precision feeds it what it holds.
         """
         dtype = self.unet_dtype
+        if conditioning is not None:
+            noisy = torch.cat([noisy, conditioning.to(noisy)], dim=1)  # (B, C + 1 + C, h, w)
         noisy = noisy.to(dtype, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
@@ -196,7 +237,7 @@ class LatentDiffusion(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout)."""
         loss = fixed_timestep_loss(
-            self._predict,
+            self._predictor(batch),
             self.noise_scheduler,
             batch["latents"].float(),
             batch["text"].float(),
