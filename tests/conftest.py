@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.built_once import built_once
 from trainer.cli.hydra_app import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,9 +42,9 @@ def raw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Raw shards of 96 real digits, 32 per shard."""
     from data_pipelines.raw.writer import write_raw_shards
 
-    out = tmp_path_factory.mktemp("raw_shards")
-    write_raw_shards(FirstDigits(NUM_DIGITS), out, samples_per_shard=32)
-    return out
+    return built_once(
+        tmp_path_factory, "raw_shards", lambda out: write_raw_shards(FirstDigits(NUM_DIGITS), out, samples_per_shard=32)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,12 +54,13 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
-    out = tmp_path_factory.mktemp("pretrained")
-    save_tiny_text_encoder(out, max_length=8)
-    torch.manual_seed(0)
-    vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    return out
+    def build(out: Path) -> None:
+        save_tiny_text_encoder(out, max_length=8)
+        torch.manual_seed(0)
+        vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+
+    return built_once(tmp_path_factory, "pretrained", build)
 
 
 @pytest.fixture(scope="session")
@@ -66,20 +68,11 @@ def latent_dir(tmp_path_factory: pytest.TempPathFactory, raw_shards: Path, pretr
     """Latent shards of the 96 digits, made by the precompute command's code."""
     from trainer.cli.precompute import run_precompute
 
-    out = tmp_path_factory.mktemp("latents")
-    run_precompute(
-        compose_config(
-            "precompute",
-            [
-                f"shards={raw_shards}",
-                f"out_dir={out}",
-                f"pretrained={pretrained_dir}",
-                "resolution=32",
-                "batch_size=48",
-            ],
-        )
-    )
-    return out
+    def build(out: Path) -> None:
+        overrides = [f"shards={raw_shards}", f"out_dir={out}", f"pretrained={pretrained_dir}", "resolution=32"]
+        run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
+
+    return built_once(tmp_path_factory, "latents", build)
 
 
 def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:

@@ -3,14 +3,16 @@ model trained in the test, and real photos."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
+from tests.built_once import built_once
 from tests.conftest import compose_config, tiny_train_overrides
-from trainer.cli.demo import run_demo
+from trainer.cli.demo import SUMMARY_NAME, run_demo
 from trainer.cli.export import run_export
 from trainer.cli.train import run_train
 
@@ -35,19 +37,21 @@ def shrunk_demo_config(out: Path) -> DictConfig:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The shrunk demo's output folder and summary: a text-conditional model of the digits
     (trained autoencoder, conditional accuracy well above chance) in ``out / "export"``."""
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(shrunk_demo_config(out))
+    out = built_once(tmp_path_factory, "demo", lambda out: run_demo(shrunk_demo_config(out)))
+    return out, json.loads((out / SUMMARY_NAME).read_text())
 
 
 @pytest.fixture(scope="session")
 def base_model(latent_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny text-to-image model (20 steps on digits, random VAE) exported as a pipeline folder: for
     tests of the mechanics (it barely reads its prompt; the ``demo`` fixture's model does)."""
-    out = tmp_path_factory.mktemp("base")
-    run_train(compose_config("train", tiny_train_overrides(latent_dir, out / "run", steps=20)))
-    checkpoint = out / "run" / "checkpoints" / "last.ckpt"
-    run_export(compose_config("export", [f"ckpt_path={checkpoint}", f"out_dir={out / 'export'}"]))
-    return out / "export"
+
+    def build(out: Path) -> None:
+        run_train(compose_config("train", tiny_train_overrides(latent_dir, out / "run", steps=20)))
+        checkpoint = out / "run" / "checkpoints" / "last.ckpt"
+        run_export(compose_config("export", [f"ckpt_path={checkpoint}", f"out_dir={out / 'export'}"]))
+
+    return built_once(tmp_path_factory, "base", build) / "export"
 
 
 @pytest.fixture(scope="session")
