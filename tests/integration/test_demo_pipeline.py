@@ -37,13 +37,17 @@ def test_every_stage_leaves_its_output(demo):
         "export",
         "sample",
         "classifier",
+        "heldout_shards",
+        "eval",
     }
+    assert json.loads((out / "eval" / "eval.json").read_text())["num_reference"] == 360
 
 
 def test_generated_digits_are_the_prompted_ones(demo):
     _, summary = demo
     assert summary["num_generated"] == 100
     assert summary["conditional_accuracy"] >= 0.5, summary
+    assert 0 < summary["fid_real_digits"] < summary["fid"], "real digits score better than generated ones"
 
 
 def test_samples_carry_their_parameters(demo):

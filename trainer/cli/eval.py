@@ -39,6 +39,7 @@ from trainer.sampling.sampler import Sampler, SampleSettings
 
 log = logging.getLogger(__name__)
 RESULT_NAME = "eval.json"
+GRID_NAME = "grid.png"  # lf-sample's and lf-eval's grid, not a sample
 METRIC_LABELS = {"fid": "FID", "kid": "KID", "clip_score": "CLIP score"}
 
 
@@ -111,9 +112,11 @@ def _generate(cfg: DictConfig, fabric: L.Fabric, evaluator: ImageEvaluator, out:
 
 
 def _existing_images(cfg: DictConfig, evaluator: ImageEvaluator) -> dict[str, Any]:
-    """This rank's share of the images in ``images_dir`` (their prompts from their PNG parameters)."""
+    """This rank's share of the images in ``images_dir`` (their prompts from their PNG parameters), but
+    ``grid.png``."""
     folder = Path(cfg.images_dir)
-    paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    found = folder.glob("*") if folder.is_dir() else []
+    paths = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.name != GRID_NAME)
     if not paths:
         raise DataError(f"{folder}: images_dir holds no images ({', '.join(IMAGE_SUFFIXES)})")
     prompts = None
@@ -191,8 +194,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if fabric.global_rank == 0:
         if len(grid_images) > 1:
             columns = cfg.num_images_per_prompt if made["model"] and cfg.num_images_per_prompt > 1 else 8
-            image_grid(grid_images, columns=min(columns, len(grid_images))).save(out / "grid.png")
-            result["grid"] = str(out / "grid.png")
+            image_grid(grid_images, columns=min(columns, len(grid_images))).save(out / GRID_NAME)
+            result["grid"] = str(out / GRID_NAME)
         write_json_atomic(out / RESULT_NAME, {**result, "config": OmegaConf.to_container(cfg, resolve=True)})
         print("\n".join(metrics_table(result)))
         print(f"eval: {RESULT_NAME}, images and grid -> {out}")
