@@ -145,21 +145,26 @@ def _exact_links(pixels: Sequence[str]) -> list[Link]:
     return links
 
 
+def _pairs(limits: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """A range search's results as ``(first, other)`` pairs ``(P, 2)``, ``first < other``."""
+    limits, found = limits.astype(np.int64), found.astype(np.int64)
+    queries = np.repeat(np.arange(len(limits) - 1), np.diff(limits))
+    keep = queries != found
+    return np.stack([np.minimum(queries, found), np.maximum(queries, found)], axis=1)[keep].astype(np.int64)
+
+
 def _near_links(
     hashes: np.ndarray, thumbs: np.ndarray, pixels: Sequence[str], max_distance: int, max_difference: float, shift: int
 ) -> list[Link]:
     """Pairs within ``max_distance`` hash bits at some shift (faiss), confirmed on aligned thumbnails."""
     index = faiss.IndexBinaryFlat(HASH_BITS)
     index.add(np.ascontiguousarray(hashes[:, 0]))
-    candidates: set[tuple[int, int]] = set()
+    pairs = [np.zeros((0, 2), np.int64)]
     for variant in range(hashes.shape[1]):
         limits, _, found = index.range_search(np.ascontiguousarray(hashes[:, variant]), max_distance + 1)
-        for query in range(len(hashes)):
-            for other in found[limits[query] : limits[query + 1]]:
-                if other != query:
-                    candidates.add((min(query, int(other)), max(query, int(other))))
+        pairs.append(_pairs(limits, found))
     links = []
-    for first, other in sorted(candidates):
+    for first, other in np.unique(np.concatenate(pairs), axis=0).tolist():
         if pixels[first] == pixels[other]:
             continue  # exact already
         difference = aligned_difference(thumbs[first], thumbs[other], shift)
@@ -174,14 +179,12 @@ def _embedding_links(embeddings: np.ndarray, min_cosine: float) -> list[Link]:
     faiss.normalize_L2(vectors)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    limits, similarity, found = index.range_search(vectors, min_cosine)
-    links = []
-    for query in range(len(vectors)):
-        span = slice(limits[query], limits[query + 1])
-        for other, value in zip(found[span], similarity[span], strict=True):
-            if query < other:
-                links.append(Link(query, int(other), "embedding", round(float(value), 5)))
-    return links
+    limits, _, found = index.range_search(vectors, min_cosine)
+    pairs = np.unique(_pairs(limits, found), axis=0)
+    return [
+        Link(first, other, "embedding", round(float(vectors[first] @ vectors[other]), 5))
+        for first, other in pairs.tolist()
+    ]
 
 
 def group_links(count: int, links: Sequence[Link]) -> list[tuple[int, list[Link]]]:
@@ -325,6 +328,8 @@ def dedup_shards(
 ) -> DedupReport:
     """Find the duplicate groups of ``shards`` (:func:`find_duplicates` ``**search``) and, unless
     ``out_dir`` is ``None`` (a dry run), write the shards without the dropped samples."""
+    if out_dir is not None and any(Path(shard).resolve().parent == Path(out_dir).resolve() for shard in shards):
+        raise DataError(f"{out_dir}: out_dir holds the input shards; write the deduplicated shards to another folder")
     samples, groups = find_duplicates(shards, **search)
     name = [f"{Path(shard).name}:{key}" for shard, key in samples]
     report = DedupReport(samples=len(samples), settings={k: v for k, v in search.items() if k != "embed"})

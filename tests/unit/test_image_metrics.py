@@ -131,7 +131,7 @@ def test_reference_features_are_cached_reused_and_invalidated(tmp_path):
     assert again.cached and again.path == first.path and extractor.seen == 6, "read from the cache, nothing extracted"
     assert torch.equal(again.features, first.features)
 
-    images[0].rotate(90).save(folder / "0.png")  # one reference image changes
+    images[0].point(lambda value: 255 - value).save(folder / "0.png")  # one reference image changes
     changed = reference_features(ImageFolderReference(folder), extractor, (32, 32), cache)
     assert not changed.cached and changed.path != first.path and extractor.seen == 12
     assert not torch.equal(changed.features, first.features)

@@ -83,6 +83,7 @@ class ImageMetrics(ValidationImages):
             features, reference, clip, cache_dir, kid_subsets, kid_subset_size, seed, batch_size
         )
         self.grid_images = grid_images
+        self.evaluator.check_count(len(self.prompts) * images_per_prompt)
 
     def _image_size(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, int]:
         vae = self._load_frozen(trainer, pl_module.device)["vae"]

@@ -85,6 +85,7 @@ def _generate(cfg: DictConfig, fabric: L.Fabric, evaluator: ImageEvaluator, out:
     prompts = read_prompt_set(cfg.get("prompts"), cfg.get("prompt_file"), cfg.get("prompt_shards"), cfg.max_prompts)
     prompts = [p for p in prompts for _ in range(cfg.num_images_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(prompts))]
+    evaluator.check_count(len(prompts))
     settings = _settings(cfg)  # bad settings fail before any model loads
     sampler = Sampler.load(
         cfg.model_dir,
@@ -127,6 +128,7 @@ def _existing_images(cfg: DictConfig, evaluator: ImageEvaluator) -> dict[str, An
             if not text:
                 raise DataError(f"{path}: no 'parameters' text chunk with the prompt, which the CLIP score needs")
             prompts.append(parse_parameters(text, source=str(path)).prompt)
+    evaluator.check_count(len(paths))
     share = RankShare.current(len(paths))
     images = []
     for index in share.indices:

@@ -59,6 +59,13 @@ class ImageEvaluator:
         self.batch_size = batch_size
         self.reference_features: ReferenceFeatures | None = None
 
+    def check_count(self, count: int) -> None:
+        """Refuse fewer than 2 images to score (FID and KID need 2), before anything is generated."""
+        if self.features is not None and count < 2:
+            raise ValueError(
+                f"{count} image(s) to score: FID and KID need at least 2 (more prompts or images per prompt)"
+            )
+
     def to(self, device: torch.device | str) -> ImageEvaluator:
         """Move the extractor and CLIP model to ``device``."""
         for module in (self.features, self.clip):

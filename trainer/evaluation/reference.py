@@ -169,7 +169,7 @@ class ReferenceFeatures:
     """A reference set's features and where they came from.
 
     Attributes:
-        features: ``(N, D)`` float64.
+        features: ``(N, D)`` float64 (of float32 values: the cache stores float32).
         key: their cache key.
         cached: whether they were read from the cache (``False``: computed now).
         path: the cache entry (``None`` without a cache folder).
@@ -201,7 +201,7 @@ def reference_features(
     key = ReferenceKey(reference.content_sha256(), extractor.fingerprint(), preprocessing)
     path = Path(cache_dir) / key.file_name() if cache_dir else None
     if path is not None and path.is_file():
-        features = load_file(path, device=str(_device(extractor)))[FEATURES_KEY]
+        features = load_file(path, device=str(_device(extractor)))[FEATURES_KEY].double()
         log.info("reference features of %s: %s (cached)", reference.description, path)
         return ReferenceFeatures(features, key, True, path)
     rank, world = rank_and_world()
@@ -217,10 +217,10 @@ def reference_features(
     local = extract_features(extractor, mine(), batch_size)  # (slots of this rank, D)
     if count < 2:
         raise DataError(f"reference set {reference.description}: {count} images, need at least 2")
-    features = gather_rows(local, count)  # (N, D) on every rank
+    features = gather_rows(local, count).float().double()  # (N, D) on every rank, as the cache stores them
     if path is not None and rank == 0:
         with atomic_path(path) as tmp:
-            tensors = {FEATURES_KEY: features.cpu().contiguous()}
+            tensors = {FEATURES_KEY: features.float().cpu().contiguous()}
             save_file(tensors, str(tmp), metadata={"key": json.dumps(asdict(key), sort_keys=True)})
         log.info("reference features of %s: %d images -> %s", reference.description, count, path)
     return ReferenceFeatures(features, key, False, path)
