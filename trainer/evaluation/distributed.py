@@ -23,12 +23,19 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device() -> torch.device:
+    """Where the default group's collectives take tensors: this process's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     """All ranks' ``(slots, ...)`` rows (rank ``r`` slot ``s`` holding item ``s * world + r``) as
     ``(total, ...)`` in item order, on every rank.
 
     ``local`` may hold fewer than ``ceil(total / world)`` rows (a rank with fewer items); it is
-    padded here. Every rank must call this (it is a collective).
+    padded here. The result is on ``local``'s device. Every rank must call this (it is a collective).
     """
     rank, world = rank_and_world()
     slots = math.ceil(total / world)
@@ -38,17 +45,19 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
         local = torch.cat([local, local.new_zeros((slots - len(local), *local.shape[1:]))])
     if world == 1:
         return local[:total]
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local.contiguous())
+    sent = local.to(_collective_device()).contiguous()
+    gathered = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(gathered, sent)
     stacked = torch.stack(gathered, dim=1)  # (slots, world, ...): slot s, rank r is item s * world + r
-    return stacked.reshape(slots * world, *local.shape[1:])[:total]
+    return stacked.reshape(slots * world, *local.shape[1:])[:total].to(local.device)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over all ranks (itself without a process group)."""
     if rank_and_world()[1] > 1:
-        value = value.clone()
-        dist.all_reduce(value)
+        summed = value.to(_collective_device()).clone()
+        dist.all_reduce(summed)
+        return summed.to(value.device)
     return value
 
 

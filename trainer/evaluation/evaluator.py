@@ -125,7 +125,6 @@ def gather_images(share: RankShare, images: list[Image.Image], count: int) -> li
     if count == 0:
         return []
     slots = math.ceil(count / share.world)
-    local = images_to_tensor(images[:slots]) if images[:slots] else torch.zeros(0, dtype=torch.uint8)
-    device = "cuda" if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl" else "cpu"
-    gathered = gather_rows(local.to(device), min(share.total, slots * share.world))
+    local = images_to_tensor(images[:slots])  # (slots, 3, H, W)
+    gathered = gather_rows(local, min(share.total, slots * share.world))
     return tensor_to_images(gathered[:count])

@@ -32,7 +32,7 @@ from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.transforms.images import resize_and_crop
 from lf_common.atomic import atomic_path
 from lf_common.errors import CorruptSampleError, DataError
-from trainer.evaluation.distributed import gather_rows, rank_and_world
+from trainer.evaluation.distributed import all_reduce_sum, gather_rows, rank_and_world
 from trainer.evaluation.features import FeatureExtractor, extract_features
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def reference_features(
     preprocessing = {"fit": "resize shorter side (bicubic), center crop", "size": list(size)}
     key = ReferenceKey(reference.content_sha256(), extractor.fingerprint(), preprocessing)
     path = Path(cache_dir) / key.file_name() if cache_dir else None
-    if path is not None and path.is_file():
+    if path is not None and _on_every_rank(path.is_file()):
         features = load_file(path, device=str(_device(extractor)))[FEATURES_KEY].double()
         log.info("reference features of %s: %s (cached)", reference.description, path)
         return ReferenceFeatures(features, key, True, path)
@@ -224,6 +224,12 @@ def reference_features(
             save_file(tensors, str(tmp), metadata={"key": json.dumps(asdict(key), sort_keys=True)})
         log.info("reference features of %s: %d images -> %s", reference.description, count, path)
     return ReferenceFeatures(features, key, False, path)
+
+
+def _on_every_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (another job may write the entry while the ranks look)."""
+    _, world = rank_and_world()
+    return int(all_reduce_sum(torch.tensor([int(flag)]))) == world
 
 
 def _device(module: torch.nn.Module) -> torch.device:
