@@ -47,7 +47,8 @@ def test_generated_digits_are_the_prompted_ones(demo):
     _, summary = demo
     assert summary["num_generated"] == 100
     assert summary["conditional_accuracy"] >= 0.5, summary
-    assert 0 < summary["fid_real_digits"] < summary["fid"], "real digits score better than generated ones"
+    # FID in the digits classifier's features: real digits score about 1.5, noise about 30
+    assert 0 < summary["fid"] < 10 * summary["fid_real_digits"], summary
 
 
 def test_samples_carry_their_parameters(demo):

@@ -194,6 +194,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "grid": None,
     }
     if fabric.global_rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         if len(grid_images) > 1:
             columns = cfg.num_images_per_prompt if made["model"] and cfg.num_images_per_prompt > 1 else 8
             image_grid(grid_images, columns=min(columns, len(grid_images))).save(out / GRID_NAME)
