@@ -24,6 +24,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from lf_common.errors import DataError
+from lf_common.upstream.torch_private import restart_workers
 
 log = logging.getLogger(__name__)
 COUNTS_KEY = "__sample_counts__"  # (2,) int64 in a batch: samples read and samples skipped since the last batch
@@ -248,10 +249,7 @@ class ResumableLoader(DataLoader):
 
     def _restart_stream(self) -> None:
         """Start the stream from its beginning (workers restart with fresh copies of the dataset)."""
-        iterator = self._iterator
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self._iterator = None
+        restart_workers(self)
         if isinstance(self.dataset, EpochSlices):
             self.dataset.restart()
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import DictConfig
 
 from trainer.sweeps.optuna_sweeper import ResumableOptunaSweeperImpl
 
@@ -22,3 +24,9 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
     def __init__(self, **settings: Any) -> None:
         self.sweeper = ResumableOptunaSweeperImpl(**settings)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        self.sweeper.sweep(arguments)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from trainer.sweeps.optuna_sweeper import (
     counted_trials,
     fail_interrupted_trials,
     make_sqlite_folder,
+    owner_record,
 )
 from trainer.sweeps.summary import rank_trials, swept_parameters, write_summary
 from trainer.sweeps.trial import FAILED_VALUE, TRIAL_FILE, TrialRecord, in_sweep, run_trial
@@ -172,16 +172,16 @@ def test_interrupted_trials_are_failed_and_not_counted(tmp_path):
     study = optuna.create_study(study_name="s", storage=storage)
     for value in (1.0, 2.0):
         study.tell(study.ask(), value)
-    orphan, live = study.ask(), study.ask()
-    orphan.set_system_attr("latentforge_host", socket.gethostname())
-    orphan.set_system_attr("latentforge_pid", dead_pid())
-    live.set_system_attr("latentforge_host", socket.gethostname())
-    live.set_system_attr("latentforge_pid", os.getpid())
-    assert counted_trials(study) == 4
-    assert fail_interrupted_trials(study) == 1
+    orphan, live, older_orphan = study.ask(), study.ask(), study.ask()
+    orphan.set_system_attr("latentforge_owner", [socket.gethostname(), dead_pid()])
+    live.set_system_attr("latentforge_owner", owner_record())
+    older_orphan.set_system_attr("latentforge_host", socket.gethostname())  # a study of an older version
+    older_orphan.set_system_attr("latentforge_pid", dead_pid())
+    assert counted_trials(study) == 5
+    assert fail_interrupted_trials(study) == 2
     states = [t.state for t in study.trials]
-    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
-    assert counted_trials(study) == 3  # the interrupted one will be re-asked; the live one counts
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]
+    assert counted_trials(study) == 3  # the interrupted ones will be re-asked; the live one counts
 
 
 def test_a_worker_that_ran_no_trial_still_records_the_best(tmp_path):

@@ -22,13 +22,13 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from lf_common.atomic import replace_path
+from lf_common.upstream.lightning_private import ModelCheckpointHooks
 from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_step
 
 
-class ModelCheckpoint(LightningModelCheckpoint):
+class ModelCheckpoint(ModelCheckpointHooks):
     """``lightning.pytorch.callbacks.ModelCheckpoint`` that writes atomically and keeps every N-th step.
 
     Args:
@@ -44,33 +44,29 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._last_global_step_saved = trainer.global_step  # a resumed step is in the checkpoint it came from
+        self.record_saved(trainer.global_step)  # a resumed step is in the checkpoint it came from
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+    def save_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
         partial = filepath + PARTIAL_SUFFIX
-        if trainer.is_global_zero and self._fs.exists(partial):  # left by a crash
-            self._fs.rm(partial, recursive=True)
+        if trainer.is_global_zero and self.filesystem.exists(partial):  # left by a crash
+            self.filesystem.rm(partial, recursive=True)
         trainer.strategy.barrier("checkpoint_partial_clear")
         trainer.save_checkpoint(partial, self.save_weights_only)
         trainer.strategy.barrier("checkpoint_written")
         if trainer.is_global_zero:
             replace_path(partial, filepath)
         trainer.strategy.barrier("checkpoint_renamed")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        self.record_saved(trainer.global_step, filepath)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+    def remove_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
         step = checkpoint_step(filepath)
         if self.keep_every_n_steps and step is not None and step > 0 and step % self.keep_every_n_steps == 0:
             return
-        super()._remove_checkpoint(trainer, filepath)
+        super().remove_checkpoint_file(trainer, filepath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        self.save_top_k_and_last(trainer)
         super().on_train_end(trainer, pl_module)

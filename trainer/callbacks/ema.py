@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
+from lf_common.upstream.lightning_private import averaged_model
+from lf_common.upstream.torch_private import foreach_lerp_
 from trainer.checkpoint.keys import EMA_STATE_KEY, RAW_STATE_KEY
 
 
@@ -60,17 +62,19 @@ class EMA(WeightAveraging):
         weight = 1.0 - ema_decay(int(num_averaged), self.decay, self.warmup)
         floating = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floating:  # the average keeps its own dtype (float32) when the weights are bf16/fp16
-            torch._foreach_lerp_([a for a, _ in floating], [c.to(a.dtype) for a, c in floating], weight)
+            foreach_lerp_([a for a, _ in floating], [c.to(a.dtype) for a, c in floating], weight)
 
     def averaged_module(self) -> L.LightningModule | None:
         """The module holding the EMA weights (``None`` before fit starts)."""
-        return None if self._average_model is None else self._average_model.module
+        average = averaged_model(self)
+        return None if average is None else average.module
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Keep the raw weights in the model (see the module docstring)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+        latest_update_step = self.state_dict()["latest_update_step"]  # the optimizer step of the last update
+        if trainer.global_step > latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
             with full_parameters(trainer, pl_module, modify=False):
                 super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
@@ -81,11 +85,12 @@ class EMA(WeightAveraging):
         average to bf16 when the weights are bf16 (``bf16-true``, DeepSpeed's bf16); here the average
         is only read, and the raw weights come back from the stash unchanged.
         """
-        if self._average_model is None or self._stashed is not None:
+        average_module = self.averaged_module()
+        if average_module is None or self._stashed is not None:
             return
         with full_parameters(trainer, pl_module, modify=True):
             current = [*pl_module.parameters(), *pl_module.buffers()]
-            averaged = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
+            averaged = [*average_module.parameters(), *average_module.buffers()]
             self._stashed = [tensor.detach().clone() for tensor in current]
             for tensor, average in zip(current, averaged, strict=True):
                 tensor.data.copy_(average.data)
@@ -112,13 +117,14 @@ class EMA(WeightAveraging):
             checkpoint["state_dict"] = checkpoint.pop(RAW_STATE_KEY)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if EMA_STATE_KEY not in checkpoint or self._average_model is None:
+        average = averaged_model(self)
+        if EMA_STATE_KEY not in checkpoint or average is None:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)  # Lightning's layout (older checkpoints)
             return
         # the strategy has loaded the raw weights from state_dict already; only the average is restored here
         state = {"module." + name: value for name, value in checkpoint[EMA_STATE_KEY].items()}
         state |= checkpoint.get("averaging_state", {})
-        self._average_model.load_state_dict(state)
+        average.load_state_dict(state)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.every_n_steps == 0

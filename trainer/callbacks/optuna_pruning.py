@@ -8,6 +8,8 @@ import lightning as L
 import optuna
 from lightning.pytorch.callbacks import Callback
 
+from lf_common.upstream.optuna_private import trial_handle
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,7 @@ class OptunaPruning(Callback):
     def _get_trial(self) -> optuna.Trial:
         if self._trial is None:
             study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
-            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, self.trial_number)
-            self._trial = optuna.Trial(study, trial_id)
+            self._trial = trial_handle(study, self.trial_number)
         return self._trial
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

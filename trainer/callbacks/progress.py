@@ -17,7 +17,6 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -31,6 +30,10 @@ class StepProgressBar(TQDMProgressBar):
     def counts_steps(trainer: L.Trainer) -> bool:
         """Whether the run has a step bound (else the bar counts the batches of each epoch)."""
         return trainer.max_steps > 0
+
+    def refreshes_at(self, step: int, total: int) -> bool:
+        """Whether the bar redraws at ``step``: every ``refresh_rate`` steps and at the last one."""
+        return self.is_enabled and (step % self.refresh_rate == 0 or step == total)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -54,8 +57,10 @@ class StepProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         bar, step = self.train_progress_bar, trainer.global_step
-        if step != bar.n and self._should_update(step, bar.total):  # a batch that completed an optimizer step
-            _update_n(bar, step)
+        if step != bar.n and self.refreshes_at(step, bar.total):  # a batch that completed an optimizer step
+            if not bar.disable:
+                bar.n = step
+                bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

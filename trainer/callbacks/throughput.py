@@ -25,6 +25,8 @@ from diffusers import UNet2DConditionModel
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from lf_common.upstream.lightning_private import stage_throughputs
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
     """
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
-        x = torch.empty(*latents)  # (B, C, h, w)
+        x = torch.empty(latents[0], unet_config["in_channels"], *latents[2:])  # (B, C_in, h, w): 9 when inpainting
         timesteps = torch.zeros(latents[0], dtype=torch.long)  # (B,)
         context = torch.empty(*text)  # (B, T, D)
     return measure_flops(unet, lambda: unet(x, timesteps, encoder_hidden_states=context).sample, lambda y: y.sum())
@@ -62,7 +64,7 @@ class Throughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.peak_flops is not None:
             self.available_flops = int(self.peak_flops)
-            for throughput in self._throughputs.values():
+            for throughput in stage_throughputs(self):
                 throughput.available_flops = self.available_flops
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:

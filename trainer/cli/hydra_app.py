@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lf_common.upstream.lightning_private import wandb_run_started
 from trainer.strategies.gpu_defaults import register_resolvers
 
 CONF_MODULE = "latentforge_conf"
@@ -90,7 +91,7 @@ def finishing_loggers(trainer: L.Trainer) -> Iterator[None]:
         raise
     finally:
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            if isinstance(logger, WandbLogger) and wandb_run_started(logger):
                 logger.experiment.finish(exit_code=1 if failed else 0)
 
 

@@ -34,7 +34,6 @@ from trainer.cli.hydra_app import (
     VERSION_BASE,
     build_trainer,
     finishing_loggers,
-    instantiate_group,
     optimizer_factories,
     resolved_container,
 )
@@ -43,6 +42,21 @@ from trainer.strategies.precision import check_precision
 from trainer.sweeps.trial import in_sweep, run_trial
 
 log = logging.getLogger(__name__)
+
+
+def register_sweeper_plugin() -> None:
+    """Register the resumable Optuna sweeper with Hydra by name (``Plugins.register``, Hydra's public
+    way). Hydra finds plugins by listing the ``hydra_plugins`` namespace, and under an editable
+    install setuptools' import hook imports ``hydra_plugins.latentforge_sweepers`` without listing
+    it there, so ``hparams_search=lr_optuna`` failed with "Unknown plugin class"."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.latentforge_sweepers.resumable_optuna import ResumableOptunaSweeper
+
+    Plugins.instance().register(ResumableOptunaSweeper)
+
+
+register_sweeper_plugin()
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -55,11 +69,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     check_precision(cfg.trainer)
     apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
+    # The data may exist only once the data module's setup has run inside fit (DreamBooth prepares it on
+    # every rank there): the module and Provenance take the empty caption and the manifest from it then.
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
+    module = instantiate(cfg.model, **optimizer_factories(cfg))
     monitors = [
-        Provenance(resolved_container(cfg), datamodule.manifest.to_dict()),
+        Provenance(resolved_container(cfg)),
         SkippedSamplesMonitor(datamodule.sample_counts),
         RNGState(),
     ]

@@ -6,24 +6,27 @@ unchanged; on CPU it overrides the three places that assume CUDA:
 
 * ``setup_environment``: skip the CUDA check (``DDPStrategy.setup_environment``);
 * ``setup_distributed``: skip the CUDA device-index validation;
-* ``_setup_model_and_optimizer``: pass the local rank, not ``root_device.index`` (``None`` on CPU),
-  to ``deepspeed.initialize``.
+* ``initialize_engine`` (Lightning's private ``_setup_model_and_optimizer``): call
+  ``deepspeed.initialize`` without Lightning's ``device_rank=root_device.index`` (``None`` on CPU),
+  so DeepSpeed takes the local rank from ``LOCAL_RANK``, as it does under its own launcher.
+
+The private Lightning steps go through :mod:`lf_common.upstream.lightning_private`.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lf_common.upstream.lightning_private import DeepSpeedStrategyHooks
 
-class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+
+class DeepSpeedStrategy(DeepSpeedStrategyHooks):
     """``lightning.pytorch.strategies.DeepSpeedStrategy`` that also runs on CPU."""
 
     strategy_name = "latentforge_deepspeed"
@@ -41,19 +44,16 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if self._on_cpu():
             reset_seed()
             self.set_world_ranks()
-            self._init_deepspeed_distributed()
+            self.init_deepspeed_distributed()
         else:
             super().setup_distributed()
 
-    def _setup_model_and_optimizer(
-        self, model: Module, optimizer: Optimizer | None, lr_scheduler: Any = None
-    ) -> tuple[Any, Optimizer]:
+    def initialize_engine(self, model: Module, optimizer: Optimizer | None, lr_scheduler: Any = None) -> tuple:
         if not self._on_cpu():
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            return super().initialize_engine(model, optimizer, lr_scheduler)
         import deepspeed
 
         engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),
             config=self.config,
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],

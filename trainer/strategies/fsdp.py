@@ -9,29 +9,41 @@ On CPU, two things of Lightning's strategy assume CUDA:
 * full state dicts are gathered with ``offload_to_cpu=True``, which crashes (a segmentation fault
   in FSDP's state-dict hook) when the parameters already live on the CPU: here the model and
   optimizer state dicts are gathered to rank 0 without offloading.
+
+The private Lightning step (model wrapping) goes through :mod:`lf_common.upstream.lightning_private`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lf_common.upstream.lightning_private import FSDPStrategyHooks
 
-class FSDPStrategy(LightningFSDPStrategy):
-    """``lightning.pytorch.strategies.FSDPStrategy`` that also runs on CPU."""
+
+class FSDPStrategy(FSDPStrategyHooks):
+    """``lightning.pytorch.strategies.FSDPStrategy`` that also runs on CPU.
+
+    Args:
+        state_dict_type: ``"full"`` or ``"sharded"`` checkpoints, as Lightning's.
+        *args, **kwargs: ``FSDPStrategy``'s other arguments.
+    """
 
     strategy_name = "latentforge_fsdp"
+
+    def __init__(self, *args: Any, state_dict_type: Literal["full", "sharded"] = "full", **kwargs: Any) -> None:
+        super().__init__(*args, state_dict_type=state_dict_type, **kwargs)
+        self.state_dict_type = state_dict_type
 
     def _on_cpu(self) -> bool:
         return not isinstance(self.accelerator, CUDAAccelerator)
 
-    def _setup_model(self, model: Module) -> Module:
+    def wrap_model(self, model: Module) -> Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if self._on_cpu() and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
@@ -43,10 +55,10 @@ class FSDPStrategy(LightningFSDPStrategy):
                 device_id=torch.device("cpu"),
                 **self.kwargs,
             )
-        return super()._setup_model(model)
+        return super().wrap_model(model)
 
     def _full_state_on_cpu(self) -> bool:
-        return self._on_cpu() and self._state_dict_type == "full" and self.model is not None
+        return self._on_cpu() and self.state_dict_type == "full" and self.model is not None
 
     def _full_state_dict_context(self) -> Any:
         from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
@@ -72,7 +84,7 @@ class FSDPStrategy(LightningFSDPStrategy):
         from torch.distributed.fsdp import OptimStateKeyType
 
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         with self._full_state_dict_context():
             state = FSDP.optim_state_dict(self.model, optimizer)
             if self.global_rank == 0:

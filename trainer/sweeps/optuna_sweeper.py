@@ -29,21 +29,32 @@ from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lf_common.upstream.hydra_optuna_private import OptunaSweeperSteps
+from lf_common.upstream.optuna_private import fail_trial
 from trainer.sweeps.trial import TRIAL_FILE, TrialRecord
 
 log = logging.getLogger(__name__)
 
 TRIAL_NUMBER_KEY = "optuna_trial_number"
-_OWNER_HOST, _OWNER_PID, _INTERRUPTED = "latentforge_host", "latentforge_pid", "latentforge_interrupted"
+_OWNER, _INTERRUPTED = "latentforge_owner", "latentforge_interrupted"
+_OWNER_HOST, _OWNER_PID = "latentforge_host", "latentforge_pid"  # older studies: two writes, a kill could split them
+
+
+def owner_record() -> list[str | int]:
+    """``[host, pid]`` of this sweeper process, written to a trial in ONE storage write (a kill between
+    two writes left a trial with a host and no pid, taken for alive forever)."""
+    return [socket.gethostname(), os.getpid()]
 
 
 def _owner_alive(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the sweeper process that asked for ``trial`` still runs (unknown hosts: assume so)."""
-    host, pid = trial.system_attrs.get(_OWNER_HOST), trial.system_attrs.get(_OWNER_PID)
+    host, pid = trial.system_attrs.get(_OWNER) or (
+        trial.system_attrs.get(_OWNER_HOST),
+        trial.system_attrs.get(_OWNER_PID),
+    )
     if host != socket.gethostname() or pid is None:
         return True
     try:
@@ -60,8 +71,7 @@ def fail_interrupted_trials(study: optuna.Study) -> int:
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _owner_alive(trial):
-            study._storage.set_trial_system_attr(trial._trial_id, _INTERRUPTED, True)
-            study._storage.set_trial_state(trial._trial_id, TrialState.FAIL)
+            fail_trial(study, trial.number, {_INTERRUPTED: True})
             log.warning("trial %d was interrupted (its sweeper process is gone): marked failed", trial.number)
             count += 1
     return count
@@ -85,8 +95,8 @@ def make_sqlite_folder(storage: Any) -> None:
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
-    """The sweep loop; see the module docstring for what differs from ``OptunaSweeperImpl``."""
+class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
+    """The sweep loop; see the module docstring for what differs from the plugin's ``OptunaSweeperImpl``."""
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(
@@ -104,15 +114,9 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config() + list(arguments)
-        distributions, fixed_params = create_params_from_overrides(params_conf)
-        if self.search_space_distributions:
-            distributions = {**self.search_space_distributions, **distributions}
-        for name in fixed_params:
-            distributions.pop(name, None)
+        distributions, fixed_params = self.parameter_space(arguments)
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
+            grid = {name: self.grid_choices(d) for name, d in distributions.items()}
             self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
 
@@ -121,7 +125,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             study_name=self.study_name,
             storage=self.storage,
             sampler=self.sampler,
-            directions=self._get_directions(),
+            directions=self.directions(),
             load_if_exists=True,
         )
         fail_interrupted_trials(study)
@@ -133,12 +137,11 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         while (batch := min(self.n_jobs, self.n_trials - counted_trials(study))) > 0:
             trials = [study.ask() for _ in range(batch)]
             for trial in trials:
-                trial.set_system_attr(_OWNER_HOST, socket.gethostname())
-                trial.set_system_attr(_OWNER_PID, os.getpid())
+                trial.set_system_attr(_OWNER, owner_record())
             overrides = [
                 (*trial_overrides, f"++{TRIAL_NUMBER_KEY}={trial.number}")
                 for trial, trial_overrides in zip(
-                    trials, self._configure_trials(trials, distributions, fixed_params), strict=True
+                    trials, self.trial_overrides(trials, distributions, fixed_params), strict=True
                 )
             ]
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
