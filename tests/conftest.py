@@ -91,3 +91,11 @@ def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> 
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "lr_scheduler.num_warmup_steps=1",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CLIP (transformers layout) trained on the digits in the test, for CLIP scores."""
+    from tests.tiny_clip import train_tiny_clip
+
+    return built_once(tmp_path_factory, "tiny_clip", train_tiny_clip)

@@ -37,13 +37,18 @@ def test_every_stage_leaves_its_output(demo):
         "export",
         "sample",
         "classifier",
+        "heldout_shards",
+        "eval",
     }
+    assert json.loads((out / "eval" / "eval.json").read_text())["num_reference"] == 360
 
 
 def test_generated_digits_are_the_prompted_ones(demo):
     _, summary = demo
     assert summary["num_generated"] == 100
     assert summary["conditional_accuracy"] >= 0.5, summary
+    # FID in the digits classifier's features: real digits score about 1.5, noise about 30
+    assert 0 < summary["fid"] < 10 * summary["fid_real_digits"], summary
 
 
 def test_samples_carry_their_parameters(demo):

@@ -26,6 +26,8 @@ def test_every_primary_config_composes():
         "validate": ["shards=x"],
         "demo": [],
         "sweep_summary": ["sweep_dir=s"],
+        "eval": ["model_dir=m", "out_dir=o"],
+        "dedup": ["shards=x", "out_dir=o"],
     }
     for name, overrides in required.items():
         cfg = compose_config(name, overrides)
@@ -115,6 +117,9 @@ def test_callback_options(option, tmp_path):
     overrides = [f"callbacks={option}", "data.train_dir=x", f"output_dir={tmp_path}"]
     if option == "with_validation_images":
         overrides.append("callbacks.validation_images.prompts=[a cat]")
+    if option == "with_image_metrics":  # the default features need the Inception file: the digits' here
+        overrides += ["callbacks.image_metrics.prompts=[a cat]", "features@callbacks.image_metrics.features=digits"]
+        overrides += ["callbacks.image_metrics.reference={_target_: trainer.evaluation.reference.DigitsReference}"]
     cfg = compose_config("train", overrides)
     callbacks = instantiate_group(cfg.callbacks)
     assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
@@ -182,3 +187,16 @@ def test_bucket_options(option):
     cfg = compose_config("precompute", ["shards=x", "out_dir=o", "pretrained=p", f"buckets={option}"])
     buckets = instantiate(cfg.buckets)
     assert isinstance(buckets, BucketSet) and len(buckets.sizes) >= 3
+
+
+@pytest.mark.parametrize("option", options("features"))
+def test_feature_options_build_or_name_the_local_file_they_need(option, tmp_path):
+    from hydra.errors import InstantiationException
+
+    cfg = compose_config("eval", ["model_dir=m", "out_dir=o", f"features={option}"])
+    if option == "digits":
+        assert instantiate(cfg.features).num_features == 45
+        return
+    path = tmp_path / "not-there"
+    with pytest.raises(InstantiationException, match="not-there"):  # a DataError naming the path
+        instantiate(cfg.features, **({"weights_path": path} if option == "inception" else {"folder": path}))

@@ -1,5 +1,6 @@
-"""``lf-demo``: the whole job on the digits, end to end, printing each stage's wall time and the
-conditional accuracy of the generated digits.
+"""``lf-demo``: the whole job on the digits, end to end, printing each stage's wall time, the
+conditional accuracy of the generated digits and their FID against the real held-out digits (in the
+digits classifier's features: the metric path of ``lf-eval`` on real data, offline).
 
 Every stage runs the same ``run_*`` function its command runs, with the config its command
 would compose (``conf/<stage>.yaml``) plus the overrides in ``conf/demo.yaml``. Examples::
@@ -17,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.raw.sources.digits import digit_caption
+from data_pipelines.raw.sources.digits import digit_caption, digit_to_image, digits_split
 from lf_common.atomic import write_json_atomic
+from trainer.cli.eval import run_eval
 from trainer.cli.export import run_export
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, compose_config
 from trainer.cli.precompute import run_precompute
@@ -29,6 +32,9 @@ from trainer.cli.shards import run_shards
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
+from trainer.evaluation.digits_features import DigitsFeatures
+from trainer.evaluation.distance import frechet_distance
+from trainer.evaluation.features import images_to_tensor
 from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 SUMMARY_NAME = "demo_summary.json"
@@ -56,6 +62,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     timer = StageTimer()
     start = time.perf_counter()
     shards = timer.run("shards", lambda: run_shards(compose_config("shards", stages["shards"])))
+    timer.run("heldout_shards", lambda: run_shards(compose_config("shards", stages["heldout_shards"])))
     timer.run("text_encoder", lambda: save_tiny_text_encoder(out / "base", **cfg.text_encoder))
     autoencoder = timer.run(
         "autoencoder", lambda: run_train_autoencoder(compose_config("train_autoencoder", stages["autoencoder"]))
@@ -69,10 +76,14 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     )
     classifier = timer.run("classifier", DigitsClassifier)
     accuracy = conditional_accuracy(classifier, samples["images"], samples["prompts"])
+    scores = timer.run("eval", lambda: run_eval(compose_config("eval", stages["eval"])))
     total = round(time.perf_counter() - start, 2)
     summary = {
         "conditional_accuracy": accuracy,
         "classifier_heldout_accuracy": classifier.heldout_accuracy(),
+        "fid": scores["fid"],
+        "kid": scores["kid"],
+        "fid_real_digits": real_digits_fid(len(samples["images"]), samples["images"][0].size[0]),
         "num_generated": len(samples["images"]),
         "stage_seconds": timer.seconds,
         "total_seconds": total,
@@ -90,8 +101,24 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     print(f"{'total':<16} {total:7.1f}")
     print(f"\nconditional accuracy: {accuracy:.3f} over {len(samples['images'])} generated digits (chance 0.100)")
     print(f"classifier accuracy on real held-out digits: {summary['classifier_heldout_accuracy']:.3f}")
+    print(
+        f"FID {summary['fid']:.3f} (KID {summary['kid']:.4f}) against the {int(scores['num_reference'])} held-out "
+        f"digits, in the digits classifier's features; {summary['fid_real_digits']:.3f} for as many real digits"
+    )
     print(f"grid: {samples['grid']}")
     return summary
+
+
+def real_digits_fid(count: int, size: int) -> float:
+    """FID of ``count`` real training digits, as many of each digit as the demo generates, against the
+    held-out ones: about what a perfect generator scores at this sample size (FID is biased upwards
+    for small sets)."""
+    features = DigitsFeatures(size=size)
+    digits, labels, _ = digits_split("train")
+    balanced = np.concatenate([np.flatnonzero(labels == label)[: count // 10] for label in range(10)])
+    train = [digit_to_image(d, size) for d in digits[balanced]]
+    heldout = [digit_to_image(d, size) for d in digits_split("heldout")[0]]
+    return frechet_distance(features(images_to_tensor(heldout)), features(images_to_tensor(train)))
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="demo")

@@ -23,17 +23,25 @@ def label_of_prompt(prompt: str) -> int:
 
 
 class DigitsClassifier:
-    """An RBF SVM on 8x8 digits, trained on the training split's round trip through ``size`` pixels."""
+    """An RBF SVM on 8x8 digits, trained on the training split's round trip through ``size`` pixels.
+
+    Its one-vs-one decision values are the demo's image features for FID
+    (:class:`~trainer.evaluation.digits_features.DigitsFeatures`).
+    """
 
     def __init__(self, size: int = 32) -> None:
         images, labels, _ = digits_split("train")
         features = np.stack([image_to_digit(digit_to_image(d, size)).ravel() for d in images])
         self.size = size
-        self.model = SVC(gamma=0.001, C=10.0).fit(features, labels)
+        self.model = SVC(gamma=0.001, C=10.0, decision_function_shape="ovo").fit(features, labels)
 
     def predict(self, images: list[Image.Image]) -> np.ndarray:
         """Predicted labels ``(N,)`` of RGB images."""
         return self.model.predict(np.stack([image_to_digit(image).ravel() for image in images]))
+
+    def features(self, images: list[Image.Image]) -> np.ndarray:
+        """The 45 one-vs-one decision values ``(N, 45)`` of RGB images (what the classifier sees)."""
+        return self.model.decision_function(np.stack([image_to_digit(image).ravel() for image in images]))
 
     def heldout_accuracy(self) -> float:
         """Accuracy on the real held-out digits (what a perfect generator would score)."""

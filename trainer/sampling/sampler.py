@@ -166,6 +166,22 @@ class Sampler:
         default = self.unet.config.sample_size * self.vae_scale
         return settings.height or default, settings.width or default
 
+    def image_size(self, settings: SampleSettings) -> tuple[int, int]:
+        """``(height, width)`` of the images ``settings`` give (default: UNet sample size times the VAE's factor)."""
+        return self._size(settings)
+
+    def txt2img_batches(
+        self, prompts: list[str], seeds: list[int], settings: SampleSettings, batch_size: int
+    ) -> tuple[list[Image.Image], list[GenerationParameters]]:
+        """:meth:`txt2img` ``batch_size`` images at a time (the same images: each has its own generator)."""
+        images: list[Image.Image] = []
+        parameters: list[GenerationParameters] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.txt2img(prompts[start : start + batch_size], seeds[start : start + batch_size], settings)
+            images += batch[0]
+            parameters += batch[1]
+        return images, parameters
+
     def _noise(self, seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Per-image noise ``(B, *shape)`` from per-image generators (same seed, same image, any batch)."""
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]

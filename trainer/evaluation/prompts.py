@@ -1,0 +1,58 @@
+"""The prompts an evaluation generates images for: a list, a caption file, or the captions of
+(held-out) raw shards."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import webdataset as wds
+
+from data_pipelines.raw.format import CAPTION_KEY
+from data_pipelines.shards.listing import resolve_shards
+from lf_common.errors import DataError
+
+
+def shard_captions(shards: str | Sequence[str], limit: int | None = None) -> list[str]:
+    """The captions (``KEY.txt``) of raw shards, in shard and key order; images are not decoded."""
+    captions: list[str] = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(resolve_shards(shards)), wds.tarfile_to_samples()):
+        if limit is not None and len(captions) >= limit:
+            break
+        if CAPTION_KEY in sample:
+            captions.append(sample[CAPTION_KEY].decode("utf-8").strip())
+    return captions
+
+
+def read_prompt_set(
+    prompts: Sequence[str] | None = None,
+    prompt_file: str | Path | None = None,
+    prompt_shards: str | Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """The prompts from exactly one of ``prompts``, ``prompt_file`` (one per non-empty line) or
+    ``prompt_shards`` (their captions); the first ``limit`` when given.
+
+    Raises:
+        DataError: none or several sources are given, the file is missing, or no prompt is found.
+    """
+    sources = {"prompts": prompts, "prompt_file": prompt_file, "prompt_shards": prompt_shards}
+    given = [name for name, value in sources.items() if value]
+    if len(given) != 1:
+        raise DataError(
+            f"prompts: set exactly one of prompts=[...], prompt_file=PATH or prompt_shards=SHARDS "
+            f"(got {', '.join(given) or 'none'})"
+        )
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise DataError(f"{path}: prompt_file does not exist")
+        found = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif prompt_shards:
+        found = shard_captions(prompt_shards, limit)
+    else:
+        found = [str(p) for p in prompts or []]
+    found = found[:limit] if limit is not None else found
+    if not found:
+        raise DataError(f"{given[0]}: no prompts found")
+    return found
