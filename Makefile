@@ -26,10 +26,13 @@ demo: $(STAMP)
 
 # Two worker processes (pytest-xdist), each test file in one of them (module fixtures built once);
 # session data is built once for both (tests/built_once.py). TEST_WORKERS=0 runs in this process.
+# One intra-op thread per process: the tiny models' matrices gain nothing from more, and two workers
+# (each test starting up to two ranks) with torch's default of a thread per core oversubscribe the
+# cores many times over (measured here: a stage of the demo took 20x longer under load).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
