@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lf_common.errors import DataError
+from trainer.checkpoint.pickle_contents import describe_refused, file_globals
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset([".ckpt", ".pt", ".pth", ".bin"])
 NESTING_KEY = "state_dict"
+CHECKPOINT_EXPECTED = "give a checkpoint lf-train wrote (<output_dir>/checkpoints/last.ckpt)"
+IMPORT_FIX = "a Stable Diffusion checkpoint you trust? convert it: lf-import pretrained={path} allow_pickle=true"
+"""The fix for a pickle that is not a training checkpoint (lf-import reads its tensors, never its code)."""
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ValueError)
+
+
+def load_torch_file(path: str | Path, expected: str = CHECKPOINT_EXPECTED, pickle_fix: str = IMPORT_FIX) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with a refusal that says what the file is.
+
+    torch's own message for a refused file advises loading it with ``weights_only=False`` (which
+    runs the code a pickle names); this one says what the file holds instead, and the fix.
+
+    Args:
+        path: a ``torch.save`` archive or a pickle.
+        expected: what to give instead of a file that is no pickle at all.
+        pickle_fix: what to do with a pickle that names more than tensors (``{path}`` filled in).
+
+    Raises:
+        DataError: torch refused or could not read the file.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # said by the error, if it fails
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS:
+        fix = expected if file_globals(path) is None else pickle_fix.format(path=path)
+        raise DataError(f"{path}: refused: {describe_refused(path)}; {fix}") from None
 
 
 @dataclass
@@ -66,12 +97,11 @@ def read_weight_file(path: str | Path, allow_pickle: bool = False) -> WeightFile
             f"{path}: a pickle ({suffix}) is refused because unpickling can run code; convert it to "
             ".safetensors, or pass allow_pickle=true to read it with torch.load(weights_only=True)"
         )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
-        raise DataError(
-            f"{path}: refused by torch.load(weights_only=True) (it holds more than weights): {error}"
-        ) from None
+    loaded = load_torch_file(
+        path,
+        expected="give the model's .safetensors (or .ckpt) file",
+        pickle_fix="lf-import reads the tensors of a pickle, nothing else: get this model as .safetensors",
+    )
     nesting = None
     if isinstance(loaded, dict) and isinstance(loaded.get(NESTING_KEY), dict):
         loaded, nesting = loaded[NESTING_KEY], NESTING_KEY

@@ -1,0 +1,28 @@
+"""Quiet by default: what every ``lf-*`` command would print at each start that tells its user nothing.
+
+Dropped (each by its exact text; every other warning and log line stays):
+
+* transformers' notices that torchvision is not installed (latentforge never installs it);
+* Lightning's advertisement for litlogger, logged by every ``Trainer``;
+* torch's deprecation of ``LeafSpec``, which Lightning (not latentforge) still uses;
+* Lightning's warning that a validation loader list is empty: the data modules return ``[]`` on
+  purpose when there is no validation data.
+
+:mod:`trainer.cli` calls :func:`quiet_known_noise` when it is imported, before any command imports
+transformers, diffusers or Lightning, since the notices come at import time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from lf_common.upstream.lightning_private import quiet_litlogger_tip
+from lf_common.upstream.transformers_private import quiet_torchvision_notice
+
+
+def quiet_known_noise() -> None:
+    """Drop the messages listed in this module's docstring."""
+    quiet_torchvision_notice()
+    quiet_litlogger_tip()
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", r"Total length of `list` across ranks is zero")
