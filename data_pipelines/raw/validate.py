@@ -13,7 +13,6 @@ from PIL import Image
 
 from data_pipelines.raw.format import CAPTION_KEY, IMAGE_EXTENSIONS, META_KEY, failed_status
 
-
 PROBLEMS = {
     "undecodable": "image does not decode",
     "missing_image": "no image",
