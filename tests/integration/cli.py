@@ -63,10 +63,11 @@ class CliResult:
     stderr: str
 
 
-def run_in_process(command: str, *overrides: str, cwd: Path) -> CliResult:
+def run_in_process(command: str, *overrides: str, cwd: Path, full_error: bool = False) -> CliResult:
     """Run the console script ``command``'s entry point in this process, as its command line would
     (the same ``main``, the same argument parsing and error path), without the seconds of a new
-    interpreter's imports. Hydra's own files go under ``cwd``.
+    interpreter's imports. Hydra's own files go under ``cwd``; ``full_error`` runs it with
+    ``HYDRA_FULL_ERROR=1``.
     """
     (entry,) = [e for e in entry_points(group="console_scripts") if e.name == command]
     main = entry.load()
@@ -74,6 +75,8 @@ def run_in_process(command: str, *overrides: str, cwd: Path) -> CliResult:
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ.pop("HYDRA_FULL_ERROR", None)
+    if full_error:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     GlobalHydra.instance().clear()
     code = 0
     try:
@@ -89,6 +92,7 @@ def run_in_process(command: str, *overrides: str, cwd: Path) -> CliResult:
     finally:
         sys.argv = saved_argv
         GlobalHydra.instance().clear()
+        os.environ.pop("HYDRA_FULL_ERROR", None)
         if saved_env is not None:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
     return CliResult(code, stdout.getvalue(), stderr.getvalue())

@@ -16,6 +16,9 @@ How the errors get here: Hydra prints an exception raised while it composes the 
 sets that variable while Hydra composes, catches what Hydra raises, and restores the user's value
 as the job starts, so the processes the job starts (other ranks) and Hydra's report of an
 unexpected error in the job behave as the user asked. Errors inside the job are caught in the job.
+
+``--help`` (or ``-h``) is answered here, not by Hydra (:mod:`trainer.cli.help` says why);
+``--hydra-help`` and Hydra's other flags go to Hydra.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from omegaconf import DictConfig
 
 from trainer.cli.command_doc import CommandDoc
 from trainer.cli.errors import ErrorContext, explain
-from trainer.cli.help import register_help
+from trainer.cli.help import command_help, wants_help
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, compose_config
 
 T = TypeVar("T")
@@ -75,8 +78,10 @@ def lf_command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callab
             if cfg is not None:  # called with a config, as @hydra.main allows: no command line to report on
                 return hydra_main(cfg)
             take_debug_switch(sys.argv)
-            register_help(CommandDoc.of_module(task.__module__))
             with state.hydra_raises(), plain_errors(context, state):
+                if wants_help(sys.argv[1:]):
+                    print(command_help(CommandDoc.of_module(task.__module__), config_name, overrides_of(sys.argv[1:])))
+                    return None
                 return hydra_main()
 
         return main
