@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 from PIL import Image
+from tqdm.auto import tqdm
 
 from lf_common.errors import ConfigError, DataError
 from trainer.cli.command import lf_command
@@ -143,7 +144,8 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
-    for start in range(0, len(prompts), cfg.batch_size):
+    batches = range(0, len(prompts), cfg.batch_size)
+    for start in tqdm(batches, desc="sample", unit="batch", disable=len(batches) < 2):  # with an ETA
         batch_prompts, batch_seeds = prompts[start : start + cfg.batch_size], seeds[start : start + cfg.batch_size]
         if init_image is None:
             batch, parameters = sampler.txt2img(batch_prompts, batch_seeds, settings)
