@@ -15,33 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.integration.cli import CliResult, run_cli, run_in_process
+from tests.pickles import CodePayload, save_original_sd_ckpt
 
 USER_ERROR_EXIT = 2
 NEVER = ("Traceback", "weights_only=False", "HYDRA_FULL_ERROR", "Error in call to target", "+trainer.")
 """What no plain error shows: a traceback, unsafe advice, Hydra's stock hints."""
 
 
-class _Payload:
-    """Unpickling this would create the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bad inputs of the table: random bytes named .ckpt, a pickle that would run code, a photo
-    folder with one image that does not decode."""
+    """The bad inputs of the table: random bytes named .ckpt, a pickle that would run code, an
+    original SD .ckpt (not a training checkpoint), a photo folder with one image that does not decode."""
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "garbage.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
     with (root / "evil.ckpt").open("wb") as handle:
-        pickle.dump({"state_dict": {"w": _Payload(root / "executed")}}, handle)
+        pickle.dump({"state_dict": {"w": CodePayload(root / "executed")}}, handle)
+    save_original_sd_ckpt({"model.diffusion_model.w": torch.ones(2)}, root / "sd-v1-5.ckpt")
     photos = root / "photos"
     photos.mkdir()
     for index in range(2):
@@ -76,7 +69,13 @@ CASES = {
         "lf-export",
         ("ckpt_path={bad}/evil.ckpt", "out_dir={tmp}/x"),
         ("evil.ckpt", "names pathlib.Path.touch"),
-        "allow_pickle=true",
+        "get the model as .safetensors",
+    ),
+    "export-original-sd-ckpt": Case(
+        "lf-export",
+        ("ckpt_path={bad}/sd-v1-5.ckpt", "out_dir={tmp}/x"),
+        ("sd-v1-5.ckpt", "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+        "sd-v1-5.ckpt allow_pickle=true",
     ),
     "import-pickle": Case(
         "lf-import",
@@ -88,7 +87,7 @@ CASES = {
         "lf-import",
         ("pretrained={bad}/evil.ckpt", "out_dir={tmp}/x", "allow_pickle=true"),
         ("evil.ckpt", "names pathlib.Path.touch"),
-        "get this model as .safetensors",
+        "get the model as .safetensors",
     ),
     "sample-no-model": Case(
         "lf-sample", ("model_dir={tmp}/nonexistent",), ("model_dir=", "does not exist"), "lf-export's out_dir"

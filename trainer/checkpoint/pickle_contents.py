@@ -25,6 +25,15 @@ TENSOR_GLOBALS = frozenset(
     ]
 )
 """Globals besides ``torch.*`` that a file of tensors and plain containers names."""
+INERT_GLOBALS = frozenset(
+    [
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    ]
+)
+"""Training state that the original Stable Diffusion ``.ckpt`` files carry beside their tensors (the
+trainer's checkpoint callback). ``lf-import allow_pickle=true`` rebuilds these as inert stand-ins
+(:func:`trainer.checkpoint.safe_load.load_torch_file`): none of their code is imported or run."""
 _STRING_OPS = frozenset(["SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING"])
 _GET_OPS = frozenset(["BINGET", "LONG_BINGET", "GET"])
 _PUT_OPS = frozenset(["BINPUT", "LONG_BINPUT", "PUT"])
@@ -86,6 +95,12 @@ def foreign_globals(names: list[str]) -> list[str]:
     return [n for n in names if not n.startswith("torch.") and n not in TENSOR_GLOBALS]
 
 
+def code_globals(names: list[str]) -> list[str]:
+    """The globals of ``names`` that would run code if the file were unpickled (neither tensors,
+    plain containers nor :data:`INERT_GLOBALS`)."""
+    return [n for n in foreign_globals(names) if n not in INERT_GLOBALS]
+
+
 def describe_refused(path: str | Path) -> str:
     """Why ``torch.load(weights_only=True)`` refuses ``path``, in a few words a user can act on."""
     names = file_globals(path)
@@ -93,8 +108,11 @@ def describe_refused(path: str | Path) -> str:
         return (
             "not a PyTorch checkpoint (neither a torch.save archive nor a pickle: another kind of file, or cut short)"
         )
-    foreign = foreign_globals(names)
-    if foreign:
-        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+    code = code_globals(names)
+    if code:
+        shown = ", ".join(code[:4]) + (f" and {len(code) - 4} more" if len(code) > 4 else "")
         return f"a pickle that names {shown} besides tensors (code that would run if it were unpickled)"
+    inert = [n for n in foreign_globals(names) if n in INERT_GLOBALS]
+    if inert:
+        return f"a pickle of tensors and another trainer's state ({', '.join(inert)}), not a checkpoint lf-train wrote"
     return "a pickle torch.load(weights_only=True) cannot read as tensors"
