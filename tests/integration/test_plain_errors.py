@@ -148,6 +148,7 @@ def test_a_mistake_is_one_or_two_plain_lines_naming_where_and_the_fix(name, bad,
     assert not (bad / "executed").exists(), "a pickle's code ran"
 
 
+@pytest.mark.slow  # a new interpreter's imports: about 12 s
 def test_the_installed_script_answers_the_same_from_the_shell(tmp_path):
     result = run_cli("lf-train", "trainer.max_stesp=2", cwd=tmp_path, timeout=120)
     assert result.returncode == USER_ERROR_EXIT
