@@ -345,7 +345,11 @@ class LatentManifest:
         """
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
-            raise DataError(f"{path}: latent-shard manifest is missing (is {folder} a precompute output folder?)")
+            what = "the folder does not exist" if not Path(folder).is_dir() else "not a folder lf-precompute wrote"
+            raise DataError(
+                f"{path}: latent-shard manifest is missing ({what}); give lf-precompute's out_dir, "
+                f"or run lf-precompute shards=<raw shards> out_dir={folder} pretrained=<model folder> first"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:

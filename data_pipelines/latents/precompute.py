@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 
 from data_pipelines.latents.format import CacheKey, LatentManifest, load_entry, save_uncond_embedding
 from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
@@ -199,6 +200,7 @@ class _RankShards(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         work = self.work(self.trainer.global_rank, self.trainer.world_size)
+        self.planned = len(work.work)  # the shards this rank encodes: the progress bar's total
         workers = min(self.num_workers, len(work.work))
         return DataLoader(
             work, batch_size=None, collate_fn=_as_is, num_workers=workers, prefetch_factor=4 if workers else None
@@ -276,6 +278,16 @@ class LatentShardWriter(L.Callback):
 
     def __init__(self) -> None:
         self.open: dict[Path, ShardOutput] = {}
+        self.bar: tqdm | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0's progress bar over its own shards to encode (with an ETA)."""
+        planned = getattr(trainer.datamodule, "planned", None)
+        self.bar = tqdm(total=planned, desc="precompute", unit="shard", disable=not trainer.is_global_zero)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def on_predict_batch_end(
         self,
@@ -300,9 +312,13 @@ class LatentShardWriter(L.Callback):
             self.open[target].write(prediction["samples"])
         else:
             self.open.pop(target).finish(prediction["skipped"])
+            if self.bar is not None:
+                self.bar.update()
 
     def abort(self) -> None:
         """Remove the partial shards of a failed run."""
+        if self.bar is not None:
+            self.bar.close()
         for output in self.open.values():
             output.abort()
         self.open.clear()

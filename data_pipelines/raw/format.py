@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,4 +119,5 @@ def normalize_image_bytes(data: bytes, origin: str) -> tuple[bytes, str]:
             image.save(buffer, format="PNG")
             return buffer.getvalue(), "png"
     except Exception as error:  # PIL raises several types for bad bytes
-        raise CorruptSampleError(f"{origin}: does not decode as an image ({error})") from error
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names the buffer, not the file
+        raise CorruptSampleError(f"{origin}: does not decode as an image ({reason})") from error

@@ -13,6 +13,17 @@ from PIL import Image
 
 from data_pipelines.raw.format import CAPTION_KEY, IMAGE_EXTENSIONS, META_KEY, failed_status
 
+PROBLEMS = {
+    "undecodable": "image does not decode",
+    "missing_image": "no image",
+    "missing_caption": "no caption",
+    "duplicate_keys": "duplicate key",
+    "failed_status": "marked failed in KEY.json",
+}
+""":class:`ShardReport`'s lists of bad keys, and what each means."""
+KEYS_SHOWN = 5
+"""Bad sample keys printed per shard (the report file has them all)."""
+
 
 @dataclass
 class ShardReport:
@@ -50,8 +61,16 @@ class ShardReport:
             or self.truncated
         )
 
+    def key_problems(self) -> dict[str, list[str]]:
+        """What is wrong with each bad sample, by key, in the order the problems were found."""
+        problems: dict[str, list[str]] = {}
+        for attribute, what in PROBLEMS.items():
+            for key in getattr(self, attribute):
+                problems.setdefault(key, []).append(what)
+        return problems
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "bad_samples": len(self.key_problems())}
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -144,3 +163,34 @@ def report_table(reports: list[ShardReport]) -> list[str]:
             f"{len(r.missing_caption):>10} {len(r.duplicate_keys):>7} {len(r.failed_status):>6}  {tar}"
         )
     return lines
+
+
+def problem_lines(reports: list[ShardReport], shown: int = KEYS_SHOWN) -> list[str]:
+    """One line per shard with problems: its bad sample keys (the first ``shown``, with what is wrong),
+    their count, and a broken tar."""
+    lines = []
+    for report in reports:
+        if report.ok:
+            continue
+        problems = report.key_problems()
+        keys = [f"{key} ({', '.join(what)})" for key, what in list(problems.items())[:shown]]
+        more = f", and {len(problems) - shown} more" if len(problems) > shown else ""
+        samples = f"{_count(len(problems), 'bad sample')}: {', '.join(keys)}{more}" if problems else ""
+        tar = f"tar BROKEN ({report.truncated})" if report.truncated else ""
+        lines.append(f"{report.shard}: {'; '.join(part for part in (samples, tar) if part)}")
+    return lines
+
+
+def summary_line(reports: list[ShardReport]) -> str:
+    """``N shards, S samples; B shards with problems, M bad samples``."""
+    samples = sum(r.samples for r in reports)
+    bad_shards = sum(not r.ok for r in reports)
+    bad_samples = sum(len(r.key_problems()) for r in reports)
+    return (
+        f"{_count(len(reports), 'shard')}, {_count(samples, 'sample')}; "
+        f"{_count(bad_shards, 'shard')} with problems, {_count(bad_samples, 'bad sample')}"
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

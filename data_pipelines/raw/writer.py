@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -16,7 +16,7 @@ from data_pipelines.raw.format import RawSample, encode_raw_sample, normalize_im
 from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.shards.tar_writer import AtomicShardWriter
 from lf_common.atomic import write_json_atomic
-from lf_common.errors import CorruptSampleError, DataError
+from lf_common.errors import ConfigError, CorruptSampleError, DataError
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "shards_summary.json"
@@ -91,15 +91,18 @@ def write_raw_shards(
         DataError: bad input (named), or no sample could be written.
     """
     if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
+        raise ConfigError(f"on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
     summary = ShardsSummary(out_dir=str(out_dir))
     writer = AtomicShardWriter(out_dir, samples_per_shard, prefix, overwrite, max_bytes_per_shard)
-    with writer, tqdm(desc="shards", unit="img", disable=not progress) as bar:
+    total = len(source) if isinstance(source, Sized) else None  # a total gives the bar its ETA
+    with writer, tqdm(desc="shards", unit="img", total=total, disable=not progress) as bar:
         for item, checked in _checked(source, workers):
             bar.update()
             if isinstance(checked, CorruptSampleError):
                 if on_bad_sample == "error":
-                    raise checked
+                    raise CorruptSampleError(
+                        f"{checked}; set on_bad_sample=skip to leave such images out (counted and logged)"
+                    ) from None
                 log.warning("skipping %s: image does not decode", item.origin)
                 summary.skipped += 1
                 summary.skipped_origins.append(item.origin)

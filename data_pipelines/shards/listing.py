@@ -10,6 +10,11 @@ from braceexpand import braceexpand
 
 from lf_common.errors import DataError
 
+SHARDS_EXPECTED = (
+    "give a folder of .tar shards (lf-shards' out_dir), a glob or a brace pattern ('data/shard-{000000..000009}.tar')"
+)
+"""The fix named when a shard list names no shard."""
+
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     """List the shard files ``spec`` names, sorted.
@@ -34,15 +39,15 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
             if path.is_dir():
                 found = sorted(str(p) for p in path.glob("*.tar"))
                 if not found:
-                    raise DataError(f"{path}: folder holds no .tar shards")
+                    raise DataError(f"{path}: folder holds no .tar shards; {SHARDS_EXPECTED}")
             elif any(ch in pattern for ch in "*?["):
                 found = sorted(glob.glob(pattern))
                 if not found:
-                    raise DataError(f"{pattern}: no shard matches this pattern")
+                    raise DataError(f"{pattern}: no shard matches this pattern; {SHARDS_EXPECTED}")
             elif path.is_file():
                 found = [str(path)]
             else:
-                raise DataError(f"{path}: shard path does not exist")
+                raise DataError(f"{path}: shard path does not exist; {SHARDS_EXPECTED}")
             paths.extend(found)
     if not paths:
         raise DataError(f"{spec!r}: names no shards")

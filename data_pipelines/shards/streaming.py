@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from lf_common.upstream.torch_private import restart_workers
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class SkipCounter:
 
     def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 1000) -> None:
         if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1]")
+            raise ConfigError(f"max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1]")
         self.max_bad_fraction = max_bad_fraction
         self.min_samples = min_samples
         self.counts = SampleCounts()
@@ -182,7 +182,7 @@ def shard_stream(
     pipeline = wds.DataPipeline(*stages)
     if resampled:
         if batches_per_epoch is None:
-            raise ValueError("resampled streams are endless: give batches_per_epoch")
+            raise ConfigError("resampled streams are endless: give batches_per_epoch")
         return EpochSlices(pipeline, batches_per_epoch)
     return pipeline
 

@@ -10,7 +10,7 @@ from typing import Any
 import webdataset as wds
 
 from lf_common.atomic import TMP_SUFFIX
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 
 SHARD_SUFFIX = ".tar"
 # A fixed, whole-second member time: identical input gives byte-identical shards (stable content
@@ -57,7 +57,7 @@ class AtomicShardWriter:
         max_bytes_per_shard: int | None = None,
     ):
         if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard={samples_per_shard}: expected at least 1")
+            raise ConfigError(f"samples_per_shard={samples_per_shard}: expected at least 1")
         self.out_dir = Path(out_dir)
         self.samples_per_shard = samples_per_shard
         self.max_bytes_per_shard = max_bytes_per_shard

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from data_pipelines.transforms.images import image_to_pixels, resize_and_crop
+from lf_common.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class BucketSet:
     def __init__(self, sizes: Iterable[Sequence[int]]) -> None:
         pairs = sorted({(int(h), int(w)) for h, w in sizes}, key=lambda hw: (hw[1] / hw[0], hw[0]))
         if not pairs:
-            raise ValueError("a bucket set needs at least one (height, width) size")
+            raise ConfigError("a bucket set needs at least one (height, width) size")
         if any(h <= 0 or w <= 0 for h, w in pairs):
-            raise ValueError(f"bucket sizes must be positive: {pairs}")
+            raise ConfigError(f"bucket sizes must be positive: {pairs}")
         object.__setattr__(self, "sizes", tuple(pairs))
 
     @property
@@ -72,9 +73,9 @@ def generate_buckets(base_resolution: int = 512, step: int = 64, max_ratio: floa
         max_ratio: the longest side is at most this many times the shortest.
     """
     if base_resolution % step:
-        raise ValueError(f"base_resolution={base_resolution} is not a multiple of step={step}")
+        raise ConfigError(f"base_resolution={base_resolution} is not a multiple of step={step}")
     if max_ratio < 1:
-        raise ValueError(f"max_ratio={max_ratio}: expected at least 1")
+        raise ConfigError(f"max_ratio={max_ratio}: expected at least 1")
     area = base_resolution * base_resolution
     sizes = []
     for width in range(base_resolution, 0, -step):

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lf_common.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ResizeCrop:
@@ -69,7 +71,7 @@ def resize_and_crop(
     elif crop == "center":
         top, left = (new_h - height) // 2, (new_w - width) // 2
     else:
-        raise ValueError(f"crop={crop!r}: expected 'center' or 'random'")
+        raise ConfigError(f"crop={crop!r}: expected 'center' or 'random'")
     return image.crop((left, top, left + width, top + height)), top, left
 
 

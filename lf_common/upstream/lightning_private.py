@@ -32,6 +32,11 @@ the one place to call it differently.
 
 ``WandbLogger`` (``trainer.cli.hydra_app``): ``_experiment`` tells whether the run was started;
 the public ``experiment`` property starts one when it was not.
+
+The litlogger tip (``quiet_litlogger_tip``, called by ``trainer.cli.quiet``): every ``Trainer``
+logs an advertisement for the ``litlogger`` package at info level (three times in one ``lf-demo``).
+No flag turns it off; it goes through the logger that ``lightning.pytorch.utilities.rank_zero``
+sets for ``rank_zero_info``, whose records with that text a filter drops (other info lines stay).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 
+from lf_common.log_filters import drop_log_messages
 from lf_common.upstream.contract import PrivateName
 
 ADAPTER = "lf_common/upstream/lightning_private.py"
@@ -152,6 +158,13 @@ _ATTRIBUTES = (  # owner, name, a cheap instance (the attributes are set in __in
     ("lightning.pytorch.callbacks.ThroughputMonitor", "_throughputs", lambda: ThroughputMonitor(len)),
     ("lightning.pytorch.loggers.WandbLogger", "_experiment", lambda: WandbLogger(offline=True)),
 )
+_RANK_ZERO = "lightning.pytorch.utilities.rank_zero"  # the logger of rank_zero_info
+_LOGGER_CONNECTOR = "lightning.pytorch.trainer.connectors.logger_connector.logger_connector"
+LITLOGGER_TIP = "try installing [litlogger]"
+_SOURCES = (  # owner, text its source holds
+    (_RANK_ZERO, "rank_zero_module.log = logging.getLogger(__name__)"),
+    (_LOGGER_CONNECTOR, LITLOGGER_TIP),
+)
 CONTRACTS = (
     *(
         PrivateName("lightning", owner, name, ADAPTER, parameters=("self", *parameters.split()))
@@ -161,4 +174,10 @@ CONTRACTS = (
         PrivateName("lightning", owner, name, ADAPTER, kind="attribute", instance=instance)
         for owner, name, instance in _ATTRIBUTES
     ),
+    *(PrivateName("lightning", owner, text, ADAPTER, kind="source") for owner, text in _SOURCES),
 )
+
+
+def quiet_litlogger_tip() -> None:
+    """Drop Lightning's "Tip: ... try installing [litlogger]" line (every ``Trainer`` logs it)."""
+    drop_log_messages(_RANK_ZERO, LITLOGGER_TIP)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+
+from hydra.core.global_hydra import GlobalHydra
 
 
 def cli_command(command: str, *overrides: str, cwd: Path) -> tuple[list[str], dict[str, str]]:
@@ -45,3 +52,47 @@ def kill_cli_when(path: Path, command: str, *overrides: str, cwd: Path) -> None:
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@dataclass
+class CliResult:
+    """What a command run in this process printed, and its exit status."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(command: str, *overrides: str, cwd: Path, full_error: bool = False) -> CliResult:
+    """Run the console script ``command``'s entry point in this process, as its command line would
+    (the same ``main``, the same argument parsing and error path), without the seconds of a new
+    interpreter's imports. Hydra's own files go under ``cwd``; ``full_error`` runs it with
+    ``HYDRA_FULL_ERROR=1``.
+    """
+    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == command]
+    main = entry.load()
+    argv = [command, *overrides, f"hydra.run.dir={cwd / 'hydra'}", f"hydra.sweep.dir={cwd / 'multirun'}"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    if full_error:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        sys.argv = argv
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as error:
+                code = error.code if isinstance(error.code, int) else 1
+            except Exception:  # what would reach the interpreter: its traceback, status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        if saved_env is not None:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
+    return CliResult(code, stdout.getvalue(), stderr.getvalue())

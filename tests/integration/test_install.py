@@ -16,6 +16,7 @@ from tests.conftest import tiny_train_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+BUILD_LOG = "build.log"
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site-packages, appended after its own (plain path entries: this environment's editable-install
     hook is not loaded there)."""
     work = tmp_path_factory.mktemp("install")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(work / "dist"), str(ROOT)], check=True, capture_output=True)  # fmt: skip
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w",
+                            str(work / "dist"), str(ROOT)], check=True, capture_output=True, text=True)  # fmt: skip
+    (work / BUILD_LOG).write_text(build.stdout + build.stderr)  # -v: the build backend's warnings included
     (wheel,) = (work / "dist").glob("latentforge-*.whl")
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -34,6 +36,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
                     "-q", str(wheel)], check=True, capture_output=True)  # fmt: skip
     return venv
+
+
+def test_the_build_warns_of_nothing_deprecated(installed):
+    log = (installed.parent / BUILD_LOG).read_text()
+    assert "Preparing metadata" in log  # the backend's own output is there
+    assert "deprecated" not in log.lower(), [line for line in log.splitlines() if "deprecated" in line.lower()]
 
 
 def run_installed(venv: Path, command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -118,7 +118,8 @@ def test_callback_options(option, tmp_path):
     if option == "with_validation_images":
         overrides.append("callbacks.validation_images.prompts=[a cat]")
     if option == "with_image_metrics":  # the default features need the Inception file: the digits' here
-        overrides += ["callbacks.image_metrics.prompts=[a cat]", "features@callbacks.image_metrics.features=digits"]
+        overrides += ["callbacks.image_metrics.prompts=[a cat,a dog]"]  # FID and KID need 2 images or more
+        overrides += ["features@callbacks.image_metrics.features=digits"]
         overrides += ["callbacks.image_metrics.reference={_target_: trainer.evaluation.reference.DigitsReference}"]
     cfg = compose_config("train", overrides)
     callbacks = instantiate_group(cfg.callbacks)

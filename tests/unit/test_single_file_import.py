@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lf_common.errors import DataError
 from tests.conftest import compose_config
+from tests.pickles import CodePayload, save_original_sd_ckpt
 from trainer.checkpoint.pipeline_weights import load_diffusers_folder, read_metadata
 from trainer.checkpoint.sd_single_file import KeyMapError
 from trainer.cli.export import run_export
@@ -151,32 +152,23 @@ def test_strict_loading_names_missing_extra_and_misshapen_keys(single_file, expo
         assert not (tmp_path / name).exists()
 
 
-class _Payload:
-    """Unpickling this would create the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_pickles_are_refused_and_never_executed(export_dir, tmp_path):
     marker = tmp_path / "executed"
     crafted = tmp_path / "evil.ckpt"
     with crafted.open("wb") as handle:
-        pickle.dump({"state_dict": {"w": _Payload(marker)}}, handle)
+        pickle.dump({"state_dict": {"w": CodePayload(marker)}}, handle)
     with pytest.raises(DataError, match=r"evil\.ckpt: a pickle \(\.ckpt\) is refused .* allow_pickle=true"):
         _import(crafted, export_dir, tmp_path / "a")
-    with pytest.raises(DataError, match=r"evil\.ckpt: refused by torch\.load\(weights_only=True\)"):
+    with pytest.raises(DataError, match=r"evil\.ckpt: refused: a pickle that names pathlib\.Path\.touch") as refused:
         _import(crafted, export_dir, tmp_path / "b", "allow_pickle=true")
+    assert "weights_only=False" not in str(refused.value)
     assert not marker.exists(), "the pickle's code ran"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_plain_pickle_of_tensors_loads_with_the_flag(single_file, export_dir, tmp_path):
-    checkpoint = tmp_path / "sd.ckpt"
-    torch.save({"state_dict": load_file(single_file), "global_step": 7}, checkpoint)
+    checkpoint = tmp_path / "sd.ckpt"  # as the original SD checkpoints: with pytorch_lightning's callback state
+    save_original_sd_ckpt(load_file(single_file), checkpoint)
     _import(checkpoint, export_dir, tmp_path / "imp", "allow_pickle=true")
     before, after = _tensors(export_dir), _tensors(tmp_path / "imp")
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lf_common.errors import DataError
 from trainer.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from trainer.callbacks.optuna_pruning import OptunaPruning
 from trainer.sweeps.optuna_sweeper import (
@@ -142,7 +143,7 @@ def test_write_summary_tables_and_plot(tmp_path):
 
 
 def test_write_summary_without_trials_names_the_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(DataError, match=str(tmp_path)):
         write_summary(tmp_path)
 
 

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from data_pipelines.raw.validate import validate_shard
+from data_pipelines.raw.validate import problem_lines, summary_line, validate_shard
 from data_pipelines.raw.writer import write_raw_shards
 from data_pipelines.shards.tar_writer import open_tar_writer
 from tests.conftest import FirstDigits, compose_config
@@ -35,6 +35,11 @@ def test_each_kind_of_damage_is_reported(tmp_path):
     assert (report.samples, report.undecodable, report.missing_caption) == (5, ["b"], ["c"])
     assert (report.missing_image, report.duplicate_keys, report.truncated) == (["d"], ["a"], None)
     assert not report.ok
+    # what lf-validate prints: the bad keys with what is wrong (the first `shown` and a count), then the totals
+    assert problem_lines([report], shown=2) == [
+        f"{path}: 4 bad samples: b (image does not decode), d (no image), and 2 more"
+    ]
+    assert summary_line([report]) == "1 shard, 5 samples; 1 shard with problems, 4 bad samples"
 
 
 def test_truncated_tar_is_reported(tmp_path):

@@ -24,6 +24,7 @@ from weakref import proxy
 import lightning as L
 
 from lf_common.atomic import replace_path
+from lf_common.errors import ConfigError
 from lf_common.upstream.lightning_private import ModelCheckpointHooks
 from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_step
 
@@ -39,7 +40,7 @@ class ModelCheckpoint(ModelCheckpointHooks):
     def __init__(self, *args: Any, keep_every_n_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if keep_every_n_steps is not None and keep_every_n_steps < 1:
-            raise ValueError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
+            raise ConfigError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
         self.keep_every_n_steps = keep_every_n_steps
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

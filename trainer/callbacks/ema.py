@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
+from lf_common.errors import ConfigError
 from lf_common.upstream.lightning_private import averaged_model
 from lf_common.upstream.torch_private import foreach_lerp_
 from trainer.checkpoint.keys import EMA_STATE_KEY, RAW_STATE_KEY
@@ -49,7 +50,7 @@ class EMA(WeightAveraging):
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, every_n_steps: int = 1, start_step: int = 0) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay={decay}: expected 0 < decay < 1")
+            raise ConfigError(f"ema decay={decay}: expected 0 < decay < 1")
         self.decay = decay
         self.warmup = warmup
         self.every_n_steps = every_n_steps

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lf_common.atomic import atomic_path
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.safe_load import PICKLE_SUFFIXES, read_weights
 from trainer.checkpoint.sd_single_file import (
     TEXT_LAYOUTS,
@@ -64,7 +64,7 @@ def text_layout_for(parts: PipelineParts, text_layout: str = "auto") -> str:
     if text_layout == "auto":
         return "sd2" if parts.text_encoder.config.hidden_act == "gelu" else "sd1"
     if text_layout not in TEXT_LAYOUTS:
-        raise ValueError(f"text_layout={text_layout!r}: expected 'auto' or one of {list(TEXT_LAYOUTS)}")
+        raise ConfigError(f"text_layout={text_layout!r}: expected 'auto' or one of {list(TEXT_LAYOUTS)}")
     return text_layout
 
 

@@ -15,8 +15,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY, EMA_STATE_KEY, RAW_STATE_KEY
+from trainer.checkpoint.safe_load import IMPORT_FIX, load_torch_file
 from trainer.lora.adapters import LoraSettings, add_lora
 
 UNET_PREFIX = "unet."
@@ -43,18 +44,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             merged = Path(tmp) / "merged.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(merged))
-            checkpoint = torch.load(merged, map_location="cpu", weights_only=True)
+            checkpoint = load_torch_file(merged)
         checkpoint.pop(RAW_STATE_KEY, None)  # a rank-local copy under ZeRO; the merged one is exact
         checkpoint["_deepspeed"] = True
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_torch_file(path)
     else:
-        raise DataError(f"{path}: checkpoint does not exist")
+        raise DataError(
+            f"{path}: checkpoint does not exist; give a .ckpt file lf-train wrote "
+            "(<output_dir>/checkpoints/last.ckpt) or a DeepSpeed checkpoint folder"
+        )
+    if not isinstance(checkpoint, dict):
+        raise DataError(
+            f"{path}: holds a {type(checkpoint).__name__}, not a training checkpoint; {IMPORT_FIX.format(path=path)}"
+        )
     if EMA_STATE_KEY in checkpoint:  # the EMA callback's average; state_dict holds the raw weights
         checkpoint[RAW_STATE_KEY] = checkpoint["state_dict"]
         checkpoint["state_dict"] = checkpoint.pop(EMA_STATE_KEY)
     if CHECKPOINT_KEY not in checkpoint or "unet_config" not in checkpoint[CHECKPOINT_KEY]:
-        raise DataError(f"{path}: key '{CHECKPOINT_KEY}.unet_config' is missing; not a latentforge training checkpoint")
+        raise DataError(
+            f"{path}: key '{CHECKPOINT_KEY}.unet_config' is missing: not a checkpoint lf-train wrote; "
+            + IMPORT_FIX.format(path=path)
+        )
     return checkpoint
 
 
@@ -74,7 +85,7 @@ def unet_state_dict(checkpoint: dict[str, Any], weights: Weights = "auto") -> tu
     if weights == "ema" and not has_ema:
         raise DataError("weights=ema: this checkpoint holds no EMA weights (train with callbacks.ema enabled)")
     if weights not in ("auto", "ema", "raw"):
-        raise ValueError(f"weights={weights!r}: expected 'auto', 'ema' or 'raw'")
+        raise ConfigError(f"weights={weights!r}: expected 'auto', 'ema' or 'raw'")
     kind = "ema" if has_ema and weights in ("auto", "ema") else "raw"
     return part_state_dict(checkpoint, UNET_PREFIX, kind), kind
 

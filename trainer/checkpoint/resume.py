@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from lf_common.errors import DataError
+from trainer.checkpoint.pickle_contents import describe_refused, file_globals, foreign_globals
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return _deepspeed_folder_problem(path)
     if not path.is_file():
         return "does not exist"
-    return _zip_problem(path)
+    return _zip_problem(path) or _foreign_problem(path)
+
+
+def _foreign_problem(path: Path) -> str | None:
+    """What a checkpoint names besides tensors (Lightning's ``torch.load(weights_only=True)`` would refuse it)."""
+    names = file_globals(path)
+    foreign = foreign_globals(names) if names is not None else []
+    return describe_refused(path) if names is None or foreign else None
 
 
 def _zip_problem(path: Path) -> str | None:
@@ -130,7 +138,10 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
         if (problem := checkpoint_problem(wanted)) is None:
             return str(wanted)
         if not wanted.exists():
-            raise DataError(f"ckpt_path={wanted}: checkpoint does not exist")
+            raise DataError(
+                f"ckpt_path={wanted}: checkpoint does not exist; give a checkpoint file or folder, or ckpt_path=last "
+                "(the newest complete one in output_dir)"
+            )
         step = checkpoint_step(wanted)  # None for last.ckpt: every other checkpoint is older
         older = [
             p
@@ -149,4 +160,8 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
             return str(path)
         refused.append(f"{path.name} ({problem})")
     where = checkpoint_dir if ckpt_path == LAST_NAME else ckpt_path
-    raise DataError(f"no complete checkpoint to resume from at {where}: {'; '.join(refused) or 'none found'}")
+    raise DataError(
+        f"ckpt_path={ckpt_path}: no complete checkpoint to resume from at {where}: "
+        f"{'; '.join(refused) or 'none found'}; "
+        "give ckpt_path=<a checkpoint lf-train wrote>, or leave ckpt_path unset to start afresh"
+    )

@@ -3,18 +3,62 @@
 from __future__ import annotations
 
 import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lf_common.errors import DataError
+from trainer.checkpoint.pickle_contents import INERT_GLOBALS, code_globals, describe_refused, file_globals
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset([".ckpt", ".pt", ".pth", ".bin"])
 NESTING_KEY = "state_dict"
+CHECKPOINT_EXPECTED = "give a checkpoint lf-train wrote (<output_dir>/checkpoints/last.ckpt)"
+IMPORT_FIX = "a Stable Diffusion checkpoint you trust? convert it: lf-import pretrained={path} allow_pickle=true"
+"""The fix for a pickle of tensors that is not a training checkpoint (lf-import reads its tensors, never its code)."""
+CODE_FIX = (
+    "no Stable Diffusion or lf-train checkpoint names code; if you trust its source anyway, "
+    "get the model as .safetensors and lf-import that"
+)
+"""The fix for a pickle that names code: nothing here loads it (lf-import included)."""
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ValueError)
+
+
+class InertState:
+    """What an :data:`~trainer.checkpoint.pickle_contents.INERT_GLOBALS` object becomes when
+    ``lf-import`` reads an original Stable Diffusion ``.ckpt``: its pickled attributes, no behaviour."""
+
+
+def load_torch_file(path: str | Path, expected: str = CHECKPOINT_EXPECTED, inert_state: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with a refusal that says what the file is.
+
+    torch's own message for a refused file advises loading it with ``weights_only=False`` (which
+    runs the code a pickle names); this one says what the file holds instead, and the fix.
+
+    Args:
+        path: a ``torch.save`` archive or a pickle.
+        expected: what to give instead of a file that is no pickle at all.
+        inert_state: rebuild the training state an original Stable Diffusion ``.ckpt`` carries
+            (``INERT_GLOBALS``) as :class:`InertState` objects instead of refusing the file.
+
+    Raises:
+        DataError: torch refused or could not read the file.
+    """
+    stand_ins = [(InertState, name) for name in INERT_GLOBALS] if inert_state else []
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(stand_ins):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # said by the error, if it fails
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS:
+        names = file_globals(path)
+        fix = expected if names is None else CODE_FIX if code_globals(names) else IMPORT_FIX.format(path=path)
+        raise DataError(f"{path}: refused: {describe_refused(path)}; {fix}") from None
 
 
 @dataclass
@@ -43,7 +87,8 @@ def read_weight_file(path: str | Path, allow_pickle: bool = False) -> WeightFile
 
     A ``.safetensors`` file is read as such. A pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
     refused unless ``allow_pickle``, and then read with ``torch.load(weights_only=True)``, which
-    rebuilds only tensors and plain containers and never calls what the pickle names. A pickle's
+    rebuilds only tensors and plain containers (and the original SD checkpoints' trainer state as
+    inert objects) and never calls what the pickle names. A pickle's
     ``{"state_dict": ...}`` wrapper (ldm's checkpoints) is unwrapped; values that are not tensors
     are dropped.
 
@@ -66,12 +111,7 @@ def read_weight_file(path: str | Path, allow_pickle: bool = False) -> WeightFile
             f"{path}: a pickle ({suffix}) is refused because unpickling can run code; convert it to "
             ".safetensors, or pass allow_pickle=true to read it with torch.load(weights_only=True)"
         )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
-        raise DataError(
-            f"{path}: refused by torch.load(weights_only=True) (it holds more than weights): {error}"
-        ) from None
+    loaded = load_torch_file(path, expected="give the model's .safetensors (or .ckpt) file", inert_state=True)
     nesting = None
     if isinstance(loaded, dict) and isinstance(loaded.get(NESTING_KEY), dict):
         loaded, nesting = loaded[NESTING_KEY], NESTING_KEY

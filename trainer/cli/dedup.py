@@ -13,6 +13,15 @@ Examples::
     lf-dedup shards='data/raw/shard-{000000..000099}.tar' out_dir=data/dedup workers=8
     lf-dedup shards=data/raw out_dir=null report=dups.json            # a dry run: the report only
     lf-dedup shards=data/raw out_dir=data/dedup +features@embedding=clip embedding.folder=models/clip min_cosine=0.96
+
+Keys::
+
+    shards              raw shards: a folder of .tar, a glob, a brace pattern, or a list
+    out_dir             the deduplicated shards; null: a dry run (the report only)
+    report              the JSON report (default out_dir/dedup_report.json)
+    workers             processes hashing shards in parallel
+    max_hash_distance   near-duplicate candidates: perceptual hashes at most this many bits apart
+    min_cosine          with embedding=: duplicates by embedding cosine similarity
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -28,7 +36,7 @@ from omegaconf import DictConfig
 from data_pipelines.raw.dedup import Embedder, dedup_shards
 from data_pipelines.shards.listing import resolve_shards
 from lf_common.atomic import write_json_atomic
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.command import lf_command
 from trainer.evaluation.features import FeatureExtractor, images_to_tensor
 from trainer.evaluation.reference import fit_image
 
@@ -77,7 +85,7 @@ def run_dedup(cfg: DictConfig) -> dict[str, Any]:
     return {**report, "report": str(path)}
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="dedup")
+@lf_command("dedup")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_dedup(cfg)

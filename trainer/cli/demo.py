@@ -3,10 +3,20 @@ conditional accuracy of the generated digits and their FID against the real held
 digits classifier's features: the metric path of ``lf-eval`` on real data, offline).
 
 Every stage runs the same ``run_*`` function its command runs, with the config its command
-would compose (``conf/<stage>.yaml``) plus the overrides in ``conf/demo.yaml``. Examples::
+would compose (``conf/<stage>.yaml``) plus the overrides in ``conf/demo.yaml``.
+
+Examples::
 
     lf-demo                                    # writes demo_out/
     lf-demo out_dir=/tmp/demo samples_per_prompt=5
+    lf-demo train_steps=1500 out_dir=/tmp/demo-1500
+
+Keys::
+
+    out_dir             where every stage writes (demo_out)
+    train_steps         UNet training steps
+    autoencoder_steps   VAE training steps
+    samples_per_prompt  images per digit prompt for the accuracy
 """
 
 from __future__ import annotations
@@ -17,15 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.raw.sources.digits import digit_caption, digit_to_image, digits_split
 from lf_common.atomic import write_json_atomic
+from trainer.cli.command import lf_command
 from trainer.cli.eval import run_eval
 from trainer.cli.export import run_export
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, compose_config
+from trainer.cli.hydra_app import compose_config
 from trainer.cli.precompute import run_precompute
 from trainer.cli.sample import run_sample
 from trainer.cli.shards import run_shards
@@ -121,7 +131,7 @@ def real_digits_fid(count: int, size: int) -> float:
     return frechet_distance(features(images_to_tensor(heldout)), features(images_to_tensor(train)))
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="demo")
+@lf_command("demo")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_demo(cfg)

@@ -11,7 +11,16 @@ Examples::
     lf-eval model_dir=outputs/train/.../checkpoints/last.ckpt prompt_shards=data/heldout reference=data/heldout
     lf-eval model_dir=... ... devices=4                     # 4 processes (GPUs), images split between them
     lf-eval images_dir=outputs/sample/.../images reference=... clip=...   # images made already (lf-sample's)
-    lf-eval model_dir=demo_out/export features=digits prompt_shards=demo_out/heldout reference=demo_out/heldout
+
+Keys::
+
+    model_dir       an export folder, or a training checkpoint (.ckpt file, DeepSpeed folder)
+    images_dir      instead of model_dir: images made already (prompts from their PNG parameters)
+    prompt_file     one prompt a line (or prompts=[...], or prompt_shards= raw shards' captions)
+    reference       real images for FID/KID: a folder of images, or raw shards
+    clip            a local CLIP folder (transformers layout) for the CLIP score
+    features        FID/KID features: inception (the FID weights file) | digits | clip
+    devices         processes (GPUs); the images are split between them
 """
 
 from __future__ import annotations
@@ -21,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +37,7 @@ from PIL import Image
 
 from lf_common.atomic import write_json_atomic
 from lf_common.errors import DataError
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.command import lf_command
 from trainer.evaluation.distributed import RankShare
 from trainer.evaluation.evaluator import ImageEvaluator, gather_images
 from trainer.evaluation.prompts import read_prompt_set
@@ -205,7 +213,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="eval")
+@lf_command("eval")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_eval(cfg)

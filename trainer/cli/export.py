@@ -6,15 +6,23 @@ Examples::
     lf-export ckpt_path=... out_dir=... weights=raw vae_path=sd15/vae
     lf-export ckpt_path=.../last.ckpt format=single_file out_dir=export/step-1200 dtype=float16
     lf-export ckpt_path=export/step-1200 format=single_file out_dir=x out_file=model.safetensors
+
+Keys::
+
+    ckpt_path    a .ckpt lf-train wrote, a DeepSpeed checkpoint folder, or (single_file) an export folder
+    out_dir      the folder to write (single_file: OUT_DIR.safetensors unless out_file is set)
+    format       diffusers (a pipeline folder) | single_file (original SD layout)
+    weights      auto (EMA when the checkpoint has it) | ema | raw
+    dtype        float32 | float16 | bfloat16
 """
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
+from lf_common.errors import ConfigError
 from trainer.checkpoint.export import export_pipeline, export_single_file
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.command import lf_command
 
 FORMATS = ("diffusers", "single_file")
 
@@ -23,7 +31,7 @@ def run_export(cfg: DictConfig) -> dict[str, str]:
     """Export the configured checkpoint; returns ``{"out_dir": ...}`` or ``{"out_file": ...}``."""
     fmt = cfg.get("format", "diffusers")
     if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: expected one of {list(FORMATS)}")
+        raise ConfigError(f"format={fmt!r}: expected one of {list(FORMATS)}")
     if fmt == "single_file":
         out_file = cfg.get("out_file") or f"{str(cfg.out_dir).rstrip('/')}.safetensors"
         written = export_single_file(
@@ -51,7 +59,7 @@ def run_export(cfg: DictConfig) -> dict[str, str]:
     return {"out_dir": str(out)}
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="export")
+@lf_command("export")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_export(cfg)

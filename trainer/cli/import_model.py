@@ -15,17 +15,24 @@ Examples::
     lf-import pretrained=sd15.safetensors config_dir=sd15-diffusers/     # configs from a diffusers folder
     lf-import pretrained=sd15-diffusers/ out_dir=models/sd15    # a folder: checked, rewritten as safetensors
     lf-train model=pretrained model.pretrained=models/sd15 data.train_dir=...   # then fine-tune from it
+
+Keys::
+
+    pretrained       the weights: one .safetensors in the original SD layout, or a diffusers folder
+    out_dir          the diffusers folder to write (default: models/<name of pretrained>)
+    allow_pickle     read a .ckpt/.pt pickle (tensors only, weights_only=True); refused otherwise
+    prediction_type  epsilon | v_prediction, instead of detecting it
+    ema              take the UNet from the file's EMA copy (model_ema.*)
 """
 
 from __future__ import annotations
 
 import json
 
-import hydra
 from omegaconf import DictConfig
 
 from trainer.checkpoint.importing import IMPORT_INFO_NAME, import_weights
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.command import lf_command
 
 
 def summary(info: dict) -> list[str]:
@@ -59,7 +66,7 @@ def run_import(cfg: DictConfig) -> dict[str, str]:
     return {"out_dir": str(out), "model_type": info.get("model_type", "")}
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="import")
+@lf_command("import")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_import(cfg)

@@ -12,13 +12,21 @@ Examples::
         vae_path=sd15/vae text_encoder_path=sd15/text_encoder tokenizer_path=sd15/tokenizer
     lf-precompute shards=data/raw out_dir=data/latents-buckets pretrained=sd15/ buckets=sd512
     lf-precompute shards=data/raw out_dir=data/latents-inpaint pretrained=models/sd15-inpainting inpainting=true
+
+Keys::
+
+    shards           raw shards: a folder, a glob, a brace pattern, or a list
+    out_dir          the folder for the latent shards and their manifest
+    pretrained       a diffusers folder with vae/, text_encoder/, tokenizer/ (or set the three *_path keys)
+    resolution       square side of the images encoded (ignored with buckets)
+    buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
+    recompute_stale  encode again shards made with other settings, instead of refusing them
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -30,7 +38,8 @@ from data_pipelines.shards.streaming import SkipCounter
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from lf_common.errors import ConfigError
+from trainer.cli.command import lf_command
 
 
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
@@ -38,7 +47,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     shards = resolve_shards(cfg.shards)
     if cfg.get("buckets"):
         if cfg.crop != "center":
-            raise ValueError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
+            raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
         transform: Transform = BucketResizeCrop(instantiate(cfg.buckets), interpolation=cfg.interpolation)
     else:
         transform = ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation)
@@ -66,7 +75,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     return manifest.to_dict()
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="precompute")
+@lf_command("precompute")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_precompute(cfg)

@@ -12,6 +12,17 @@ Examples::
     lf-sample model_dir=... scheduler=dpmpp_2m use_karras_sigmas=true
     lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
     lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
+
+Keys::
+
+    model_dir              an export folder (lf-export's out_dir) or a training checkpoint
+    prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH)
+    num_images_per_prompt  images per prompt (image i gets seed + i)
+    steps                  denoising steps
+    guidance_scale         classifier-free guidance scale
+    scheduler              ddim | euler | euler_a | dpmpp_2m
+    init_image             img2img (with mask_image: inpainting)
+    out_dir                where the PNGs go
 """
 
 from __future__ import annotations
@@ -19,12 +30,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 from PIL import Image
+from tqdm.auto import tqdm
 
-from lf_common.errors import DataError
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from lf_common.errors import ConfigError, DataError
+from trainer.cli.command import lf_command
 from trainer.lora.loading import load_lora
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
 from trainer.sampling.sampler import Sampler, SampleSettings
@@ -112,7 +123,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     if strength is None:
         strength = 1.0 if cfg.get("mask_image") else DEFAULT_IMG2IMG_STRENGTH
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength={strength}: expected 0 < strength <= 1")
+        raise ConfigError(f"strength={strength}: expected 0 < strength <= 1")
     init_image = _open_image(cfg.get("init_image"), "init_image")
     mask_image = _open_image(cfg.get("mask_image"), "mask_image")
     if mask_image is not None and init_image is None:
@@ -133,7 +144,8 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
-    for start in range(0, len(prompts), cfg.batch_size):
+    batches = range(0, len(prompts), cfg.batch_size)
+    for start in tqdm(batches, desc="sample", unit="batch", disable=len(batches) < 2):  # with an ETA
         batch_prompts, batch_seeds = prompts[start : start + cfg.batch_size], seeds[start : start + cfg.batch_size]
         if init_image is None:
             batch, parameters = sampler.txt2img(batch_prompts, batch_seeds, settings)
@@ -152,7 +164,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     return {"paths": [str(p) for p in paths], "prompts": prompts, "images": images, "grid": str(grid) if grid else None}
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="sample")
+@lf_command("sample")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_sample(cfg)

@@ -8,6 +8,14 @@ Examples::
     lf-shards source=table source.table=captions.csv out_dir=data/table on_bad_sample=skip
     lf-shards source=table source.table=laion.parquet source.path_column=file source.caption_column=text out_dir=...
     lf-shards source=img2dataset source.path=img2dataset_out    # validated in place, not rewritten
+
+Keys::
+
+    source           where the images and captions come from: digits | folder | table | img2dataset
+    out_dir          the folder for shard-000000.tar, ... and shards_summary.json
+    samples_per_shard  samples in each shard
+    on_bad_sample    error (stop at an image that does not decode) | skip (leave it out, count and log it)
+    overwrite        replace shards already in out_dir
 """
 
 from __future__ import annotations
@@ -17,15 +25,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.raw.sources.img2dataset import Img2DatasetFolder
-from data_pipelines.raw.validate import report_table
+from data_pipelines.raw.validate import problem_lines, report_table
 from data_pipelines.raw.writer import write_raw_shards
 from lf_common.atomic import write_json_atomic
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.command import lf_command
 
 
 def run_shards(cfg: DictConfig) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
 def check_img2dataset(folder: Img2DatasetFolder, out_dir: str | None) -> dict[str, Any]:
     """Validate an img2dataset folder in place, print and write its summary; returns it as a dict."""
     summary = folder.check()
-    print("\n".join(report_table(summary.reports)))
+    print("\n".join([*report_table(summary.reports), *problem_lines(summary.reports)]))
     failed = summary.attempted - summary.status_counts.get("success", 0)
     print(
         f"img2dataset: {summary.samples} samples in {len(summary.shards)} shards, {summary.bytes / 1e6:.1f} MB; "
@@ -71,7 +78,7 @@ def check_img2dataset(folder: Img2DatasetFolder, out_dir: str | None) -> dict[st
     return summary.to_dict()
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="shards")
+@lf_command("shards")
 def main(cfg: DictConfig) -> None:
     """Console entry point; exit status 1 when an img2dataset folder has problems."""
     if not run_shards(cfg).get("ok", True):

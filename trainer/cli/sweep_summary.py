@@ -1,17 +1,23 @@
 """``lf-sweep-summary``: (re)write a sweep folder's summary table and plot.
 
 Multiruns of ``lf-train`` write it when they end; run this for a sweep that was interrupted, or
-for the folders of several parallel Optuna workers (``launch/sweep_gpus.sh``) together::
+for the folders of several parallel Optuna workers (``launch/sweep_gpus.sh``) together.
+
+Examples::
 
     lf-sweep-summary sweep_dir=multirun/train/lr_optuna
+    lf-sweep-summary sweep_dir=multirun/train/2026-11-27_10-00-00
+
+Keys::
+
+    sweep_dir   the folder of an lf-train -m sweep (multirun/train/<time>), or of several parallel workers
 """
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
+from trainer.cli.command import lf_command
 from trainer.sweeps.summary import SweepSummary, write_summary
 
 
@@ -21,7 +27,7 @@ def run_sweep_summary(cfg: DictConfig) -> SweepSummary:
     return summary
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="sweep_summary")
+@lf_command("sweep_summary")
 def main(cfg: DictConfig) -> None:
     run_sweep_summary(cfg)
 

@@ -10,6 +10,17 @@ Examples::
     lf-train -m hparams_search=lr_optuna data.train_dir=... data.val_dir=...   # Optuna (TPE)
     lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
     lf-train ckpt_path=last output_dir=outputs/train/<run>       # resume from the newest complete checkpoint
+
+Keys::
+
+    data.train_dir         the latent shards to train on (lf-precompute's out_dir)
+    data.val_dir           latent shards for val/loss (optional)
+    trainer.max_steps      optimizer steps to train
+    data.batch_size        batch size per device
+    optim.lr               learning rate
+    model.pretrained       model=pretrained: the diffusers folder to fine-tune (lf-import's out_dir)
+    ckpt_path              resume: a checkpoint, a folder of them, or last
+    output_dir             where checkpoints and logs go
 """
 
 from __future__ import annotations
@@ -18,7 +29,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -29,9 +39,8 @@ from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from trainer.callbacks.provenance import Provenance
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint.resume import resolve_resume_checkpoint
+from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import (
-    CONF_DIR,
-    VERSION_BASE,
     build_trainer,
     finishing_loggers,
     optimizer_factories,
@@ -95,7 +104,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="train")
+@lf_command("train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; in a sweep, returns the optimized metric for Hydra's sweepers.
 

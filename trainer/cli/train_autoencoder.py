@@ -6,6 +6,15 @@ latents of the training images have unit standard deviation (as SD's 0.18215 doe
 Examples::
 
     lf-train-autoencoder data.shards=shards/ save_dir=base/vae trainer.max_steps=3000
+    lf-train-autoencoder autoencoder=sd data.shards=data/raw data.resolution=256 trainer.precision=bf16-mixed
+    lf-train-autoencoder data.shards=shards/ ckpt_path=outputs/train_autoencoder/.../checkpoints/last.ckpt  # resume
+
+Keys::
+
+    data.shards        the raw shards to train on (lf-shards' out_dir)
+    data.resolution    square side of the training crops
+    trainer.max_steps  optimizer steps to train
+    save_dir           where the trained VAE goes (diffusers layout)
 """
 
 from __future__ import annotations
@@ -15,14 +24,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common.atomic import atomic_path
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, build_trainer, optimizer_factories
+from trainer.cli.command import lf_command
+from trainer.cli.hydra_app import build_trainer, optimizer_factories
 from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.precision import check_precision
 
@@ -56,7 +65,7 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="train_autoencoder")
+@lf_command("train_autoencoder")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     run_train_autoencoder(cfg)

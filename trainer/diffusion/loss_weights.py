@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from lf_common.errors import ConfigError
 from trainer.diffusion.targets import PREDICTION_TYPES
 
 
@@ -27,7 +28,7 @@ class LossWeighting(Protocol):
 
 def _check(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        raise ConfigError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
 class UniformWeighting:
@@ -49,7 +50,7 @@ class MinSNRWeighting:
 
     def __init__(self, gamma: float = 5.0) -> None:
         if gamma <= 0:
-            raise ValueError(f"min-SNR gamma={gamma}: expected > 0")
+            raise ConfigError(f"min-SNR gamma={gamma}: expected > 0")
         self.gamma = gamma
 
     def __call__(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from diffusers import SchedulerMixin
 
+from lf_common.errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -33,7 +35,7 @@ def training_target(
         return scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise ValueError(f"noise scheduler prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+    raise ConfigError(f"noise scheduler prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
 def per_sample_mse(model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from lf_common.errors import ConfigError
+
 
 class TimestepSampler(Protocol):
     """Draws ``(B,)`` training timesteps."""
@@ -52,7 +54,7 @@ class BiasedTimesteps:
 
     def __init__(self, begin: int = 0, end: int | None = None, multiplier: float = 2.0) -> None:
         if multiplier < 0:
-            raise ValueError(f"timestep bias multiplier={multiplier}: expected >= 0")
+            raise ConfigError(f"timestep bias multiplier={multiplier}: expected >= 0")
         self.begin = begin
         self.end = end
         self.multiplier = multiplier
@@ -61,11 +63,11 @@ class BiasedTimesteps:
         """Unnormalised probabilities ``(T,)`` of each timestep."""
         end = num_train_timesteps if self.end is None else self.end
         if not 0 <= self.begin < end <= num_train_timesteps:
-            raise ValueError(f"timestep range [{self.begin}, {end}) not within [0, {num_train_timesteps})")
+            raise ConfigError(f"timestep range [{self.begin}, {end}) not within [0, {num_train_timesteps})")
         weights = torch.ones(num_train_timesteps)
         weights[self.begin : end] = self.multiplier
         if weights.sum() == 0:
-            raise ValueError("timestep bias leaves no timestep to sample")
+            raise ConfigError("timestep bias leaves no timestep to sample")
         return weights
 
     def __call__(self, batch_size: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:

@@ -17,6 +17,7 @@ from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lf_common.errors import ConfigError
 from lf_common.upstream.peft_integration_private import forget_adapters
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
@@ -52,7 +53,7 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
-            raise ValueError(f"model.lora.kind={self.kind!r}: expected one of {', '.join(ADAPTER_KINDS)}")
+            raise ConfigError(f"model.lora.kind={self.kind!r}: expected one of {', '.join(ADAPTER_KINDS)}")
 
     def peft_config(self) -> PeftConfig:
         common = dict(r=self.rank, target_modules=list(self.target_modules), rank_pattern=dict(self.rank_pattern),
@@ -83,7 +84,7 @@ def check_target_modules(model: torch.nn.Module, targets: Sequence[str], config_
     if missing:
         suffixes = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
                            for n in names})  # fmt: skip
-        raise ValueError(
+        raise ConfigError(
             f"{config_key}.target_modules: {missing} match no Linear/Conv2d module of the "
             f"{type(model).__name__}; available names: {suffixes}"
         )

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch.optim import Optimizer
 
+from lf_common.errors import ConfigError
+
 
 class AutoencoderModule(L.LightningModule):
     """Reconstruction + KL training of an ``AutoencoderKL``.
@@ -37,7 +39,7 @@ class AutoencoderModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if reconstruction_loss not in ("l1", "mse"):
-            raise ValueError(f"reconstruction_loss={reconstruction_loss!r}: expected 'l1' or 'mse'")
+            raise ConfigError(f"reconstruction_loss={reconstruction_loss!r}: expected 'l1' or 'mse'")
         self.save_hyperparameters(ignore=["vae", "optimizer", "lr_scheduler"], logger=False)
         self.vae = vae
         self.optimizer_factory = optimizer

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.lora.adapters import LoraSettings, add_lora
 from trainer.modules.latent_diffusion import LatentDiffusion
@@ -54,9 +55,9 @@ class DreamBoothDiffusion(LatentDiffusion):
         self.hparams["trains_text_encoder"] = text_encoder is not None
         self.prior_loss_weight = prior_loss_weight
         if text_encoder is not None and (tokenizer is None or instance_prompt is None):
-            raise ValueError("training the text encoder needs model.tokenizer and model.instance_prompt")
+            raise ConfigError("training the text encoder needs model.tokenizer and model.instance_prompt")
         if text_encoder_lora is not None and text_encoder is None:
-            raise ValueError("model.text_encoder_lora needs model.text_encoder, the encoder to add adapters to")
+            raise ConfigError("model.text_encoder_lora needs model.text_encoder, the encoder to add adapters to")
         self.text_encoder_lora = text_encoder_lora
         if text_encoder is not None:
             text_encoder.train().requires_grad_(True)

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
 from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS
+from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
@@ -90,7 +91,7 @@ class LatentDiffusion(L.LightningModule):
         self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
         if lora is not None and lora_from:
-            raise ValueError("model.lora and model.lora_from are both set; the file defines its adapters: set one")
+            raise ConfigError("model.lora and model.lora_from are both set; the file defines its adapters: set one")
         if lora is not None:
             add_lora(self.unet, lora)
         if lora_from:
@@ -123,7 +124,7 @@ class LatentDiffusion(L.LightningModule):
         if self.uncond_text is None and self.caption_dropout > 0:
             self.uncond_text = getattr(self.trainer.datamodule, "uncond_text", None)
             if self.uncond_text is None:
-                raise ValueError(NO_UNCOND_TEXT)
+                raise ConfigError(NO_UNCOND_TEXT)
         if self.uncond_text is not None:
             self.uncond_text = self.uncond_text.to(self.trainer.strategy.root_device)
 
@@ -136,7 +137,7 @@ class LatentDiffusion(L.LightningModule):
         if self.caption_dropout <= 0:
             return text
         if self.uncond_text is None:
-            raise ValueError(NO_UNCOND_TEXT)
+            raise ConfigError(NO_UNCOND_TEXT)
         drop = torch.rand(text.shape[0], device=text.device) < self.caption_dropout  # (B,)
         return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
 
@@ -168,7 +169,7 @@ class LatentDiffusion(L.LightningModule):
         if extra == 0:
             return self._predict
         if not has_masks or extra != batch["masked_latents"].shape[1] + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): its latent "
                 "shards need masks and masked-image latents; precompute them with lf-precompute inpainting=true"
             )

@@ -20,11 +20,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from data_pipelines.latents.encoders import encode_text, resolve_device
 from data_pipelines.transforms.images import ResizeCrop, pixels_to_images
 from data_pipelines.transforms.masks import latent_mask, masked_pixels
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.export import build_export
 from trainer.sampling.denoise import denoise
 from trainer.sampling.png_info import GenerationParameters
 from trainer.sampling.schedulers import begin_at, check_scheduler, display_name, make_scheduler
+
+_MODEL_MARKERS = ("model_index.json", "latest")  # an export folder; a DeepSpeed checkpoint folder
 
 
 @dataclass
@@ -141,7 +143,14 @@ class Sampler:
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> Sampler:
         """An export folder (``model_index.json`` inside) or else a training checkpoint (:meth:`from_checkpoint`)."""
-        if (Path(path) / "model_index.json").is_file():
+        folder = Path(path)
+        if not folder.exists() or (folder.is_dir() and not any((folder / n).is_file() for n in _MODEL_MARKERS)):
+            what = "does not exist" if not folder.exists() else "is neither an export folder nor a DeepSpeed checkpoint"
+            raise DataError(
+                f"model_dir={path}: {what}; give an export folder (lf-export's out_dir, with model_index.json) "
+                "or a training checkpoint (<output_dir>/checkpoints/last.ckpt)"
+            )
+        if (folder / "model_index.json").is_file():
             for key in ("weights", "vae_path", "text_encoder_path", "tokenizer_path"):
                 kwargs.pop(key, None)
             return cls.from_export(path, **kwargs)
@@ -268,7 +277,7 @@ class Sampler:
         scheduler = make_scheduler(settings.scheduler, self.scheduler_config, settings.use_karras_sigmas)
         scheduler.set_timesteps(settings.steps, device=self.device)
         if settings.use_karras_sigmas and len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):
-            raise ValueError(
+            raise ConfigError(
                 f"use_karras_sigmas=true with steps={settings.steps} repeats timesteps "
                 f"{scheduler.timesteps.tolist()} on this noise schedule "
                 f"({self.scheduler_config.get('beta_schedule')}); "
@@ -279,7 +288,7 @@ class Sampler:
     def _square_size(self, settings: SampleSettings) -> int:
         height, width = self._size(settings)
         if height != width:
-            raise ValueError(f"img2img and inpainting take square sizes for now; got {height}x{width}")
+            raise ConfigError(f"img2img and inpainting take square sizes for now; got {height}x{width}")
         return height
 
     @torch.no_grad()
@@ -299,7 +308,7 @@ class Sampler:
     @staticmethod
     def _check_strength(strength: float) -> None:
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength}: expected 0 < strength <= 1")
+            raise ConfigError(f"strength={strength}: expected 0 < strength <= 1")
 
     def _partial_schedule(self, scheduler, steps: int, strength: float) -> torch.Tensor:
         """The last ``int(steps * strength)`` (at least 1) timesteps, the scheduler set to begin there (SDEdit)."""
@@ -351,7 +360,7 @@ class Sampler:
     def pixel_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
         """The mask at the output size, ``(1, 1, size, size)`` in {0, 1} (see :meth:`latent_mask`)."""
         if mask_image.size != init_size:
-            raise ValueError(
+            raise ConfigError(
                 f"mask_image: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
                 f"expected the init image's size {init_size[0]}x{init_size[1]}"
             )

@@ -12,6 +12,8 @@ from diffusers import (
     SchedulerMixin,
 )
 
+from lf_common.errors import ConfigError
+
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], str]] = {
     "ddim": (DDIMScheduler, "DDIM"),
     "euler": (EulerDiscreteScheduler, "Euler"),
@@ -28,9 +30,9 @@ KARRAS_SUFFIX = " Karras"
 def check_scheduler(name: str, use_karras_sigmas: bool = False) -> None:
     """Raise ``ValueError`` for an unknown name, or Karras sigmas on a scheduler without them."""
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler={name!r}: expected one of {sorted(SCHEDULERS)}")
+        raise ConfigError(f"scheduler={name!r}: expected one of {sorted(SCHEDULERS)}")
     if use_karras_sigmas and name not in KARRAS:
-        raise ValueError(
+        raise ConfigError(
             f"use_karras_sigmas=true: scheduler={name!r} has no Karras sigmas; use one of {sorted(KARRAS)}"
         )
 
@@ -64,7 +66,7 @@ def from_display_name(text: str) -> tuple[str, bool]:
         if shown == base:
             return name, karras
     known = sorted(shown for _, shown in SCHEDULERS.values())
-    raise ValueError(f"Sampler: {text!r} is not one of {known} (optionally with ' Karras')")
+    raise ConfigError(f"Sampler: {text!r} is not one of {known} (optionally with ' Karras')")
 
 
 def begin_at(scheduler: SchedulerMixin, index: int) -> None:

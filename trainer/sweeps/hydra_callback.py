@@ -8,6 +8,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lf_common.errors import DataError
 from trainer.sweeps.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ class WriteSweepSummary(Callback):
         sweep_dir = config.hydra.sweep.dir
         try:
             summary = write_summary(sweep_dir)
-        except FileNotFoundError as error:  # jobs of another task (no trial.json): nothing to summarise
+        except DataError as error:  # jobs of another task (no trial.json): nothing to summarise
             log.info("%s", error)
             return
         best = summary.trials[0]

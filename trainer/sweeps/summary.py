@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lf_common.atomic import atomic_path
+from lf_common.errors import DataError
 from trainer.sweeps.trial import TRIAL_FILE, TrialRecord
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,15 @@ def write_summary(sweep_dir: str | Path) -> SweepSummary:
     """Write ``summary.md``, ``summary.csv`` and ``summary.png`` into ``sweep_dir``.
 
     Raises:
-        FileNotFoundError: no ``trial.json`` below ``sweep_dir``.
+        DataError: no ``trial.json`` below ``sweep_dir``.
     """
     sweep_dir = Path(sweep_dir)
     trials = rank_trials(collect_trials(sweep_dir))
     if not trials:
-        raise FileNotFoundError(f"no {TRIAL_FILE} below {sweep_dir}: is it a sweep folder of lf-train -m?")
+        where = "does not exist" if not sweep_dir.is_dir() else f"holds no {TRIAL_FILE}"
+        raise DataError(
+            f"sweep_dir={sweep_dir}: {where}; give the folder of an lf-train -m sweep (multirun/train/<time>)"
+        )
     params = swept_parameters(trials)
     metric = trials[0].metric
     header = ["rank", "trial", "status", metric, *params, "steps", "seconds", "error"]

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lf_common.atomic import write_json_atomic
+from lf_common.errors import ConfigError
 from trainer.callbacks.finite_loss import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def in_sweep(multirun: bool) -> bool:
 
 def check_direction(direction: str) -> str:
     if direction not in DIRECTIONS:
-        raise ValueError(f"optimized_direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise ConfigError(f"optimized_direction must be one of {DIRECTIONS}, got {direction!r}")
     return direction
 
 

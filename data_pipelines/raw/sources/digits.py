@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from data_pipelines.raw.sources.base import SourceItem
+from lf_common.errors import ConfigError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 HELDOUT_EVERY = 5
@@ -42,7 +43,7 @@ def digits_split(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     elif split == "heldout":
         indices = indices[indices % HELDOUT_EVERY == 0]
     elif split != "all":
-        raise ValueError(f"digits split {split!r}: expected 'train', 'heldout' or 'all'")
+        raise ConfigError(f"digits split {split!r}: expected 'train', 'heldout' or 'all'")
     return digits.images[indices], digits.target[indices], indices
 
 
@@ -71,6 +72,10 @@ class DigitsSource:
         self.split = split
         self.size = size
         self.limit = limit
+
+    def __len__(self) -> int:
+        total = len(digits_split(self.split)[1])
+        return total if self.limit is None else min(self.limit, total)
 
     def __iter__(self) -> Iterator[SourceItem]:
         images, labels, indices = digits_split(self.split)

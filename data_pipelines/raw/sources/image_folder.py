@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from data_pipelines.raw.sources.base import SourceItem
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -28,7 +28,7 @@ class ImageFolderSource:
         self.root = Path(root)
         self.recursive = recursive
         if missing_caption not in ("error", "skip", "empty"):
-            raise ValueError(f"missing_caption={missing_caption!r}: expected 'error', 'skip' or 'empty'")
+            raise ConfigError(f"missing_caption={missing_caption!r}: expected 'error', 'skip' or 'empty'")
         self.missing_caption = missing_caption
         self.skipped: list[str] = []
 
@@ -45,6 +45,10 @@ class ImageFolderSource:
         if not paths:
             raise DataError(f"{self.root}: no images found (looked for {', '.join(FOLDER_IMAGE_SUFFIXES)})")
         return paths
+
+    def __len__(self) -> int:
+        """Images found (those left out for a missing caption included)."""
+        return len(self.image_paths())
 
     def __iter__(self) -> Iterator[SourceItem]:
         for path in self.image_paths():
