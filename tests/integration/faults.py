@@ -92,14 +92,17 @@ class StallValidation(_Once):
 
 
 class SlowValidationImages(ValidationImages):
-    """Validation images whose sampling takes ``extra_s`` longer on rank 0 (long single-rank work)."""
+    """Validation images whose first sampling takes ``extra_s`` longer (long single-rank work on rank 0)."""
 
-    def __init__(self, extra_s: float, **kwargs: Any) -> None:
+    def __init__(self, marker: str, extra_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.slow = _Once(marker)
         self.extra_s = extra_s
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str], seeds: list[int]):
-        time.sleep(self.extra_s)
+        if self.slow.due(trainer):
+            self.slow.done()
+            time.sleep(self.extra_s)
         return super().sample(trainer, pl_module, prompts, seeds)
 
 

@@ -100,6 +100,7 @@ class RankBoard:
         self.progress_at = time.monotonic()  # this rank's last progress, for its own watchdog
         self._published_at = 0.0
         self._progress_wall = time.time()
+        self._published: dict[str, Any] = {}
         self._meetings: dict[str, int] = {}
         self.failure_reported = False
         self._lock = threading.Lock()  # the main thread and the watchdog both publish
@@ -139,6 +140,12 @@ class RankBoard:
         record = {"phase": self.phase, "step": self.step, "progress": self._progress_wall}
         with self._lock:
             (store or self.store).set(self.key("rank", self.rank), json.dumps(record))
+            self._published = record
+
+    def flush(self, store: Any | None = None) -> None:
+        """Publish what changed since the last publication (the watchdog calls this every ``interval_s``)."""
+        if self._published != {"phase": self.phase, "step": self.step, "progress": self._progress_wall}:
+            self.publish(force=True, store=store)
 
     def idle_s(self) -> float:
         """Seconds since this rank's last progress."""
@@ -207,10 +214,17 @@ class RankBoard:
         key = self.key("meet", name, number)
         others = [r for r in range(self.world_size) if r != self.rank]
         watch = [r for r in (workers if workers is not None else others) if r != self.rank] or others
-        self.store.add(key, 1)
+        if self.store.add(key, 1) == self.world_size:
+            self.store.set(f"{key}/all", "1")  # the last to arrive wakes the others
         state = self.enter(f"{MEETING}'{name}'", self.step, watched=False)
         try:
-            while self.store.add(key, 0) < self.world_size:
+            pause, checked_at = 0.001, time.monotonic()
+            while not self.store.check([f"{key}/all"]):
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5, self.interval_s / 2)  # quick for short waits, light for long ones
+                if time.monotonic() - checked_at < self.interval_s:
+                    continue
+                checked_at = time.monotonic()
                 if (failure := self.failure()) is not None:
                     raise PeerFailedError(failure)
                 working = [r for r in self.records(ranks=watch) if not r.phase.startswith(MEETING)]
@@ -218,7 +232,6 @@ class RankBoard:
                     self.progress()  # the others still work: waiting for them is progress
                 elif self.idle_s() > self.timeout_s:
                     raise RankHangError(self.diagnosis())
-                time.sleep(self.interval_s / 2)
         finally:
             self.restore(state)
 

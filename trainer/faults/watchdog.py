@@ -4,7 +4,8 @@ Every ``interval_s`` the thread of each rank
 
 * stops this rank when another rank reported a failure (:meth:`RankBoard.report_failure`), with
   that rank's message, instead of waiting in a collective for the process-group timeout;
-* publishes beats for an *alive* phase and counts the growth of a file being written as progress;
+* publishes beats for an *alive* phase, counts the growth of a file being written as progress, and
+  publishes progress the main thread noted but did not publish (it publishes at most once per interval);
 * stops the run when this rank's own watched phase made no progress for ``timeout_s``: a rank
   that hangs, or one that waits in a collective for a rank that hangs. The log line names the rank
   that has been without progress longest, its phase and step, and every rank's state; the
@@ -72,6 +73,7 @@ class Watchdog(threading.Thread):
             if self._growing is None or self._growing != (board.growing, size):
                 self._growing = (board.growing, size)
                 board.progress(store=store)
+        board.flush(store)  # progress the main thread noted since it last published
         if self.armed and board.watched and board.idle_s() > board.timeout_s:
             diagnosis = board.diagnosis(store)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
