@@ -127,3 +127,15 @@ class _FullDisk(TorchCheckpointIO):
         self.fault.done()
         Path(path).write_bytes(b"\0" * 4096)  # a part of it was written
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+class NaNBatchAt(Callback):
+    """Make every latent of the first batch of the optimizer steps after ``steps`` NaN (a bad batch)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step in self.steps:
+            self.steps.discard(trainer.global_step)
+            batch["latents"].fill_(float("nan"))
