@@ -139,3 +139,19 @@ class NaNBatchAt(Callback):
         if trainer.global_step in self.steps:
             self.steps.discard(trainer.global_step)
             batch["latents"].fill_(float("nan"))
+
+
+class KillLoaderWorkersAt(_Once):
+    """SIGKILL this process's children (its data-loader workers, in a one-process run) at the optimizer step
+    after ``step``, as the out-of-memory killer does."""
+
+    def __init__(self, marker: str, step: int, **kwargs: Any) -> None:
+        super().__init__(marker, **kwargs)
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step and self.due(trainer):
+            self.done()
+            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+                for child in (task / "children").read_text().split():
+                    os.kill(int(child), signal.SIGKILL)
