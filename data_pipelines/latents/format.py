@@ -8,6 +8,12 @@ A latent shard is a WebDataset tar whose samples hold::
     KEY.txt          UTF-8               the caption
     KEY.json         JSON                the raw sample's metadata plus preprocessing info
 
+and, for training an inpainting UNet (precompute with ``inpainting=true``; the manifest's
+``transforms`` then hold ``inpainting_masks``, the mask settings)::
+
+    KEY.mask.npy           float16 (1, h, w)  the sample's random mask at latent resolution (1: paint)
+    KEY.masked_latent.npy  float16 (C, h, w)  latents of the image with the masked part grey (0)
+
 Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
 fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
 the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
@@ -40,6 +46,9 @@ LATENT_KEY = "latent.npy"
 TEXT_KEY = "text.npy"
 CAPTION_KEY = "txt"
 META_KEY = "json"
+MASK_KEY = "mask.npy"
+MASKED_LATENT_KEY = "masked_latent.npy"
+MASKS_SETTING = "inpainting_masks"  # in the manifest's transforms: the shards hold the two members above
 STORAGE_DTYPE = np.float16
 MANIFEST_NAME = "manifest.json"
 UNCOND_NAME = "uncond.text.npy"
@@ -55,6 +64,8 @@ class LatentSample:
         text: ``(T, D)`` float16.
         caption: the caption.
         meta: metadata.
+        mask: ``(1, h, w)`` float16, inpainting shards only.
+        masked_latent: ``(C, h, w)`` float16, inpainting shards only.
     """
 
     key: str
@@ -62,6 +73,8 @@ class LatentSample:
     text: np.ndarray
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    masked_latent: np.ndarray | None = None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -97,13 +110,17 @@ def _load_npy_of_shape(data: bytes, shapes: Sequence[tuple[int, ...]] | None) ->
 
 def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
     """The tar members of one sample (bytes), for ``webdataset.TarWriter(encoder=False)``."""
-    return {
+    members = {
         "__key__": sample.key,
         LATENT_KEY: _npy_bytes(sample.latent),
         TEXT_KEY: _npy_bytes(sample.text),
         CAPTION_KEY: sample.caption.encode("utf-8"),
         META_KEY: json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
     }
+    if sample.mask is not None and sample.masked_latent is not None:
+        members[MASK_KEY] = _npy_bytes(sample.mask)
+        members[MASKED_LATENT_KEY] = _npy_bytes(sample.masked_latent)
+    return members
 
 
 def decode_latent_sample(
@@ -112,6 +129,7 @@ def decode_latent_sample(
     text_shape: tuple[int, ...] | None = None,
     *,
     latent_shapes: Sequence[tuple[int, ...]] | None = None,
+    inpainting: bool = False,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -120,6 +138,7 @@ def decode_latent_sample(
         latent_shape: the expected ``(C, h, w)``.
         text_shape: the expected ``(T, D)``.
         latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
+        inpainting: the sample must hold ``mask.npy`` and ``masked_latent.npy`` of its latent's size.
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -146,7 +165,18 @@ def decode_latent_sample(
         arrays[key] = array
     caption = sample[CAPTION_KEY].decode("utf-8") if CAPTION_KEY in sample else ""
     meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
-    return LatentSample(sample["__key__"], arrays[LATENT_KEY], arrays[TEXT_KEY], caption, meta)
+    decoded = LatentSample(sample["__key__"], arrays[LATENT_KEY], arrays[TEXT_KEY], caption, meta)
+    if inpainting:
+        channels, h, w = arrays[LATENT_KEY].shape
+        for key, shape in ((MASK_KEY, (1, h, w)), (MASKED_LATENT_KEY, (channels, h, w))):
+            if key not in sample:
+                raise CorruptSampleError(f"{origin}: member '{key}' is missing (an inpainting shard)")
+            array = _load_npy_of_shape(sample[key], [shape])
+            if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
+                raise CorruptSampleError(f"{origin}: member '{key}' is {array.dtype} {array.shape}, expected {shape}")
+        decoded.mask = _load_npy_of_shape(sample[MASK_KEY], [(1, h, w)])
+        decoded.masked_latent = _load_npy_of_shape(sample[MASKED_LATENT_KEY], [(channels, h, w)])
+    return decoded
 
 
 @dataclass
@@ -264,6 +294,11 @@ class LatentManifest:
     def num_samples(self) -> int:
         """Samples in all shards."""
         return sum(shard.num_samples for shard in self.shards)
+
+    @property
+    def inpainting(self) -> bool:
+        """Whether the shards hold inpainting masks and masked-image latents."""
+        return bool(self.transforms.get(MASKS_SETTING))
 
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """Every latent shape a sample may have: one per bucket, or ``latent_shape`` alone."""

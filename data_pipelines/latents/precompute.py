@@ -10,6 +10,8 @@ Encoding one shard is :mod:`data_pipelines.latents.shard_encoder`'s job. The loo
 Lightning's ``Trainer.predict``: on N devices (or N CPU processes started by torchrun), rank ``r``
 of ``w`` takes input shards ``r, r + w, ...`` and one writer per rank (:class:`LatentShardWriter`)
 writes its output shards; rank 0 writes the manifest once every rank is done.
+:func:`precompute_latents_in_process` runs the same work in the calling process alone, for callers
+inside a running training job (no ``Trainer`` of its own).
 """
 
 from __future__ import annotations
@@ -100,16 +102,7 @@ def precompute_latents(
     Raises:
         StaleLatentsError: some of this rank's shards are stale and ``recompute_stale`` is off.
     """
-    remote = [s for s in shards if not Path(s).is_file()]
-    if remote:
-        raise DataError(
-            f"precompute reads local shard files (it hashes each for the cache key); not local: {remote[:3]}"
-        )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [Path(s).name for s in shards]
-    if len(set(names)) != len(names):
-        raise DataError(f"input shards share file names; give shards with distinct names: {names}")
+    out, names = _output_folder(shards, out_dir)
     options = {
         **launch_layout(encoder.encoders.device),
         "logger": False,
@@ -125,6 +118,47 @@ def precompute_latents(
     if not trainer.is_global_zero:
         return None
     return _write_manifest(out, names, encoder)
+
+
+def precompute_latents_in_process(
+    shards: list[str], out_dir: str | Path, encoder: LatentShardEncoder, recompute_stale: bool = False
+) -> LatentManifest:
+    """:func:`precompute_latents` in this process alone, with no ``Trainer`` of its own: for a caller
+    inside a running training job (DreamBooth's data module encodes its few images on rank 0 while
+    the other ranks wait). Same cache, same output files, same manifest.
+
+    Raises:
+        StaleLatentsError: some shards are stale and ``recompute_stale`` is off.
+    """
+    out, names = _output_folder(shards, out_dir)
+    writer = LatentShardWriter()
+    try:
+        with torch.inference_mode():
+            for item in _RankShards(shards, out, encoder, recompute_stale).work(rank=0, world_size=1):
+                writer.take(encode_work_item(encoder, item))
+    except BaseException:
+        writer.abort()
+        raise
+    return _write_manifest(out, names, encoder)
+
+
+def _output_folder(shards: list[str], out_dir: str | Path) -> tuple[Path, list[str]]:
+    """The output folder (created) and the output shard names, after checking the input shards.
+
+    Raises:
+        DataError: an input shard is not a local file, or two share a file name.
+    """
+    remote = [s for s in shards if not Path(s).is_file()]
+    if remote:
+        raise DataError(
+            f"precompute reads local shard files (it hashes each for the cache key); not local: {remote[:3]}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(s).name for s in shards]
+    if len(set(names)) != len(names):
+        raise DataError(f"input shards share file names; give shards with distinct names: {names}")
+    return out, names
 
 
 def launch_layout(device: torch.device) -> dict[str, Any]:
@@ -164,8 +198,19 @@ class _RankShards(L.LightningDataModule):
         return batch  # LatentShardEncoder.encode_batch moves the pixels itself
 
     def predict_dataloader(self) -> DataLoader:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        mine = {Path(s).name: s for index, s in enumerate(self.shards) if index % world == rank}
+        work = self.work(self.trainer.global_rank, self.trainer.world_size)
+        workers = min(self.num_workers, len(work.work))
+        return DataLoader(
+            work, batch_size=None, collate_fn=_as_is, num_workers=workers, prefetch_factor=4 if workers else None
+        )
+
+    def work(self, rank: int, world_size: int) -> _WorkItems:
+        """The work items of rank ``rank`` of ``world_size``: input shards ``rank, rank + world_size, ...``.
+
+        Raises:
+            StaleLatentsError: some of these shards are stale and ``recompute_stale`` is off.
+        """
+        mine = {Path(s).name: s for index, s in enumerate(self.shards) if index % world_size == rank}
         keys = {name: self.encoder.cache_key(file_sha256(source)) for name, source in mine.items()}
         plan = plan_shards(self.out, list(mine), keys)
         if plan.stale and not self.recompute_stale:
@@ -177,11 +222,7 @@ class _RankShards(L.LightningDataModule):
         for name in plan.reuse:
             log.info("%s: complete and up to date, reused", name)
         work = [(self.out / name, mine[name], keys[name]) for name in plan.encode + sorted(plan.stale)]
-        workers = min(self.num_workers, len(work))
-        return DataLoader(
-            _WorkItems(work, self.encoder), batch_size=None, collate_fn=_as_is, num_workers=workers,
-            prefetch_factor=4 if workers else None,
-        )  # fmt: skip
+        return _WorkItems(work, self.encoder)
 
 
 class _WorkItems(IterableDataset):
@@ -217,10 +258,16 @@ class LatentEncoding(L.LightningModule):
         self.text_encoder = encoder.encoders.text_encoder
 
     def predict_step(self, item: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "pending" not in item:
-            return item
-        samples = self.encoder.encode_batch(item["pending"])
-        return {key: value for key, value in item.items() if key != "pending"} | {"samples": samples}
+        return encode_work_item(self.encoder, item)
+
+
+def encode_work_item(encoder: LatentShardEncoder, item: dict[str, Any]) -> dict[str, Any]:
+    """A batch of preprocessed samples becomes encoded :class:`LatentSample` s (``samples``); a shard's
+    end item passes through."""
+    if "pending" not in item:
+        return item
+    samples = encoder.encode_batch(item["pending"])
+    return {key: value for key, value in item.items() if key != "pending"} | {"samples": samples}
 
 
 class LatentShardWriter(L.Callback):
@@ -239,6 +286,13 @@ class LatentShardWriter(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self.take(prediction)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.abort()
+
+    def take(self, prediction: dict[str, Any]) -> None:
+        """Write an encoded batch to its shard's output, or finish the shard at its end item."""
         target = prediction["target"]
         if target not in self.open:
             self.open[target] = ShardOutput(target, prediction["source"], prediction["key"])
@@ -247,7 +301,8 @@ class LatentShardWriter(L.Callback):
         else:
             self.open.pop(target).finish(prediction["skipped"])
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def abort(self) -> None:
+        """Remove the partial shards of a failed run."""
         for output in self.open.values():
             output.abort()
         self.open.clear()
@@ -266,7 +321,7 @@ def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) ->
         vae=encoder.encoders.vae_info,
         text_encoder=encoder.encoders.text_encoder_info,
         tokenizer_path=encoder.encoders.tokenizer_path,
-        transforms=encoder.transform.settings(),
+        transforms=encoder.transform_settings(),
         shards=entries,  # type: ignore[arg-type]
         bucket_sizes=encoder.transform.buckets.to_list() if isinstance(encoder.transform, BucketResizeCrop) else [],
         bucket_latent_shapes=encoder.bucket_latent_shapes(),

@@ -19,12 +19,20 @@ import torch
 import webdataset as wds
 
 from data_pipelines.latents.encoders import FrozenEncoders
-from data_pipelines.latents.format import CacheKey, LatentSample, ShardEntry, encode_latent_sample, save_entry
+from data_pipelines.latents.format import (
+    MASKS_SETTING,
+    CacheKey,
+    LatentSample,
+    ShardEntry,
+    encode_latent_sample,
+    save_entry,
+)
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.streaming import SkipCounter
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
+from data_pipelines.transforms.masks import MaskSettings, latent_mask, masked_pixels, random_mask
 from lf_common.atomic import TMP_SUFFIX
 from lf_common.errors import DataError
 
@@ -52,6 +60,8 @@ class LatentShardEncoder:
         batch_size: images per encoder call (each call encodes images of one size).
         skips: counts corrupt samples (an undecodable image, a missing member) and fails the run
             when too many are bad; default: more than 1% of at least 1,000 samples.
+        masks: also store each sample's random inpainting mask and its masked image's latents
+            (for training an inpainting UNet; :mod:`data_pipelines.transforms.masks`).
     """
 
     def __init__(
@@ -60,11 +70,18 @@ class LatentShardEncoder:
         transform: Transform,
         batch_size: int = 64,
         skips: SkipCounter | None = None,
+        masks: MaskSettings | None = None,
     ) -> None:
         self.encoders = encoders
         self.transform = transform
         self.batch_size = batch_size
         self.skips = skips or SkipCounter()
+        self.masks = masks
+
+    def transform_settings(self) -> dict[str, Any]:
+        """The preprocessing settings (in the cache key and the manifest), with the mask settings if any."""
+        masks = {MASKS_SETTING: self.masks.settings()} if self.masks else {}
+        return {**self.transform.settings(), **masks}
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -73,18 +90,26 @@ class LatentShardEncoder:
             vae=self.encoders.vae_info.fingerprint,
             text_encoder=self.encoders.text_encoder_info.fingerprint,
             tokenizer=self.encoders.tokenizer_fingerprint,
-            transforms=self.transform.settings(),
+            transforms=self.transform_settings(),
         )
 
     def encode_batch(self, batch: list[_Pending]) -> list[LatentSample]:
         """Encode one batch of preprocessed samples."""
-        latents = self.encoders.encode_images(torch.stack([p.pixels for p in batch]))  # (B, C, h, w)
+        pixels = torch.stack([p.pixels for p in batch])  # (B, 3, H, W)
+        latents = self.encoders.encode_images(pixels)  # (B, C, h, w)
         texts = self.encoders.encode_captions([p.caption for p in batch])  # (B, T, D)
-        latents, texts = latents.float().cpu().numpy(), texts.float().cpu().numpy()
-        return [
+        samples = [
             LatentSample(p.key, latent, text, p.caption, p.meta)
-            for p, latent, text in zip(batch, latents, texts, strict=True)
+            for p, latent, text in zip(batch, latents.float().cpu().numpy(), texts.float().cpu().numpy(), strict=True)
         ]
+        if self.masks is not None:
+            height, width = pixels.shape[-2:]
+            masks = torch.stack([random_mask(p.key, height, width, self.masks) for p in batch])  # (B, 1, H, W)
+            masked = self.encoders.encode_images(masked_pixels(pixels, masks)).float().cpu()  # (B, C, h, w)
+            small = latent_mask(masks, tuple(latents.shape[-2:]))  # (B, 1, h, w)
+            for sample, mask, masked_latent in zip(samples, small.numpy(), masked.numpy(), strict=True):
+                sample.mask, sample.masked_latent = mask, masked_latent
+        return samples
 
     def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
         """Decode and preprocess the samples of raw shard ``source`` into batches of one image size.

@@ -5,6 +5,10 @@ The CLIP byte-pair vocabulary (``bpe_simple_vocab_16e6.txt.gz``, MIT, OpenAI) sh
 ``transformers.CLIPTokenizer`` reads, exactly as OpenAI's ``SimpleTokenizer`` builds its tables:
 256 byte symbols, the same with the end-of-word mark, 48,894 merges, and the two special tokens
 (49,408 entries in all).
+
+SD 2.x's tokenizer (OpenCLIP's vocabulary, the same BPE) differs only in padding: diffusers'
+``stable-diffusion-2`` tokenizer pads with ``"!"`` (id 0), as OpenCLIP's own tokenizer pads with 0,
+where SD 1.x's pads with the end token (``pad_token``).
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
-    """Build CLIP's tokenizer (the one of SD 1.x's text encoder) from the shipped vocabulary."""
+def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH, pad_token: str = END_TOKEN) -> CLIPTokenizer:
+    """Build CLIP's tokenizer (SD 1.x's; SD 2.x's with ``pad_token="!"``) from the shipped vocabulary."""
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(
         vocab=vocab,
@@ -70,14 +74,14 @@ def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
         bos_token=START_TOKEN,
         eos_token=END_TOKEN,
         unk_token=END_TOKEN,
-        pad_token=END_TOKEN,
+        pad_token=pad_token,
     )
 
 
-def save_clip_tokenizer(out_dir: str | Path, max_length: int = CLIP_MAX_LENGTH) -> Path:
+def save_clip_tokenizer(out_dir: str | Path, max_length: int = CLIP_MAX_LENGTH, pad_token: str = END_TOKEN) -> Path:
     """Write the tokenizer in diffusers' layout (``tokenizer/`` of a pipeline folder)."""
     out = Path(out_dir)
-    build_clip_tokenizer(max_length).save_pretrained(out)
+    build_clip_tokenizer(max_length, pad_token).save_pretrained(out)
     # The slow-tokenizer files too, for tools that do not read tokenizer.json.
     vocab, merges = clip_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

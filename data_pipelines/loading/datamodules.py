@@ -208,18 +208,28 @@ class _LatentDecoder:
     def __init__(self, manifest: LatentManifest) -> None:
         self.latent_shapes = manifest.latent_shapes()
         self.text_shape = tuple(manifest.text_shape)
+        self.inpainting = manifest.inpainting
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        decoded = decode_latent_sample(sample, text_shape=self.text_shape, latent_shapes=self.latent_shapes)
+    def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
+        decoded = decode_latent_sample(
+            sample, text_shape=self.text_shape, latent_shapes=self.latent_shapes, inpainting=self.inpainting
+        )
+        if self.inpainting:
+            return decoded.latent, decoded.text, decoded.mask, decoded.masked_latent
         return decoded.latent, decoded.text
 
 
-def collate_latents(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16.
+INPAINTING_BATCH_KEYS = ("mask", "masked_latents")
+
+
+def collate_latents(samples: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
+    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16; from
+    inpainting shards also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``.
     Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
     so ``(h, w)`` is the same within a batch and may differ between batches."""
-    latents, texts = zip(*samples, strict=True)
-    return {"latents": torch.from_numpy(np.stack(latents)), "text": torch.from_numpy(np.stack(texts))}
+    columns = list(zip(*samples, strict=True))
+    names = ("latents", "text", *INPAINTING_BATCH_KEYS)[: len(columns)]
+    return {name: torch.from_numpy(np.stack(column)) for name, column in zip(names, columns, strict=True)}
 
 
 class LatentShardDataModule(_StreamingDataModule):
@@ -242,9 +252,14 @@ class LatentShardDataModule(_StreamingDataModule):
         shard_retries: further tries of a shard that cannot be opened before it is skipped (and
             counted as its samples within ``max_bad_fraction``).
         shard_retry_delay_s: the wait before the first retry (doubling after).
+        epoch_samples: the samples an epoch of the resampled training stream covers (default: the
+            manifest's count); e.g. to give two streams that are paired batch by batch epochs of
+            one length.
     """
 
-    def __init__(self, train_dir: str, val_dir: str | None = None, **loader: Any) -> None:
+    def __init__(
+        self, train_dir: str, val_dir: str | None = None, epoch_samples: int | None = None, **loader: Any
+    ) -> None:
         super().__init__(**loader)
         self.train_dir = train_dir
         self.val_dir = val_dir
@@ -253,11 +268,12 @@ class LatentShardDataModule(_StreamingDataModule):
         self.train_urls = self.manifest.shard_paths(train_dir)
         self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
+        self.epoch_samples = epoch_samples or self.manifest.num_samples
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
             self.train_urls,
-            self.manifest.num_samples,
+            self.epoch_samples,
             _LatentDecoder(self.manifest),
             collate_latents,
             train=True,

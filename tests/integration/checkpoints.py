@@ -28,17 +28,27 @@ def assert_same_nested(a, b, where="checkpoint"):
         assert_same_nested(vars(a), vars(b), f"{where}.{type(a).__name__}")
 
 
-def assert_resume_is_exact(resumed: Path, uninterrupted: Path, ranks: int = 2) -> None:
+def consumed_batches(position: dict) -> dict[str, int]:
+    """Batches consumed per stream in a data module's checkpointed position: ``{"": n}`` for one
+    stream (``LatentShardDataModule``), ``{"instance": n, "class": m}`` for DreamBooth's two."""
+    if "batches" in position:
+        return {"": position["batches"]}
+    return {name: stream["batches"] for name, stream in position.items()}
+
+
+def assert_resume_is_exact(
+    resumed: Path, uninterrupted: Path, ranks: int = 2, data_module: str = "LatentShardDataModule"
+) -> None:
     """Two checkpoints (files or DeepSpeed folders) hold the same training state, bit for bit.
 
     Weights, EMA, optimizer state (under ZeRO: each of the ``ranks`` partitions), LR schedule, step
-    and data position.
+    and data position (of the data module class ``data_module``).
     """
     a, b = load_checkpoint(resumed), load_checkpoint(uninterrupted)
     for key in ("global_step", "state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
         if key in b:
             assert_same_nested(a[key], b[key], key)
-    assert a["LatentShardDataModule"]["batches"] == b["LatentShardDataModule"]["batches"]
+    assert consumed_batches(a[data_module]) == consumed_batches(b[data_module])
     partitions = sorted(p.name for p in (uninterrupted / "checkpoint").glob("*zero_pp_rank_*_optim_states.pt"))
     assert uninterrupted.is_file() or len(partitions) == ranks, "a ZeRO checkpoint holds each rank's partition"
     for name in partitions:

@@ -22,7 +22,7 @@ def dreambooth_overrides(
     return [
         f"experiment={experiment}", f"model.pretrained={base_model}", f"data.instance_dir={cat_photos}",
         f"data.instance_prompt={INSTANCE_PROMPT}", f"data.class_prompt={CLASS_PROMPT}", "data.num_class_images=2",
-        "data.resolution=32", f"data.cache_dir={cache}", "data.batch_size=2", "prepare.dreambooth.sample_steps=2",
+        "data.resolution=32", f"data.cache_dir={cache}", "data.batch_size=2", "data.class_sample_steps=2",
         "optim.lr=1e-3", f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
         "callbacks.validation_images.steps=2",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"output_dir={run}",

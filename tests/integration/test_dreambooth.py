@@ -13,6 +13,7 @@ from PIL import Image
 from data_pipelines.transforms.images import ResizeCrop
 from lf_common.errors import DataError
 from tests.conftest import compose_config
+from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested, consumed_batches
 from tests.integration.dreambooth import (
     CLASS_PROMPT,
     INSTANCE_PROMPT,
@@ -21,9 +22,11 @@ from tests.integration.dreambooth import (
     export_last,
     sample_latents,
 )
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.train import run_train
 from trainer.dreambooth.class_images import class_image_path, generate_class_images
-from trainer.dreambooth.prepare import instance_images, prepare_dreambooth
+from trainer.dreambooth.datamodule import DreamBoothDataModule
+from trainer.dreambooth.prepare import instance_images
 from trainer.sampling.sampler import Sampler, SampleSettings
 
 pytestmark = pytest.mark.slow
@@ -37,8 +40,8 @@ def fine_tune(base: Path, cat_photos: Path, tmp_path: Path, prior_loss_weight: f
     run = tmp_path / f"run-prior{prior_loss_weight}"
     run_train(compose_config("train", [
         *dreambooth_overrides("dreambooth", base, cat_photos, tmp_path / "cache", run, steps=200),
-        "optim.lr=2e-4", "data.num_class_images=8", "data.batch_size=4", "prepare.dreambooth.sample_steps=10",
-        "prepare.dreambooth.guidance_scale=3.0", f"model.prior_loss_weight={prior_loss_weight}",
+        "optim.lr=2e-4", "data.num_class_images=8", "data.batch_size=4", "data.class_sample_steps=10",
+        "data.class_guidance_scale=3.0", f"model.prior_loss_weight={prior_loss_weight}",
     ]))  # fmt: skip
     return Sampler.from_export(export_last(run, tmp_path / f"export-prior{prior_loss_weight}"), device="cpu")
 
@@ -97,10 +100,35 @@ def test_instance_folder_errors(tmp_path, cat_photos, base_model, caplog):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     with pytest.raises(DataError, match=r"not images: \['notes.pdf'\]"):
         instance_images(tmp_path)
+    data = DreamBoothDataModule(str(cat_photos), CLASS_PROMPT, str(base_model), str(tmp_path / "cache"), 32,
+                                class_prompt=CLASS_PROMPT, num_class_images=1, class_sample_steps=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="once setup"):
+        data.manifest  # noqa: B018 (the data is prepared in setup)
     with caplog.at_level(logging.WARNING):
-        prepare_dreambooth(str(cat_photos), CLASS_PROMPT, str(tmp_path / "cache"), str(base_model), 32,
-                           class_prompt=CLASS_PROMPT, num_class_images=1, sample_steps=1)  # fmt: skip
+        data.setup("fit")  # no trainer: one process prepares everything
     assert "class_prompt equals data.instance_prompt" in caplog.text
+    assert data.manifest.num_samples == 4 and set(data.streams) == {"instance", "class"}
+
+
+def test_interrupted_run_resumes_exactly(base_model, cat_photos, tmp_path):
+    """Stopped at step 2 (where both streams end an epoch: 4 photos and 2 class images, batches of 2)
+    and resumed to step 4: weights, optimizer state, schedule, RNG states and both streams' positions
+    (batches consumed) equal those of an uninterrupted 4-step run, bit for bit. (Lightning itself
+    counts one epoch more after such a resume; the streams' positions do not depend on it.)"""
+    cache = tmp_path / "cache"  # the first run generates and encodes; the others reuse
+
+    def train(run: str, steps: int, *extra: str) -> Path:
+        overrides = dreambooth_overrides("dreambooth", base_model, cat_photos, cache, tmp_path / run, steps=steps)
+        run_train(compose_config("train", [*overrides, *extra]))
+        return tmp_path / run / "checkpoints" / "last.ckpt"
+
+    whole = train("whole", 4)
+    assert load_checkpoint(train("stopped", 2))["DreamBoothDataModule"]["instance"]["batches"] == 2
+    resumed = train("stopped", 4, "ckpt_path=last")
+    assert_resume_is_exact(resumed, whole, data_module="DreamBoothDataModule")
+    a, b = load_checkpoint(resumed), load_checkpoint(whole)
+    assert consumed_batches(a["DreamBoothDataModule"]) == {"instance": 4, "class": 4}
+    assert_same_nested(a["callbacks"]["RNGState"], b["callbacks"]["RNGState"], "RNG states")
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -112,8 +113,10 @@ def test_optuna_sweep_best_trial_reproduces_alone(latent_dir, tmp_path):
 
 def test_optuna_sweep_killed_then_resumed_runs_only_the_missing_trials(latent_dir, tmp_path):
     command, env = cli_command("lf-train", *optuna_command(latent_dir, tmp_path, n_trials=6), cwd=tmp_path)
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    stderr_path = tmp_path / "killed_sweep.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
     db = tmp_path / "multirun" / "optuna.db"
     deadline = time.monotonic() + 240
     try:
@@ -122,8 +125,14 @@ def test_optuna_sweep_killed_then_resumed_runs_only_the_missing_trials(latent_di
                 break
             time.sleep(0.5)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it may end between the poll and the kill
+                os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    assert process.returncode == -signal.SIGKILL, (
+        f"the sweep ended by itself (exit {process.returncode}) before it was killed:\n"
+        + stderr_path.read_text(errors="replace")[-3000:]
+    )
     done_before = completed_trials(tmp_path)
     assert 2 <= done_before < 6
 

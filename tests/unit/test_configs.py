@@ -41,7 +41,7 @@ def test_experiment_options_compose(option):
     assert cfg.optimized_direction in ("minimize", "maximize")
     assert cfg.trainer.max_steps > 0
     if option.startswith("dreambooth"):
-        assert cfg.prepare.dreambooth.pretrained == "p" and cfg.model.unet.path == "p"
+        assert cfg.data.pretrained == "p" and cfg.model.unet.path == "p" and "prepare" not in cfg
 
 
 @pytest.mark.parametrize("option", options("hparams_search"))

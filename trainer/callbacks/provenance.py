@@ -13,15 +13,19 @@ from trainer.checkpoint.keys import CHECKPOINT_KEY
 class Provenance(Callback):
     """Adds ``checkpoint["latentforge"]["train_config"]`` and ``["latent_manifest"]``.
 
+    The manifest is the training data's (``trainer.datamodule.manifest``: it names the VAE, text
+    encoder and tokenizer that export packs with the UNet), read once the data module is set up.
+
     Args:
         train_config: the resolved training config (plain containers).
-        latent_manifest: the training data's latent-shard manifest (names the VAE, text encoder
-            and tokenizer that export packs with the UNet).
     """
 
-    def __init__(self, train_config: dict[str, Any], latent_manifest: dict[str, Any]) -> None:
+    def __init__(self, train_config: dict[str, Any]) -> None:
         self.train_config = train_config
-        self.latent_manifest = latent_manifest
+        self.latent_manifest: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.latent_manifest = trainer.datamodule.manifest.to_dict()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.setdefault(CHECKPOINT_KEY, {})

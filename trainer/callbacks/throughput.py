@@ -41,7 +41,7 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
     """
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
-        x = torch.empty(*latents)  # (B, C, h, w)
+        x = torch.empty(latents[0], unet_config["in_channels"], *latents[2:])  # (B, C_in, h, w): 9 when inpainting
         timesteps = torch.zeros(latents[0], dtype=torch.long)  # (B,)
         context = torch.empty(*text)  # (B, T, D)
     return measure_flops(unet, lambda: unet(x, timesteps, encoder_hidden_states=context).sample, lambda y: y.sum())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
@@ -28,6 +28,7 @@ from trainer.lora.formats import AdapterWeights, adapter_state_dict, save_lora_f
 
 log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
+INPAINTING_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 LORA_DIR = "lora"
 
 
@@ -78,7 +79,8 @@ def build_export(
     text_encoder = build_text_encoder(checkpoint, text_dir, kind)
     adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
     torch_dtype = getattr(torch, dtype)
-    pipe = StableDiffusionPipeline(
+    inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
         text_encoder=text_encoder.to(torch_dtype),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
@@ -150,15 +152,18 @@ def export_single_file(
         out_file: the ``.safetensors`` to write (atomically).
         dtype: ``"float16"`` halves the file.
         text_layout: the text encoder as SD 1.x's CLIP (``"sd1"``) or SD 2.x's OpenCLIP (``"sd2"``);
-            ``"auto"``: ``"sd2"`` when the UNet's ``cross_attention_dim`` is 1024.
+            ``"auto"``: ``"sd2"`` when the text encoder is OpenCLIP's (GELU activations).
 
     The step, the weights kind and the training config go in the safetensors metadata
-    (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...).
+    (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...), and the
+    configs that rebuild the pipeline (``latentforge.configs``: parts, tokenizer settings, noise
+    schedule), so ``lf-import`` rebuilds any architecture from the file alone.
     """
     from trainer.checkpoint.pipeline_weights import (
         PipelineParts,
         load_diffusers_folder,
         metadata_strings,
+        part_configs,
         save_single_file,
     )
 
@@ -168,11 +173,16 @@ def export_single_file(
         info_file = source / EXPORT_INFO_NAME
         info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
         info["export"] = str(source.resolve())
+        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", local_files_only=True)
+        scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
     else:
         pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
         parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
+        tokenizer, scheduler = pipe.tokenizer, dict(pipe.scheduler.config)
     info["dtype"] = dtype
     info.pop("latent_manifest", None)
+    tokenizer_settings = {"model_max_length": tokenizer.model_max_length, "pad_token": str(tokenizer.pad_token)}
+    info["configs"] = {**part_configs(parts), "tokenizer": tokenizer_settings, "scheduler": scheduler}
     save_single_file(
         parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
     )

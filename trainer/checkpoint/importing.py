@@ -1,9 +1,10 @@
 """A user's local SD 1.x/2.x weights -> the starting point for training, loaded strictly.
 
-Two sources: a diffusers pipeline folder, or one ``.safetensors`` in the original single-file
-layout (with a diffusers folder giving the configs, tokenizer and scheduler, as diffusers'
-``from_single_file(config=...)`` takes). Pickles (``.ckpt``) only with ``allow_pickle``, read with
-``torch.load(weights_only=True)``.
+Two sources: a diffusers pipeline folder, or one file in the original single-file layout
+(``.safetensors``; ``.ckpt`` only with ``allow_pickle``, read with ``torch.load(weights_only=True)``),
+whose model type, configs and layout are detected (:mod:`trainer.checkpoint.single_file_import`).
+The import writes a diffusers folder with ``latentforge.json``: the detected type, what it
+predicts and how that was decided, the layouts found and the notes on them.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import ConfigError, DataError
-from trainer.checkpoint.pipeline_weights import (
-    PipelineParts,
-    load_diffusers_folder,
-    load_part,
-    load_single_file,
-    read_metadata,
-)
+from trainer.checkpoint.export import INPAINTING_CHANNELS
+from trainer.checkpoint.pipeline_weights import load_diffusers_folder, load_part, read_metadata
+from trainer.checkpoint.prediction_test import OUR_CONFIGS_KEY
+from trainer.checkpoint.single_file_import import ImportedPipeline, read_single_file
 from trainer.diffusion.noise_schedulers import DEFAULT_PREDICTION_TYPE, check_prediction_type
 
 log = logging.getLogger(__name__)
@@ -33,61 +31,84 @@ IMPORT_INFO_NAME = "latentforge.json"
 
 
 def read_pipeline_weights(
-    source: str | Path, config_dir: str | Path | None = None, allow_pickle: bool = False, ema: bool = False
-) -> tuple[PipelineParts, Path]:
-    """The parts of ``source`` (a diffusers folder or a single file), and the folder holding its configs.
+    source: str | Path,
+    config_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    ema: bool = False,
+    prediction_type: str | None = None,
+) -> ImportedPipeline:
+    """The parts of ``source`` (a diffusers folder or a single file), with their tokenizer and noise schedule.
 
     Raises:
-        DataError: ``source`` is missing, or a single file comes without ``config_dir``.
-        KeyMapError: the weights do not match the configs (every offending key named).
+        DataError: ``source`` is missing.
+        KeyMapError: a refused layout or type, or weights that do not match (every offending key named).
     """
     source = Path(source)
     if source.is_dir():
-        return load_diffusers_folder(source, allow_pickle=allow_pickle), source
+        parts = load_diffusers_folder(source, allow_pickle=allow_pickle)
+        scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
+        if prediction_type:
+            scheduler["prediction_type"] = prediction_type
+        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", local_files_only=True)
+        return ImportedPipeline(parts, tokenizer, scheduler, None, {"configs_from": f"the folder ({source})"})
     if not source.is_file():
         raise DataError(f"{source}: does not exist; expected a diffusers folder or a .safetensors file")
-    if config_dir is None:
-        raise DataError(
-            f"{source}: a single file needs config_dir=FOLDER, a diffusers pipeline folder with the "
-            "unet/, vae/, text_encoder/ configs, tokenizer/ and scheduler/ of the same architecture"
-        )
-    return load_single_file(source, config_dir, allow_pickle=allow_pickle, ema=ema), Path(config_dir)
+    return read_single_file(source, config_dir, allow_pickle, ema, prediction_type)
+
+
+def default_out_dir(source: str | Path) -> Path:
+    """``models/<file or folder name without suffix>`` in the working directory."""
+    return Path("models") / Path(source).stem
 
 
 def import_weights(
     source: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     config_dir: str | Path | None = None,
     allow_pickle: bool = False,
     dtype: str = "float32",
     ema: bool = False,
+    prediction_type: str | None = None,
 ) -> Path:
     """Write ``source`` as a diffusers pipeline folder (atomically) that training and sampling load.
 
-    ``ema``: take the UNet from a single file's EMA copy (ldm's ``model_ema.*``).
+    Args:
+        out_dir: the folder to write; ``None``: :func:`default_out_dir`.
+        ema: take the UNet from a single file's EMA copy (ldm's ``model_ema.*``).
+        prediction_type: what the UNet predicts, instead of detecting it.
 
     The folder serves as ``lf-train model=pretrained model.pretrained=OUT_DIR`` (the UNet and the
-    noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder).
+    noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder); an
+    inpainting model is written as diffusers' ``StableDiffusionInpaintPipeline``.
     """
-    parts, configs = read_pipeline_weights(source, config_dir, allow_pickle, ema)
-    torch_dtype = getattr(torch, dtype)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae.to(torch_dtype),
-        text_encoder=parts.text_encoder.to(torch_dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(configs / "tokenizer", local_files_only=True),
-        unet=parts.unet.to(torch_dtype),
-        scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(configs / "scheduler")),
+    out_dir = Path(out_dir) if out_dir else default_out_dir(source)
+    imported = read_pipeline_weights(source, config_dir, allow_pickle, ema, prediction_type)
+    parts, torch_dtype = imported.parts, getattr(torch, dtype)
+    inpainting = parts.unet.config.in_channels == INPAINTING_CHANNELS
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    if torch_dtype != parts.unet.dtype:
+        for network in (parts.unet, parts.vae, parts.text_encoder):
+            network.to(torch_dtype)
+    pipe = pipeline_class(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=imported.tokenizer,
+        unet=parts.unet,
+        scheduler=DDPMScheduler.from_config(imported.scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    metadata = read_metadata(source) if Path(source).is_file() and Path(source).suffix == ".safetensors" else {}
-    info = {"imported_from": str(Path(source).resolve()), "dtype": dtype, "ema": ema, **metadata}
+    source = Path(source)
+    metadata = read_metadata(source) if source.is_file() and source.suffix == ".safetensors" else {}
+    metadata.pop(OUR_CONFIGS_KEY.removeprefix("latentforge."), None)
+    # the file's own record (step, training config...) first; what this import found out wins
+    info = {**metadata, "imported_from": str(source.resolve()), "dtype": dtype, "ema": ema, **imported.info}
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("imported %s to %s", source, out_dir)
-    return Path(out_dir)
+    return out_dir
 
 
 def pretrained_unet(path: str, allow_pickle: bool = False) -> UNet2DConditionModel:

@@ -3,10 +3,11 @@
 Writing: :func:`save_single_file` renames the parts' weights with the key map of
 :mod:`trainer.checkpoint.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
 
-Reading: :func:`load_single_file` and :func:`load_diffusers_folder` build each part from its
-config, check that the weights hold exactly the keys and shapes the config implies (a
-:class:`~trainer.checkpoint.sd_single_file.KeyMapError` lists every missing, unexpected and misshapen
-key), then load them with ``strict=True``.
+Reading: :func:`load_original_state` (a single file, after :mod:`trainer.checkpoint.layouts`) and
+:func:`load_diffusers_folder` load parts built from their configs, after checking that the weights
+hold exactly the keys and shapes the configs imply (a
+:class:`~trainer.checkpoint.sd_single_file.KeyMapError` lists every missing, unexpected and
+misshapen key), with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -25,13 +27,10 @@ from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
 from trainer.checkpoint.safe_load import PICKLE_SUFFIXES, read_weights
 from trainer.checkpoint.sd_single_file import (
-    NON_WEIGHT_KEYS,
-    OPEN_CLIP_PREFIX,
     TEXT_LAYOUTS,
     UNET_PREFIX,
     VAE_PREFIX,
     check_state_dict,
-    split_ema,
     to_diffusers,
     to_original,
     unet_rules,
@@ -39,7 +38,6 @@ from trainer.checkpoint.sd_single_file import (
 )
 from trainer.checkpoint.sd_text_encoder_keys import (
     open_clip_to_text,
-    open_clip_unused_keys,
     text_to_diffusers,
     text_to_open_clip,
     text_to_original,
@@ -47,6 +45,7 @@ from trainer.checkpoint.sd_text_encoder_keys import (
 
 METADATA_PREFIX = "latentforge."
 VARIANTS = ("fp16", "bf16")
+PARTS = ("unet", "vae", "text_encoder")
 
 
 @dataclass
@@ -60,9 +59,10 @@ class PipelineParts:
 
 def text_layout_for(parts: PipelineParts, text_layout: str = "auto") -> str:
     """``"sd1"`` (CLIP under ``cond_stage_model.transformer``) or ``"sd2"`` (OpenCLIP under
-    ``cond_stage_model.model``); ``"auto"``: SD 2.x's when the UNet attends to 1024-wide text."""
+    ``cond_stage_model.model``); ``"auto"``: SD 2.x's when the text encoder is OpenCLIP's (GELU; OpenAI's
+    CLIP of SD 1.x uses quick GELU)."""
     if text_layout == "auto":
-        return "sd2" if parts.unet.config.cross_attention_dim == 1024 else "sd1"
+        return "sd2" if parts.text_encoder.config.hidden_act == "gelu" else "sd1"
     if text_layout not in TEXT_LAYOUTS:
         raise ValueError(f"text_layout={text_layout!r}: expected 'auto' or one of {list(TEXT_LAYOUTS)}")
     return text_layout
@@ -103,53 +103,62 @@ def save_single_file(
     return path
 
 
-def parts_from_configs(config_dir: str | Path) -> PipelineParts:
-    """Freshly initialised parts from a diffusers folder's ``unet/``, ``vae/``, ``text_encoder/`` configs."""
+def folder_configs(config_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The ``unet``, ``vae`` and ``text_encoder`` configs of a diffusers pipeline folder.
+
+    Raises:
+        DataError: a part's ``config.json`` is missing.
+    """
     config_dir = Path(config_dir)
-    for part in ("unet", "vae", "text_encoder"):
+    for part in PARTS:
         if not (config_dir / part / "config.json").is_file():
             raise DataError(
                 f"{config_dir}: {part}/config.json is missing; config_dir must be a diffusers pipeline folder"
             )
+    return {
+        "unet": dict(UNet2DConditionModel.load_config(config_dir / "unet")),
+        "vae": dict(AutoencoderKL.load_config(config_dir / "vae")),
+        "text_encoder": CLIPTextConfig.from_pretrained(config_dir / "text_encoder").to_dict(),
+    }
+
+
+def build_parts(configs: dict[str, dict[str, Any]]) -> PipelineParts:
+    """Freshly initialised parts from their configs (``{"unet": ..., "vae": ..., "text_encoder": ...}``)."""
     return PipelineParts(
-        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+        unet=UNet2DConditionModel.from_config(configs["unet"]),
+        vae=AutoencoderKL.from_config(configs["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
     )
 
 
-def load_single_file(
-    path: str | Path, config_dir: str | Path, allow_pickle: bool = False, ema: bool = False
-) -> PipelineParts:
-    """Read a single file in the original layout into parts built from ``config_dir``'s configs.
+def parts_from_configs(config_dir: str | Path) -> PipelineParts:
+    """Freshly initialised parts from a diffusers folder's ``unet/``, ``vae/``, ``text_encoder/`` configs."""
+    return build_parts(folder_configs(config_dir))
 
-    Every key of the file must map to a weight of the parts, and every weight must be in the file
-    with the shape its config gives (the schedule buffers and counters in
-    :data:`~trainer.checkpoint.sd_single_file.NON_WEIGHT_KEYS` are skipped). An EMA copy of the UNet
-    (ldm's ``model_ema.*``) must match the UNet key for key; ``ema=True`` loads it instead.
+
+def part_configs(parts: PipelineParts) -> dict[str, dict[str, Any]]:
+    """The configs that rebuild ``parts`` (JSON-ready; diffusers' private ``_`` entries dropped)."""
+    return {
+        "unet": {k: v for k, v in parts.unet.config.items() if not k.startswith("_")},
+        "vae": {k: v for k, v in parts.vae.config.items() if not k.startswith("_")},
+        "text_encoder": parts.text_encoder.config.to_diff_dict(),
+    }
+
+
+def load_original_state(parts: PipelineParts, state: dict[str, torch.Tensor], source: str, text_layout: str) -> None:
+    """Load a single file's weights, in the canonical layout (:mod:`trainer.checkpoint.layouts`), into ``parts``.
+
+    Every key must map to a weight of the parts, and every weight must be in ``state`` with the
+    shape its config gives.
 
     Raises:
-        KeyMapError: missing, unexpected or misshapen keys (all named, with the file).
-        DataError: a pickle without ``allow_pickle``, a missing file or config, ``ema`` without a copy.
+        KeyMapError: missing, unexpected or misshapen keys (all named, with ``source``).
     """
-    state, _ = read_weights(path, allow_pickle=allow_pickle)
-    state, ema_weights = split_ema(state, str(path))
-    if ema and not ema_weights:
-        raise DataError(f"{path}: ema=true, but the file holds no EMA weights (model_ema.*)")
-    if ema:
-        state |= ema_weights
-    parts = parts_from_configs(config_dir)
-    text_layout = "sd2" if OPEN_CLIP_PREFIX + "token_embedding.weight" in state else "sd1"
-    skip = set(NON_WEIGHT_KEYS)
-    if text_layout == "sd2":
-        skip |= open_clip_unused_keys(state, parts.text_encoder.config.num_hidden_layers)
-    weights = {key: tensor for key, tensor in state.items() if key not in skip}
-    check_state_dict(weights, original_state_dict(parts, text_layout), str(path))
-    parts.unet.load_state_dict(to_diffusers(weights, unet_rules(parts.unet.config), UNET_PREFIX), strict=True)
-    parts.vae.load_state_dict(to_diffusers(weights, vae_rules(parts.vae.config), VAE_PREFIX), strict=True)
-    text = open_clip_to_text(weights) if text_layout == "sd2" else text_to_diffusers(weights)
+    check_state_dict(state, original_state_dict(parts, text_layout), source)
+    parts.unet.load_state_dict(to_diffusers(state, unet_rules(parts.unet.config), UNET_PREFIX), strict=True)
+    parts.vae.load_state_dict(to_diffusers(state, vae_rules(parts.vae.config), VAE_PREFIX), strict=True)
+    text = open_clip_to_text(state) if text_layout == "sd2" else text_to_diffusers(state)
     parts.text_encoder.load_state_dict(text, strict=True)
-    return parts
 
 
 def _folder_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -184,7 +193,7 @@ def load_diffusers_folder(folder: str | Path, allow_pickle: bool = False) -> Pip
     """Read a diffusers pipeline folder strictly (every key and shape checked against each part's config)."""
     folder = Path(folder)
     parts = parts_from_configs(folder)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in PARTS:
         load_part(getattr(parts, name), folder / name, allow_pickle)
     return parts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,10 +14,32 @@ from lf_common.errors import DataError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset([".ckpt", ".pt", ".pth", ".bin"])
+NESTING_KEY = "state_dict"
+
+
+@dataclass
+class WeightFile:
+    """What a weight file holds.
+
+    Attributes:
+        state: its tensors, by key.
+        metadata: the safetensors header's strings (empty for pickles).
+        nesting: the entry a pickle's tensors were taken from (``"state_dict"`` for ldm's ``.ckpt``), or ``None``.
+    """
+
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    nesting: str | None = None
 
 
 def read_weights(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a weight file, and its metadata (safetensors' header; empty for pickles).
+    """The tensors of a weight file and its metadata (see :func:`read_weight_file`)."""
+    weights = read_weight_file(path, allow_pickle)
+    return weights.state, weights.metadata
+
+
+def read_weight_file(path: str | Path, allow_pickle: bool = False) -> WeightFile:
+    """The tensors of a weight file, its metadata (safetensors' header; empty for pickles) and nesting.
 
     A ``.safetensors`` file is read as such. A pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
     refused unless ``allow_pickle``, and then read with ``torch.load(weights_only=True)``, which
@@ -35,7 +58,7 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
     if suffix == SAFETENSORS_SUFFIX:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-        return load_file(str(path)), metadata
+        return WeightFile(load_file(str(path)), metadata)
     if suffix not in PICKLE_SUFFIXES:
         raise DataError(f"{path}: unknown weight file type {suffix!r}; expected .safetensors (or a .ckpt/.pt pickle)")
     if not allow_pickle:
@@ -49,8 +72,9 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
         raise DataError(
             f"{path}: refused by torch.load(weights_only=True) (it holds more than weights): {error}"
         ) from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    nesting = None
+    if isinstance(loaded, dict) and isinstance(loaded.get(NESTING_KEY), dict):
+        loaded, nesting = loaded[NESTING_KEY], NESTING_KEY
     if not isinstance(loaded, dict):
         raise DataError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
-    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}, {}
+    return WeightFile({key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}, {}, nesting)

@@ -266,36 +266,6 @@ def to_diffusers(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: s
     return out
 
 
-def split_ema(
-    state: Mapping[str, torch.Tensor], source: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Separate ldm's EMA copy of the UNet (``model_ema.*``) from the rest of a file.
-
-    ldm's ``LitEma`` stores ``model.diffusion_model.input_blocks.0.0.weight`` as
-    ``model_ema.diffusion_modelinput_blocks00weight`` (dots removed). The copy must cover the UNet
-    exactly: a ``model_ema.*`` key with no UNet weight, or a UNet weight without its copy, raises.
-
-    Returns:
-        ``(the file without model_ema.*, the EMA weights under their model.diffusion_model.* names)``;
-        the second is empty when the file holds no EMA copy.
-
-    Raises:
-        KeyMapError: the copy and the UNet do not match (keys named, with ``source``).
-    """
-    ema = {key: tensor for key, tensor in state.items() if key.startswith(EMA_PREFIX) and key not in NON_WEIGHT_KEYS}
-    rest = {key: tensor for key, tensor in state.items() if key not in ema}
-    if not ema:
-        return rest, {}
-    unet_keys = [key for key in rest if key.startswith(UNET_PREFIX)]
-    flat = {EMA_PREFIX + key[len("model.") :].replace(".", ""): key for key in unet_keys}
-    unexpected = sorted(set(ema) - set(flat))
-    missing = sorted(flat[key] for key in set(flat) - set(ema))
-    problems = [f"no UNet weight for {unexpected}"] * bool(unexpected) + [f"no EMA copy of {missing}"] * bool(missing)
-    if problems:
-        raise KeyMapError(f"{source}: its EMA copy (model_ema.*) does not match the UNet: " + "; ".join(problems))
-    return rest, {flat[key]: tensor for key, tensor in ema.items()}
-
-
 def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise :class:`KeyMapError` unless ``state`` has exactly ``expected``'s keys and shapes.
 

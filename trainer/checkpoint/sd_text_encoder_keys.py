@@ -109,12 +109,3 @@ def open_clip_to_text(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     if unmapped:
         raise KeyMapError(f"no rule maps these OpenCLIP keys: {sorted(unmapped)}")
     return out
-
-
-def open_clip_unused_keys(state: Mapping[str, torch.Tensor], num_layers: int) -> set[str]:
-    """Keys of an SD 2.x file its text encoder does not use: the projection, the temperature, and
-    the last block (SD 2.x takes the penultimate layer, so diffusers' text encoder has one block less)."""
-    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{num_layers}."
-    return {
-        key for key in state if key in {OPEN_CLIP_PREFIX + name for name in OPEN_CLIP_UNUSED} or key.startswith(last)
-    }

@@ -1,37 +1,62 @@
-"""``lf-import``: a user's local SD weights (diffusers folder or one original-layout file) -> a diffusers folder.
+"""``lf-import``: a user's local SD weights (one single file, or a diffusers folder) -> a diffusers folder.
 
-The weights are loaded strictly: every key mapped, every shape checked; pickles (``.ckpt``) are
-refused unless ``allow_pickle=true``, and then read with ``torch.load(weights_only=True)``.
+A single file needs nothing else: its model type (SD 1.x, SD 2.x 512 or 768-v, SD 1.x/2.x
+inpainting), configs and key layout are detected; the type, what the UNet predicts and how that was
+decided are printed and stored in the folder's ``latentforge.json``. The weights are loaded
+strictly: every key mapped, every shape checked; pickles (``.ckpt``) are refused unless
+``allow_pickle=true``, and then read with ``torch.load(weights_only=True)``.
 
 Examples::
 
-    lf-import pretrained=sd15.safetensors config_dir=sd15-diffusers/ out_dir=models/sd15
-    lf-import pretrained=sd15-diffusers/ out_dir=models/sd15          # a folder: checked, rewritten as safetensors
-    lf-import pretrained=old.ckpt allow_pickle=true config_dir=... out_dir=...
+    lf-import pretrained=sd15.safetensors                       # -> models/sd15
+    lf-import pretrained=v2-1_768-ema-pruned.safetensors out_dir=models/sd21
+    lf-import pretrained=sd21-base.safetensors prediction_type=epsilon   # name it instead of the test pass
+    lf-import pretrained=old.ckpt allow_pickle=true ema=true    # ldm's model_ema.* copy as the UNet
+    lf-import pretrained=sd15.safetensors config_dir=sd15-diffusers/     # configs from a diffusers folder
+    lf-import pretrained=sd15-diffusers/ out_dir=models/sd15    # a folder: checked, rewritten as safetensors
     lf-train model=pretrained model.pretrained=models/sd15 data.train_dir=...   # then fine-tune from it
 """
 
 from __future__ import annotations
 
+import json
+
 import hydra
 from omegaconf import DictConfig
 
-from trainer.checkpoint.importing import import_weights
+from trainer.checkpoint.importing import IMPORT_INFO_NAME, import_weights
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 
+def summary(info: dict) -> list[str]:
+    """The lines ``lf-import`` prints about an import (from its ``latentforge.json``)."""
+    lines = []
+    if "model_type" in info:
+        lines.append(f"detected: {info['model_title']} ({info['model_type']})")
+        lines.append(f"predicts: {info['prediction_type']}, {info['prediction_type_how']}")
+    lines.append(f"configs: {info['configs_from']}")
+    if info.get("size_differences"):
+        lines.append(f"sizes differ from the standard: {'; '.join(info['size_differences'])}")
+    lines += [f"note: {note}" for note in info.get("notes", [])]
+    return lines
+
+
 def run_import(cfg: DictConfig) -> dict[str, str]:
-    """Import ``cfg.pretrained`` into ``cfg.out_dir``; returns ``{"out_dir": ...}``."""
+    """Import ``cfg.pretrained``; returns ``{"out_dir": ..., "model_type": ...}``."""
     out = import_weights(
         cfg.pretrained,
-        cfg.out_dir,
-        config_dir=cfg.config_dir,
+        cfg.get("out_dir"),
+        config_dir=cfg.get("config_dir"),
         allow_pickle=cfg.allow_pickle,
         dtype=cfg.dtype,
         ema=cfg.get("ema", False),
+        prediction_type=cfg.get("prediction_type"),
     )
+    info = json.loads((out / IMPORT_INFO_NAME).read_text(encoding="utf-8"))
     print(f"import: {cfg.pretrained} -> {out}")
-    return {"out_dir": str(out)}
+    for line in summary(info):
+        print(f"  {line}")
+    return {"out_dir": str(out), "model_type": info.get("model_type", "")}
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name="import")

@@ -11,6 +11,7 @@ Examples::
     lf-precompute shards='data/shard-{000000..000099}.tar' out_dir=latents \\
         vae_path=sd15/vae text_encoder_path=sd15/text_encoder tokenizer_path=sd15/tokenizer
     lf-precompute shards=data/raw out_dir=data/latents-buckets pretrained=sd15/ buckets=sd512
+    lf-precompute shards=data/raw out_dir=data/latents-inpaint pretrained=models/sd15-inpainting inpainting=true
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.shards.streaming import SkipCounter
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
+from data_pipelines.transforms.masks import MaskSettings
 from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE
 
 
@@ -48,6 +50,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         transform,
         batch_size=cfg.batch_size,
         skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
+        masks=MaskSettings(seed=cfg.get("mask_seed", 0)) if cfg.get("inpainting") else None,
     )
     manifest = precompute_latents(
         shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers

@@ -41,7 +41,6 @@ from trainer.cli.hydra_app import (
     VERSION_BASE,
     build_trainer,
     finishing_loggers,
-    instantiate_group,
     optimizer_factories,
     resolved_container,
 )
@@ -78,11 +77,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     check_precision(cfg.trainer)
     apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    instantiate_group(cfg.get("prepare"))  # steps that make the data first (DreamBooth's class images)
+    # The data may exist only once the data module's setup has run inside fit (DreamBooth prepares it on
+    # every rank there): the module and Provenance take the empty caption and the manifest from it then.
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=datamodule.uncond_text)
+    module = instantiate(cfg.model, **optimizer_factories(cfg))
     monitors = [
-        Provenance(resolved_container(cfg), datamodule.manifest.to_dict()),
+        Provenance(resolved_container(cfg)),
         SkippedSamplesMonitor(datamodule.sample_counts),
         RNGState(),
     ]

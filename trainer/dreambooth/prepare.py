@@ -1,26 +1,26 @@
-"""Before DreamBooth training: check the instance photos, generate missing class images, and encode
-both folders once into latent shards (VAE latents and text embeddings), reused by later runs.
+"""Before DreamBooth training: check the instance photos, generate the missing class images, and
+encode both folders once into latent shards (VAE latents and text embeddings), reused by later runs.
 
-``lf-train experiment=dreambooth`` runs :func:`prepare_dreambooth` (config ``prepare.dreambooth``)
-before it builds the data module. Under torchrun every rank generates its share of the class images,
-then rank 0 encodes; the other ranks wait. Processes that Lightning itself starts (``strategy=ddp``
-without torchrun) find everything prepared by rank 0, which ran this before starting them.
+:class:`~trainer.dreambooth.datamodule.DreamBoothDataModule` runs :func:`prepare_dreambooth` in its
+``setup`` hook, on every rank of the training job, with the job's Lightning strategy: whatever
+started the processes (Lightning's launcher for ``trainer.devices=N``, torchrun, SLURM), the ranks,
+the device and the collectives come from the strategy. Each rank generates its share of the class
+images on its own device, then rank 0 encodes both sets while the others wait. The folders must
+be on a file system that every rank sees.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
+from lightning.pytorch.strategies import Strategy
 from PIL import Image, UnidentifiedImageError
 
 from data_pipelines.latents.encoders import FrozenEncoders
-from data_pipelines.latents.precompute import precompute_latents
+from data_pipelines.latents.precompute import precompute_latents_in_process
 from data_pipelines.latents.shard_encoder import LatentShardEncoder
 from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.raw.writer import write_raw_shards
@@ -36,12 +36,33 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DreamBoothLatents:
     """Where the encoded instance (and class) samples are."""
 
     instance: Path
     classes: Path | None
+
+
+@dataclass(frozen=True)
+class ClassImages:
+    """Prior preservation's class images, and how the base model generates the missing ones.
+
+    Attributes:
+        prompt: the class prompt, e.g. ``"a photo of a cat"``.
+        folder: where they are (``class-<i>.png`` with ``class-<i>.txt``).
+        count: how many prior preservation uses.
+        settings: sampler settings (steps, guidance, size).
+        batch_size: images per sampler call.
+        seed: image ``i`` uses seed ``seed + i``.
+    """
+
+    prompt: str
+    folder: Path
+    count: int
+    settings: SampleSettings
+    batch_size: int = 4
+    seed: int = 0
 
 
 def instance_images(folder: str | Path) -> list[Path]:
@@ -78,110 +99,97 @@ def _items(paths: list[Path], caption: str | None) -> Iterator[SourceItem]:
         yield SourceItem(str(path), path.read_bytes(), text)
 
 
-def _launch_rank_world() -> tuple[int, int] | None:
-    """``(rank, world)`` under torchrun; ``(0, 1)`` alone; ``None`` in a process Lightning started."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if int(env.get("LOCAL_RANK", "0")) > 0 or int(env.get("SLURM_PROCID", "0")) > 0:
-        return None
-    return 0, 1
-
-
-@contextmanager
-def _process_group(world: int) -> Iterator[None]:
-    """A gloo group for the preparation's barriers, torn down after it so the training strategy
-    starts its own (NCCL on GPUs)."""
-    created = world > 1 and not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        yield
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def _raw_shards(images: list[Path], caption: str | None, work: Path) -> list[str]:
     """Raw shards of ``images`` (rewritten byte-identically each run, so their cache key holds)."""
     write_raw_shards(_items(images, caption), work / "shards", samples_per_shard=10_000, overwrite=True)
     return resolve_shards(str(work / "shards"))
 
 
+def all_ranks(strategy: Strategy, step: str, work: Callable[[], object] | None) -> None:
+    """Run ``work`` on this rank (``None``: nothing to do here), then agree across the ranks that every
+    rank succeeded: a failure on any rank fails all of them, so none is left waiting in a later
+    collective.
+
+    Raises:
+        DataError: ``step`` failed on another rank (this rank's own error is raised as it is).
+    """
+    error: Exception | None = None
+    try:
+        if work is not None:
+            work()
+    except Exception as exc:  # re-raised below, after the other ranks have heard of it
+        error = exc
+    if not strategy.reduce_boolean_decision(error is None, all=True):
+        if error is not None:
+            raise error
+        raise DataError(f"DreamBooth preparation: {step} failed on another rank; that rank's log says why")
+
+
 def prepare_dreambooth(
-    instance_dir: str,
+    strategy: Strategy,
+    instance_dir: str | Path,
     instance_prompt: str,
-    cache_dir: str,
-    pretrained: str,
+    cache_dir: str | Path,
+    pretrained: str | Path,
     resolution: int,
-    class_prompt: str | None = None,
-    class_dir: str | None = None,
-    num_class_images: int = 100,
-    sample_steps: int = 25,
-    guidance_scale: float = 7.5,
-    sample_batch_size: int = 4,
-    seed: int = 0,
-    device: str = "auto",
-) -> DreamBoothLatents | None:
-    """Check, generate and encode what DreamBooth training reads.
+    classes: ClassImages | None = None,
+) -> DreamBoothLatents:
+    """Check, generate and encode what DreamBooth training reads; call it on every rank.
 
     Args:
+        strategy: the training job's strategy (ranks, device, collectives); a ``SingleDeviceStrategy``
+            for one process.
         instance_dir: a handful of photos of the subject.
         instance_prompt: their caption, with a rare identifier: ``"a photo of sks cat"``.
         cache_dir: where raw and latent shards of both sets go (reused by later runs).
         pretrained: the base model, a diffusers pipeline folder (VAE, text encoder, tokenizer, UNet).
         resolution: the training resolution (resize + center crop).
-        class_prompt: the class's prompt (``"a photo of a cat"``); ``None``: no prior preservation.
-        class_dir: the class images' folder (default ``<cache_dir>/class_images``).
-        num_class_images: how many class images prior preservation uses.
-        sample_steps, guidance_scale, sample_batch_size, seed: class image generation.
+        classes: the class images of prior preservation; ``None``: none.
 
     Returns:
-        The latent folders; ``None`` in a process that Lightning started (rank 0 prepared them).
+        The latent folders (on every rank).
+
+    Raises:
+        DataError: the instance folder is unusable, or a step failed on some rank.
     """
-    launch = _launch_rank_world()
-    if launch is None:
-        log.info("DreamBooth data: prepared by rank 0")
-        return None
-    rank, world = launch
-    images = instance_images(instance_dir)
-    cache = Path(cache_dir)
-    classes_folder = Path(class_dir) if class_dir else cache / "class_images"
-    if class_prompt is not None and class_prompt.strip() == instance_prompt.strip():
+    images = instance_images(instance_dir)  # every rank checks: the same error everywhere, nobody waits
+    cache, device = Path(cache_dir), str(strategy.root_device)
+    if classes is not None and classes.prompt.strip() == instance_prompt.strip():
         log.warning(
             "data.class_prompt equals data.instance_prompt (%r): prior preservation then pulls the subject "
             "back to the class; give the instance prompt a rare identifier, e.g. 'a photo of sks cat'",
             instance_prompt,
         )
-    with _process_group(world):
-        if class_prompt is not None:
-            settings = SampleSettings(steps=sample_steps, guidance_scale=guidance_scale, height=resolution,
-                                      width=resolution)  # fmt: skip
-            generate_class_images(classes_folder, class_prompt, num_class_images, pretrained, rank, world,
-                                  sample_batch_size, settings, seed, device)  # fmt: skip
-        _barrier(world)
-        sets = {"instance": (images, instance_prompt)}
-        if class_prompt is not None:
-            if missing_class_images(classes_folder, num_class_images):
-                raise DataError(f"{classes_folder}: class images are still missing after generation")
-            sets["class"] = ([class_image_path(classes_folder, i) for i in range(num_class_images)], None)
-        if rank == 0:
-            for name, (paths, caption) in sets.items():
-                _raw_shards(paths, caption, cache / name)
-        _barrier(world)
-        root = Path(pretrained)
-        encoder = LatentShardEncoder(
-            FrozenEncoders.from_pretrained(root / "vae", root / "text_encoder", root / "tokenizer", device=device),
-            ResizeCrop(resolution, crop="center"),
-            batch_size=16,
-        )
-        for name in sets:  # every rank encodes its share of the shards; rank 0 writes the manifest
-            shards = resolve_shards(str(cache / name / "shards"))
-            precompute_latents(shards, cache / name / "latents", encoder, recompute_stale=True)
-        _barrier(world)
-    return DreamBoothLatents(cache / "instance" / "latents", cache / "class" / "latents" if class_prompt else None)
+    sets: dict[str, tuple[list[Path], str | None]] = {"instance": (images, instance_prompt)}
+    if classes is not None:
+        share = (strategy.global_rank, strategy.world_size)
+        all_ranks(strategy, "generating class images", lambda: _generate_share(classes, pretrained, *share, device))
+        if missing_class_images(classes.folder, classes.count):
+            raise DataError(f"{classes.folder}: class images are still missing after generation")
+        sets["class"] = ([class_image_path(classes.folder, i) for i in range(classes.count)], None)
+    encode = (lambda: _encode(sets, cache, Path(pretrained), resolution, device)) if strategy.is_global_zero else None
+    all_ranks(strategy, "encoding the instance and class images", encode)
+    return DreamBoothLatents(cache / "instance" / "latents", cache / "class" / "latents" if classes else None)
+
+
+def _generate_share(classes: ClassImages, pretrained: str | Path, rank: int, world: int, device: str) -> None:
+    """This rank's share of the missing class images, logged with the indices it made."""
+    made = generate_class_images(classes.folder, classes.prompt, classes.count, pretrained, rank, world,
+                                 classes.batch_size, classes.settings, classes.seed, device)  # fmt: skip
+    log.info("rank %d of %d generated class images %s", rank, world, made)
+
+
+def _encode(
+    sets: dict[str, tuple[list[Path], str | None]], cache: Path, pretrained: Path, resolution: int, device: str
+) -> None:
+    """Raw shards, then latent shards, of each set (in this process; reused while up to date)."""
+    encoder = LatentShardEncoder(
+        FrozenEncoders.from_pretrained(
+            pretrained / "vae", pretrained / "text_encoder", pretrained / "tokenizer", device=device
+        ),
+        ResizeCrop(resolution, crop="center"),
+        batch_size=16,
+    )
+    for name, (paths, caption) in sets.items():
+        shards = _raw_shards(paths, caption, cache / name)
+        precompute_latents_in_process(shards, cache / name / "latents", encoder, recompute_stale=True)

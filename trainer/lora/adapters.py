@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lf_common.upstream.peft_integration_private import forget_adapters
@@ -22,30 +23,45 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projecti
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's, as train_dreambooth_lora.py
 
 
+ADAPTER_KINDS = ("lora", "loha", "lokr")
+
+
 @dataclass
 class LoraSettings:
-    """What ``model.lora`` configures.
+    """What ``model.lora`` configures, or what a LoRA file brought (then with per-module patterns).
 
     Attributes:
         rank: the rank ``r`` of the update.
         alpha: the scale numerator; the update is multiplied by ``alpha / rank``.
-        dropout: dropout on the adapter's input during training.
+        dropout: dropout on the adapter's input during training (LoRA; LoHa/LoKr: rank dropout).
         target_modules: module names (or name suffixes) that get an adapter, e.g. ``to_q``.
+        kind: ``"lora"``, or LyCORIS' ``"loha"`` (Hadamard product, Hyeon-Woo et al. 2022) or ``"lokr"``
+            (Kronecker product, Yeh et al. 2024), both through peft.
+        rank_pattern, alpha_pattern: per-module rank and alpha where they differ (peft's patterns).
+        options: further settings of the peft config (``use_effective_conv2d``, ``decompose_factor``...).
     """
 
     rank: int = 4
     alpha: float = 4.0
     dropout: float = 0.0
     target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    kind: str = "lora"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            init_lora_weights="gaussian",
-        )
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"model.lora.kind={self.kind!r}: expected one of {', '.join(ADAPTER_KINDS)}")
+
+    def peft_config(self) -> PeftConfig:
+        common = dict(r=self.rank, target_modules=list(self.target_modules), rank_pattern=dict(self.rank_pattern),
+                      alpha_pattern=dict(self.alpha_pattern), **self.options)  # fmt: skip
+        if self.kind == "loha":
+            return LoHaConfig(alpha=self.alpha, rank_dropout=self.dropout, **common)
+        if self.kind == "lokr":
+            return LoKrConfig(alpha=self.alpha, rank_dropout=self.dropout, **common)
+        return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights="gaussian", **common)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
@@ -86,6 +102,22 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, config_key: str = "
     check_target_modules(model, settings.target_modules, config_key)
     model.requires_grad_(False)
     model.add_adapter(settings.peft_config())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def mark_adapters_trainable(model: torch.nn.Module, adapter_name: str = "default") -> int:
+    """Freeze ``model`` except the weights of adapter ``adapter_name`` (any peft tuner: LoRA, LoHa, LoKr).
+
+    Returns:
+        The number of trainable (adapter) parameters.
+    """
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                layer = getattr(module, layer_name)
+                if adapter_name in layer:
+                    layer[adapter_name].requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -4,7 +4,8 @@ load them.
 - diffusers: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``), with each
   part's rank/alpha in the file's metadata;
 - kohya / AUTOMATIC1111 / ComfyUI: ``lora_unet_<module path with _>.lora_down.weight``,
-  ``.lora_up.weight`` and ``.alpha``, and ``lora_te_text_model_...`` for the text encoder.
+  ``.lora_up.weight`` and ``.alpha``, and ``lora_te_text_model_...`` for the text encoder;
+- LoHa and LoKr adapters (trained on from a LyCORIS file) in LyCORIS' layout (kohya names).
 
 Text-encoder keys are written in the layout of SD's CLIP checkpoints and of LoRA files in the wild
 (``text_model.encoder.layers.N.self_attn.q_proj``). transformers 5's ``CLIPTextModel`` names its
@@ -13,19 +14,22 @@ modules without the ``text_model.`` level; diffusers and transformers map either
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from trainer.lora.adapters import LoraSettings
+from trainer.lora.lycoris import to_lycoris_file
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
+LYCORIS_FILE = "lora_lycoris.safetensors"
 CLIP_TEXT_MODEL_PREFIX = "text_model."
 
 
@@ -54,13 +58,17 @@ def canonical_text_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def save_diffusers_lora(folder: str | Path, unet: AdapterWeights | None, text_encoder: AdapterWeights | None) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA layout."""
+    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA layout, peft's names (``lora_A``,
+    ``lora_B``) under ``unet.`` / ``text_encoder.``, which diffusers' loaders read as they are.
+
+    (diffusers' older ``lora.down``/``lora.up`` names cover attention projections only: with convolutions
+    among the targets, ``convert_state_dict_to_diffusers`` renames some keys and not others, and
+    diffusers then loads only the converted ones.)
+    """
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(folder),
-        unet_lora_layers=convert_state_dict_to_diffusers(unet.state) if unet else None,
-        text_encoder_lora_layers=(
-            convert_state_dict_to_diffusers(canonical_text_encoder_keys(text_encoder.state)) if text_encoder else None
-        ),
+        unet_lora_layers=unet.state if unet else None,
+        text_encoder_lora_layers=canonical_text_encoder_keys(text_encoder.state) if text_encoder else None,
         safe_serialization=True,
         unet_lora_adapter_metadata=unet.settings.peft_config().to_dict() if unet else None,
         text_encoder_lora_adapter_metadata=text_encoder.settings.peft_config().to_dict() if text_encoder else None,
@@ -98,11 +106,29 @@ def save_kohya_lora(path: str | Path, unet: AdapterWeights | None, text_encoder:
     return Path(path)
 
 
+def save_lycoris(path: str | Path, unet: AdapterWeights | None, text_encoder: AdapterWeights | None) -> Path:
+    """Write LoHa/LoKr adapters as one LyCORIS file (kohya names; A1111, ComfyUI and ``lf-sample lora=`` read it)."""
+    state: dict[str, torch.Tensor] = {}
+    for part, weights in (("unet", unet), ("text_encoder", text_encoder)):
+        if weights is not None:
+            state |= to_lycoris_file(part, weights.state, weights.settings)
+    main = unet or text_encoder
+    assert main is not None, "nothing to save"
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": main.settings.kind}),
+                "ss_network_dim": str(main.settings.rank), "ss_network_alpha": str(main.settings.alpha)}  # fmt: skip
+    save_file(state, str(path), metadata=metadata)
+    return Path(path)
+
+
 def save_lora_files(
     folder: str | Path, unet: AdapterWeights | None, text_encoder: AdapterWeights | None = None
 ) -> None:
-    """``folder/pytorch_lora_weights.safetensors`` (diffusers) and ``folder/lora_kohya.safetensors``."""
+    """``folder/pytorch_lora_weights.safetensors`` (diffusers) and ``folder/lora_kohya.safetensors``; LoHa and
+    LoKr adapters (which diffusers' LoRA format cannot hold) as ``folder/lora_lycoris.safetensors``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if (unet or text_encoder).settings.kind != "lora":
+        save_lycoris(folder / LYCORIS_FILE, unet, text_encoder)
+        return
     save_diffusers_lora(folder, unet, text_encoder)
     save_kohya_lora(folder / KOHYA_LORA_FILE, unet, text_encoder)

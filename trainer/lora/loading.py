@@ -1,20 +1,122 @@
-"""Apply a saved LoRA to a UNet and text encoder at a scale (the sampler's ``lora=PATH lora_scale=S``).
+"""LoRA files users bring, applied to a UNet and text encoder: for sampling (``lf-sample lora=PATH
+lora_scale=S``) and as the trainable start of further training (``model.lora_from=PATH``).
 
-Reads diffusers' layout (``pytorch_lora_weights.safetensors``, rank/alpha in its metadata) and
-kohya's (``lora_unet_*``, ``lora_te_*`` with ``.alpha``), both through diffusers' own
-``lora_state_dict``, and loads each part with diffusers' loaders, as ``pipe.load_lora_weights`` does.
+Kinds, each mapped exactly or refused by name:
+
+* diffusers / PEFT LoRA (``pytorch_lora_weights.safetensors``, rank/alpha in its metadata) and kohya
+  LoRA including convolutions (LoCon; ``lora_unet_*``, ``lora_te_*`` with ``.alpha``): read with
+  diffusers' own ``lora_state_dict`` and loaded with its loaders, as ``pipe.load_lora_weights`` does;
+* LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``): through peft's LoHa/LoKr layers
+  (:mod:`trainer.lora.lycoris`);
+* other LyCORIS algorithms and model checkpoints are refused, naming what the file is.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from lf_common.errors import DataError
-from trainer.lora.formats import DIFFUSERS_LORA_FILE
+from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
+from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
+from trainer.lora.lycoris import adapter_weights, add_lycoris, lycoris_kind, split_by_part
+
+log = logging.getLogger(__name__)
+PARTS = ("unet", "text_encoder")
+MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def lora_file(path: str | Path) -> tuple[Path, str]:
+    """The folder and name of a LoRA file (``path`` itself, or ``path/pytorch_lora_weights.safetensors``).
+
+    Raises:
+        DataError: no such file, or not a ``.safetensors`` (LoRA pickles are not read).
+    """
+    path = Path(path)
+    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, DIFFUSERS_LORA_FILE)
+    if path.is_dir() and not (folder / weight_name).is_file() and (folder / LYCORIS_FILE).is_file():
+        weight_name = LYCORIS_FILE  # an export of LoHa/LoKr adapters
+    if not (folder / weight_name).is_file():
+        raise DataError(
+            f"lora={path}: no LoRA file there (expected a .safetensors file or a folder with {DIFFUSERS_LORA_FILE})"
+        )
+    if not weight_name.endswith(".safetensors"):
+        raise DataError(f"lora={path}: LoRA files are read as .safetensors only (a pickle can run code); convert it")
+    return folder, weight_name
+
+
+def _settings_of(model: torch.nn.Module, adapter_name: str) -> LoraSettings:
+    """The settings of a LoRA adapter diffusers built (what rebuilds it from a checkpoint)."""
+    config = model.peft_config[adapter_name]
+    return LoraSettings(
+        rank=config.r,
+        alpha=config.lora_alpha,
+        target_modules=sorted(config.target_modules),
+        rank_pattern=dict(config.rank_pattern or {}),
+        alpha_pattern=dict(config.alpha_pattern or {}),
+    )
+
+
+def _load_lycoris(
+    kind: str, state: dict[str, torch.Tensor], models: dict[str, torch.nn.Module], adapter_name: str
+) -> dict[str, LoraSettings]:
+    settings = {}
+    for part, modules in split_by_part(state, models).items():
+        settings[part], weights = adapter_weights(kind, modules, models[part])
+        add_lycoris(models[part], settings[part], weights, adapter_name)
+    return settings
+
+
+def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, LoraSettings]:
+    folder, weight_name = lora_file(path)
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True
+    )
+    parts = [part for part in PARTS if any(key.startswith(part + ".") for key in state) and part in models]
+    if not parts:
+        raise DataError(f"lora={path}: holds no UNet or text-encoder adapter weights (keys like {sorted(state)[:3]})")
+    if "unet" in parts:
+        models["unet"].load_lora_adapter(
+            state, prefix="unet", network_alphas=alphas, adapter_name=adapter_name, metadata=metadata
+        )
+    if "text_encoder" in parts:
+        StableDiffusionPipeline.load_lora_into_text_encoder(
+            state, alphas, models["text_encoder"], prefix="text_encoder", adapter_name=adapter_name, metadata=metadata
+        )
+    return {part: _settings_of(models[part], adapter_name) for part in parts}
+
+
+def add_adapters_from_file(
+    path: str | Path, models: dict[str, torch.nn.Module], adapter_name: str = "lora"
+) -> dict[str, LoraSettings]:
+    """Add the adapters of the file at ``path`` to ``models`` (``{"unet": ..., "text_encoder": ...}``).
+
+    Returns:
+        Per part that received adapters, the settings that rebuild them.
+
+    Raises:
+        DataError: no such file, a refused kind (named), or weights that do not fit the models.
+    """
+    folder, weight_name = lora_file(path)
+    state = load_file(str(folder / weight_name))
+    if any(key.startswith(MODEL_PREFIXES) for key in state):
+        raise DataError(f"lora={path}: a model checkpoint, not a LoRA (import it with lf-import pretrained=FILE)")
+    try:
+        kind = lycoris_kind(state)
+    except DataError as error:
+        raise DataError(f"lora={path}: {error}") from None
+    if kind is None:
+        return _load_lora(Path(path), models, adapter_name)
+    try:
+        return _load_lycoris(kind, state, models, adapter_name)
+    except DataError as error:
+        raise DataError(f"lora={path}: {error}") from None
 
 
 def load_lora(
@@ -24,36 +126,36 @@ def load_lora(
     scale: float = 1.0,
     adapter_name: str = "lora",
 ) -> list[str]:
-    """Add the LoRA at ``path`` (a ``.safetensors`` file, or a folder holding
-    ``pytorch_lora_weights.safetensors``) to the UNet and, when the file has text-encoder adapters,
-    to the text encoder; set its scale (1: as trained, 0: off).
+    """Add the LoRA at ``path`` to the UNet and, when the file has text-encoder adapters, to the text
+    encoder; set its scale (1: as trained, 0: off).
 
     Returns:
-        The parts that received adapters: ``["unet"]`` or ``["unet", "text_encoder"]``.
+        The parts that received adapters: ``["unet"]``, ``["text_encoder"]`` or both.
 
     Raises:
-        DataError: no such file, or it holds no adapter weights for either part.
+        DataError: no such file, a refused kind, or it holds no adapter weights for either part.
     """
-    path = Path(path)
-    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, DIFFUSERS_LORA_FILE)
-    if not (folder / weight_name).is_file():
-        raise DataError(
-            f"lora={path}: no LoRA file there (expected a .safetensors file or a folder with {DIFFUSERS_LORA_FILE})"
-        )
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True
-    )
-    parts = [part for part in ("unet", "text_encoder") if any(key.startswith(part + ".") for key in state)]
-    if not parts:
-        raise DataError(f"lora={path}: holds no UNet or text-encoder adapter weights (keys like {sorted(state)[:3]})")
+    parts = list(add_adapters_from_file(path, {"unet": unet, "text_encoder": text_encoder}, adapter_name))
     if "unet" in parts:
-        unet.load_lora_adapter(
-            state, prefix="unet", network_alphas=alphas, adapter_name=adapter_name, metadata=metadata
-        )
         unet.set_adapters([adapter_name], weights=[scale])
     if "text_encoder" in parts:
-        StableDiffusionPipeline.load_lora_into_text_encoder(
-            state, alphas, text_encoder, prefix="text_encoder", adapter_name=adapter_name, metadata=metadata
-        )
         set_adapters_for_text_encoder([adapter_name], text_encoder, [scale])
     return parts
+
+
+def trainable_adapters_from_file(unet: UNet2DConditionModel, path: str | Path) -> LoraSettings:
+    """The UNet adapters of the file at ``path`` as the trainable adapter ``"default"`` (continue training a LoRA).
+
+    The base UNet is frozen. Text-encoder adapters in the file are not used: training from latent
+    shards takes text embeddings precomputed without them (logged).
+
+    Returns:
+        The settings that rebuild the adapter (stored in checkpoints as ``model.lora``).
+    """
+    settings = add_adapters_from_file(path, {"unet": unet}, "default")
+    if "unet" not in settings:
+        raise DataError(f"model.lora_from={path}: the file holds no UNet adapters to train on")
+    trainable = mark_adapters_trainable(unet, "default")
+    log.info("model.lora_from=%s: %s adapters on %d modules, %d trainable parameters", path,
+             settings["unet"].kind, len(settings["unet"].target_modules), trainable)  # fmt: skip
+    return settings["unet"]

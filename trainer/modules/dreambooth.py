@@ -36,6 +36,8 @@ class DreamBoothDiffusion(LatentDiffusion):
         *args, **kwargs: as :class:`LatentDiffusion`.
     """
 
+    hparams_ignore = (*LatentDiffusion.hparams_ignore, "text_encoder", "tokenizer", "text_encoder_lora")
+
     def __init__(
         self,
         *args: Any,
@@ -48,14 +50,8 @@ class DreamBoothDiffusion(LatentDiffusion):
         text_encoder_lora: LoraSettings | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        for hparams in (self.hparams, self._hparams_initial):  # the base collected our objects too
-            for name in ("text_encoder", "tokenizer", "text_encoder_lora"):
-                hparams.pop(name, None)
-        self.hparams.update(  # plain values only: checkpoints load with weights_only=True
-            prior_loss_weight=prior_loss_weight, instance_prompt=instance_prompt, class_prompt=class_prompt,
-            text_encoder_lr=text_encoder_lr, trains_text_encoder=text_encoder is not None,
-        )  # fmt: skip
+        super().__init__(*args, **kwargs)  # collects our plain arguments as hyperparameters too
+        self.hparams["trains_text_encoder"] = text_encoder is not None
         self.prior_loss_weight = prior_loss_weight
         if text_encoder is not None and (tokenizer is None or instance_prompt is None):
             raise ValueError("training the text encoder needs model.tokenizer and model.instance_prompt")

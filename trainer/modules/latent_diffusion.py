@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -18,11 +19,17 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
+from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.lora.loading import trainable_adapters_from_file
 
 log = logging.getLogger(__name__)
+NO_UNCOND_TEXT = (
+    "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
+    "module that has it (latent shards hold it), or set model.caption_dropout=0"
+)
 
 
 class SkipOptimizerStep(Exception):
@@ -41,6 +48,7 @@ class LatentDiffusion(L.LightningModule):
         caption_dropout: probability of replacing a sample's text embedding with ``uncond_text``
             (so the model learns the unconditional score classifier-free guidance needs).
         uncond_text: the empty caption's embedding ``(T, D)``; needed when ``caption_dropout > 0``.
+            When not given, :meth:`setup` takes it from the trainer's data module (``uncond_text``).
         objective: timestep sampling, loss weighting and noise tweaks (default: uniform, unweighted).
         validation_timesteps: the fixed timesteps of the validation loss (default: 10, evenly spaced).
         timestep_buckets: the training loss is also logged per this many ranges of timesteps.
@@ -51,8 +59,17 @@ class LatentDiffusion(L.LightningModule):
         compile_unet: compile the UNet's forward with ``torch.compile`` (in place, so parameter
             names and checkpoints are unchanged); ``compile_options`` go to it (``mode``, ``backend``, ...).
         lora: when given, the UNet is frozen and only LoRA adapters on ``lora.target_modules`` train.
+        lora_from: a LoRA file (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) whose UNet adapters,
+            as they are, train on (the base frozen); instead of ``lora``.
         pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
     """
+
+    #: Constructor arguments that are objects, not hyperparameters (checkpoints load with
+    #: ``weights_only=True``); a subclass adds its own, since the hyperparameters are collected
+    #: from every ``__init__`` of the class chain.
+    hparams_ignore: tuple[str, ...] = (
+        "unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -71,18 +88,18 @@ class LatentDiffusion(L.LightningModule):
         compile_options: dict[str, Any] | None = None,
         lora: LoraSettings | None = None,
         pretrained: str | None = None,
+        lora_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora"],
-            logger=False,
-        )
-        if caption_dropout > 0 and uncond_text is None:
-            raise ValueError("caption_dropout > 0 needs uncond_text, the empty caption's embedding")
+        self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
         self.unet = unet.train()  # from_pretrained returns eval mode
         self.lora = lora
+        if lora is not None and lora_from:
+            raise ValueError("model.lora and model.lora_from are both set; the file defines its adapters: set one")
         if lora is not None:
             add_lora(self.unet, lora)
+        if lora_from:
+            self.lora = trainable_adapters_from_file(self.unet, lora_from)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -91,7 +108,8 @@ class LatentDiffusion(L.LightningModule):
         steps = noise_scheduler.config.num_train_timesteps
         self.validation_timesteps = list(validation_timesteps or range(steps // 20, steps, steps // 10))
         self.timestep_buckets = timestep_buckets
-        self.register_buffer("uncond_text", uncond_text, persistent=False)
+        # Not a buffer: it may arrive in setup (below), after the EMA callback has copied the module.
+        self.uncond_text = uncond_text
         self.channels_last = channels_last
         self.flops_per_batch: int | None = None  # set by trainer.callbacks.throughput (Lightning reads it)
         if gradient_checkpointing:
@@ -103,12 +121,29 @@ class LatentDiffusion(L.LightningModule):
         if compile_unet:
             unet.compile(**(compile_options or {}))
 
+    def setup(self, stage: str) -> None:
+        """Take the empty caption's embedding from the data module when it was not given (data that a
+        data module prepares in its own ``setup``, as DreamBooth's, exists only from then on), onto
+        this rank's device."""
+        if self.uncond_text is None and self.caption_dropout > 0:
+            self.uncond_text = getattr(self.trainer.datamodule, "uncond_text", None)
+            if self.uncond_text is None:
+                raise ValueError(NO_UNCOND_TEXT)
+        if self.uncond_text is not None:
+            self.uncond_text = self.uncond_text.to(self.trainer.strategy.root_device)
+
     def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
-        """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``."""
+        """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``.
+
+        Raises:
+            ValueError: ``caption_dropout > 0`` and no ``uncond_text`` was given or found in the data module.
+        """
         if self.caption_dropout <= 0:
             return text
+        if self.uncond_text is None:
+            raise ValueError(NO_UNCOND_TEXT)
         drop = torch.rand(text.shape[0], device=text.device) < self.caption_dropout  # (B,)
-        return torch.where(drop[:, None, None], self.uncond_text.to(text.dtype), text)
+        return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
@@ -117,11 +152,33 @@ class LatentDiffusion(L.LightningModule):
         only the UNet's inputs are cast, in :meth:`_predict`.
 
         Args:
-            batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype).
+            batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype); for an
+                inpainting UNet also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``.
         """
         latents = batch["latents"].float()
         text = self.drop_captions(batch["text"].float())
-        return self.objective.loss(self._predict, self.noise_scheduler, latents, text)
+        return self.objective.loss(self._predictor(batch), self.noise_scheduler, latents, text)
+
+    def _predictor(self, batch: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """:meth:`_predict` with the batch's inpainting conditioning bound (none for a plain UNet).
+
+        An inpainting UNet (9 input channels, as SD's inpainting models) takes the noisy latents, then the
+        mask, then the masked image's latents, concatenated on channels (diffusers' order).
+
+        Raises:
+            ValueError: the UNet wants inpainting conditioning and the batch has none, or the reverse.
+        """
+        extra = self.unet.config.in_channels - batch["latents"].shape[1]
+        has_masks = all(key in batch for key in INPAINTING_BATCH_KEYS)
+        if extra == 0:
+            return self._predict
+        if not has_masks or extra != batch["masked_latents"].shape[1] + 1:
+            raise ValueError(
+                f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): its latent "
+                "shards need masks and masked-image latents; precompute them with lf-precompute inpainting=true"
+            )
+        conditioning = torch.cat([batch["mask"], batch["masked_latents"]], dim=1).float()  # (B, 1 + C, h, w)
+        return partial(self._predict, conditioning=conditioning)
 
     @property
     def unet_dtype(self) -> torch.dtype:
@@ -130,13 +187,22 @@ class LatentDiffusion(L.LightningModule):
         module and run no autocast)."""
         return next(p.dtype for p in self.unet.parameters() if p.is_floating_point())
 
-    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction ``(B, C, h, w)`` for ``x_t`` ``(B, C, h, w)``, ``t`` ``(B,)`` and text ``(B, T, D)``.
+    def _predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        conditioning: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's prediction ``(B, C, h, w)`` for ``x_t`` ``(B, C, h, w)``, ``t`` ``(B,)`` and text ``(B, T, D)``
+        (and an inpainting UNet's ``conditioning`` ``(B, 1 + C, h, w)``, concatenated after ``x_t``).
 
         The one place the UNet is called in training and validation: its inputs follow the dtype of its
         weights (and ``channels_last``), so every strategy and precision feeds it what it holds.
         """
         dtype = self.unet_dtype
+        if conditioning is not None:
+            noisy = torch.cat([noisy, conditioning.to(noisy)], dim=1)  # (B, C + 1 + C, h, w)
         noisy = noisy.to(dtype, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
@@ -176,7 +242,7 @@ class LatentDiffusion(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout)."""
         loss = fixed_timestep_loss(
-            self._predict,
+            self._predictor(batch),
             self.noise_scheduler,
             batch["latents"].float(),
             batch["text"].float(),

@@ -21,6 +21,7 @@ def denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,
     guidance_rescale: float = 0.0,
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    conditioning: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process over ``timesteps``.
 
@@ -36,15 +37,21 @@ def denoise(
         guidance_rescale: ``phi`` of Lin et al. 2024 (eq. 15-16): rescale the guided output to the
             conditional output's standard deviation, mixed by ``phi`` (0: off; 0.7 with zero-terminal-SNR models).
         after_step: ``f(i, latents) -> latents`` applied after step ``i`` (inpainting's latent blending).
+        conditioning: an inpainting UNet's mask and masked-image latents ``(B, 1 + C, h, w)``,
+            concatenated after the (scaled) latents at every step, as diffusers' inpainting pipeline does.
 
     Returns:
         Denoised latents ``(B, C, h, w)``.
     """
     guided = guidance_scale != 1.0
     context = torch.cat([uncond, cond]) if guided else cond  # (2B or B, T, D)
+    if conditioning is not None and guided:
+        conditioning = torch.cat([conditioning, conditioning])  # (2B, 1 + C, h, w)
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        if conditioning is not None:
+            model_input = torch.cat([model_input, conditioning.to(model_input)], dim=1)  # (., C + 1 + C, h, w)
         output = unet(model_input, t, encoder_hidden_states=context).sample
         if guided:
             output_uncond, output_cond = output.chunk(2)

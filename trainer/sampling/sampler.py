@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from data_pipelines.latents.encoders import encode_text, resolve_device
 from data_pipelines.transforms.images import ResizeCrop, pixels_to_images
+from data_pipelines.transforms.masks import latent_mask, masked_pixels
 from lf_common.errors import DataError
 from trainer.checkpoint.export import build_export
 from trainer.sampling.denoise import denoise
@@ -72,6 +73,9 @@ class Sampler:
         self.scheduler_config = dict(scheduler_config)
         self.model_name = model_name
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+        # SD's inpainting UNets take latents + mask + masked-image latents (9 = 4 + 1 + 4 channels)
+        self.inpainting_unet = unet.config.in_channels == 2 * self.latent_channels + 1
         if vae_slicing:
             self.vae.enable_slicing()
         if vae_tiling:
@@ -195,8 +199,12 @@ class Sampler:
         timesteps: torch.Tensor,
         generators: list[torch.Generator],
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        conditioning: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the denoising loop on ``latents`` ``(B, C, h, w)`` with classifier-free guidance."""
+        """Run the denoising loop on ``latents`` ``(B, C, h, w)`` with classifier-free guidance; an inpainting
+        UNet gets ``conditioning`` ``(B, 1 + C, h, w)`` (default: everything masked, as for txt2img)."""
+        if self.inpainting_unet and conditioning is None:
+            conditioning = self.full_mask_conditioning(latents.shape[0], latents.shape[-2:])
         return denoise(
             self.unet,
             scheduler,
@@ -208,7 +216,23 @@ class Sampler:
             generator=generators,
             guidance_rescale=settings.guidance_rescale,
             after_step=after_step,
+            conditioning=conditioning,
         )
+
+    @torch.no_grad()
+    def masked_image_latents(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` of ``pixels`` ``(B, 3, H, W)`` with the part under ``mask`` ``(B, 1, H, W)``
+        grey, the VAE posterior's mode (as precompute stores them for training)."""
+        masked = masked_pixels(pixels, mask).to(self.device, self.vae.dtype)
+        return (self.vae.encode(masked).latent_dist.mode() * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    def full_mask_conditioning(self, batch: int, latent_size: tuple[int, int]) -> torch.Tensor:
+        """An inpainting UNet's conditioning ``(B, 1 + C, h, w)`` when the whole image is to be painted
+        (txt2img, img2img): mask ones, a grey image's latents (AUTOMATIC1111's txt2img conditioning)."""
+        height, width = (side * self.vae_scale for side in latent_size)
+        mask = torch.ones(batch, 1, height, width)
+        latents = self.masked_image_latents(torch.zeros(batch, 3, height, width), mask)
+        return torch.cat([torch.ones(batch, 1, *latent_size).to(latents), latents], dim=1)
 
     @torch.no_grad()
     def txt2img(
@@ -217,7 +241,7 @@ class Sampler:
         """Generate one image per (prompt, seed) from pure noise."""
         height, width = self._size(settings)
         scheduler = self._scheduler(settings)
-        shape = (self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         noise, generators = self._noise(seeds, shape)
         latents = self._denoise(
             scheduler, noise * scheduler.init_noise_sigma, prompts, settings, scheduler.timesteps, generators
@@ -305,15 +329,18 @@ class Sampler:
         Raises:
             ValueError: the mask's size is not ``init_size`` (the init image's).
         """
+        latent_size = (size // self.vae_scale, size // self.vae_scale)
+        return latent_mask(self.pixel_mask(mask_image, init_size, size), latent_size).to(self.device, self.unet.dtype)
+
+    def pixel_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
+        """The mask at the output size, ``(1, 1, size, size)`` in {0, 1} (see :meth:`latent_mask`)."""
         if mask_image.size != init_size:
             raise ValueError(
                 f"mask_image: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
                 f"expected the init image's size {init_size[0]}x{init_size[1]}"
             )
         pixels, _ = ResizeCrop(size, crop="center")(mask_image.convert("L").convert("RGB"))  # (3, S, S) in [-1, 1]
-        mask = ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, S, S)
-        latent_size = (size // self.vae_scale, size // self.vae_scale)
-        return torch.nn.functional.interpolate(mask, size=latent_size).to(self.device, self.unet.dtype)
+        return ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, S, S)
 
     @torch.no_grad()
     def inpaint_latents(
@@ -325,12 +352,15 @@ class Sampler:
         settings: SampleSettings,
         strength: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inpaint with any UNet by latent blending (Avrahami et al. 2023, Blended Latent Diffusion).
+        """Inpaint: with an inpainting UNet (9 input channels) by its own conditioning, with any other by
+        latent blending (Avrahami et al. 2023, Blended Latent Diffusion).
 
-        After each step the latents outside the mask are replaced by the init image's latents
-        noised to the next timestep (un-noised after the last step), so only the masked region is
-        generated, in context. ``init_image`` is resized and center-cropped to the (square) output
-        size; ``mask_image`` must have the init image's size and goes through the same crop.
+        An inpainting UNet sees the mask and the latents of the init image with the masked part grey
+        at every step, as in diffusers' ``StableDiffusionInpaintPipeline``. Otherwise, after each step
+        the latents outside the mask are replaced by the init image's latents noised to the next
+        timestep (un-noised after the last step), so only the masked region is generated, in context.
+        ``init_image`` is resized and center-cropped to the (square) output size; ``mask_image`` must
+        have the init image's size and goes through the same crop.
 
         Returns:
             ``(latents (B, C, h, w), init latents (B, C, h, w), mask (1, 1, h, w))``.
@@ -345,6 +375,12 @@ class Sampler:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
+        if self.inpainting_unet:
+            pixels, _ = ResizeCrop(size, crop="center")(init_image.convert("RGB"))  # (3, S, S) in [-1, 1]
+            masked = self.masked_image_latents(pixels[None], self.pixel_mask(mask_image, init_image.size, size))
+            conditioning = torch.cat([mask, masked], dim=1).expand(len(prompts), -1, -1, -1)  # (B, 1 + C, h, w)
+            latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators, None, conditioning)
+            return latents, init, mask
 
         def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
             known = init

@@ -25,6 +25,7 @@ def make_tiny_export(pretrained_dir: Path, out_dir: Path, seed: int = 0) -> Path
         out_dir: the export folder to write.
     """
     model = OmegaConf.load(str(TINY_MODEL))
+    model.noise_scheduler.prediction_type = None  # outside lf-train's config: no objective to follow (epsilon)
     torch.manual_seed(seed)
     unet = instantiate(model.unet)
     with torch.no_grad():  # a random UNet's output is large; scale it down so images are not saturated
@@ -34,7 +35,7 @@ def make_tiny_export(pretrained_dir: Path, out_dir: Path, seed: int = 0) -> Path
         text_encoder=CLIPTextModel.from_pretrained(pretrained_dir / "text_encoder", local_files_only=True),
         tokenizer=CLIPTokenizer.from_pretrained(pretrained_dir / "tokenizer", local_files_only=True),
         unet=unet,
-        scheduler=instantiate(model.noise_scheduler),
+        scheduler=instantiate(model.noise_scheduler, prediction_type=None),  # no objective here: epsilon
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
