@@ -22,13 +22,11 @@ import logging
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
-from lf_common.upstream.torch_private import default_store
-from trainer.faults.ranks import PeerFailedError, RankBoard, current_board, restart_prefix, set_board
+from trainer.faults.ranks import PeerFailedError, current_board, set_board
 from trainer.faults.signals import Preempted
-from trainer.faults.watchdog import Watchdog
+from trainer.faults.watchdog import Watchdog, start_board
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +48,8 @@ class HangGuard(Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return
-        board = RankBoard(default_store(), trainer.global_rank, trainer.world_size, self.timeout_s, restart_prefix())
-        set_board(board)
-        self.watchdog = Watchdog(board)
-        self.watchdog.start()
+        if stage == "fit":  # one process or no process group: no board, every hook here is a no-op
+            self.watchdog = start_board(trainer.global_rank, trainer.world_size, self.timeout_s)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (board := current_board()) is not None:

@@ -31,11 +31,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lf_common.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +297,43 @@ def single_rank_work(name: str, step: int, worker: int | None = 0, growing: str 
         board.growing = None
         board.restore(state)
     board.meet(name, workers=[worker] if worker is not None else None)
+
+
+def all_ranks(strategy: Any, step: str, work: Callable[[], object] | None, worker: int | None = None) -> None:
+    """Run ``work`` on this rank (``None``: nothing to do here), then agree across the ranks that every
+    rank succeeded: a failure on any rank fails all of them, so none is left waiting in a later collective.
+
+    With a board (:func:`current_board`) the ranks meet through the store (:func:`single_rank_work`), so
+    work of any length on some ranks (``worker``, or every rank when ``None``) never trips the process
+    group's timeout on the others; without one (one process, or before the board is set up) they agree
+    in one collective (``strategy.reduce_boolean_decision``).
+
+    Args:
+        strategy: the job's Lightning strategy (its collective is used without a board).
+        step: what the work is, named in errors and as the phase.
+        work: this rank's part, or ``None``.
+        worker: the rank doing long work the others wait for; ``None``: every rank works.
+
+    Raises:
+        PeerFailedError: ``step`` failed on another rank (its message; this rank's own error is raised as it is).
+        RankHangError: the ranks still working made no progress for ``timeout_s`` (a dead rank).
+        DataError: ``step`` failed on another rank (without a board: no message to pass on).
+    """
+    if (board := _board) is not None:
+        with single_rank_work(step, board.step, worker=worker):
+            if work is not None:
+                work()
+        return
+    error: Exception | None = None
+    try:
+        if work is not None:
+            work()
+    except Exception as exc:  # re-raised below, after the other ranks have heard of it
+        error = exc
+    if not strategy.reduce_boolean_decision(error is None, all=True):
+        if error is not None:
+            raise error
+        raise DataError(f"{step} failed on another rank; that rank's log says why")
 
 
 def restart_prefix() -> str:

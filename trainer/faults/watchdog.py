@@ -24,10 +24,15 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from lf_common.storage import path_size
-from trainer.faults.ranks import RankBoard
+from lf_common.upstream.torch_private import default_store
+from trainer.faults.ranks import RankBoard, current_board, restart_prefix, set_board
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +91,32 @@ class Watchdog(threading.Thread):
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(HUNG_EXIT_CODE)
+
+
+def start_board(rank: int, world_size: int, timeout_s: float) -> Watchdog | None:
+    """Make a board on the process group's store this process's board and start its watchdog (not armed);
+    ``None`` (and no board) for one process or without a process group."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return None
+    board = RankBoard(default_store(), rank, world_size, timeout_s, restart_prefix())
+    set_board(board)
+    watchdog = Watchdog(board)
+    watchdog.start()
+    return watchdog
+
+
+@contextmanager
+def guarded_ranks(rank: int, world_size: int, timeout_s: float) -> Iterator[None]:
+    """A board and watchdog for the block, where no hang guard runs yet (a data module's ``setup`` runs before
+    the callbacks'): single-rank work in the block meets through the store (:func:`~trainer.faults.ranks.all_ranks`,
+    :func:`~trainer.faults.ranks.single_rank_work`). Keeps a board that already runs; no-op for one process."""
+    if current_board() is not None:
+        yield
+        return
+    watchdog = start_board(rank, world_size, timeout_s)
+    try:
+        yield
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+            set_board(None)
