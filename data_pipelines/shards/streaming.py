@@ -13,7 +13,9 @@ A shard that cannot be opened (it disappeared, the file system is failing) is tr
 ``shard_retries`` times, waiting longer each time; then it is skipped and counted as about as many
 bad samples as a shard holds, within the same ``max_bad_fraction`` (:class:`ShardSamples`). A
 loader worker process that dies (the kernel's out-of-memory killer, mostly) stops the run with an
-error naming it and what to change (:class:`LoaderWorkerDied`).
+error naming it and what to change (:class:`LoaderWorkerDied`): PyTorch reports a dead worker from
+its SIGCHLD handler, in whatever the main thread runs at that moment (the forward pass, an optimizer
+step), or from the loader's next fetch; both reports become that error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import copy
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -303,6 +307,41 @@ class EpochSlices(IterableDataset):
                 return
 
 
+def _raise_named(error: RuntimeError, num_workers: int) -> None:
+    """Raise :class:`LoaderWorkerDied` for PyTorch's "DataLoader worker (pid ...)" error, other errors as they are."""
+    if "DataLoader worker" not in str(error) or isinstance(error, LoaderWorkerDied):
+        raise error
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    raise LoaderWorkerDied(
+        f"rank {rank}: a data-loader worker died ({error}); killed by signal 9 (Killed) is most often the "
+        "kernel's out-of-memory killer (see dmesg): lower data.num_workers or data.shuffle_buffer, or give "
+        f"the job more memory (data.num_workers={num_workers}), then run the same command again to "
+        "resume from the newest checkpoint (auto_resume=true)"
+    ) from error
+
+
+def _name_dead_workers_in_sigchld(num_workers: int) -> None:
+    """Wrap the SIGCHLD handler PyTorch's loader installed so that its dead-worker error is :class:`LoaderWorkerDied`.
+
+    PyTorch raises that error from the handler, wherever the main thread is when the worker dies; no
+    iterator sees it. Once per process (the handler is the process's), from the main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(handler) or getattr(handler, "names_dead_workers", False):
+        return
+
+    def naming(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except RuntimeError as error:
+            _raise_named(error, num_workers)
+
+    naming.names_dead_workers = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, naming)
+
+
 def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
     """Batches each worker of each rank yields so that one epoch covers about ``num_samples``."""
     return max(1, math.ceil(num_samples / (batch_size * world_size * max(1, num_workers))))
@@ -336,19 +375,21 @@ class ResumableLoader(DataLoader):
         return iterator if self.num_workers == 0 else self._naming_dead_workers(iterator)
 
     def _naming_dead_workers(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        """``iterator``, with the loader's "worker exited unexpectedly" error turned into :class:`LoaderWorkerDied`."""
+        """``iterator``, with the loader's "worker exited unexpectedly" error turned into :class:`LoaderWorkerDied`
+        (the error PyTorch's SIGCHLD handler raises elsewhere in the main thread too, once the iterator started
+        the workers and that handler)."""
         try:
+            first = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            _raise_named(error, self.num_workers)
+        _name_dead_workers_in_sigchld(self.num_workers)  # the workers and PyTorch's handler exist now
+        try:
+            yield first
             yield from iterator
         except RuntimeError as error:
-            if "DataLoader worker" not in str(error) or isinstance(error, LoaderWorkerDied):
-                raise
-            rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-            raise LoaderWorkerDied(
-                f"rank {rank}: a data-loader worker died ({error}); killed by signal 9 (Killed) is most often the "
-                "kernel's out-of-memory killer (see dmesg): lower data.num_workers or data.shuffle_buffer, or give "
-                f"the job more memory (data.num_workers={self.num_workers}), then run the same command again to "
-                "resume from the newest checkpoint (auto_resume=true)"
-            ) from error
+            _raise_named(error, self.num_workers)
 
     def _restart_stream(self) -> None:
         """Start the stream from its beginning (workers restart with fresh copies of the dataset)."""

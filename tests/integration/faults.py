@@ -142,8 +142,8 @@ class NaNBatchAt(Callback):
 
 
 class KillLoaderWorkersAt(_Once):
-    """SIGKILL this process's children (its data-loader workers, in a one-process run) at the optimizer step
-    after ``step``, as the out-of-memory killer does."""
+    """SIGKILL the training loader's worker processes at the optimizer step after ``step``, as the
+    out-of-memory killer does (``data.num_workers`` > 0)."""
 
     def __init__(self, marker: str, step: int, **kwargs: Any) -> None:
         super().__init__(marker, **kwargs)
@@ -151,7 +151,8 @@ class KillLoaderWorkersAt(_Once):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if trainer.global_step == self.step and self.due(trainer):
+            workers = trainer.train_dataloader._iterator._workers  # persistent workers: the loader keeps them
+            assert workers, "KillLoaderWorkersAt: the training loader has no worker processes"
             self.done()
-            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-                for child in (task / "children").read_text().split():
-                    os.kill(int(child), signal.SIGKILL)
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGKILL)

@@ -141,9 +141,9 @@ def test_a_killed_loader_worker_gives_an_error_naming_it_and_the_fix():
     loader = ResumableLoader(_WorkerPids(), batch_size=None, num_workers=1)
     batches = iter(loader)
     worker = int(next(batches))
-    os.kill(worker, signal.SIGKILL)  # as the out-of-memory killer does
     expected = rf"rank 0: a data-loader worker died \(.*{worker}.*out-of-memory"
     with pytest.raises(LoaderWorkerDied, match=expected) as error:
+        os.kill(worker, signal.SIGKILL)  # as the out-of-memory killer does
         for _ in range(1000):  # the batches already prefetched come first
             next(batches)
     assert "lower data.num_workers" in str(error.value) and "auto_resume=true" in str(error.value)
