@@ -1,8 +1,9 @@
 """Faults inside one training process that the run survives or reports: non-finite losses (skip mode).
 
-The other faults are tested where their runs are: preemption signals and a full disk in
-``test_resume.py`` (one process) and ``test_distributed.py`` (DDP, ZeRO-2, torchrun restarts, hangs);
-vanishing shards and dead loader workers in ``tests/unit/test_streaming.py``.
+The other faults are tested where their runs are: preemption signals, a full disk and a loader worker
+killed mid-run in ``test_resume.py`` (one process) and ``test_distributed.py`` (DDP, ZeRO-2, torchrun
+restarts, hangs); vanishing shards and dead loader workers in ``tests/unit/test_streaming.py``; DreamBooth
+preparation's meetings in ``tests/unit/test_dreambooth_prepare.py``.
 """
 
 from __future__ import annotations
