@@ -153,10 +153,10 @@ def test_full_disk_mid_checkpoint_keeps_the_previous_one_and_names_the_path(unin
     assert_same_training_state(final_state(tmp_path), uninterrupted)
 
 
-def test_a_killed_loader_worker_is_named_and_the_same_command_resumes(latent_dir, tmp_path):
+def test_a_killed_loader_worker_is_named_and_the_same_command_resumes(uninterrupted, latent_dir, tmp_path):
     """The OOM killer's SIGKILL to the data-loader worker at step 3: the run stops with LoaderWorkerDied
     naming the rank and the fix; the same command (``auto_resume=true``) resumes from the step-2 checkpoint
-    and ends equal to an uninterrupted run with the same loader."""
+    and ends equal to the uninterrupted run (one worker streams what the main process does)."""
     out = tmp_path / "run"
     command = [
         *resume_overrides(latent_dir, out, STEPS, "data.num_workers=1", "auto_resume=true"),
@@ -165,6 +165,4 @@ def test_a_killed_loader_worker_is_named_and_the_same_command_resumes(latent_dir
     with pytest.raises(LoaderWorkerDied, match=r"rank 0: a data-loader worker died .* lower data.num_workers"):
         run_train(compose_config("train", command))
     assert run_train(compose_config("train", command))["global_step"] == STEPS
-    reference = tmp_path / "reference"
-    train(latent_dir, reference, STEPS, "data.num_workers=1")
-    assert_same_training_state(final_state(out), final_state(reference))
+    assert_same_training_state(final_state(out), uninterrupted)

@@ -119,4 +119,5 @@ def guarded_ranks(rank: int, world_size: int, timeout_s: float) -> Iterator[None
     finally:
         if watchdog is not None:
             watchdog.stop()
+            watchdog.join(timeout=10)  # no late publication over the board that the hang guard starts next
             set_board(None)
