@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -385,11 +387,21 @@ class ResumableLoader(DataLoader):
         except RuntimeError as error:
             _raise_named(error, self.num_workers)
         _name_dead_workers_in_sigchld(self.num_workers)  # the workers and PyTorch's handler exist now
+        children = multiprocessing.active_children()  # this iterator's workers among them
         try:
             yield first
             yield from iterator
         except RuntimeError as error:
             _raise_named(error, self.num_workers)
+        except (ConnectionError, EOFError) as error:  # a batch's sender died mid-transfer, before it was seen dead
+            ended = multiprocessing.connection.wait([child.sentinel for child in children], timeout=10)
+            dead = [child for child in children if child.sentinel in ended]
+            if not dead:
+                raise
+            pids = ", ".join(f"pid {child.pid}, exit code {child.exitcode}" for child in dead)
+            _raise_named(
+                RuntimeError(f"DataLoader worker ({pids}) ended while sending a batch: {error!r}"), self.num_workers
+            )
 
     def _restart_stream(self) -> None:
         """Start the stream from its beginning (workers restart with fresh copies of the dataset)."""
