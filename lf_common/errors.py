@@ -11,3 +11,7 @@ class CorruptSampleError(DataError):
 
 class ConfigError(ValueError):
     """A composed config that cannot run as given (a combination of settings that does not train)."""
+
+
+class StorageError(OSError):
+    """A write that failed on the storage (a full disk, a failing device); names the path and the space needed."""

@@ -10,6 +10,7 @@ count corrupt samples, and yield dict batches.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tarfile
 from pathlib import Path
@@ -64,6 +65,8 @@ class _StreamingDataModule(L.LightningDataModule):
         seed: int = 0,
         max_bad_fraction: float = 0.01,
         bad_fraction_min_samples: int = 1000,
+        shard_retries: int = 3,
+        shard_retry_delay_s: float = 1.0,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -73,6 +76,8 @@ class _StreamingDataModule(L.LightningDataModule):
         self.seed = seed
         self.max_bad_fraction = max_bad_fraction
         self.bad_fraction_min_samples = bad_fraction_min_samples
+        self.shard_retries = shard_retries
+        self.shard_retry_delay_s = shard_retry_delay_s
         self.sample_counts = SampleCounts()  # this rank's loaders, all workers, added up
         self._batches = 0  # training batches consumed since the stream began
         self._epoch_batches = 0  # ... since the current epoch began
@@ -165,6 +170,9 @@ class _StreamingDataModule(L.LightningDataModule):
             batches_per_epoch=epoch_batches if resampled else None,
             partial_batches=not train,
             batcher=BucketBatcher(self.batch_size, collate, partial=not train) if bucketed else None,
+            samples_per_shard=math.ceil(num_samples / max(1, len(urls))),
+            shard_retries=self.shard_retries,
+            shard_retry_delay_s=self.shard_retry_delay_s,
         )
         loader = ResumableLoader(
             pipeline,
@@ -241,6 +249,9 @@ class LatentShardDataModule(_StreamingDataModule):
         max_bad_fraction: the run fails when more than this fraction of the samples a loader
             process reads are corrupt (see :class:`~data_pipelines.shards.streaming.SkipCounter`).
         bad_fraction_min_samples: the fraction is taken over at least this many samples.
+        shard_retries: further tries of a shard that cannot be opened before it is skipped (and
+            counted as its samples within ``max_bad_fraction``).
+        shard_retry_delay_s: the wait before the first retry (doubling after).
         epoch_samples: the samples an epoch of the resampled training stream covers (default: the
             manifest's count); e.g. to give two streams that are paired batch by batch epochs of
             one length.

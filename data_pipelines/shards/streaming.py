@@ -8,6 +8,14 @@ counts under :data:`COUNTS_KEY`, which the data modules take off and add up in t
 (:class:`SampleCounts`), where :class:`~data_pipelines.loading.monitoring.SkippedSamplesMonitor` logs them.
 Samples a worker reads after its last batch of an epoch (a dropped partial batch) reach the limit
 check but not the logged counts.
+
+A shard that cannot be opened (it disappeared, the file system is failing) is tried again
+``shard_retries`` times, waiting longer each time; then it is skipped and counted as about as many
+bad samples as a shard holds, within the same ``max_bad_fraction`` (:class:`ShardSamples`). A
+loader worker process that dies (the kernel's out-of-memory killer, mostly) stops the run with an
+error naming it and what to change (:class:`LoaderWorkerDied`): PyTorch reports a dead worker from
+its SIGCHLD handler, in whatever the main thread runs at that moment (the forward pass, an optimizer
+step), or from the loader's next fetch; both reports become that error.
 """
 
 from __future__ import annotations
@@ -15,6 +23,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +36,8 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from lf_common.errors import ConfigError, DataError
 from lf_common.upstream.torch_private import restart_workers
@@ -32,6 +48,10 @@ COUNTS_KEY = "__sample_counts__"  # (2,) int64 in a batch: samples read and samp
 
 class TooManyCorruptSamples(DataError):
     """More corrupt samples than the configured fraction."""
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A data-loader worker process ended without an error of its own (killed, mostly by the OOM killer)."""
 
 
 @dataclass
@@ -102,6 +122,28 @@ class SkipCounter:
             ) from error
         return True
 
+    def skip_shard(self, url: str, error: Exception, samples: int) -> None:
+        """Count an unreadable shard as ``samples`` bad samples (its estimated size) and log it.
+
+        Raises:
+            TooManyCorruptSamples: the bad fraction is over the limit; names the shard.
+        """
+        self.counts.add(samples, samples)
+        log.warning(
+            "skipped unreadable shard %s (about %d samples; %d of %d read are bad): %s",
+            url,
+            samples,
+            self.counts.skipped,
+            self.counts.seen,
+            error,
+        )
+        if self.counts.skipped > self.max_bad_fraction * max(self.counts.seen, self.min_samples):
+            raise TooManyCorruptSamples(
+                f"shard {url} is unreadable ({error}); counted as its about {samples} samples, "
+                f"{self.counts.skipped} of {self.counts.seen} samples read are bad, more than "
+                f"max_bad_fraction={self.max_bad_fraction}; restore the shard or raise data.max_bad_fraction"
+            ) from error
+
     def attach_counts(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Add the counts since the previous batch to ``batch`` under :data:`COUNTS_KEY` (a batching stage)."""
         new = (self.counts.seen - self._reported.seen, self.counts.skipped - self._reported.skipped)
@@ -132,6 +174,50 @@ class _CountedDecode:
         return decoded
 
 
+class ShardSamples:
+    """A pipeline stage: shard urls -> samples, opening each shard with retries (a picklable wrapper).
+
+    A shard that cannot be opened is tried ``retries`` more times, ``retry_delay_s`` apart and twice
+    that each further time (a file system that hiccups); then it is skipped through
+    :meth:`SkipCounter.skip_shard` as ``samples_per_shard`` bad samples. Errors inside a shard
+    (a truncated member, a bad sample) go to the handler as before.
+
+    Args:
+        handler: the skip counter.
+        samples_per_shard: what an unreadable shard counts as.
+        retries: further tries of a shard that cannot be opened.
+        retry_delay_s: the wait before the first retry (doubling after).
+    """
+
+    def __init__(
+        self, handler: SkipCounter, samples_per_shard: int = 1, retries: int = 3, retry_delay_s: float = 1.0
+    ) -> None:
+        self.handler = handler
+        self.samples_per_shard = max(1, samples_per_shard)
+        self.retries = retries
+        self.retry_delay_s = retry_delay_s
+
+    def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        streams = (opened for shard in shards if (opened := self.open(shard)) is not None)
+        files = tar_file_expander(streams, handler=self.handler)
+        return group_by_keys(files, handler=self.handler)
+
+    def open(self, shard: dict[str, Any]) -> dict[str, Any] | None:
+        """``shard`` with its opened ``stream``, or ``None`` when it stayed unreadable (skipped and counted)."""
+        url = shard["url"]
+        for attempt in range(self.retries + 1):
+            try:
+                return {**shard, "stream": gopen(url)}
+            except OSError as error:
+                if attempt == self.retries:
+                    self.handler.skip_shard(url, error, self.samples_per_shard)
+                    return None
+                delay = self.retry_delay_s * 2**attempt
+                log.warning("shard %s: %s; try %d of %d in %.1f s", url, error, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        return None
+
+
 def shard_stream(
     urls: Sequence[str],
     decode: Callable[[dict[str, Any]], Any],
@@ -145,6 +231,9 @@ def shard_stream(
     batches_per_epoch: int | None = None,
     partial_batches: bool = False,
     batcher: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
+    samples_per_shard: int = 1,
+    shard_retries: int = 3,
+    shard_retry_delay_s: float = 1.0,
 ) -> wds.DataPipeline | EpochSlices:
     """A pipeline yielding collated batches from shards.
 
@@ -166,12 +255,15 @@ def shard_stream(
         partial_batches: keep the last, smaller batch of an epoch.
         batcher: a pipeline stage (iterator of decoded samples -> iterator of collated batches)
             used instead of plain batching, e.g. :class:`~data_pipelines.transforms.buckets.BucketBatcher`.
+        samples_per_shard: about how many samples a shard holds (what an unreadable one counts as).
+        shard_retries: further tries of a shard that cannot be opened (see :class:`ShardSamples`).
+        shard_retry_delay_s: the wait before the first retry.
     """
     if resampled:
         stages: list[Any] = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(list(urls)), wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=handler))
+    stages.append(ShardSamples(handler, samples_per_shard, shard_retries, shard_retry_delay_s))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     stages += [
@@ -217,6 +309,41 @@ class EpochSlices(IterableDataset):
                 return
 
 
+def _raise_named(error: RuntimeError, num_workers: int) -> None:
+    """Raise :class:`LoaderWorkerDied` for PyTorch's "DataLoader worker (pid ...)" error, other errors as they are."""
+    if "DataLoader worker" not in str(error) or isinstance(error, LoaderWorkerDied):
+        raise error
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    raise LoaderWorkerDied(
+        f"rank {rank}: a data-loader worker died ({error}); killed by signal 9 (Killed) is most often the "
+        "kernel's out-of-memory killer (see dmesg): lower data.num_workers or data.shuffle_buffer, or give "
+        f"the job more memory (data.num_workers={num_workers}), then run the same command again to "
+        "resume from the newest checkpoint (auto_resume=true)"
+    ) from error
+
+
+def _name_dead_workers_in_sigchld(num_workers: int) -> None:
+    """Wrap the SIGCHLD handler PyTorch's loader installed so that its dead-worker error is :class:`LoaderWorkerDied`.
+
+    PyTorch raises that error from the handler, wherever the main thread is when the worker dies; no
+    iterator sees it. Once per process (the handler is the process's), from the main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(handler) or getattr(handler, "names_dead_workers", False):
+        return
+
+    def naming(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except RuntimeError as error:
+            _raise_named(error, num_workers)
+
+    naming.names_dead_workers = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, naming)
+
+
 def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
     """Batches each worker of each rank yields so that one epoch covers about ``num_samples``."""
     return max(1, math.ceil(num_samples / (batch_size * world_size * max(1, num_workers))))
@@ -243,9 +370,38 @@ class ResumableLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         plan = self.resume_plan() if self.resume_plan is not None else None
         if plan is None or plan == (0, False):
-            return super().__iter__()
-        self._restart_stream()
-        return self._skipping(*plan)
+            iterator = super().__iter__()
+        else:
+            self._restart_stream()
+            iterator = self._skipping(*plan)
+        return iterator if self.num_workers == 0 else self._naming_dead_workers(iterator)
+
+    def _naming_dead_workers(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        """``iterator``, with the loader's "worker exited unexpectedly" error turned into :class:`LoaderWorkerDied`
+        (the error PyTorch's SIGCHLD handler raises elsewhere in the main thread too, once the iterator started
+        the workers and that handler)."""
+        try:
+            first = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            _raise_named(error, self.num_workers)
+        _name_dead_workers_in_sigchld(self.num_workers)  # the workers and PyTorch's handler exist now
+        children = multiprocessing.active_children()  # this iterator's workers among them
+        try:
+            yield first
+            yield from iterator
+        except RuntimeError as error:
+            _raise_named(error, self.num_workers)
+        except (ConnectionError, EOFError) as error:  # a batch's sender died mid-transfer, before it was seen dead
+            ended = multiprocessing.connection.wait([child.sentinel for child in children], timeout=10)
+            dead = [child for child in children if child.sentinel in ended]
+            if not dead:
+                raise
+            pids = ", ".join(f"pid {child.pid}, exit code {child.exitcode}" for child in dead)
+            _raise_named(
+                RuntimeError(f"DataLoader worker ({pids}) ended while sending a batch: {error!r}"), self.num_workers
+            )
 
     def _restart_stream(self) -> None:
         """Start the stream from its beginning (workers restart with fresh copies of the dataset)."""

@@ -30,6 +30,12 @@ the one place to call it differently.
 ``FSDPStrategy`` (``trainer.strategies.fsdp``): ``_setup_model`` wraps the model with
 ``device_id=root_device.index`` (``None`` on CPU, and ``device_id`` cannot go through its kwargs).
 
+``Trainer.save_checkpoint`` (``trainer.callbacks.checkpoint``): it collects the checkpoint with
+``_checkpoint_connector.dump_checkpoint``, has the strategy write it, then waits in a process-group
+barrier while rank 0 writes. A large checkpoint on slow storage outlasts the process-group timeout
+there; ``write_checkpoint`` does the first two steps, and the ranks meet through the store instead
+(``trainer.faults.ranks``). No public call collects a checkpoint without writing it.
+
 ``WandbLogger`` (``trainer.cli.hydra_app``): ``_experiment`` tells whether the run was started;
 the public ``experiment`` property starts one when it was not.
 
@@ -123,6 +129,12 @@ class FSDPStrategyHooks(FSDPStrategy):
         return super()._setup_model(model)
 
 
+def write_checkpoint(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint(filepath, weights_only)`` without its closing barrier (call on every rank)."""
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+    trainer.strategy.save_checkpoint(checkpoint, filepath)
+
+
 def averaged_model(callback: WeightAveraging) -> AveragedModel | None:
     """The ``AveragedModel`` of ``callback`` (``None`` before fit sets it up)."""
     return callback._average_model
@@ -149,6 +161,11 @@ _METHODS = (  # owner, name, parameters after self
     ("lightning.pytorch.strategies.DeepSpeedStrategy", "_init_deepspeed_distributed", ""),
     ("lightning.pytorch.strategies.DeepSpeedStrategy", "_setup_model_and_optimizer", "model optimizer lr_scheduler"),
     ("lightning.pytorch.strategies.FSDPStrategy", "_setup_model", "model"),
+    (
+        "lightning.pytorch.trainer.connectors.checkpoint_connector._CheckpointConnector",
+        "dump_checkpoint",
+        "weights_only",
+    ),
 )
 _ATTRIBUTES = (  # owner, name, a cheap instance (the attributes are set in __init__)
     (_CHECKPOINT, "_fs", ModelCheckpoint),
@@ -157,6 +174,7 @@ _ATTRIBUTES = (  # owner, name, a cheap instance (the attributes are set in __in
     ("lightning.pytorch.callbacks.WeightAveraging", "_average_model", WeightAveraging),
     ("lightning.pytorch.callbacks.ThroughputMonitor", "_throughputs", lambda: ThroughputMonitor(len)),
     ("lightning.pytorch.loggers.WandbLogger", "_experiment", lambda: WandbLogger(offline=True)),
+    ("lightning.pytorch.Trainer", "_checkpoint_connector", lambda: L.Trainer(logger=False, enable_checkpointing=False)),
 )
 _RANK_ZERO = "lightning.pytorch.utilities.rank_zero"  # the logger of rank_zero_info
 _LOGGER_CONNECTOR = "lightning.pytorch.trainer.connectors.logger_connector.logger_connector"
@@ -175,6 +193,21 @@ CONTRACTS = (
         for owner, name, instance in _ATTRIBUTES
     ),
     *(PrivateName("lightning", owner, text, ADAPTER, kind="source") for owner, text in _SOURCES),
+    # write_checkpoint repeats Trainer.save_checkpoint's steps but its barrier: still these two
+    PrivateName(
+        "lightning",
+        "lightning.pytorch.Trainer.save_checkpoint",
+        "checkpoint = self._checkpoint_connector.dump_checkpoint(weights_only)",
+        ADAPTER,
+        kind="source",
+    ),
+    PrivateName(
+        "lightning",
+        "lightning.pytorch.Trainer.save_checkpoint",
+        "self.strategy.save_checkpoint(checkpoint, filepath, storage_options=storage_options)",
+        ADAPTER,
+        kind="source",
+    ),
 )
 
 

@@ -10,6 +10,11 @@ weights into a float32 average.
 (``data_pipelines.shards.streaming``): with ``persistent_workers`` the loader keeps one iterator,
 and its worker processes with their copies of the dataset, for its whole life; an exact resume
 restarts the stream from its beginning, which needs fresh workers. No public call ends them.
+
+``torch.distributed.distributed_c10d._get_default_store`` (``trainer.faults.ranks``): the key-value
+store the default process group was built on (the TCPStore of the rendezvous, or torchrun's agent
+store). The phase board and the meetings of single-rank work live there; creating a store of our
+own would need a second address and port that every launcher passes to every rank.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ def restart_workers(loader: DataLoader) -> None:
     loader._iterator = None
 
 
-_LOADER = "torch.utils.data.DataLoader"
+def default_store() -> torch.distributed.Store:
+    """The key-value store of the default process group (initialized)."""
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
 _LOADER = "torch.utils.data.DataLoader"
 _WORKERS_ITERATOR = "torch.utils.data.dataloader._MultiProcessingDataLoaderIter"
 CONTRACTS = (
@@ -46,4 +55,5 @@ CONTRACTS = (
     PrivateName("torch", _LOADER, "_iterator", ADAPTER, kind="attribute", instance=lambda: DataLoader([])),
     PrivateName("torch", f"{_LOADER}.__iter__", "if self._iterator is None:", ADAPTER, kind="source"),  # kept, reused
     PrivateName("torch", _WORKERS_ITERATOR, "_shutdown_workers", ADAPTER, parameters=("self",)),
+    PrivateName("torch", "torch.distributed.distributed_c10d", "_get_default_store", ADAPTER, parameters=()),
 )

@@ -18,17 +18,21 @@ from pathlib import Path
 from hydra.core.global_hydra import GlobalHydra
 
 
-def cli_command(command: str, *overrides: str, cwd: Path) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that run ``command`` (an ``lf-*`` script) with Hydra's files under ``cwd``."""
+def cli_command(
+    command: str, *overrides: str, cwd: Path, env: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment (plus ``env``) that run ``command`` (an ``lf-*`` script); Hydra files go in ``cwd``."""
     executable = shutil.which(command) or str(Path(sys.executable).parent / command)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
     argv = [executable, *overrides, f"hydra.run.dir={cwd / 'hydra'}", f"hydra.sweep.dir={cwd / 'multirun'}"]
     return argv, env
 
 
-def run_cli(command: str, *overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``command`` with Hydra overrides; Hydra's own files go under ``cwd``."""
-    argv, env = cli_command(command, *overrides, cwd=cwd)
+def run_cli(
+    command: str, *overrides: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``command`` with Hydra overrides (and ``env``); Hydra's own files go under ``cwd``."""
+    argv, env = cli_command(command, *overrides, cwd=cwd, env=env)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

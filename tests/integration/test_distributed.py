@@ -1,23 +1,31 @@
 """Two CPU processes over gloo through the ``lf-train`` command, with gradient accumulation 2: exact
 resume under DDP and ZeRO-2 after the whole process group was killed (SIGKILL) and resumed with
-``ckpt_path=last``. Every strategy × precision (training, exact resume, export, sampling) is in
-``test_precision_matrix.py``.
+``ckpt_path=last``, and after a preemption signal (SIGTERM to one rank under DDP, SIGUSR1 to every
+rank under ZeRO-2) at a step drawn from a seed, resumed by the same command (``auto_resume=true``);
+under torchrun with restarts, a rank killed and a rank hung cost nothing either.
+Every strategy × precision (training, exact resume, export, sampling) is in ``test_precision_matrix.py``.
 
 Each strategy trains once uninterrupted (module fixture), for ``STEPS`` steps with a checkpoint
 every 2 steps, all kept: every interrupted-and-resumed run is compared with the checkpoint of the
 same step.
 """
 
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.checkpoints import assert_resume_is_exact
-from tests.integration.cli import kill_cli_when, run_cli
+from tests.integration.cli import cli_command, kill_cli_when, run_cli
+from tests.integration.faults import FAULTS_ENV, inject
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.checkpoint.resume import resolve_resume_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 STEPS = 6
 KEEP_ALL = "callbacks.model_checkpoint.save_top_k=-1"
@@ -90,3 +98,73 @@ def test_run_killed_with_its_process_group_resumes_exactly(uninterrupted, latent
         reference = tmp_path / "reference"
         train(latent_dir, reference, strategy, target, EMA, KEEP_ALL, cwd=tmp_path)
     assert_resume_is_exact(killed / "checkpoints" / "last.ckpt", step_checkpoint(reference, target))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "signal", "ranks"), [("ddp", "SIGTERM", [1]), ("deepspeed_stage_2", "SIGUSR1", [0, 1])]
+)
+def test_preemption_signal_checkpoints_that_step_and_the_same_command_resumes_exactly(
+    uninterrupted, latent_dir, tmp_path, strategy, signal, ranks
+):
+    """The signal comes at a micro-batch drawn from a seed, to ``ranks`` only: every rank finishes that optimizer
+    step, one checkpoint of it is written, all exit 75; the same command line then finishes the run exactly."""
+    rng = random.Random(f"{strategy}-15")
+    step, micro = rng.randrange(STEPS - 1), rng.randrange(2)
+    out = tmp_path / "run"
+    command = [
+        *two_process_overrides(latent_dir, out, strategy, STEPS),
+        EMA,
+        KEEP_ALL,
+        "auto_resume=true",
+        *inject("signal", "SignalAt", marker=out / "sent", step=step, micro=micro, signal=signal, ranks=ranks),
+    ]
+    preempted = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)
+    assert preempted.returncode == 75, preempted.stdout[-2000:] + preempted.stderr[-3000:]
+    assert f"preempted by {signal} at step {step + 1}" in preempted.stdout
+    assert load_checkpoint(resolve_resume_checkpoint("last", out / "checkpoints"))["global_step"] == step + 1
+    resumed = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step + 1}" in resumed.stdout and "resumed from" in resumed.stdout
+    assert_resume_is_exact(out / "checkpoints" / "last.ckpt", step_checkpoint(uninterrupted(strategy), STEPS))
+
+
+def test_torchrun_restarts_after_a_killed_rank_and_a_hung_rank_and_matches(uninterrupted, latent_dir, tmp_path):
+    """torchrun --max-restarts=2, the same command throughout. Rank 0 samples validation images longer than
+    ``distributed.timeout_s`` at step 2: rank 1 waits, nothing trips. Rank 1 is SIGKILLed in step 3: the group
+    restarts from step 2. Rank 1 hangs in validation at step 4: its watchdog stops it within the timeout,
+    naming rank and phase, and the group restarts from step 4. The run ends equal to an uninterrupted one."""
+    out, timeout = tmp_path / "run", 15
+    command = [
+        *two_process_overrides(latent_dir, out, "ddp", STEPS),
+        EMA,
+        KEEP_ALL,
+        "auto_resume=true",
+        f"distributed.timeout_s={timeout}",
+        f"data.val_dir={latent_dir}",
+        "trainer.val_check_interval=4",  # batches: every 2 optimizer steps
+        "+trainer.check_val_every_n_epoch=null",
+        "+trainer.limit_val_batches=2",
+        "callbacks=with_validation_images",
+        "callbacks.validation_images._target_=tests.integration.faults.SlowValidationImages",
+        f"+callbacks.validation_images.marker={out / 'slow-images'}",
+        f"+callbacks.validation_images.extra_s={timeout + 5}",
+        "callbacks.validation_images.prompts=[a handwritten digit one]",
+        "callbacks.validation_images.every_n_steps=2",
+        "callbacks.validation_images.images_per_prompt=1",
+        "callbacks.validation_images.steps=2",
+        *inject("kill", "KillAt", marker=out / "killed", step=2, ranks=[1]),
+        *inject("stall", "StallValidation", marker=out / "stalled", step=4, seconds=3600, ranks=[1]),
+    ]
+    # as launch/torchrun_*.sh: a restarted group must not read the previous attempt's addresses (pytorch#135712)
+    argv, env = cli_command("lf-train", *command, cwd=tmp_path, env={**FAULTS_ENV, **TORCHRUN_ENV})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "trainer.cli.train", *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=900,  # an upper bound for a hang, not a timing
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert (out / "killed").exists() and (out / "stalled").exists(), "both faults happened"
+    assert "hang: rank 1 made no progress for" in output and "in 'validation' at step 4" in output
+    assert "resumed from" in output and "at step 2" in output and "at step 4" in output
+    assert_resume_is_exact(out / "checkpoints" / "last.ckpt", step_checkpoint(uninterrupted("ddp"), STEPS))

@@ -1,5 +1,6 @@
-"""Exact resume on one CPU process: stopped (max_steps, a damaged newest checkpoint, SIGKILL) and
-resumed runs end with the same weights, EMA and optimizer state as an uninterrupted run.
+"""Exact resume on one CPU process: stopped (max_steps, a damaged newest checkpoint, SIGKILL, a
+preemption signal, a full disk) and resumed runs end with the same weights, EMA and optimizer state
+as an uninterrupted run.
 
 Gradient accumulation 2, 16 samples a batch, 6 batches an epoch: the runs cross epoch boundaries.
 """
@@ -7,14 +8,18 @@ Gradient accumulation 2, 16 samples a batch, 6 batches an epoch: the runs cross 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from data_pipelines.shards.streaming import LoaderWorkerDied
+from lf_common.errors import StorageError
 from tests.conftest import compose_config, tiny_train_overrides
-from tests.integration.cli import kill_cli_when
+from tests.integration.cli import kill_cli_when, run_cli
+from tests.integration.faults import FAULTS_ENV, inject
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.checkpoint.resume import checkpoint_step, resolve_resume_checkpoint
 from trainer.cli.train import run_train
@@ -112,3 +117,52 @@ def test_sigkilled_run_resumes_exactly(latent_dir, tmp_path):
     train(latent_dir, reference, target)
     assert_same_training_state(final_state(killed), final_state(reference))
     shutil.rmtree(killed)
+
+
+def test_preemption_signal_at_a_random_step_checkpoints_it_and_resumes_exactly(uninterrupted, latent_dir, tmp_path):
+    """SIGUSR1 at a micro-batch drawn from a seed: exit 75 with a checkpoint of the step it was in; the same
+    command again (``auto_resume=true``) finishes the run, equal to the uninterrupted one."""
+    rng = random.Random(15)
+    step, micro = rng.randrange(STEPS - 1), rng.randrange(2)  # accumulation 2: maybe mid-step
+    out = tmp_path / "run"
+    command = [
+        *resume_overrides(latent_dir, out, STEPS, "auto_resume=true"),
+        *inject("signal", "SignalAt", marker=out / "signal-sent", step=step, micro=micro, signal="SIGUSR1"),
+    ]
+    preempted = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)
+    assert preempted.returncode == 75, preempted.stderr[-3000:]
+    assert f"preempted by SIGUSR1 at step {step + 1}" in preempted.stdout
+    assert final_state(out)["global_step"] == step + 1, "the checkpoint holds the step the signal came in"
+    resumed = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'last.ckpt'} at step {step + 1}" in resumed.stdout
+    assert_same_training_state(final_state(out), uninterrupted)
+
+
+def test_full_disk_mid_checkpoint_keeps_the_previous_one_and_names_the_path(uninterrupted, latent_dir, tmp_path):
+    """ENOSPC halfway through the step-4 checkpoint: the run stops naming the path and the space, no partial
+    file stays, and the step-2 checkpoint resumes exactly."""
+    fault = inject("disk", "FullDiskAt", marker=tmp_path / "disk-full", step=4)
+    with pytest.raises(StorageError) as error:
+        train(latent_dir, tmp_path, STEPS, *fault)
+    message = str(error.value)
+    assert f"writing {tmp_path / 'checkpoints' / 'step-0000004.ckpt'} failed: No space left on device" in message
+    assert "needed" in message and "free on" in message and "step-0000002.ckpt is complete" in message
+    assert not list((tmp_path / "checkpoints").glob("*.partial")), "the partial write is removed"
+    train(latent_dir, tmp_path, STEPS, *fault, "auto_resume=true")
+    assert_same_training_state(final_state(tmp_path), uninterrupted)
+
+
+def test_a_killed_loader_worker_is_named_and_the_same_command_resumes(uninterrupted, latent_dir, tmp_path):
+    """The OOM killer's SIGKILL to the data-loader worker at step 3: the run stops with LoaderWorkerDied
+    naming the rank and the fix; the same command (``auto_resume=true``) resumes from the step-2 checkpoint
+    and ends equal to the uninterrupted run (one worker streams what the main process does)."""
+    out = tmp_path / "run"
+    command = [
+        *resume_overrides(latent_dir, out, STEPS, "data.num_workers=1", "auto_resume=true"),
+        *inject("oom", "KillLoaderWorkersAt", marker=out / "workers-killed", step=3),
+    ]
+    with pytest.raises(LoaderWorkerDied, match=r"rank 0: a data-loader worker died .* lower data.num_workers"):
+        run_train(compose_config("train", command))
+    assert run_train(compose_config("train", command))["global_step"] == STEPS
+    assert_same_training_state(final_state(out), uninterrupted)

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "trainer.sampling": 60,
     "trainer.evaluation": 55,
     "trainer.strategies": 55,
+    "trainer.faults": 52,  # preemption signals, the phase board and hang watchdog (below callbacks, above checkpoint)
     "trainer.checkpoint": 50,
     "trainer.lora": 45,
     "trainer.diffusion": 40,

@@ -1,11 +1,21 @@
 import io
 import logging
+import os
+import signal
 
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import IterableDataset
 
 from data_pipelines.loading.datamodules import ImageShardDataModule
-from data_pipelines.shards.streaming import COUNTS_KEY, SkipCounter, TooManyCorruptSamples
+from data_pipelines.shards.streaming import (
+    COUNTS_KEY,
+    LoaderWorkerDied,
+    ResumableLoader,
+    SkipCounter,
+    TooManyCorruptSamples,
+)
 from data_pipelines.shards.tar_writer import open_tar_writer
 
 
@@ -88,3 +98,52 @@ def test_too_few_shards_for_the_workers_is_named(tmp_path):
         datamodule.train_dataloader()
     datamodule.val_urls = datamodule.urls  # validation caps its workers instead
     assert sum(b["pixels"].shape[0] for b in datamodule.val_dataloader()) == 4
+
+
+def test_a_shard_that_disappears_is_retried_then_skipped_and_counted(tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        write_shard(tmp_path / f"{name}.tar", good=4, bad=0)
+    datamodule = ImageShardDataModule(
+        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False,
+        max_bad_fraction=0.5, bad_fraction_min_samples=4, shard_retries=2, shard_retry_delay_s=0.01,
+    )  # fmt: skip
+    loader = datamodule.train_dataloader()
+    (tmp_path / "b.tar").unlink()  # gone after the run listed it
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert sum(b["pixels"].shape[0] for b in batches) == 8, "the other shards' samples all arrive"
+    assert caplog.text.count("b.tar: ") >= 2 and "try 2 of 2" in caplog.text, "retried twice"
+    assert "skipped unreadable shard" in caplog.text and "b.tar (about 4 samples" in caplog.text
+    for batch in batches:
+        datamodule.on_before_batch_transfer(batch, 0)
+    assert (datamodule.sample_counts.seen, datamodule.sample_counts.skipped) == (12, 4)
+
+
+def test_an_unreadable_shard_over_the_bad_fraction_fails_naming_it(tmp_path):
+    write_shard(tmp_path / "a.tar", good=4, bad=0)
+    datamodule = ImageShardDataModule(
+        str(tmp_path), resolution=8, batch_size=2, num_workers=0, shuffle_buffer=0, resampled=False,
+        bad_fraction_min_samples=4, shard_retries=0,
+    )  # fmt: skip
+    loader = datamodule.train_dataloader()
+    (tmp_path / "a.tar").unlink()
+    with pytest.raises(TooManyCorruptSamples, match=r"shard .*a\.tar is unreadable .* restore the shard"):
+        list(loader)
+
+
+class _WorkerPids(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.tensor(os.getpid())
+
+
+def test_a_killed_loader_worker_gives_an_error_naming_it_and_the_fix():
+    loader = ResumableLoader(_WorkerPids(), batch_size=None, num_workers=1)
+    batches = iter(loader)
+    worker = int(next(batches))
+    expected = rf"rank 0: a data-loader worker died \(.*{worker}.*out-of-memory"
+    with pytest.raises(LoaderWorkerDied, match=expected) as error:
+        os.kill(worker, signal.SIGKILL)  # as the out-of-memory killer does
+        for _ in range(1000):  # the batches already prefetched come first
+            next(batches)
+    assert "lower data.num_workers" in str(error.value) and "auto_resume=true" in str(error.value)

@@ -4,6 +4,13 @@
   ``<name>.partial`` and renamed to its name once every rank has finished writing, so a crash
   never leaves a half-written checkpoint under a final name (``trainer.checkpoint.resume`` tells
   complete from damaged ones when resuming).
+* **Storage faults**: a write that fails (a full disk, a failing device) removes its partial
+  checkpoint and stops the run with a :class:`~lf_common.errors.StorageError` that names the path,
+  the space needed and free, and the previous checkpoint, which is complete and resumes; every rank
+  stops with it.
+* **No timeout while rank 0 writes**: under DDP rank 0 writes alone; the other ranks wait for it
+  through the store while the file grows (``trainer.faults.ranks.single_rank_work``), not in a
+  process-group barrier whose timeout a large checkpoint on slow storage would outlast.
 * **Retention**: ``save_top_k`` with ``monitor: step`` keeps the newest K; ``keep_every_n_steps``
   also keeps every checkpoint whose step is a multiple of N (they are never deleted).
 * **No rewrite on resume**: Lightning does not restore which step it saved last, so after a
@@ -18,15 +25,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from weakref import proxy
 
 import lightning as L
 
 from lf_common.atomic import replace_path
-from lf_common.errors import ConfigError
-from lf_common.upstream.lightning_private import ModelCheckpointHooks
-from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_step
+from lf_common.errors import ConfigError, StorageError
+from lf_common.storage import path_size, write_failure
+from lf_common.upstream.lightning_private import ModelCheckpointHooks, write_checkpoint
+from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_problem, checkpoint_step, checkpoints_newest_first
+from trainer.faults.ranks import single_rank_work
 
 
 class ModelCheckpoint(ModelCheckpointHooks):
@@ -52,7 +62,13 @@ class ModelCheckpoint(ModelCheckpointHooks):
         if trainer.is_global_zero and self.filesystem.exists(partial):  # left by a crash
             self.filesystem.rm(partial, recursive=True)
         trainer.strategy.barrier("checkpoint_partial_clear")
-        trainer.save_checkpoint(partial, self.save_weights_only)
+        with single_rank_work("checkpoint save", trainer.global_step, worker=None, growing=partial):
+            try:
+                write_checkpoint(trainer, partial, self.save_weights_only)
+            except OSError as error:
+                if self.filesystem.exists(partial):  # free what it took; the previous checkpoint stays
+                    self.filesystem.rm(partial, recursive=True)
+                raise StorageError(self._write_failure(filepath, error)) from error
         trainer.strategy.barrier("checkpoint_written")
         if trainer.is_global_zero:
             replace_path(partial, filepath)
@@ -61,6 +77,14 @@ class ModelCheckpoint(ModelCheckpointHooks):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    def _write_failure(self, filepath: str, error: OSError) -> str:
+        """The message for a failed write of ``filepath``: the newest complete checkpoint (named by its step
+        when one is) is kept, and this one needs about as much space."""
+        complete = [p for p in checkpoints_newest_first(Path(filepath).parent) if checkpoint_problem(p) is None]
+        previous = next((p for p in complete if checkpoint_step(p) is not None), complete[0] if complete else None)
+        needed = path_size(previous) if previous is not None else None
+        return write_failure(filepath, error, needed, previous.name if previous is not None else None)
 
     def remove_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
         step = checkpoint_step(filepath)

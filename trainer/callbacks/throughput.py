@@ -26,6 +26,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 from lf_common.upstream.lightning_private import stage_throughputs
+from trainer.faults.ranks import single_rank_work
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class Throughput(ThroughputMonitor):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if getattr(pl_module, "flops_per_batch", None) is None and "latents" in batch:
-            flops = unet_train_flops(dict(pl_module.unet.config), batch["latents"].shape, batch["text"].shape)
+            with single_rank_work("FLOP count", trainer.global_step, worker=None):  # ranks meet outside the PG timeout
+                flops = unet_train_flops(dict(pl_module.unet.config), batch["latents"].shape, batch["text"].shape)
             pl_module.flops_per_batch = flops
             if trainer.is_global_zero:
                 log.info("UNet forward+backward: %.3g FLOPs per batch of %d", flops, batch["latents"].shape[0])

@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from data_pipelines.raw.sources.digits import digit_caption
 from trainer.callbacks.ema import EMA
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
+from trainer.faults.ranks import single_rank_work
 from trainer.sampling.png_info import image_grid
 from trainer.sampling.sampler import Sampler, SampleSettings
 
@@ -73,17 +74,19 @@ class ValidationImages(Callback):
         self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Sample and log now (rank 0), unless this step was already done."""
+        """Sample and log now (rank 0; the other ranks wait for it outside the process group's timeout),
+        unless this step was already done."""
         if trainer.global_step == self._last_step or trainer.global_step == 0:
             return
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero:
-            return
-        prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
-        seeds = [self.seed + i for i in range(len(prompts))]
-        images = self.sample(trainer, pl_module, prompts, seeds)
-        self.log_images(trainer, image_grid(images, columns=self.images_per_prompt))
-        self.evaluate(trainer, pl_module, images, prompts)
+        with single_rank_work(self.tag + " images", trainer.global_step):  # the other ranks wait in the store
+            if not trainer.is_global_zero:
+                return
+            prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
+            seeds = [self.seed + i for i in range(len(prompts))]
+            images = self.sample(trainer, pl_module, prompts, seeds)
+            self.log_images(trainer, image_grid(images, columns=self.images_per_prompt))
+            self.evaluate(trainer, pl_module, images, prompts)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, images: list[Image.Image], prompts: list[str]):
         """Metrics on the sampled images; none here (see :class:`DigitsAccuracy`)."""

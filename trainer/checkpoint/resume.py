@@ -10,6 +10,8 @@ checkpoint folder has its ``latest`` tag, the model-state file of rank 0, and on
 ``resolve_resume_checkpoint`` turns ``ckpt_path`` into the checkpoint to resume from: ``last``
 means the newest complete checkpoint of the run's checkpoint folder; a damaged checkpoint is
 passed over for the previous complete one, and the log says which one and why.
+``auto_resume_checkpoint`` is ``auto_resume=true``'s choice: ``last`` when the folder holds
+checkpoints, nothing for a fresh run, so a requeued or restarted job needs no edited command line.
 """
 
 from __future__ import annotations
@@ -102,6 +104,14 @@ def checkpoints_newest_first(folder: str | Path) -> list[Path]:
     last_written = max((p.stat().st_mtime_ns for p in last), default=None)
     after_last = [p for p in stepped if last_written is not None and p.stat().st_mtime_ns > last_written]
     return after_last + last + [p for p in stepped if p not in after_last]
+
+
+def auto_resume_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
+    """What ``auto_resume`` resumes from: ``"last"`` when ``checkpoint_dir`` holds checkpoints (complete or
+    damaged: :func:`resolve_resume_checkpoint` picks or explains), ``None`` for a fresh run."""
+    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
+        return None
+    return LAST_NAME if checkpoints_newest_first(checkpoint_dir) else None
 
 
 def _is_checkpoint_folder(path: Path) -> bool:

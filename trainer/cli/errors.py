@@ -6,10 +6,13 @@ becomes one or two plain lines: what is wrong and where, then the fix. :func:`ex
 or ``None`` for anything else, which keeps its traceback (:mod:`trainer.cli.command` decides).
 
 Expected mistakes are the project's :class:`~lf_common.errors.DataError` (with ``KeyMapError``,
-``StaleLatentsError``, ``TooManyCorruptSamples``, ``CorruptSampleError``) and
-:class:`~lf_common.errors.ConfigError`, OmegaConf's missing-value and interpolation errors, Hydra's
-composition and override-parsing errors, and Hydra's ``InstantiationException`` when it wraps one
-of those (unwrapped) or a constructor refusing a keyword (a config key the class does not take).
+``StaleLatentsError``, ``TooManyCorruptSamples``, ``CorruptSampleError``),
+:class:`~lf_common.errors.ConfigError`, the faults whose messages name the place and the fix
+(:class:`~lf_common.errors.StorageError`: a checkpoint write that failed, e.g. a full disk;
+``LoaderWorkerDied``: a data-loader worker killed, e.g. by the OOM killer), OmegaConf's
+missing-value and interpolation errors, Hydra's composition and override-parsing errors, and
+Hydra's ``InstantiationException`` when it wraps one of those (unwrapped) or a constructor
+refusing a keyword (a config key the class does not take).
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from hydra.errors import (
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from lf_common.errors import ConfigError, DataError
+from data_pipelines.shards.streaming import LoaderWorkerDied
+from lf_common.errors import ConfigError, DataError, StorageError
 from trainer.cli.command_doc import CommandDoc
 
-USER_ERRORS = (DataError, ConfigError)
-"""The project's own errors for bad input; their messages say what, where and the fix."""
+USER_ERRORS = (DataError, ConfigError, StorageError, LoaderWorkerDied)
+"""The project's own errors for bad input and for faults of the machine; their messages say what,
+where and the fix."""
 _NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
 _APPEND_EXISTING = re.compile(r"Could not append to config\. An item is already at '([^']+)'")
 _BAD_KEYWORD = re.compile(r"Error in call to target '([^']+)':\n\w+\(\"?'?.*?(unexpected keyword argument '(\w+)')")

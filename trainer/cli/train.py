@@ -10,6 +10,11 @@ Examples::
     lf-train -m hparams_search=lr_optuna data.train_dir=... data.val_dir=...   # Optuna (TPE)
     lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
     lf-train ckpt_path=last output_dir=outputs/train/<run>       # resume from the newest complete checkpoint
+    lf-train auto_resume=true output_dir=outputs/train/<run>     # resume when it has a checkpoint, else start
+
+A SIGTERM or SIGUSR1 (a preemption) ends the run after the current optimizer step with a complete
+checkpoint and exit status 75 (``EX_TEMPFAIL``): run the same command again (with ``auto_resume=true``,
+as the launchers pass it) and it continues from there.
 
 Keys::
 
@@ -26,6 +31,7 @@ Keys::
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +39,13 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from trainer.callbacks.provenance import Provenance
 from trainer.callbacks.rng import RNGState
-from trainer.checkpoint.resume import resolve_resume_checkpoint
+from trainer.checkpoint.resume import auto_resume_checkpoint, resolve_resume_checkpoint
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import (
     build_trainer,
@@ -46,6 +53,7 @@ from trainer.cli.hydra_app import (
     optimizer_factories,
     resolved_container,
 )
+from trainer.faults.signals import PREEMPTED_EXIT_CODE, Preempted
 from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.precision import check_precision
 from trainer.sweeps.trial import in_sweep, run_trial
@@ -88,9 +96,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         RNGState(),
     ]
     trainer = build_trainer(cfg, monitors)
-    ckpt_path = resolve_resume_checkpoint(
-        cfg.get("ckpt_path"), OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
-    )
+    ckpt_path = resume_checkpoint(cfg)
     with finishing_loggers(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -104,14 +110,37 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint this run resumes from: ``ckpt_path`` when given; else, with ``auto_resume``, the newest
+    complete checkpoint of the run's checkpoint folder, or none when that holds no checkpoint (a fresh run)."""
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    wanted = cfg.get("ckpt_path")
+    if not wanted and cfg.get("auto_resume"):
+        wanted = auto_resume_checkpoint(folder)
+        if wanted is None:
+            log.info("auto_resume: no checkpoint in %s; starting at step 0", folder)
+    return resolve_resume_checkpoint(wanted, folder)
+
+
 @lf_command("train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; in a sweep, returns the optimized metric for Hydra's sweepers.
 
     A sweep's trial (a multirun job, or a run of a W&B sweep agent) records itself in ``trial.json``
     in its output folder, and a diverged, out-of-memory or pruned trial returns NaN instead of
-    stopping a multirun. A plain run just trains.
+    stopping a multirun. A plain run just trains. A preempted run exits with status 75.
     """
+    try:
+        return _main(cfg)
+    except Preempted as stop:
+        log.warning("%s", stop)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except SIGTERMException:  # Lightning's own handler, before training started: no step was taken
+        log.warning("preempted by SIGTERM before the first step; run the same command again to resume")
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not in_sweep(multirun):

@@ -28,6 +28,7 @@ from data_pipelines.latents.format import LatentManifest
 from data_pipelines.loading.datamodules import LatentShardDataModule
 from data_pipelines.shards.streaming import SampleCounts
 from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
+from trainer.faults.watchdog import guarded_ranks
 from trainer.sampling.sampler import SampleSettings
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         num_workers: loader worker processes per rank, for each of the two streams.
         shuffle_buffer: shuffle buffer in samples.
         seed: shard and shuffle seed of the streams; class image ``i`` is sampled with seed ``seed + i``.
+        timeout_s: ``distributed.timeout_s``: while ranks wait for the preparation of others (through the
+            store, never in a collective) a rank that has died is named after this long.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 100,
         seed: int = 0,
+        timeout_s: float = 1800.0,
     ) -> None:
         super().__init__()
         self.instance_dir = instance_dir
@@ -95,18 +99,21 @@ class DreamBoothDataModule(L.LightningDataModule):
         )
         self.loader = {"batch_size": batch_size, "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
                        "seed": seed, "resampled": True}  # fmt: skip
+        self.timeout_s = timeout_s
         self.sample_counts = SampleCounts()  # both streams' loader workers, added up
         self.streams: dict[str, LatentShardDataModule] = {}  # "instance" (and "class"), built in setup
         self._restored: dict[str, Any] | None = None  # a position restored before setup
 
     def setup(self, stage: str) -> None:
-        """Prepare the data on every rank (generate this rank's class images, rank 0 encodes), then open
-        the streams. Randomness used here leaves the training's random state as it was."""
+        """Prepare the data on every rank (generate this rank's class images, rank 0 encodes; the ranks wait
+        for each other through the store, as for validation images), then open the streams. Randomness used
+        here leaves the training's random state as it was."""
         if self.streams:
             return
-        with isolate_rng():
+        strategy = self._strategy()
+        with isolate_rng(), guarded_ranks(strategy.global_rank, strategy.world_size, self.timeout_s):
             latents = prepare_dreambooth(
-                self._strategy(), self.instance_dir, self.instance_prompt, self.cache_dir, self.pretrained,
+                strategy, self.instance_dir, self.instance_prompt, self.cache_dir, self.pretrained,
                 self.resolution, self.classes,
             )  # fmt: skip
         instance = LatentShardDataModule(str(latents.instance), **self.loader)

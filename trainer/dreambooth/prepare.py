@@ -5,14 +5,18 @@ encode both folders once into latent shards (VAE latents and text embeddings), r
 ``setup`` hook, on every rank of the training job, with the job's Lightning strategy: whatever
 started the processes (Lightning's launcher for ``trainer.devices=N``, torchrun, SLURM), the ranks,
 the device and the collectives come from the strategy. Each rank generates its share of the class
-images on its own device, then rank 0 encodes both sets while the others wait. The folders must
-be on a file system that every rank sees.
+images on its own device, then rank 0 encodes both sets while the others wait. The ranks wait for
+each other through the store (:func:`~trainer.faults.ranks.all_ranks`, under the data module's
+:func:`~trainer.faults.watchdog.guarded_ranks`), not in a process-group collective, so long
+generation or encoding on some ranks never trips the process-group timeout on the others; a rank
+that dies is named within ``distributed.timeout_s``. The folders must be on a file system that
+every rank sees.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.transforms.images import ResizeCrop
 from lf_common.errors import DataError
 from trainer.dreambooth.class_images import class_image_path, generate_class_images, missing_class_images
+from trainer.faults.ranks import all_ranks
 from trainer.sampling.sampler import SampleSettings
 
 log = logging.getLogger(__name__)
@@ -105,26 +110,6 @@ def _raw_shards(images: list[Path], caption: str | None, work: Path) -> list[str
     return resolve_shards(str(work / "shards"))
 
 
-def all_ranks(strategy: Strategy, step: str, work: Callable[[], object] | None) -> None:
-    """Run ``work`` on this rank (``None``: nothing to do here), then agree across the ranks that every
-    rank succeeded: a failure on any rank fails all of them, so none is left waiting in a later
-    collective.
-
-    Raises:
-        DataError: ``step`` failed on another rank (this rank's own error is raised as it is).
-    """
-    error: Exception | None = None
-    try:
-        if work is not None:
-            work()
-    except Exception as exc:  # re-raised below, after the other ranks have heard of it
-        error = exc
-    if not strategy.reduce_boolean_decision(error is None, all=True):
-        if error is not None:
-            raise error
-        raise DataError(f"DreamBooth preparation: {step} failed on another rank; that rank's log says why")
-
-
 def prepare_dreambooth(
     strategy: Strategy,
     instance_dir: str | Path,
@@ -168,7 +153,7 @@ def prepare_dreambooth(
             raise DataError(f"{classes.folder}: class images are still missing after generation")
         sets["class"] = ([class_image_path(classes.folder, i) for i in range(classes.count)], None)
     encode = (lambda: _encode(sets, cache, Path(pretrained), resolution, device)) if strategy.is_global_zero else None
-    all_ranks(strategy, "encoding the instance and class images", encode)
+    all_ranks(strategy, "encoding the instance and class images", encode, worker=0)
     return DreamBoothLatents(cache / "instance" / "latents", cache / "class" / "latents" if classes else None)
 
 

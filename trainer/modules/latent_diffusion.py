@@ -6,6 +6,7 @@ latent shards already hold their outputs (see ``data_pipelines.latents.format``)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,10 @@ NO_UNCOND_TEXT = (
     "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
     "module that has it (latent shards hold it), or set model.caption_dropout=0"
 )
+
+
+class SkipOptimizerStep(Exception):
+    """Raised after the gradients are computed (``on_before_optimizer_step``) to skip this optimizer step."""
 
 
 class LatentDiffusion(L.LightningModule):
@@ -247,6 +252,13 @@ class LatentDiffusion(L.LightningModule):
         )
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, unless a callback skips it by raising :class:`SkipOptimizerStep` once the
+        gradients are computed (``trainer.callbacks.finite_loss``): the weights and the optimizer state
+        stay, the step counts, the next step clears the gradients."""
+        with contextlib.suppress(SkipOptimizerStep):
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self._is_logging_step():
