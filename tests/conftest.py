@@ -23,6 +23,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 NUM_DIGITS = 96
 
 
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+"""Variables an in-process run sets (Lightning writes the port it chose into ``MASTER_PORT``)."""
+
+
+def run_variable(key: str) -> bool:
+    """Whether ``key`` is a variable a run sets for itself (distributed rendezvous, Lightning's ``PL_*``)."""
+    return key in DISTRIBUTED_ENV or key.startswith("PL_")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_run_environment():
+    """Each test leaves the process environment's run variables as it found them.
+
+    An in-process distributed or seeded run leaves ``MASTER_PORT`` (and Lightning's ``PL_*`` seed
+    variables) in ``os.environ``; a command a later test starts would inherit them, as a user's shell
+    never passes them, and its process group would try the port an earlier, still-open store holds.
+    """
+    before = {key: value for key, value in os.environ.items() if run_variable(key)}
+    yield
+    for key in [key for key in os.environ if run_variable(key)]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -17,13 +17,20 @@ from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
 
+from tests.conftest import run_variable
+
 
 def cli_command(
     command: str, *overrides: str, cwd: Path, env: dict[str, str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment (plus ``env``) that run ``command`` (an ``lf-*`` script); Hydra files go in ``cwd``."""
+    """The argv and environment (plus ``env``) that run ``command`` (an ``lf-*`` script); Hydra files go in ``cwd``.
+
+    The environment is this process's without the run variables an in-process run of a test may have
+    set (``MASTER_PORT``, Lightning's seed), as a user's shell starts a command.
+    """
     executable = shutil.which(command) or str(Path(sys.executable).parent / command)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    inherited = {key: value for key, value in os.environ.items() if not run_variable(key)}
+    env = {**inherited, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
     argv = [executable, *overrides, f"hydra.run.dir={cwd / 'hydra'}", f"hydra.sweep.dir={cwd / 'multirun'}"]
     return argv, env
 
