@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.built_once import built_once
+from tests.s3_server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures: a real S3 server)
 from trainer.cli.hydra_app import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,6 +14,9 @@ and, for training an inpainting UNet (precompute with ``inpainting=true``; the m
     KEY.mask.npy           float16 (1, h, w)  the sample's random mask at latent resolution (1: paint)
     KEY.masked_latent.npy  float16 (C, h, w)  latents of the image with the masked part grey (0)
 
+The folder may be an object-store URL (``s3://bucket/latents``; :mod:`lf_common.object_store`): each
+shard object is uploaded whole before its record, and the manifest is written last.
+
 Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
 fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
 the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
@@ -37,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.raw.format import sample_origin
-from lf_common.atomic import atomic_path, write_json_atomic
+from lf_common import object_store
 from lf_common.errors import CorruptSampleError, DataError
 
 FORMAT_NAME = "latentforge.latent-shards"
@@ -253,23 +256,26 @@ class ShardEntry:
 ENTRY_SUFFIX = ".entry.json"
 
 
-def entry_path(shard: str | Path) -> Path:
+def entry_path(shard: str | Path) -> str:
     """The record written next to a complete latent shard: ``shard-000003.tar`` -> ``shard-000003.entry.json``."""
-    shard = Path(shard)
-    return shard.with_name(shard.name.removesuffix(".tar") + ENTRY_SUFFIX)
+    return str(shard).removesuffix(".tar") + ENTRY_SUFFIX
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def save_entry(shard: str | Path, entry: ShardEntry) -> None:
     """Record a complete shard (after its tar is in place), atomically."""
-    write_json_atomic(entry_path(shard), asdict(entry))
+    object_store.write_path(entry_path(shard), _json_bytes(asdict(entry)))
 
 
 def load_entry(shard: str | Path) -> ShardEntry | None:
     """The record of a complete shard, or ``None`` when the shard or its record is missing."""
     path = entry_path(shard)
-    if not (Path(shard).is_file() and path.is_file()):
+    if not (object_store.is_file(path) and object_store.is_file(shard)):
         return None
-    return ShardEntry(**json.loads(path.read_text(encoding="utf-8")))
+    return ShardEntry(**json.loads(object_store.read_path(path)))
 
 
 @dataclass
@@ -308,11 +314,11 @@ class LatentManifest:
         """A JSON-able dict."""
         return asdict(self)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write ``folder/manifest.json`` atomically."""
-        path = Path(folder) / MANIFEST_NAME
-        write_json_atomic(path, self.to_dict())
-        return path
+    def save(self, folder: str | Path) -> Path | str:
+        """Write ``folder/manifest.json`` atomically; returns its path (a URL for an object-store folder)."""
+        path = object_store.join(str(folder), MANIFEST_NAME)
+        object_store.write_path(path, _json_bytes(self.to_dict()))
+        return path if object_store.is_url(path) else Path(path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> LatentManifest:
@@ -343,15 +349,20 @@ class LatentManifest:
         Raises:
             DataError: the folder or its manifest is missing or invalid.
         """
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
-            what = "the folder does not exist" if not Path(folder).is_dir() else "not a folder lf-precompute wrote"
-            raise DataError(
-                f"{path}: latent-shard manifest is missing ({what}); give lf-precompute's out_dir, "
-                f"or run lf-precompute shards=<raw shards> out_dir={folder} pretrained=<model folder> first"
-            )
+        path = object_store.join(str(folder), MANIFEST_NAME)
+        fix = (
+            f"give lf-precompute's out_dir, or run lf-precompute shards=<raw shards> out_dir={folder} "
+            "pretrained=<model folder> first"
+        )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = object_store.read_path(path)
+        except object_store.ObjectStoreError as error:  # names the URL, the endpoint and the reason
+            raise DataError(f"{error} (the latent-shard manifest); {fix}") from error
+        except FileNotFoundError as error:
+            what = "the folder does not exist" if not Path(folder).is_dir() else "not a folder lf-precompute wrote"
+            raise DataError(f"{path}: latent-shard manifest is missing ({what}); {fix}") from error
+        try:
+            data = json.loads(raw)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error})") from error
         return cls.from_dict(data, where=str(path))
@@ -369,8 +380,8 @@ class LatentManifest:
             ours = (self.vae.fingerprint, self.text_encoder.fingerprint, self.transforms)
             if (key.vae, key.text_encoder, key.transforms) != ours:
                 raise DataError(
-                    f"{Path(folder) / shard.name}: made with other encoders or transforms than "
-                    f"{Path(folder) / MANIFEST_NAME} names; precompute this folder again"
+                    f"{object_store.join(str(folder), shard.name)}: made with other encoders or transforms than "
+                    f"{object_store.join(str(folder), MANIFEST_NAME)} names; precompute this folder again"
                 )
 
     def shard_paths(self, folder: str | Path) -> list[str]:
@@ -379,19 +390,24 @@ class LatentManifest:
         Raises:
             DataError: a shard the manifest lists is missing.
         """
-        paths = [Path(folder) / shard.name for shard in self.shards]
-        missing = [str(p) for p in paths if not p.is_file()]
+        folder = str(folder)
+        paths = [object_store.join(folder, shard.name) for shard in self.shards]
+        if object_store.is_url(folder):
+            present = set(object_store.list_objects(folder.rstrip("/") + "/"))  # one listing, not one request a shard
+            missing = [p for p in paths if p not in present]
+        else:
+            missing = [p for p in paths if not Path(p).is_file()]
+        manifest = object_store.join(folder, MANIFEST_NAME)
         if missing:
-            raise DataError(f"{Path(folder) / MANIFEST_NAME}: lists shards that are missing: {missing[:3]}")
+            raise DataError(f"{manifest}: lists shards that are missing: {missing[:3]}")
         if not paths:
-            raise DataError(f"{Path(folder) / MANIFEST_NAME}: lists no shards")
-        return [str(p) for p in paths]
+            raise DataError(f"{manifest}: lists no shards")
+        return paths
 
 
 def save_uncond_embedding(folder: str | Path, embedding: np.ndarray) -> None:
     """Write the empty caption's embedding ``(T, D)`` as ``uncond.text.npy`` (atomically)."""
-    with atomic_path(Path(folder) / UNCOND_NAME) as tmp:
-        tmp.write_bytes(_npy_bytes(embedding))
+    object_store.write_path(object_store.join(str(folder), UNCOND_NAME), _npy_bytes(embedding))
 
 
 def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.ndarray:
@@ -400,10 +416,10 @@ def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.nd
     Raises:
         DataError: the file is missing or its shape is not the manifest's ``text_shape``.
     """
-    path = Path(folder) / manifest.uncond_file
-    if not path.is_file():
+    path = object_store.join(str(folder), manifest.uncond_file)
+    if not object_store.is_file(path):
         raise DataError(f"{path}: unconditional embedding is missing")
-    array = _load_npy(path.read_bytes())
+    array = _load_npy(object_store.read_path(path))
     if list(array.shape) != list(manifest.text_shape):
         raise DataError(f"{path}: shape {list(array.shape)}, expected text_shape {manifest.text_shape}")
     return array

@@ -12,6 +12,10 @@ of ``w`` takes input shards ``r, r + w, ...`` and one writer per rank (:class:`L
 writes its output shards; rank 0 writes the manifest once every rank is done.
 :func:`precompute_latents_in_process` runs the same work in the calling process alone, for callers
 inside a running training job (no ``Trainer`` of its own).
+
+Input shards and ``out_dir`` may be object-store URLs (``s3://bucket/latents``): input shards are
+streamed, each output shard is written locally, uploaded whole, and only then recorded; the
+manifest is written last, so a rerun after a crash reuses the uploaded, recorded shards.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 from data_pipelines.latents.format import CacheKey, LatentManifest, load_entry, save_uncond_embedding
 from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
 from data_pipelines.transforms.buckets import BucketResizeCrop
+from lf_common import object_store
 from lf_common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,9 +47,9 @@ class StaleLatentsError(DataError):
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
+    """SHA-256 of a file's or object's bytes (an object is streamed, not held whole)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with object_store.open_url(str(path)) if object_store.is_url(path) else open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -59,11 +64,11 @@ class PrecomputePlan:
     stale: dict[str, list[str]] = field(default_factory=dict)  # name -> what changed
 
 
-def plan_shards(out: Path, names: list[str], keys: dict[str, CacheKey]) -> PrecomputePlan:
+def plan_shards(out: str | Path, names: list[str], keys: dict[str, CacheKey]) -> PrecomputePlan:
     """Sort output shards into reusable (recorded with the same key), missing, and stale."""
     plan = PrecomputePlan()
     for name in names:
-        entry = load_entry(out / name)
+        entry = load_entry(object_store.join(str(out), name))
         recorded = entry.key() if entry else None
         if entry is None:
             plan.encode.append(name)
@@ -143,20 +148,23 @@ def precompute_latents_in_process(
     return _write_manifest(out, names, encoder)
 
 
-def _output_folder(shards: list[str], out_dir: str | Path) -> tuple[Path, list[str]]:
-    """The output folder (created) and the output shard names, after checking the input shards.
+def _output_folder(shards: list[str], out_dir: str | Path) -> tuple[str, list[str]]:
+    """The output folder (created when local; a URL prefix as given) and the output shard names,
+    after checking the input shards.
 
     Raises:
-        DataError: an input shard is not a local file, or two share a file name.
+        DataError: an input shard is neither a local file nor an object-store URL, or two share a file name.
     """
-    remote = [s for s in shards if not Path(s).is_file()]
-    if remote:
+    unreadable = [s for s in shards if not object_store.is_url(s) and not Path(s).is_file()]
+    if unreadable:
         raise DataError(
-            f"precompute reads local shard files (it hashes each for the cache key); not local: {remote[:3]}"
+            "precompute reads local shard files or object-store URLs (it hashes each for the cache key); "
+            f"neither: {unreadable[:3]}"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [Path(s).name for s in shards]
+    out = str(out_dir)
+    if not object_store.is_url(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    names = [object_store.basename(s) for s in shards]
     if len(set(names)) != len(names):
         raise DataError(f"input shards share file names; give shards with distinct names: {names}")
     return out, names
@@ -186,7 +194,7 @@ class _RankShards(L.LightningDataModule):
     """
 
     def __init__(
-        self, shards: list[str], out: Path, encoder: LatentShardEncoder, recompute_stale: bool, num_workers: int = 0
+        self, shards: list[str], out: str, encoder: LatentShardEncoder, recompute_stale: bool, num_workers: int = 0
     ) -> None:
         super().__init__()
         self.num_workers = num_workers
@@ -212,7 +220,7 @@ class _RankShards(L.LightningDataModule):
         Raises:
             StaleLatentsError: some of these shards are stale and ``recompute_stale`` is off.
         """
-        mine = {Path(s).name: s for index, s in enumerate(self.shards) if index % world_size == rank}
+        mine = {object_store.basename(s): s for index, s in enumerate(self.shards) if index % world_size == rank}
         keys = {name: self.encoder.cache_key(file_sha256(source)) for name, source in mine.items()}
         plan = plan_shards(self.out, list(mine), keys)
         if plan.stale and not self.recompute_stale:
@@ -223,14 +231,15 @@ class _RankShards(L.LightningDataModule):
             )
         for name in plan.reuse:
             log.info("%s: complete and up to date, reused", name)
-        work = [(self.out / name, mine[name], keys[name]) for name in plan.encode + sorted(plan.stale)]
+        todo = plan.encode + sorted(plan.stale)
+        work = [(object_store.join(self.out, name), mine[name], keys[name]) for name in todo]
         return _WorkItems(work, self.encoder)
 
 
 class _WorkItems(IterableDataset):
     """Work items for the shards ``work`` lists: ``(target, source, key)`` each."""
 
-    def __init__(self, work: list[tuple[Path, str, CacheKey]], encoder: LatentShardEncoder) -> None:
+    def __init__(self, work: list[tuple[str, str, CacheKey]], encoder: LatentShardEncoder) -> None:
         self.work = work
         self.encoder = encoder
 
@@ -277,7 +286,7 @@ class LatentShardWriter(L.Callback):
     recorded) at the shard's end item; partial shards are removed when the run fails."""
 
     def __init__(self) -> None:
-        self.open: dict[Path, ShardOutput] = {}
+        self.open: dict[str, ShardOutput] = {}
         self.bar: tqdm | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -324,8 +333,8 @@ class LatentShardWriter(L.Callback):
         self.open.clear()
 
 
-def _write_manifest(out: Path, names: list[str], encoder: LatentShardEncoder) -> LatentManifest:
-    entries = [load_entry(out / name) for name in names]
+def _write_manifest(out: str, names: list[str], encoder: LatentShardEncoder) -> LatentManifest:
+    entries = [load_entry(object_store.join(out, name)) for name in names]
     missing = [name for name, entry in zip(names, entries, strict=True) if entry is None]
     if missing:
         raise DataError(f"{out}: shards {missing[:3]} were not written by any rank")

@@ -8,8 +8,11 @@ rank and keeps the cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +31,12 @@ from data_pipelines.latents.format import (
     save_entry,
 )
 from data_pipelines.raw.format import decode_raw_sample
-from data_pipelines.shards.streaming import SkipCounter
+from data_pipelines.shards.streaming import SkipCounter, tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings, latent_mask, masked_pixels, random_mask
+from lf_common import object_store
 from lf_common.atomic import TMP_SUFFIX
 from lf_common.errors import DataError
 
@@ -119,7 +123,7 @@ class LatentShardEncoder:
         the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`.
         """
         batches: dict[tuple[int, ...], list[_Pending]] = {}
-        dataset = wds.DataPipeline(wds.SimpleShardList([source]), wds.tarfile_to_samples(handler=self.skips))
+        dataset = wds.DataPipeline(wds.SimpleShardList([source]), functools.partial(tar_samples, handler=self.skips))
         for raw in dataset:
             try:
                 sample_key, image, caption, meta = decode_raw_sample(raw)
@@ -137,7 +141,7 @@ class LatentShardEncoder:
             if batches[shape]:
                 yield batches[shape]
 
-    def encode_shard(self, source: str, target: Path, key: CacheKey) -> ShardEntry:
+    def encode_shard(self, source: str, target: str | Path, key: CacheKey) -> ShardEntry:
         """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it
         (in this process, without Lightning)."""
         skipped_before = self.skips.skipped
@@ -181,18 +185,25 @@ class ShardOutput:
     to ``NAME.tar`` and records (``NAME.entry.json``); :meth:`abort` removes it. A crash leaves no
     file under the final name that is not complete.
 
+    For an object-store target (``s3://...``) the temporary is a local file, uploaded whole by
+    :meth:`finish` (the object appears only once the upload completed), then recorded.
+
     Args:
-        target: the final shard path.
+        target: the final shard path or URL.
         source: the raw shard it is made from.
         key: its cache key.
     """
 
-    def __init__(self, target: Path, source: str, key: CacheKey) -> None:
-        self.target = target
+    def __init__(self, target: str | Path, source: str, key: CacheKey) -> None:
+        self.target = str(target)
+        self.name = object_store.basename(self.target)
         self.source = source
         self.key = key
-        self.tmp = target.with_name(target.name + TMP_SUFFIX)
-        self.tmp.unlink(missing_ok=True)
+        if object_store.is_url(self.target):
+            self.tmp = Path(tempfile.mkdtemp(prefix="lf-upload-")) / (self.name + TMP_SUFFIX)
+        else:
+            self.tmp = Path(self.target + TMP_SUFFIX)
+            self.tmp.unlink(missing_ok=True)
         self.writer = open_tar_writer(self.tmp)
         self.count = 0
 
@@ -205,11 +216,17 @@ class ShardOutput:
     def finish(self, skipped: int) -> ShardEntry:
         """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
         self.writer.close()
-        os.replace(self.tmp, self.target)
+        if object_store.is_url(self.target):
+            try:
+                object_store.upload(self.tmp, self.target)
+            finally:
+                self._remove_tmp()
+        else:
+            os.replace(self.tmp, self.target)
         entry = ShardEntry(
-            name=self.target.name,
+            name=self.name,
             num_samples=self.count,
-            source=str(Path(self.source).resolve()),
+            source=self.source if object_store.is_url(self.source) else str(Path(self.source).resolve()),
             source_sha256=self.key.source_sha256,
             skipped=skipped,
             cache_key=asdict(self.key),
@@ -221,4 +238,9 @@ class ShardOutput:
     def abort(self) -> None:
         """Drop the partial shard."""
         self.writer.close()
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
         self.tmp.unlink(missing_ok=True)
+        if object_store.is_url(self.target):
+            shutil.rmtree(self.tmp.parent, ignore_errors=True)

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from data_pipelines.raw.format import CAPTION_KEY, IMAGE_EXTENSIONS, META_KEY, failed_status
+from lf_common import object_store
 
 PROBLEMS = {
     "undecodable": "image does not decode",
@@ -81,7 +82,7 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def validate_shard(path: str | Path) -> ShardReport:
-    """Read every member of a raw shard and decode every image."""
+    """Read every member of a raw shard (a local file or an object-store URL, streamed) and decode every image."""
     report = ShardReport(shard=str(path))
     seen: set[str] = set()
     current: str | None = None
@@ -111,7 +112,7 @@ def validate_shard(path: str | Path) -> ShardReport:
                 report.failed_status.append(key)
 
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with _open(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -127,20 +128,25 @@ def validate_shard(path: str | Path) -> ShardReport:
                 handle = tar.extractfile(member)
                 members[suffix] = handle.read() if handle else b""
         finish(current)
-        if not _ends_with_end_marker(Path(path)):
+        if not _ends_with_end_marker(path):
             report.truncated = "no end-of-archive marker: the file was cut short"
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, OSError, object_store.ObjectStoreError) as error:
         report.truncated = f"{type(error).__name__}: {error}"
     return report
 
 
-def _ends_with_end_marker(path: Path) -> bool:
+def _open(path: str | Path) -> Any:
+    """A binary stream of a local file or an object-store URL."""
+    return object_store.open_url(str(path)) if object_store.is_url(path) else open(path, "rb")
+
+
+def _ends_with_end_marker(path: str | Path) -> bool:
     """A complete tar ends with two zero blocks (1,024 zero bytes) and is a whole number of blocks.
     Python's tarfile reads a tar cut at a member boundary without complaint; this catches it."""
-    size = path.stat().st_size
-    if size < 1024 or size % 512:
-        return False
-    with path.open("rb") as handle:
+    with _open(path) as handle:
+        size = handle.seek(0, io.SEEK_END)
+        if size < 1024 or size % 512:
+            return False
         handle.seek(size - 1024)
         return handle.read(1024) == bytes(1024)
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from lf_common import object_store
 from lf_common.errors import ConfigError, DataError
 from lf_common.upstream.torch_private import restart_workers
 
@@ -211,8 +212,8 @@ class ShardSamples:
         url = shard["url"]
         for attempt in range(self.retries + 1):
             try:
-                return {**shard, "stream": gopen(url)}
-            except OSError as error:
+                return {**shard, "stream": open_shard(url)}
+            except (OSError, object_store.ObjectStoreError) as error:
                 if attempt == self.retries:
                     self.handler.skip_shard(url, error, self.samples_per_shard)
                     return None
@@ -220,6 +221,29 @@ class ShardSamples:
                 log.warning("shard %s: %s; try %d of %d in %.1f s", url, error, attempt + 1, self.retries, delay)
                 time.sleep(delay)
         return None
+
+
+def open_shard(url: str) -> Any:
+    """A readable stream of shard ``url``: an object-store URL streamed through fsspec (ranged reads),
+    anything else (a local path, ``pipe:``, ``http(s)://``) through webdataset's ``gopen``."""
+    return object_store.open_url(url) if object_store.is_url(url) else gopen(url)
+
+
+def tar_samples(shards: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """A pipeline stage: shard urls -> raw samples, like webdataset's ``tarfile_samples`` but opening
+    each shard with :func:`open_shard`; a shard that cannot be opened goes to ``handler``."""
+
+    def streams() -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            try:
+                stream = open_shard(shard["url"])
+            except Exception as error:
+                if handler(error):
+                    continue
+                break
+            yield {**shard, "stream": stream}
+
+    return group_by_keys(tar_file_expander(streams(), handler=handler), handler=handler)
 
 
 def shard_stream(

@@ -34,6 +34,7 @@ from typing import TypeVar
 import hydra
 from omegaconf import DictConfig
 
+from lf_common import object_store
 from trainer.cli.command_doc import CommandDoc
 from trainer.cli.errors import ErrorContext, explain
 from trainer.cli.help import command_help, wants_help
@@ -69,6 +70,7 @@ def lf_command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callab
         def job(cfg: DictConfig) -> T:
             state.restore()
             with plain_errors(context, state):
+                object_store.set_endpoint_url(cfg.get("s3_endpoint_url"))
                 return task(cfg)
 
         hydra_main = hydra.main(version_base=VERSION_BASE, config_path=CONF_DIR, config_name=config_name)(job)

@@ -15,8 +15,9 @@ Examples::
 
 Keys::
 
-    shards           raw shards: a folder, a glob, a brace pattern, or a list
-    out_dir          the folder for the latent shards and their manifest
+    shards           raw shards: a folder, a glob, a brace pattern, or a list; s3://bucket/prefix/ (any fsspec URL) too
+    out_dir          the folder for the latent shards and their manifest (or s3://bucket/prefix)
+    s3_endpoint_url  an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
     pretrained       a diffusers folder with vae/, text_encoder/, tokenizer/ (or set the three *_path keys)
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit

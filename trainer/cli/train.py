@@ -18,7 +18,8 @@ as the launchers pass it) and it continues from there.
 
 Keys::
 
-    data.train_dir         the latent shards to train on (lf-precompute's out_dir)
+    data.train_dir         the latent shards to train on (lf-precompute's out_dir; s3://... too)
+    s3_endpoint_url        an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
     data.val_dir           latent shards for val/loss (optional)
     trainer.max_steps      optimizer steps to train
     data.batch_size        batch size per device

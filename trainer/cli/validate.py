@@ -13,7 +13,8 @@ Examples::
 
 Keys::
 
-    shards     a folder of .tar shards, a glob, a brace pattern, or a list
+    shards     a folder of .tar shards, a glob, a brace pattern, or a list; or s3:// (any fsspec URL) of these
+    s3_endpoint_url  an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
     report     a JSON file for the per-shard report (every bad sample key)
 """
 

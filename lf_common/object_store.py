@@ -1,0 +1,196 @@
+"""Paths that are URLs (``s3://bucket/key``, any fsspec protocol): open, list, read, write, upload.
+
+Local paths go through the file system as before; a URL goes through fsspec (s3fs for ``s3://``),
+streamed in blocks, never downloaded whole. Credentials and region come from the standard AWS
+environment variables or profile (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/config``); the
+endpoint of an S3-compatible store from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, which
+:func:`set_endpoint_url` sets from a config option (so loader workers and other ranks inherit it).
+
+An object appears under its key only once its upload completed (S3 makes a PUT or a multipart
+upload visible whole), so a writer uploads a complete local file and only then records it.
+
+``pipe:`` commands and ``http(s)://`` URLs are left to webdataset (:func:`is_url` is false for them).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from functools import lru_cache
+from typing import IO, Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from lf_common.atomic import atomic_path
+from lf_common.errors import DataError
+
+_PASSED_TO_WEBDATASET = ("pipe:", "http://", "https://")
+_BLOCK_SIZE = 8 << 20  # bytes per ranged read of a streamed object
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+class ObjectStoreError(DataError):
+    """A URL that cannot be read or written: missing bucket or key, refused credentials, unreachable store."""
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` names an object in a store fsspec opens (``s3://``, ``gs://``, ``memory://``, ...)."""
+    text = str(path)
+    return "://" in text and not text.startswith(_PASSED_TO_WEBDATASET) and not text.startswith("file://")
+
+
+def set_endpoint_url(url: str | None) -> None:
+    """Use ``url`` as the S3 endpoint (an S3-compatible store) in this process and the processes it starts."""
+    if url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = str(url)
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint the environment names, or ``None`` (AWS)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
+    """The fsspec file system for ``url`` and the path inside it (``bucket/key`` for S3)."""
+    protocol = url.split("://", 1)[0]
+    return _filesystem(protocol, *_environment(protocol)), url.split("://", 1)[1]
+
+
+def _environment(protocol: str) -> tuple[Any, ...]:
+    """What a file system depends on: the endpoint and credentials (a change makes a new one), and the process."""
+    if protocol not in ("s3", "s3a"):
+        return (os.getpid(),)
+    return (os.getpid(), endpoint_url(), *(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
+
+
+@lru_cache(maxsize=16)
+def _filesystem(protocol: str, pid: int, endpoint: str | None = None, *_credentials: str | None) -> AbstractFileSystem:
+    options: dict[str, Any] = {"skip_instance_cache": True}
+    if protocol in ("s3", "s3a"):
+        options |= {"endpoint_url": endpoint} if endpoint else {}
+        options["config_kwargs"] = {"retries": {"max_attempts": 5, "mode": "standard"}}  # backoff on throttling
+    return fsspec.filesystem(protocol, **options)
+
+
+def join(base: str, *names: str) -> str:
+    """``base/name/...`` for a URL or a local path."""
+    if is_url(base):
+        return posixpath.join(base, *names)
+    return os.path.join(base, *names)
+
+
+def basename(path: str) -> str:
+    """The last part of a URL or path (``s3://b/p/shard-000001.tar`` -> ``shard-000001.tar``)."""
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def storage_error(url: str, error: BaseException, expected: str) -> ObjectStoreError:
+    """One line for a failed access to ``url``: what went wrong and what was ``expected``."""
+    reason = f"{type(error).__name__}: {error}".splitlines()[0]
+    if isinstance(error, FileNotFoundError):
+        reason = "the bucket does not exist" if "bucket" in str(error).lower() else "nothing under this key"
+    elif isinstance(error, PermissionError):
+        reason += " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    endpoint = f" at endpoint {endpoint_url()}" if url.startswith("s3") and endpoint_url() else ""
+    return ObjectStoreError(f"{url}{endpoint}: {reason}; expected {expected}")
+
+
+def open_url(url: str, mode: str = "rb") -> IO[bytes]:
+    """Open an object for streamed reading (ranged reads of a few MB) or writing.
+
+    Raises:
+        ObjectStoreError: the bucket or key is missing, or the store refused or could not be reached.
+    """
+    fs, path = filesystem(url)
+    try:
+        return fs.open(path, mode, block_size=_BLOCK_SIZE)
+    except (OSError, ValueError) as error:
+        raise storage_error(url, error, "an existing object" if "r" in mode else "a writable bucket") from error
+
+
+def exists(url: str) -> bool:
+    """Whether an object (or a prefix holding objects) is at ``url``."""
+    fs, path = filesystem(url)
+    try:
+        return fs.exists(path)
+    except (OSError, ValueError) as error:
+        raise storage_error(url, error, "a reachable bucket") from error
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object (small files: manifests, records)."""
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path)
+    except (OSError, ValueError) as error:
+        raise storage_error(url, error, "an existing object") from error
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Put ``data`` at ``url`` in one request: readers see the old object or the new one, never a part."""
+    fs, path = filesystem(url)
+    try:
+        fs.pipe_file(path, data)
+    except (OSError, ValueError) as error:
+        raise storage_error(url, error, "a writable bucket") from error
+
+
+def upload(local: str | os.PathLike[str], url: str) -> None:
+    """Upload a complete local file to ``url`` (visible under its key only once the whole upload completed)."""
+    fs, path = filesystem(url)
+    try:
+        fs.put_file(os.fspath(local), path)
+    except (OSError, ValueError) as error:
+        raise storage_error(url, error, "a writable bucket") from error
+
+
+def list_objects(prefix: str, suffix: str = "") -> list[str]:
+    """URLs of the objects directly under ``prefix`` (a "folder") whose names end with ``suffix``, sorted.
+
+    Raises:
+        ObjectStoreError: the bucket is missing or unreachable; names the prefix.
+    """
+    fs, path = filesystem(prefix)
+    protocol = prefix.split("://", 1)[0]
+    try:
+        fs.invalidate_cache(path)
+        entries = fs.ls(path.rstrip("/"), detail=True)
+    except FileNotFoundError as error:
+        raise storage_error(prefix, error, "an existing bucket and prefix") from error
+    except (OSError, ValueError) as error:
+        raise storage_error(prefix, error, "a reachable bucket") from error
+    names = [entry["name"] for entry in entries if entry.get("type") == "file" and entry["name"].endswith(suffix)]
+    return sorted(f"{protocol}://{name}" for name in names)
+
+
+def glob_objects(pattern: str) -> list[str]:
+    """URLs of the objects matching a glob (``s3://bucket/data/*.tar``), sorted."""
+    fs, path = filesystem(pattern)
+    protocol = pattern.split("://", 1)[0]
+    try:
+        return sorted(f"{protocol}://{name}" for name in fs.glob(path))
+    except (OSError, ValueError) as error:
+        raise storage_error(pattern, error, "an existing bucket") from error
+
+
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a local file or an object exists at ``path``."""
+    return exists(str(path)) if is_url(path) else os.path.isfile(path)
+
+
+def read_path(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a local file or an object."""
+    if is_url(path):
+        return read_bytes(str(path))
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_path(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a local file (to a temporary name, then renamed) or an object (one PUT): never seen half-written."""
+    if is_url(path):
+        write_bytes(str(path), data)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

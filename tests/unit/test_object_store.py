@@ -1,0 +1,91 @@
+"""s3:// paths against a real S3 server (moto, started by the fixtures): listing, streaming,
+validation, the latent-shard manifest and records."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_pipelines.latents.format import (
+    LatentManifest,
+    ShardEntry,
+    load_entry,
+    load_uncond_embedding,
+    save_entry,
+    save_uncond_embedding,
+)
+from data_pipelines.raw.validate import validate_shards
+from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.streaming import open_shard
+from lf_common import object_store
+from lf_common.errors import DataError
+from tests.s3_server import upload_folder
+from tests.unit.test_latent_format import make_manifest
+
+
+def test_prefix_brace_and_glob_list_the_uploaded_shards(s3_bucket, raw_shards):
+    urls = upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    assert len(urls) == 3
+    assert resolve_shards(f"{s3_bucket}/raw/") == urls
+    assert resolve_shards(f"{s3_bucket}/raw/*.tar") == urls
+    assert resolve_shards(f"{s3_bucket}/raw/shard-{{000000..000001}}.tar") == urls[:2]
+
+
+def test_missing_bucket_prefix_and_shard_are_one_line_errors(s3_bucket, raw_shards):
+    upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    with pytest.raises(DataError) as missing_bucket:
+        resolve_shards("s3://no-such-bucket/raw/")
+    message = str(missing_bucket.value)
+    assert message.startswith("s3://no-such-bucket/raw/ at endpoint http://127.0.0.1:")
+    assert message.endswith(": the bucket does not exist; expected an existing bucket and prefix")
+    assert "\n" not in message
+    with pytest.raises(DataError, match=r"/other/ at endpoint .*: nothing under this key; expected an existing bucket"):
+        resolve_shards(f"{s3_bucket}/other/")
+    with pytest.raises(DataError, match=r"raw/shard-000003\.tar: shard object does not exist \(5 of 8 named"):
+        resolve_shards(f"{s3_bucket}/raw/shard-{{000000..000007}}.tar")
+
+
+def test_a_shard_is_streamed_in_ranged_reads(s3_bucket, raw_shards):
+    (url, *_) = upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    local = sorted(raw_shards.glob("*.tar"))[0]
+    with open_shard(url) as stream:
+        assert stream.blocksize == 8 << 20  # fetched a block at a time, never as a whole download
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            names = [member.name for member in tar]
+    with tarfile.open(local) as tar:
+        assert names == tar.getnames()
+
+
+def test_validate_reads_shards_from_the_bucket(s3_bucket, raw_shards, tmp_path):
+    urls = upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    reports = validate_shards(urls)
+    assert [r.samples for r in reports] == [32, 32, 32] and all(r.ok for r in reports)
+    cut = tmp_path / "cut.tar"
+    data = sorted(raw_shards.glob("*.tar"))[0].read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    (broken,) = validate_shards(upload_folder(tmp_path, f"{s3_bucket}/broken", "*.tar"))
+    assert broken.truncated is not None and not broken.ok
+
+
+def test_manifest_records_and_uncond_round_trip_in_the_bucket(s3_bucket):
+    folder = f"{s3_bucket}/latents"
+    manifest = make_manifest()
+    shard = object_store.join(folder, manifest.shards[0].name)
+    entry = ShardEntry(manifest.shards[0].name, 3, "raw.tar", "abc")
+    save_entry(shard, entry)
+    assert load_entry(shard) is None  # recorded, but no shard object: not complete
+    object_store.write_bytes(shard, b"tar bytes")
+    assert load_entry(shard) == entry
+    assert manifest.save(folder) == f"{folder}/manifest.json"
+    assert LatentManifest.load(folder) == manifest
+    assert manifest.shard_paths(folder) == [shard]
+    uncond = np.ones(manifest.text_shape, dtype=np.float16)
+    save_uncond_embedding(folder, uncond)
+    assert np.array_equal(load_uncond_embedding(folder, manifest), uncond)
+    with pytest.raises(
+        DataError,
+        match=r"/nothing/manifest\.json at endpoint .*: nothing under this key; expected an existing object \(the",
+    ):
+        LatentManifest.load(f"{s3_bucket}/nothing")
