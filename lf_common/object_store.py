@@ -27,11 +27,31 @@ from lf_common.errors import DataError
 
 _PASSED_TO_WEBDATASET = ("pipe:", "http://", "https://")
 _BLOCK_SIZE = 8 << 20  # bytes per ranged read of a streamed object
-_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+_CLIENT_VARIABLES = (  # a change of any gives a new client
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_MAX_ATTEMPTS",
+)
 
 
 class ObjectStoreError(DataError):
     """A URL that cannot be read or written: missing bucket or key, refused credentials, unreachable store."""
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a store's client raises for a failed request: ``OSError`` and ``ValueError`` (fsspec's
+    translations), and botocore's own errors (an unreachable endpoint) when botocore is installed."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError, ValueError)
+    return (OSError, ValueError, BotoCoreError, ClientError)
+
+
+STORE_ERRORS = _store_errors()
+"""The exceptions the helpers here turn into :class:`ObjectStoreError`."""
 
 
 def is_url(path: object) -> bool:
@@ -61,15 +81,16 @@ def _environment(protocol: str) -> tuple[Any, ...]:
     """What a file system depends on: the endpoint and credentials (a change makes a new one), and the process."""
     if protocol not in ("s3", "s3a"):
         return (os.getpid(),)
-    return (os.getpid(), endpoint_url(), *(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
+    return (os.getpid(), endpoint_url(), *(os.environ.get(name) for name in _CLIENT_VARIABLES))
 
 
 @lru_cache(maxsize=16)
-def _filesystem(protocol: str, pid: int, endpoint: str | None = None, *_credentials: str | None) -> AbstractFileSystem:
+def _filesystem(protocol: str, pid: int, endpoint: str | None = None, *_client: str | None) -> AbstractFileSystem:
     options: dict[str, Any] = {"skip_instance_cache": True}
     if protocol in ("s3", "s3a"):
         options |= {"endpoint_url": endpoint} if endpoint else {}
-        options["config_kwargs"] = {"retries": {"max_attempts": 5, "mode": "standard"}}  # backoff on throttling
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))  # backoff on throttling and dropped connections
+        options["config_kwargs"] = {"retries": {"max_attempts": attempts, "mode": "standard"}}
     return fsspec.filesystem(protocol, **options)
 
 
@@ -91,7 +112,8 @@ def storage_error(url: str, error: BaseException, expected: str) -> ObjectStoreE
     if isinstance(error, FileNotFoundError):
         reason = "the bucket does not exist" if "bucket" in str(error).lower() else "nothing under this key"
     elif isinstance(error, PermissionError):
-        reason += " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        reason = f"access refused ({error})".splitlines()[0]
+        expected = "credentials the store accepts: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
     endpoint = f" at endpoint {endpoint_url()}" if url.startswith("s3") and endpoint_url() else ""
     return ObjectStoreError(f"{url}{endpoint}: {reason}; expected {expected}")
 
@@ -105,7 +127,7 @@ def open_url(url: str, mode: str = "rb") -> IO[bytes]:
     fs, path = filesystem(url)
     try:
         return fs.open(path, mode, block_size=_BLOCK_SIZE)
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(url, error, "an existing object" if "r" in mode else "a writable bucket") from error
 
 
@@ -114,7 +136,7 @@ def exists(url: str) -> bool:
     fs, path = filesystem(url)
     try:
         return fs.exists(path)
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(url, error, "a reachable bucket") from error
 
 
@@ -123,7 +145,7 @@ def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
         return fs.cat_file(path)
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(url, error, "an existing object") from error
 
 
@@ -132,7 +154,7 @@ def write_bytes(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     try:
         fs.pipe_file(path, data)
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(url, error, "a writable bucket") from error
 
 
@@ -141,7 +163,7 @@ def upload(local: str | os.PathLike[str], url: str) -> None:
     fs, path = filesystem(url)
     try:
         fs.put_file(os.fspath(local), path)
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(url, error, "a writable bucket") from error
 
 
@@ -158,7 +180,7 @@ def list_objects(prefix: str, suffix: str = "") -> list[str]:
         entries = fs.ls(path.rstrip("/"), detail=True)
     except FileNotFoundError as error:
         raise storage_error(prefix, error, "an existing bucket and prefix") from error
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(prefix, error, "a reachable bucket") from error
     names = [entry["name"] for entry in entries if entry.get("type") == "file" and entry["name"].endswith(suffix)]
     return sorted(f"{protocol}://{name}" for name in names)
@@ -170,7 +192,7 @@ def glob_objects(pattern: str) -> list[str]:
     protocol = pattern.split("://", 1)[0]
     try:
         return sorted(f"{protocol}://{name}" for name in fs.glob(path))
-    except (OSError, ValueError) as error:
+    except STORE_ERRORS as error:
         raise storage_error(pattern, error, "an existing bucket") from error
 
 

@@ -4,6 +4,9 @@ Why moto: it installs from the package registry as a Python package (no binary t
 service for ``.ci/run`` to start), speaks the S3 REST API over HTTP to any client (s3fs/aiobotocore
 here, in this process and in the commands the tests start), and keeps its buckets in memory.
 
+The server keeps its buckets in moto's in-process backends, so :func:`server_down` can stop it and
+start it again on the same port with every object still there (a store that went away and came back).
+
 ``s3_server`` (one per test session, and per xdist worker) gives the endpoint URL; ``s3_bucket``
 gives each test a new empty bucket and points the standard AWS variables at the server (fake
 credentials, the endpoint in ``AWS_ENDPOINT_URL_S3``), which the commands the test starts inherit.
@@ -15,6 +18,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,26 +33,54 @@ AWS_TEST_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """An S3 server (moto) on 127.0.0.1 at a free port, for the whole session; its endpoint URL."""
+_RUNNING: dict[str, object] = {}
+"""The running server of each endpoint URL."""
+
+
+def _start(port: int = 0) -> str:
+    """Start a moto server on 127.0.0.1 (``port`` 0: a free one); its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    _RUNNING[url] = server
+    return url
+
+
+def _stop(url: str) -> None:
+    server = _RUNNING.pop(url, None)
+    if server is not None:
+        server.stop()  # type: ignore[attr-defined]
+
+
+@contextmanager
+def server_down(url: str) -> Iterator[None]:
+    """Stop the server at ``url`` for the block, then start it again on the same port (objects kept)."""
+    _stop(url)
     try:
-        yield f"http://{host}:{port}"
+        yield
     finally:
-        server.stop()
+        _start(int(url.rsplit(":", 1)[1]))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """An S3 server (moto) on 127.0.0.1 at a free port, for the whole session; its endpoint URL."""
+    url = _start()
+    try:
+        yield url
+    finally:
+        _stop(url)
 
 
 def point_aws_at(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Set the standard AWS variables for the test server (no profile, fake keys, its endpoint)."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_S3": server}.items():
+    for name, value in {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_S3": server, "AWS_MAX_ATTEMPTS": "2"}.items():
         monkeypatch.setenv(name, value)
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path
+from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path, load_entry
 from lf_common import object_store
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.integration.cli import run_cli, run_in_process
 from tests.integration.test_resume import assert_same_training_state, final_state, train
-from tests.s3_server import make_bucket, point_aws_at, upload_folder
+from tests.s3_server import make_bucket, point_aws_at, server_down, upload_folder
 from trainer.cli.precompute import run_precompute
 
 pytestmark = pytest.mark.slow
@@ -33,10 +33,10 @@ def bucket(s3_server):
         yield make_bucket()
 
 
-def precompute_overrides(bucket: str, pretrained_dir) -> list[str]:
+def precompute_overrides(bucket: str, pretrained_dir, out: str = "latents") -> list[str]:
     return [
         f"shards={bucket}/raw/",
-        f"out_dir={bucket}/latents",
+        f"out_dir={bucket}/{out}",
         f"pretrained={pretrained_dir}",
         "resolution=32",
         "batch_size=48",
@@ -92,6 +92,33 @@ def test_a_rerun_reuses_recorded_uploads_and_encodes_an_unrecorded_one(s3_latent
     assert reused == ["shard-000000.tar", "shard-000002.tar"]
     assert LatentManifest.load(s3_latents).num_samples == 96
     assert object_store.exists(entry_path(f"{s3_latents}/shard-000001.tar"))
+
+
+def test_a_server_gone_mid_upload_then_back_gives_the_uninterrupted_result(
+    s3_latents, s3_server, bucket, pretrained_dir, monkeypatch
+):
+    out = f"{bucket}/latents-interrupted"
+    overrides = precompute_overrides(bucket, pretrained_dir, "latents-interrupted")
+    real_upload, uploads = object_store.upload, []
+
+    def upload_then_lose_the_server(local, url):
+        uploads.append(url)
+        if len(uploads) < 2:
+            return real_upload(local, url)
+        with server_down(s3_server):  # the store goes away as the second shard's upload starts
+            return real_upload(local, url)
+
+    monkeypatch.setattr(object_store, "upload", upload_then_lose_the_server)
+    with pytest.raises(object_store.ObjectStoreError, match=r"shard-000001\.tar at endpoint .*Could not connect"):
+        run_precompute(compose_config("precompute", overrides))
+    assert not object_store.exists(f"{out}/shard-000001.tar") and not object_store.exists(f"{out}/manifest.json")
+    assert load_entry(f"{out}/shard-000000.tar") is not None  # the shard before is complete and recorded
+
+    monkeypatch.setattr(object_store, "upload", real_upload)
+    run_precompute(compose_config("precompute", overrides))  # the same command, the server back
+    assert LatentManifest.load(out) == LatentManifest.load(s3_latents)
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "uncond.text.npy"):
+        assert object_store.read_bytes(f"{out}/{name}") == object_store.read_bytes(f"{s3_latents}/{name}")
 
 
 def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted(s3_latents, latent_dir, tmp_path):

@@ -89,3 +89,17 @@ def test_manifest_records_and_uncond_round_trip_in_the_bucket(s3_bucket):
         match=r"/nothing/manifest\.json at endpoint .*: nothing under this key; expected an existing object \(the",
     ):
         LatentManifest.load(f"{s3_bucket}/nothing")
+
+
+def test_refused_credentials_are_one_line_naming_the_variables(s3_bucket, raw_shards):
+    from moto.core.authorization import enable_iam_authentication
+
+    upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    with enable_iam_authentication(), pytest.raises(DataError) as refused:  # the server checks keys: ours are unknown
+        resolve_shards(f"{s3_bucket}/raw/")
+    message = str(refused.value)
+    assert message.startswith(f"{s3_bucket}/raw/ at endpoint http://127.0.0.1:") and "\n" not in message
+    assert ": access refused (" in message
+    assert message.endswith(
+        "expected credentials the store accepts: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+    )
