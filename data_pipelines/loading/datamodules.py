@@ -29,6 +29,7 @@ from data_pipelines.shards.streaming import (
     SampleCounts,
     SkipCounter,
     batches_per_worker,
+    open_shard,
     shard_stream,
     take_counts,
 )
@@ -343,9 +344,10 @@ class ImageShardDataModule(_StreamingDataModule):
 
 
 def _count_samples(urls: list[str]) -> int:
-    """Samples in raw shards: the distinct keys of their members (webdataset's key rule)."""
+    """Samples in raw shards: the distinct keys of their members (webdataset's key rule); local files or
+    object-store URLs, read as streams."""
     total = 0
     for url in urls:
-        with tarfile.open(url) as tar:
-            total += len({Path(name).name.split(".", 1)[0] for name in tar.getnames()})
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            total += len({Path(member.name).name.split(".", 1)[0] for member in tar})
     return total

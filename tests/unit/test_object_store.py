@@ -103,3 +103,15 @@ def test_refused_credentials_are_one_line_naming_the_variables(s3_bucket, raw_sh
     assert message.endswith(
         "expected credentials the store accepts: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
     )
+
+
+def test_raw_image_loader_counts_and_streams_shards_from_the_bucket(s3_bucket, raw_shards):
+    from data_pipelines.loading.datamodules import ImageShardDataModule
+
+    upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    datamodule = ImageShardDataModule(
+        f"{s3_bucket}/raw/", resolution=8, batch_size=32, num_workers=0, shuffle_buffer=0, resampled=False
+    )
+    assert datamodule.num_samples == 96
+    batches = list(datamodule.train_dataloader())
+    assert [b["pixels"].shape for b in batches] == [(32, 3, 8, 8)] * 3
