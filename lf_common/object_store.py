@@ -89,6 +89,7 @@ def _filesystem(protocol: str, pid: int, endpoint: str | None = None, *_client: 
     options: dict[str, Any] = {"skip_instance_cache": True}
     if protocol in ("s3", "s3a"):
         options |= {"endpoint_url": endpoint} if endpoint else {}
+        options["use_listings_cache"] = False  # other processes (ranks, a rerun) write: ask the store every time
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))  # backoff on throttling and dropped connections
         options["config_kwargs"] = {"retries": {"max_attempts": attempts, "mode": "standard"}}
     return fsspec.filesystem(protocol, **options)

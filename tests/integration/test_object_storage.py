@@ -9,6 +9,9 @@ stopped and resumed from the bucket ends bit-identical to an uninterrupted run f
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +121,21 @@ def test_a_server_gone_mid_upload_then_back_gives_the_uninterrupted_result(
     run_precompute(compose_config("precompute", overrides))  # the same command, the server back
     assert LatentManifest.load(out) == LatentManifest.load(s3_latents)
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "uncond.text.npy"):
+        assert object_store.read_bytes(f"{out}/{name}") == object_store.read_bytes(f"{s3_latents}/{name}")
+
+
+@pytest.mark.dist
+def test_two_ranks_precompute_into_the_bucket_as_one_process_does(s3_latents, bucket, pretrained_dir, tmp_path):
+    """Each rank uploads and records its own shards; rank 0 sees the other rank's (no stale listing) and
+    writes the manifest."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    overrides = precompute_overrides(bucket, pretrained_dir, "latents-2ranks")
+    argv = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer.cli.precompute", *overrides]
+    result = subprocess.run([*argv, f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = f"{bucket}/latents-2ranks"
+    assert LatentManifest.load(out) == LatentManifest.load(s3_latents)
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
         assert object_store.read_bytes(f"{out}/{name}") == object_store.read_bytes(f"{s3_latents}/{name}")
 
 

@@ -115,3 +115,14 @@ def test_raw_image_loader_counts_and_streams_shards_from_the_bucket(s3_bucket, r
     assert datamodule.num_samples == 96
     batches = list(datamodule.train_dataloader())
     assert [b["pixels"].shape for b in batches] == [(32, 3, 8, 8)] * 3
+
+
+def test_an_object_another_process_wrote_is_seen_after_a_listing(s3_bucket, s3_server):
+    import fsspec
+
+    object_store.write_bytes(f"{s3_bucket}/latents/a.tar", b"a")
+    assert object_store.list_objects(f"{s3_bucket}/latents/") == [f"{s3_bucket}/latents/a.tar"]
+    other = fsspec.filesystem("s3", skip_instance_cache=True, endpoint_url=s3_server)  # another rank's client
+    other.pipe_file(f"{s3_bucket.removeprefix('s3://')}/latents/b.entry.json", b"{}")
+    assert object_store.exists(f"{s3_bucket}/latents/b.entry.json")  # not answered from a stale listing
+    assert object_store.is_file(f"{s3_bucket}/latents/b.entry.json")
