@@ -23,7 +23,9 @@ from tests.conftest import compose_config, tiny_train_overrides
 from tests.integration.cli import run_cli, run_in_process
 from tests.integration.test_resume import assert_same_training_state, final_state, train
 from tests.s3_server import make_bucket, point_aws_at, server_down, upload_folder
+from trainer.cli.export import run_export
 from trainer.cli.precompute import run_precompute
+from trainer.cli.sample import run_sample
 
 pytestmark = pytest.mark.slow
 
@@ -144,19 +146,40 @@ def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted
     train(s3_latents, tmp_path / "s3", 3)
     train(s3_latents, tmp_path / "s3", 5, "ckpt_path=last")
     assert_same_training_state(final_state(tmp_path / "s3"), final_state(tmp_path / "local"))
+    # and the checkpoint of a run from the bucket exports and samples like any other
+    ckpt = tmp_path / "s3" / "checkpoints" / "last.ckpt"
+    export = run_export(compose_config("export", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'export'}"]))
+    prompts = 'prompts=["a handwritten digit one"]'
+    overrides = [
+        f"model_dir={export['out_dir']}",
+        f"out_dir={tmp_path / 'images'}",
+        "steps=2",
+        "num_images_per_prompt=1",
+        prompts,
+    ]
+    assert len(run_sample(compose_config("sample", overrides))["paths"]) == 1
 
 
-def test_commands_take_the_endpoint_option_and_stream_with_loader_workers(s3_latents, bucket, tmp_path, monkeypatch):
+def test_commands_take_the_endpoint_option_and_stream_with_loader_workers_and_validation(
+    s3_latents, bucket, tmp_path, monkeypatch
+):
     endpoint = object_store.endpoint_url()
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the commands get the endpoint from their option alone
     shards = f"shards='{bucket}/raw/shard-{{000000..000002}}.tar'"  # quoted: Hydra reads braces otherwise
     validate = run_cli("lf-validate", shards, f"s3_endpoint_url={endpoint}", cwd=tmp_path)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "validate: " in validate.stdout and "s3://" in validate.stdout
-    overrides = [*tiny_train_overrides(s3_latents, tmp_path / "out", steps=2), "data.num_workers=2"]
+    overrides = [
+        *tiny_train_overrides(s3_latents, tmp_path / "out", steps=2),
+        "data.num_workers=2",
+        f"data.val_dir={s3_latents}",
+        "trainer.val_check_interval=2",
+    ]
     result = run_cli("lf-train", *overrides, f"s3_endpoint_url={endpoint}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+    (metrics,) = (tmp_path / "out" / "csv").glob("version_*/metrics.csv")
+    assert "val/loss" in metrics.read_text().splitlines()[0]  # validation streamed from the bucket too
 
 
 def test_a_missing_bucket_is_one_plain_line(s3_latents, tmp_path):
