@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sized
 from concurrent.futures import ProcessPoolExecutor
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from data_pipelines.raw.format import RawSample, encode_raw_sample, normalize_image_bytes
 from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.shards.tar_writer import AtomicShardWriter
-from lf_common.atomic import write_json_atomic
+from lf_common import object_store
 from lf_common.errors import ConfigError, CorruptSampleError, DataError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def write_raw_shards(
         raise DataError(f"{out_dir}: no sample was written ({summary.skipped} skipped)")
     summary.shards = [str(shard.path) for shard in writer.shards]
     summary.bytes = sum(shard.num_bytes for shard in writer.shards)
-    write_json_atomic(Path(out_dir) / SUMMARY_NAME, asdict(summary))
+    summary_bytes = (json.dumps(asdict(summary), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    object_store.write_path(object_store.join(str(out_dir), SUMMARY_NAME), summary_bytes)
     log.info(
         "wrote %d samples in %d shards (%.1f MB) to %s; skipped %d",
         summary.samples,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
+from lf_common import object_store
 from lf_common.atomic import TMP_SUFFIX
 from lf_common.errors import ConfigError, DataError
 
@@ -25,9 +28,9 @@ def open_tar_writer(path: str | Path) -> wds.TarWriter:
 
 @dataclass
 class WrittenShard:
-    """One complete shard on disk."""
+    """One complete shard on disk (a ``Path``) or in an object store (its URL)."""
 
-    path: Path
+    path: Path | str
     num_samples: int
     num_bytes: int
 
@@ -37,10 +40,11 @@ class AtomicShardWriter:
 
     Each shard is written under ``*.tar.tmp`` and renamed when complete, so a crash leaves no
     partial shard under a ``.tar`` name. Use as a context manager; :attr:`shards` lists what was
-    written.
+    written. With an object-store ``out_dir`` (``s3://bucket/raw``) each shard is written to a local
+    temporary file, uploaded whole when complete (the object appears only then), and removed locally.
 
     Args:
-        out_dir: the output folder (created).
+        out_dir: the output folder (created), or an object-store URL prefix.
         samples_per_shard: samples per shard (the last one may hold fewer).
         max_bytes_per_shard: also start a new shard once a shard holds this many bytes (``None``: no limit).
         prefix: shard file name prefix.
@@ -58,7 +62,9 @@ class AtomicShardWriter:
     ):
         if samples_per_shard < 1:
             raise ConfigError(f"samples_per_shard={samples_per_shard}: expected at least 1")
-        self.out_dir = Path(out_dir)
+        self.remote = object_store.is_url(out_dir)
+        self.out_url = str(out_dir).rstrip("/")
+        self.out_dir = Path(tempfile.mkdtemp(prefix="lf-shards-")) if self.remote else Path(out_dir)
         self.samples_per_shard = samples_per_shard
         self.max_bytes_per_shard = max_bytes_per_shard
         self._bytes = 0
@@ -67,19 +73,36 @@ class AtomicShardWriter:
         self._writer: wds.TarWriter | None = None
         self._count = 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(self.out_dir.glob(f"*{SHARD_SUFFIX}")) + sorted(
+        existing: list[Any] = sorted(self.out_dir.glob(f"*{SHARD_SUFFIX}")) + sorted(
             self.out_dir.glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}")
         )
+        if self.remote:
+            existing = self._remote_shards()
         if existing and not overwrite:
+            where = self.out_url if self.remote else self.out_dir
             raise DataError(
-                f"{self.out_dir}: already holds {len(existing)} shard(s) such as {existing[0].name}; "
+                f"{where}: already holds {len(existing)} shard(s) such as {object_store.basename(str(existing[0]))}; "
                 "choose another out_dir or set overwrite=true"
             )
         for path in existing:
-            path.unlink()
+            if self.remote:
+                fs, key = object_store.filesystem(path)
+                fs.rm_file(key)
+            else:
+                path.unlink()
+
+    def _remote_shards(self) -> list[str]:
+        """The ``.tar`` objects under the output prefix (none when the prefix is empty)."""
+        try:
+            return object_store.list_objects(self.out_url + "/", SHARD_SUFFIX)
+        except object_store.ObjectStoreError:
+            protocol, path = self.out_url.split("://", 1)
+            if object_store.exists(f"{protocol}://{path.split('/')[0]}"):
+                return []  # the bucket exists; the prefix holds nothing yet
+            raise
 
     def shard_path(self, index: int) -> Path:
-        """The final path of shard ``index``."""
+        """The final local path of shard ``index`` (with an object-store ``out_dir``: where it waits for upload)."""
         return self.out_dir / f"{self.prefix}-{index:06d}{SHARD_SUFFIX}"
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -109,7 +132,16 @@ class AtomicShardWriter:
         self._writer.close()
         final = self.shard_path(len(self.shards))
         os.replace(self._tmp_path(), final)
-        self.shards.append(WrittenShard(final, self._count, final.stat().st_size))
+        size = final.stat().st_size
+        if self.remote:
+            url = object_store.join(self.out_url, final.name)
+            try:
+                object_store.upload(final, url)
+            finally:
+                final.unlink(missing_ok=True)
+            self.shards.append(WrittenShard(url, self._count, size))
+        else:
+            self.shards.append(WrittenShard(final, self._count, size))
         self._writer = None
 
     def close(self) -> list[WrittenShard]:
@@ -124,12 +156,20 @@ class AtomicShardWriter:
             self._writer.close()
             self._tmp_path().unlink(missing_ok=True)
             self._writer = None
+        self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def __enter__(self) -> AtomicShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
-            self.close()
+            try:
+                self.close()
+            finally:
+                self._remove_staging()
         else:
             self.abort()

@@ -1,5 +1,6 @@
 """The digits path with every data path in a bucket of a real S3 server (moto, started by the
-fixtures): raw shards uploaded -> ``lf-precompute`` to ``s3://`` -> ``lf-train`` from ``s3://``.
+fixtures): raw shards written to ``s3://`` -> ``lf-precompute`` to ``s3://`` -> ``lf-train`` from
+``s3://`` (checkpoints local) -> ``lf-export`` -> ``lf-sample``.
 
 Training from the bucket is compared with training from the same latents on local disk: a run
 stopped and resumed from the bucket ends bit-identical to an uninterrupted run from local disk
@@ -18,11 +19,12 @@ import pytest
 import webdataset as wds
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path, load_entry
+from data_pipelines.raw.writer import write_raw_shards
 from lf_common import object_store
-from tests.conftest import compose_config, tiny_train_overrides
+from tests.conftest import FirstDigits, compose_config, tiny_train_overrides
 from tests.integration.cli import run_cli, run_in_process
 from tests.integration.test_resume import assert_same_training_state, final_state, train
-from tests.s3_server import make_bucket, point_aws_at, server_down, upload_folder
+from tests.s3_server import make_bucket, point_aws_at, server_down
 from trainer.cli.export import run_export
 from trainer.cli.precompute import run_precompute
 from trainer.cli.sample import run_sample
@@ -49,9 +51,10 @@ def precompute_overrides(bucket: str, pretrained_dir, out: str = "latents") -> l
 
 
 @pytest.fixture(scope="module")
-def s3_latents(bucket, raw_shards, pretrained_dir):
-    """The digits' raw shards uploaded, then precomputed into ``s3://.../latents``."""
-    upload_folder(raw_shards, f"{bucket}/raw", "*.tar")
+def s3_latents(bucket, pretrained_dir):
+    """The digits written as raw shards into ``s3://.../raw`` (lf-shards' writer), then precomputed into
+    ``s3://.../latents``."""
+    write_raw_shards(FirstDigits(96), f"{bucket}/raw", samples_per_shard=32)
     run_precompute(compose_config("precompute", precompute_overrides(bucket, pretrained_dir)))
     return f"{bucket}/latents"
 

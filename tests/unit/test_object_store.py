@@ -126,3 +126,21 @@ def test_an_object_another_process_wrote_is_seen_after_a_listing(s3_bucket, s3_s
     other.pipe_file(f"{s3_bucket.removeprefix('s3://')}/latents/b.entry.json", b"{}")
     assert object_store.exists(f"{s3_bucket}/latents/b.entry.json")  # not answered from a stale listing
     assert object_store.is_file(f"{s3_bucket}/latents/b.entry.json")
+
+
+def test_shards_are_written_to_the_bucket_whole_and_refuse_to_mix(s3_bucket, raw_shards, tmp_path):
+    from data_pipelines.raw.writer import write_raw_shards
+    from tests.conftest import FirstDigits
+
+    summary = write_raw_shards(FirstDigits(96), f"{s3_bucket}/raw", samples_per_shard=32)
+    urls = [f"{s3_bucket}/raw/shard-{index:06d}.tar" for index in range(3)]
+    assert summary.shards == urls and summary.samples == 96
+    assert object_store.list_objects(f"{s3_bucket}/raw/") == sorted([*urls, f"{s3_bucket}/raw/shards_summary.json"])
+    for url, local in zip(
+        urls, sorted(raw_shards.glob("*.tar")), strict=True
+    ):  # byte-identical to lf-shards' local output
+        assert object_store.read_bytes(url) == local.read_bytes()
+    with pytest.raises(DataError, match=r"/raw: already holds 3 shard\(s\) such as shard-000000\.tar"):
+        write_raw_shards(FirstDigits(8), f"{s3_bucket}/raw", samples_per_shard=4)
+    write_raw_shards(FirstDigits(8), f"{s3_bucket}/raw", samples_per_shard=4, overwrite=True)
+    assert len(resolve_shards(f"{s3_bucket}/raw/")) == 2

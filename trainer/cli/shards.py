@@ -12,7 +12,7 @@ Examples::
 Keys::
 
     source           where the images and captions come from: digits | folder | table | img2dataset
-    out_dir          the folder for shard-000000.tar, ... and shards_summary.json
+    out_dir          the folder for shard-000000.tar, ... and shards_summary.json (or s3://bucket/prefix)
     samples_per_shard  samples in each shard
     on_bad_sample    error (stop at an image that does not decode) | skip (leave it out, count and log it)
     overwrite        replace shards already in out_dir
