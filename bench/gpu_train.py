@@ -131,9 +131,8 @@ def train_config(args, tmp: str, strategy: str, compiled: bool):
         f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.enable_model_summary=false",
         "trainer.enable_progress_bar=false", "trainer.gradient_clip_val=null", "callbacks.ema=null",
-        "callbacks.model_checkpoint=null", "callbacks.preemption=null", f"data.batch_size={args.batch}",
-        "model.caption_dropout=0",
-        "lr_scheduler=constant", "++trainer.enable_checkpointing=false", f"model.compile_unet={str(compiled).lower()}",
+        "callbacks.model_checkpoint=null", f"data.batch_size={args.batch}", "model.caption_dropout=0",
+        "lr_scheduler=constant", "trainer.enable_checkpointing=false", f"model.compile_unet={str(compiled).lower()}",
         *(["model.compile_options={backend:aot_eager}"] if compiled and args.accelerator == "cpu" else []),
     ])  # fmt: skip
 

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,11 +67,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     get the resolved config as the run's hyperparameters.
 
     ``trainer.enable_progress_bar=false`` turns off the progress bar of ``cfg.callbacks`` too
-    (Lightning refuses a progress-bar callback with that flag), so the flag stays the one switch.
+    (Lightning refuses a progress-bar callback with that flag), so the flag stays the one switch;
+    ``trainer.enable_checkpointing=false`` likewise drops the checkpoint callbacks (the periodic
+    checkpoints and preemption's, which writes one).
     """
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_checkpointing", True):
+        callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
