@@ -1,5 +1,10 @@
 """Export a training checkpoint as a diffusers ``StableDiffusionPipeline`` folder.
 
+A checkpoint of an SDXL UNet (``addition_embed_type: text_time``) exports as a
+``StableDiffusionXLPipeline`` folder instead: ``text_encoder_2/`` and ``tokenizer_2/`` come from the
+folders the latent-shard manifest names, like the first encoder's (``force_zeros_for_empty_prompt``:
+an empty negative prompt is zeros, as SDXL's caption dropout trained it).
+
 The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
 ``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
 the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
@@ -16,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from transformers import CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from lf_common.atomic import atomic_path
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
 from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
@@ -59,7 +70,7 @@ def build_export(
     tokenizer_path: str | None = None,
     dtype: str = "float32",
     split_lora: bool = False,
-) -> tuple[StableDiffusionPipeline, dict[str, Any], dict[str, AdapterWeights]]:
+) -> tuple[StableDiffusionPipeline | StableDiffusionXLPipeline, dict[str, Any], dict[str, AdapterWeights]]:
     """The pipeline of a checkpoint, what to record about it (step, weights kind, training config), and
     for a LoRA run with ``split_lora`` its adapter weights per part (the pipeline then holds the base
     UNet and text encoder; without ``split_lora`` the adapters are merged into them).
@@ -80,16 +91,19 @@ def build_export(
     adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
     torch_dtype = getattr(torch, dtype)
     inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
-    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
-        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
-        text_encoder=text_encoder.to(torch_dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
-        unet=unet.to(torch_dtype),
-        scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if is_sdxl_unet(unet):
+        pipe = _sdxl_pipeline(ckpt_path, record, unet, text_encoder, vae_dir, tokenizer_dir, torch_dtype)
+    else:
+        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+            vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
+            text_encoder=text_encoder.to(torch_dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+            unet=unet.to(torch_dtype),
+            scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     info = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": record.get("global_step", checkpoint.get("global_step")),
@@ -101,6 +115,47 @@ def build_export(
         "latent_manifest": manifest,
     }
     return pipe, info, adapters
+
+
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    """Whether a UNet takes SDXL's pooled text and size/crop time_ids (``addition_embed_type: text_time``)."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def _sdxl_pipeline(
+    ckpt_path: str | Path,
+    record: dict[str, Any],
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    vae_dir: str,
+    tokenizer_dir: str,
+    torch_dtype: torch.dtype,
+) -> StableDiffusionXLPipeline:
+    """The SDXL pipeline of a checkpoint: its second text encoder and tokenizer from the manifest's folders.
+
+    Raises:
+        DataError: the checkpoint's latent shards were not SDXL's (no second text encoder recorded).
+    """
+    manifest = record.get("latent_manifest", {})
+    text_2_dir = (manifest.get("text_encoder_2") or {}).get("path")
+    tokenizer_2_dir = manifest.get("tokenizer_2_path")
+    for name, value in (("text_encoder_2", text_2_dir), ("tokenizer_2", tokenizer_2_dir)):
+        if not value or not Path(value).is_dir():
+            raise DataError(
+                f"{ckpt_path}: an SDXL UNet, but its latent manifest names no {name} folder ({value!r}); "
+                "train it on shards precomputed from an SDXL folder"
+            )
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
+        text_encoder=text_encoder.to(torch_dtype),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(text_2_dir, local_files_only=True).to(torch_dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2_dir, local_files_only=True),
+        unet=unet.to(torch_dtype),
+        scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def export_pipeline(
@@ -168,6 +223,8 @@ def export_single_file(
     )
 
     source = Path(source)
+    if (source / "text_encoder_2").is_dir():
+        raise ConfigError(f"{source}: an SDXL folder; the single-file SDXL layout is not written yet")
     if (source / "model_index.json").is_file():
         parts = load_diffusers_folder(source)
         info_file = source / EXPORT_INFO_NAME
@@ -177,6 +234,10 @@ def export_single_file(
         scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
     else:
         pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
+        if isinstance(pipe, StableDiffusionXLPipeline):
+            raise ConfigError(
+                f"{source}: an SDXL model; the single-file SDXL layout is not written yet: export a diffusers folder"
+            )
         parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
         tokenizer, scheduler = pipe.tokenizer, dict(pipe.scheduler.config)
     info["dtype"] = dtype

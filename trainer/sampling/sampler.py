@@ -4,6 +4,11 @@ Randomness follows diffusers' pipelines: image ``i`` has its own CPU generator s
 seed, which draws (img2img, inpainting) the VAE posterior sample, then the starting noise, then
 Euler ancestral's noise; so a seed gives the same image at any batch size, and the same as
 ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` given ``generator=[...]``.
+
+An SDXL export (``text_encoder_2/``) samples as ``StableDiffusionXLPipeline`` does: both encoders'
+penultimate states and the pooled embedding, zeros for an empty negative prompt
+(``force_zeros_for_empty_prompt``, as caption dropout trained it), and time_ids of original size =
+target size = the image's size with crop (0, 0).
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data_pipelines.latents.encoders import encode_text, resolve_device
+from data_pipelines.latents.sdxl_text import encode_text_sdxl
 from data_pipelines.transforms.images import ResizeCrop, pixels_to_images
 from data_pipelines.transforms.masks import latent_mask, masked_pixels
 from lf_common.errors import ConfigError, DataError
-from trainer.checkpoint.export import build_export
-from trainer.sampling.denoise import denoise
+from trainer.checkpoint.export import build_export, is_sdxl_unet
+from trainer.sampling.denoise import SDXLConditioning, denoise
 from trainer.sampling.png_info import GenerationParameters
 from trainer.sampling.schedulers import begin_at, check_scheduler, display_name, make_scheduler
 
@@ -55,6 +61,7 @@ class Sampler:
         model_name: written into each image's parameters.
         vae_slicing: decode a batch one image at a time (less memory for large batches).
         vae_tiling: decode (and encode) large images in overlapping tiles (less memory for large sizes).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder and tokenizer (an SDXL UNet needs them).
     """
 
     def __init__(
@@ -67,7 +74,16 @@ class Sampler:
         model_name: str = "",
         vae_slicing: bool = False,
         vae_tiling: bool = False,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
     ) -> None:
+        if is_sdxl_unet(unet) != (text_encoder_2 is not None and tokenizer_2 is not None):
+            raise DataError(
+                "an SDXL UNet (addition_embed_type text_time) samples with text_encoder_2 and tokenizer_2, and "
+                "only it does: the export folder's parts do not fit together"
+            )
+        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
+        self.tokenizer_2 = tokenizer_2
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
@@ -100,6 +116,15 @@ class Sampler:
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype, **load)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **load)
         config = DDPMScheduler.load_config(folder / "scheduler", **load)
+        second = {}
+        if (folder / "text_encoder_2").is_dir():  # an SDXL export
+            encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", dtype=torch_dtype, **load
+            )
+            second = {
+                "text_encoder_2": encoder_2.to(torch_device),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **load),
+            }
         return cls(
             unet.to(torch_device),
             vae.to(torch_device),
@@ -108,6 +133,7 @@ class Sampler:
             config,
             folder.name,
             **options,
+            **second,
         )
 
     @classmethod
@@ -130,6 +156,9 @@ class Sampler:
         """
         pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
         torch_device = resolve_device(device)
+        second = {}
+        if is_sdxl_unet(pipe.unet):
+            second = {"text_encoder_2": pipe.text_encoder_2.to(torch_device), "tokenizer_2": pipe.tokenizer_2}
         return cls(
             pipe.unet.to(torch_device),
             pipe.vae.to(torch_device),
@@ -138,6 +167,7 @@ class Sampler:
             dict(pipe.scheduler.config),
             f"{Path(ckpt_path).stem}-{info['weights']}",
             **options,
+            **second,
         )
 
     @classmethod
@@ -163,7 +193,23 @@ class Sampler:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``(B, T, D)``, exactly as precompute made the training data's."""
-        return encode_text(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype)
+        return self.encode_prompts_and_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def encode_prompts_and_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> ``(text (B, T, D), pooled (B, P))`` as precompute made them; ``pooled`` only for SDXL."""
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            return encode_text(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype), None
+        encoders = [self.text_encoder, self.text_encoder_2]
+        text, pooled = encode_text_sdxl([self.tokenizer, self.tokenizer_2], encoders, prompts)
+        return text.to(self.unet.dtype), pooled.to(self.unet.dtype)
+
+    def _negative(self, negative_prompt: str, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The negative prompt's ``(text (B, T, D), pooled (B, P) or None)``; for SDXL an empty one is zeros."""
+        text, pooled = self.encode_prompts_and_pooled([negative_prompt] * batch)
+        if pooled is not None and not negative_prompt:
+            return torch.zeros_like(text), torch.zeros_like(pooled)
+        return text, pooled
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -230,18 +276,26 @@ class Sampler:
         UNet gets ``conditioning`` ``(B, 1 + C, h, w)`` (default: everything masked, as for txt2img)."""
         if self.inpainting_unet and conditioning is None:
             conditioning = self.full_mask_conditioning(latents.shape[0], latents.shape[-2:])
+        cond, pooled = self.encode_prompts_and_pooled(prompts)
+        uncond, uncond_pooled = self._negative(settings.negative_prompt, len(prompts))
+        sdxl = None
+        if pooled is not None and uncond_pooled is not None:
+            height, width = (side * self.vae_scale for side in latents.shape[-2:])
+            ids = torch.tensor([height, width, 0, 0, height, width], device=self.device, dtype=cond.dtype)  # (6,)
+            sdxl = SDXLConditioning(pooled, uncond_pooled, ids.expand(len(prompts), 6))
         return denoise(
             self.unet,
             scheduler,
             latents,
-            self.encode_prompts(prompts),
-            self.encode_prompts([settings.negative_prompt] * len(prompts)),
+            cond,
+            uncond,
             settings.guidance_scale,
             timesteps,
             generator=generators,
             guidance_rescale=settings.guidance_rescale,
             after_step=after_step,
             conditioning=conditioning,
+            sdxl=sdxl,
         )
 
     @torch.no_grad()
