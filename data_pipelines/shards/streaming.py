@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import threading
 import time
@@ -309,10 +310,21 @@ class EpochSlices(IterableDataset):
                 return
 
 
+_PIDS = re.compile(r"pid(?:\(s\))? ([\d, ]+)")  # PyTorch: "worker (pid 12) is killed", "worker(s) pid(s) 12, 13 exited"
+_REPORTED_DEAD_WORKERS: set[str] = set()
+"""The pids of the loader workers this process has reported dead (as :class:`LoaderWorkerDied`)."""
+
+
+def _worker_pids(message: str) -> set[str]:
+    """The worker pids a PyTorch dead-worker message names."""
+    return {pid for run in _PIDS.findall(message) for pid in re.findall(r"\d+", run)}
+
+
 def _raise_named(error: RuntimeError, num_workers: int) -> None:
     """Raise :class:`LoaderWorkerDied` for PyTorch's "DataLoader worker (pid ...)" error, other errors as they are."""
     if "DataLoader worker" not in str(error) or isinstance(error, LoaderWorkerDied):
         raise error
+    _REPORTED_DEAD_WORKERS.update(_worker_pids(str(error)))
     rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
     raise LoaderWorkerDied(
         f"rank {rank}: a data-loader worker died ({error}); killed by signal 9 (Killed) is most often the "
@@ -327,6 +339,10 @@ def _name_dead_workers_in_sigchld(num_workers: int) -> None:
 
     PyTorch raises that error from the handler, wherever the main thread is when the worker dies; no
     iterator sees it. Once per process (the handler is the process's), from the main thread only.
+
+    A dead worker is reported once: PyTorch's handler raises again at every later SIGCHLD (any child
+    process ending) until the dead worker's iterator is shut down, which the error's traceback may
+    keep from happening for a while; those repeats are dropped.
     """
     if threading.current_thread() is not threading.main_thread():
         return
@@ -338,6 +354,9 @@ def _name_dead_workers_in_sigchld(num_workers: int) -> None:
         try:
             handler(signum, frame)
         except RuntimeError as error:
+            pids = _worker_pids(str(error))
+            if pids and pids <= _REPORTED_DEAD_WORKERS:
+                return
             _raise_named(error, num_workers)
 
     naming.names_dead_workers = True  # type: ignore[attr-defined]
