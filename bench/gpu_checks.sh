@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Every GPU check of the GPU issue in one device call (../shared/gpu/README.md):
-#   bash .gpu/run.sh bash bench/gpu_checks.sh 2>&1 | tee $OUT/log      (carry [".gpu"])
-# 1. the GPU-marked tests: each strategy trains in bf16-mixed and 16-mixed (fp16 loss scaling;
-#    DeepSpeed's fp16 mode), resumes, exports and samples; 2. training throughput table (256 and
-#    512 px); 3. precompute throughput (256 and 512 px). Set SKIP_TESTS=1 or SKIP_PRECOMPUTE=1 to shorten.
+# Every GPU check of the GPU issue in one device call. Here first: bash bench/gpu_bundle.sh; then
+#   device run: bash .gpu/run.sh bash bench/gpu_checks.sh      carry [".gpu"], timeout_s 590
+# Parts, most wanted first, each under its own time limit (seconds; env T_512, T_256, T_TESTS, T_PRE)
+# and written to its own file in $OUT, so a stall costs only its part and the rest still comes back.
+# No pipes: a killed command's children (inductor's compile workers) can hold a pipe open for ever.
+# 1. training throughput at 512 px (bench/gpu_train.py: plain, single, compiled, zero2, compiled_zero2);
+# 2. the same at 256 px (plain, compiled); 3. the GPU-marked tests (each strategy in bf16-mixed and
+# 16-mixed: trains, resumes, exports, samples); 4. precompute throughput at 256 px.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
+out=${OUT:-$(mktemp -d)}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1
+# A checkout that is not pip-installed has no package latentforge_conf (pyproject maps it to conf/).
+python -c "import latentforge_conf" 2>/dev/null || ln -sfn conf latentforge_conf
+peak=${PEAK_TFLOPS:-989}
+started=$(date +%s)
+part() {  # part NAME LIMIT COMMAND...: run it into $out/NAME.log, then show its last lines
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s) at $(( $(date +%s) - started ))s"
+  timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1 < /dev/null
+  echo "== $name: exit $? at $(( $(date +%s) - started ))s"
+  grep -E "^(\||measured|ratio|plain|lf-precompute|FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)\b" "$out/$name.log" | tail -20
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, lightning, deepspeed, diffusers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__)"
-if [[ -z "${SKIP_TESTS:-}" ]]; then
-  echo "== GPU tests"; time python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25
-fi
-echo "== training throughput"; time bash bench/gpu_train.sh
-if [[ -z "${SKIP_PRECOMPUTE:-}" ]]; then
-  echo "== precompute throughput"
-  python bench/gpu_precompute.py --resolution 256 --batch 64 --images 2048
-  python bench/gpu_precompute.py --resolution 512 --batch 32 --images 1024
-fi
+part train512 "${T_512:-280}" python bench/gpu_train.py --resolution 512 --batch 32 --peak-tflops "$peak"
+part train256 "${T_256:-140}" python bench/gpu_train.py --resolution 256 --batch 128 --configs plain,compiled \
+  --peak-tflops "$peak"
+part tests "${T_TESTS:-90}" python -m pytest -q -m gpu -p no:cacheprovider tests/integration/test_gpu.py \
+  tests/unit/test_precision.py
+part precompute "${T_PRE:-50}" python bench/gpu_precompute.py --resolution 256 --batch 64 --images 2048

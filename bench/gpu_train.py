@@ -131,7 +131,8 @@ def train_config(args, tmp: str, strategy: str, compiled: bool):
         f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.enable_model_summary=false",
         "trainer.enable_progress_bar=false", "trainer.gradient_clip_val=null", "callbacks.ema=null",
-        "callbacks.model_checkpoint=null", f"data.batch_size={args.batch}", "model.caption_dropout=0",
+        "callbacks.model_checkpoint=null", "callbacks.preemption=null", f"data.batch_size={args.batch}",
+        "model.caption_dropout=0",
         "lr_scheduler=constant", "++trainer.enable_checkpointing=false", f"model.compile_unet={str(compiled).lower()}",
         *(["model.compile_options={backend:aot_eager}"] if compiled and args.accelerator == "cpu" else []),
     ])  # fmt: skip
@@ -158,6 +159,13 @@ def release() -> None:
 
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def row_cells(row: tuple[float, float, float], flops: float, args: argparse.Namespace) -> str:
+    """A configuration's table cells: img/s | MFU | ms/step | first step s | peak GiB."""
+    seconds, first, peak = row
+    mfu = flops / seconds / (args.peak_tflops * 1e12)
+    return f"{args.batch / seconds:.1f} | {mfu:.1%} | {seconds * 1e3:.1f} | {first:.1f} | {peak:.1f}"
 
 
 def main() -> None:
@@ -194,13 +202,13 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 print(f"{name}: out of memory at batch {args.batch}")
                 rows[name] = (float("nan"), float("nan"), float("nan"))
+            print(f"measured {name}: {row_cells(rows[name], flops, args)}", flush=True)  # kept if a later one hangs
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
     print(f"\n{args.model} UNet, {args.resolution}px, batch {args.batch}, {args.precision}, {device}")
     print("| configuration | img/s | MFU | ms/step | first step (compile) s | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, (seconds, first, peak) in rows.items():
-        mfu = flops / seconds / (args.peak_tflops * 1e12)
-        print(f"| {name} | {args.batch / seconds:.1f} | {mfu:.1%} | {seconds * 1e3:.1f} | {first:.1f} | {peak:.1f} |")
+    for name, row in rows.items():
+        print(f"| {name} | {row_cells(row, flops, args)} |")
     if "plain" in rows:
         for name in rows.keys() - {"plain"}:
             print(f"ratio {name} / plain (img/s): {rows['plain'][0] / rows[name][0]:.3f}")

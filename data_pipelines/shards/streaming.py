@@ -115,13 +115,16 @@ class SkipCounter:
         """
         self.counts.add(1, 1)
         log.warning("skipped corrupt sample %d (of %d read): %s", self.counts.skipped, self.counts.seen, error)
-        if self.counts.skipped > self.max_bad_fraction * max(self.counts.seen, self.min_samples):
+        if self._over_limit():
             raise TooManyCorruptSamples(
                 f"{self.counts.skipped} of {self.counts.seen} samples read are corrupt, more than "
                 f"max_bad_fraction={self.max_bad_fraction} (taken over at least {self.min_samples} samples); "
                 f"last: {error}"
             ) from error
         return True
+
+    def _over_limit(self) -> bool:
+        return self.counts.skipped > self.max_bad_fraction * max(self.counts.seen, self.min_samples)
 
     def skip_shard(self, url: str, error: Exception, samples: int) -> None:
         """Count an unreadable shard as ``samples`` bad samples (its estimated size) and log it.
@@ -138,7 +141,7 @@ class SkipCounter:
             self.counts.seen,
             error,
         )
-        if self.counts.skipped > self.max_bad_fraction * max(self.counts.seen, self.min_samples):
+        if self._over_limit():
             raise TooManyCorruptSamples(
                 f"shard {url} is unreadable ({error}); counted as its about {samples} samples, "
                 f"{self.counts.skipped} of {self.counts.seen} samples read are bad, more than "

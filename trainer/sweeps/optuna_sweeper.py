@@ -19,6 +19,7 @@ live in that namespace); use it through ``conf/hparams_search/*.yaml`` (``lf-tra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from filelock import FileLock
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
@@ -95,6 +97,15 @@ def make_sqlite_folder(storage: Any) -> None:
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
+def budget_lock(storage: Any) -> contextlib.AbstractContextManager[Any]:
+    """A lock that parallel sweepers on one ``sqlite:///PATH`` storage take while they count the study
+    and ask for trials (without it two can both see room for one more trial and both ask); other
+    storages get none (their workers may overshoot ``n_trials`` by up to ``n_jobs`` each)."""
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        return FileLock(storage.removeprefix("sqlite:///") + ".lock")
+    return contextlib.nullcontext()
+
+
 class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
     """The sweep loop; see the module docstring for what differs from the plugin's ``OptunaSweeperImpl``."""
 
@@ -134,10 +145,14 @@ class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
             "study %s in %s: %d of %d trials done or running", study.study_name, self.storage, counted_trials(study),
             self.n_trials,
         )  # fmt: skip
-        while (batch := min(self.n_jobs, self.n_trials - counted_trials(study))) > 0:
-            trials = [study.ask() for _ in range(batch)]
-            for trial in trials:
-                trial.set_system_attr(_OWNER, owner_record())
+        while True:
+            with budget_lock(self.storage):
+                batch = min(self.n_jobs, self.n_trials - counted_trials(study))
+                trials = [study.ask() for _ in range(max(batch, 0))]
+                for trial in trials:
+                    trial.set_system_attr(_OWNER, owner_record())
+            if not trials:
+                break
             overrides = [
                 (*trial_overrides, f"++{TRIAL_NUMBER_KEY}={trial.number}")
                 for trial, trial_overrides in zip(
