@@ -31,7 +31,7 @@ from diffusers import (
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from lf_common.atomic import atomic_path
-from lf_common.errors import ConfigError, DataError
+from lf_common.errors import DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
 from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
@@ -199,7 +199,7 @@ def export_single_file(
     dtype: str = "float32",
     text_layout: str = "auto",
 ) -> Path:
-    """Write one ``.safetensors`` in the original SD layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
+    """Write one ``.safetensors`` in the original SD or SDXL layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
 
     Args:
         source: a training checkpoint (as :func:`export_pipeline`), or an export folder
@@ -207,7 +207,8 @@ def export_single_file(
         out_file: the ``.safetensors`` to write (atomically).
         dtype: ``"float16"`` halves the file.
         text_layout: the text encoder as SD 1.x's CLIP (``"sd1"``) or SD 2.x's OpenCLIP (``"sd2"``);
-            ``"auto"``: ``"sd2"`` when the text encoder is OpenCLIP's (GELU activations).
+            ``"auto"``: ``"sd2"`` when the text encoder is OpenCLIP's (GELU activations), ``"sdxl"``
+            (``conditioner.embedders.0`` CLIP, ``.1`` OpenCLIP with fused q/k/v) for an SDXL model.
 
     The step, the weights kind and the training config go in the safetensors metadata
     (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...), and the
@@ -223,27 +224,30 @@ def export_single_file(
     )
 
     source = Path(source)
-    if (source / "text_encoder_2").is_dir():
-        raise ConfigError(f"{source}: an SDXL folder; the single-file SDXL layout is not written yet")
     if (source / "model_index.json").is_file():
         parts = load_diffusers_folder(source)
         info_file = source / EXPORT_INFO_NAME
         info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
         info["export"] = str(source.resolve())
-        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", local_files_only=True)
+        tokenizers = {
+            name: CLIPTokenizer.from_pretrained(source / name, local_files_only=True)
+            for name in ("tokenizer", "tokenizer_2")
+            if name == "tokenizer" or parts.text_encoder_2 is not None
+        }
         scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
     else:
         pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
-        if isinstance(pipe, StableDiffusionXLPipeline):
-            raise ConfigError(
-                f"{source}: an SDXL model; the single-file SDXL layout is not written yet: export a diffusers folder"
-            )
-        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
-        tokenizer, scheduler = pipe.tokenizer, dict(pipe.scheduler.config)
+        sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if sdxl else None)
+        tokenizers = {"tokenizer": pipe.tokenizer} | ({"tokenizer_2": pipe.tokenizer_2} if sdxl else {})
+        scheduler = dict(pipe.scheduler.config)
     info["dtype"] = dtype
     info.pop("latent_manifest", None)
-    tokenizer_settings = {"model_max_length": tokenizer.model_max_length, "pad_token": str(tokenizer.pad_token)}
-    info["configs"] = {**part_configs(parts), "tokenizer": tokenizer_settings, "scheduler": scheduler}
+    tokenizer_settings = {
+        name: {"model_max_length": tokenizer.model_max_length, "pad_token": str(tokenizer.pad_token)}
+        for name, tokenizer in tokenizers.items()
+    }
+    info["configs"] = {**part_configs(parts), **tokenizer_settings, "scheduler": scheduler}
     save_single_file(
         parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
     )

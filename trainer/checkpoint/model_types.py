@@ -15,8 +15,10 @@ Each supported type ships its diffusers configs in ``conf/base_models/<name>/`` 
 models' own, e.g. ``stable-diffusion-v1-5``'s). The same signatures as diffusers'
 ``infer_diffusers_model_type`` (``tests/unit/test_model_types.py`` checks it on full-size shapes).
 
-To add a type (SDXL): a row in :data:`MODEL_TYPES` with ``supported=True``, its configs folder,
-its text-encoder key map, and its layout rows in :mod:`trainer.checkpoint.layouts`.
+To add a type: a row in :data:`MODEL_TYPES`, its configs folder, its text-encoder key map, and its
+layout rows in :mod:`trainer.checkpoint.layouts`. SDXL base imports with the configs the file carries
+(our exports) or ``config_dir``; it has no standard configs folder yet, so a file without either
+is refused by name (:attr:`ModelType.has_standard_configs`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class ModelType:
     def inpainting(self) -> bool:
         return self.in_channels == 9
 
+    @property
+    def has_standard_configs(self) -> bool:
+        """Whether ``conf/base_models/<name>/`` ships this type's configs."""
+        return (resources.files(CONFIGS_PACKAGE) / CONFIGS_FOLDER / self.name).is_dir()
+
     def configs(self) -> dict[str, dict[str, Any]]:
         """The standard configs of this type, by part (copies: callers may change them)."""
         return {part: dict(config) for part, config in _standard_configs(self.name).items()}
@@ -79,8 +86,8 @@ MODEL_TYPES: tuple[ModelType, ...] = (
     ModelType("sd2_v", "SD 2.x 768 (v-prediction)", "open_clip", 4, "v_prediction"),
     ModelType("sd2_inpainting", "SD 2.x inpainting", "open_clip", 9),
     ModelType("instruct_pix2pix", "InstructPix2Pix (SD 1.x)", "clip", 8, refused="not supported"),
-    ModelType("sdxl", "SDXL base", "sdxl", 4, refused="not supported yet (the SDXL issue)"),
-    ModelType("sdxl_inpainting", "SDXL inpainting", "sdxl", 9, refused="not supported yet (the SDXL issue)"),
+    ModelType("sdxl", "SDXL base", "sdxl", 4),
+    ModelType("sdxl_inpainting", "SDXL inpainting", "sdxl", 9, refused="not supported yet"),
 )
 BY_NAME = {row.name: row for row in MODEL_TYPES}
 
