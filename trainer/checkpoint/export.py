@@ -9,7 +9,8 @@ The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``sched
 ``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
 the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
 adapters (and the text encoder's, when DreamBooth trained one) in ``lora/``
-(``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file). Both ``lf-sample`` and
+(``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file: SDXL's, ldm-named UNet
+modules and ``lora_te1_``/``lora_te2_``, for an SDXL model). Both ``lf-sample`` and
 ``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,9 @@ from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
+from trainer.checkpoint.sd_single_file import original_module_name, unet_rules
 from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
-from trainer.lora.formats import AdapterWeights, adapter_state_dict, save_lora_files
+from trainer.lora.formats import AdapterWeights, ModuleNames, adapter_state_dict, save_lora_files
 
 log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
@@ -122,6 +125,11 @@ def is_sdxl_unet(unet: torch.nn.Module) -> bool:
     return unet.config.get("addition_embed_type") == "text_time"
 
 
+def sdxl_lora_names(unet: torch.nn.Module) -> ModuleNames | None:
+    """For an SDXL UNet, its modules' ldm names (what kohya's SDXL LoRA files use); ``None`` for SD 1.x/2.x."""
+    return partial(original_module_name, rules=unet_rules(unet.config)) if is_sdxl_unet(unet) else None
+
+
 def _sdxl_pipeline(
     ckpt_path: str | Path,
     record: dict[str, Any],
@@ -183,7 +191,12 @@ def export_pipeline(
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if adapters:  # lora/ in diffusers' and kohya's layouts
-            save_lora_files(tmp / LORA_DIR, adapters.get("unet"), adapters.get("text_encoder"))
+            save_lora_files(
+                tmp / LORA_DIR,
+                adapters.get("unet"),
+                adapters.get("text_encoder"),
+                sdxl_unet_names=sdxl_lora_names(pipe.unet),
+            )
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)

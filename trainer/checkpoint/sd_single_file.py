@@ -258,6 +258,18 @@ def to_original(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: st
     return out
 
 
+def original_module_name(module: str, rules: list[Rule]) -> str:
+    """A diffusers module path -> its ldm path, by the same rules as the weights
+    (``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in``; ``down_blocks.0.resnets.0.conv1``
+    -> ``input_blocks.1.0.in_layers.2``): the names kohya's SDXL LoRA files give UNet modules.
+
+    Raises:
+        KeyMapError: no rule maps the module.
+    """
+    (key,) = to_original({module + ".weight": torch.empty(0)}, rules, "")
+    return key.removesuffix(".weight")
+
+
 def to_diffusers(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: str) -> dict[str, torch.Tensor]:
     """Rename the keys under ``prefix`` of an original-layout state dict to diffusers' names.
 

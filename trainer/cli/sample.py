@@ -140,7 +140,13 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         vae_tiling=cfg.get("vae_tiling", False),
     )
     if cfg.get("lora"):
-        load_lora(sampler.unet, sampler.text_encoder, cfg.lora, cfg.get("lora_scale", 1.0))
+        load_lora(
+            sampler.unet,
+            sampler.text_encoder,
+            cfg.lora,
+            cfg.get("lora_scale", 1.0),
+            text_encoder_2=sampler.text_encoder_2,
+        )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
