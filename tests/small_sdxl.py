@@ -85,3 +85,28 @@ def pipeline_tensors(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tensor]
         for name in ("unet", "vae", "text_encoder", "text_encoder_2")
         for key, tensor in getattr(pipe, name).state_dict().items()
     }
+
+
+def small_sdxl_configs() -> dict[str, dict]:
+    """SDXL base's standard configs (``conf/base_models/sdxl/``) at small sizes, heads 64 wide as SDXL's:
+    what the importer reads back from a file of them with nothing else."""
+    from trainer.checkpoint.model_types import BY_NAME
+
+    configs = BY_NAME["sdxl"].configs()
+    text = dict(intermediate_size=128, num_hidden_layers=2, max_position_embeddings=8)
+    configs["text_encoder"].update(text, hidden_size=64, num_attention_heads=1)
+    configs["text_encoder_2"].update(text, hidden_size=128, num_attention_heads=2, projection_dim=32)
+    configs["unet"].update(
+        block_out_channels=[64, 128, 128],
+        attention_head_dim=[1, 2, 2],
+        layers_per_block=1,
+        transformer_layers_per_block=[1, 1, 2],
+        cross_attention_dim=64 + 128,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    configs["vae"].update(VAE, norm_num_groups=32, scaling_factor=0.13025)
+    configs["vae"]["block_out_channels"] = [32, 64]
+    for name in ("tokenizer", "tokenizer_2"):
+        configs[name]["model_max_length"] = 8
+    return configs

@@ -134,3 +134,31 @@ def test_our_sampler_matches_stable_diffusion_xl_pipeline_on_the_export(single_r
     b = np.stack([np.asarray(i, dtype=np.int16) for i in theirs])
     assert a.shape == b.shape == (2, 32, 32, 3)
     assert int(np.abs(a - b).max()) <= 2
+
+
+def test_checkpoint_exports_to_one_sdxl_file_that_imports_to_the_same_tensors(single_run, tmp_path):
+    """``lf-export format=single_file`` of an SDXL checkpoint (SDXL's original layout), then ``lf-import``
+    of the file alone: the same tensors as the diffusers folder export of the same checkpoint."""
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint.pipeline_weights import load_diffusers_folder
+    from trainer.cli.import_model import run_import
+
+    checkpoint = single_run / "full" / "checkpoints" / f"step-{STEPS:07d}.ckpt"
+    folder, file = tmp_path / "export", tmp_path / "sdxl.safetensors"
+    run_export(compose_config("export", [f"ckpt_path={checkpoint}", f"out_dir={folder}"]))
+    run_export(compose_config("export", [f"ckpt_path={checkpoint}", "format=single_file", f"out_file={file}",
+                                         f"out_dir={tmp_path / 'unused'}"]))  # fmt: skip
+    keys = load_file(str(file)).keys()
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    imported = Path(
+        run_import(compose_config("import", [f"pretrained={file}", f"out_dir={tmp_path / 'imported'}"]))["out_dir"]
+    )
+    assert json.loads((imported / "latentforge.json").read_text())["model_type"] == "sdxl"
+    expected, found = load_diffusers_folder(folder).networks(), load_diffusers_folder(imported).networks()
+    assert found.keys() == expected.keys() == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    for name, network in expected.items():
+        state = found[name].state_dict()
+        for key, tensor in network.state_dict().items():
+            assert torch.equal(state[key], tensor), f"{name}.{key}"

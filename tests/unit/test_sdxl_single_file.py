@@ -19,10 +19,10 @@ from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.small_sdxl import pipeline_tensors, save_small_sdxl
+from tests.small_sdxl import pipeline_tensors, save_small_sdxl, small_sdxl_configs
 from trainer.checkpoint.export import export_single_file
 from trainer.checkpoint.importing import IMPORT_INFO_NAME, import_weights
-from trainer.checkpoint.pipeline_weights import load_diffusers_folder, original_state_dict
+from trainer.checkpoint.pipeline_weights import build_parts, load_diffusers_folder, original_state_dict
 from trainer.checkpoint.sd_single_file import SDXL_OPEN_CLIP_PREFIX, KeyMapError
 from trainer.checkpoint.sd_text_encoder_keys import open_clip_to_text, text_to_open_clip
 
@@ -126,3 +126,30 @@ def test_open_clip_map_is_diffusers_converter_inverse(sdxl_folder: Path) -> None
     _assert_same(by_diffusers, encoder.state_dict())
     ours = open_clip_to_text(original, SDXL_OPEN_CLIP_PREFIX)
     _assert_same(ours, {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()})
+
+
+def test_a_small_sdxl_file_imports_with_nothing_else(tmp_path: Path) -> None:
+    """An SDXL file of the standard architecture at small sizes, without our metadata (as SDXL base's own
+    file): detected, its configs read from its shapes and the SDXL standard, every tensor equal."""
+    configs = small_sdxl_configs()
+    parts = build_parts(configs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for network in parts.networks().values():
+            for parameter in network.parameters():
+                parameter.normal_(0.0, 0.05)
+    state = original_state_dict(parts, "sdxl") | {SDXL_OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(4.6)}
+    path = tmp_path / "sdxl_base_small.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    out = import_weights(path, tmp_path / "imported")
+    info = json.loads((out / IMPORT_INFO_NAME).read_text())
+    assert info["model_type"] == "sdxl" and info["configs_from"] == "the SDXL base standard configs"
+    imported = load_diffusers_folder(out)
+    for name, network in imported.networks().items():
+        config = network.config if name in ("unet", "vae") else network.config.to_dict()
+        expected = {k: v for k, v in configs[name].items() if not k.startswith("_") and k in config}
+        assert {k: config[k] for k in expected} == expected, name
+        reference = parts.networks()[name].state_dict()
+        for key, tensor in network.state_dict().items():
+            assert torch.equal(tensor, reference[key]), f"{name}.{key}"
+    assert json.loads((out / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
