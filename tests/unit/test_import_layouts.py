@@ -118,6 +118,8 @@ REFUSED: dict[str, tuple[Callable[[State], State], str]] = {
                    r"UNet without VAE or text encoder layout: refused"),
     "sdxl_sizes_off": (lambda s: s | {"conditioner.embedders.1.model.positional_embedding": torch.zeros(2, 2)},
                        r"a UNet block is 32 wide, not a multiple of the standard 64-wide heads"),
+    "sdxl_refiner": (lambda s: s | {"conditioner.embedders.0.model.positional_embedding": torch.zeros(2, 2)},
+                     r"SDXL refiner layout: refused, the SDXL refiner is out of scope"),
     "sdxl_inpainting": (lambda s: s | {"conditioner.embedders.1.model.positional_embedding": torch.zeros(2, 2),
                                        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)},
                         r"SDXL inpainting checkpoint: not supported yet"),

@@ -34,6 +34,7 @@ from trainer.checkpoint.sd_text_encoder_keys import OPEN_CLIP_UNUSED
 
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model. in the canonical layout
 TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder: OpenCLIP bigG in slot 0
 LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 PEFT_LORA_PARTS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora_linear_layer.")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -194,6 +195,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("diffusers/PEFT LoRA", _contains(*PEFT_LORA_PARTS), fix=LORA_FIX),
     Layout("textual inversion embedding", _textual_inversion, fix="an embedding, not a model"),
     Layout("ControlNet", _any(("control_model.",)), fix="a ControlNet, not a base model"),
+    Layout("SDXL refiner", _any((SDXL_REFINER_PREFIX,)), fix="the SDXL refiner is out of scope (SDXL base imports)"),
     Layout(
         "diffusers model file (one part, diffusers names)",
         _diffusers_part,
