@@ -162,3 +162,38 @@ def test_checkpoint_exports_to_one_sdxl_file_that_imports_to_the_same_tensors(si
         state = found[name].state_dict()
         for key, tensor in network.state_dict().items():
             assert torch.equal(state[key], tensor), f"{name}.{key}"
+
+
+def test_lora_run_exports_sdxl_kohya_and_diffusers_lora_files(sdxl_latent_dir, tmp_path):
+    """``lf-train model=sdxl_tiny experiment=lora`` -> ``lf-export``: ``lora/`` holds kohya's SDXL layout
+    (ldm-named UNet modules) and diffusers' file; each applied to the exported base UNet gives the trained one."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_train_overrides
+    from trainer.checkpoint.reading import build_unet, load_checkpoint
+    from trainer.cli.train import run_train
+    from trainer.lora.loading import load_lora
+
+    run, export = tmp_path / "run", tmp_path / "export"
+    lora = ["experiment=lora", "optim.lr=2e-2", "model.lora.target_modules=[to_q,to_out.0,proj_in,conv1]"]
+    run_train(compose_config("train", [*tiny_train_overrides(sdxl_latent_dir, run, steps=2), SDXL_TINY, *lora]))
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    run_export(compose_config("export", [f"ckpt_path={checkpoint}", f"out_dir={export}"]))
+    kohya = load_file(export / "lora" / "lora_kohya.safetensors")
+    modules = {key.split(".")[0] for key in kohya}
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for m in modules), sorted(modules)  # fmt: skip
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in modules  # down_blocks.0.resnets.0.conv1
+
+    trained, _ = build_unet(load_checkpoint(checkpoint))
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 64)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    with torch.no_grad():
+        expected = trained(x, t, text, added_cond_kwargs=added).sample
+    for file in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors"):
+        ours = Sampler.from_export(export, device="cpu")
+        loaded = load_lora(ours.unet, ours.text_encoder, export / "lora" / file, text_encoder_2=ours.text_encoder_2)
+        assert loaded == ["unet"]
+        with torch.no_grad():
+            found = ours.unet(x, t, text, added_cond_kwargs=added).sample
+        torch.testing.assert_close(found, expected, atol=1e-5, rtol=0)
