@@ -197,3 +197,7 @@ def test_lora_run_exports_sdxl_kohya_and_diffusers_lora_files(sdxl_latent_dir, t
         with torch.no_grad():
             found = ours.unet(x, t, text, added_cond_kwargs=added).sample
         torch.testing.assert_close(found, expected, atol=1e-5, rtol=0)
+        ours.unet.set_adapters(["lora"], weights=[0.0])
+        with torch.no_grad():
+            base = ours.unet(x, t, text, added_cond_kwargs=added).sample
+        assert (base - expected).abs().max() > 1e-4, "the trained adapters change nothing"
