@@ -3,7 +3,9 @@
 kohya's SDXL layout names the UNet's modules as ldm does (``lora_unet_input_blocks_4_1_...``, from the
 single-file key map) and the encoders ``lora_te1_`` / ``lora_te2_``. Each file, read back by
 diffusers' loaders (``lf-sample lora=``), gives the outputs of the adapters it was written from; a
-kohya file read and written again is the same file, and so is its diffusers twin.
+kohya file read and written again is the same file, and so is its diffusers twin. The first encoder's
+adapters sit on ``q_proj`` and ``fc1`` without ``out_proj``: diffusers' own loader would drop its
+attention adapters (see ``trainer.lora.loading.uniform_text_names``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from trainer.lora.loading import add_adapters_from_file, load_lora
 # attention, feed-forward, projection, resnet convolutions and time embedding, a shortcut, a downsampler
 UNET = LoraSettings(rank=2, alpha=3.0, target_modules=["to_q", "to_out.0", "proj_in", "conv1", "conv_shortcut",
                                                        "time_emb_proj", "downsamplers.0.conv"])  # fmt: skip
-TEXT = LoraSettings(rank=2, alpha=1.0, target_modules=["q_proj", "out_proj", "fc1"])  # kohya: all of attention, MLP
+TEXT = LoraSettings(rank=2, alpha=1.0, target_modules=["q_proj", "fc1"])  # attention without out_proj, and MLP
 TEXT_2 = LoraSettings(rank=4, alpha=2.0, target_modules=["v_proj", "out_proj", "fc2"])
 SETTINGS = {"unet": UNET, "text_encoder": TEXT, "text_encoder_2": TEXT_2}
 X, T = torch.randn(1, 4, 8, 8), torch.tensor([700])

@@ -75,12 +75,32 @@ def _load_lycoris(
     return settings
 
 
+# diffusers' kohya converter names a text encoder's attention adapters the old way (``self_attn.to_q_lora.down``)
+# and its MLP ones the new way (``mlp.fc1.lora_linear_layer.down``); its text-encoder loader then infers one
+# naming per file (old only when ``to_out_lora`` is among the keys) and drops the other's adapters with a
+# warning. Naming all of them the new way keeps every adapter.
+OLD_TEXT_ATTENTION = {f".to_{old}_lora.": f".{new}_proj.lora_linear_layer." for old, new in
+                      (("q", "q"), ("k", "k"), ("v", "v"), ("out", "out"))}  # fmt: skip
+
+
+def uniform_text_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder adapter keys of diffusers' kohya conversion, all in diffusers' current naming."""
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith(PARTS[1:]):
+            for old, new in OLD_TEXT_ATTENTION.items():
+                key = key.replace(old, new)
+        out[key] = tensor
+    return out
+
+
 def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, LoraSettings]:
     folder, weight_name = lora_file(path)
     unet_config = models["unet"].config if "unet" in models else None  # maps SDXL kohya files' ldm block numbers
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
         str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True, unet_config=unet_config
     )
+    state = uniform_text_names(state)
     parts = [part for part in PARTS if any(key.startswith(part + ".") for key in state) and part in models]
     if not parts:
         raise DataError(f"lora={path}: holds no UNet or text-encoder adapter weights (keys like {sorted(state)[:3]})")
