@@ -84,6 +84,12 @@ def test_export_then_import_gives_the_same_tensors(sdxl_folder: Path, sdxl_file:
     assert tokenizer_2["pad_token"] == "!" and tokenizer_2["model_max_length"] == 8
 
 
+def test_an_sdxl_folder_imports_as_it_is(sdxl_folder: Path, tmp_path: Path) -> None:
+    out = import_weights(sdxl_folder, tmp_path / "imported")
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    _assert_same(_folder_tensors(out), _folder_tensors(sdxl_folder))
+
+
 def test_diffusers_from_single_file_reads_our_file(
     sdxl_folder: Path, sdxl_file: Path, config_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

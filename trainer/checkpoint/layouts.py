@@ -2,7 +2,8 @@
 
 The canonical layout is what :mod:`trainer.checkpoint.sd_single_file` maps to diffusers: the UNet
 under ``model.diffusion_model.*``, the VAE under ``first_stage_model.*``, the text encoder under
-``cond_stage_model.transformer.text_model.*`` (CLIP) or ``cond_stage_model.model.*`` (OpenCLIP),
+``cond_stage_model.transformer.text_model.*`` (CLIP) or ``cond_stage_model.model.*`` (OpenCLIP), or
+SDXL's two under ``conditioner.embedders.0.transformer.text_model.*`` and ``conditioner.embedders.1.model.*``,
 weights only. Every row of :data:`LAYOUTS` whose test matches a file is applied in order: a refused
 row stops the import with one line naming the layout and the fix; a mapped row rewrites keys and
 leaves a note. What is left after the table must map key for key (else the strict check lists
