@@ -98,7 +98,8 @@ TEXT_LAYOUT_OF = {"clip": "sd1", "open_clip": "sd2", "sdxl": "sdxl"}  # a type's
 def _load(configs: Configs, normalized: Normalized, model_type: ModelType, source: str) -> PipelineParts:
     parts = build_parts(configs)
     if (model_type.text_encoder == "sdxl") != (parts.text_encoder_2 is not None):
-        raise KeyMapError(f"{source}: a {model_type.title} file, but its configs build {len(parts.networks())} parts")
+        has = "have" if parts.text_encoder_2 is not None else "have no"
+        raise KeyMapError(f"{source}: a {model_type.title} file, but its configs {has} text_encoder_2 (SDXL's)")
     load_original_state(parts, normalized.state, source, TEXT_LAYOUT_OF[model_type.text_encoder])
     return parts
 

@@ -79,8 +79,7 @@ def _load_lycoris(
 # and its MLP ones the new way (``mlp.fc1.lora_linear_layer.down``); its text-encoder loader then infers one
 # naming per file (old only when ``to_out_lora`` is among the keys) and drops the other's adapters with a
 # warning. Naming all of them the new way keeps every adapter.
-OLD_TEXT_ATTENTION = {f".to_{old}_lora.": f".{new}_proj.lora_linear_layer." for old, new in
-                      (("q", "q"), ("k", "k"), ("v", "v"), ("out", "out"))}  # fmt: skip
+OLD_TEXT_ATTENTION = {f".to_{x}_lora.": f".{x}_proj.lora_linear_layer." for x in ("q", "k", "v", "out")}
 
 
 def uniform_text_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
