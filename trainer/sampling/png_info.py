@@ -20,7 +20,7 @@ class GenerationParameters:
     """What re-makes one image."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None: none given (no "Negative prompt:" line); "" is written as an empty one
     steps: int
     sampler: str
     guidance_scale: float
@@ -47,7 +47,7 @@ class GenerationParameters:
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
         lines = [self.prompt]
-        if self.negative_prompt:
+        if self.negative_prompt is not None:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
@@ -77,7 +77,7 @@ def parse_parameters(text: str, source: str = "parameters") -> GenerationParamet
         sampler += " Karras"  # AUTOMATIC1111 1.9+ writes the schedule apart from the sampler
     return GenerationParameters(
         prompt="\n".join(prompt_lines),
-        negative_prompt="\n".join(negative_lines),
+        negative_prompt="\n".join(negative_lines) if negative else None,
         steps=int(fields["Steps"]),
         sampler=sampler,
         guidance_scale=float(fields["CFG scale"]),
