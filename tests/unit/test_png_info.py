@@ -53,3 +53,10 @@ def test_an_explicit_empty_negative_prompt_parses_back_apart_from_none():
     for negative in (None, ""):
         made = GenerationParameters("a cat", negative, 25, "Euler", 7.5, 42, 32, 32)
         assert parse_parameters(made.to_text()).negative_prompt == negative
+
+
+def test_sdxl_size_and_crop_inputs_parse_back():
+    micro = {"original_size": (64, 48), "crop_top_left": (4, 8)}
+    made = GenerationParameters("a cat", None, 25, "Euler", 7.5, 42, 32, 32, **micro)
+    assert "Original size: 48x64, Crop offset: 8x4" in made.to_text()
+    assert parse_parameters(made.to_text()) == made

@@ -131,3 +131,11 @@ def test_inpainting_matches_inpaint_pipeline_on_a_standard_unet(sampler, export_
         generator=[torch.Generator().manual_seed(s) for s in SEEDS[:1]],
     ).images
     assert _max_difference(ours, theirs) <= MAX_PIXEL_DIFFERENCE
+
+
+def test_size_and_crop_inputs_are_refused_for_a_model_without_them(sampler):
+    from lf_common.errors import ConfigError
+
+    settings = SampleSettings(steps=1, original_size=(64, 64))
+    with pytest.raises(ConfigError, match="original_size and crop_top_left condition SDXL models only"):
+        sampler.txt2img(PROMPTS[:1], SEEDS[:1], settings)

@@ -172,3 +172,58 @@ def test_an_export_without_force_zeros_encodes_the_empty_negative_prompt(export_
     assert not sampler.force_zeros_for_empty_prompt
     for a, b in zip(sampler.negative_embeddings(None, 1), sampler.negative_embeddings("", 1), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+MICRO = {"original_size": (64, 48), "crop_top_left": (4, 8)}  # (h, w), (top, left)
+
+
+def test_size_and_crop_inputs_match_the_pipelines_original_size_and_crops_coords(sampler, export_dir):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    micro = {"original_size": MICRO["original_size"], "crops_coords_top_left": MICRO["crop_top_left"]}
+    settings = _settings("euler", **MICRO)
+    ours, parameters = sampler.txt2img(PROMPTS, SEEDS, settings)
+    assert (parameters[0].original_size, parameters[0].crop_top_left) == ((64, 48), (4, 8))
+    theirs = _diffusers(StableDiffusionXLPipeline, export_dir, "euler", False)(
+        PROMPTS, num_inference_steps=STEPS, guidance_scale=3.0, height=SIZE, width=SIZE,
+        generator=_generators(SEEDS), **micro,
+    ).images  # fmt: skip
+    assert _max_difference(ours, theirs) <= MAX_PIXEL_DIFFERENCE
+    default, _ = sampler.txt2img(PROMPTS, SEEDS, _settings("euler"))
+    assert np.abs(_pixels(default) - _pixels(ours)).max() > 0, "the size/crop inputs change nothing"
+
+    init = _random_image(0)
+    ours, _ = sampler.img2img(init, PROMPTS, SEEDS, settings, strength=0.5)
+    theirs = _diffusers(StableDiffusionXLImg2ImgPipeline, export_dir, "euler", False)(
+        PROMPTS, image=init, strength=0.5, num_inference_steps=STEPS, guidance_scale=3.0,
+        generator=_generators(SEEDS), **micro,
+    ).images  # fmt: skip
+    assert _max_difference(ours, theirs) <= MAX_PIXEL_DIFFERENCE
+
+
+def test_lf_sample_inpaints_with_sdxl_and_remakes_from_png(export_dir, tmp_path):
+    """The command: SDXL inpainting with an explicit empty negative prompt and size/crop inputs, written
+    into the PNG and re-made from it pixel for pixel."""
+    from tests.conftest import compose_config
+    from trainer.cli.sample import run_sample
+    from trainer.sampling.png_info import read_parameters
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    _random_image(3).save(init)
+    holes = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    holes[4:20, 10:30] = 255
+    Image.fromarray(holes).save(mask)
+    common = [f"model_dir={export_dir}", "steps=3", "batch_size=1", "device=cpu"]
+    first = run_sample(compose_config("sample", [
+        *common, f"out_dir={tmp_path / 'a'}", f"init_image={init}", f"mask_image={mask}", "negative_prompt=''",
+        "num_images_per_prompt=1", f"height={SIZE}", f"width={SIZE}", "original_size=[64,48]",
+        "crop_top_left=[4,8]", "scheduler=euler_a", "strength=0.8",
+    ]))  # fmt: skip
+    text = read_parameters(first["paths"][0])
+    assert "Negative prompt: \n" in text and "Original size: 48x64" in text and "Crop offset: 8x4" in text
+    again = run_sample(compose_config("sample", [
+        *common, f"out_dir={tmp_path / 'b'}", f"from_png={first['paths'][0]}", f"init_image={init}",
+        f"mask_image={mask}",
+    ]))  # fmt: skip
+    assert read_parameters(again["paths"][0]) == text
+    assert np.array_equal(_pixels([Image.open(again["paths"][0])]), _pixels([Image.open(first["paths"][0])]))

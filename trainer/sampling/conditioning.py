@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.encoders import encode_text
 from data_pipelines.latents.sdxl_text import encode_text_sdxl
+from lf_common.errors import ConfigError
 
 
 @torch.no_grad()
@@ -68,3 +69,19 @@ def sdxl_time_ids(
     """
     ids = [*(original_size or target_size), *crop_top_left, *target_size]
     return torch.tensor([ids], dtype=torch.float32).expand(batch, 6)
+
+
+def micro_conditioning(
+    original_size: Sequence[int] | None, crop_top_left: Sequence[int] | None
+) -> dict[str, tuple[int, int] | None]:
+    """``SampleSettings``' ``original_size`` ``(h, w)`` and ``crop_top_left`` ``(top, left)`` from a config's lists.
+
+    Raises:
+        ConfigError: a value that is not two integers.
+    """
+    crop_top_left = crop_top_left or (0, 0)
+    for key, value in (("original_size", original_size), ("crop_top_left", crop_top_left)):
+        if value is not None and (len(value) != 2 or not all(isinstance(v, int) for v in value)):
+            raise ConfigError(f"{key}={list(value)}: expected two integers, [height, width] or [top, left]")
+    original = (int(original_size[0]), int(original_size[1])) if original_size else None
+    return {"original_size": original, "crop_top_left": (int(crop_top_left[0]), int(crop_top_left[1]))}

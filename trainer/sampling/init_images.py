@@ -58,6 +58,17 @@ def masked_image_latents(vae: AutoencoderKL, pixels: torch.Tensor, mask: torch.T
     return vae.encode(masked).latent_dist.mode() * vae.config.scaling_factor
 
 
+def full_mask_conditioning(
+    vae: AutoencoderKL, batch: int, latent_size: tuple[int, int], vae_scale: int
+) -> torch.Tensor:
+    """An inpainting UNet's conditioning ``(B, 1 + C, h, w)`` when the whole image is to be painted
+    (txt2img, img2img): mask ones, a grey image's latents (AUTOMATIC1111's txt2img conditioning)."""
+    height, width = (side * vae_scale for side in latent_size)
+    mask = torch.ones(batch, 1, height, width)
+    latents = masked_image_latents(vae, torch.zeros(batch, 3, height, width), mask)
+    return torch.cat([torch.ones(batch, 1, *latent_size).to(latents), latents], dim=1)
+
+
 def pixel_mask(mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
     """A mask image (white: repaint, black: keep) at the output size, ``(1, 1, size, size)`` in {0, 1}.
 

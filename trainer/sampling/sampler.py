@@ -33,14 +33,18 @@ from trainer.sampling.conditioning import encode_negative_prompt, encode_prompts
 from trainer.sampling.denoise import SDXLConditioning, denoise
 from trainer.sampling.loading import checkpoint_parts, export_parts
 from trainer.sampling.png_info import GenerationParameters
-from trainer.sampling.schedulers import check_scheduler, display_name, make_scheduler
+from trainer.sampling.schedulers import check_scheduler, display_name, sampling_scheduler
 
 _MODEL_MARKERS = ("model_index.json", "latest")  # an export folder; a DeepSpeed checkpoint folder
 
 
 @dataclass
 class SampleSettings:
-    """Settings shared by every image of one call (``negative_prompt`` ``None``: none given)."""
+    """Settings shared by every image of one call.
+
+    ``negative_prompt`` ``None``: none given. ``original_size`` ``(h, w)`` and ``crop_top_left``
+    ``(top, left)``: SDXL's micro-conditioning (default: the output size and (0, 0)); SDXL only.
+    """
 
     negative_prompt: str | None = None
     steps: int = 25
@@ -50,9 +54,16 @@ class SampleSettings:
     use_karras_sigmas: bool = False
     height: int | None = None
     width: int | None = None
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         check_scheduler(self.scheduler, self.use_karras_sigmas)
+
+    @property
+    def micro_conditioning(self) -> bool:
+        """Whether SDXL's size/crop inputs differ from their defaults."""
+        return self.original_size is not None or tuple(self.crop_top_left) != (0, 0)
 
 
 class Sampler:
@@ -185,13 +196,10 @@ class Sampler:
         pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # (B, 3, H, W)
         return pixels_to_images(pixels)
 
-    def _size(self, settings: SampleSettings) -> tuple[int, int]:
-        default = self.unet.config.sample_size * self.vae_scale
-        return settings.height or default, settings.width or default
-
     def image_size(self, settings: SampleSettings) -> tuple[int, int]:
         """``(height, width)`` of the images ``settings`` give (default: UNet sample size times the VAE's factor)."""
-        return self._size(settings)
+        default = self.unet.config.sample_size * self.vae_scale
+        return settings.height or default, settings.width or default
 
     def txt2img_batches(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings, batch_size: int
@@ -225,6 +233,8 @@ class Sampler:
                 height=height,
                 model=self.model_name,
                 strength=strength,
+                original_size=settings.original_size,
+                crop_top_left=settings.crop_top_left,
             )
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
@@ -249,8 +259,10 @@ class Sampler:
         sdxl = None
         if pooled is not None and uncond_pooled is not None:
             size = tuple(side * self.vae_scale for side in latents.shape[-2:])
-            ids = sdxl_time_ids(size, len(prompts)).to(self.device, cond.dtype)  # (B, 6)
-            sdxl = SDXLConditioning(pooled, uncond_pooled, ids)
+            ids = sdxl_time_ids(size, len(prompts), settings.original_size, settings.crop_top_left)  # (B, 6)
+            sdxl = SDXLConditioning(pooled, uncond_pooled, ids.to(self.device, cond.dtype))
+        elif settings.micro_conditioning:
+            raise ConfigError("original_size and crop_top_left condition SDXL models only; this model is not one")
         return denoise(
             self.unet,
             scheduler,
@@ -271,19 +283,15 @@ class Sampler:
         return init_images.masked_image_latents(self.vae, pixels, mask).to(self.unet.dtype)
 
     def full_mask_conditioning(self, batch: int, latent_size: tuple[int, int]) -> torch.Tensor:
-        """An inpainting UNet's conditioning ``(B, 1 + C, h, w)`` when the whole image is to be painted
-        (txt2img, img2img): mask ones, a grey image's latents (AUTOMATIC1111's txt2img conditioning)."""
-        height, width = (side * self.vae_scale for side in latent_size)
-        mask = torch.ones(batch, 1, height, width)
-        latents = self.masked_image_latents(torch.zeros(batch, 3, height, width), mask)
-        return torch.cat([torch.ones(batch, 1, *latent_size).to(latents), latents], dim=1)
+        """See :func:`~trainer.sampling.init_images.full_mask_conditioning`; in the UNet's dtype."""
+        return init_images.full_mask_conditioning(self.vae, batch, latent_size, self.vae_scale).to(self.unet.dtype)
 
     @torch.no_grad()
     def txt2img(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings
     ) -> tuple[list[Image.Image], list[GenerationParameters]]:
         """Generate one image per (prompt, seed) from pure noise."""
-        height, width = self._size(settings)
+        height, width = self.image_size(settings)
         scheduler = self._scheduler(settings)
         shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         noise, generators = self._noise(seeds, shape)
@@ -292,20 +300,12 @@ class Sampler:
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, height, width)
 
-    def _scheduler(self, settings: SampleSettings):
-        scheduler = make_scheduler(settings.scheduler, self.scheduler_config, settings.use_karras_sigmas)
-        scheduler.set_timesteps(settings.steps, device=self.device)
-        if settings.use_karras_sigmas and len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):
-            raise ConfigError(
-                f"use_karras_sigmas=true with steps={settings.steps} repeats timesteps "
-                f"{scheduler.timesteps.tolist()} on this noise schedule "
-                f"({self.scheduler_config.get('beta_schedule')}); "
-                "use more steps or use_karras_sigmas=false"
-            )
-        return scheduler
+    def _scheduler(self, settings: SampleSettings) -> SchedulerMixin:
+        s = settings
+        return sampling_scheduler(s.scheduler, self.scheduler_config, s.use_karras_sigmas, s.steps, self.device)
 
     def _square_size(self, settings: SampleSettings) -> int:
-        height, width = self._size(settings)
+        height, width = self.image_size(settings)
         if height != width:
             raise ConfigError(f"img2img and inpainting take square sizes for now; got {height}x{width}")
         return height
