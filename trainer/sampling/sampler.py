@@ -2,15 +2,16 @@
 
 Randomness follows diffusers' pipelines: image ``i`` has its own CPU generator seeded with its
 seed, which draws (img2img, inpainting) the VAE posterior sample, then the starting noise, then
-Euler ancestral's noise; so a seed gives the same image at any batch size, and the same as
-``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` given ``generator=[...]``.
+(inpainting) the masked image's posterior sample, then Euler ancestral's noise; so a seed gives the
+same image at any batch size, and the same as ``StableDiffusionPipeline`` and its img2img and
+inpainting pipelines (standard UNet) given ``generator=[...]``.
 
 An SDXL export (``text_encoder_2/``) samples as ``StableDiffusionXLPipeline`` and its img2img and
 inpainting pipelines do (:mod:`trainer.sampling.conditioning`): both encoders' penultimate states and
 the pooled embedding, zeros when no negative prompt is given (``force_zeros_for_empty_prompt``, as
-caption dropout trained it), and time_ids of original size = target size = the image's size with
-crop (0, 0). Parts: loading in :mod:`~trainer.sampling.loading`, init images and masks in
-:mod:`~trainer.sampling.init_images`, the loop in :mod:`~trainer.sampling.denoise`.
+caption dropout trained it), and time_ids of original size and crop top-left (default: the image's
+size and (0, 0)) and target size = the image's size. Parts: loading in :mod:`~trainer.sampling.loading`,
+init images and masks in :mod:`~trainer.sampling.init_images`, the loop in :mod:`~trainer.sampling.denoise`.
 """
 
 from __future__ import annotations
