@@ -101,6 +101,34 @@ def latent_dir(tmp_path_factory: pytest.TempPathFactory, raw_shards: Path, pretr
     return built_once(tmp_path_factory, "latents", build)
 
 
+@pytest.fixture(scope="session")
+def sdxl_pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SDXL-layout folder: vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (small, random, seeded)."""
+    from hydra.utils import instantiate
+
+    from trainer.tiny_models.tiny_sdxl_text_encoders import save_tiny_sdxl_text_encoders
+
+    def build(out: Path) -> None:
+        save_tiny_sdxl_text_encoders(out, max_length=8)
+        torch.manual_seed(0)
+        vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+
+    return built_once(tmp_path_factory, "sdxl_pretrained", build)
+
+
+@pytest.fixture(scope="session")
+def sdxl_latent_dir(tmp_path_factory: pytest.TempPathFactory, raw_shards: Path, sdxl_pretrained_dir: Path) -> Path:
+    """SDXL latent shards of the 96 digits (both encoders' states, pooled embeddings, size/crop metadata)."""
+    from trainer.cli.precompute import run_precompute
+
+    def build(out: Path) -> None:
+        overrides = [f"shards={raw_shards}", f"out_dir={out}", f"pretrained={sdxl_pretrained_dir}", "resolution=32"]
+        run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
+
+    return built_once(tmp_path_factory, "sdxl_latents", build)
+
+
 def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:
     """Overrides that make ``lf-train`` take a few seconds on the tiny data."""
     return [

@@ -1,4 +1,14 @@
-"""The frozen VAE encoder and CLIP text encoder that turn raw samples into latent-shard samples."""
+"""The frozen VAE encoder and CLIP text encoder(s) that turn raw samples into latent-shard samples.
+
+With a second text encoder (a ``CLIPTextModelWithProjection``) the encoders are SDXL's: captions give
+both encoders' penultimate states and the pooled embedding (:mod:`data_pipelines.latents.sdxl_text`).
+
+The VAE's float16 overflow: SDXL's VAE overflows in float16 (NaN latents at 1024 px). With
+``dtype=float16`` and a second text encoder, the VAE is kept in float32 when its config says
+``force_upcast`` (SDXL's does; diffusers' SDXL pipelines upcast it the same way) and the text encoders
+run in float16; ``bfloat16`` has float32's range and encodes as is; ``float32`` is the default.
+The dtype the VAE ran in is recorded in the manifest (``vae.extra.dtype``) and so in the cache key.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +18,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data_pipelines.latents.format import EncoderInfo
+from data_pipelines.latents.sdxl_text import SDXL_TEXT_OUTPUT, encode_text_sdxl
 from lf_common.errors import DataError
 
 
@@ -70,6 +81,11 @@ class FrozenEncoders:
         text_encoder_info: identity of the text encoder for the manifest.
         tokenizer_path: where the tokenizer was loaded from.
         tokenizer_fingerprint: SHA-256 of the tokenizer folder.
+        text_encoder_2: SDXL's second text encoder (its pooled projection included), or ``None``.
+        tokenizer_2: its tokenizer.
+        text_encoder_2_info: its identity for the manifest.
+        tokenizer_2_path: where its tokenizer was loaded from.
+        tokenizer_2_fingerprint: SHA-256 of that tokenizer folder.
     """
 
     def __init__(
@@ -81,6 +97,11 @@ class FrozenEncoders:
         text_encoder_info: EncoderInfo,
         tokenizer_path: str,
         tokenizer_fingerprint: str = "",
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_2_info: EncoderInfo | None = None,
+        tokenizer_2_path: str = "",
+        tokenizer_2_fingerprint: str = "",
     ) -> None:
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
@@ -89,6 +110,21 @@ class FrozenEncoders:
         self.text_encoder_info = text_encoder_info
         self.tokenizer_path = tokenizer_path
         self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2_info = text_encoder_2_info
+        self.tokenizer_2_path = tokenizer_2_path
+        self.tokenizer_2_fingerprint = tokenizer_2_fingerprint
+
+    @property
+    def sdxl(self) -> bool:
+        """Whether these are SDXL's encoders (a second text encoder with a pooled projection)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_output(self) -> str:
+        """What the text encoders' outputs stored are, for the cache key ("" for SD 1.x/2.x's last hidden state)."""
+        return SDXL_TEXT_OUTPUT if self.sdxl else ""
 
     @classmethod
     def from_pretrained(
@@ -98,8 +134,11 @@ class FrozenEncoders:
         tokenizer_path: str,
         device: str = "auto",
         dtype: str = "float32",
+        text_encoder_2_path: str | None = None,
+        tokenizer_2_path: str | None = None,
     ) -> FrozenEncoders:
-        """Load the three parts from local folders (no hub access).
+        """Load the parts from local folders (no hub access); with ``text_encoder_2_path`` and
+        ``tokenizer_2_path`` also SDXL's second text encoder (see the module docstring for the VAE's dtype).
 
         Raises:
             DataError: a folder is missing or not in diffusers/transformers layout.
@@ -108,7 +147,12 @@ class FrozenEncoders:
         vae_dir = _require_folder(vae_path, "VAE")
         text_dir = _require_folder(text_encoder_path, "text encoder")
         tokenizer_dir = _require_folder(tokenizer_path, "tokenizer")
-        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype).to(torch_device)
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype)
+        if text_encoder_2_path and torch_dtype == torch.float16 and vae.config.get("force_upcast", True):
+            vae, dtype_vae = vae.to(torch.float32), "float32"  # SDXL's VAE overflows in float16
+        else:
+            dtype_vae = dtype
+        vae = vae.to(torch_device)
         text_encoder = CLIPTextModel.from_pretrained(text_dir, local_files_only=True, dtype=torch_dtype).to(
             torch_device
         )
@@ -117,14 +161,42 @@ class FrozenEncoders:
             path=str(vae_dir.resolve()),
             class_name=type(vae).__name__,
             fingerprint=fingerprint_folder(vae_dir),
-            extra={"scaling_factor": float(vae.config.scaling_factor), "dtype": dtype},
+            extra={"scaling_factor": float(vae.config.scaling_factor), "dtype": dtype_vae},
         )
         text_info = EncoderInfo(
             path=str(text_dir.resolve()),
             class_name=type(text_encoder).__name__,
             fingerprint=fingerprint_folder(text_dir),
-            extra={"max_length": int(tokenizer.model_max_length), "output": "last_hidden_state", "dtype": dtype},
+            extra={
+                "max_length": int(tokenizer.model_max_length),
+                "output": "hidden_states[-2]" if text_encoder_2_path else "last_hidden_state",
+                "dtype": dtype,
+            },
         )
+        second: dict = {}
+        if text_encoder_2_path:
+            text_2_dir = _require_folder(text_encoder_2_path, "second text encoder")
+            tokenizer_2_dir = _require_folder(tokenizer_2_path or "", "second tokenizer")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                text_2_dir, local_files_only=True, dtype=torch_dtype
+            ).to(torch_device)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_2_dir, local_files_only=True)
+            second = {
+                "text_encoder_2": text_encoder_2,
+                "tokenizer_2": tokenizer_2,
+                "text_encoder_2_info": EncoderInfo(
+                    path=str(text_2_dir.resolve()),
+                    class_name=type(text_encoder_2).__name__,
+                    fingerprint=fingerprint_folder(text_2_dir),
+                    extra={
+                        "max_length": int(tokenizer_2.model_max_length),
+                        "output": "hidden_states[-2]+text_embeds",
+                        "dtype": dtype,
+                    },
+                ),
+                "tokenizer_2_path": str(tokenizer_2_dir.resolve()),
+                "tokenizer_2_fingerprint": fingerprint_folder(tokenizer_2_dir),
+            }
         return cls(
             vae,
             text_encoder,
@@ -133,6 +205,7 @@ class FrozenEncoders:
             text_info,
             str(tokenizer_dir.resolve()),
             fingerprint_folder(tokenizer_dir),
+            **second,
         )
 
     @property
@@ -147,5 +220,12 @@ class FrozenEncoders:
         return latents * self.vae.config.scaling_factor
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> last hidden states ``(B, T, D)`` (see :func:`encode_text`)."""
-        return encode_text(self.tokenizer, self.text_encoder, captions)
+        """Captions -> text embeddings ``(B, T, D)``: the last hidden states (see :func:`encode_text`), or
+        SDXL's two penultimate states concatenated ``(B, T, D1 + D2)``."""
+        return self.encode_text_and_pooled(captions)[0]
+
+    def encode_text_and_pooled(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Captions -> ``(text (B, T, D), pooled (B, P))``; ``pooled`` is ``None`` without a second encoder."""
+        if self.text_encoder_2 is None:
+            return encode_text(self.tokenizer, self.text_encoder, captions), None
+        return encode_text_sdxl([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], captions)

@@ -14,13 +14,29 @@ and, for training an inpainting UNet (precompute with ``inpainting=true``; the m
     KEY.mask.npy           float16 (1, h, w)  the sample's random mask at latent resolution (1: paint)
     KEY.masked_latent.npy  float16 (C, h, w)  latents of the image with the masked part grey (0)
 
+and, for Stable Diffusion XL (precompute with a second text encoder; the manifest then names
+``text_encoder_2`` and ``pooled_shape``)::
+
+    KEY.text.npy     float16 (T, D1 + D2)  both encoders' penultimate hidden states, concatenated on
+                                           channels (SDXL's convention: CLIP ViT-L then OpenCLIP bigG)
+    KEY.pooled.npy   float16 (P,)          the second encoder's pooled, projected embedding
+
+SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
+preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
+of the crop in the resized image and ``target_size`` ``[h, w]`` of the encoded image (its bucket's
+size, or the square resolution); :func:`micro_conditioning` reads them as SDXL's six ``time_ids``.
+Integers in JSON, not float16 arrays: sizes above 2048 would round in float16.
+
 The folder may be an object-store URL (``s3://bucket/latents``; :mod:`lf_common.object_store`): each
 shard object is uploaded whole before its record, and the manifest is written last.
 
 Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
 fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
 the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
-caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. With
+caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. For SDXL the
+unconditional embeddings are zeros, ``uncond.text.npy`` and ``uncond.pooled.npy`` ``(P,)``: SDXL's
+training drops a caption by zeroing both encoders' outputs and the pooled embedding, and its
+pipelines use zeros for an empty negative prompt (``force_zeros_for_empty_prompt``). With
 aspect-ratio buckets (:mod:`data_pipelines.transforms.buckets`) the manifest also lists the bucket sizes
 ``[height, width]`` and their latent shapes, and ``KEY.json`` holds each sample's ``bucket`` index
 and ``target_size``.
@@ -51,10 +67,13 @@ CAPTION_KEY = "txt"
 META_KEY = "json"
 MASK_KEY = "mask.npy"
 MASKED_LATENT_KEY = "masked_latent.npy"
+POOLED_KEY = "pooled.npy"
 MASKS_SETTING = "inpainting_masks"  # in the manifest's transforms: the shards hold the two members above
 STORAGE_DTYPE = np.float16
 MANIFEST_NAME = "manifest.json"
 UNCOND_NAME = "uncond.text.npy"
+UNCOND_POOLED_NAME = "uncond.pooled.npy"
+MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")  # SDXL's time_ids, in this order
 
 
 @dataclass
@@ -69,6 +88,7 @@ class LatentSample:
         meta: metadata.
         mask: ``(1, h, w)`` float16, inpainting shards only.
         masked_latent: ``(C, h, w)`` float16, inpainting shards only.
+        pooled: ``(P,)`` float16, SDXL shards only (the second text encoder's pooled embedding).
     """
 
     key: str
@@ -78,6 +98,30 @@ class LatentSample:
     meta: dict[str, Any] = field(default_factory=dict)
     mask: np.ndarray | None = None
     masked_latent: np.ndarray | None = None
+    pooled: np.ndarray | None = None
+
+
+def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
+    """SDXL's ``time_ids`` of one sample: ``original_size + crop_top_left + target_size`` from its metadata.
+
+    Shards written before ``target_size`` was recorded for square crops have ``resolution`` instead.
+
+    Returns:
+        ``(6,)`` int64: ``[orig_h, orig_w, crop_top, crop_left, target_h, target_w]``.
+
+    Raises:
+        CorruptSampleError: a value is missing or is not two integers.
+    """
+    meta = dict(meta)
+    if "target_size" not in meta and "resolution" in meta:
+        meta["target_size"] = [meta["resolution"], meta["resolution"]]
+    values: list[int] = []
+    for name in MICRO_CONDITIONING:
+        pair = meta.get(name)
+        if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+            raise CorruptSampleError(f"{origin}: metadata '{name}' is {pair!r}, expected [int, int] (SDXL time_ids)")
+        values += pair
+    return np.asarray(values, dtype=np.int64)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -123,6 +167,8 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
     if sample.mask is not None and sample.masked_latent is not None:
         members[MASK_KEY] = _npy_bytes(sample.mask)
         members[MASKED_LATENT_KEY] = _npy_bytes(sample.masked_latent)
+    if sample.pooled is not None:
+        members[POOLED_KEY] = _npy_bytes(sample.pooled)
     return members
 
 
@@ -133,6 +179,7 @@ def decode_latent_sample(
     *,
     latent_shapes: Sequence[tuple[int, ...]] | None = None,
     inpainting: bool = False,
+    pooled_shape: tuple[int, ...] | None = None,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -142,6 +189,7 @@ def decode_latent_sample(
         text_shape: the expected ``(T, D)``.
         latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
         inpainting: the sample must hold ``mask.npy`` and ``masked_latent.npy`` of its latent's size.
+        pooled_shape: SDXL shards: the sample must hold ``pooled.npy`` of this shape ``(P,)``.
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -179,6 +227,15 @@ def decode_latent_sample(
                 raise CorruptSampleError(f"{origin}: member '{key}' is {array.dtype} {array.shape}, expected {shape}")
         decoded.mask = _load_npy_of_shape(sample[MASK_KEY], [(1, h, w)])
         decoded.masked_latent = _load_npy_of_shape(sample[MASKED_LATENT_KEY], [(channels, h, w)])
+    if pooled_shape is not None:
+        if POOLED_KEY not in sample:
+            raise CorruptSampleError(f"{origin}: member '{POOLED_KEY}' is missing (an SDXL shard)")
+        pooled = _load_npy_of_shape(sample[POOLED_KEY], [tuple(pooled_shape)])
+        if pooled.dtype != STORAGE_DTYPE or tuple(pooled.shape) != tuple(pooled_shape):
+            raise CorruptSampleError(
+                f"{origin}: member '{POOLED_KEY}' is {pooled.dtype} {pooled.shape}, expected {tuple(pooled_shape)}"
+            )
+        decoded.pooled = pooled
     return decoded
 
 
@@ -211,6 +268,10 @@ class CacheKey:
         tokenizer: fingerprint of the tokenizer folder (vocabulary, ``model_max_length``).
         transforms: preprocessing settings (resolution, crop, interpolation).
         format_version: the latent-shard format version.
+        text_encoder_2: fingerprint of SDXL's second text encoder folder ("" without one).
+        tokenizer_2: fingerprint of its tokenizer folder ("" without one).
+        text_output: what is stored of the text encoders (``last_hidden_state``, or SDXL's
+            ``penultimate+pooled``); "" in keys written before it was recorded (``last_hidden_state``).
     """
 
     source_sha256: str
@@ -219,6 +280,9 @@ class CacheKey:
     tokenizer: str
     transforms: dict[str, Any]
     format_version: int = FORMAT_VERSION
+    text_encoder_2: str = ""
+    tokenizer_2: str = ""
+    text_output: str = ""
 
     def differences(self, other: CacheKey) -> list[str]:
         """What differs from ``other`` (the key the shard was written with), in words."""
@@ -228,6 +292,9 @@ class CacheKey:
             "text_encoder": "the text encoder",
             "tokenizer": "the tokenizer",
             "format_version": "the latent-shard format version",
+            "text_encoder_2": "the second text encoder",
+            "tokenizer_2": "the second tokenizer",
+            "text_output": "the text encoders' output stored",
         }
         changed = [label for name, label in labels.items() if getattr(self, name) != getattr(other, name)]
         for setting in sorted(set(self.transforms) | set(other.transforms)):
@@ -293,6 +360,10 @@ class LatentManifest:
     bucket_sizes: list[list[int]] = field(default_factory=list)  # [height, width] pixels; empty: not bucketed
     bucket_latent_shapes: list[list[int]] = field(default_factory=list)  # [C, h, w] of each bucket
     uncond_file: str = UNCOND_NAME
+    text_encoder_2: EncoderInfo | None = None  # SDXL's second text encoder (None: one text encoder)
+    tokenizer_2_path: str = ""
+    pooled_shape: list[int] = field(default_factory=list)  # [P] of KEY.pooled.npy; empty: no pooled embedding
+    uncond_pooled_file: str = ""  # uncond.pooled.npy for SDXL shards
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -305,6 +376,11 @@ class LatentManifest:
     def inpainting(self) -> bool:
         """Whether the shards hold inpainting masks and masked-image latents."""
         return bool(self.transforms.get(MASKS_SETTING))
+
+    @property
+    def sdxl(self) -> bool:
+        """Whether the shards hold SDXL's conditioning (two encoders' states, a pooled embedding, time_ids)."""
+        return bool(self.pooled_shape)
 
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """Every latent shape a sample may have: one per bucket, or ``latent_shape`` alone."""
@@ -335,6 +411,8 @@ class LatentManifest:
             fields = dict(data)
             fields["vae"] = EncoderInfo(**data["vae"])
             fields["text_encoder"] = EncoderInfo(**data["text_encoder"])
+            if data.get("text_encoder_2"):
+                fields["text_encoder_2"] = EncoderInfo(**data["text_encoder_2"])
             fields["shards"] = [ShardEntry(**entry) for entry in data["shards"]]
             return cls(**fields)
         except KeyError as error:
@@ -377,8 +455,9 @@ class LatentManifest:
             key = shard.key()
             if key is None:
                 continue
-            ours = (self.vae.fingerprint, self.text_encoder.fingerprint, self.transforms)
-            if (key.vae, key.text_encoder, key.transforms) != ours:
+            second = self.text_encoder_2.fingerprint if self.text_encoder_2 else ""
+            ours = (self.vae.fingerprint, self.text_encoder.fingerprint, second, self.transforms)
+            if (key.vae, key.text_encoder, key.text_encoder_2, key.transforms) != ours:
                 raise DataError(
                     f"{object_store.join(str(folder), shard.name)}: made with other encoders or transforms than "
                     f"{object_store.join(str(folder), MANIFEST_NAME)} names; precompute this folder again"
@@ -408,6 +487,28 @@ class LatentManifest:
 def save_uncond_embedding(folder: str | Path, embedding: np.ndarray) -> None:
     """Write the empty caption's embedding ``(T, D)`` as ``uncond.text.npy`` (atomically)."""
     object_store.write_path(object_store.join(str(folder), UNCOND_NAME), _npy_bytes(embedding))
+
+
+def save_uncond_pooled(folder: str | Path, pooled: np.ndarray) -> None:
+    """Write SDXL's unconditional pooled embedding ``(P,)`` as ``uncond.pooled.npy`` (atomically)."""
+    object_store.write_path(object_store.join(str(folder), UNCOND_POOLED_NAME), _npy_bytes(pooled))
+
+
+def load_uncond_pooled(folder: str | Path, manifest: LatentManifest) -> np.ndarray | None:
+    """SDXL's unconditional pooled embedding ``(P,)`` float16, or ``None`` for shards without one.
+
+    Raises:
+        DataError: the manifest names a file that is missing or not of ``pooled_shape``.
+    """
+    if not manifest.sdxl:
+        return None
+    path = object_store.join(str(folder), manifest.uncond_pooled_file or UNCOND_POOLED_NAME)
+    if not object_store.is_file(path):
+        raise DataError(f"{path}: unconditional pooled embedding is missing")
+    array = _load_npy(object_store.read_path(path))
+    if list(array.shape) != list(manifest.pooled_shape):
+        raise DataError(f"{path}: shape {list(array.shape)}, expected pooled_shape {manifest.pooled_shape}")
+    return array
 
 
 def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.ndarray:

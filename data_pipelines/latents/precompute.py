@@ -33,7 +33,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from data_pipelines.latents.format import CacheKey, LatentManifest, load_entry, save_uncond_embedding
+from data_pipelines.latents.format import (
+    UNCOND_POOLED_NAME,
+    CacheKey,
+    LatentManifest,
+    load_entry,
+    save_uncond_embedding,
+    save_uncond_pooled,
+)
 from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from lf_common import object_store
@@ -259,7 +266,7 @@ class LatentEncoding(L.LightningModule):
     :class:`LatentSample` s (``samples``); a shard's end item passes through.
 
     Args:
-        encoder: the configured encoder (its VAE and text encoder become this module's submodules).
+        encoder: the configured encoder (its VAE and text encoder(s) become this module's submodules).
     """
 
     def __init__(self, encoder: LatentShardEncoder) -> None:
@@ -267,6 +274,7 @@ class LatentEncoding(L.LightningModule):
         self.encoder = encoder
         self.vae = encoder.encoders.vae
         self.text_encoder = encoder.encoders.text_encoder
+        self.text_encoder_2 = encoder.encoders.text_encoder_2  # SDXL's second encoder, or None
 
     def predict_step(self, item: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return encode_work_item(self.encoder, item)
@@ -339,6 +347,8 @@ def _write_manifest(out: str, names: list[str], encoder: LatentShardEncoder) -> 
     if missing:
         raise DataError(f"{out}: shards {missing[:3]} were not written by any rank")
     text_shape, uncond = encoder.text_shape_and_uncond()
+    pooled_shape, uncond_pooled = encoder.pooled_shape_and_uncond()
+    encoders = encoder.encoders
     manifest = LatentManifest(
         resolution=encoder.transform.resolution,
         latent_shape=encoder.latent_shape(),
@@ -350,7 +360,13 @@ def _write_manifest(out: str, names: list[str], encoder: LatentShardEncoder) -> 
         shards=entries,  # type: ignore[arg-type]
         bucket_sizes=encoder.transform.buckets.to_list() if isinstance(encoder.transform, BucketResizeCrop) else [],
         bucket_latent_shapes=encoder.bucket_latent_shapes(),
+        text_encoder_2=encoders.text_encoder_2_info if encoders.sdxl else None,
+        tokenizer_2_path=encoders.tokenizer_2_path,
+        pooled_shape=pooled_shape,
+        uncond_pooled_file=UNCOND_POOLED_NAME if encoders.sdxl else "",
     )
     save_uncond_embedding(out, uncond)
+    if uncond_pooled is not None:
+        save_uncond_pooled(out, uncond_pooled)
     manifest.save(out)
     return manifest

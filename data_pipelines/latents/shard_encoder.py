@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -95,17 +96,23 @@ class LatentShardEncoder:
             text_encoder=self.encoders.text_encoder_info.fingerprint,
             tokenizer=self.encoders.tokenizer_fingerprint,
             transforms=self.transform_settings(),
+            text_encoder_2=self.encoders.text_encoder_2_info.fingerprint if self.encoders.sdxl else "",
+            tokenizer_2=self.encoders.tokenizer_2_fingerprint,
+            text_output=self.encoders.text_output,
         )
 
     def encode_batch(self, batch: list[_Pending]) -> list[LatentSample]:
         """Encode one batch of preprocessed samples."""
         pixels = torch.stack([p.pixels for p in batch])  # (B, 3, H, W)
         latents = self.encoders.encode_images(pixels)  # (B, C, h, w)
-        texts = self.encoders.encode_captions([p.caption for p in batch])  # (B, T, D)
+        texts, pooled = self.encoders.encode_text_and_pooled([p.caption for p in batch])  # (B, T, D), (B, P)
         samples = [
             LatentSample(p.key, latent, text, p.caption, p.meta)
             for p, latent, text in zip(batch, latents.float().cpu().numpy(), texts.float().cpu().numpy(), strict=True)
         ]
+        if pooled is not None:  # SDXL: the time_ids come from each sample's metadata (format.micro_conditioning)
+            for sample, vector in zip(samples, pooled.float().cpu().numpy(), strict=True):
+                sample.pooled = vector
         if self.masks is not None:
             height, width = pixels.shape[-2:]
             masks = torch.stack([random_mask(p.key, height, width, self.masks) for p in batch])  # (B, 1, H, W)
@@ -175,9 +182,19 @@ class LatentShardEncoder:
         return [[channels, height // factor, width // factor] for height, width in self.transform.buckets.sizes]
 
     def text_shape_and_uncond(self) -> tuple[list[int], Any]:
-        """``[T, D]`` of one text embedding and the empty caption's embedding ``(T, D)``."""
+        """``[T, D]`` of one text embedding and the unconditional embedding ``(T, D)``: the empty caption's,
+        or zeros for SDXL (its caption dropout and empty negative prompt are zeros)."""
         uncond = self.encoders.encode_captions([""])[0].float().cpu().numpy()
+        if self.encoders.sdxl:
+            uncond = np.zeros_like(uncond)
         return list(uncond.shape), uncond
+
+    def pooled_shape_and_uncond(self) -> tuple[list[int], Any]:
+        """SDXL: ``[P]`` of the pooled embedding and its unconditional value, zeros ``(P,)``; else ``([], None)``."""
+        _, pooled = self.encoders.encode_text_and_pooled([""])
+        if pooled is None:
+            return [], None
+        return list(pooled.shape[1:]), np.zeros(pooled.shape[1:], dtype=np.float32)
 
 
 class ShardOutput:

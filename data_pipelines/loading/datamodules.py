@@ -21,8 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipelines.latents.format import LatentManifest, decode_latent_sample, load_uncond_embedding
-from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.latents.format import (
+    LatentManifest,
+    decode_latent_sample,
+    load_uncond_embedding,
+    load_uncond_pooled,
+    micro_conditioning,
+)
+from data_pipelines.raw.format import decode_raw_sample, sample_origin
 from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.shards.streaming import (
     ResumableLoader,
@@ -204,33 +210,63 @@ class _StreamingDataModule(L.LightningDataModule):
 
 
 class _LatentDecoder:
-    """Picklable decode step for latent samples (runs in loader workers)."""
+    """Picklable decode step for latent samples (runs in loader workers): a tuple of arrays, named by
+    :attr:`names` (the batch keys :class:`LatentCollate` gives them)."""
 
     def __init__(self, manifest: LatentManifest) -> None:
         self.latent_shapes = manifest.latent_shapes()
         self.text_shape = tuple(manifest.text_shape)
         self.inpainting = manifest.inpainting
+        self.pooled_shape = tuple(manifest.pooled_shape) if manifest.sdxl else None
+        self.names = (
+            "latents",
+            "text",
+            *(INPAINTING_BATCH_KEYS if self.inpainting else ()),
+            *(SDXL_BATCH_KEYS if manifest.sdxl else ()),
+        )
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
         decoded = decode_latent_sample(
-            sample, text_shape=self.text_shape, latent_shapes=self.latent_shapes, inpainting=self.inpainting
+            sample,
+            text_shape=self.text_shape,
+            latent_shapes=self.latent_shapes,
+            inpainting=self.inpainting,
+            pooled_shape=self.pooled_shape,
         )
+        arrays: tuple[np.ndarray, ...] = (decoded.latent, decoded.text)
         if self.inpainting:
-            return decoded.latent, decoded.text, decoded.mask, decoded.masked_latent
-        return decoded.latent, decoded.text
+            arrays += (decoded.mask, decoded.masked_latent)
+        if self.pooled_shape is not None:
+            arrays += (decoded.pooled, micro_conditioning(decoded.meta, sample_origin(sample)))
+        return arrays
 
 
 INPAINTING_BATCH_KEYS = ("mask", "masked_latents")
+SDXL_BATCH_KEYS = ("pooled", "time_ids")  # (B, P) float16 and (B, 6) int64: SDXL's added conditioning
+
+
+class LatentCollate:
+    """Stack decoded samples into a batch dict: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``
+    float16; from inpainting shards also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``;
+    from SDXL shards also ``pooled`` ``(B, P)`` float16 and ``time_ids`` ``(B, 6)`` int64.
+    Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
+    so ``(h, w)`` is the same within a batch and may differ between batches.
+
+    Args:
+        names: the batch key of each element of a decoded sample, in order.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def __call__(self, samples: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
+        columns = list(zip(*samples, strict=True))
+        return {name: torch.from_numpy(np.stack(column)) for name, column in zip(self.names, columns, strict=True)}
 
 
 def collate_latents(samples: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
-    """Stack decoded samples: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``, float16; from
-    inpainting shards also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``.
-    Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
-    so ``(h, w)`` is the same within a batch and may differ between batches."""
-    columns = list(zip(*samples, strict=True))
-    names = ("latents", "text", *INPAINTING_BATCH_KEYS)[: len(columns)]
-    return {name: torch.from_numpy(np.stack(column)) for name, column in zip(names, columns, strict=True)}
+    """:class:`LatentCollate` of plain (``latents``, ``text``) or inpainting samples (two more arrays)."""
+    return LatentCollate(("latents", "text", *INPAINTING_BATCH_KEYS)[: len(samples[0])])(samples)
 
 
 class LatentShardDataModule(_StreamingDataModule):
@@ -268,6 +304,8 @@ class LatentShardDataModule(_StreamingDataModule):
         self.manifest.check_consistent(train_dir)
         self.train_urls = self.manifest.shard_paths(train_dir)
         self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
+        pooled = load_uncond_pooled(train_dir, self.manifest)  # SDXL's zeros (P,); None otherwise
+        self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
         self.epoch_samples = epoch_samples or self.manifest.num_samples
 
@@ -275,8 +313,8 @@ class LatentShardDataModule(_StreamingDataModule):
         return self._loader(
             self.train_urls,
             self.epoch_samples,
-            _LatentDecoder(self.manifest),
-            collate_latents,
+            (decoder := _LatentDecoder(self.manifest)),
+            LatentCollate(decoder.names),
             train=True,
             bucketed=bool(self.manifest.bucket_sizes),
         )
@@ -288,8 +326,8 @@ class LatentShardDataModule(_StreamingDataModule):
         return self._loader(
             urls,
             self.val_manifest.num_samples,
-            _LatentDecoder(self.val_manifest),
-            collate_latents,
+            (decoder := _LatentDecoder(self.val_manifest)),
+            LatentCollate(decoder.names),
             train=False,
             bucketed=bool(self.val_manifest.bucket_sizes),
         )

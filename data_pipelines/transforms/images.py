@@ -37,12 +37,18 @@ class ResizeCrop:
 
         Returns:
             ``(pixels, info)``: pixels ``(3, R, R)`` float32 in [-1, 1]; info holds the original
-            size and the crop's top-left corner in the resized image.
+            size ``[H, W]``, the crop's top-left corner in the resized image and the target size
+            ``[R, R]`` (SDXL's micro-conditioning, see :func:`data_pipelines.latents.format.micro_conditioning`).
         """
         width, height = image.size
         image, top, left = resize_and_crop(image, self.resolution, self.resolution, self.crop, self.interpolation, rng)
         pixels = image_to_pixels(image)  # (3, R, R)
-        info = {"original_size": [height, width], "crop_top_left": [top, left], "resolution": self.resolution}
+        info = {
+            "original_size": [height, width],
+            "crop_top_left": [top, left],
+            "target_size": [self.resolution, self.resolution],
+            "resolution": self.resolution,
+        }
         return pixels, info
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
@@ -113,6 +113,7 @@ def run_matrix(
         checkpoint = full / "checkpoints" / f"step-{RESUME_FROM:07d}.ckpt"
         overrides = [
             *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator),
+            *extra,
             f"ckpt_path={checkpoint}",
         ]
         run_train(compose_config("train", overrides))
@@ -167,7 +168,7 @@ def check_combination(
     run_export(compose_config("export", [f"ckpt_path={checkpoints / f'step-{STEPS:07d}.ckpt'}", f"out_dir={export}"]))
     exported = load_file(export / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k.removeprefix("unet.")], v) for k, v in ema.items()), "export holds the EMA"
-    pipe = StableDiffusionPipeline.from_pretrained(export, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(export, local_files_only=True)  # the class model_index.json names
     image = pipe("a handwritten digit seven", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
     sampler = Sampler.from_checkpoint(checkpoints / f"step-{STEPS:07d}.ckpt", device="cpu")
@@ -181,9 +182,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--precisions", required=True, help="comma-separated")
+    parser.add_argument("--extra", action="append", default=[], help="an lf-train override added to every run")
     args = parser.parse_args()
     devices = int(os.environ.get("WORLD_SIZE", "1"))
-    run_matrix(args.latents, args.out, args.strategy, args.precisions.split(","), devices)
+    run_matrix(args.latents, args.out, args.strategy, args.precisions.split(","), devices, extra=tuple(args.extra))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Every option of every config group composes and instantiates."""
 
+import contextlib
+
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
@@ -86,9 +89,16 @@ def test_model_options(option, tmp_path):
         instantiate(tiny.noise_scheduler).save_pretrained(tmp_path / "scheduler")
         extra = [f"model.pretrained={tmp_path}"]
     cfg = compose_config("train", [f"model={option}", "data.train_dir=x", "output_dir=o", *extra])
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    # SDXL's 2.6 B parameters are built without memory (the meta device): its architecture is what is checked
+    with torch.device("meta") if option == "sdxl" else contextlib.nullcontext():
+        module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
     assert isinstance(module, LatentDiffusion)
     assert module.unet.training and module.noise_scheduler.config.clip_sample is False
+    if option == "sdxl":  # SDXL base 1.0's UNet: 2,567,463,684 parameters
+        assert sum(p.numel() for p in module.unet.parameters()) == 2_567_463_684
+        assert module.sdxl and module.hparams.gradient_checkpointing
+    if option == "sdxl_tiny":
+        assert module.sdxl and module.unet.config.cross_attention_dim == 64
 
 
 @pytest.mark.parametrize("option", options("autoencoder"))

@@ -10,7 +10,7 @@ def test_center_crop_of_a_wide_image():
     image.paste((0, 0, 255), (0, 0, 8, 30))  # a blue left edge: cropped away
     pixels, info = ResizeCrop(16, crop="center")(image)
     assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
-    assert info == {"original_size": [30, 60], "crop_top_left": [0, 8], "resolution": 16}
+    assert info == {"original_size": [30, 60], "crop_top_left": [0, 8], "target_size": [16, 16], "resolution": 16}
     assert torch.allclose(pixels[0], torch.ones(16, 16), atol=0.02) and pixels[2].max() < -0.9
 
 

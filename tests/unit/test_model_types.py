@@ -70,3 +70,26 @@ def test_sd2_prediction_type_by_a1111_test_pass_by_metadata_or_given():
     assert given("v_prediction").value == "v_prediction"
     with pytest.raises(ConfigError, match=r"prediction_type='v': expected one of epsilon, v_prediction"):
         given("v")
+
+
+def test_full_size_sdxl_file_gets_its_type_and_exactly_the_standard_configs():
+    """SDXL base's keys and shapes (meta tensors), with the extras its own file carries."""
+    from transformers import CLIPTextModelWithProjection
+
+    from trainer.checkpoint.pipeline_weights import original_state_dict
+
+    configs = BY_NAME["sdxl"].configs()
+    with torch.device("meta"):
+        parts = PipelineParts(
+            UNet2DConditionModel.from_config(configs["unet"]),
+            AutoencoderKL.from_config(configs["vae"]),
+            CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+            CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])),
+        )
+        state = original_state_dict(parts, "sdxl") | {"conditioner.embedders.1.model.logit_scale": torch.empty(())}
+    assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
+    state = normalize(WeightFile(state), "sd_xl_base.safetensors").state
+    assert infer_diffusers_model_type(state) == "xl_base"  # diffusers' own detection agrees
+    assert [row.name for row in candidates(state, "sd_xl_base.safetensors")] == ["sdxl"]
+    assert scaled_configs(state, BY_NAME["sdxl"], "sd_xl_base.safetensors") == configs

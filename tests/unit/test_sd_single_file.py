@@ -40,12 +40,32 @@ TINY = dict(
     norm_num_groups=8,
 )
 
+# SDXL's structure (a plain first block, transformer depth growing per level, linear projections, the
+# text_time added embedding that ldm calls label_emb) at tiny widths.
+SDXL_LIKE = dict(
+    sample_size=8,
+    block_out_channels=[8, 16, 16],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=2,
+    transformer_layers_per_block=[1, 2, 3],
+    cross_attention_dim=16,
+    attention_head_dim=[1, 2, 2],
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=6 * 4 + 8,
+    norm_num_groups=4,
+)
+
 
 def _random_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: torch.randn(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("config", [SD1_LIKE, SD2_LIKE, TINY], ids=["sd1_like", "sd2_like", "tiny"])
+@pytest.mark.parametrize(
+    "config", [SD1_LIKE, SD2_LIKE, TINY, SDXL_LIKE], ids=["sd1_like", "sd2_like", "tiny", "sdxl_like"]
+)
 def test_unet_map_agrees_with_diffusers_converter(config):
     unet = UNet2DConditionModel(**config)
     state = _random_state(unet)

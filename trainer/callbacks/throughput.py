@@ -44,7 +44,15 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
         x = torch.empty(latents[0], unet_config["in_channels"], *latents[2:])  # (B, C_in, h, w): 9 when inpainting
         timesteps = torch.zeros(latents[0], dtype=torch.long)  # (B,)
         context = torch.empty(*text)  # (B, T, D)
-    return measure_flops(unet, lambda: unet(x, timesteps, encoder_hidden_states=context).sample, lambda y: y.sum())
+        added = None
+        if unet_config.get("addition_embed_type") == "text_time":  # SDXL: pooled (B, P) and time_ids (B, 6)
+            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+            added = {"text_embeds": torch.empty(latents[0], pooled), "time_ids": torch.zeros(latents[0], 6)}
+    return measure_flops(
+        unet,
+        lambda: unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample,
+        lambda y: y.sum(),
+    )
 
 
 class Throughput(ThroughputMonitor):

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data_pipelines.raw.sources.digits import digit_caption
 from trainer.callbacks.ema import EMA
@@ -102,7 +102,8 @@ class ValidationImages(Callback):
         modes = {part: part.training for part in (unet, text_encoder)}
         try:
             scheduler_config = dict(pl_module.noise_scheduler.config)
-            sampler = Sampler(unet, frozen["vae"], text_encoder, frozen["tokenizer"], scheduler_config)
+            second = {key: frozen[key] for key in ("text_encoder_2", "tokenizer_2") if key in frozen}  # SDXL's
+            sampler = Sampler(unet, frozen["vae"], text_encoder, frozen["tokenizer"], scheduler_config, **second)
             with torch.no_grad():
                 images, _ = sampler.txt2img(prompts, seeds, self.settings)
         finally:
@@ -121,6 +122,10 @@ class ValidationImages(Callback):
                 .requires_grad_(False),
                 "tokenizer": CLIPTokenizer.from_pretrained(manifest.tokenizer_path, **load),
             }
+            if manifest.text_encoder_2 is not None:  # SDXL's second encoder (with its pooled projection)
+                encoder_2 = CLIPTextModelWithProjection.from_pretrained(manifest.text_encoder_2.path, **load)
+                self._frozen["text_encoder_2"] = encoder_2.to(device).requires_grad_(False)
+                self._frozen["tokenizer_2"] = CLIPTokenizer.from_pretrained(manifest.tokenizer_2_path, **load)
         return self._frozen
 
     def log_images(self, trainer: L.Trainer, grid: Image.Image) -> None:

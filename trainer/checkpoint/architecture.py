@@ -6,7 +6,8 @@ vocabulary and context length. They do not give what has no weight: attention he
 groups, activations, the noise schedule, the image size. Those come from the type's standard
 configs (``conf/base_models/<type>/``), scaled where they depend on a width the way the reference
 model defines them: SD 1.x's UNet has 8 heads per attention, SD 2.x's heads of 64 channels, CLIP and
-OpenCLIP heads of 64 channels. A full-size file thus gets exactly the standard configs
+OpenCLIP heads of 64 channels; SDXL's UNet heads of 64 channels too, and its added embedding's
+time width follows from ``label_emb`` and the pooled projection. A full-size file thus gets exactly the standard configs
 (``tests/unit/test_model_types.py``); a smaller one the same architecture at its sizes, noted.
 """
 
@@ -19,7 +20,15 @@ from typing import Any
 import torch
 
 from trainer.checkpoint.model_types import ModelType
-from trainer.checkpoint.sd_single_file import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, KeyMapError
+from trainer.checkpoint.sd_single_file import (
+    OPEN_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    SDXL_TEXT_PREFIX,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    KeyMapError,
+)
 
 Configs = dict[str, dict[str, Any]]
 # diffusers' defaults for what the reference configs leave out
@@ -96,6 +105,8 @@ def unet_sizes(state: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]
     }
     if set(attention_depths) != {1}:
         sizes["transformer_layers_per_block"] = [d or 1 for d in depths]
+    if p + "label_emb.0.0.weight" in state:  # SDXL's added embedding (pooled text + time_ids): (4 * width, in)
+        sizes["projection_class_embeddings_input_dim"] = _shape(state, p + "label_emb.0.0.weight", source)[1]
     return sizes
 
 
@@ -118,21 +129,26 @@ def vae_sizes(state: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
     }
 
 
-def text_encoder_sizes(state: Mapping[str, torch.Tensor], kind: str, source: str) -> dict[str, Any]:
-    """The text encoder's sizes from CLIP (``cond_stage_model.transformer.text_model.*``) or OpenCLIP keys."""
+def text_encoder_sizes(
+    state: Mapping[str, torch.Tensor], kind: str, source: str, prefix: str | None = None
+) -> dict[str, Any]:
+    """The text encoder's sizes from CLIP (``kind="clip"``, keys under ``prefix``, by default
+    ``cond_stage_model.transformer.text_model.``) or OpenCLIP keys (``"open_clip"``, by default
+    ``cond_stage_model.model.``; with ``text_projection`` ``(width, projection)``: its ``projection_dim``)."""
     if kind == "clip":
-        p = TEXT_PREFIX
+        p = prefix or TEXT_PREFIX
         vocab, width = _shape(state, p + "embeddings.token_embedding.weight", source)
         positions = _shape(state, p + "embeddings.position_embedding.weight", source)[0]
         layers = _indices(state, p + "encoder.layers.")
         inner = _shape(state, p + "encoder.layers.0.mlp.fc1.weight", source)[0]
     else:
-        p = OPEN_CLIP_PREFIX
+        p = prefix or OPEN_CLIP_PREFIX
         vocab, width = _shape(state, p + "token_embedding.weight", source)
         positions = _shape(state, p + "positional_embedding", source)[0]
         layers = _indices(state, p + "transformer.resblocks.")
         inner = _shape(state, p + "transformer.resblocks.0.mlp.c_fc.weight", source)[0]
-    return {
+    projection = {"projection_dim": state[p + "text_projection"].shape[1]} if p + "text_projection" in state else {}
+    return projection | {
         "vocab_size": vocab,
         "hidden_size": width,
         "max_position_embeddings": positions,
@@ -174,11 +190,29 @@ def scaled_configs(state: Mapping[str, torch.Tensor], model_type: ModelType, sou
         raise KeyMapError(f"{source}: UNet widths {widths} do not split into the standard {standard_heads} heads")
     vae.update(vae_sizes(state, source))
     _check_groups(vae["block_out_channels"], vae["norm_num_groups"], "VAE", source)
-    head_width = text["hidden_size"] // text["num_attention_heads"]
-    text.update(text_encoder_sizes(state, model_type.text_encoder, source))
-    text["num_attention_heads"] = _heads(text["hidden_size"], head_width, "the text encoder", source)
-    configs["tokenizer"]["model_max_length"] = text["max_position_embeddings"]
+    encoders = {"text_encoder": (model_type.text_encoder, None)}
+    if model_type.text_encoder == "sdxl":
+        encoders = {"text_encoder": ("clip", SDXL_TEXT_PREFIX), "text_encoder_2": ("open_clip", SDXL_OPEN_CLIP_PREFIX)}
+    for part, (kind, prefix) in encoders.items():
+        text = configs[part]
+        head_width = text["hidden_size"] // text["num_attention_heads"]
+        text.update(text_encoder_sizes(state, kind, source, prefix))
+        text["num_attention_heads"] = _heads(text["hidden_size"], head_width, f"the {part}", source)
+        configs[part.replace("text_encoder", "tokenizer")]["model_max_length"] = text["max_position_embeddings"]
+    if "projection_class_embeddings_input_dim" in unet:  # SDXL: pooled projection + 6 time_ids x time width
+        unet["addition_time_embed_dim"] = _time_width(unet, configs["text_encoder_2"]["projection_dim"], source)
     return configs
+
+
+def _time_width(unet: dict[str, Any], pooled: int, source: str) -> int:
+    """SDXL's ``addition_time_embed_dim``: ``label_emb`` takes the pooled embedding and six time_ids' embeddings."""
+    time_inputs = int(unet["projection_class_embeddings_input_dim"]) - pooled
+    if time_inputs <= 0 or time_inputs % 6:
+        raise KeyMapError(
+            f"{source}: {UNET_PREFIX}label_emb.0.0.weight takes {unet['projection_class_embeddings_input_dim']} "
+            f"inputs, expected the pooled embedding ({pooled}) and 6 size/crop time_ids of equal width"
+        )
+    return time_inputs // 6
 
 
 def configs_width(model_type: ModelType) -> int:

@@ -1,10 +1,16 @@
 """Export a training checkpoint as a diffusers ``StableDiffusionPipeline`` folder.
 
+A checkpoint of an SDXL UNet (``addition_embed_type: text_time``) exports as a
+``StableDiffusionXLPipeline`` folder instead: ``text_encoder_2/`` and ``tokenizer_2/`` come from the
+folders the latent-shard manifest names, like the first encoder's (``force_zeros_for_empty_prompt``:
+an empty negative prompt is zeros, as SDXL's caption dropout trained it).
+
 The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
 ``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
 the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
 adapters (and the text encoder's, when DreamBooth trained one) in ``lora/``
-(``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file). Both ``lf-sample`` and
+(``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file: SDXL's, ldm-named UNet
+modules and ``lora_te1_``/``lora_te2_``, for an SDXL model). Both ``lf-sample`` and
 ``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
 """
 
@@ -12,19 +18,27 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from transformers import CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
+from trainer.checkpoint.sd_single_file import original_module_name, unet_rules
 from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
-from trainer.lora.formats import AdapterWeights, adapter_state_dict, save_lora_files
+from trainer.lora.formats import AdapterWeights, ModuleNames, adapter_state_dict, save_lora_files
 
 log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
@@ -59,7 +73,7 @@ def build_export(
     tokenizer_path: str | None = None,
     dtype: str = "float32",
     split_lora: bool = False,
-) -> tuple[StableDiffusionPipeline, dict[str, Any], dict[str, AdapterWeights]]:
+) -> tuple[StableDiffusionPipeline | StableDiffusionXLPipeline, dict[str, Any], dict[str, AdapterWeights]]:
     """The pipeline of a checkpoint, what to record about it (step, weights kind, training config), and
     for a LoRA run with ``split_lora`` its adapter weights per part (the pipeline then holds the base
     UNet and text encoder; without ``split_lora`` the adapters are merged into them).
@@ -80,16 +94,19 @@ def build_export(
     adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
     torch_dtype = getattr(torch, dtype)
     inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
-    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
-        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
-        text_encoder=text_encoder.to(torch_dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
-        unet=unet.to(torch_dtype),
-        scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if is_sdxl_unet(unet):
+        pipe = _sdxl_pipeline(ckpt_path, record, unet, text_encoder, vae_dir, tokenizer_dir, torch_dtype)
+    else:
+        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+            vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
+            text_encoder=text_encoder.to(torch_dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+            unet=unet.to(torch_dtype),
+            scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     info = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": record.get("global_step", checkpoint.get("global_step")),
@@ -101,6 +118,52 @@ def build_export(
         "latent_manifest": manifest,
     }
     return pipe, info, adapters
+
+
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    """Whether a UNet takes SDXL's pooled text and size/crop time_ids (``addition_embed_type: text_time``)."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def sdxl_lora_names(unet: torch.nn.Module) -> ModuleNames | None:
+    """For an SDXL UNet, its modules' ldm names (what kohya's SDXL LoRA files use); ``None`` for SD 1.x/2.x."""
+    return partial(original_module_name, rules=unet_rules(unet.config)) if is_sdxl_unet(unet) else None
+
+
+def _sdxl_pipeline(
+    ckpt_path: str | Path,
+    record: dict[str, Any],
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    vae_dir: str,
+    tokenizer_dir: str,
+    torch_dtype: torch.dtype,
+) -> StableDiffusionXLPipeline:
+    """The SDXL pipeline of a checkpoint: its second text encoder and tokenizer from the manifest's folders.
+
+    Raises:
+        DataError: the checkpoint's latent shards were not SDXL's (no second text encoder recorded).
+    """
+    manifest = record.get("latent_manifest", {})
+    text_2_dir = (manifest.get("text_encoder_2") or {}).get("path")
+    tokenizer_2_dir = manifest.get("tokenizer_2_path")
+    for name, value in (("text_encoder_2", text_2_dir), ("tokenizer_2", tokenizer_2_dir)):
+        if not value or not Path(value).is_dir():
+            raise DataError(
+                f"{ckpt_path}: an SDXL UNet, but its latent manifest names no {name} folder ({value!r}); "
+                "train it on shards precomputed from an SDXL folder"
+            )
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
+        text_encoder=text_encoder.to(torch_dtype),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(text_2_dir, local_files_only=True).to(torch_dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2_dir, local_files_only=True),
+        unet=unet.to(torch_dtype),
+        scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def export_pipeline(
@@ -128,7 +191,12 @@ def export_pipeline(
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if adapters:  # lora/ in diffusers' and kohya's layouts
-            save_lora_files(tmp / LORA_DIR, adapters.get("unet"), adapters.get("text_encoder"))
+            save_lora_files(
+                tmp / LORA_DIR,
+                adapters.get("unet"),
+                adapters.get("text_encoder"),
+                sdxl_unet_names=sdxl_lora_names(pipe.unet),
+            )
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)
@@ -144,7 +212,7 @@ def export_single_file(
     dtype: str = "float32",
     text_layout: str = "auto",
 ) -> Path:
-    """Write one ``.safetensors`` in the original SD layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
+    """Write one ``.safetensors`` in the original SD or SDXL layout (AUTOMATIC1111, ComfyUI, ``from_single_file``).
 
     Args:
         source: a training checkpoint (as :func:`export_pipeline`), or an export folder
@@ -152,7 +220,8 @@ def export_single_file(
         out_file: the ``.safetensors`` to write (atomically).
         dtype: ``"float16"`` halves the file.
         text_layout: the text encoder as SD 1.x's CLIP (``"sd1"``) or SD 2.x's OpenCLIP (``"sd2"``);
-            ``"auto"``: ``"sd2"`` when the text encoder is OpenCLIP's (GELU activations).
+            ``"auto"``: ``"sd2"`` when the text encoder is OpenCLIP's (GELU activations), ``"sdxl"``
+            (``conditioner.embedders.0`` CLIP, ``.1`` OpenCLIP with fused q/k/v) for an SDXL model.
 
     The step, the weights kind and the training config go in the safetensors metadata
     (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...), and the
@@ -173,16 +242,25 @@ def export_single_file(
         info_file = source / EXPORT_INFO_NAME
         info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
         info["export"] = str(source.resolve())
-        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", local_files_only=True)
+        tokenizers = {
+            name: CLIPTokenizer.from_pretrained(source / name, local_files_only=True)
+            for name in ("tokenizer", "tokenizer_2")
+            if name == "tokenizer" or parts.text_encoder_2 is not None
+        }
         scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
     else:
         pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
-        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder)
-        tokenizer, scheduler = pipe.tokenizer, dict(pipe.scheduler.config)
+        sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if sdxl else None)
+        tokenizers = {"tokenizer": pipe.tokenizer} | ({"tokenizer_2": pipe.tokenizer_2} if sdxl else {})
+        scheduler = dict(pipe.scheduler.config)
     info["dtype"] = dtype
     info.pop("latent_manifest", None)
-    tokenizer_settings = {"model_max_length": tokenizer.model_max_length, "pad_token": str(tokenizer.pad_token)}
-    info["configs"] = {**part_configs(parts), "tokenizer": tokenizer_settings, "scheduler": scheduler}
+    tokenizer_settings = {
+        name: {"model_max_length": tokenizer.model_max_length, "pad_token": str(tokenizer.pad_token)}
+        for name, tokenizer in tokenizers.items()
+    }
+    info["configs"] = {**part_configs(parts), **tokenizer_settings, "scheduler": scheduler}
     save_single_file(
         parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
     )

@@ -1,4 +1,4 @@
-"""A user's local SD 1.x/2.x weights -> the starting point for training, loaded strictly.
+"""A user's local SD 1.x/2.x or SDXL weights -> the starting point for training, loaded strictly.
 
 Two sources: a diffusers pipeline folder, or one file in the original single-file layout
 (``.safetensors``; ``.ckpt`` only with ``allow_pickle``, read with ``torch.load(weights_only=True)``),
@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
@@ -50,7 +56,11 @@ def read_pipeline_weights(
         if prediction_type:
             scheduler["prediction_type"] = prediction_type
         tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", local_files_only=True)
-        return ImportedPipeline(parts, tokenizer, scheduler, None, {"configs_from": f"the folder ({source})"})
+        tokenizer_2 = None
+        if parts.text_encoder_2 is not None:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source / "tokenizer_2", local_files_only=True)
+        info = {"configs_from": f"the folder ({source})"}
+        return ImportedPipeline(parts, tokenizer, scheduler, None, info, tokenizer_2)
     if not source.is_file():
         raise DataError(f"{source}: does not exist; expected a diffusers folder or a .safetensors file")
     return read_single_file(source, config_dir, allow_pickle, ema, prediction_type)
@@ -79,26 +89,16 @@ def import_weights(
 
     The folder serves as ``lf-train model=pretrained model.pretrained=OUT_DIR`` (the UNet and the
     noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder); an
-    inpainting model is written as diffusers' ``StableDiffusionInpaintPipeline``.
+    inpainting model is written as diffusers' ``StableDiffusionInpaintPipeline``, an SDXL one as
+    ``StableDiffusionXLPipeline``.
     """
     out_dir = Path(out_dir) if out_dir else default_out_dir(source)
     imported = read_pipeline_weights(source, config_dir, allow_pickle, ema, prediction_type)
     parts, torch_dtype = imported.parts, getattr(torch, dtype)
-    inpainting = parts.unet.config.in_channels == INPAINTING_CHANNELS
-    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     if torch_dtype != parts.unet.dtype:
-        for network in (parts.unet, parts.vae, parts.text_encoder):
+        for network in parts.networks().values():
             network.to(torch_dtype)
-    pipe = pipeline_class(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=imported.tokenizer,
-        unet=parts.unet,
-        scheduler=DDPMScheduler.from_config(imported.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = _pipeline(imported)
     source = Path(source)
     metadata = read_metadata(source) if source.is_file() and source.suffix == ".safetensors" else {}
     metadata.pop(OUR_CONFIGS_KEY.removeprefix("latentforge."), None)
@@ -109,6 +109,26 @@ def import_weights(
         (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("imported %s to %s", source, out_dir)
     return out_dir
+
+
+def _pipeline(imported: ImportedPipeline) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The diffusers pipeline of imported parts: SDXL's with a second text encoder, else SD's (inpainting or not)."""
+    parts, scheduler = imported.parts, DDPMScheduler.from_config(imported.scheduler_config)
+    common = {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": imported.tokenizer, "unet": parts.unet}
+    if parts.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            **common,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=imported.tokenizer_2,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    inpainting = parts.unet.config.in_channels == INPAINTING_CHANNELS
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    return pipeline_class(
+        **common, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
 
 
 def pretrained_unet(path: str, allow_pickle: bool = False) -> UNet2DConditionModel:

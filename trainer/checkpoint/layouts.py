@@ -2,7 +2,8 @@
 
 The canonical layout is what :mod:`trainer.checkpoint.sd_single_file` maps to diffusers: the UNet
 under ``model.diffusion_model.*``, the VAE under ``first_stage_model.*``, the text encoder under
-``cond_stage_model.transformer.text_model.*`` (CLIP) or ``cond_stage_model.model.*`` (OpenCLIP),
+``cond_stage_model.transformer.text_model.*`` (CLIP) or ``cond_stage_model.model.*`` (OpenCLIP), or
+SDXL's two under ``conditioner.embedders.0.transformer.text_model.*`` and ``conditioner.embedders.1.model.*``,
 weights only. Every row of :data:`LAYOUTS` whose test matches a file is applied in order: a refused
 row stops the import with one line naming the layout and the fix; a mapped row rewrites keys and
 leaves a note. What is left after the table must map key for key (else the strict check lists
@@ -34,6 +35,7 @@ from trainer.checkpoint.sd_text_encoder_keys import OPEN_CLIP_UNUSED
 
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model. in the canonical layout
 TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder: OpenCLIP bigG in slot 0
 LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 PEFT_LORA_PARTS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora_linear_layer.")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -194,6 +196,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("diffusers/PEFT LoRA", _contains(*PEFT_LORA_PARTS), fix=LORA_FIX),
     Layout("textual inversion embedding", _textual_inversion, fix="an embedding, not a model"),
     Layout("ControlNet", _any(("control_model.",)), fix="a ControlNet, not a base model"),
+    Layout("SDXL refiner", _any((SDXL_REFINER_PREFIX,)), fix="the SDXL refiner is out of scope (SDXL base imports)"),
     Layout(
         "diffusers model file (one part, diffusers names)",
         _diffusers_part,

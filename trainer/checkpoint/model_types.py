@@ -11,12 +11,14 @@ and shapes, its *signature*:
 Types with one signature differ by what the weights cannot show (SD 2.x 512 epsilon and 768
 v-prediction share every shape); :mod:`trainer.checkpoint.prediction_test` tells them apart.
 Each supported type ships its diffusers configs in ``conf/base_models/<name>/`` (``unet.json``,
-``vae.json``, ``text_encoder.json``, ``tokenizer.json``, ``scheduler.json``: the reference
-models' own, e.g. ``stable-diffusion-v1-5``'s). The same signatures as diffusers'
+``vae.json``, ``text_encoder.json``, ``tokenizer.json``, ``scheduler.json``, and SDXL's
+``text_encoder_2.json`` and ``tokenizer_2.json``: the reference models' own, e.g.
+``stable-diffusion-v1-5``'s and ``stable-diffusion-xl-base-1.0``'s). The same signatures as diffusers'
 ``infer_diffusers_model_type`` (``tests/unit/test_model_types.py`` checks it on full-size shapes).
 
-To add a type (SDXL): a row in :data:`MODEL_TYPES` with ``supported=True``, its configs folder,
-its text-encoder key map, and its layout rows in :mod:`trainer.checkpoint.layouts`.
+To add a type: a row in :data:`MODEL_TYPES`, its configs folder, its text-encoder key map, and its
+layout rows in :mod:`trainer.checkpoint.layouts`. A type without a configs folder imports only with
+the configs a file carries (our exports) or ``config_dir`` (:attr:`ModelType.has_standard_configs`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from trainer.checkpoint.sd_single_file import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNE
 CONFIGS_PACKAGE = "latentforge_conf"
 CONFIGS_FOLDER = "base_models"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # beside PARTS in an SDXL type's folder
 SDXL_PREFIX = "conditioner.embedders."
 UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # (C, in_channels, 3, 3)
 
@@ -67,6 +70,11 @@ class ModelType:
     def inpainting(self) -> bool:
         return self.in_channels == 9
 
+    @property
+    def has_standard_configs(self) -> bool:
+        """Whether ``conf/base_models/<name>/`` ships this type's configs."""
+        return (resources.files(CONFIGS_PACKAGE) / CONFIGS_FOLDER / self.name).is_dir()
+
     def configs(self) -> dict[str, dict[str, Any]]:
         """The standard configs of this type, by part (copies: callers may change them)."""
         return {part: dict(config) for part, config in _standard_configs(self.name).items()}
@@ -79,8 +87,8 @@ MODEL_TYPES: tuple[ModelType, ...] = (
     ModelType("sd2_v", "SD 2.x 768 (v-prediction)", "open_clip", 4, "v_prediction"),
     ModelType("sd2_inpainting", "SD 2.x inpainting", "open_clip", 9),
     ModelType("instruct_pix2pix", "InstructPix2Pix (SD 1.x)", "clip", 8, refused="not supported"),
-    ModelType("sdxl", "SDXL base", "sdxl", 4, refused="not supported yet (the SDXL issue)"),
-    ModelType("sdxl_inpainting", "SDXL inpainting", "sdxl", 9, refused="not supported yet (the SDXL issue)"),
+    ModelType("sdxl", "SDXL base", "sdxl", 4),
+    ModelType("sdxl_inpainting", "SDXL inpainting", "sdxl", 9, refused="not supported yet"),
 )
 BY_NAME = {row.name: row for row in MODEL_TYPES}
 
@@ -88,7 +96,8 @@ BY_NAME = {row.name: row for row in MODEL_TYPES}
 @cache
 def _standard_configs(name: str) -> dict[str, dict[str, Any]]:
     folder = resources.files(CONFIGS_PACKAGE) / CONFIGS_FOLDER / name
-    return {part: json.loads((folder / f"{part}.json").read_text(encoding="utf-8")) for part in PARTS}
+    parts = PARTS + tuple(part for part in SDXL_PARTS if (folder / f"{part}.json").is_file())
+    return {part: json.loads((folder / f"{part}.json").read_text(encoding="utf-8")) for part in parts}
 
 
 def text_encoder_kind(state: Mapping[str, torch.Tensor]) -> str | None:

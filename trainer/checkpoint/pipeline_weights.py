@@ -1,4 +1,5 @@
-"""Pipeline parts (UNet, VAE, CLIP text encoder) to and from a single file or a diffusers folder, strictly.
+"""Pipeline parts (UNet, VAE, CLIP text encoders: SDXL has two) to and from a single file or a diffusers folder,
+strictly.
 
 Writing: :func:`save_single_file` renames the parts' weights with the key map of
 :mod:`trainer.checkpoint.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
@@ -21,12 +22,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.safe_load import PICKLE_SUFFIXES, read_weights
 from trainer.checkpoint.sd_single_file import (
+    SDXL_OPEN_CLIP_PREFIX,
+    SDXL_TEXT_PREFIX,
     TEXT_LAYOUTS,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -37,6 +40,7 @@ from trainer.checkpoint.sd_single_file import (
     vae_rules,
 )
 from trainer.checkpoint.sd_text_encoder_keys import (
+    PROJECTION,
     open_clip_to_text,
     text_to_diffusers,
     text_to_open_clip,
@@ -46,35 +50,61 @@ from trainer.checkpoint.sd_text_encoder_keys import (
 METADATA_PREFIX = "latentforge."
 VARIANTS = ("fp16", "bf16")
 PARTS = ("unet", "vae", "text_encoder")
+SDXL_PART = "text_encoder_2"  # SDXL's second text encoder (OpenCLIP ViT-bigG with its pooled projection)
 
 
 @dataclass
 class PipelineParts:
-    """The three networks of an SD pipeline."""
+    """The networks of an SD pipeline; ``text_encoder_2`` only in SDXL's."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The parts there are, by their diffusers folder name."""
+        named = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        return named | ({SDXL_PART: self.text_encoder_2} if self.text_encoder_2 is not None else {})
 
 
 def text_layout_for(parts: PipelineParts, text_layout: str = "auto") -> str:
-    """``"sd1"`` (CLIP under ``cond_stage_model.transformer``) or ``"sd2"`` (OpenCLIP under
-    ``cond_stage_model.model``); ``"auto"``: SD 2.x's when the text encoder is OpenCLIP's (GELU; OpenAI's
-    CLIP of SD 1.x uses quick GELU)."""
+    """``"sd1"`` (CLIP under ``cond_stage_model.transformer``), ``"sd2"`` (OpenCLIP under
+    ``cond_stage_model.model``) or ``"sdxl"`` (both, under ``conditioner.embedders.0/1``); ``"auto"``:
+    SDXL's with a second text encoder, else SD 2.x's when the text encoder is OpenCLIP's (GELU; OpenAI's
+    CLIP of SD 1.x uses quick GELU).
+
+    Raises:
+        ConfigError: an unknown layout, or ``"sdxl"`` without (or ``"sd1"``/``"sd2"`` with) a second encoder.
+    """
     if text_layout == "auto":
+        if parts.text_encoder_2 is not None:
+            return "sdxl"
         return "sd2" if parts.text_encoder.config.hidden_act == "gelu" else "sd1"
     if text_layout not in TEXT_LAYOUTS:
         raise ConfigError(f"text_layout={text_layout!r}: expected 'auto' or one of {list(TEXT_LAYOUTS)}")
+    if (text_layout == "sdxl") != (parts.text_encoder_2 is not None):
+        raise ConfigError(f"text_layout={text_layout!r}: SDXL's layout is for SDXL models (two text encoders) only")
     return text_layout
 
 
 def original_state_dict(parts: PipelineParts, text_layout: str = "sd1") -> dict[str, torch.Tensor]:
-    """All weights of ``parts`` in the original single-file layout (text encoder in ``text_layout``)."""
+    """All weights of ``parts`` in the original single-file layout (text encoders in ``text_layout``)."""
     state = to_original(parts.unet.state_dict(), unet_rules(parts.unet.config), UNET_PREFIX)
     state |= to_original(parts.vae.state_dict(), vae_rules(parts.vae.config), VAE_PREFIX)
     text = parts.text_encoder.state_dict()
-    state |= text_to_open_clip(text) if text_layout == "sd2" else text_to_original(text)
+    if text_layout == "sdxl":
+        state |= text_to_original(text, SDXL_TEXT_PREFIX)
+        state |= text_to_open_clip(_second_encoder(parts).state_dict(), SDXL_OPEN_CLIP_PREFIX)
+    else:
+        state |= text_to_open_clip(text) if text_layout == "sd2" else text_to_original(text)
     return state
+
+
+def _second_encoder(parts: PipelineParts) -> CLIPTextModelWithProjection:
+    if parts.text_encoder_2 is None:
+        raise ConfigError("the SDXL layout needs SDXL's second text encoder (text_encoder_2); these parts have none")
+    return parts.text_encoder_2
 
 
 def save_single_file(
@@ -104,7 +134,8 @@ def save_single_file(
 
 
 def folder_configs(config_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The ``unet``, ``vae`` and ``text_encoder`` configs of a diffusers pipeline folder.
+    """The ``unet``, ``vae`` and ``text_encoder`` (and, in an SDXL folder, ``text_encoder_2``) configs of a
+    diffusers pipeline folder.
 
     Raises:
         DataError: a part's ``config.json`` is missing.
@@ -115,19 +146,25 @@ def folder_configs(config_dir: str | Path) -> dict[str, dict[str, Any]]:
             raise DataError(
                 f"{config_dir}: {part}/config.json is missing; config_dir must be a diffusers pipeline folder"
             )
-    return {
+    configs = {
         "unet": dict(UNet2DConditionModel.load_config(config_dir / "unet")),
         "vae": dict(AutoencoderKL.load_config(config_dir / "vae")),
         "text_encoder": CLIPTextConfig.from_pretrained(config_dir / "text_encoder").to_dict(),
     }
+    if (config_dir / SDXL_PART / "config.json").is_file():
+        configs[SDXL_PART] = CLIPTextConfig.from_pretrained(config_dir / SDXL_PART).to_dict()
+    return configs
 
 
 def build_parts(configs: dict[str, dict[str, Any]]) -> PipelineParts:
-    """Freshly initialised parts from their configs (``{"unet": ..., "vae": ..., "text_encoder": ...}``)."""
+    """Freshly initialised parts from their configs (``{"unet": ..., "vae": ..., "text_encoder": ...}``,
+    and ``"text_encoder_2"`` for SDXL)."""
+    second = configs.get(SDXL_PART)
     return PipelineParts(
         unet=UNet2DConditionModel.from_config(configs["unet"]),
         vae=AutoencoderKL.from_config(configs["vae"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**second)) if second else None,
     )
 
 
@@ -138,11 +175,14 @@ def parts_from_configs(config_dir: str | Path) -> PipelineParts:
 
 def part_configs(parts: PipelineParts) -> dict[str, dict[str, Any]]:
     """The configs that rebuild ``parts`` (JSON-ready; diffusers' private ``_`` entries dropped)."""
-    return {
+    configs = {
         "unet": {k: v for k, v in parts.unet.config.items() if not k.startswith("_")},
         "vae": {k: v for k, v in parts.vae.config.items() if not k.startswith("_")},
         "text_encoder": parts.text_encoder.config.to_diff_dict(),
     }
+    if parts.text_encoder_2 is not None:
+        configs[SDXL_PART] = parts.text_encoder_2.config.to_diff_dict()
+    return configs
 
 
 def load_original_state(parts: PipelineParts, state: dict[str, torch.Tensor], source: str, text_layout: str) -> None:
@@ -157,6 +197,12 @@ def load_original_state(parts: PipelineParts, state: dict[str, torch.Tensor], so
     check_state_dict(state, original_state_dict(parts, text_layout), source)
     parts.unet.load_state_dict(to_diffusers(state, unet_rules(parts.unet.config), UNET_PREFIX), strict=True)
     parts.vae.load_state_dict(to_diffusers(state, vae_rules(parts.vae.config), VAE_PREFIX), strict=True)
+    if text_layout == "sdxl":
+        parts.text_encoder.load_state_dict(text_to_diffusers(state, SDXL_TEXT_PREFIX), strict=True)
+        second = open_clip_to_text(state, SDXL_OPEN_CLIP_PREFIX)
+        second = {key if key == PROJECTION else "text_model." + key: tensor for key, tensor in second.items()}
+        _second_encoder(parts).load_state_dict(second, strict=True)  # its modules sit under text_model.
+        return
     text = open_clip_to_text(state) if text_layout == "sd2" else text_to_diffusers(state)
     parts.text_encoder.load_state_dict(text, strict=True)
 
@@ -184,6 +230,8 @@ def load_part(network: torch.nn.Module, folder: str | Path, allow_pickle: bool =
     if isinstance(network, CLIPTextModel):
         state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
         state.pop("embeddings.position_ids", None)
+    elif isinstance(network, CLIPTextModelWithProjection):  # keeps its text_model. level (transformers 5)
+        state.pop("text_model.embeddings.position_ids", None)
     check_state_dict(state, network.state_dict(), str(folder))
     network.load_state_dict(state, strict=True)
     return network
@@ -193,8 +241,8 @@ def load_diffusers_folder(folder: str | Path, allow_pickle: bool = False) -> Pip
     """Read a diffusers pipeline folder strictly (every key and shape checked against each part's config)."""
     folder = Path(folder)
     parts = parts_from_configs(folder)
-    for name in PARTS:
-        load_part(getattr(parts, name), folder / name, allow_pickle)
+    for name, network in parts.networks().items():
+        load_part(network, folder / name, allow_pickle)
     return parts
 
 

@@ -8,6 +8,11 @@ ComfyUI load. It holds three parts under three prefixes::
     cond_stage_model.transformer.*     the SD 1.x CLIP text encoder (Hugging Face CLIP names), or
     cond_stage_model.model.*           SD 2.x's OpenCLIP text encoder (OpenCLIP names, fused q/k/v)
 
+SDXL files hold two text encoders instead, under ``conditioner.embedders.0.transformer.*`` (CLIP
+ViT-L, Hugging Face names) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, OpenCLIP
+names, fused q/k/v, ``text_projection`` ``(width, projection)``), and the UNet's size/crop and
+pooled-text embedding (diffusers' ``add_embedding``) as ldm's ``label_emb.0``.
+
 The map is derived from the diffusers configs (number of blocks, ``layers_per_block``, which blocks
 have attention), so it covers any UNet / VAE of the SD family, from the tiny test model to SD 1.5
 and SD 2.x (whose ``proj_in``/``proj_out`` are linear in both layouts, so no reshape is needed).
@@ -33,8 +38,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 EMA_PREFIX = "model_ema."
-TEXT_LAYOUTS = ("sd1", "sd2")
+TEXT_LAYOUTS = ("sd1", "sd2", "sdxl")
+SDXL_ADDITION = "text_time"  # an SDXL UNet's addition_embed_type (pooled text + size/crop time_ids)
 
 # Keys that original checkpoints carry beside the weights: the DDPM schedule buffers of ldm's
 # ``LatentDiffusion``, the EMA counters, CLIP's position ids. Import skips them, by name.
@@ -56,6 +64,8 @@ NON_WEIGHT_KEYS = frozenset(
         "model_ema.decay",
         "model_ema.num_updates",
         TEXT_PREFIX + "embeddings.position_ids",
+        SDXL_TEXT_PREFIX + "embeddings.position_ids",
+        SDXL_OPEN_CLIP_PREFIX + "logit_scale",  # OpenCLIP's contrastive temperature: SDXL does not use it
     ]
 )
 
@@ -113,12 +123,21 @@ def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
     the decoder ``output_blocks`` hold ``layers_per_block + 1`` pairs per up block, the upsampler
     sitting after the pair in the block's last entry.
 
+    SDXL's added embedding (``addition_embed_type: text_time``: the pooled text and the size/crop
+    ``time_ids``) is ldm's ``label_emb.0`` (a Linear, SiLU, Linear sequence); its sinusoidal
+    ``add_time_proj`` has no weights.
+
     Raises:
-        KeyMapError: the config has parts the original layout does not (class or added embeddings).
+        KeyMapError: the config has parts the original layout does not (class or other added embeddings).
     """
-    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+    if config.get("addition_embed_type") not in (None, SDXL_ADDITION):
+        raise KeyMapError(
+            f"UNet config addition_embed_type={config['addition_embed_type']!r}: not part of the SD single-file "
+            f"layout (expected none, or {SDXL_ADDITION!r} for SDXL)"
+        )
+    for key in ("class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
         if config.get(key) is not None:
-            raise KeyMapError(f"UNet config {key}={config[key]!r}: not part of the SD 1.x/2.x single-file layout")
+            raise KeyMapError(f"UNet config {key}={config[key]!r}: not part of the SD single-file layout")
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
     blocks = len(down_types)
     layers = _per_block(config["layers_per_block"], blocks)
@@ -129,6 +148,8 @@ def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
         Rule("conv_norm_out.", "out.0."),
         Rule("conv_out.", "out.2."),
     ]
+    if config.get("addition_embed_type") == SDXL_ADDITION:
+        rules += [Rule("add_embedding.linear_1.", "label_emb.0.0."), Rule("add_embedding.linear_2.", "label_emb.0.2.")]
     index = 1
     for i, block_type in enumerate(down_types):
         for j in range(layers[i]):
@@ -235,6 +256,18 @@ def to_original(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: st
     if unmapped:
         raise KeyMapError(f"no rule maps these diffusers keys to the original layout: {sorted(unmapped)}")
     return out
+
+
+def original_module_name(module: str, rules: list[Rule]) -> str:
+    """A diffusers module path -> its ldm path, by the same rules as the weights
+    (``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in``; ``down_blocks.0.resnets.0.conv1``
+    -> ``input_blocks.1.0.in_layers.2``): the names kohya's SDXL LoRA files give UNet modules.
+
+    Raises:
+        KeyMapError: no rule maps the module.
+    """
+    (key,) = to_original({module + ".weight": torch.empty(0)}, rules, "")
+    return key.removesuffix(".weight")
 
 
 def to_diffusers(state: Mapping[str, torch.Tensor], rules: list[Rule], prefix: str) -> dict[str, torch.Tensor]:

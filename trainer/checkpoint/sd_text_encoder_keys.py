@@ -4,6 +4,12 @@ SD 1.x files hold OpenAI's CLIP under ``cond_stage_model.transformer.text_model.
 Face's names (a prefix change). SD 2.x files hold OpenCLIP's ViT-H text tower under
 ``cond_stage_model.model.*`` with OpenCLIP's names and fused q/k/v projections (``in_proj``); the
 two OpenCLIP functions map in opposite directions with the same rename tables.
+
+SDXL files hold the same two layouts under other prefixes: CLIP ViT-L under
+``conditioner.embedders.0.transformer.text_model.*`` and OpenCLIP ViT-bigG under
+``conditioner.embedders.1.model.*``, the latter with its pooled projection: OpenCLIP's
+``text_projection`` ``(width, projection)`` is transformers' ``text_projection.weight``
+``(projection, width)`` transposed (as diffusers' ``convert_open_clip_checkpoint`` reads it).
 """
 
 from __future__ import annotations
@@ -15,17 +21,18 @@ import torch
 from trainer.checkpoint.sd_single_file import NON_WEIGHT_KEYS, OPEN_CLIP_PREFIX, TEXT_PREFIX, KeyMapError, rename_parts
 
 
-def text_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*``."""
-    return {TEXT_PREFIX + key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+def text_to_original(state: Mapping[str, torch.Tensor], prefix: str = TEXT_PREFIX) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict -> ``prefix`` + its names (SD 1.x:
+    ``cond_stage_model.transformer.text_model.*``; SDXL's first encoder: ``SDXL_TEXT_PREFIX``)."""
+    return {prefix + key.removeprefix("text_model."): tensor for key, tensor in state.items()}
 
 
-def text_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``cond_stage_model.transformer.text_model.*`` keys -> a ``CLIPTextModel`` state dict."""
+def text_to_diffusers(state: Mapping[str, torch.Tensor], prefix: str = TEXT_PREFIX) -> dict[str, torch.Tensor]:
+    """The keys under ``prefix`` (see :func:`text_to_original`) -> a ``CLIPTextModel`` state dict."""
     return {
-        key[len(TEXT_PREFIX) :]: tensor
+        key[len(prefix) :]: tensor
         for key, tensor in state.items()
-        if key.startswith(TEXT_PREFIX) and key not in NON_WEIGHT_KEYS
+        if key.startswith(prefix) and key not in NON_WEIGHT_KEYS
     }
 
 
@@ -45,10 +52,13 @@ OPEN_CLIP_TOP = {
 }
 # OpenCLIP parts SD 2.x does not use: the projection and temperature of contrastive training.
 OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
+PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection's (projection, width); OpenCLIP's transposed
+OPEN_CLIP_PROJECTION = "text_projection"
 
 
-def text_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ``CLIPTextModel`` state dict -> SD 2.x's ``cond_stage_model.model.*`` (OpenCLIP) names.
+def text_to_open_clip(state: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``) state dict -> OpenCLIP names under ``prefix``
+    (SD 2.x: ``cond_stage_model.model.*``; SDXL's second encoder: ``SDXL_OPEN_CLIP_PREFIX``).
 
     Raises:
         KeyMapError: keys with no OpenCLIP counterpart (named).
@@ -56,8 +66,10 @@ def text_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
     out, unmapped, layers = {}, [], set()
     for key, tensor in state.items():
-        if key in OPEN_CLIP_TOP:
-            out[OPEN_CLIP_PREFIX + OPEN_CLIP_TOP[key]] = tensor
+        if key == PROJECTION:
+            out[prefix + OPEN_CLIP_PROJECTION] = tensor.T.contiguous()  # (P, W) -> (W, P)
+        elif key in OPEN_CLIP_TOP:
+            out[prefix + OPEN_CLIP_TOP[key]] = tensor
         elif key.startswith("encoder.layers."):
             index, rest = key[len("encoder.layers.") :].split(".", 1)
             layers.add(int(index))
@@ -66,7 +78,7 @@ def text_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             renamed = rename_parts(rest, OPEN_CLIP_LAYER_RENAMES)
             if renamed == rest:
                 unmapped.append(key)
-            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.{renamed}"] = tensor
+            out[f"{prefix}transformer.resblocks.{index}.{renamed}"] = tensor
         else:
             unmapped.append(key)
     if unmapped:
@@ -74,12 +86,13 @@ def text_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     for index in sorted(layers):
         for kind in ("weight", "bias"):
             parts = [state[f"encoder.layers.{index}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
-            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(parts)  # (3D, ...)
+            out[f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(parts)  # (3D, ...)
     return out
 
 
-def open_clip_to_text(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``cond_stage_model.model.*`` keys (OpenCLIP) -> a ``CLIPTextModel`` state dict.
+def open_clip_to_text(state: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """The OpenCLIP keys under ``prefix`` -> a ``CLIPTextModel`` state dict (with ``text_projection.weight``
+    when the file holds the projection: a ``CLIPTextModelWithProjection``'s).
 
     Raises:
         KeyMapError: keys under the prefix that no rule maps (named).
@@ -88,10 +101,12 @@ def open_clip_to_text(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     layer_renames = {new: old for old, new in OPEN_CLIP_LAYER_RENAMES.items()}
     out, unmapped = {}, []
     for key, tensor in state.items():
-        if not key.startswith(OPEN_CLIP_PREFIX):
+        if not key.startswith(prefix) or key in NON_WEIGHT_KEYS:
             continue
-        local = key[len(OPEN_CLIP_PREFIX) :]
-        if local in top:
+        local = key[len(prefix) :]
+        if local == OPEN_CLIP_PROJECTION:
+            out[PROJECTION] = tensor.T.contiguous()  # (W, P) -> (P, W)
+        elif local in top:
             out[top[local]] = tensor
         elif local.startswith("transformer.resblocks."):
             index, rest = local[len("transformer.resblocks.") :].split(".", 1)

@@ -35,6 +35,7 @@ from trainer.checkpoint.prediction_test import (
     given,
 )
 from trainer.checkpoint.safe_load import read_weight_file
+from trainer.checkpoint.sd_single_file import KeyMapError
 
 log = logging.getLogger(__name__)
 STANDARD = "standard configs"
@@ -45,8 +46,9 @@ class ImportedPipeline:
     """The parts of a single file, what they need beside them, and what was found out about the file.
 
     Attributes:
-        parts: UNet, VAE and text encoder, loaded.
+        parts: UNet, VAE and text encoder(s), loaded.
         tokenizer: the text encoder's tokenizer.
+        tokenizer_2: SDXL's second tokenizer (``None`` for SD 1.x/2.x).
         scheduler_config: the noise schedule (with the prediction type decided).
         model_type: the detected row of :data:`~trainer.checkpoint.model_types.MODEL_TYPES` (``None``: a folder).
         info: what is printed and stored with the import (type, prediction type and how, layouts, notes).
@@ -57,6 +59,7 @@ class ImportedPipeline:
     scheduler_config: dict[str, Any]
     model_type: ModelType | None
     info: dict[str, Any] = field(default_factory=dict)
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 def _configs(
@@ -69,6 +72,11 @@ def _configs(
         return configs, f"config_dir ({config_dir})"
     if OUR_CONFIGS_KEY in normalized.metadata:
         return json.loads(normalized.metadata[OUR_CONFIGS_KEY]), f"the file's metadata ({OUR_CONFIGS_KEY})"
+    if not model_type.has_standard_configs:
+        raise KeyMapError(
+            f"{source}: a {model_type.title} file without latentforge's configs in its metadata; pass "
+            f"config_dir=FOLDER (a diffusers {model_type.title} folder with the same architecture) to read it"
+        )
     return scaled_configs(normalized.state, model_type, source), f"the {model_type.title} {STANDARD}"
 
 
@@ -84,17 +92,25 @@ def _stated_prediction_type(
     return from_metadata(normalized.metadata)
 
 
+TEXT_LAYOUT_OF = {"clip": "sd1", "open_clip": "sd2", "sdxl": "sdxl"}  # a type's text encoder -> single-file layout
+
+
 def _load(configs: Configs, normalized: Normalized, model_type: ModelType, source: str) -> PipelineParts:
     parts = build_parts(configs)
-    load_original_state(parts, normalized.state, source, "sd2" if model_type.text_encoder == "open_clip" else "sd1")
+    if (model_type.text_encoder == "sdxl") != (parts.text_encoder_2 is not None):
+        has = "have" if parts.text_encoder_2 is not None else "have no"
+        raise KeyMapError(f"{source}: a {model_type.title} file, but its configs {has} text_encoder_2 (SDXL's)")
+    load_original_state(parts, normalized.state, source, TEXT_LAYOUT_OF[model_type.text_encoder])
     return parts
 
 
-def _tokenizer(configs: Configs, config_dir: str | Path | None) -> CLIPTokenizer:
+def _tokenizer(configs: Configs, config_dir: str | Path | None, name: str = "tokenizer") -> CLIPTokenizer | None:
+    """The tokenizer ``name`` (``tokenizer``, or SDXL's ``tokenizer_2``) from ``config_dir`` or the file's configs."""
     if config_dir is not None:
-        return CLIPTokenizer.from_pretrained(Path(config_dir) / "tokenizer", local_files_only=True)
-    settings = configs["tokenizer"]
-    return build_clip_tokenizer(int(settings["model_max_length"]), settings["pad_token"])
+        folder = Path(config_dir) / name
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True) if folder.is_dir() else None
+    settings = configs.get(name)
+    return build_clip_tokenizer(int(settings["model_max_length"]), settings["pad_token"]) if settings else None
 
 
 def read_single_file(
@@ -151,4 +167,9 @@ def read_single_file(
         "notes": normalized.notes,
     }
     log.info("%s: %s, %s %s", source, model_type.title, decision.value, decision.how)
-    return ImportedPipeline(parts, _tokenizer(configs, config_dir), scheduler_config, model_type, info)
+    tokenizers = {"tokenizer": _tokenizer(configs, config_dir)}
+    if parts.text_encoder_2 is not None:
+        if (tokenizer_2 := _tokenizer(configs, config_dir, "tokenizer_2")) is None:
+            raise KeyMapError(f"{source}: an SDXL file, but no tokenizer_2 in its configs or in config_dir")
+        tokenizers["tokenizer_2"] = tokenizer_2
+    return ImportedPipeline(parts, scheduler_config=scheduler_config, model_type=model_type, info=info, **tokenizers)

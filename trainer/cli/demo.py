@@ -10,10 +10,12 @@ Examples::
     lf-demo                                    # writes demo_out/
     lf-demo out_dir=/tmp/demo samples_per_prompt=5
     lf-demo train_steps=1500 out_dir=/tmp/demo-1500
+    lf-demo train_model=sdxl_tiny out_dir=/tmp/demo-sdxl  # SDXL-shaped: two text encoders
 
 Keys::
 
     out_dir             where every stage writes (demo_out)
+    train_model         the UNet config: tiny, or sdxl_tiny (then the base folder has SDXL's two text encoders)
     train_steps         UNet training steps
     autoencoder_steps   VAE training steps
     samples_per_prompt  images per digit prompt for the accuracy
@@ -45,6 +47,7 @@ from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_acc
 from trainer.evaluation.digits_features import DigitsFeatures
 from trainer.evaluation.distance import frechet_distance
 from trainer.evaluation.features import images_to_tensor
+from trainer.tiny_models.tiny_sdxl_text_encoders import save_tiny_sdxl_text_encoders
 from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 SUMMARY_NAME = "demo_summary.json"
@@ -73,7 +76,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     shards = timer.run("shards", lambda: run_shards(compose_config("shards", stages["shards"])))
     timer.run("heldout_shards", lambda: run_shards(compose_config("shards", stages["heldout_shards"])))
-    timer.run("text_encoder", lambda: save_tiny_text_encoder(out / "base", **cfg.text_encoder))
+    timer.run("text_encoder", lambda: save_text_encoders(out / "base", cfg, stages["train"]))
     autoencoder = timer.run(
         "autoencoder", lambda: run_train_autoencoder(compose_config("train_autoencoder", stages["autoencoder"]))
     )
@@ -117,6 +120,15 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     )
     print(f"grid: {samples['grid']}")
     return summary
+
+
+def save_text_encoders(base: Path, cfg: DictConfig, train_overrides: list[str]) -> None:
+    """The base folder's tiny text encoder, or SDXL's two when the trained UNet takes SDXL's conditioning."""
+    unet = compose_config("train", train_overrides).model.unet
+    if unet.get("addition_embed_type") == "text_time":
+        save_tiny_sdxl_text_encoders(base, **cfg.text_encoder)
+    else:
+        save_tiny_text_encoder(base, **cfg.text_encoder)
 
 
 def real_digits_fid(count: int, size: int) -> float:

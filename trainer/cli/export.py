@@ -11,7 +11,8 @@ Keys::
 
     ckpt_path    a .ckpt lf-train wrote, a DeepSpeed checkpoint folder, or (single_file) an export folder
     out_dir      the folder to write (single_file: OUT_DIR.safetensors unless out_file is set)
-    format       diffusers (a pipeline folder) | single_file (original SD layout)
+    format       diffusers (a pipeline folder) | single_file (the original SD, or SDXL, single-file layout)
+    text_layout  single_file: auto (follows the model) | sd1 | sd2 | sdxl
     weights      auto (EMA when the checkpoint has it) | ema | raw
     dtype        float32 | float16 | bfloat16
 """

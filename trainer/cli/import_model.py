@@ -1,7 +1,7 @@
 """``lf-import``: a user's local SD weights (one single file, or a diffusers folder) -> a diffusers folder.
 
 A single file needs nothing else: its model type (SD 1.x, SD 2.x 512 or 768-v, SD 1.x/2.x
-inpainting), configs and key layout are detected; the type, what the UNet predicts and how that was
+inpainting, SDXL base), configs and key layout are detected; the type, what the UNet predicts and how that was
 decided are printed and stored in the folder's ``latentforge.json``. The weights are loaded
 strictly: every key mapped, every shape checked; pickles (``.ckpt``) are refused unless
 ``allow_pickle=true``, and then read with ``torch.load(weights_only=True)``.
@@ -13,6 +13,7 @@ Examples::
     lf-import pretrained=sd21-base.safetensors prediction_type=epsilon   # name it instead of the test pass
     lf-import pretrained=old.ckpt allow_pickle=true ema=true    # ldm's model_ema.* copy as the UNet
     lf-import pretrained=sd15.safetensors config_dir=sd15-diffusers/     # configs from a diffusers folder
+    lf-import pretrained=sd_xl_base_1.0.safetensors out_dir=models/sdxl  # SDXL base: a StableDiffusionXLPipeline folder
     lf-import pretrained=sd15-diffusers/ out_dir=models/sd15    # a folder: checked, rewritten as safetensors
     lf-train model=pretrained model.pretrained=models/sd15 data.train_dir=...   # then fine-tune from it
 

@@ -12,13 +12,19 @@ Examples::
         vae_path=sd15/vae text_encoder_path=sd15/text_encoder tokenizer_path=sd15/tokenizer
     lf-precompute shards=data/raw out_dir=data/latents-buckets pretrained=sd15/ buckets=sd512
     lf-precompute shards=data/raw out_dir=data/latents-inpaint pretrained=models/sd15-inpainting inpainting=true
+    lf-precompute shards=data/raw out_dir=data/latents-xl pretrained=models/sdxl resolution=1024 buckets=...
+
+A ``pretrained`` folder with ``text_encoder_2/`` (an SDXL diffusers folder) gives SDXL's shards: both
+encoders' penultimate states concatenated, the second's pooled embedding, and each sample's size and
+crop for the time_ids (see ``data_pipelines.latents.format``).
 
 Keys::
 
     shards           raw shards: a folder, a glob, a brace pattern, or a list; s3://bucket/prefix/ (any fsspec URL) too
     out_dir          the folder for the latent shards and their manifest (or s3://bucket/prefix)
     s3_endpoint_url  an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
-    pretrained       a diffusers folder with vae/, text_encoder/, tokenizer/ (or set the three *_path keys)
+    pretrained       a diffusers folder with vae/, text_encoder/, tokenizer/ (or set the *_path keys); SDXL's
+                     also has text_encoder_2/ and tokenizer_2/
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
     recompute_stale  encode again shards made with other settings, instead of refusing them
@@ -26,10 +32,11 @@ Keys::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.precompute import precompute_latents
@@ -52,8 +59,15 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         transform: Transform = BucketResizeCrop(instantiate(cfg.buckets), interpolation=cfg.interpolation)
     else:
         transform = ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation)
+    text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
     encoders = FrozenEncoders.from_pretrained(
-        cfg.vae_path, cfg.text_encoder_path, cfg.tokenizer_path, device=cfg.device, dtype=cfg.dtype
+        cfg.vae_path,
+        cfg.text_encoder_path,
+        cfg.tokenizer_path,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        text_encoder_2_path=text_encoder_2_path,
+        tokenizer_2_path=tokenizer_2_path,
     )
     encoder = LatentShardEncoder(
         encoders,
@@ -74,6 +88,22 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         f"latent {latent}, text {manifest.text_shape} -> {cfg.out_dir}"
     )
     return manifest.to_dict()
+
+
+def second_text_encoder(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """SDXL's second text encoder and tokenizer folders: as configured, else ``pretrained``'s
+    ``text_encoder_2/`` and ``tokenizer_2/`` when it has them (an SDXL diffusers folder), else none.
+
+    Raises:
+        ConfigError: one of the two is given without the other.
+    """
+    text_2, tokenizer_2 = cfg.get("text_encoder_2_path"), cfg.get("tokenizer_2_path")
+    pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
+    if not text_2 and not tokenizer_2 and pretrained and (Path(pretrained) / "text_encoder_2").is_dir():
+        text_2, tokenizer_2 = f"{pretrained}/text_encoder_2", f"{pretrained}/tokenizer_2"
+    if bool(text_2) != bool(tokenizer_2):
+        raise ConfigError("text_encoder_2_path and tokenizer_2_path go together (SDXL's second encoder): set both")
+    return text_2 or None, tokenizer_2 or None
 
 
 @lf_command("precompute")

@@ -4,8 +4,10 @@ lora_scale=S``) and as the trainable start of further training (``model.lora_fro
 Kinds, each mapped exactly or refused by name:
 
 * diffusers / PEFT LoRA (``pytorch_lora_weights.safetensors``, rank/alpha in its metadata) and kohya
-  LoRA including convolutions (LoCon; ``lora_unet_*``, ``lora_te_*`` with ``.alpha``): read with
-  diffusers' own ``lora_state_dict`` and loaded with its loaders, as ``pipe.load_lora_weights`` does;
+  LoRA including convolutions (LoCon; ``lora_unet_*``, ``lora_te_*`` with ``.alpha``; SDXL's
+  ``lora_te1_*``/``lora_te2_*`` and ldm-named UNet modules, ``lora_unet_input_blocks_*``): read with
+  diffusers' own ``lora_state_dict`` (given the UNet's config, which maps ldm block numbers) and
+  loaded with its loaders, as ``pipe.load_lora_weights`` does;
 * LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``): through peft's LoHa/LoKr layers
   (:mod:`trainer.lora.lycoris`);
 * other LyCORIS algorithms and model checkpoints are refused, naming what the file is.
@@ -20,15 +22,15 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from safetensors.torch import load_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import DataError
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
 from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
-from trainer.lora.lycoris import adapter_weights, add_lycoris, lycoris_kind, split_by_part
+from trainer.lora.lycoris import KOHYA_PREFIXES, adapter_weights, add_lycoris, lycoris_kind, split_by_part
 
 log = logging.getLogger(__name__)
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")
 MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
@@ -73,11 +75,31 @@ def _load_lycoris(
     return settings
 
 
+# diffusers' kohya converter names a text encoder's attention adapters the old way (``self_attn.to_q_lora.down``)
+# and its MLP ones the new way (``mlp.fc1.lora_linear_layer.down``); its text-encoder loader then infers one
+# naming per file (old only when ``to_out_lora`` is among the keys) and drops the other's adapters with a
+# warning. Naming all of them the new way keeps every adapter.
+OLD_TEXT_ATTENTION = {f".to_{x}_lora.": f".{x}_proj.lora_linear_layer." for x in ("q", "k", "v", "out")}
+
+
+def uniform_text_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder adapter keys of diffusers' kohya conversion, all in diffusers' current naming."""
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith(PARTS[1:]):
+            for old, new in OLD_TEXT_ATTENTION.items():
+                key = key.replace(old, new)
+        out[key] = tensor
+    return out
+
+
 def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, LoraSettings]:
     folder, weight_name = lora_file(path)
+    unet_config = models["unet"].config if "unet" in models else None  # maps SDXL kohya files' ldm block numbers
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True
+        str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True, unet_config=unet_config
     )
+    state = uniform_text_names(state)
     parts = [part for part in PARTS if any(key.startswith(part + ".") for key in state) and part in models]
     if not parts:
         raise DataError(f"lora={path}: holds no UNet or text-encoder adapter weights (keys like {sorted(state)[:3]})")
@@ -85,17 +107,19 @@ def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str
         models["unet"].load_lora_adapter(
             state, prefix="unet", network_alphas=alphas, adapter_name=adapter_name, metadata=metadata
         )
-    if "text_encoder" in parts:
-        StableDiffusionPipeline.load_lora_into_text_encoder(
-            state, alphas, models["text_encoder"], prefix="text_encoder", adapter_name=adapter_name, metadata=metadata
-        )
+    for part in parts:
+        if part != "unet":
+            StableDiffusionPipeline.load_lora_into_text_encoder(
+                state, alphas, models[part], prefix=part, adapter_name=adapter_name, metadata=metadata
+            )
     return {part: _settings_of(models[part], adapter_name) for part in parts}
 
 
 def add_adapters_from_file(
     path: str | Path, models: dict[str, torch.nn.Module], adapter_name: str = "lora"
 ) -> dict[str, LoraSettings]:
-    """Add the adapters of the file at ``path`` to ``models`` (``{"unet": ..., "text_encoder": ...}``).
+    """Add the adapters of the file at ``path`` to ``models`` (``{"unet": ..., "text_encoder": ...}``, and
+    SDXL's ``"text_encoder_2"``).
 
     Returns:
         Per part that received adapters, the settings that rebuild them.
@@ -113,8 +137,8 @@ def add_adapters_from_file(
         raise DataError(f"lora={path}: {error}") from None
     if kind is None:
         return _load_lora(Path(path), models, adapter_name)
-    try:
-        return _load_lycoris(kind, state, models, adapter_name)
+    try:  # LyCORIS files are read for SD 1.x/2.x's parts (SDXL's second encoder's LoHa/LoKr is not)
+        return _load_lycoris(kind, state, {p: m for p, m in models.items() if p in KOHYA_PREFIXES}, adapter_name)
     except DataError as error:
         raise DataError(f"lora={path}: {error}") from None
 
@@ -125,21 +149,26 @@ def load_lora(
     path: str | Path,
     scale: float = 1.0,
     adapter_name: str = "lora",
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> list[str]:
     """Add the LoRA at ``path`` to the UNet and, when the file has text-encoder adapters, to the text
-    encoder; set its scale (1: as trained, 0: off).
+    encoder(s) (SDXL's second one given as ``text_encoder_2``); set its scale (1: as trained, 0: off).
 
     Returns:
-        The parts that received adapters: ``["unet"]``, ``["text_encoder"]`` or both.
+        The parts that received adapters, of ``["unet", "text_encoder", "text_encoder_2"]``.
 
     Raises:
-        DataError: no such file, a refused kind, or it holds no adapter weights for either part.
+        DataError: no such file, a refused kind, or it holds no adapter weights for any part.
     """
-    parts = list(add_adapters_from_file(path, {"unet": unet, "text_encoder": text_encoder}, adapter_name))
-    if "unet" in parts:
-        unet.set_adapters([adapter_name], weights=[scale])
-    if "text_encoder" in parts:
-        set_adapters_for_text_encoder([adapter_name], text_encoder, [scale])
+    models = {"unet": unet, "text_encoder": text_encoder}
+    if text_encoder_2 is not None:
+        models["text_encoder_2"] = text_encoder_2
+    parts = list(add_adapters_from_file(path, models, adapter_name))
+    for part in parts:
+        if part == "unet":
+            unet.set_adapters([adapter_name], weights=[scale])
+        else:
+            set_adapters_for_text_encoder([adapter_name], models[part], [scale])
     return parts
 
 

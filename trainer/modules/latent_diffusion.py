@@ -2,6 +2,10 @@
 
 The module holds the UNet only: no VAE and no text encoder run in the training step, because the
 latent shards already hold their outputs (see ``data_pipelines.latents.format``).
+
+Stable Diffusion XL trains through the same module: a UNet whose config has
+``addition_embed_type: text_time`` also receives ``added_cond_kwargs`` (``text_embeds``: the pooled
+embedding, ``time_ids``: the size and crop micro-conditioning), which SDXL latent shards hold.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
-from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS
+from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, SDXL_BATCH_KEYS
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
@@ -31,6 +35,7 @@ NO_UNCOND_TEXT = (
     "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
     "module that has it (latent shards hold it), or set model.caption_dropout=0"
 )
+SDXL_ADDITION = "text_time"  # the UNet config's addition_embed_type of SDXL (pooled text + time_ids)
 
 
 class SkipOptimizerStep(Exception):
@@ -50,6 +55,8 @@ class LatentDiffusion(L.LightningModule):
             (so the model learns the unconditional score classifier-free guidance needs).
         uncond_text: the empty caption's embedding ``(T, D)``; needed when ``caption_dropout > 0``.
             When not given, :meth:`setup` takes it from the trainer's data module (``uncond_text``).
+        uncond_pooled: SDXL: the unconditional pooled embedding ``(P,)`` (zeros in SDXL shards), dropped
+            in together with ``uncond_text``; when not given, taken from the data module (``uncond_pooled``).
         objective: timestep sampling, loss weighting and noise tweaks (default: uniform, unweighted).
         validation_timesteps: the fixed timesteps of the validation loss (default: 10, evenly spaced).
         timestep_buckets: the training loss is also logged per this many ranges of timesteps.
@@ -69,7 +76,7 @@ class LatentDiffusion(L.LightningModule):
     #: ``weights_only=True``); a subclass adds its own, since the hyperparameters are collected
     #: from every ``__init__`` of the class chain.
     hparams_ignore: tuple[str, ...] = (
-        "unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora",
+        "unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora", "uncond_pooled",
     )  # fmt: skip
 
     def __init__(
@@ -90,6 +97,7 @@ class LatentDiffusion(L.LightningModule):
         lora: LoraSettings | None = None,
         pretrained: str | None = None,
         lora_from: str | None = None,
+        uncond_pooled: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
@@ -111,6 +119,7 @@ class LatentDiffusion(L.LightningModule):
         self.timestep_buckets = timestep_buckets
         # Not a buffer: it may arrive in setup (below), after the EMA callback has copied the module.
         self.uncond_text = uncond_text
+        self.uncond_pooled = uncond_pooled
         self.channels_last = channels_last
         self.flops_per_batch: int | None = None  # set by trainer.callbacks.throughput (Lightning reads it)
         if gradient_checkpointing:
@@ -130,11 +139,27 @@ class LatentDiffusion(L.LightningModule):
             self.uncond_text = getattr(self.trainer.datamodule, "uncond_text", None)
             if self.uncond_text is None:
                 raise ConfigError(NO_UNCOND_TEXT)
+        if self.uncond_pooled is None and self.sdxl:
+            self.uncond_pooled = getattr(self.trainer.datamodule, "uncond_pooled", None)
         if self.uncond_text is not None:
             self.uncond_text = self.uncond_text.to(self.trainer.strategy.root_device)
+        if self.uncond_pooled is not None:
+            self.uncond_pooled = self.uncond_pooled.to(self.trainer.strategy.root_device)
 
-    def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
-        """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``.
+    @property
+    def sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's added conditioning (``addition_embed_type: text_time``)."""
+        return self.unet.config.get("addition_embed_type") == SDXL_ADDITION
+
+    def caption_drop_mask(self, size: int, device: torch.device) -> torch.Tensor | None:
+        """Which of ``size`` samples lose their caption this step ``(B,)`` bool, or ``None`` without dropout."""
+        if self.caption_dropout <= 0:
+            return None
+        return torch.rand(size, device=device) < self.caption_dropout
+
+    def drop_captions(self, text: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``
+        (or where ``drop`` ``(B,)`` says, so SDXL's pooled embedding drops with it).
 
         Raises:
             ValueError: ``caption_dropout > 0`` and no ``uncond_text`` was given or found in the data module.
@@ -143,8 +168,39 @@ class LatentDiffusion(L.LightningModule):
             return text
         if self.uncond_text is None:
             raise ConfigError(NO_UNCOND_TEXT)
-        drop = torch.rand(text.shape[0], device=text.device) < self.caption_dropout  # (B,)
+        if drop is None:
+            drop = self.caption_drop_mask(text.shape[0], text.device)
         return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
+
+    def added_conditioning(
+        self, batch: dict[str, torch.Tensor], drop: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` of a batch: ``text_embeds`` ``(B, P)`` (the pooled embedding, replaced
+        by ``uncond_pooled`` where ``drop`` ``(B,)`` is set, with the caption) and ``time_ids`` ``(B, 6)``
+        float32; ``None`` for a UNet without ``text_time`` embedding.
+
+        Raises:
+            ConfigError: the UNet and the latent shards disagree on SDXL conditioning.
+        """
+        has_sdxl_data = all(key in batch for key in SDXL_BATCH_KEYS)
+        if not self.sdxl:
+            if has_sdxl_data:
+                raise ConfigError(
+                    "the latent shards are SDXL's (pooled text and time_ids) but the UNet is not: train them with "
+                    "model=sdxl_tiny, model=sdxl or model=pretrained with an SDXL folder"
+                )
+            return None
+        if not has_sdxl_data:
+            raise ConfigError(
+                "the UNet is SDXL's (addition_embed_type text_time) and needs pooled text and time_ids: precompute "
+                "the shards with an SDXL folder (lf-precompute pretrained=<folder with text_encoder_2/>)"
+            )
+        pooled = batch["pooled"].float()  # (B, P)
+        if drop is not None:
+            if self.uncond_pooled is None:
+                raise ConfigError(NO_UNCOND_TEXT)
+            pooled = torch.where(drop[:, None], self.uncond_pooled.to(pooled.device, pooled.dtype), pooled)
+        return {"text_embeds": pooled, "time_ids": batch["time_ids"].float()}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
@@ -154,14 +210,21 @@ class LatentDiffusion(L.LightningModule):
 
         Args:
             batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype); for an
-                inpainting UNet also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``.
+                inpainting UNet also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``; for an
+                SDXL UNet also ``pooled`` ``(B, P)`` and ``time_ids`` ``(B, 6)``. A dropped caption drops its
+                text and its pooled embedding together (one mask).
         """
         latents = batch["latents"].float()
-        text = self.drop_captions(batch["text"].float())
-        return self.objective.loss(self._predictor(batch), self.noise_scheduler, latents, text)
+        drop = self.caption_drop_mask(latents.shape[0], latents.device)
+        text = self.drop_captions(batch["text"].float(), drop)
+        predictor = self._predictor(batch, self.added_conditioning(batch, drop))
+        return self.objective.loss(predictor, self.noise_scheduler, latents, text)
 
-    def _predictor(self, batch: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """:meth:`_predict` with the batch's inpainting conditioning bound (none for a plain UNet).
+    def _predictor(
+        self, batch: dict[str, torch.Tensor], added: dict[str, torch.Tensor] | None = None
+    ) -> Callable[..., torch.Tensor]:
+        """:meth:`_predict` with the batch's inpainting conditioning and SDXL's ``added`` conditioning bound
+        (none for a plain UNet).
 
         An inpainting UNet (9 input channels, as SD's inpainting models) takes the noisy latents, then the
         mask, then the masked image's latents, concatenated on channels (diffusers' order).
@@ -172,14 +235,14 @@ class LatentDiffusion(L.LightningModule):
         extra = self.unet.config.in_channels - batch["latents"].shape[1]
         has_masks = all(key in batch for key in INPAINTING_BATCH_KEYS)
         if extra == 0:
-            return self._predict
+            return partial(self._predict, added=added) if added is not None else self._predict
         if not has_masks or extra != batch["masked_latents"].shape[1] + 1:
             raise ConfigError(
                 f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): its latent "
                 "shards need masks and masked-image latents; precompute them with lf-precompute inpainting=true"
             )
         conditioning = torch.cat([batch["mask"], batch["masked_latents"]], dim=1).float()  # (B, 1 + C, h, w)
-        return partial(self._predict, conditioning=conditioning)
+        return partial(self._predict, conditioning=conditioning, added=added)
 
     @property
     def unet_dtype(self) -> torch.dtype:
@@ -194,9 +257,11 @@ class LatentDiffusion(L.LightningModule):
         timesteps: torch.Tensor,
         text: torch.Tensor,
         conditioning: torch.Tensor | None = None,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The UNet's prediction ``(B, C, h, w)`` for ``x_t`` ``(B, C, h, w)``, ``t`` ``(B,)`` and text ``(B, T, D)``
-        (and an inpainting UNet's ``conditioning`` ``(B, 1 + C, h, w)``, concatenated after ``x_t``).
+        (and an inpainting UNet's ``conditioning`` ``(B, 1 + C, h, w)``, concatenated after ``x_t``; SDXL's
+        ``added`` conditioning: ``text_embeds`` ``(B, P)`` and ``time_ids`` ``(B, 6)``).
 
         The one place the UNet is called in training and validation: its inputs follow the dtype of its
         weights (and ``channels_last``), so every strategy and precision feeds it what it holds.
@@ -205,6 +270,9 @@ class LatentDiffusion(L.LightningModule):
         if conditioning is not None:
             noisy = torch.cat([noisy, conditioning.to(noisy)], dim=1)  # (B, C + 1 + C, h, w)
         noisy = noisy.to(dtype, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if added is not None:  # time_ids stay float32: the UNet's sinusoidal projection computes in float32
+            added = {"text_embeds": added["text_embeds"].to(dtype), "time_ids": added["time_ids"].float()}
+            return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype), added_cond_kwargs=added).sample
         return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -243,7 +311,7 @@ class LatentDiffusion(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout)."""
         loss = fixed_timestep_loss(
-            self._predictor(batch),
+            self._predictor(batch, self.added_conditioning(batch)),
             self.noise_scheduler,
             batch["latents"].float(),
             batch["text"].float(),

@@ -1,0 +1,49 @@
+"""SDXL's text conditioning: two CLIP text encoders, penultimate states concatenated, one pooled embedding.
+
+Follows diffusers' ``StableDiffusionXLPipeline.encode_prompt`` (Podell et al., "SDXL: Improving
+Latent Diffusion Models for High-Resolution Image Synthesis", 2023, section 2.1): each caption is
+tokenized by both tokenizers (padded to their ``model_max_length``), each encoder's penultimate
+hidden state is taken (``hidden_states[-2]``), the two are concatenated on channels, and the pooled,
+projected output of the second encoder (a ``CLIPTextModelWithProjection``'s ``text_embeds``) is
+the pooled embedding the UNet's ``text_time`` embedding takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+SDXL_TEXT_OUTPUT = "penultimate+pooled"  # what the cache key records for SDXL shards
+
+
+@torch.no_grad()
+def encode_text_sdxl(
+    tokenizers: Sequence[CLIPTokenizer],
+    text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
+    texts: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> SDXL's ``(text, pooled)``.
+
+    Args:
+        tokenizers: the two tokenizers (same ``model_max_length``).
+        text_encoders: a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``.
+        texts: ``B`` captions.
+
+    Returns:
+        ``text`` ``(B, T, D1 + D2)``: both penultimate hidden states, concatenated; ``pooled``
+        ``(B, P)``: the second encoder's projected pooled output.
+    """
+    states, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        length = tokenizer.model_max_length
+        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        device = next(encoder.parameters()).device
+        output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+        states.append(output.hidden_states[-2])  # (B, T, D_i)
+        if isinstance(encoder, CLIPTextModelWithProjection):
+            pooled = output.text_embeds  # (B, P)
+    if pooled is None:
+        raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (its pooled projection)")
+    return torch.cat(states, dim=-1), pooled
