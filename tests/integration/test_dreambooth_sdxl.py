@@ -3,7 +3,8 @@ DreamBooth with prior preservation training the UNet and both text encoders
 (``experiment=dreambooth_sdxl_text_encoder``), and LoRA on the UNet and both encoders
 (``experiment=dreambooth_lora_sdxl``). Each run trains, exports, and the sampler runs from the export;
 the LoRA files (diffusers' and kohya's ``lora_te1_``/``lora_te2_``) load back onto all three parts.
-Recipes that cannot work are refused when the module is built."""
+Recipes that cannot work are refused when the module is built. Marked ``dist``: both recipes on 2 CPU
+processes (gloo), the full one under DDP (31 s here), the LoRA one under DeepSpeed ZeRO-2 bf16 (147 s)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_with_prior_preservat
     assert_trained_with_prior(run, cache)
     export = export_last(run, tmp_path / "export")
     assert changed_parts(sdxl_base_model, export) == set(ALL_PARTS)
+    before, after = (load_file(folder / "text_encoder" / "model.safetensors") for folder in (sdxl_base_model, export))
+    idle = [key for key in before if ".layers.1." in key or "final_layer_norm" in key]  # after the penultimate state
+    assert idle and all(torch.equal(before[key], after[key]) for key in idle), "SDXL never reads these"
     Sampler.from_export(export, device="cpu").txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))
 
 
@@ -147,3 +151,39 @@ def test_second_encoder_on_an_sd1_base_and_lycoris_on_it_are_refused(base_model,
     )
     with pytest.raises(InstantiationException, match="SDXL exports LoRA only"):
         build_module([*overrides, "+model.text_encoder_lora.kind=loha"])
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    ("strategy", "precision", "experiment", "lora"),
+    [
+        ("ddp", "32-true", "dreambooth_sdxl_text_encoder", False),
+        ("deepspeed_stage_2", "bf16-mixed", "dreambooth_lora_sdxl", True),  # DeepSpeed's bf16 mode
+    ],
+)
+def test_sdxl_recipes_on_two_processes(sdxl_base_model, cat_photos, tmp_path, strategy, precision, experiment, lora):
+    """2 CPU processes (gloo) started by Lightning: each rank generates its share of the class images; the
+    export samples. DeepSpeed's bf16 mode holds the frozen base in bf16 (the export's base is it, rounded)."""
+    from tests.integration.cli import run_cli
+
+    run = tmp_path / "run"
+    overrides = dreambooth_overrides(experiment, sdxl_base_model, cat_photos, tmp_path / "c", run)
+    distributed = [f"strategy={strategy}", f"trainer.precision={precision}", "trainer.devices=2"]
+    result = run_cli("lf-train", *overrides, "data.num_class_images=4", "model.text_encoder_lr=1e-3", *distributed,
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "c" / "class_images").glob("*.png")) == [
+        f"class-{i:05d}.png" for i in range(4)
+    ]
+    (metrics,) = (run / "csv").rglob("metrics.csv")  # rank 0's logger only
+    assert "train/prior_loss" in metrics.read_text().splitlines()[0]
+    export = export_last(run, tmp_path / "export")
+    sampler = Sampler.from_export(export, device="cpu")
+    if not lora:
+        assert changed_parts(sdxl_base_model, export) == set(ALL_PARTS)
+    else:
+        assert changed_parts(sdxl_base_model, export, dict.fromkeys(ALL_PARTS, torch.bfloat16)) == set()
+        loaded = load_lora(sampler.unet, sampler.text_encoder, export / "lora" / "lora_kohya.safetensors",
+                           text_encoder_2=sampler.text_encoder_2)  # fmt: skip
+        assert sorted(loaded) == sorted(ALL_PARTS)
+    sampler.txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))

@@ -81,6 +81,8 @@ class DreamBoothDiffusion(LatentDiffusion):
                 encoder.train().requires_grad_(True)
                 if lora is not None:
                     add_lora(encoder, lora, key)
+        if text_encoder_2 is not None:  # SDXL reads the first encoder's penultimate state: its last layer is idle
+            freeze_after_penultimate(text_encoder)
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
@@ -141,6 +143,15 @@ class DreamBoothDiffusion(LatentDiffusion):
         ):
             if lora is not None:  # export rebuilds the adapters before loading the weights
                 checkpoint[CHECKPOINT_KEY][key] = lora.to_dict()
+
+
+def freeze_after_penultimate(text_encoder: CLIPTextModel) -> None:
+    """Freeze what follows the penultimate hidden state of SDXL's first encoder (its last layer, adapters
+    included, and the final layer norm): nothing of it reaches the loss, and DDP wants every trainable
+    parameter to get a gradient each step."""
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no text_model level
+    model.encoder.layers[-1].requires_grad_(False)
+    model.final_layer_norm.requires_grad_(False)
 
 
 def check_sdxl_text_encoders(
