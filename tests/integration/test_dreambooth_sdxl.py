@@ -72,6 +72,16 @@ def encode_prompt(sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
     return encode_text_sdxl([sampler.tokenizer, sampler.tokenizer_2], encoders, [INSTANCE_PROMPT])
 
 
+def test_dreambooth_sdxl_fine_tunes_the_unet_only(sdxl_base_model, cat_photos, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "c"
+    run_train(compose_config("train", dreambooth_overrides("dreambooth_sdxl", sdxl_base_model, cat_photos, cache, run)))
+    assert_trained_with_prior(run, cache)
+    assert changed_parts(sdxl_base_model, export_last(run, tmp_path / "export")) == {"unet"}
+    Sampler.from_checkpoint(run / "checkpoints" / "last.ckpt", device="cpu").txt2img(
+        [INSTANCE_PROMPT], [0], SampleSettings(steps=2)
+    )
+
+
 def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_with_prior_preservation(
     sdxl_base_model, cat_photos, tmp_path
 ):
@@ -158,7 +168,8 @@ def test_second_encoder_on_an_sd1_base_and_lycoris_on_it_are_refused(base_model,
     ("strategy", "precision", "experiment", "lora"),
     [
         ("ddp", "32-true", "dreambooth_sdxl_text_encoder", False),
-        ("deepspeed_stage_2", "bf16-mixed", "dreambooth_lora_sdxl", True),  # DeepSpeed's bf16 mode
+        ("deepspeed_stage_2", "bf16-mixed", "dreambooth_sdxl_text_encoder", False),  # DeepSpeed's bf16 mode
+        ("deepspeed_stage_2", "bf16-mixed", "dreambooth_lora_sdxl", True),
     ],
 )
 def test_sdxl_recipes_on_two_processes(sdxl_base_model, cat_photos, tmp_path, strategy, precision, experiment, lora):
