@@ -4,8 +4,8 @@ DreamBooth with prior preservation training the UNet and both text encoders
 (``experiment=dreambooth_lora_sdxl``). Each run trains, exports, and the sampler runs from the export;
 the LoRA files (diffusers' and kohya's ``lora_te1_``/``lora_te2_``) load back onto all three parts.
 Recipes that cannot work are refused when the module is built. Marked ``dist``: both recipes on 2 CPU
-processes (gloo), the full one under DDP (31 s here) and DeepSpeed ZeRO-2 bf16 (46 s), the LoRA one under
-ZeRO-2 bf16 (147 s)."""
+processes (gloo), the full one under DDP and DeepSpeed ZeRO-2 bf16, the LoRA one under ZeRO-2 bf16 (33-36 s
+each here; the whole file 154 s)."""
 
 from __future__ import annotations
 
