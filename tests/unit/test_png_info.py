@@ -42,7 +42,21 @@ def test_parameters_parse_back_including_automatic1111s_own():
         "DPM++ 2M Karras",
         512,
         768,
-        "",
+        None,  # no "Negative prompt:" line: none given (SDXL samples zeros, as AUTOMATIC1111 does)
     )
     with pytest.raises(ValueError, match=r"x\.png: the parameters text lacks \['Seed'\]"):
         parse_parameters("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Size: 8x8", source="x.png")
+
+
+def test_an_explicit_empty_negative_prompt_parses_back_apart_from_none():
+    """SDXL samples zeros for no negative prompt and encodes an explicit ``""``: both must re-make as made."""
+    for negative in (None, ""):
+        made = GenerationParameters("a cat", negative, 25, "Euler", 7.5, 42, 32, 32)
+        assert parse_parameters(made.to_text()).negative_prompt == negative
+
+
+def test_sdxl_size_and_crop_inputs_parse_back():
+    micro = {"original_size": (64, 48), "crop_top_left": (4, 8)}
+    made = GenerationParameters("a cat", None, 25, "Euler", 7.5, 42, 32, 32, **micro)
+    assert "Original size: 48x64, Crop offset: 8x4" in made.to_text()
+    assert parse_parameters(made.to_text()) == made

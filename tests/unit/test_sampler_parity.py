@@ -105,9 +105,9 @@ def test_img2img_matches_img2img_pipeline(sampler, export_dir, scheduler, karras
 
 # One image: diffusers' inpainting pipeline samples the init image's posterior once, with the first
 # image's generator, and repeats it over the batch (we draw one per image, as its img2img does).
-# Euler ancestral is left out: that pipeline draws from the generators once more (it encodes the
-# masked image) after the starting noise, so its later ancestral noise differs.
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+# Euler ancestral included: that pipeline draws from the generators once more (it encodes the masked
+# image) after the starting noise, and our sampler skips the same draw.
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
 def test_inpainting_matches_inpaint_pipeline_on_a_standard_unet(sampler, export_dir, scheduler):
     from diffusers import StableDiffusionInpaintPipeline
 
@@ -131,3 +131,11 @@ def test_inpainting_matches_inpaint_pipeline_on_a_standard_unet(sampler, export_
         generator=[torch.Generator().manual_seed(s) for s in SEEDS[:1]],
     ).images
     assert _max_difference(ours, theirs) <= MAX_PIXEL_DIFFERENCE
+
+
+def test_size_and_crop_inputs_are_refused_for_a_model_without_them(sampler):
+    from lf_common.errors import ConfigError
+
+    settings = SampleSettings(steps=1, original_size=(64, 64))
+    with pytest.raises(ConfigError, match="original_size and crop_top_left condition SDXL models only"):
+        sampler.txt2img(PROMPTS[:1], SEEDS[:1], settings)

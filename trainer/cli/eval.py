@@ -42,6 +42,7 @@ from trainer.evaluation.distributed import RankShare
 from trainer.evaluation.evaluator import ImageEvaluator, gather_images
 from trainer.evaluation.prompts import read_prompt_set
 from trainer.evaluation.reference import IMAGE_SUFFIXES
+from trainer.sampling.conditioning import micro_conditioning
 from trainer.sampling.png_info import image_grid, parse_parameters, read_parameters, save_png
 from trainer.sampling.sampler import Sampler, SampleSettings
 
@@ -85,6 +86,7 @@ def _settings(cfg: DictConfig) -> SampleSettings:
         use_karras_sigmas=cfg.use_karras_sigmas,
         height=cfg.height,
         width=cfg.width,
+        **micro_conditioning(cfg.get("original_size"), cfg.get("crop_top_left")),
     )
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from lf_common.errors import ConfigError, DataError
 from trainer.cli.command import lf_command
 from trainer.lora.loading import load_lora
+from trainer.sampling.conditioning import micro_conditioning
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
 from trainer.sampling.sampler import Sampler, SampleSettings
 from trainer.sampling.schedulers import from_display_name
@@ -90,6 +91,8 @@ def plan(cfg: DictConfig) -> tuple[SampleSettings, list[str], list[int], float |
             use_karras_sigmas=karras,
             height=made.height,
             width=made.width,
+            original_size=made.original_size,
+            crop_top_left=made.crop_top_left,
         )
         if made.strength is not None and not cfg.get("init_image"):
             raise DataError(
@@ -105,6 +108,7 @@ def plan(cfg: DictConfig) -> tuple[SampleSettings, list[str], list[int], float |
         use_karras_sigmas=cfg.get("use_karras_sigmas", False),
         height=cfg.height,
         width=cfg.width,
+        **micro_conditioning(cfg.get("original_size"), cfg.get("crop_top_left")),
     )
     prompts = [p for p in read_prompts(cfg) for _ in range(cfg.num_images_per_prompt)]
     return settings, prompts, [cfg.seed + i for i in range(len(prompts))], cfg.strength

@@ -17,10 +17,14 @@ FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 @dataclass
 class GenerationParameters:
-    """What re-makes one image."""
+    """What re-makes one image.
+
+    SDXL's micro-conditioning, when not the defaults, is written as ``Original size: WxH`` and
+    ``Crop offset: LEFTxTOP`` (x before y, as ``Size``); the attributes are ``(h, w)`` and ``(top, left)``.
+    """
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None: none given (no "Negative prompt:" line); "" is written as an empty one
     steps: int
     sampler: str
     guidance_scale: float
@@ -30,6 +34,8 @@ class GenerationParameters:
     model: str = ""
     strength: float | None = None
     guidance_rescale: float = 0.0
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
     def to_text(self) -> str:
         """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs."""
@@ -46,8 +52,12 @@ class GenerationParameters:
             fields.append(f"CFG Rescale phi: {self.guidance_rescale:g}")
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.original_size is not None:
+            fields.append(f"Original size: {self.original_size[1]}x{self.original_size[0]}")
+        if tuple(self.crop_top_left) != (0, 0):
+            fields.append(f"Crop offset: {self.crop_top_left[1]}x{self.crop_top_left[0]}")
         lines = [self.prompt]
-        if self.negative_prompt:
+        if self.negative_prompt is not None:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
@@ -70,14 +80,16 @@ def parse_parameters(text: str, source: str = "parameters") -> GenerationParamet
     missing = [key for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if key not in fields]
     if missing:
         raise ValueError(f"{source}: the parameters text lacks {missing}; got {text!r}")
-    width, height = (int(v) for v in fields["Size"].split("x"))
+    width, height = _pair(fields["Size"])
+    original = _pair(fields["Original size"])[::-1] if "Original size" in fields else None
+    crop = _pair(fields["Crop offset"])[::-1] if "Crop offset" in fields else (0, 0)
     strength = fields.get("Denoising strength")
     sampler = fields["Sampler"]
     if fields.get("Schedule type") == "Karras" and not sampler.endswith(" Karras"):
         sampler += " Karras"  # AUTOMATIC1111 1.9+ writes the schedule apart from the sampler
     return GenerationParameters(
         prompt="\n".join(prompt_lines),
-        negative_prompt="\n".join(negative_lines),
+        negative_prompt="\n".join(negative_lines) if negative else None,
         steps=int(fields["Steps"]),
         sampler=sampler,
         guidance_scale=float(fields["CFG scale"]),
@@ -87,7 +99,15 @@ def parse_parameters(text: str, source: str = "parameters") -> GenerationParamet
         model=fields.get("Model", ""),
         strength=float(strength) if strength is not None else None,
         guidance_rescale=float(fields.get("CFG Rescale phi", 0.0)),
+        original_size=original,
+        crop_top_left=crop,
     )
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """``"AxB"`` -> ``(A, B)``."""
+    first, second = (int(v) for v in text.split("x"))
+    return first, second
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: GenerationParameters) -> Path:

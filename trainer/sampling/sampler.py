@@ -2,13 +2,16 @@
 
 Randomness follows diffusers' pipelines: image ``i`` has its own CPU generator seeded with its
 seed, which draws (img2img, inpainting) the VAE posterior sample, then the starting noise, then
-Euler ancestral's noise; so a seed gives the same image at any batch size, and the same as
-``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` given ``generator=[...]``.
+(inpainting) the masked image's posterior sample, then Euler ancestral's noise; so a seed gives the
+same image at any batch size, and the same as ``StableDiffusionPipeline`` and its img2img and
+inpainting pipelines (standard UNet) given ``generator=[...]``.
 
-An SDXL export (``text_encoder_2/``) samples as ``StableDiffusionXLPipeline`` does: both encoders'
-penultimate states and the pooled embedding, zeros for an empty negative prompt
-(``force_zeros_for_empty_prompt``, as caption dropout trained it), and time_ids of original size =
-target size = the image's size with crop (0, 0).
+An SDXL export (``text_encoder_2/``) samples as ``StableDiffusionXLPipeline`` and its img2img and
+inpainting pipelines do (:mod:`trainer.sampling.conditioning`): both encoders' penultimate states and
+the pooled embedding, zeros when no negative prompt is given (``force_zeros_for_empty_prompt``, as
+caption dropout trained it), and time_ids of original size and crop top-left (default: the image's
+size and (0, 0)) and target size = the image's size. Parts: loading in :mod:`~trainer.sampling.loading`,
+init images and masks in :mod:`~trainer.sampling.init_images`, the loop in :mod:`~trainer.sampling.denoise`.
 """
 
 from __future__ import annotations
@@ -18,28 +21,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from data_pipelines.latents.encoders import encode_text, resolve_device
-from data_pipelines.latents.sdxl_text import encode_text_sdxl
-from data_pipelines.transforms.images import ResizeCrop, pixels_to_images
-from data_pipelines.transforms.masks import latent_mask, masked_pixels
+from data_pipelines.transforms.images import pixels_to_images
+from data_pipelines.transforms.masks import latent_mask
 from lf_common.errors import ConfigError, DataError
-from trainer.checkpoint.export import build_export, is_sdxl_unet
+from trainer.checkpoint.export import is_sdxl_unet
+from trainer.sampling import init_images
+from trainer.sampling.conditioning import encode_negative_prompt, encode_prompts, sdxl_time_ids
 from trainer.sampling.denoise import SDXLConditioning, denoise
+from trainer.sampling.loading import checkpoint_parts, export_parts
 from trainer.sampling.png_info import GenerationParameters
-from trainer.sampling.schedulers import begin_at, check_scheduler, display_name, make_scheduler
+from trainer.sampling.schedulers import check_scheduler, display_name, sampling_scheduler
 
 _MODEL_MARKERS = ("model_index.json", "latest")  # an export folder; a DeepSpeed checkpoint folder
 
 
 @dataclass
 class SampleSettings:
-    """Settings shared by every image of one call."""
+    """Settings shared by every image of one call.
 
-    negative_prompt: str = ""
+    ``negative_prompt`` ``None``: none given. ``original_size`` ``(h, w)`` and ``crop_top_left``
+    ``(top, left)``: SDXL's micro-conditioning (default: the output size and (0, 0)); SDXL only.
+    """
+
+    negative_prompt: str | None = None
     steps: int = 25
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
@@ -47,9 +55,16 @@ class SampleSettings:
     use_karras_sigmas: bool = False
     height: int | None = None
     width: int | None = None
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         check_scheduler(self.scheduler, self.use_karras_sigmas)
+
+    @property
+    def micro_conditioning(self) -> bool:
+        """Whether SDXL's size/crop inputs differ from their defaults."""
+        return self.original_size is not None or tuple(self.crop_top_left) != (0, 0)
 
 
 class Sampler:
@@ -62,6 +77,8 @@ class Sampler:
         vae_slicing: decode a batch one image at a time (less memory for large batches).
         vae_tiling: decode (and encode) large images in overlapping tiles (less memory for large sizes).
         text_encoder_2, tokenizer_2: SDXL's second text encoder and tokenizer (an SDXL UNet needs them).
+        force_zeros_for_empty_prompt: SDXL: zeros, not the encoding of ``""``, when no negative prompt is
+            given (the pipeline config's flag of that name).
     """
 
     def __init__(
@@ -76,6 +93,7 @@ class Sampler:
         vae_tiling: bool = False,
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         if is_sdxl_unet(unet) != (text_encoder_2 is not None and tokenizer_2 is not None):
             raise DataError(
@@ -84,6 +102,7 @@ class Sampler:
             )
         self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
         self.tokenizer_2 = tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
@@ -106,35 +125,7 @@ class Sampler:
         Raises:
             DataError: the folder is not a pipeline folder.
         """
-        folder = Path(folder)
-        if not (folder / "model_index.json").is_file():
-            raise DataError(f"{folder}: not an export folder (model_index.json is missing)")
-        torch_device, torch_dtype = resolve_device(device), getattr(torch, dtype)
-        load = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, **load)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, **load)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype, **load)
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **load)
-        config = DDPMScheduler.load_config(folder / "scheduler", **load)
-        second = {}
-        if (folder / "text_encoder_2").is_dir():  # an SDXL export
-            encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2", dtype=torch_dtype, **load
-            )
-            second = {
-                "text_encoder_2": encoder_2.to(torch_device),
-                "tokenizer_2": CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **load),
-            }
-        return cls(
-            unet.to(torch_device),
-            vae.to(torch_device),
-            text_encoder.to(torch_device),
-            tokenizer,
-            config,
-            folder.name,
-            **options,
-            **second,
-        )
+        return cls(**export_parts(Path(folder), device, dtype), **options)
 
     @classmethod
     def from_checkpoint(
@@ -154,21 +145,8 @@ class Sampler:
         ``"auto"``/``"ema"``, the raw ones with ``"raw"``); the VAE, text encoder and tokenizer come
         from the folders the checkpoint's latent-shard manifest names, unless given.
         """
-        pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
-        torch_device = resolve_device(device)
-        second = {}
-        if is_sdxl_unet(pipe.unet):
-            second = {"text_encoder_2": pipe.text_encoder_2.to(torch_device), "tokenizer_2": pipe.tokenizer_2}
-        return cls(
-            pipe.unet.to(torch_device),
-            pipe.vae.to(torch_device),
-            pipe.text_encoder.to(torch_device),
-            pipe.tokenizer,
-            dict(pipe.scheduler.config),
-            f"{Path(ckpt_path).stem}-{info['weights']}",
-            **options,
-            **second,
-        )
+        parts = checkpoint_parts(ckpt_path, weights, device, dtype, vae_path, text_encoder_path, tokenizer_path)
+        return cls(**parts, **options)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> Sampler:
@@ -195,21 +173,23 @@ class Sampler:
         """Prompts -> text embeddings ``(B, T, D)``, exactly as precompute made the training data's."""
         return self.encode_prompts_and_pooled(prompts)[0]
 
-    @torch.no_grad()
+    def _text_parts(self) -> tuple[list[CLIPTokenizer], list[CLIPTextModel | CLIPTextModelWithProjection]]:
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            return [self.tokenizer], [self.text_encoder]
+        return [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+
     def encode_prompts_and_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> ``(text (B, T, D), pooled (B, P))`` as precompute made them; ``pooled`` only for SDXL."""
-        if self.text_encoder_2 is None or self.tokenizer_2 is None:
-            return encode_text(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype), None
-        encoders = [self.text_encoder, self.text_encoder_2]
-        text, pooled = encode_text_sdxl([self.tokenizer, self.tokenizer_2], encoders, prompts)
-        return text.to(self.unet.dtype), pooled.to(self.unet.dtype)
+        text, pooled = encode_prompts(*self._text_parts(), prompts)
+        return text.to(self.unet.dtype), pooled.to(self.unet.dtype) if pooled is not None else None
 
-    def _negative(self, negative_prompt: str, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The negative prompt's ``(text (B, T, D), pooled (B, P) or None)``; for SDXL an empty one is zeros."""
-        text, pooled = self.encode_prompts_and_pooled([negative_prompt] * batch)
-        if pooled is not None and not negative_prompt:
-            return torch.zeros_like(text), torch.zeros_like(pooled)
-        return text, pooled
+    def negative_embeddings(self, negative_prompt: str | None, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The negative prompt's ``(text (B, T, D), pooled (B, P) or None)``, as diffusers encodes it
+        (:func:`~trainer.sampling.conditioning.encode_negative_prompt`)."""
+        text, pooled = encode_negative_prompt(
+            *self._text_parts(), negative_prompt, batch, self.force_zeros_for_empty_prompt
+        )
+        return text.to(self.unet.dtype), pooled.to(self.unet.dtype) if pooled is not None else None
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -217,13 +197,10 @@ class Sampler:
         pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # (B, 3, H, W)
         return pixels_to_images(pixels)
 
-    def _size(self, settings: SampleSettings) -> tuple[int, int]:
-        default = self.unet.config.sample_size * self.vae_scale
-        return settings.height or default, settings.width or default
-
     def image_size(self, settings: SampleSettings) -> tuple[int, int]:
         """``(height, width)`` of the images ``settings`` give (default: UNet sample size times the VAE's factor)."""
-        return self._size(settings)
+        default = self.unet.config.sample_size * self.vae_scale
+        return settings.height or default, settings.width or default
 
     def txt2img_batches(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings, batch_size: int
@@ -257,6 +234,8 @@ class Sampler:
                 height=height,
                 model=self.model_name,
                 strength=strength,
+                original_size=settings.original_size,
+                crop_top_left=settings.crop_top_left,
             )
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
@@ -277,12 +256,14 @@ class Sampler:
         if self.inpainting_unet and conditioning is None:
             conditioning = self.full_mask_conditioning(latents.shape[0], latents.shape[-2:])
         cond, pooled = self.encode_prompts_and_pooled(prompts)
-        uncond, uncond_pooled = self._negative(settings.negative_prompt, len(prompts))
+        uncond, uncond_pooled = self.negative_embeddings(settings.negative_prompt, len(prompts))
         sdxl = None
         if pooled is not None and uncond_pooled is not None:
-            height, width = (side * self.vae_scale for side in latents.shape[-2:])
-            ids = torch.tensor([height, width, 0, 0, height, width], device=self.device, dtype=cond.dtype)  # (6,)
-            sdxl = SDXLConditioning(pooled, uncond_pooled, ids.expand(len(prompts), 6))
+            size = tuple(side * self.vae_scale for side in latents.shape[-2:])
+            ids = sdxl_time_ids(size, len(prompts), settings.original_size, settings.crop_top_left)  # (B, 6)
+            sdxl = SDXLConditioning(pooled, uncond_pooled, ids.to(self.device, cond.dtype))
+        elif settings.micro_conditioning:
+            raise ConfigError("original_size and crop_top_left condition SDXL models only; this model is not one")
         return denoise(
             self.unet,
             scheduler,
@@ -298,27 +279,20 @@ class Sampler:
             sdxl=sdxl,
         )
 
-    @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Latents ``(B, C, h, w)`` of ``pixels`` ``(B, 3, H, W)`` with the part under ``mask`` ``(B, 1, H, W)``
-        grey, the VAE posterior's mode (as precompute stores them for training)."""
-        masked = masked_pixels(pixels, mask).to(self.device, self.vae.dtype)
-        return (self.vae.encode(masked).latent_dist.mode() * self.vae.config.scaling_factor).to(self.unet.dtype)
+        """See :func:`~trainer.sampling.init_images.masked_image_latents`; in the UNet's dtype."""
+        return init_images.masked_image_latents(self.vae, pixels, mask).to(self.unet.dtype)
 
     def full_mask_conditioning(self, batch: int, latent_size: tuple[int, int]) -> torch.Tensor:
-        """An inpainting UNet's conditioning ``(B, 1 + C, h, w)`` when the whole image is to be painted
-        (txt2img, img2img): mask ones, a grey image's latents (AUTOMATIC1111's txt2img conditioning)."""
-        height, width = (side * self.vae_scale for side in latent_size)
-        mask = torch.ones(batch, 1, height, width)
-        latents = self.masked_image_latents(torch.zeros(batch, 3, height, width), mask)
-        return torch.cat([torch.ones(batch, 1, *latent_size).to(latents), latents], dim=1)
+        """See :func:`~trainer.sampling.init_images.full_mask_conditioning`; in the UNet's dtype."""
+        return init_images.full_mask_conditioning(self.vae, batch, latent_size, self.vae_scale).to(self.unet.dtype)
 
     @torch.no_grad()
     def txt2img(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings
     ) -> tuple[list[Image.Image], list[GenerationParameters]]:
         """Generate one image per (prompt, seed) from pure noise."""
-        height, width = self._size(settings)
+        height, width = self.image_size(settings)
         scheduler = self._scheduler(settings)
         shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         noise, generators = self._noise(seeds, shape)
@@ -327,49 +301,22 @@ class Sampler:
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, height, width)
 
-    def _scheduler(self, settings: SampleSettings):
-        scheduler = make_scheduler(settings.scheduler, self.scheduler_config, settings.use_karras_sigmas)
-        scheduler.set_timesteps(settings.steps, device=self.device)
-        if settings.use_karras_sigmas and len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):
-            raise ConfigError(
-                f"use_karras_sigmas=true with steps={settings.steps} repeats timesteps "
-                f"{scheduler.timesteps.tolist()} on this noise schedule "
-                f"({self.scheduler_config.get('beta_schedule')}); "
-                "use more steps or use_karras_sigmas=false"
-            )
-        return scheduler
+    def _scheduler(self, settings: SampleSettings) -> SchedulerMixin:
+        s = settings
+        return sampling_scheduler(s.scheduler, self.scheduler_config, s.use_karras_sigmas, s.steps, self.device)
 
     def _square_size(self, settings: SampleSettings) -> int:
-        height, width = self._size(settings)
+        height, width = self.image_size(settings)
         if height != width:
             raise ConfigError(f"img2img and inpainting take square sizes for now; got {height}x{width}")
         return height
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, size: int, generators: list[torch.Generator]) -> torch.Tensor:
-        """Scaled latents ``(B, C, h, w)`` of ``image`` (resized, center-cropped to ``size``), one per generator.
-
-        Each is a sample of the VAE posterior drawn with that image's generator, as diffusers' img2img does.
-        """
-        pixels, _ = ResizeCrop(size, crop="center")(image.convert("RGB"))  # (3, H, W) in [-1, 1]
-        posterior = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).latent_dist
-        samples = []
-        for generator in generators:
-            eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-            samples.append(posterior.mean + posterior.std * eps)  # (1, C, h, w)
-        return (torch.cat(samples) * self.vae.config.scaling_factor).to(self.unet.dtype)
-
-    @staticmethod
-    def _check_strength(strength: float) -> None:
-        if not 0.0 < strength <= 1.0:
-            raise ConfigError(f"strength={strength}: expected 0 < strength <= 1")
-
-    def _partial_schedule(self, scheduler, steps: int, strength: float) -> torch.Tensor:
-        """The last ``int(steps * strength)`` (at least 1) timesteps, the scheduler set to begin there (SDEdit)."""
-        run_steps = max(1, min(steps, int(steps * strength)))
-        begin = (steps - run_steps) * scheduler.order
-        begin_at(scheduler, begin)
-        return scheduler.timesteps[begin:]
+        """Scaled latents ``(B, C, h, w)`` of ``image`` (resized, center-cropped to ``size``), one VAE
+        posterior sample per generator, as diffusers' img2img draws them."""
+        pixels = init_images.image_pixels(image, size)[None]  # (1, 3, S, S)
+        return init_images.posterior_samples(self.vae, pixels, generators).to(self.unet.dtype)
 
     @torch.no_grad()
     def _init_and_noise(
@@ -390,36 +337,22 @@ class Sampler:
         ``strength`` in (0, 1] is the fraction of the schedule run: the image is noised to the
         timestep ``strength`` of the way into the schedule and denoised from there (SDEdit, Meng et al. 2022).
         """
-        self._check_strength(strength)
+        init_images.check_strength(strength)
         size = self._square_size(settings)
         scheduler = self._scheduler(settings)
-        timesteps = self._partial_schedule(scheduler, settings.steps, strength)
+        timesteps = init_images.partial_schedule(scheduler, settings.steps, strength)
         init, noise, generators = self._init_and_noise(init_image, size, seeds)
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
         latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators)
         return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
 
     def latent_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
-        """A mask image (white: repaint, black: keep) -> ``(1, 1, h, w)`` in {0, 1} at latent resolution.
-
-        The mask goes through the init image's resize and center crop to ``size``, is binarised at
-        one half (as diffusers' mask processor does) and reduced to the latent grid (nearest).
-
-        Raises:
-            ValueError: the mask's size is not ``init_size`` (the init image's).
-        """
+        """A mask image (white: repaint, black: keep) -> ``(1, 1, h, w)`` in {0, 1} at latent resolution:
+        :meth:`pixel_mask` reduced to the latent grid (nearest)."""
         latent_size = (size // self.vae_scale, size // self.vae_scale)
         return latent_mask(self.pixel_mask(mask_image, init_size, size), latent_size).to(self.device, self.unet.dtype)
 
-    def pixel_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
-        """The mask at the output size, ``(1, 1, size, size)`` in {0, 1} (see :meth:`latent_mask`)."""
-        if mask_image.size != init_size:
-            raise ConfigError(
-                f"mask_image: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
-                f"expected the init image's size {init_size[0]}x{init_size[1]}"
-            )
-        pixels, _ = ResizeCrop(size, crop="center")(mask_image.convert("L").convert("RGB"))  # (3, S, S) in [-1, 1]
-        return ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, S, S)
+    pixel_mask = staticmethod(init_images.pixel_mask)
 
     @torch.no_grad()
     def inpaint_latents(
@@ -444,19 +377,20 @@ class Sampler:
         Returns:
             ``(latents (B, C, h, w), init latents (B, C, h, w), mask (1, 1, h, w))``.
         """
-        self._check_strength(strength)
+        init_images.check_strength(strength)
         size = self._square_size(settings)
         mask = self.latent_mask(mask_image, init_image.size, size)
         scheduler = self._scheduler(settings)
-        timesteps = self._partial_schedule(scheduler, settings.steps, strength)
+        timesteps = init_images.partial_schedule(scheduler, settings.steps, strength)
         init, noise, generators = self._init_and_noise(init_image, size, seeds)
+        init_images.skip_masked_image_draw(generators, tuple(init.shape[1:]))
         if strength == 1.0:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
         if self.inpainting_unet:
-            pixels, _ = ResizeCrop(size, crop="center")(init_image.convert("RGB"))  # (3, S, S) in [-1, 1]
-            masked = self.masked_image_latents(pixels[None], self.pixel_mask(mask_image, init_image.size, size))
+            pixels = init_images.image_pixels(init_image, size)[None]  # (1, 3, S, S) in [-1, 1]
+            masked = self.masked_image_latents(pixels, self.pixel_mask(mask_image, init_image.size, size))
             conditioning = torch.cat([mask, masked], dim=1).expand(len(prompts), -1, -1, -1)  # (B, 1 + C, h, w)
             latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators, None, conditioning)
             return latents, init, mask

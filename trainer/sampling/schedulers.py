@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -47,6 +48,26 @@ def make_scheduler(name: str, config: dict[str, Any], use_karras_sigmas: bool = 
     check_scheduler(name, use_karras_sigmas)
     extra = {"use_karras_sigmas": True} if use_karras_sigmas else {}
     return SCHEDULERS[name][0].from_config(config, **extra)
+
+
+def sampling_scheduler(
+    name: str, config: dict[str, Any], use_karras_sigmas: bool, steps: int, device: str | torch.device
+) -> SchedulerMixin:
+    """:func:`make_scheduler` with ``set_timesteps(steps)`` called.
+
+    Raises:
+        ConfigError: Karras sigmas that repeat timesteps at this many steps on this noise schedule.
+    """
+    scheduler = make_scheduler(name, config, use_karras_sigmas)
+    scheduler.set_timesteps(steps, device=device)
+    if use_karras_sigmas and len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):
+        raise ConfigError(
+            f"use_karras_sigmas=true with steps={steps} repeats timesteps "
+            f"{scheduler.timesteps.tolist()} on this noise schedule "
+            f"({config.get('beta_schedule')}); "
+            "use more steps or use_karras_sigmas=false"
+        )
+    return scheduler
 
 
 def display_name(name: str, use_karras_sigmas: bool = False) -> str:

@@ -1,0 +1,80 @@
+"""The sampler's parts from an export folder (diffusers pipeline layout) or a training checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from data_pipelines.latents.encoders import resolve_device
+from lf_common.errors import DataError
+from trainer.checkpoint.export import build_export, is_sdxl_unet
+
+
+def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+    """The keyword arguments of :class:`~trainer.sampling.sampler.Sampler` for an export folder.
+
+    SDXL (``text_encoder_2/`` present) adds the second encoder and tokenizer and the pipeline's
+    ``force_zeros_for_empty_prompt`` (``model_index.json``; true when absent, as diffusers' default).
+
+    Raises:
+        DataError: the folder is not a pipeline folder.
+    """
+    if not (folder / "model_index.json").is_file():
+        raise DataError(f"{folder}: not an export folder (model_index.json is missing)")
+    torch_device, torch_dtype = resolve_device(device), getattr(torch, dtype)
+    load = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, **load)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, **load)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype, **load)
+    parts: dict[str, Any] = {
+        "unet": unet.to(torch_device),
+        "vae": vae.to(torch_device),
+        "text_encoder": text_encoder.to(torch_device),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", **load),
+        "scheduler_config": DDPMScheduler.load_config(folder / "scheduler", **load),
+        "model_name": folder.name,
+    }
+    if (folder / "text_encoder_2").is_dir():  # an SDXL export
+        encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch_dtype, **load)
+        index = json.loads((folder / "model_index.json").read_text())
+        parts.update(
+            text_encoder_2=encoder_2.to(torch_device),
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **load),
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        )
+    return parts
+
+
+def checkpoint_parts(
+    ckpt_path: str | Path,
+    weights: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    tokenizer_path: str | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of :class:`~trainer.sampling.sampler.Sampler` for a Lightning ``.ckpt`` or
+    DeepSpeed checkpoint folder (see :meth:`~trainer.sampling.sampler.Sampler.from_checkpoint`)."""
+    pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
+    torch_device = resolve_device(device)
+    parts: dict[str, Any] = {
+        "unet": pipe.unet.to(torch_device),
+        "vae": pipe.vae.to(torch_device),
+        "text_encoder": pipe.text_encoder.to(torch_device),
+        "tokenizer": pipe.tokenizer,
+        "scheduler_config": dict(pipe.scheduler.config),
+        "model_name": f"{Path(ckpt_path).stem}-{info['weights']}",
+    }
+    if is_sdxl_unet(pipe.unet):
+        parts.update(
+            text_encoder_2=pipe.text_encoder_2.to(torch_device),
+            tokenizer_2=pipe.tokenizer_2,
+            force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        )
+    return parts
