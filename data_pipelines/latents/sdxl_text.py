@@ -24,7 +24,16 @@ def encode_text_sdxl(
     text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
     texts: list[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> SDXL's ``(text, pooled)``.
+    """Captions -> SDXL's ``(text, pooled)`` without gradients (precompute, sampling): see :func:`sdxl_text_states`."""
+    return sdxl_text_states(tokenizers, text_encoders, texts)
+
+
+def sdxl_text_states(
+    tokenizers: Sequence[CLIPTokenizer],
+    text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
+    texts: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> SDXL's ``(text, pooled)``, with gradients where the encoders train (DreamBooth).
 
     Args:
         tokenizers: the two tokenizers (same ``model_max_length``).

@@ -55,6 +55,20 @@ def base_model(latent_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
+def sdxl_base_model(sdxl_latent_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL-shaped text-to-image model (``model=sdxl_tiny``, 4 steps on digits, random VAE) exported
+    as a ``StableDiffusionXLPipeline`` folder (both text encoders): for the SDXL DreamBooth/LoRA mechanics."""
+
+    def build(out: Path) -> None:
+        overrides = [*tiny_train_overrides(sdxl_latent_dir, out / "run", steps=4), "model=sdxl_tiny"]
+        run_train(compose_config("train", overrides))
+        checkpoint = out / "run" / "checkpoints" / "last.ckpt"
+        run_export(compose_config("export", [f"ckpt_path={checkpoint}", f"out_dir={out / 'export'}"]))
+
+    return built_once(tmp_path_factory, "sdxl_base", build) / "export"
+
+
+@pytest.fixture(scope="session")
 def cat_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four crops of scikit-image's photo of Chelsea the cat."""
     from skimage.data import chelsea

@@ -36,7 +36,8 @@ def export_last(run: Path, export: Path) -> Path:
 
 
 def changed_parts(base_model: Path, export: Path, held_as: dict[str, torch.dtype] | None = None) -> set[str]:
-    """Which of ``unet`` and ``text_encoder`` differ between the base model and the export folder.
+    """Which of ``unet`` and ``text_encoder`` (and SDXL's ``text_encoder_2``) differ between the base model and
+    the export folder.
 
     Args:
         held_as: per part, the dtype training held its weights in (default float32): a part equal to the base
@@ -44,10 +45,13 @@ def changed_parts(base_model: Path, export: Path, held_as: dict[str, torch.dtype
             its checkpoint stores that).
     """
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     changed = set()
-    for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+    parts = [("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)]
+    if (base_model / "text_encoder_2").is_dir():
+        parts.append(("text_encoder_2", CLIPTextModelWithProjection))
+    for part, cls in parts:
         before = cls.from_pretrained(base_model / part, local_files_only=True).state_dict()
         after = cls.from_pretrained(export / part, local_files_only=True).state_dict()
         dtype = (held_as or {}).get(part, torch.float32)

@@ -94,15 +94,17 @@ class ValidationImages(Callback):
     def sample(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str], seeds: list[int]
     ) -> list[Image.Image]:
-        """Sample with the training UNet (EMA weights when available) and, when it trains (DreamBooth),
-        the training text encoder; leaves both as they were."""
+        """Sample with the training UNet (EMA weights when available) and, when they train (DreamBooth),
+        the training text encoder(s); leaves them as they were."""
         module = _ema_module(trainer) or pl_module
         frozen = self._load_frozen(trainer, pl_module.device)
         unet, text_encoder = module.unet, getattr(module, "text_encoder", None) or frozen["text_encoder"]
-        modes = {part: part.training for part in (unet, text_encoder)}
+        second = {key: frozen[key] for key in ("text_encoder_2", "tokenizer_2") if key in frozen}  # SDXL's
+        if (trained_2 := getattr(module, "text_encoder_2", None)) is not None:  # SDXL DreamBooth trains it too
+            second["text_encoder_2"] = trained_2
+        modes = {part: part.training for part in (unet, text_encoder, *second.values()) if hasattr(part, "training")}
         try:
             scheduler_config = dict(pl_module.noise_scheduler.config)
-            second = {key: frozen[key] for key in ("text_encoder_2", "tokenizer_2") if key in frozen}  # SDXL's
             sampler = Sampler(unet, frozen["vae"], text_encoder, frozen["tokenizer"], scheduler_config, **second)
             with torch.no_grad():
                 images, _ = sampler.txt2img(prompts, seeds, self.settings)

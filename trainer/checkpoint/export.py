@@ -8,7 +8,7 @@ an empty negative prompt is zeros, as SDXL's caption dropout trained it).
 The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
 ``model_index.json`` (weights as safetensors), plus ``latentforge.json`` with the training config,
 the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
-adapters (and the text encoder's, when DreamBooth trained one) in ``lora/``
+adapters (and the text encoders', when DreamBooth trained them) in ``lora/``
 (``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file: SDXL's, ldm-named UNet
 modules and ``lora_te1_``/``lora_te2_``, for an SDXL model). Both ``lf-sample`` and
 ``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
@@ -30,7 +30,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
@@ -47,14 +47,18 @@ LORA_DIR = "lora"
 
 
 def take_adapters(record: dict[str, Any], models: dict[str, torch.nn.Module], split: bool) -> dict[str, AdapterWeights]:
-    """Remove the LoRA adapters from ``models`` (``{"unet": ..., "text_encoder": ...}``): returned
-    apart with ``split``, else merged into the base weights.
+    """Remove the LoRA adapters from ``models`` (``{"unet": ..., "text_encoder": ...}``, SDXL's
+    ``"text_encoder_2"``): returned apart with ``split``, else merged into the base weights.
 
     Returns:
-        ``{"unet": AdapterWeights, "text_encoder": AdapterWeights}`` for the parts that had adapters (split only).
+        ``{"unet": AdapterWeights, "text_encoder": AdapterWeights, ...}`` for the parts that had adapters (split only).
     """
     adapters = {}
-    for part, key in (("unet", "lora"), ("text_encoder", "text_encoder_lora")):
+    for part, key in (
+        ("unet", "lora"),
+        ("text_encoder", "text_encoder_lora"),
+        ("text_encoder_2", "text_encoder_2_lora"),
+    ):
         if not (settings := record.get(key)):
             continue
         if split:
@@ -91,11 +95,15 @@ def build_export(
         if not value or not Path(value).is_dir():
             raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
     text_encoder = build_text_encoder(checkpoint, text_dir, kind)
-    adapters = take_adapters(record, {"unet": unet, "text_encoder": text_encoder}, split=split_lora)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    if is_sdxl_unet(unet):
+        models["text_encoder_2"] = build_text_encoder(checkpoint, _sdxl_folder(ckpt_path, record, "text_encoder_2"),
+                                                      kind, second=True)  # fmt: skip
+    adapters = take_adapters(record, models, split=split_lora)
     torch_dtype = getattr(torch, dtype)
     inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
     if is_sdxl_unet(unet):
-        pipe = _sdxl_pipeline(ckpt_path, record, unet, text_encoder, vae_dir, tokenizer_dir, torch_dtype)
+        pipe = _sdxl_pipeline(ckpt_path, record, models, vae_dir, tokenizer_dir, torch_dtype)
     else:
         pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
             vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
@@ -113,6 +121,7 @@ def build_export(
         "weights": kind,
         "lora": record.get("lora"),
         "text_encoder_lora": record.get("text_encoder_lora"),
+        "text_encoder_2_lora": record.get("text_encoder_2_lora"),
         "dtype": dtype,
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
@@ -130,36 +139,43 @@ def sdxl_lora_names(unet: torch.nn.Module) -> ModuleNames | None:
     return partial(original_module_name, rules=unet_rules(unet.config)) if is_sdxl_unet(unet) else None
 
 
+def _sdxl_folder(ckpt_path: str | Path, record: dict[str, Any], name: str) -> str:
+    """The ``text_encoder_2`` or ``tokenizer_2`` folder the checkpoint's latent manifest names.
+
+    Raises:
+        DataError: the checkpoint's latent shards were not SDXL's (no such folder recorded).
+    """
+    manifest = record.get("latent_manifest", {})
+    value = (
+        (manifest.get("text_encoder_2") or {}).get("path") if name == "text_encoder_2" else manifest.get(f"{name}_path")
+    )
+    if not value or not Path(value).is_dir():
+        raise DataError(
+            f"{ckpt_path}: an SDXL UNet, but its latent manifest names no {name} folder ({value!r}); "
+            "train it on shards precomputed from an SDXL folder"
+        )
+    return value
+
+
 def _sdxl_pipeline(
     ckpt_path: str | Path,
     record: dict[str, Any],
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
     vae_dir: str,
     tokenizer_dir: str,
     torch_dtype: torch.dtype,
 ) -> StableDiffusionXLPipeline:
-    """The SDXL pipeline of a checkpoint: its second text encoder and tokenizer from the manifest's folders.
-
-    Raises:
-        DataError: the checkpoint's latent shards were not SDXL's (no second text encoder recorded).
-    """
-    manifest = record.get("latent_manifest", {})
-    text_2_dir = (manifest.get("text_encoder_2") or {}).get("path")
-    tokenizer_2_dir = manifest.get("tokenizer_2_path")
-    for name, value in (("text_encoder_2", text_2_dir), ("tokenizer_2", tokenizer_2_dir)):
-        if not value or not Path(value).is_dir():
-            raise DataError(
-                f"{ckpt_path}: an SDXL UNet, but its latent manifest names no {name} folder ({value!r}); "
-                "train it on shards precomputed from an SDXL folder"
-            )
+    """The SDXL pipeline of a checkpoint's ``models`` (``unet``, ``text_encoder``, ``text_encoder_2``), its
+    second tokenizer from the manifest's folder."""
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
-        text_encoder=text_encoder.to(torch_dtype),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(text_2_dir, local_files_only=True).to(torch_dtype),
+        text_encoder=models["text_encoder"].to(torch_dtype),
+        text_encoder_2=models["text_encoder_2"].to(torch_dtype),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
-        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2_dir, local_files_only=True),
-        unet=unet.to(torch_dtype),
+        tokenizer_2=CLIPTokenizer.from_pretrained(
+            _sdxl_folder(ckpt_path, record, "tokenizer_2"), local_files_only=True
+        ),
+        unet=models["unet"].to(torch_dtype),
         scheduler=DDPMScheduler.from_config(record["noise_scheduler_config"]),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
@@ -195,6 +211,7 @@ def export_pipeline(
                 tmp / LORA_DIR,
                 adapters.get("unet"),
                 adapters.get("text_encoder"),
+                adapters.get("text_encoder_2"),
                 sdxl_unet_names=sdxl_lora_names(pipe.unet),
             )
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY, EMA_STATE_KEY, RAW_STATE_KEY
@@ -22,6 +22,7 @@ from trainer.lora.adapters import LoraSettings, add_lora
 
 UNET_PREFIX = "unet."
 TEXT_ENCODER_PREFIX = "text_encoder."
+TEXT_ENCODER_2_PREFIX = "text_encoder_2."  # SDXL's second encoder, when DreamBooth trained it
 Weights = Literal["auto", "ema", "raw"]
 
 
@@ -106,11 +107,19 @@ def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[U
     return unet, kind
 
 
-def build_text_encoder(checkpoint: dict[str, Any], text_dir: str, kind: str) -> CLIPTextModel:
-    """The text encoder at ``text_dir``, with the weights DreamBooth trained (and its LoRA adapters) if any."""
-    text_encoder = CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
-    if lora := checkpoint[CHECKPOINT_KEY].get("text_encoder_lora"):
+def build_text_encoder(
+    checkpoint: dict[str, Any], text_dir: str, kind: str, second: bool = False
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """The text encoder at ``text_dir``, with the weights DreamBooth trained (and its LoRA adapters) if any;
+    ``second``: SDXL's second encoder (``text_encoder_2.*`` weights, ``text_encoder_2_lora`` adapters)."""
+    cls, prefix, key = (
+        (CLIPTextModelWithProjection, TEXT_ENCODER_2_PREFIX, "text_encoder_2_lora")
+        if second
+        else (CLIPTextModel, TEXT_ENCODER_PREFIX, "text_encoder_lora")
+    )
+    text_encoder = cls.from_pretrained(text_dir, local_files_only=True)
+    if lora := checkpoint[CHECKPOINT_KEY].get(key):
         add_lora(text_encoder, LoraSettings(**lora))
-    if trained_text := part_state_dict(checkpoint, TEXT_ENCODER_PREFIX, kind):
+    if trained_text := part_state_dict(checkpoint, prefix, kind):
         text_encoder.load_state_dict(trained_text, strict=True)
     return text_encoder

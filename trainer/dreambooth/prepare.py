@@ -1,5 +1,7 @@
 """Before DreamBooth training: check the instance photos, generate the missing class images, and
 encode both folders once into latent shards (VAE latents and text embeddings), reused by later runs.
+An SDXL base folder (``text_encoder_2/``) gives SDXL's shards, as ``lf-precompute`` writes them: both
+encoders' states, the pooled embedding, and each image's original size and crop (``time_ids``).
 
 :class:`~trainer.dreambooth.datamodule.DreamBoothDataModule` runs :func:`prepare_dreambooth` in its
 ``setup`` hook, on every rank of the training job, with the job's Lightning strategy: whatever
@@ -168,9 +170,15 @@ def _encode(
     sets: dict[str, tuple[list[Path], str | None]], cache: Path, pretrained: Path, resolution: int, device: str
 ) -> None:
     """Raw shards, then latent shards, of each set (in this process; reused while up to date)."""
+    sdxl = (pretrained / "text_encoder_2").is_dir()  # SDXL's shards: both encoders, pooled, size/crop time_ids
+    second = {"text_encoder_2_path": pretrained / "text_encoder_2", "tokenizer_2_path": pretrained / "tokenizer_2"}
     encoder = LatentShardEncoder(
         FrozenEncoders.from_pretrained(
-            pretrained / "vae", pretrained / "text_encoder", pretrained / "tokenizer", device=device
+            pretrained / "vae",
+            pretrained / "text_encoder",
+            pretrained / "tokenizer",
+            device=device,
+            **(second if sdxl else {}),
         ),
         ResizeCrop(resolution, crop="center"),
         batch_size=16,

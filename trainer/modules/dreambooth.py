@@ -3,9 +3,12 @@ Diffusion Models for Subject-Driven Generation", eq. 2): the denoising loss on t
 plus ``prior_loss_weight`` times the loss on images the base model made for the class prompt, so
 the class keeps its variety while the rare identifier learns the subject.
 
-Optionally the CLIP text encoder trains too, fully or through LoRA adapters (``text_encoder_lora``).
-Its embeddings cannot then come from the latent shards:
-the module encodes the instance and class prompts in the step. UNet and text encoder are one module
+Optionally the CLIP text encoder trains too, fully or through LoRA adapters (``text_encoder_lora``);
+for SDXL both encoders train (``text_encoder_2``, OpenCLIP bigG with its pooled projection, and
+``text_encoder_2_lora``). Their embeddings cannot then come from the latent shards: the module
+encodes the instance and class prompts in the step (SDXL's penultimate states and pooled embedding
+as :func:`~data_pipelines.latents.sdxl_text.sdxl_text_states`, the one home of that recipe), while
+the latents and SDXL's size/crop ``time_ids`` still come from the shards. UNet and text encoder are one module
 with one optimizer (a parameter group each, with its own learning rate), so DDP and DeepSpeed ZeRO
 see a single model.
 """
@@ -15,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from data_pipelines.latents.sdxl_text import sdxl_text_states
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.lora.adapters import LoraSettings, add_lora
@@ -34,10 +38,16 @@ class DreamBoothDiffusion(LatentDiffusion):
         text_encoder_lr: the text encoder's learning rate (default: the optimizer's).
         text_encoder_lora: when given (with ``text_encoder``), the text encoder is frozen and only
             LoRA adapters on ``text_encoder_lora.target_modules`` train.
+        text_encoder_2, tokenizer_2: SDXL's second encoder and its tokenizer, trained with ``text_encoder``
+            (an SDXL UNet needs both encoders to train the text side; neither fits another UNet).
+        text_encoder_2_lora: as ``text_encoder_lora``, for ``text_encoder_2`` (LoRA only: SDXL exports no LyCORIS).
         *args, **kwargs: as :class:`LatentDiffusion`.
     """
 
-    hparams_ignore = (*LatentDiffusion.hparams_ignore, "text_encoder", "tokenizer", "text_encoder_lora")
+    hparams_ignore = (
+        *LatentDiffusion.hparams_ignore,
+        *("text_encoder", "tokenizer", "text_encoder_lora", "text_encoder_2", "tokenizer_2", "text_encoder_2_lora"),
+    )
 
     def __init__(
         self,
@@ -49,6 +59,9 @@ class DreamBoothDiffusion(LatentDiffusion):
         class_prompt: str | None = None,
         text_encoder_lr: float | None = None,
         text_encoder_lora: LoraSettings | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_2_lora: LoraSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)  # collects our plain arguments as hyperparameters too
@@ -58,29 +71,43 @@ class DreamBoothDiffusion(LatentDiffusion):
             raise ConfigError("training the text encoder needs model.tokenizer and model.instance_prompt")
         if text_encoder_lora is not None and text_encoder is None:
             raise ConfigError("model.text_encoder_lora needs model.text_encoder, the encoder to add adapters to")
-        self.text_encoder_lora = text_encoder_lora
-        if text_encoder is not None:
-            text_encoder.train().requires_grad_(True)
-            if text_encoder_lora is not None:
-                add_lora(text_encoder, text_encoder_lora, "model.text_encoder_lora")
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        check_sdxl_text_encoders(
+            self.sdxl, text_encoder, text_encoder_2, tokenizer_2, text_encoder_lora, text_encoder_2_lora
+        )
+        self.text_encoder_lora, self.text_encoder_2_lora = text_encoder_lora, text_encoder_2_lora
+        for encoder, lora, key in ((text_encoder, text_encoder_lora, "model.text_encoder_lora"),
+                                   (text_encoder_2, text_encoder_2_lora, "model.text_encoder_2_lora")):  # fmt: skip
+            if encoder is not None:
+                encoder.train().requires_grad_(True)
+                if lora is not None:
+                    add_lora(encoder, lora, key)
+        if text_encoder_2 is not None:  # SDXL reads the first encoder's penultimate state: its last layer is idle
+            freeze_after_penultimate(text_encoder)
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
         self.text_encoder_lr = text_encoder_lr
 
-    def encode_prompt(self, part: str, batch_size: int) -> torch.Tensor:
-        """The trained text encoder's embedding of ``part``'s prompt, ``(batch_size, T, D)``."""
+    def encode_prompt(self, part: str, batch_size: int) -> dict[str, torch.Tensor]:
+        """The trained text encoder(s)' conditioning of ``part``'s prompt: ``text`` ``(batch_size, T, D)``
+        (SDXL: both penultimate states, ``D = D1 + D2``, and ``pooled`` ``(batch_size, P)``)."""
         assert self.text_encoder is not None and self.tokenizer is not None
+        prompts = [self.prompts[part]]
+        if self.text_encoder_2 is not None:
+            assert self.tokenizer_2 is not None
+            encoders = [self.text_encoder, self.text_encoder_2]
+            text, pooled = sdxl_text_states([self.tokenizer, self.tokenizer_2], encoders, prompts)
+            return {"text": text.expand(batch_size, -1, -1), "pooled": pooled.expand(batch_size, -1)}
         ids = self.tokenizer(
-            [self.prompts[part]], padding="max_length", max_length=self.tokenizer.model_max_length,
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(self.device)  # fmt: skip
-        return self.text_encoder(ids).last_hidden_state.expand(batch_size, -1, -1)
+        return {"text": self.text_encoder(ids).last_hidden_state.expand(batch_size, -1, -1)}
 
     def _part_loss(self, batch: dict[str, dict[str, torch.Tensor]], part: str) -> torch.Tensor:
         data = batch[part]
-        if self.text_encoder is not None:
-            data = {**data, "text": self.encode_prompt(part, data["latents"].shape[0])}
+        if self.text_encoder is not None:  # the shards' time_ids (size and crop) stay
+            data = {**data, **self.encode_prompt(part, data["latents"].shape[0])}
         return self.compute_loss(data).loss
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
@@ -97,7 +124,8 @@ class DreamBoothDiffusion(LatentDiffusion):
     def configure_optimizers(self) -> Any:
         if self.text_encoder is None:
             return super().configure_optimizers()
-        text_group: dict[str, Any] = {"params": [p for p in self.text_encoder.parameters() if p.requires_grad]}
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        text_group: dict[str, Any] = {"params": [p for e in encoders for p in e.parameters() if p.requires_grad]}
         if self.text_encoder_lr is not None:
             text_group["lr"] = self.text_encoder_lr
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad]}, text_group]
@@ -109,8 +137,51 @@ class DreamBoothDiffusion(LatentDiffusion):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.text_encoder_lora is not None:  # export rebuilds the adapters before loading the weights
-            checkpoint[CHECKPOINT_KEY]["text_encoder_lora"] = self.text_encoder_lora.to_dict()
+        for key, lora in (
+            ("text_encoder_lora", self.text_encoder_lora),
+            ("text_encoder_2_lora", self.text_encoder_2_lora),
+        ):
+            if lora is not None:  # export rebuilds the adapters before loading the weights
+                checkpoint[CHECKPOINT_KEY][key] = lora.to_dict()
+
+
+def freeze_after_penultimate(text_encoder: CLIPTextModel) -> None:
+    """Freeze what follows the penultimate hidden state of SDXL's first encoder (its last layer, adapters
+    included, and the final layer norm): nothing of it reaches the loss, and DDP wants every trainable
+    parameter to get a gradient each step."""
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no text_model level
+    model.encoder.layers[-1].requires_grad_(False)
+    model.final_layer_norm.requires_grad_(False)
+
+
+def check_sdxl_text_encoders(
+    sdxl: bool,
+    text_encoder: CLIPTextModel | None,
+    text_encoder_2: CLIPTextModelWithProjection | None,
+    tokenizer_2: CLIPTokenizer | None,
+    text_encoder_lora: LoraSettings | None,
+    text_encoder_2_lora: LoraSettings | None,
+) -> None:
+    """Refuse trained text encoders that do not fit the UNet, with the recipe to use instead.
+
+    Raises:
+        ConfigError: an SDXL UNet with only the first encoder, a second encoder without the first, its
+            tokenizer or an SDXL UNet, or LyCORIS adapters on an SDXL model's encoders.
+    """
+    if text_encoder_2 is not None and not sdxl:
+        raise ConfigError("model.text_encoder_2 is SDXL's second encoder but the UNet is not SDXL's: drop it "
+                          "(experiment=dreambooth_text_encoder trains SD 1.x/2.x's one encoder)")  # fmt: skip
+    if text_encoder is not None and sdxl and text_encoder_2 is None:
+        raise ConfigError("an SDXL UNet conditions on two text encoders: train both with "
+                          "experiment=dreambooth_sdxl_text_encoder or experiment=dreambooth_lora_sdxl")  # fmt: skip
+    if text_encoder_2 is not None and (text_encoder is None or tokenizer_2 is None):
+        raise ConfigError("model.text_encoder_2 trains with model.text_encoder and needs model.tokenizer_2")
+    if text_encoder_2_lora is not None and text_encoder_2 is None:
+        raise ConfigError("model.text_encoder_2_lora needs model.text_encoder_2, the encoder to add adapters to")
+    for key, lora in (("text_encoder_lora", text_encoder_lora), ("text_encoder_2_lora", text_encoder_2_lora)):
+        if sdxl and lora is not None and lora.kind != "lora":
+            raise ConfigError(f"model.{key}.kind={lora.kind!r}: SDXL exports LoRA only (no LyCORIS SDXL layout); "
+                              "use kind=lora")  # fmt: skip
 
 
 def batch_size(batch: dict[str, dict[str, torch.Tensor]]) -> int:
