@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +18,6 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
-from sqlalchemy.exc import SQLAlchemyError
 
 from tests.conftest import tiny_train_overrides
 from tests.integration.cli import cli_command, run_cli
@@ -81,11 +81,20 @@ def load_study(tmp_path: Path) -> optuna.Study:
 
 
 def completed_trials(tmp_path: Path) -> int:
-    """Complete trials so far (0 while the sweeper is still creating the study and its tables)."""
-    try:
-        return len(load_study(tmp_path).get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-    except (KeyError, SQLAlchemyError):
+    """Complete trials so far (0 while the sweeper is still creating the study and its tables).
+
+    Read straight from the database, read-only: ``optuna.load_study`` would create missing tables and
+    race the sweeper that is creating them (its insert of the schema version then fails).
+    """
+    db = tmp_path / "multirun" / "optuna.db"
+    if not db.exists():
         return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as connection:
+            (count,) = connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
+    except sqlite3.OperationalError:  # no tables yet, or locked
+        return 0
+    return count
 
 
 def test_optuna_sweep_best_trial_reproduces_alone(latent_dir, tmp_path):
@@ -117,11 +126,10 @@ def test_optuna_sweep_killed_then_resumed_runs_only_the_missing_trials(latent_di
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
-    db = tmp_path / "multirun" / "optuna.db"
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if db.exists() and completed_trials(tmp_path) >= 2:
+            if completed_trials(tmp_path) >= 2:
                 break
             time.sleep(0.5)
     finally:

@@ -97,10 +97,12 @@ def make_sqlite_folder(storage: Any) -> None:
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-def budget_lock(storage: Any) -> contextlib.AbstractContextManager[Any]:
-    """A lock that parallel sweepers on one ``sqlite:///PATH`` storage take while they count the study
-    and ask for trials (without it two can both see room for one more trial and both ask); other
-    storages get none (their workers may overshoot ``n_trials`` by up to ``n_jobs`` each)."""
+def study_lock(storage: Any) -> contextlib.AbstractContextManager[Any]:
+    """A lock that parallel sweepers on one ``sqlite:///PATH`` storage take while they create the
+    study (two creating a new database's tables at once: ``UNIQUE constraint failed:
+    alembic_version``) and while they count it and ask for trials (without it two can both see room
+    for one more trial and both ask); other storages get none (their workers may overshoot
+    ``n_trials`` by up to ``n_jobs`` each)."""
     if isinstance(storage, str) and storage.startswith("sqlite:///"):
         return FileLock(storage.removeprefix("sqlite:///") + ".lock")
     return contextlib.nullcontext()
@@ -132,21 +134,22 @@ class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
 
         make_sqlite_folder(self.storage)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            sampler=self.sampler,
-            directions=self.directions(),
-            load_if_exists=True,
-        )
-        fail_interrupted_trials(study)
+        with study_lock(self.storage):
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=self.storage,
+                sampler=self.sampler,
+                directions=self.directions(),
+                load_if_exists=True,
+            )
+            fail_interrupted_trials(study)
         self.job_idx = len(study.trials)  # job folders continue the numbering of a resumed study
         log.info(
             "study %s in %s: %d of %d trials done or running", study.study_name, self.storage, counted_trials(study),
             self.n_trials,
         )  # fmt: skip
         while True:
-            with budget_lock(self.storage):
+            with study_lock(self.storage):
                 batch = min(self.n_jobs, self.n_trials - counted_trials(study))
                 trials = [study.ask() for _ in range(max(batch, 0))]
                 for trial in trials:
