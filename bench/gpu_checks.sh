@@ -6,7 +6,9 @@
 # No pipes: a killed command's children (inductor's compile workers) can hold a pipe open for ever.
 # 1. training throughput at 512 px (bench/gpu_train.py: plain, single, compiled, zero2, compiled_zero2);
 # 2. the same at 256 px (plain, compiled); 3. the GPU-marked tests (each strategy in bf16-mixed and
-# 16-mixed: trains, resumes, exports, samples); 4. precompute throughput at 256 px.
+# 16-mixed: trains, resumes, exports, samples); 4. precompute throughput at 256 px; 5. (not in the default
+# PARTS: it needs a session of its own) SDXL's UNet at 1024 px, batch 8: plain, single, zero2 (T_SDXL).
+# PARTS="train512 train256 tests precompute sdxl1024" chooses the parts and their order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
@@ -23,9 +25,16 @@ part() {  # part NAME LIMIT COMMAND...: run it into $out/NAME.log, then show its
   grep -E "^(\||measured|ratio|plain|lf-precompute|FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)\b" "$out/$name.log" | tail -20
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-part train512 "${T_512:-280}" python bench/gpu_train.py --resolution 512 --batch 32 --peak-tflops "$peak"
-part train256 "${T_256:-140}" python bench/gpu_train.py --resolution 256 --batch 128 --configs plain,compiled \
-  --peak-tflops "$peak"
-part tests "${T_TESTS:-90}" python -m pytest -q -m gpu -p no:cacheprovider tests/integration/test_gpu.py \
-  tests/unit/test_precision.py
-part precompute "${T_PRE:-50}" python bench/gpu_precompute.py --resolution 256 --batch 64 --images 2048
+for name in ${PARTS:-train512 train256 tests precompute}; do
+  case $name in
+    train512) part train512 "${T_512:-280}" python bench/gpu_train.py --resolution 512 --batch 32 --peak-tflops "$peak" ;;
+    train256) part train256 "${T_256:-140}" python bench/gpu_train.py --resolution 256 --batch 128 \
+      --configs plain,compiled --peak-tflops "$peak" ;;
+    tests) part tests "${T_TESTS:-90}" python -m pytest -q -m gpu -p no:cacheprovider tests/integration/test_gpu.py \
+      tests/unit/test_precision.py ;;
+    precompute) part precompute "${T_PRE:-50}" python bench/gpu_precompute.py --resolution 256 --batch 64 --images 2048 ;;
+    sdxl1024) part sdxl1024 "${T_SDXL:-300}" python bench/gpu_train.py --model sdxl --resolution 1024 --batch 8 \
+      --configs plain,single,zero2 --steps 10 --warmup 3 --peak-tflops "$peak" ;;
+    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024)"; exit 2 ;;
+  esac
+done

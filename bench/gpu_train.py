@@ -24,6 +24,7 @@ import argparse
 import gc
 import tempfile
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -72,16 +73,31 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def make_batches(batch: int, resolution: int, text_dim: int, count: int = 4) -> list[dict[str, torch.Tensor]]:
+def pooled_dim(unet_config: Any) -> int | None:
+    """SDXL's pooled text width ``P`` (the ``text_time`` embedding's input less 6 time ids), else ``None``."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+
+
+def make_batches(
+    batch: int, resolution: int, text_dim: int, pooled: int | None = None, count: int = 4
+) -> list[dict[str, torch.Tensor]]:
+    """Latent-shard batches; with ``pooled`` (SDXL) also ``pooled`` ``(B, P)`` and ``time_ids`` ``(B, 6)``
+    (original size, crop top-left (0, 0) and target size, all ``resolution``)."""
     generator = torch.Generator().manual_seed(0)
     side = resolution // 8
-    return [
-        {
+    batches = []
+    for _ in range(count):
+        item = {
             "latents": torch.randn(batch, 4, side, side, generator=generator).half(),  # (B, 4, R/8, R/8)
             "text": torch.randn(batch, 77, text_dim, generator=generator).half(),  # (B, 77, D)
         }
-        for _ in range(count)
-    ]
+        if pooled is not None:
+            item["pooled"] = torch.randn(batch, pooled, generator=generator).half()  # (B, P)
+            item["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch)  # (B, 6)
+        batches.append(item)
+    return batches
 
 
 def plain_loop(cfg, batches, args) -> float:
@@ -89,6 +105,8 @@ def plain_loop(cfg, batches, args) -> float:
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     torch.manual_seed(0)
     unet = instantiate(cfg.model.unet).to(device).train()
+    if cfg.model.get("gradient_checkpointing"):  # as lf-train does for this model (SDXL at 1024 px)
+        unet.enable_gradient_checkpointing()
     scheduler = instantiate(cfg.model.noise_scheduler)
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, **fused)
@@ -102,12 +120,15 @@ def plain_loop(cfg, batches, args) -> float:
             start = time.perf_counter()
         batch = batches[step % len(batches)]
         latents, text = batch["latents"].to(device).float(), batch["text"].to(device).float()
+        added = None
+        if "pooled" in batch:  # SDXL's added conditioning, as diffusers' train_text_to_image_sdxl.py passes it
+            added = {"text_embeds": batch["pooled"].to(device).float(), "time_ids": batch["time_ids"].to(device)}
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with autocast:
-            prediction = unet(noisy, t, encoder_hidden_states=text).sample
+            prediction = unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()
@@ -141,7 +162,9 @@ def lightning_path(cfg, batches, args) -> tuple[float, float]:
     """Seconds per step of the Trainer lf-train builds, and seconds of its first step (compilation included)."""
     torch.manual_seed(0)
     uncond = torch.zeros(77, cfg.model.unet.cross_attention_dim)
-    module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=uncond)
+    pooled = pooled_dim(cfg.model.unet)
+    uncond_pooled = {"uncond_pooled": torch.zeros(pooled)} if pooled is not None else {}
+    module = instantiate(cfg.model, **optimizer_factories(cfg), uncond_text=uncond, **uncond_pooled)
     timer = StepTimer(args.warmup)
     trainer = build_trainer(cfg, [timer])
     trainer.fit(module, train_dataloaders=DataLoader(InMemory(batches), batch_size=None))
@@ -185,7 +208,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = train_config(args, tmp, "single", False)
         apply_matmul_precision(base)
-        batches = make_batches(args.batch, args.resolution, base.model.unet.cross_attention_dim)
+        batches = make_batches(
+            args.batch, args.resolution, base.model.unet.cross_attention_dim, pooled_dim(base.model.unet)
+        )
         side = args.resolution // 8
         flops = unet_train_flops(dict(base.model.unet), torch.Size((args.batch, 4, side, side)),
                                  torch.Size((args.batch, 77, base.model.unet.cross_attention_dim)))  # fmt: skip

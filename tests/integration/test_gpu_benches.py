@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,18 +28,20 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:] if not cells[0].startswith(" ---")}
 
 
-def test_training_bench_measures_each_configuration_on_cpu():
+@pytest.mark.parametrize(("model", "configs"), [("tiny", "plain,single,zero2"), ("sdxl_tiny", "plain,single")])
+def test_training_bench_measures_each_configuration_on_cpu(model: str, configs: str):
     stdout = run_bench(
-        "bench/gpu_train.py", "--model", "tiny", "--accelerator", "cpu", "--precision", "bf16-mixed",
-        "--resolution", "32", "--batch", "4", "--steps", "2", "--warmup", "1", "--configs", "plain,single,zero2",
+        "bench/gpu_train.py", "--model", model, "--accelerator", "cpu", "--precision", "bf16-mixed",
+        "--resolution", "32", "--batch", "4", "--steps", "2", "--warmup", "1", "--configs", configs,
     )  # fmt: skip
     rows = table_rows(stdout)
-    assert set(rows) == {"plain", "single", "zero2"}, stdout
+    assert set(rows) == set(configs.split(",")), stdout
     for name, cells in rows.items():
         images_per_second = float(cells[0])
         assert math.isfinite(images_per_second) and images_per_second > 0, (name, cells)
-    assert "measured zero2:" in stdout, "each row is printed as soon as it is measured"
-    assert "ratio zero2 / plain (img/s):" in stdout
+    last = configs.split(",")[-1]
+    assert f"measured {last}:" in stdout, "each row is printed as soon as it is measured"
+    assert f"ratio {last} / plain (img/s):" in stdout
 
 
 def test_precompute_bench_compares_both_sides_on_cpu():
