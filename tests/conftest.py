@@ -76,15 +76,12 @@ def raw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers-layout folder with vae/, text_encoder/, tokenizer/ (small, random, seeded)."""
-    from hydra.utils import instantiate
 
     from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
     def build(out: Path) -> None:
         save_tiny_text_encoder(out, max_length=8)
-        torch.manual_seed(0)
-        vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
-        vae.save_pretrained(out / "vae", safe_serialization=True)
+        save_tiny_vae(out)
 
     return built_once(tmp_path_factory, "pretrained", build)
 
@@ -92,27 +89,19 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def latent_dir(tmp_path_factory: pytest.TempPathFactory, raw_shards: Path, pretrained_dir: Path) -> Path:
     """Latent shards of the 96 digits, made by the precompute command's code."""
-    from trainer.cli.precompute import run_precompute
 
-    def build(out: Path) -> None:
-        overrides = [f"shards={raw_shards}", f"out_dir={out}", f"pretrained={pretrained_dir}", "resolution=32"]
-        run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
-
-    return built_once(tmp_path_factory, "latents", build)
+    return built_once(tmp_path_factory, "latents", lambda out: precompute_digits(raw_shards, pretrained_dir, out))
 
 
 @pytest.fixture(scope="session")
 def sdxl_pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SDXL-layout folder: vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (small, random, seeded)."""
-    from hydra.utils import instantiate
 
     from trainer.tiny_models.tiny_sdxl_text_encoders import save_tiny_sdxl_text_encoders
 
     def build(out: Path) -> None:
         save_tiny_sdxl_text_encoders(out, max_length=8)
-        torch.manual_seed(0)
-        vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
-        vae.save_pretrained(out / "vae", safe_serialization=True)
+        save_tiny_vae(out)
 
     return built_once(tmp_path_factory, "sdxl_pretrained", build)
 
@@ -120,13 +109,27 @@ def sdxl_pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_latent_dir(tmp_path_factory: pytest.TempPathFactory, raw_shards: Path, sdxl_pretrained_dir: Path) -> Path:
     """SDXL latent shards of the 96 digits (both encoders' states, pooled embeddings, size/crop metadata)."""
+
+    return built_once(
+        tmp_path_factory, "sdxl_latents", lambda out: precompute_digits(raw_shards, sdxl_pretrained_dir, out)
+    )
+
+
+def save_tiny_vae(out: Path) -> None:
+    """``out/vae``: the tiny autoencoder of ``train_autoencoder``'s config, seeded."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    vae = instantiate(compose_config("train_autoencoder", ["data.shards=unused"]).autoencoder.vae)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+
+
+def precompute_digits(raw_shards: Path, pretrained: Path, out: Path) -> None:
+    """Latent shards of the digits at 32 px into ``out``, by the precompute command's code."""
     from trainer.cli.precompute import run_precompute
 
-    def build(out: Path) -> None:
-        overrides = [f"shards={raw_shards}", f"out_dir={out}", f"pretrained={sdxl_pretrained_dir}", "resolution=32"]
-        run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
-
-    return built_once(tmp_path_factory, "sdxl_latents", build)
+    overrides = [f"shards={raw_shards}", f"out_dir={out}", f"pretrained={pretrained}", "resolution=32"]
+    run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
 
 
 def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:

@@ -503,12 +503,7 @@ def load_uncond_pooled(folder: str | Path, manifest: LatentManifest) -> np.ndarr
     if not manifest.sdxl:
         return None
     path = object_store.join(str(folder), manifest.uncond_pooled_file or UNCOND_POOLED_NAME)
-    if not object_store.is_file(path):
-        raise DataError(f"{path}: unconditional pooled embedding is missing")
-    array = _load_npy(object_store.read_path(path))
-    if list(array.shape) != list(manifest.pooled_shape):
-        raise DataError(f"{path}: shape {list(array.shape)}, expected pooled_shape {manifest.pooled_shape}")
-    return array
+    return _load_uncond(path, "unconditional pooled embedding", "pooled_shape", manifest.pooled_shape)
 
 
 def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.ndarray:
@@ -518,9 +513,18 @@ def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.nd
         DataError: the file is missing or its shape is not the manifest's ``text_shape``.
     """
     path = object_store.join(str(folder), manifest.uncond_file)
+    return _load_uncond(path, "unconditional embedding", "text_shape", manifest.text_shape)
+
+
+def _load_uncond(path: str, what: str, shape_key: str, shape: list[int]) -> np.ndarray:
+    """The array at ``path`` (local or URL), checked against the manifest's ``shape_key``.
+
+    Raises:
+        DataError: the file is missing or of another shape.
+    """
     if not object_store.is_file(path):
-        raise DataError(f"{path}: unconditional embedding is missing")
+        raise DataError(f"{path}: {what} is missing")
     array = _load_npy(object_store.read_path(path))
-    if list(array.shape) != list(manifest.text_shape):
-        raise DataError(f"{path}: shape {list(array.shape)}, expected text_shape {manifest.text_shape}")
+    if list(array.shape) != list(shape):
+        raise DataError(f"{path}: shape {list(array.shape)}, expected {shape_key} {shape}")
     return array
