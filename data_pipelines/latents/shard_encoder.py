@@ -32,7 +32,8 @@ from data_pipelines.latents.format import (
     save_entry,
 )
 from data_pipelines.raw.format import decode_raw_sample
-from data_pipelines.shards.streaming import SkipCounter, tar_samples
+from data_pipelines.shards.corrupt_samples import SkipCounter
+from data_pipelines.shards.shard_reading import tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop

@@ -29,16 +29,11 @@ from data_pipelines.latents.format import (
     micro_conditioning,
 )
 from data_pipelines.raw.format import decode_raw_sample, sample_origin
+from data_pipelines.shards.corrupt_samples import SampleCounts, SkipCounter, take_counts
 from data_pipelines.shards.listing import resolve_shards
-from data_pipelines.shards.streaming import (
-    ResumableLoader,
-    SampleCounts,
-    SkipCounter,
-    batches_per_worker,
-    open_shard,
-    shard_stream,
-    take_counts,
-)
+from data_pipelines.shards.resumable_loader import ResumableLoader
+from data_pipelines.shards.shard_reading import open_shard
+from data_pipelines.shards.streaming import batches_per_worker, shard_stream
 from data_pipelines.transforms.buckets import BucketBatcher
 from data_pipelines.transforms.images import ResizeCrop
 from lf_common.errors import DataError
@@ -284,7 +279,7 @@ class LatentShardDataModule(_StreamingDataModule):
         resampled: draw training shards with replacement (equal batches on every rank).
         seed: shard and shuffle seed.
         max_bad_fraction: the run fails when more than this fraction of the samples a loader
-            process reads are corrupt (see :class:`~data_pipelines.shards.streaming.SkipCounter`).
+            process reads are corrupt (see :class:`~data_pipelines.shards.corrupt_samples.SkipCounter`).
         bad_fraction_min_samples: the fraction is taken over at least this many samples.
         shard_retries: further tries of a shard that cannot be opened before it is skipped (and
             counted as its samples within ``max_bad_fraction``).

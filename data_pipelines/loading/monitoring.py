@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from data_pipelines.shards.streaming import SampleCounts
+from data_pipelines.shards.corrupt_samples import SampleCounts
 
 
 class SkippedSamplesMonitor(L.Callback):

@@ -7,7 +7,7 @@ EMA use; the public per-tensor ``Tensor.lerp_`` is the same math in one kernel l
 weights into a float32 average.
 
 ``DataLoader._iterator`` and ``_MultiProcessingDataLoaderIter._shutdown_workers``
-(``data_pipelines.shards.streaming``): with ``persistent_workers`` the loader keeps one iterator,
+(``data_pipelines.shards.resumable_loader``): with ``persistent_workers`` the loader keeps one iterator,
 and its worker processes with their copies of the dataset, for its whole life; an exact resume
 restarts the stream from its beginning, which needs fresh workers. No public call ends them.
 

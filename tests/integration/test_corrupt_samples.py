@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.raw.writer import write_raw_shards
-from data_pipelines.shards.streaming import TooManyCorruptSamples
+from data_pipelines.shards.corrupt_samples import TooManyCorruptSamples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from tests.conftest import FirstDigits, compose_config, tiny_train_overrides
 from trainer.cli.precompute import run_precompute

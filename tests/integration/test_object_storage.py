@@ -61,7 +61,8 @@ def s3_latents(bucket, pretrained_dir):
 
 def samples(url: str) -> dict[str, dict]:
     """The decoded samples of a latent shard (local or in the bucket), by key."""
-    from data_pipelines.shards.streaming import SkipCounter, tar_samples
+    from data_pipelines.shards.corrupt_samples import SkipCounter
+    from data_pipelines.shards.shard_reading import tar_samples
 
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), lambda s: tar_samples(s, handler=SkipCounter(0.0, 1)))
     return {raw["__key__"]: decode_latent_sample(raw) for raw in pipeline}

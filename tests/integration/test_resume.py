@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.shards.streaming import LoaderWorkerDied
+from data_pipelines.shards.resumable_loader import LoaderWorkerDied
 from lf_common.errors import StorageError
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.integration.cli import kill_cli_when, run_cli

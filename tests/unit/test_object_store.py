@@ -18,7 +18,7 @@ from data_pipelines.latents.format import (
 )
 from data_pipelines.raw.validate import validate_shards
 from data_pipelines.shards.listing import resolve_shards
-from data_pipelines.shards.streaming import open_shard
+from data_pipelines.shards.shard_reading import open_shard
 from lf_common import object_store
 from lf_common.errors import DataError
 from tests.s3_server import upload_folder
@@ -51,7 +51,7 @@ def test_a_shard_is_streamed_in_ranged_reads(s3_bucket, raw_shards):
     (url, *_) = upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
     local = sorted(raw_shards.glob("*.tar"))[0]
     with open_shard(url) as stream:
-        assert stream.blocksize == 8 << 20  # fetched a block at a time, never as a whole download
+        assert stream._file.blocksize == 8 << 20  # fetched a block at a time, never as a whole download
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             names = [member.name for member in tar]
     with tarfile.open(local) as tar:

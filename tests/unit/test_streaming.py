@@ -9,13 +9,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from data_pipelines.loading.datamodules import ImageShardDataModule
-from data_pipelines.shards.streaming import (
-    COUNTS_KEY,
-    LoaderWorkerDied,
-    ResumableLoader,
-    SkipCounter,
-    TooManyCorruptSamples,
-)
+from data_pipelines.shards.corrupt_samples import COUNTS_KEY, SkipCounter, TooManyCorruptSamples
+from data_pipelines.shards.resumable_loader import LoaderWorkerDied, ResumableLoader
 from data_pipelines.shards.tar_writer import open_tar_writer
 
 

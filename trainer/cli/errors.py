@@ -33,7 +33,7 @@ from hydra.errors import (
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from data_pipelines.shards.streaming import LoaderWorkerDied
+from data_pipelines.shards.resumable_loader import LoaderWorkerDied
 from lf_common.errors import ConfigError, DataError, StorageError
 from trainer.cli.command_doc import CommandDoc
 

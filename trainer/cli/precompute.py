@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.precompute import precompute_latents
 from data_pipelines.latents.shard_encoder import LatentShardEncoder, Transform
+from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.listing import resolve_shards
-from data_pipelines.shards.streaming import SkipCounter
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from data_pipelines.latents.format import LatentManifest
 from data_pipelines.loading.datamodules import LatentShardDataModule
-from data_pipelines.shards.streaming import SampleCounts
+from data_pipelines.shards.corrupt_samples import SampleCounts
 from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
 from trainer.faults.watchdog import guarded_ranks
 from trainer.sampling.sampler import SampleSettings

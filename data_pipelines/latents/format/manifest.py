@@ -1,242 +1,27 @@
-"""The latent-shard format: the one place that defines its keys, dtypes, shapes and manifest.
-
-A latent shard is a WebDataset tar whose samples hold::
-
-    KEY.latent.npy   float16 (C, h, w)  VAE posterior mode times the VAE's scaling factor; (h, w) is
-                                        the resolution / f, or its bucket's size / f when bucketed
-    KEY.text.npy     float16 (T, D)     text encoder last hidden state of the tokenized caption
-    KEY.txt          UTF-8               the caption
-    KEY.json         JSON                the raw sample's metadata plus preprocessing info
-
-and, for training an inpainting UNet (precompute with ``inpainting=true``; the manifest's
-``transforms`` then hold ``inpainting_masks``, the mask settings)::
-
-    KEY.mask.npy           float16 (1, h, w)  the sample's random mask at latent resolution (1: paint)
-    KEY.masked_latent.npy  float16 (C, h, w)  latents of the image with the masked part grey (0)
-
-and, for Stable Diffusion XL (precompute with a second text encoder; the manifest then names
-``text_encoder_2`` and ``pooled_shape``)::
-
-    KEY.text.npy     float16 (T, D1 + D2)  both encoders' penultimate hidden states, concatenated on
-                                           channels (SDXL's convention: CLIP ViT-L then OpenCLIP bigG)
-    KEY.pooled.npy   float16 (P,)          the second encoder's pooled, projected embedding
-
-SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
-preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
-of the crop in the resized image and ``target_size`` ``[h, w]`` of the encoded image (its bucket's
-size, or the square resolution); :func:`micro_conditioning` reads them as SDXL's six ``time_ids``.
-Integers in JSON, not float16 arrays: sizes above 2048 would round in float16.
-
-The folder may be an object-store URL (``s3://bucket/latents``; :mod:`lf_common.object_store`): each
-shard object is uploaded whole before its record, and the manifest is written last.
-
-Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
-fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
-the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
-caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. For SDXL the
-unconditional embeddings are zeros, ``uncond.text.npy`` and ``uncond.pooled.npy`` ``(P,)``: SDXL's
-training drops a caption by zeroing both encoders' outputs and the pooled embedding, and its
-pipelines use zeros for an empty negative prompt (``force_zeros_for_empty_prompt``). With
-aspect-ratio buckets (:mod:`data_pipelines.transforms.buckets`) the manifest also lists the bucket sizes
-``[height, width]`` and their latent shapes, and ``KEY.json`` holds each sample's ``bucket`` index
-and ``target_size``.
-The writer (precompute) and the reader (training loader) both import this module.
-"""
+"""A latent-shard folder's records: the manifest, each complete shard's entry and cache key, and the
+unconditional embeddings stored next to the shards (local folders or object-store URLs)."""
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_pipelines.raw.format import sample_origin
+from data_pipelines.latents.format.keys import (
+    ENTRY_SUFFIX,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MASKS_SETTING,
+    UNCOND_NAME,
+    UNCOND_POOLED_NAME,
+)
+from data_pipelines.latents.format.samples import load_npy, npy_bytes
 from lf_common import object_store
-from lf_common.errors import CorruptSampleError, DataError
-
-FORMAT_NAME = "latentforge.latent-shards"
-FORMAT_VERSION = 1
-LATENT_KEY = "latent.npy"
-TEXT_KEY = "text.npy"
-CAPTION_KEY = "txt"
-META_KEY = "json"
-MASK_KEY = "mask.npy"
-MASKED_LATENT_KEY = "masked_latent.npy"
-POOLED_KEY = "pooled.npy"
-MASKS_SETTING = "inpainting_masks"  # in the manifest's transforms: the shards hold the two members above
-STORAGE_DTYPE = np.float16
-MANIFEST_NAME = "manifest.json"
-UNCOND_NAME = "uncond.text.npy"
-UNCOND_POOLED_NAME = "uncond.pooled.npy"
-MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")  # SDXL's time_ids, in this order
-
-
-@dataclass
-class LatentSample:
-    """One decoded latent-shard sample.
-
-    Attributes:
-        key: the sample key.
-        latent: ``(C, h, w)`` float16.
-        text: ``(T, D)`` float16.
-        caption: the caption.
-        meta: metadata.
-        mask: ``(1, h, w)`` float16, inpainting shards only.
-        masked_latent: ``(C, h, w)`` float16, inpainting shards only.
-        pooled: ``(P,)`` float16, SDXL shards only (the second text encoder's pooled embedding).
-    """
-
-    key: str
-    latent: np.ndarray
-    text: np.ndarray
-    caption: str
-    meta: dict[str, Any] = field(default_factory=dict)
-    mask: np.ndarray | None = None
-    masked_latent: np.ndarray | None = None
-    pooled: np.ndarray | None = None
-
-
-def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
-    """SDXL's ``time_ids`` of one sample: ``original_size + crop_top_left + target_size`` from its metadata.
-
-    Shards written before ``target_size`` was recorded for square crops have ``resolution`` instead.
-
-    Returns:
-        ``(6,)`` int64: ``[orig_h, orig_w, crop_top, crop_left, target_h, target_w]``.
-
-    Raises:
-        CorruptSampleError: a value is missing or is not two integers.
-    """
-    meta = dict(meta)
-    if "target_size" not in meta and "resolution" in meta:
-        meta["target_size"] = [meta["resolution"], meta["resolution"]]
-    values: list[int] = []
-    for name in MICRO_CONDITIONING:
-        pair = meta.get(name)
-        if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-            raise CorruptSampleError(f"{origin}: metadata '{name}' is {pair!r}, expected [int, int] (SDXL time_ids)")
-        values += pair
-    return np.asarray(values, dtype=np.int64)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=STORAGE_DTYPE), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _payload_bytes(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape)) * np.dtype(STORAGE_DTYPE).itemsize
-
-
-@lru_cache(maxsize=64)
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The exact ``.npy`` header that :func:`_npy_bytes` writes for an array of ``shape``."""
-    data = _npy_bytes(np.zeros(shape, dtype=STORAGE_DTYPE))
-    return data[: len(data) - _payload_bytes(shape)]
-
-
-def _load_npy_of_shape(data: bytes, shapes: Sequence[tuple[int, ...]] | None) -> np.ndarray:
-    """Read a ``.npy`` member; skip parsing the header when it is byte for byte the one written for
-    one of ``shapes`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to ``np.load``."""
-    for shape in shapes or ():
-        header = _npy_header(tuple(shape))
-        if data.startswith(header) and len(data) == len(header) + _payload_bytes(tuple(shape)):
-            return np.frombuffer(data, dtype=STORAGE_DTYPE, offset=len(header)).reshape(shape)
-    return _load_npy(data)
-
-
-def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
-    """The tar members of one sample (bytes), for ``webdataset.TarWriter(encoder=False)``."""
-    members = {
-        "__key__": sample.key,
-        LATENT_KEY: _npy_bytes(sample.latent),
-        TEXT_KEY: _npy_bytes(sample.text),
-        CAPTION_KEY: sample.caption.encode("utf-8"),
-        META_KEY: json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
-    }
-    if sample.mask is not None and sample.masked_latent is not None:
-        members[MASK_KEY] = _npy_bytes(sample.mask)
-        members[MASKED_LATENT_KEY] = _npy_bytes(sample.masked_latent)
-    if sample.pooled is not None:
-        members[POOLED_KEY] = _npy_bytes(sample.pooled)
-    return members
-
-
-def decode_latent_sample(
-    sample: dict[str, Any],
-    latent_shape: tuple[int, ...] | None = None,
-    text_shape: tuple[int, ...] | None = None,
-    *,
-    latent_shapes: Sequence[tuple[int, ...]] | None = None,
-    inpainting: bool = False,
-    pooled_shape: tuple[int, ...] | None = None,
-) -> LatentSample:
-    """Decode one webdataset sample of a latent shard, checking shapes when given.
-
-    Args:
-        sample: the raw webdataset sample (``__key__``, ``__url__``, member bytes).
-        latent_shape: the expected ``(C, h, w)``.
-        text_shape: the expected ``(T, D)``.
-        latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
-        inpainting: the sample must hold ``mask.npy`` and ``masked_latent.npy`` of its latent's size.
-        pooled_shape: SDXL shards: the sample must hold ``pooled.npy`` of this shape ``(P,)``.
-
-    Raises:
-        CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
-    """
-    origin = sample_origin(sample)
-    allowed_latent = (
-        [tuple(s) for s in latent_shapes] if latent_shapes else ([tuple(latent_shape)] if latent_shape else None)
-    )
-    allowed_text = [tuple(text_shape)] if text_shape else None
-    arrays = {}
-    for key, shapes in ((LATENT_KEY, allowed_latent), (TEXT_KEY, allowed_text)):
-        if key not in sample:
-            raise CorruptSampleError(f"{origin}: member '{key}' is missing")
-        try:
-            array = _load_npy_of_shape(sample[key], shapes)
-        except Exception as error:
-            raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
-        if array.dtype != STORAGE_DTYPE or (shapes is not None and tuple(array.shape) not in shapes):
-            expected = " or ".join(str(s) for s in shapes) if shapes else "any shape"
-            found = f"{array.dtype} {tuple(array.shape)}"
-            raise CorruptSampleError(
-                f"{origin}: member '{key}' is {found}, expected {np.dtype(STORAGE_DTYPE)} {expected}"
-            )
-        arrays[key] = array
-    caption = sample[CAPTION_KEY].decode("utf-8") if CAPTION_KEY in sample else ""
-    meta = json.loads(sample[META_KEY]) if META_KEY in sample else {}
-    decoded = LatentSample(sample["__key__"], arrays[LATENT_KEY], arrays[TEXT_KEY], caption, meta)
-    if inpainting:
-        channels, h, w = arrays[LATENT_KEY].shape
-        for key, shape in ((MASK_KEY, (1, h, w)), (MASKED_LATENT_KEY, (channels, h, w))):
-            if key not in sample:
-                raise CorruptSampleError(f"{origin}: member '{key}' is missing (an inpainting shard)")
-            array = _load_npy_of_shape(sample[key], [shape])
-            if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
-                raise CorruptSampleError(f"{origin}: member '{key}' is {array.dtype} {array.shape}, expected {shape}")
-        decoded.mask = _load_npy_of_shape(sample[MASK_KEY], [(1, h, w)])
-        decoded.masked_latent = _load_npy_of_shape(sample[MASKED_LATENT_KEY], [(channels, h, w)])
-    if pooled_shape is not None:
-        if POOLED_KEY not in sample:
-            raise CorruptSampleError(f"{origin}: member '{POOLED_KEY}' is missing (an SDXL shard)")
-        pooled = _load_npy_of_shape(sample[POOLED_KEY], [tuple(pooled_shape)])
-        if pooled.dtype != STORAGE_DTYPE or tuple(pooled.shape) != tuple(pooled_shape):
-            raise CorruptSampleError(
-                f"{origin}: member '{POOLED_KEY}' is {pooled.dtype} {pooled.shape}, expected {tuple(pooled_shape)}"
-            )
-        decoded.pooled = pooled
-    return decoded
+from lf_common.errors import DataError
 
 
 @dataclass
@@ -318,9 +103,6 @@ class ShardEntry:
     def key(self) -> CacheKey | None:
         """The cache key the shard was written with (``None`` for shards written without one)."""
         return CacheKey(**self.cache_key) if self.cache_key else None
-
-
-ENTRY_SUFFIX = ".entry.json"
 
 
 def entry_path(shard: str | Path) -> str:
@@ -486,12 +268,12 @@ class LatentManifest:
 
 def save_uncond_embedding(folder: str | Path, embedding: np.ndarray) -> None:
     """Write the empty caption's embedding ``(T, D)`` as ``uncond.text.npy`` (atomically)."""
-    object_store.write_path(object_store.join(str(folder), UNCOND_NAME), _npy_bytes(embedding))
+    object_store.write_path(object_store.join(str(folder), UNCOND_NAME), npy_bytes(embedding))
 
 
 def save_uncond_pooled(folder: str | Path, pooled: np.ndarray) -> None:
     """Write SDXL's unconditional pooled embedding ``(P,)`` as ``uncond.pooled.npy`` (atomically)."""
-    object_store.write_path(object_store.join(str(folder), UNCOND_POOLED_NAME), _npy_bytes(pooled))
+    object_store.write_path(object_store.join(str(folder), UNCOND_POOLED_NAME), npy_bytes(pooled))
 
 
 def load_uncond_pooled(folder: str | Path, manifest: LatentManifest) -> np.ndarray | None:
@@ -524,7 +306,7 @@ def _load_uncond(path: str, what: str, shape_key: str, shape: list[int]) -> np.n
     """
     if not object_store.is_file(path):
         raise DataError(f"{path}: {what} is missing")
-    array = _load_npy(object_store.read_path(path))
+    array = load_npy(object_store.read_path(path))
     if list(array.shape) != list(shape):
         raise DataError(f"{path}: shape {list(array.shape)}, expected {shape_key} {shape}")
     return array

@@ -1,0 +1,118 @@
+"""The latent-shard format: the one place that defines its keys, dtypes, shapes and manifest.
+
+A latent shard is a WebDataset tar whose samples hold::
+
+    KEY.latent.npy   float16 (C, h, w)  VAE posterior mode times the VAE's scaling factor; (h, w) is
+                                        the resolution / f, or its bucket's size / f when bucketed
+    KEY.text.npy     float16 (T, D)     text encoder last hidden state of the tokenized caption
+    KEY.txt          UTF-8               the caption
+    KEY.json         JSON                the raw sample's metadata plus preprocessing info
+
+and, for training an inpainting UNet (precompute with ``inpainting=true``; the manifest's
+``transforms`` then hold ``inpainting_masks``, the mask settings)::
+
+    KEY.mask.npy           float16 (1, h, w)  the sample's random mask at latent resolution (1: paint)
+    KEY.masked_latent.npy  float16 (C, h, w)  latents of the image with the masked part grey (0)
+
+and, for Stable Diffusion XL (precompute with a second text encoder; the manifest then names
+``text_encoder_2`` and ``pooled_shape``)::
+
+    KEY.text.npy     float16 (T, D1 + D2)  both encoders' penultimate hidden states, concatenated on
+                                           channels (SDXL's convention: CLIP ViT-L then OpenCLIP bigG)
+    KEY.pooled.npy   float16 (P,)          the second encoder's pooled, projected embedding
+
+SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
+preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
+of the crop in the resized image and ``target_size`` ``[h, w]`` of the encoded image (its bucket's
+size, or the square resolution); :func:`micro_conditioning` reads them as SDXL's six ``time_ids``.
+Integers in JSON, not float16 arrays: sizes above 2048 would round in float16.
+
+The folder may be an object-store URL (``s3://bucket/latents``; :mod:`lf_common.object_store`): each
+shard object is uploaded whole before its record, and the manifest is written last.
+
+Next to the shards, ``manifest.json`` records the format version, the encoders (path, class,
+fingerprint), the resolution and transforms, the shapes, every shard with its sample count and
+the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``: the empty
+caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. For SDXL the
+unconditional embeddings are zeros, ``uncond.text.npy`` and ``uncond.pooled.npy`` ``(P,)``: SDXL's
+training drops a caption by zeroing both encoders' outputs and the pooled embedding, and its
+pipelines use zeros for an empty negative prompt (``force_zeros_for_empty_prompt``). With
+aspect-ratio buckets (:mod:`data_pipelines.transforms.buckets`) the manifest also lists the bucket sizes
+``[height, width]`` and their latent shapes, and ``KEY.json`` holds each sample's ``bucket`` index
+and ``target_size``.
+The writer (precompute) and the reader (training loader) both import this package: :mod:`.keys` (member
+and file names, dtype, version), :mod:`.samples` (one sample's members, written and checked when read),
+:mod:`.manifest` (the manifest, shard entries and cache keys, the unconditional embeddings).
+"""
+
+from data_pipelines.latents.format.keys import (
+    CAPTION_KEY,
+    ENTRY_SUFFIX,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATENT_KEY,
+    MANIFEST_NAME,
+    MASK_KEY,
+    MASKED_LATENT_KEY,
+    MASKS_SETTING,
+    META_KEY,
+    MICRO_CONDITIONING,
+    POOLED_KEY,
+    STORAGE_DTYPE,
+    TEXT_KEY,
+    UNCOND_NAME,
+    UNCOND_POOLED_NAME,
+)
+from data_pipelines.latents.format.manifest import (
+    CacheKey,
+    EncoderInfo,
+    LatentManifest,
+    ShardEntry,
+    entry_path,
+    load_entry,
+    load_uncond_embedding,
+    load_uncond_pooled,
+    save_entry,
+    save_uncond_embedding,
+    save_uncond_pooled,
+)
+from data_pipelines.latents.format.samples import (
+    LatentSample,
+    decode_latent_sample,
+    encode_latent_sample,
+    micro_conditioning,
+)
+
+__all__ = [
+    "CAPTION_KEY",
+    "ENTRY_SUFFIX",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LATENT_KEY",
+    "MANIFEST_NAME",
+    "MASKED_LATENT_KEY",
+    "MASKS_SETTING",
+    "MASK_KEY",
+    "META_KEY",
+    "MICRO_CONDITIONING",
+    "POOLED_KEY",
+    "STORAGE_DTYPE",
+    "TEXT_KEY",
+    "UNCOND_NAME",
+    "UNCOND_POOLED_NAME",
+    "CacheKey",
+    "EncoderInfo",
+    "LatentManifest",
+    "LatentSample",
+    "ShardEntry",
+    "decode_latent_sample",
+    "encode_latent_sample",
+    "entry_path",
+    "load_entry",
+    "load_uncond_embedding",
+    "load_uncond_pooled",
+    "micro_conditioning",
+    "save_entry",
+    "save_uncond_embedding",
+    "save_uncond_pooled",
+]

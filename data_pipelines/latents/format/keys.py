@@ -1,0 +1,22 @@
+"""The latent-shard format's names: member keys, file names, the storage dtype, the format version."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT_NAME = "latentforge.latent-shards"
+FORMAT_VERSION = 1
+LATENT_KEY = "latent.npy"
+TEXT_KEY = "text.npy"
+CAPTION_KEY = "txt"
+META_KEY = "json"
+MASK_KEY = "mask.npy"
+MASKED_LATENT_KEY = "masked_latent.npy"
+POOLED_KEY = "pooled.npy"
+MASKS_SETTING = "inpainting_masks"  # in the manifest's transforms: the shards hold the two members above
+STORAGE_DTYPE = np.float16
+MANIFEST_NAME = "manifest.json"
+ENTRY_SUFFIX = ".entry.json"  # next to each complete shard: its record (shard-000003.entry.json)
+UNCOND_NAME = "uncond.text.npy"
+UNCOND_POOLED_NAME = "uncond.pooled.npy"
+MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")  # SDXL's time_ids, in this order
