@@ -7,6 +7,11 @@ a process of its own, on 127.0.0.1; objects streamed by s3fs in 8 MB ranged read
 ``num_workers`` 0 and 2. The S3 server here is a Python process on the same machine: it measures
 the cost of the S3 path (HTTP, s3fs, ranged reads) rather than a cloud store's bandwidth.
 
+Then whether prefetching keeps a GPU fed: a consumer that takes a batch every ``STEP_S`` seconds (one
+H200's training step at 512 px, batch 32: 97 img/s measured, BENCHMARKS.md) while 2 loader workers
+prefetch; the time it waits for its next batch is what the GPU would idle, printed per step and as a
+fraction of the run, from local disk and from S3.
+
 Run: ``python bench/bench_s3_loader.py``. The last line is the ratio (local / S3 samples per second)
 with loader workers.
 """
@@ -28,6 +33,7 @@ from lf_common import object_store
 
 SAMPLES, PER_SHARD, BATCH, BUFFER, EPOCHS = 960, 120, 32, 200, 2
 LATENT, TEXT = (4, 64, 64), (77, 768)
+STEP_S, FED_STEPS = BATCH / 97.1, 24  # one H200's 512 px step (batch 32, bf16, SD 1.5's UNet); steps timed
 
 
 def free_port() -> int:
@@ -65,6 +71,21 @@ def samples_per_second(folder: str, workers: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
+def data_wait(folder: str, workers: int) -> tuple[float, float]:
+    """A consumer taking a batch every ``STEP_S`` s for ``FED_STEPS`` steps (after a warm-up batch): the mean
+    wait for a batch (s) and the fraction of the run spent waiting (what a GPU would idle)."""
+    module = LatentShardDataModule(folder, batch_size=BATCH, num_workers=workers, shuffle_buffer=BUFFER)
+    iterator = iter(module.train_dataloader())
+    next(iterator)
+    waited, start = 0.0, time.perf_counter()
+    for _ in range(FED_STEPS):
+        before = time.perf_counter()
+        next(iterator)
+        waited += time.perf_counter() - before
+        time.sleep(STEP_S)  # the training step
+    return waited / FED_STEPS, waited / (time.perf_counter() - start)
+
+
 def main() -> None:
     server, endpoint = start_server()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
@@ -84,6 +105,12 @@ def main() -> None:
                 print(
                     f"num_workers={workers}: local disk {local:8.0f} samples/s, S3 {remote:8.0f} samples/s "
                     f"({local / remote:.2f}x)"
+                )
+            for name, folder in (("local disk", tmp), ("S3", "s3://bench/latents")):
+                wait, fraction = data_wait(folder, workers=2)
+                print(
+                    f"fed at {BATCH / STEP_S:.0f} img/s (step {STEP_S * 1000:.0f} ms), 2 workers, {name}: "
+                    f"waits {wait * 1000:6.1f} ms a step, {fraction:.1%} of the run"
                 )
             print(f"local / S3 samples/s with 2 loader workers: {local / remote:.2f}x")
     finally:
