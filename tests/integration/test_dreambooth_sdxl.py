@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, micro_conditioning
 from tests.conftest import compose_config
+from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested, consumed_batches
 from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
 from trainer.checkpoint.export import build_export
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.train import optimizer_factories, run_train
 from trainer.lora.loading import load_lora
 from trainer.sampling.sampler import Sampler, SampleSettings
@@ -83,19 +85,36 @@ def test_dreambooth_sdxl_fine_tunes_the_unet_only(sdxl_base_model, cat_photos, t
     )
 
 
-def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_with_prior_preservation(
-    sdxl_base_model, cat_photos, tmp_path
-):
-    run, cache = tmp_path / "run", tmp_path / "c"
-    overrides = dreambooth_overrides("dreambooth_sdxl_text_encoder", sdxl_base_model, cat_photos, cache, run)
-    run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3"]))
-    assert_trained_with_prior(run, cache)
-    export = export_last(run, tmp_path / "export")
+def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_and_resumes_exactly(sdxl_base_model, cat_photos, tmp_path):
+    """``dreambooth_sdxl_text_encoder`` trains the UNet and both encoders with prior preservation, and a run
+    stopped at step 2 and resumed to step 4 equals an uninterrupted 4-step run bit for bit: the three parts'
+    weights and optimizer state, schedule, RNG states and both streams' positions (as the SD 1.x test in
+    ``test_dreambooth.py``)."""
+    cache = tmp_path / "c"  # the first run generates and encodes; the others reuse
+
+    def train(run: str, steps: int, *extra: str) -> Path:
+        overrides = dreambooth_overrides(
+            "dreambooth_sdxl_text_encoder", sdxl_base_model, cat_photos, cache, tmp_path / run, steps=steps
+        )
+        run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3", *extra]))
+        return tmp_path / run / "checkpoints" / "last.ckpt"
+
+    whole = train("whole", 4)
+    assert_trained_with_prior(tmp_path / "whole", cache)
+    export = export_last(tmp_path / "whole", tmp_path / "export")
     assert changed_parts(sdxl_base_model, export) == set(ALL_PARTS)
     before, after = (load_file(folder / "text_encoder" / "model.safetensors") for folder in (sdxl_base_model, export))
     idle = [key for key in before if ".layers.1." in key or "final_layer_norm" in key]  # after the penultimate state
     assert idle and all(torch.equal(before[key], after[key]) for key in idle), "SDXL never reads these"
     Sampler.from_export(export, device="cpu").txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))
+
+    assert load_checkpoint(train("stopped", 2))["DreamBoothDataModule"]["instance"]["batches"] == 2
+    resumed = train("stopped", 4, "ckpt_path=last")
+    assert_resume_is_exact(resumed, whole, data_module="DreamBoothDataModule")
+    a, b = load_checkpoint(resumed), load_checkpoint(whole)
+    assert {key.split(".")[0] for key in a["state_dict"]} >= set(ALL_PARTS), "all three parts are compared"
+    assert consumed_batches(a["DreamBoothDataModule"]) == {"instance": 4, "class": 4}
+    assert_same_nested(a["callbacks"]["RNGState"], b["callbacks"]["RNGState"], "RNG states")
 
 
 def test_lora_sdxl_trains_adapters_on_unet_and_both_encoders_and_loads_back(sdxl_base_model, cat_photos, tmp_path):
