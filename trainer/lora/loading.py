@@ -8,14 +8,15 @@ Kinds, each mapped exactly or refused by name:
   ``lora_te1_*``/``lora_te2_*`` and ldm-named UNet modules, ``lora_unet_input_blocks_*``): read with
   diffusers' own ``lora_state_dict`` (given the UNet's config, which maps ldm block numbers) and
   loaded with its loaders, as ``pipe.load_lora_weights`` does;
-* LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``): through peft's LoHa/LoKr layers
-  (:mod:`trainer.lora.lycoris`);
+* LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``; SDXL's with ldm-named UNet modules and
+  ``lora_te1_``/``lora_te2_``): through peft's LoHa/LoKr layers (:mod:`trainer.lora.lycoris`);
 * other LyCORIS algorithms and model checkpoints are refused, naming what the file is.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,9 +26,10 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import DataError
+from trainer.checkpoint.sd_single_file import original_module_name, unet_rules
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
 from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
-from trainer.lora.lycoris import KOHYA_PREFIXES, adapter_weights, add_lycoris, lycoris_kind, split_by_part
+from trainer.lora.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
 
 log = logging.getLogger(__name__)
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -65,11 +67,19 @@ def _settings_of(model: torch.nn.Module, adapter_name: str) -> LoraSettings:
     )
 
 
+def sdxl_unet_names(unet: torch.nn.Module) -> ModuleNames | None:
+    """An SDXL UNet's modules' ldm names (what SDXL's kohya and LyCORIS files use); ``None`` for SD 1.x/2.x."""
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None
+    return partial(original_module_name, rules=unet_rules(unet.config))
+
+
 def _load_lycoris(
     kind: str, state: dict[str, torch.Tensor], models: dict[str, torch.nn.Module], adapter_name: str
 ) -> dict[str, LoraSettings]:
     settings = {}
-    for part, modules in split_by_part(state, models).items():
+    unet_names = sdxl_unet_names(models["unet"]) if "unet" in models else None
+    for part, modules in split_by_part(state, models, unet_names).items():
         settings[part], weights = adapter_weights(kind, modules, models[part])
         add_lycoris(models[part], settings[part], weights, adapter_name)
     return settings
@@ -137,8 +147,8 @@ def add_adapters_from_file(
         raise DataError(f"lora={path}: {error}") from None
     if kind is None:
         return _load_lora(Path(path), models, adapter_name)
-    try:  # LyCORIS files are read for SD 1.x/2.x's parts (SDXL's second encoder's LoHa/LoKr is not)
-        return _load_lycoris(kind, state, {p: m for p, m in models.items() if p in KOHYA_PREFIXES}, adapter_name)
+    try:
+        return _load_lycoris(kind, state, models, adapter_name)
     except DataError as error:
         raise DataError(f"lora={path}: {error}") from None
 
