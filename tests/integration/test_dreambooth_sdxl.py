@@ -20,10 +20,11 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, micro_conditioning
+from lf_common.errors import DataError
 from tests.conftest import compose_config
 from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested, consumed_batches
 from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
-from trainer.checkpoint.export import build_export
+from trainer.checkpoint.export import build_export, sdxl_lora_names
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.train import optimizer_factories, run_train
 from trainer.lora.loading import load_lora
@@ -180,7 +181,10 @@ def test_loha_sdxl_trains_on_unet_and_both_encoders_and_loads_back(sdxl_base_mod
                                         dict(merged.scheduler.config), text_encoder_2=merged.text_encoder_2,
                                         tokenizer_2=merged.tokenizer_2))  # fmt: skip
         expected_unet = merged.unet(x, t, trained[0], added_cond_kwargs=added).sample
-    parts = load_lora(sampler.unet, sampler.text_encoder, file, text_encoder_2=sampler.text_encoder_2)
+    with pytest.raises(DataError, match="an SDXL UNet's LyCORIS file names its modules as ldm does"):
+        load_lora(sampler.unet, sampler.text_encoder, file, text_encoder_2=sampler.text_encoder_2)
+    names = sdxl_lora_names(sampler.unet)  # what lf-sample passes
+    parts = load_lora(sampler.unet, sampler.text_encoder, file, text_encoder_2=sampler.text_encoder_2, unet_names=names)
     assert sorted(parts) == sorted(ALL_PARTS)
     with torch.no_grad():
         found = encode_prompt(sampler)

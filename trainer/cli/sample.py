@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lf_common.errors import ConfigError, DataError
+from trainer.checkpoint.export import sdxl_lora_names
 from trainer.cli.command import lf_command
 from trainer.lora.loading import load_lora
 from trainer.sampling.conditioning import micro_conditioning
@@ -157,6 +158,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
             cfg.lora,
             cfg.get("lora_scale", 1.0),
             text_encoder_2=sampler.text_encoder_2,
+            unet_names=sdxl_lora_names(sampler.unet),
         )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

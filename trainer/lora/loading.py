@@ -16,7 +16,6 @@ Kinds, each mapped exactly or refused by name:
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import DataError
-from trainer.checkpoint.sd_single_file import original_module_name, unet_rules
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
 from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
 from trainer.lora.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
@@ -67,19 +65,19 @@ def _settings_of(model: torch.nn.Module, adapter_name: str) -> LoraSettings:
     )
 
 
-def sdxl_unet_names(unet: torch.nn.Module) -> ModuleNames | None:
-    """An SDXL UNet's modules' ldm names (what SDXL's kohya and LyCORIS files use); ``None`` for SD 1.x/2.x."""
-    if unet.config.get("addition_embed_type") != "text_time":
-        return None
-    return partial(original_module_name, rules=unet_rules(unet.config))
-
-
 def _load_lycoris(
-    kind: str, state: dict[str, torch.Tensor], models: dict[str, torch.nn.Module], adapter_name: str
+    kind: str,
+    state: dict[str, torch.Tensor],
+    models: dict[str, torch.nn.Module],
+    adapter_name: str,
+    unet_names: ModuleNames | None,
 ) -> dict[str, LoraSettings]:
+    sdxl = "unet" in models and models["unet"].config.get("addition_embed_type") == "text_time"
+    if sdxl and unet_names is None:
+        raise DataError("an SDXL UNet's LyCORIS file names its modules as ldm does: pass unet_names "
+                        "(trainer.checkpoint.export.sdxl_lora_names(unet))")  # fmt: skip
     settings = {}
-    unet_names = sdxl_unet_names(models["unet"]) if "unet" in models else None
-    for part, modules in split_by_part(state, models, unet_names).items():
+    for part, modules in split_by_part(state, models, unet_names if sdxl else None).items():
         settings[part], weights = adapter_weights(kind, modules, models[part])
         add_lycoris(models[part], settings[part], weights, adapter_name)
     return settings
@@ -126,10 +124,14 @@ def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str
 
 
 def add_adapters_from_file(
-    path: str | Path, models: dict[str, torch.nn.Module], adapter_name: str = "lora"
+    path: str | Path,
+    models: dict[str, torch.nn.Module],
+    adapter_name: str = "lora",
+    unet_names: ModuleNames | None = None,
 ) -> dict[str, LoraSettings]:
     """Add the adapters of the file at ``path`` to ``models`` (``{"unet": ..., "text_encoder": ...}``, and
-    SDXL's ``"text_encoder_2"``).
+    SDXL's ``"text_encoder_2"``). ``unet_names``: an SDXL UNet's modules' ldm names, which its LyCORIS
+    files use (:func:`trainer.checkpoint.export.sdxl_lora_names`; LoRA files need none).
 
     Returns:
         Per part that received adapters, the settings that rebuild them.
@@ -148,7 +150,7 @@ def add_adapters_from_file(
     if kind is None:
         return _load_lora(Path(path), models, adapter_name)
     try:
-        return _load_lycoris(kind, state, models, adapter_name)
+        return _load_lycoris(kind, state, models, adapter_name, unet_names)
     except DataError as error:
         raise DataError(f"lora={path}: {error}") from None
 
@@ -160,9 +162,11 @@ def load_lora(
     scale: float = 1.0,
     adapter_name: str = "lora",
     text_encoder_2: CLIPTextModelWithProjection | None = None,
+    unet_names: ModuleNames | None = None,
 ) -> list[str]:
     """Add the LoRA at ``path`` to the UNet and, when the file has text-encoder adapters, to the text
     encoder(s) (SDXL's second one given as ``text_encoder_2``); set its scale (1: as trained, 0: off).
+    ``unet_names``: see :func:`add_adapters_from_file`.
 
     Returns:
         The parts that received adapters, of ``["unet", "text_encoder", "text_encoder_2"]``.
@@ -173,7 +177,7 @@ def load_lora(
     models = {"unet": unet, "text_encoder": text_encoder}
     if text_encoder_2 is not None:
         models["text_encoder_2"] = text_encoder_2
-    parts = list(add_adapters_from_file(path, models, adapter_name))
+    parts = list(add_adapters_from_file(path, models, adapter_name, unet_names))
     for part in parts:
         if part == "unet":
             unet.set_adapters([adapter_name], weights=[scale])
@@ -182,8 +186,11 @@ def load_lora(
     return parts
 
 
-def trainable_adapters_from_file(unet: UNet2DConditionModel, path: str | Path) -> LoraSettings:
-    """The UNet adapters of the file at ``path`` as the trainable adapter ``"default"`` (continue training a LoRA).
+def trainable_adapters_from_file(
+    unet: UNet2DConditionModel, path: str | Path, unet_names: ModuleNames | None = None
+) -> LoraSettings:
+    """The UNet adapters of the file at ``path`` as the trainable adapter ``"default"`` (continue training a LoRA;
+    ``unet_names``: see :func:`add_adapters_from_file`).
 
     The base UNet is frozen. Text-encoder adapters in the file are not used: training from latent
     shards takes text embeddings precomputed without them (logged).
@@ -191,7 +198,7 @@ def trainable_adapters_from_file(unet: UNet2DConditionModel, path: str | Path) -
     Returns:
         The settings that rebuild the adapter (stored in checkpoints as ``model.lora``).
     """
-    settings = add_adapters_from_file(path, {"unet": unet}, "default")
+    settings = add_adapters_from_file(path, {"unet": unet}, "default", unet_names)
     if "unet" not in settings:
         raise DataError(f"model.lora_from={path}: the file holds no UNet adapters to train on")
     trainable = mark_adapters_trainable(unet, "default")
