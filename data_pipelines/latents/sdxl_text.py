@@ -23,15 +23,17 @@ def encode_text_sdxl(
     tokenizers: Sequence[CLIPTokenizer],
     text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
     texts: list[str],
+    texts_2: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> SDXL's ``(text, pooled)`` without gradients (precompute, sampling): see :func:`sdxl_text_states`."""
-    return sdxl_text_states(tokenizers, text_encoders, texts)
+    return sdxl_text_states(tokenizers, text_encoders, texts, texts_2)
 
 
 def sdxl_text_states(
     tokenizers: Sequence[CLIPTokenizer],
     text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
     texts: list[str],
+    texts_2: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> SDXL's ``(text, pooled)``, with gradients where the encoders train (DreamBooth).
 
@@ -39,15 +41,17 @@ def sdxl_text_states(
         tokenizers: the two tokenizers (same ``model_max_length``).
         text_encoders: a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``.
         texts: ``B`` captions.
+        texts_2: ``B`` captions for the second encoder (diffusers' ``prompt_2``); ``None``: ``texts``.
 
     Returns:
         ``text`` ``(B, T, D1 + D2)``: both penultimate hidden states, concatenated; ``pooled``
         ``(B, P)``: the second encoder's projected pooled output.
     """
     states, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+    per_encoder = [texts, texts if texts_2 is None else texts_2]
+    for tokenizer, encoder, captions in zip(tokenizers, text_encoders, per_encoder, strict=True):
         length = tokenizer.model_max_length
-        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         device = next(encoder.parameters()).device
         output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
         states.append(output.hidden_states[-2])  # (B, T, D_i)

@@ -20,9 +20,12 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, micro_conditioning
+from lf_common.errors import DataError
 from tests.conftest import compose_config
+from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested, consumed_batches
 from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
-from trainer.checkpoint.export import build_export
+from trainer.checkpoint.export import build_export, sdxl_lora_names
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.train import optimizer_factories, run_train
 from trainer.lora.loading import load_lora
 from trainer.sampling.sampler import Sampler, SampleSettings
@@ -83,19 +86,36 @@ def test_dreambooth_sdxl_fine_tunes_the_unet_only(sdxl_base_model, cat_photos, t
     )
 
 
-def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_with_prior_preservation(
-    sdxl_base_model, cat_photos, tmp_path
-):
-    run, cache = tmp_path / "run", tmp_path / "c"
-    overrides = dreambooth_overrides("dreambooth_sdxl_text_encoder", sdxl_base_model, cat_photos, cache, run)
-    run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3"]))
-    assert_trained_with_prior(run, cache)
-    export = export_last(run, tmp_path / "export")
+def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_and_resumes_exactly(sdxl_base_model, cat_photos, tmp_path):
+    """``dreambooth_sdxl_text_encoder`` trains the UNet and both encoders with prior preservation, and a run
+    stopped at step 2 and resumed to step 4 equals an uninterrupted 4-step run bit for bit: the three parts'
+    weights and optimizer state, schedule, RNG states and both streams' positions (as the SD 1.x test in
+    ``test_dreambooth.py``)."""
+    cache = tmp_path / "c"  # the first run generates and encodes; the others reuse
+
+    def train(run: str, steps: int, *extra: str) -> Path:
+        overrides = dreambooth_overrides(
+            "dreambooth_sdxl_text_encoder", sdxl_base_model, cat_photos, cache, tmp_path / run, steps=steps
+        )
+        run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3", *extra]))
+        return tmp_path / run / "checkpoints" / "last.ckpt"
+
+    whole = train("whole", 4)
+    assert_trained_with_prior(tmp_path / "whole", cache)
+    export = export_last(tmp_path / "whole", tmp_path / "export")
     assert changed_parts(sdxl_base_model, export) == set(ALL_PARTS)
     before, after = (load_file(folder / "text_encoder" / "model.safetensors") for folder in (sdxl_base_model, export))
     idle = [key for key in before if ".layers.1." in key or "final_layer_norm" in key]  # after the penultimate state
     assert idle and all(torch.equal(before[key], after[key]) for key in idle), "SDXL never reads these"
     Sampler.from_export(export, device="cpu").txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))
+
+    assert load_checkpoint(train("stopped", 2))["DreamBoothDataModule"]["instance"]["batches"] == 2
+    resumed = train("stopped", 4, "ckpt_path=last")
+    assert_resume_is_exact(resumed, whole, data_module="DreamBoothDataModule")
+    a, b = load_checkpoint(resumed), load_checkpoint(whole)
+    assert {key.split(".")[0] for key in a["state_dict"]} >= set(ALL_PARTS), "all three parts are compared"
+    assert consumed_batches(a["DreamBoothDataModule"]) == {"instance": 4, "class": 4}
+    assert_same_nested(a["callbacks"]["RNGState"], b["callbacks"]["RNGState"], "RNG states")
 
 
 def test_lora_sdxl_trains_adapters_on_unet_and_both_encoders_and_loads_back(sdxl_base_model, cat_photos, tmp_path):
@@ -134,6 +154,47 @@ def test_lora_sdxl_trains_adapters_on_unet_and_both_encoders_and_loads_back(sdxl
         sampler.txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))
 
 
+def test_loha_sdxl_trains_on_unet_and_both_encoders_and_loads_back(sdxl_base_model, cat_photos, tmp_path):
+    """LyCORIS LoHa adapters on SDXL's UNet and both encoders: exported as one LyCORIS file in kohya's SDXL names
+    (ldm-named UNet modules, ``lora_te1_``, ``lora_te2_``), which ``lf-sample lora=`` loads back onto all three
+    parts to what training made (the adapters merged into the checkpoint's parts)."""
+    run, cache = tmp_path / "run", tmp_path / "c"
+    overrides = dreambooth_overrides("dreambooth_lora_sdxl", sdxl_base_model, cat_photos, cache, run, steps=2)
+    loha = ["+model.lora.kind=loha", "+model.text_encoder_lora.kind=loha"]
+    run_train(compose_config("train", [*overrides, "optim.lr=2e-2", *loha]))
+    export = export_last(run, tmp_path / "export")
+    file = export / "lora" / "lora_lycoris.safetensors"
+    modules = {key.split(".")[0] for key in load_file(file)}
+    assert {"_".join(m.split("_")[:2]) for m in modules} == {"lora_unet", "lora_te1", "lora_te2"}
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for m in modules if m.startswith("lora_unet_")), sorted(modules)  # fmt: skip
+    assert all(key.split(".")[1] in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
+               for key in load_file(file)), "LoHa's parameters"  # fmt: skip
+
+    merged, _, _ = build_export(run / "checkpoints" / "last.ckpt")  # the trained adapters merged into the parts
+    sampler = Sampler.from_export(export, device="cpu")
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    with torch.no_grad():
+        before = encode_prompt(sampler)
+        trained = encode_prompt(Sampler(merged.unet, merged.vae, merged.text_encoder, merged.tokenizer,
+                                        dict(merged.scheduler.config), text_encoder_2=merged.text_encoder_2,
+                                        tokenizer_2=merged.tokenizer_2))  # fmt: skip
+        expected_unet = merged.unet(x, t, trained[0], added_cond_kwargs=added).sample
+    with pytest.raises(DataError, match="an SDXL UNet's LyCORIS file names its modules as ldm does"):
+        load_lora(sampler.unet, sampler.text_encoder, file, text_encoder_2=sampler.text_encoder_2)
+    names = sdxl_lora_names(sampler.unet)  # what lf-sample passes
+    parts = load_lora(sampler.unet, sampler.text_encoder, file, text_encoder_2=sampler.text_encoder_2, unet_names=names)
+    assert sorted(parts) == sorted(ALL_PARTS)
+    with torch.no_grad():
+        found = encode_prompt(sampler)
+        found_unet = sampler.unet(x, t, trained[0], added_cond_kwargs=added).sample
+    for ours, expected, base in zip((*found, found_unet), (*trained, expected_unet), (*before, None), strict=True):
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+        assert base is None or (base - expected).abs().max() > 1e-5, "the trained adapters change nothing"
+    sampler.txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))
+
+
 @pytest.mark.parametrize(
     ("experiment", "expected"),
     [
@@ -149,7 +210,9 @@ def test_sd1_text_encoder_recipes_on_an_sdxl_base_are_refused(
         build_module(overrides)
 
 
-def test_second_encoder_on_an_sd1_base_and_lycoris_on_it_are_refused(base_model, sdxl_base_model, cat_photos, tmp_path):
+def test_second_encoder_on_an_sd1_base_and_mixed_adapter_kinds_are_refused(
+    base_model, sdxl_base_model, cat_photos, tmp_path
+):
     second = [
         f"model.{part}.pretrained_model_name_or_path={sdxl_base_model}/{part}"
         for part in ("text_encoder_2", "tokenizer_2")
@@ -160,8 +223,8 @@ def test_second_encoder_on_an_sd1_base_and_lycoris_on_it_are_refused(base_model,
     overrides = dreambooth_overrides(
         "dreambooth_lora_sdxl", sdxl_base_model, cat_photos, tmp_path / "c", tmp_path / "r"
     )
-    with pytest.raises(InstantiationException, match="SDXL exports LoRA only"):
-        build_module([*overrides, "+model.text_encoder_lora.kind=loha"])
+    with pytest.raises(InstantiationException, match="the exported file holds one kind of adapter"):
+        build_module([*overrides, "+model.text_encoder_lora.kind=loha"])  # the UNet's are LoRA
 
 
 @pytest.mark.dist

@@ -4,9 +4,8 @@ Precompute of the digits with two text encoders (checked against diffusers' own
 ``StableDiffusionXLPipeline.encode_prompt``), then the precision matrix's checks (finite losses,
 weights and a float32 EMA that move, exact resume from step 2 to 4, an export that diffusers loads
 and samples from, the included sampler on the checkpoint) for one process in float32 and for two
-processes under DDP in bf16-mixed (ZeRO-2 on CPU took 96 s here, DDP 17 s; bf16 weights, as ZeRO's
-bf16 mode holds them, are in ``tests/unit/test_sdxl_conditioning.py``); last, our sampler against
-``StableDiffusionXLPipeline`` on the export, same seeds.
+processes under DDP in bf16-mixed, and under FSDP and DeepSpeed ZeRO-3 in bf16 (one launch for both);
+last, our sampler against ``StableDiffusionXLPipeline`` on the export, same seeds.
 """
 
 from __future__ import annotations
@@ -108,6 +107,29 @@ def test_two_processes_under_ddp_in_bf16_mixed(sdxl_latent_dir, tmp_path_factory
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     check_combination(out / "bf16-mixed", BF16_AUTOCAST, tmp_path)
+
+
+BF16_WEIGHTS = {"weights": "torch.bfloat16", "input": "torch.bfloat16", "autocast": None}
+SHARDED = ["fsdp", "deepspeed_stage_3"]
+
+
+@pytest.mark.dist
+def test_two_processes_under_fsdp_and_zero3_in_bf16_mixed(sdxl_latent_dir, tmp_path_factory, tmp_path):
+    """Both sharded strategies in one launch (the imports and process group paid once): ZeRO-3's bf16 mode and
+    FSDP's mixed precision feed and hold bf16; losses finite, weights and EMA move, the sharded checkpoint
+    resumes bit for bit, exports and samples. DeepSpeed's CPU backend does not compile its inference-only
+    shared-memory op (``lf_common/upstream/deepspeed_private.py``)."""
+    out = tmp_path_factory.mktemp("sdxl_sharded")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.integration.precision_matrix",
+               f"--latents={sdxl_latent_dir}", f"--out={out}", f"--strategy={','.join(SHARDED)}",
+               "--precisions=bf16-mixed", f"--extra={SDXL_TINY}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "shm_comm" not in result.stdout + result.stderr, "DeepSpeed built its inference-only shared-memory op"
+    for strategy in SHARDED:
+        check_combination(out / strategy / "bf16-mixed", BF16_WEIGHTS, tmp_path / strategy)
 
 
 def test_our_sampler_matches_stable_diffusion_xl_pipeline_on_the_export(single_run, tmp_path):

@@ -12,6 +12,7 @@ Examples::
     lf-sample model_dir=... scheduler=dpmpp_2m use_karras_sigmas=true
     lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
     lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
+    lf-sample model_dir=export/xl 'prompts=["a cat"]' prompt_2="oil painting" negative_prompt=blurry   # SDXL
 
 Keys::
 
@@ -20,6 +21,8 @@ Keys::
     num_images_per_prompt  images per prompt (image i gets seed + i)
     steps                  denoising steps
     guidance_scale         classifier-free guidance scale
+    prompt_2               SDXL: the second text encoder's prompt for every image (null: each prompt)
+    negative_prompt_2      SDXL: its negative prompt (null: negative_prompt)
     scheduler              ddim | euler | euler_a | dpmpp_2m
     init_image             img2img (with mask_image: inpainting)
     out_dir                where the PNGs go
@@ -35,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lf_common.errors import ConfigError, DataError
+from trainer.checkpoint.export import sdxl_lora_names
 from trainer.cli.command import lf_command
 from trainer.lora.loading import load_lora
 from trainer.sampling.conditioning import micro_conditioning
@@ -93,6 +97,8 @@ def plan(cfg: DictConfig) -> tuple[SampleSettings, list[str], list[int], float |
             width=made.width,
             original_size=made.original_size,
             crop_top_left=made.crop_top_left,
+            prompt_2=made.prompt_2,
+            negative_prompt_2=made.negative_prompt_2,
         )
         if made.strength is not None and not cfg.get("init_image"):
             raise DataError(
@@ -109,6 +115,8 @@ def plan(cfg: DictConfig) -> tuple[SampleSettings, list[str], list[int], float |
         height=cfg.height,
         width=cfg.width,
         **micro_conditioning(cfg.get("original_size"), cfg.get("crop_top_left")),
+        prompt_2=cfg.get("prompt_2"),
+        negative_prompt_2=cfg.get("negative_prompt_2"),
     )
     prompts = [p for p in read_prompts(cfg) for _ in range(cfg.num_images_per_prompt)]
     return settings, prompts, [cfg.seed + i for i in range(len(prompts))], cfg.strength
@@ -150,6 +158,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
             cfg.lora,
             cfg.get("lora_scale", 1.0),
             text_encoder_2=sampler.text_encoder_2,
+            unet_names=sdxl_lora_names(sampler.unet),
         )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

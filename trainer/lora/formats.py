@@ -18,7 +18,6 @@ modules without the ``text_model.`` level; diffusers and transformers map either
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,13 @@ from safetensors.torch import save_file
 
 from lf_common.errors import ConfigError
 from trainer.lora.adapters import LoraSettings
-from trainer.lora.lycoris import to_lycoris_file
+from trainer.lora.lycoris import ModuleNames, to_lycoris_file
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
 LYCORIS_FILE = "lora_lycoris.safetensors"
 CLIP_TEXT_MODEL_PREFIX = "text_model."
 LORA_MARKERS = (".lora_A.", ".lora_B.")  # peft's names: the adapted module's path comes before them
-ModuleNames = Callable[[str], str]  # a UNet module's diffusers path -> its ldm path (SDXL's kohya names)
 
 
 @dataclass
@@ -160,13 +158,20 @@ def save_kohya_lora(
     return Path(path)
 
 
-def save_lycoris(path: str | Path, unet: AdapterWeights | None, text_encoder: AdapterWeights | None) -> Path:
-    """Write LoHa/LoKr adapters as one LyCORIS file (kohya names; A1111, ComfyUI and ``lf-sample lora=`` read it)."""
+def save_lycoris(
+    path: str | Path,
+    unet: AdapterWeights | None,
+    text_encoder: AdapterWeights | None,
+    text_encoder_2: AdapterWeights | None = None,
+    sdxl_unet_names: ModuleNames | None = None,
+) -> Path:
+    """Write LoHa/LoKr adapters as one LyCORIS file (kohya names, SDXL's with ``sdxl_unet_names``: ldm-named
+    UNet modules, ``lora_te1_``/``lora_te2_``; A1111, ComfyUI and ``lf-sample lora=`` read it)."""
     state: dict[str, torch.Tensor] = {}
-    for part, weights in (("unet", unet), ("text_encoder", text_encoder)):
+    for part, weights in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if weights is not None:
-            state |= to_lycoris_file(part, weights.state, weights.settings)
-    main = unet or text_encoder
+            state |= to_lycoris_file(part, weights.state, weights.settings, sdxl_unet_names)
+    main = unet or text_encoder or text_encoder_2
     assert main is not None, "nothing to save"
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": main.settings.kind}),
                 "ss_network_dim": str(main.settings.rank), "ss_network_alpha": str(main.settings.alpha)}  # fmt: skip
@@ -183,19 +188,21 @@ def save_lora_files(
 ) -> None:
     """``folder/pytorch_lora_weights.safetensors`` (diffusers) and ``folder/lora_kohya.safetensors`` (SDXL's
     kohya layout with ``sdxl_unet_names``, see :func:`kohya_state_dict`); LoHa and LoKr adapters (which
-    diffusers' LoRA format cannot hold) as ``folder/lora_lycoris.safetensors`` (SD 1.x/2.x only).
+    diffusers' LoRA format cannot hold) as ``folder/lora_lycoris.safetensors`` (kohya names; SDXL's with
+    ``sdxl_unet_names``, as its LoRA file).
 
     Raises:
-        ConfigError: LoHa/LoKr adapters of an SDXL model (no LyCORIS SDXL layout is written).
+        ConfigError: adapters of different kinds (LoRA and LoHa/LoKr) in one model: no file holds both.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     main = unet or text_encoder or text_encoder_2
     assert main is not None, "nothing to save"
+    kinds = {w.settings.kind for w in (unet, text_encoder, text_encoder_2) if w is not None}
+    if len(kinds) > 1:
+        raise ConfigError(f"{folder}: adapters of kinds {sorted(kinds)} in one model; no LoRA file holds both")
     if main.settings.kind != "lora":
-        if sdxl_unet_names is not None or text_encoder_2 is not None:
-            raise ConfigError(f"{folder}: {main.settings.kind} adapters of an SDXL model; SDXL exports LoRA only")
-        save_lycoris(folder / LYCORIS_FILE, unet, text_encoder)
+        save_lycoris(folder / LYCORIS_FILE, unet, text_encoder, text_encoder_2, sdxl_unet_names)
         return
     save_diffusers_lora(folder, unet, text_encoder, text_encoder_2)
     save_kohya_lora(folder / KOHYA_LORA_FILE, unet, text_encoder, text_encoder_2, sdxl_unet_names)

@@ -8,8 +8,8 @@ Kinds, each mapped exactly or refused by name:
   ``lora_te1_*``/``lora_te2_*`` and ldm-named UNet modules, ``lora_unet_input_blocks_*``): read with
   diffusers' own ``lora_state_dict`` (given the UNet's config, which maps ldm block numbers) and
   loaded with its loaders, as ``pipe.load_lora_weights`` does;
-* LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``): through peft's LoHa/LoKr layers
-  (:mod:`trainer.lora.lycoris`);
+* LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``; SDXL's with ldm-named UNet modules and
+  ``lora_te1_``/``lora_te2_``): through peft's LoHa/LoKr layers (:mod:`trainer.lora.lycoris`);
 * other LyCORIS algorithms and model checkpoints are refused, naming what the file is.
 """
 
@@ -27,7 +27,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from lf_common.errors import DataError
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
 from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
-from trainer.lora.lycoris import KOHYA_PREFIXES, adapter_weights, add_lycoris, lycoris_kind, split_by_part
+from trainer.lora.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
 
 log = logging.getLogger(__name__)
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -66,10 +66,18 @@ def _settings_of(model: torch.nn.Module, adapter_name: str) -> LoraSettings:
 
 
 def _load_lycoris(
-    kind: str, state: dict[str, torch.Tensor], models: dict[str, torch.nn.Module], adapter_name: str
+    kind: str,
+    state: dict[str, torch.Tensor],
+    models: dict[str, torch.nn.Module],
+    adapter_name: str,
+    unet_names: ModuleNames | None,
 ) -> dict[str, LoraSettings]:
+    sdxl = "unet" in models and models["unet"].config.get("addition_embed_type") == "text_time"
+    if sdxl and unet_names is None:
+        raise DataError("an SDXL UNet's LyCORIS file names its modules as ldm does: pass unet_names "
+                        "(trainer.checkpoint.export.sdxl_lora_names(unet))")  # fmt: skip
     settings = {}
-    for part, modules in split_by_part(state, models).items():
+    for part, modules in split_by_part(state, models, unet_names if sdxl else None).items():
         settings[part], weights = adapter_weights(kind, modules, models[part])
         add_lycoris(models[part], settings[part], weights, adapter_name)
     return settings
@@ -116,10 +124,14 @@ def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str
 
 
 def add_adapters_from_file(
-    path: str | Path, models: dict[str, torch.nn.Module], adapter_name: str = "lora"
+    path: str | Path,
+    models: dict[str, torch.nn.Module],
+    adapter_name: str = "lora",
+    unet_names: ModuleNames | None = None,
 ) -> dict[str, LoraSettings]:
     """Add the adapters of the file at ``path`` to ``models`` (``{"unet": ..., "text_encoder": ...}``, and
-    SDXL's ``"text_encoder_2"``).
+    SDXL's ``"text_encoder_2"``). ``unet_names``: an SDXL UNet's modules' ldm names, which its LyCORIS
+    files use (:func:`trainer.checkpoint.export.sdxl_lora_names`; LoRA files need none).
 
     Returns:
         Per part that received adapters, the settings that rebuild them.
@@ -137,8 +149,8 @@ def add_adapters_from_file(
         raise DataError(f"lora={path}: {error}") from None
     if kind is None:
         return _load_lora(Path(path), models, adapter_name)
-    try:  # LyCORIS files are read for SD 1.x/2.x's parts (SDXL's second encoder's LoHa/LoKr is not)
-        return _load_lycoris(kind, state, {p: m for p, m in models.items() if p in KOHYA_PREFIXES}, adapter_name)
+    try:
+        return _load_lycoris(kind, state, models, adapter_name, unet_names)
     except DataError as error:
         raise DataError(f"lora={path}: {error}") from None
 
@@ -150,9 +162,11 @@ def load_lora(
     scale: float = 1.0,
     adapter_name: str = "lora",
     text_encoder_2: CLIPTextModelWithProjection | None = None,
+    unet_names: ModuleNames | None = None,
 ) -> list[str]:
     """Add the LoRA at ``path`` to the UNet and, when the file has text-encoder adapters, to the text
     encoder(s) (SDXL's second one given as ``text_encoder_2``); set its scale (1: as trained, 0: off).
+    ``unet_names``: see :func:`add_adapters_from_file`.
 
     Returns:
         The parts that received adapters, of ``["unet", "text_encoder", "text_encoder_2"]``.
@@ -163,7 +177,7 @@ def load_lora(
     models = {"unet": unet, "text_encoder": text_encoder}
     if text_encoder_2 is not None:
         models["text_encoder_2"] = text_encoder_2
-    parts = list(add_adapters_from_file(path, models, adapter_name))
+    parts = list(add_adapters_from_file(path, models, adapter_name, unet_names))
     for part in parts:
         if part == "unet":
             unet.set_adapters([adapter_name], weights=[scale])
@@ -172,8 +186,11 @@ def load_lora(
     return parts
 
 
-def trainable_adapters_from_file(unet: UNet2DConditionModel, path: str | Path) -> LoraSettings:
-    """The UNet adapters of the file at ``path`` as the trainable adapter ``"default"`` (continue training a LoRA).
+def trainable_adapters_from_file(
+    unet: UNet2DConditionModel, path: str | Path, unet_names: ModuleNames | None = None
+) -> LoraSettings:
+    """The UNet adapters of the file at ``path`` as the trainable adapter ``"default"`` (continue training a LoRA;
+    ``unet_names``: see :func:`add_adapters_from_file`).
 
     The base UNet is frozen. Text-encoder adapters in the file are not used: training from latent
     shards takes text embeddings precomputed without them (logged).
@@ -181,7 +198,7 @@ def trainable_adapters_from_file(unet: UNet2DConditionModel, path: str | Path) -
     Returns:
         The settings that rebuild the adapter (stored in checkpoints as ``model.lora``).
     """
-    settings = add_adapters_from_file(path, {"unet": unet}, "default")
+    settings = add_adapters_from_file(path, {"unet": unet}, "default", unet_names)
     if "unet" not in settings:
         raise DataError(f"model.lora_from={path}: the file holds no UNet adapters to train on")
     trainable = mark_adapters_trainable(unet, "default")

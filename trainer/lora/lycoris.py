@@ -12,6 +12,10 @@ peft's LoHa and LoKr layers have under the same names:
   rank-decomposed. peft re-derives each module's factor shapes; :func:`lokr_settings` finds the
   config that reproduces them.
 
+SDXL's files name the parts as kohya's SDXL LoRA files do: the UNet's modules under ldm's names
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, given as ``unet_names``, a diffusers
+path -> ldm path map), the encoders as ``lora_te1_`` and ``lora_te2_``.
+
 Other LyCORIS algorithms peft cannot hold in this form are refused by name (:data:`REFUSED_PARTS`).
 """
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +33,9 @@ from peft.utils import get_peft_model_state_dict
 from lf_common.errors import DataError
 from trainer.lora.adapters import LoraSettings, adaptable_module_names
 
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+SDXL_KOHYA_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"}
+ModuleNames = Callable[[str], str]  # a UNet module's diffusers path -> its ldm path (SDXL's kohya names)
 log = logging.getLogger(__name__)
 TEXT_MODEL = "text_model_"  # kohya names CLIP's modules under text_model (transformers 5's CLIPTextModel does not)
 KIND_PARTS = {"loha": ".hada_", "lokr": ".lokr_"}
@@ -59,31 +65,36 @@ def lycoris_kind(state: Mapping[str, torch.Tensor]) -> str | None:
     return kinds[0] if kinds else None
 
 
-def kohya_names(model: torch.nn.Module, part: str) -> dict[str, str]:
-    """kohya's name of each module an adapter can wrap -> its name in ``model``."""
+def kohya_names(model: torch.nn.Module, part: str, unet_names: ModuleNames | None = None) -> dict[str, str]:
+    """kohya's name of each module an adapter can wrap -> its name in ``model`` (SDXL's with ``unet_names``)."""
+    sdxl = unet_names is not None
+    prefixes = SDXL_KOHYA_PREFIXES if sdxl else KOHYA_PREFIXES
     names = {}
     for name in adaptable_module_names(model):
         name = name.removesuffix(".base_layer")  # a module that already holds an adapter
-        names[kohya_name(part, name)] = name
-        names[KOHYA_PREFIXES[part] + name.replace(".", "_")] = name  # CLIP without text_model too
+        names[kohya_name(part, name, unet_names)] = name
+        if part != "unet":
+            names[prefixes[part] + name.replace(".", "_")] = name  # CLIP without text_model too
     return names
 
 
 def split_by_part(
-    state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.Module]
+    state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.Module], unet_names: ModuleNames | None = None
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """``{part: {module name: {parameter: tensor}}}`` of a LyCORIS file for the parts in ``models``.
+    """``{part: {module name: {parameter: tensor}}}`` of a LyCORIS file for the parts in ``models``
+    (an SDXL UNet's with ``unet_names``, its modules' ldm names).
 
     Raises:
         DataError: keys that name no module of the models (listed).
     """
-    names = {part: kohya_names(model, part) for part, model in models.items()}
+    names = {part: kohya_names(model, part, unet_names) for part, model in models.items()}
+    prefixes = SDXL_KOHYA_PREFIXES if unet_names is not None else KOHYA_PREFIXES
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {part: {} for part in models}
     unmapped, skipped = [], set()
     for key, tensor in state.items():
         module, _, parameter = key.partition(".")
         part = next((p for p, table in names.items() if module in table), None)
-        other = next((p for p, prefix in KOHYA_PREFIXES.items() if p not in models and module.startswith(prefix)), None)
+        other = next((p for p, prefix in prefixes.items() if p not in models and module.startswith(prefix)), None)
         if other is not None:
             skipped.add(other)
             continue
@@ -92,7 +103,7 @@ def split_by_part(
             continue
         out[part].setdefault(names[part][module], {})[parameter] = tensor
     if unmapped:
-        raise DataError(f"LyCORIS keys that name no module of the UNet or text encoder: {sorted(unmapped)[:10]}")
+        raise DataError(f"LyCORIS keys that name no module of the UNet or text encoders: {sorted(unmapped)[:10]}")
     if skipped:
         log.warning("LyCORIS file: its %s adapters are not used here", " and ".join(sorted(skipped)))
     return {part: modules for part, modules in out.items() if modules}
@@ -226,21 +237,28 @@ def add_lycoris(model: torch.nn.Module, settings: LoraSettings, state: dict, ada
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 
-def kohya_name(part: str, module: str) -> str:
-    """kohya's (and LyCORIS') name of module ``module`` of ``part`` (``"unet"`` or ``"text_encoder"``)."""
+def kohya_name(part: str, module: str, unet_names: ModuleNames | None = None) -> str:
+    """kohya's (and LyCORIS') name of module ``module`` of ``part`` (``"unet"``, ``"text_encoder"`` or SDXL's
+    ``"text_encoder_2"``); with ``unet_names`` (SDXL) the UNet's module under its ldm name and the encoders
+    as ``lora_te1_``/``lora_te2_``."""
+    sdxl = unet_names is not None or part == "text_encoder_2"
+    if part == "unet" and unet_names is not None:
+        module = unet_names(module)
     flat = module.replace(".", "_")
-    if part == "text_encoder" and not flat.startswith(TEXT_MODEL):
+    if part != "unet" and not flat.startswith(TEXT_MODEL):
         flat = TEXT_MODEL + flat
-    return KOHYA_PREFIXES[part] + flat
+    return (SDXL_KOHYA_PREFIXES if sdxl else KOHYA_PREFIXES)[part] + flat
 
 
 def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
     return next((value for key, value in pattern.items() if key.strip("^$") == module), default)
 
 
-def to_lycoris_file(part: str, state: Mapping[str, torch.Tensor], settings: LoraSettings) -> dict[str, torch.Tensor]:
+def to_lycoris_file(
+    part: str, state: Mapping[str, torch.Tensor], settings: LoraSettings, unet_names: ModuleNames | None = None
+) -> dict[str, torch.Tensor]:
     """One part's LoHa/LoKr adapter (peft-named ``state``, e.g. ``...to_q.hada_w1_a``) as a LyCORIS file's
-    entries: kohya names and ``.alpha`` per module.
+    entries: kohya names (SDXL's with ``unet_names``, see :func:`kohya_name`) and ``.alpha`` per module.
 
     peft scales every update by ``alpha / r``; LyCORIS' LoKr only when a factor is decomposed, so a
     LoKr module with two full factors gets the scale folded into its left factor.
@@ -256,7 +274,7 @@ def to_lycoris_file(part: str, state: Mapping[str, torch.Tensor], settings: Lora
         full = settings.kind == "lokr" and not any(k in parameters for k in ("lokr_w1_a", "lokr_w2_a"))
         if full:
             parameters["lokr_w1"] = parameters["lokr_w1"] * (alpha / rank)
-        name = kohya_name(part, module)
+        name = kohya_name(part, module, unet_names)
         out |= {f"{name}.{k}": v for k, v in parameters.items()}
         out[f"{name}.alpha"] = torch.tensor(float(rank) if full else alpha)
     return out

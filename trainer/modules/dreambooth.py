@@ -40,7 +40,8 @@ class DreamBoothDiffusion(LatentDiffusion):
             LoRA adapters on ``text_encoder_lora.target_modules`` train.
         text_encoder_2, tokenizer_2: SDXL's second encoder and its tokenizer, trained with ``text_encoder``
             (an SDXL UNet needs both encoders to train the text side; neither fits another UNet).
-        text_encoder_2_lora: as ``text_encoder_lora``, for ``text_encoder_2`` (LoRA only: SDXL exports no LyCORIS).
+        text_encoder_2_lora: as ``text_encoder_lora``, for ``text_encoder_2``. The UNet's and the encoders'
+            adapters are of one kind (LoRA, or LyCORIS LoHa/LoKr): one exported file holds them.
         *args, **kwargs: as :class:`LatentDiffusion`.
     """
 
@@ -74,6 +75,11 @@ class DreamBoothDiffusion(LatentDiffusion):
         check_sdxl_text_encoders(
             self.sdxl, text_encoder, text_encoder_2, tokenizer_2, text_encoder_lora, text_encoder_2_lora
         )
+        adapters = {"model.lora": self.lora, "model.text_encoder_lora": text_encoder_lora,
+                    "model.text_encoder_2_lora": text_encoder_2_lora}  # fmt: skip
+        kinds = {f"{key}.kind={lora.kind}" for key, lora in adapters.items() if lora is not None}
+        if len({kind.split("=")[1] for kind in kinds}) > 1:
+            raise ConfigError(f"{', '.join(sorted(kinds))}: the exported file holds one kind of adapter; set one kind")
         self.text_encoder_lora, self.text_encoder_2_lora = text_encoder_lora, text_encoder_2_lora
         for encoder, lora, key in ((text_encoder, text_encoder_lora, "model.text_encoder_lora"),
                                    (text_encoder_2, text_encoder_2_lora, "model.text_encoder_2_lora")):  # fmt: skip
@@ -166,7 +172,7 @@ def check_sdxl_text_encoders(
 
     Raises:
         ConfigError: an SDXL UNet with only the first encoder, a second encoder without the first, its
-            tokenizer or an SDXL UNet, or LyCORIS adapters on an SDXL model's encoders.
+            tokenizer or an SDXL UNet.
     """
     if text_encoder_2 is not None and not sdxl:
         raise ConfigError("model.text_encoder_2 is SDXL's second encoder but the UNet is not SDXL's: drop it "
@@ -178,10 +184,6 @@ def check_sdxl_text_encoders(
         raise ConfigError("model.text_encoder_2 trains with model.text_encoder and needs model.tokenizer_2")
     if text_encoder_2_lora is not None and text_encoder_2 is None:
         raise ConfigError("model.text_encoder_2_lora needs model.text_encoder_2, the encoder to add adapters to")
-    for key, lora in (("text_encoder_lora", text_encoder_lora), ("text_encoder_2_lora", text_encoder_2_lora)):
-        if sdxl and lora is not None and lora.kind != "lora":
-            raise ConfigError(f"model.{key}.kind={lora.kind!r}: SDXL exports LoRA only (no LyCORIS SDXL layout); "
-                              "use kind=lora")  # fmt: skip
 
 
 def batch_size(batch: dict[str, dict[str, torch.Tensor]]) -> int:

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, SDXL_BATCH_KEYS
 from lf_common.errors import ConfigError
+from trainer.checkpoint.export import sdxl_lora_names
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
@@ -108,7 +109,7 @@ class LatentDiffusion(L.LightningModule):
         if lora is not None:
             add_lora(self.unet, lora)
         if lora_from:
-            self.lora = trainable_adapters_from_file(self.unet, lora_from)
+            self.lora = trainable_adapters_from_file(self.unet, lora_from, sdxl_lora_names(self.unet))
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

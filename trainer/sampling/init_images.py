@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 from PIL import Image
 
-from data_pipelines.transforms.images import ResizeCrop
+from data_pipelines.transforms.images import image_to_pixels, resize_and_crop
 from data_pipelines.transforms.masks import masked_pixels
 from lf_common.errors import ConfigError
 from trainer.sampling.schedulers import begin_at
@@ -32,16 +32,18 @@ def partial_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> 
     return scheduler.timesteps[begin:]
 
 
-def image_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """``image`` resized and center-cropped to ``size`` -> ``(3, size, size)`` in [-1, 1]."""
-    pixels, _ = ResizeCrop(size, crop="center")(image.convert("RGB"))
-    return pixels
+def image_pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """``image`` resized (keeping its aspect) and center-cropped to ``size`` ``(H, W)`` -> ``(3, H, W)`` in [-1, 1]."""
+    height, width = size
+    resized, _, _ = resize_and_crop(image.convert("RGB"), height, width, crop="center")
+    return image_to_pixels(resized)
 
 
 @torch.no_grad()
 def posterior_samples(vae: AutoencoderKL, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Scaled latents ``(B, C, h, w)`` of ``pixels`` ``(1, 3, H, W)``: one VAE posterior sample per generator,
-    drawn as diffusers' ``retrieve_latents(..., generator)`` does."""
+    drawn as diffusers' ``retrieve_latents(..., generator)`` does; in the VAE's dtype (see
+    :func:`trainer.sampling.vae_codec.vae_in` for an upcast one)."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     samples = []
     for generator in generators:
@@ -69,11 +71,11 @@ def full_mask_conditioning(
     return torch.cat([torch.ones(batch, 1, *latent_size).to(latents), latents], dim=1)
 
 
-def pixel_mask(mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
-    """A mask image (white: repaint, black: keep) at the output size, ``(1, 1, size, size)`` in {0, 1}.
+def pixel_mask(mask_image: Image.Image, init_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """A mask image (white: repaint, black: keep) at the output size ``(H, W)``, ``(1, 1, H, W)`` in {0, 1}.
 
     The mask goes through the init image's resize and center crop to ``size`` and is binarised at
-    one half, as diffusers' mask processor does.
+    one half, as diffusers' mask processor does. ``init_size`` is PIL's ``(width, height)``.
 
     Raises:
         ConfigError: the mask's size is not ``init_size`` (the init image's).
@@ -83,8 +85,8 @@ def pixel_mask(mask_image: Image.Image, init_size: tuple[int, int], size: int) -
             f"mask_image: the mask is {mask_image.size[0]}x{mask_image.size[1]}, "
             f"expected the init image's size {init_size[0]}x{init_size[1]}"
         )
-    pixels = image_pixels(mask_image.convert("L"), size)  # (3, S, S) in [-1, 1]
-    return ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, S, S)
+    pixels = image_pixels(mask_image.convert("L"), size)  # (3, H, W) in [-1, 1]
+    return ((pixels[:1] + 1) / 2 >= 0.5).float()[None]  # (1, 1, H, W)
 
 
 def skip_masked_image_draw(generators: list[torch.Generator], latent_shape: tuple[int, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ class GenerationParameters:
 
     SDXL's micro-conditioning, when not the defaults, is written as ``Original size: WxH`` and
     ``Crop offset: LEFTxTOP`` (x before y, as ``Size``); the attributes are ``(h, w)`` and ``(top, left)``.
+    SDXL's second encoder's texts, when given, as ``Prompt 2: "..."`` and ``Negative prompt 2: "..."``
+    (JSON-quoted, as AUTOMATIC1111 quotes values with commas).
     """
 
     prompt: str
@@ -36,6 +39,8 @@ class GenerationParameters:
     guidance_rescale: float = 0.0
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
 
     def to_text(self) -> str:
         """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs."""
@@ -56,6 +61,10 @@ class GenerationParameters:
             fields.append(f"Original size: {self.original_size[1]}x{self.original_size[0]}")
         if tuple(self.crop_top_left) != (0, 0):
             fields.append(f"Crop offset: {self.crop_top_left[1]}x{self.crop_top_left[0]}")
+        if self.prompt_2 is not None:
+            fields.append(f"Prompt 2: {json.dumps(self.prompt_2)}")
+        if self.negative_prompt_2 is not None:
+            fields.append(f"Negative prompt 2: {json.dumps(self.negative_prompt_2)}")
         lines = [self.prompt]
         if self.negative_prompt is not None:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -101,7 +110,14 @@ def parse_parameters(text: str, source: str = "parameters") -> GenerationParamet
         guidance_rescale=float(fields.get("CFG Rescale phi", 0.0)),
         original_size=original,
         crop_top_left=crop,
+        prompt_2=_unquote(fields["Prompt 2"]) if "Prompt 2" in fields else None,
+        negative_prompt_2=_unquote(fields["Negative prompt 2"]) if "Negative prompt 2" in fields else None,
     )
+
+
+def _unquote(value: str) -> str:
+    """A field's value, JSON-unquoted when quoted."""
+    return json.loads(value) if value.startswith('"') else value
 
 
 def _pair(text: str) -> tuple[int, int]:

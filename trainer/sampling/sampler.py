@@ -1,4 +1,4 @@
-"""txt2img, img2img and inpainting with the parts of an export folder and :func:`trainer.sampling.denoise.denoise`.
+"""txt2img, img2img and inpainting with the parts of an export folder: the :class:`Sampler` that holds them.
 
 Randomness follows diffusers' pipelines: image ``i`` has its own CPU generator seeded with its
 seed, which draws (img2img, inpainting) the VAE posterior sample, then the starting noise, then
@@ -7,17 +7,17 @@ same image at any batch size, and the same as ``StableDiffusionPipeline`` and it
 inpainting pipelines (standard UNet) given ``generator=[...]``.
 
 An SDXL export (``text_encoder_2/``) samples as ``StableDiffusionXLPipeline`` and its img2img and
-inpainting pipelines do (:mod:`trainer.sampling.conditioning`): both encoders' penultimate states and
-the pooled embedding, zeros when no negative prompt is given (``force_zeros_for_empty_prompt``, as
-caption dropout trained it), and time_ids of original size and crop top-left (default: the image's
-size and (0, 0)) and target size = the image's size. Parts: loading in :mod:`~trainer.sampling.loading`,
-init images and masks in :mod:`~trainer.sampling.init_images`, the loop in :mod:`~trainer.sampling.denoise`.
+inpainting pipelines do. The parts, by role: what a call asks for in :mod:`~trainer.sampling.settings`;
+loading in :mod:`~trainer.sampling.loading`; prompts, negative prompts and SDXL's pooled embeddings and
+time_ids in :mod:`~trainer.sampling.conditioning`; the loop in :mod:`~trainer.sampling.denoise`;
+img2img and inpainting in :mod:`~trainer.sampling.image_to_image` (their inputs in
+:mod:`~trainer.sampling.init_images`); latents to images (SDXL's float16 upcast) in
+:mod:`~trainer.sampling.vae_codec`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,49 +25,23 @@ from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from data_pipelines.transforms.images import pixels_to_images
-from data_pipelines.transforms.masks import latent_mask
-from lf_common.errors import ConfigError, DataError
+from lf_common.errors import DataError
 from trainer.checkpoint.export import is_sdxl_unet
-from trainer.sampling import init_images
-from trainer.sampling.conditioning import encode_negative_prompt, encode_prompts, sdxl_time_ids
-from trainer.sampling.denoise import SDXLConditioning, denoise
+from trainer.sampling.conditioning import PromptEncoder
+from trainer.sampling.denoise import denoise
+from trainer.sampling.image_to_image import ImageToImage
 from trainer.sampling.loading import checkpoint_parts, export_parts
 from trainer.sampling.png_info import GenerationParameters
-from trainer.sampling.schedulers import check_scheduler, display_name, sampling_scheduler
+from trainer.sampling.schedulers import display_name, sampling_scheduler
+from trainer.sampling.settings import SampleSettings
+from trainer.sampling.vae_codec import codec_dtype, decode_images
+
+__all__ = ["SampleSettings", "Sampler"]
 
 _MODEL_MARKERS = ("model_index.json", "latest")  # an export folder; a DeepSpeed checkpoint folder
 
 
-@dataclass
-class SampleSettings:
-    """Settings shared by every image of one call.
-
-    ``negative_prompt`` ``None``: none given. ``original_size`` ``(h, w)`` and ``crop_top_left``
-    ``(top, left)``: SDXL's micro-conditioning (default: the output size and (0, 0)); SDXL only.
-    """
-
-    negative_prompt: str | None = None
-    steps: int = 25
-    guidance_scale: float = 7.5
-    guidance_rescale: float = 0.0
-    scheduler: str = "ddim"
-    use_karras_sigmas: bool = False
-    height: int | None = None
-    width: int | None = None
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] = (0, 0)
-
-    def __post_init__(self) -> None:
-        check_scheduler(self.scheduler, self.use_karras_sigmas)
-
-    @property
-    def micro_conditioning(self) -> bool:
-        """Whether SDXL's size/crop inputs differ from their defaults."""
-        return self.original_size is not None or tuple(self.crop_top_left) != (0, 0)
-
-
-class Sampler:
+class Sampler(ImageToImage):
     """Generates images with a UNet, VAE, CLIP text encoder and tokenizer.
 
     Args:
@@ -168,34 +142,46 @@ class Sampler:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def sdxl(self) -> bool:
+        """Whether this is an SDXL model (two text encoders, pooled embeddings and time_ids)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        """The text side: tokenizers and text encoders (SDXL's two), embeddings in the UNet's dtype."""
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            tokenizers, encoders = [self.tokenizer], [self.text_encoder]
+        else:
+            tokenizers, encoders = [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+        return PromptEncoder(tokenizers, encoders, self.unet.dtype, self.force_zeros_for_empty_prompt)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``(B, T, D)``, exactly as precompute made the training data's."""
-        return self.encode_prompts_and_pooled(prompts)[0]
-
-    def _text_parts(self) -> tuple[list[CLIPTokenizer], list[CLIPTextModel | CLIPTextModelWithProjection]]:
-        if self.text_encoder_2 is None or self.tokenizer_2 is None:
-            return [self.tokenizer], [self.text_encoder]
-        return [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+        return self.prompt_encoder.encode(prompts)[0]
 
     def encode_prompts_and_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> ``(text (B, T, D), pooled (B, P))`` as precompute made them; ``pooled`` only for SDXL."""
-        text, pooled = encode_prompts(*self._text_parts(), prompts)
-        return text.to(self.unet.dtype), pooled.to(self.unet.dtype) if pooled is not None else None
+        return self.prompt_encoder.encode(prompts)
 
-    def negative_embeddings(self, negative_prompt: str | None, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def negative_embeddings(
+        self, negative_prompt: str | None, batch: int, negative_prompt_2: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The negative prompt's ``(text (B, T, D), pooled (B, P) or None)``, as diffusers encodes it
         (:func:`~trainer.sampling.conditioning.encode_negative_prompt`)."""
-        text, pooled = encode_negative_prompt(
-            *self._text_parts(), negative_prompt, batch, self.force_zeros_for_empty_prompt
-        )
-        return text.to(self.unet.dtype), pooled.to(self.unet.dtype) if pooled is not None else None
+        return self.prompt_encoder.negative(negative_prompt, batch, negative_prompt_2)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype the VAE decodes and encodes in: float32 for SDXL's in float16 (``force_upcast``),
+        else its own (:func:`~trainer.sampling.vae_codec.codec_dtype`)."""
+        return codec_dtype(self.vae, self.sdxl)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Scaled latents ``(B, C, h, w)`` -> RGB images."""
-        pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # (B, 3, H, W)
-        return pixels_to_images(pixels)
+        """Scaled latents ``(B, C, h, w)`` -> RGB images, decoded in :attr:`vae_dtype`."""
+        return decode_images(self.vae, latents, self.vae_dtype)
 
     def image_size(self, settings: SampleSettings) -> tuple[int, int]:
         """``(height, width)`` of the images ``settings`` give (default: UNet sample size times the VAE's factor)."""
@@ -220,7 +206,18 @@ class Sampler:
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
         return noise.to(self.device, self.unet.dtype), generators
 
-    def _parameters(self, prompts, seeds, settings, height, width, strength=None) -> list[GenerationParameters]:
+    def _parameters(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        settings: SampleSettings,
+        size: tuple[int, int],
+        strength: float | None = None,
+        original_size: tuple[int, int] | None = None,
+    ) -> list[GenerationParameters]:
+        """Each image's parameters; an SDXL original size other than the output size ``(H, W)`` is written."""
+        height, width = size
+        original = settings.original_size or (original_size if self.sdxl else None)
         return [
             GenerationParameters(
                 prompt=prompt,
@@ -234,8 +231,10 @@ class Sampler:
                 height=height,
                 model=self.model_name,
                 strength=strength,
-                original_size=settings.original_size,
+                original_size=original if original != size else settings.original_size,
                 crop_top_left=settings.crop_top_left,
+                prompt_2=settings.prompt_2,
+                negative_prompt_2=settings.negative_prompt_2,
             )
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
@@ -250,20 +249,15 @@ class Sampler:
         generators: list[torch.Generator],
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         conditioning: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Run the denoising loop on ``latents`` ``(B, C, h, w)`` with classifier-free guidance; an inpainting
-        UNet gets ``conditioning`` ``(B, 1 + C, h, w)`` (default: everything masked, as for txt2img)."""
+        UNet gets ``conditioning`` ``(B, 1 + C, h, w)`` (default: everything masked, as for txt2img).
+        ``original_size``: SDXL's original size when the settings give none (default: the output size)."""
         if self.inpainting_unet and conditioning is None:
             conditioning = self.full_mask_conditioning(latents.shape[0], latents.shape[-2:])
-        cond, pooled = self.encode_prompts_and_pooled(prompts)
-        uncond, uncond_pooled = self.negative_embeddings(settings.negative_prompt, len(prompts))
-        sdxl = None
-        if pooled is not None and uncond_pooled is not None:
-            size = tuple(side * self.vae_scale for side in latents.shape[-2:])
-            ids = sdxl_time_ids(size, len(prompts), settings.original_size, settings.crop_top_left)  # (B, 6)
-            sdxl = SDXLConditioning(pooled, uncond_pooled, ids.to(self.device, cond.dtype))
-        elif settings.micro_conditioning:
-            raise ConfigError("original_size and crop_top_left condition SDXL models only; this model is not one")
+        size = (latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale)
+        cond, uncond, sdxl = self.prompt_encoder.guidance(prompts, settings, size, original_size)
         return denoise(
             self.unet,
             scheduler,
@@ -279,14 +273,6 @@ class Sampler:
             sdxl=sdxl,
         )
 
-    def masked_image_latents(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """See :func:`~trainer.sampling.init_images.masked_image_latents`; in the UNet's dtype."""
-        return init_images.masked_image_latents(self.vae, pixels, mask).to(self.unet.dtype)
-
-    def full_mask_conditioning(self, batch: int, latent_size: tuple[int, int]) -> torch.Tensor:
-        """See :func:`~trainer.sampling.init_images.full_mask_conditioning`; in the UNet's dtype."""
-        return init_images.full_mask_conditioning(self.vae, batch, latent_size, self.vae_scale).to(self.unet.dtype)
-
     @torch.no_grad()
     def txt2img(
         self, prompts: list[str], seeds: list[int], settings: SampleSettings
@@ -299,121 +285,8 @@ class Sampler:
         latents = self._denoise(
             scheduler, noise * scheduler.init_noise_sigma, prompts, settings, scheduler.timesteps, generators
         )
-        return self.decode(latents), self._parameters(prompts, seeds, settings, height, width)
+        return self.decode(latents), self._parameters(prompts, seeds, settings, (height, width))
 
     def _scheduler(self, settings: SampleSettings) -> SchedulerMixin:
         s = settings
         return sampling_scheduler(s.scheduler, self.scheduler_config, s.use_karras_sigmas, s.steps, self.device)
-
-    def _square_size(self, settings: SampleSettings) -> int:
-        height, width = self.image_size(settings)
-        if height != width:
-            raise ConfigError(f"img2img and inpainting take square sizes for now; got {height}x{width}")
-        return height
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image, size: int, generators: list[torch.Generator]) -> torch.Tensor:
-        """Scaled latents ``(B, C, h, w)`` of ``image`` (resized, center-cropped to ``size``), one VAE
-        posterior sample per generator, as diffusers' img2img draws them."""
-        pixels = init_images.image_pixels(image, size)[None]  # (1, 3, S, S)
-        return init_images.posterior_samples(self.vae, pixels, generators).to(self.unet.dtype)
-
-    @torch.no_grad()
-    def _init_and_noise(
-        self, init_image: Image.Image, size: int, seeds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
-        """The init image's latents ``(B, C, h, w)`` (posterior sampled with each image's generator),
-        per-image noise of that shape, and the generators, in the order diffusers draws them."""
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        init = self.encode_image(init_image, size, generators)  # (B, C, h, w)
-        noise = torch.stack([torch.randn(init.shape[1:], generator=g) for g in generators]).to(init)
-        return init, noise, generators
-
-    def img2img(
-        self, init_image: Image.Image, prompts: list[str], seeds: list[int], settings: SampleSettings, strength: float
-    ) -> tuple[list[Image.Image], list[GenerationParameters]]:
-        """Re-draw ``init_image`` (resized and center-cropped to the output size) per prompt.
-
-        ``strength`` in (0, 1] is the fraction of the schedule run: the image is noised to the
-        timestep ``strength`` of the way into the schedule and denoised from there (SDEdit, Meng et al. 2022).
-        """
-        init_images.check_strength(strength)
-        size = self._square_size(settings)
-        scheduler = self._scheduler(settings)
-        timesteps = init_images.partial_schedule(scheduler, settings.steps, strength)
-        init, noise, generators = self._init_and_noise(init_image, size, seeds)
-        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
-        latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators)
-        return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)
-
-    def latent_mask(self, mask_image: Image.Image, init_size: tuple[int, int], size: int) -> torch.Tensor:
-        """A mask image (white: repaint, black: keep) -> ``(1, 1, h, w)`` in {0, 1} at latent resolution:
-        :meth:`pixel_mask` reduced to the latent grid (nearest)."""
-        latent_size = (size // self.vae_scale, size // self.vae_scale)
-        return latent_mask(self.pixel_mask(mask_image, init_size, size), latent_size).to(self.device, self.unet.dtype)
-
-    pixel_mask = staticmethod(init_images.pixel_mask)
-
-    @torch.no_grad()
-    def inpaint_latents(
-        self,
-        init_image: Image.Image,
-        mask_image: Image.Image,
-        prompts: list[str],
-        seeds: list[int],
-        settings: SampleSettings,
-        strength: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inpaint: with an inpainting UNet (9 input channels) by its own conditioning, with any other by
-        latent blending (Avrahami et al. 2023, Blended Latent Diffusion).
-
-        An inpainting UNet sees the mask and the latents of the init image with the masked part grey
-        at every step, as in diffusers' ``StableDiffusionInpaintPipeline``. Otherwise, after each step
-        the latents outside the mask are replaced by the init image's latents noised to the next
-        timestep (un-noised after the last step), so only the masked region is generated, in context.
-        ``init_image`` is resized and center-cropped to the (square) output size; ``mask_image`` must
-        have the init image's size and goes through the same crop.
-
-        Returns:
-            ``(latents (B, C, h, w), init latents (B, C, h, w), mask (1, 1, h, w))``.
-        """
-        init_images.check_strength(strength)
-        size = self._square_size(settings)
-        mask = self.latent_mask(mask_image, init_image.size, size)
-        scheduler = self._scheduler(settings)
-        timesteps = init_images.partial_schedule(scheduler, settings.steps, strength)
-        init, noise, generators = self._init_and_noise(init_image, size, seeds)
-        init_images.skip_masked_image_draw(generators, tuple(init.shape[1:]))
-        if strength == 1.0:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
-        if self.inpainting_unet:
-            pixels = init_images.image_pixels(init_image, size)[None]  # (1, 3, S, S) in [-1, 1]
-            masked = self.masked_image_latents(pixels, self.pixel_mask(mask_image, init_image.size, size))
-            conditioning = torch.cat([mask, masked], dim=1).expand(len(prompts), -1, -1, -1)  # (B, 1 + C, h, w)
-            latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators, None, conditioning)
-            return latents, init, mask
-
-        def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
-            known = init
-            if i < len(timesteps) - 1:
-                known = scheduler.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(len(prompts)))
-            return (1 - mask) * known + mask * latents
-
-        latents = self._denoise(scheduler, latents, prompts, settings, timesteps, generators, after_step=blend)
-        return latents, init, mask
-
-    def inpaint(
-        self,
-        init_image: Image.Image,
-        mask_image: Image.Image,
-        prompts: list[str],
-        seeds: list[int],
-        settings: SampleSettings,
-        strength: float = 1.0,
-    ) -> tuple[list[Image.Image], list[GenerationParameters]]:
-        """Images of :meth:`inpaint_latents`, with their parameters."""
-        latents, _, _ = self.inpaint_latents(init_image, mask_image, prompts, seeds, settings, strength)
-        size = self._square_size(settings)
-        return self.decode(latents), self._parameters(prompts, seeds, settings, size, size, strength)

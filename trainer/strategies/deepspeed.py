@@ -5,7 +5,9 @@ Lightning's ``DeepSpeedStrategy`` refuses any accelerator but CUDA. DeepSpeed it
 unchanged; on CPU it overrides the three places that assume CUDA:
 
 * ``setup_environment``: skip the CUDA check (``DDPStrategy.setup_environment``);
-* ``setup_distributed``: skip the CUDA device-index validation;
+* ``setup_distributed``: skip the CUDA device-index validation, and DeepSpeed's shared-memory
+  all-reduce op, which only inference uses and which would compile for 30-60 s
+  (:func:`lf_common.upstream.deepspeed_private.skip_shm_comm_op`);
 * ``initialize_engine`` (Lightning's private ``_setup_model_and_optimizer``): call
   ``deepspeed.initialize`` without Lightning's ``device_rank=root_device.index`` (``None`` on CPU),
   so DeepSpeed takes the local rank from ``LOCAL_RANK``, as it does under its own launcher.
@@ -23,6 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lf_common.upstream.deepspeed_private import skip_shm_comm_op
 from lf_common.upstream.lightning_private import DeepSpeedStrategyHooks
 
 
@@ -44,6 +47,7 @@ class DeepSpeedStrategy(DeepSpeedStrategyHooks):
         if self._on_cpu():
             reset_seed()
             self.set_world_ranks()
+            skip_shm_comm_op()
             self.init_deepspeed_distributed()
         else:
             super().setup_distributed()
