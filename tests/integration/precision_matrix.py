@@ -2,8 +2,7 @@
 
 Run as ``python -m tests.integration.precision_matrix`` (one process) or under
 ``torchrun --nproc_per_node=2`` (Lightning takes the ranks from torchrun), so the imports and the
-process group are paid once per launch, not once per run (``--strategy=a,b``: several strategies
-in one launch, each under ``<out>/<strategy>``). For each precision it trains, through
+process group are paid once per strategy, not once per run. For each precision it trains, through
 ``run_train`` and the real configs:
 
 * ``<out>/<precision>/full``: 4 optimizer steps (gradient accumulation 2, across the epoch's end)
@@ -181,17 +180,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument(
-        "--strategy", required=True, help="one, or several comma-separated (each then under <out>/<strategy>/)"
-    )
+    parser.add_argument("--strategy", required=True)
     parser.add_argument("--precisions", required=True, help="comma-separated")
     parser.add_argument("--extra", action="append", default=[], help="an lf-train override added to every run")
     args = parser.parse_args()
     devices = int(os.environ.get("WORLD_SIZE", "1"))
-    strategies = args.strategy.split(",")
-    for strategy in strategies:  # one launch: the imports and the process group are paid once
-        out = args.out / strategy if len(strategies) > 1 else args.out
-        run_matrix(args.latents, out, strategy, args.precisions.split(","), devices, extra=tuple(args.extra))
+    run_matrix(args.latents, args.out, args.strategy, args.precisions.split(","), devices, extra=tuple(args.extra))
 
 
 if __name__ == "__main__":

@@ -115,21 +115,22 @@ SHARDED = ["fsdp", "deepspeed_stage_3"]
 
 @pytest.mark.dist
 def test_two_processes_under_fsdp_and_zero3_in_bf16_mixed(sdxl_latent_dir, tmp_path_factory, tmp_path):
-    """Both sharded strategies in one launch (the imports and process group paid once): ZeRO-3's bf16 mode and
-    FSDP's mixed precision feed and hold bf16; losses finite, weights and EMA move, the sharded checkpoint
-    resumes bit for bit, exports and samples. DeepSpeed's CPU backend does not compile its inference-only
-    shared-memory op (``lf_common/upstream/deepspeed_private.py``)."""
-    out = tmp_path_factory.mktemp("sdxl_sharded")
+    """Each sharded strategy in a launch of its own (as a user runs one; one process running FSDP then ZeRO-3
+    aborted at random on a loaded machine): ZeRO-3's bf16 mode and FSDP's mixed precision feed and hold bf16;
+    losses finite, weights and EMA move, the sharded checkpoint resumes bit for bit, exports and samples.
+    DeepSpeed's CPU backend does not compile its inference-only shared-memory op
+    (``lf_common/upstream/deepspeed_private.py``)."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.integration.precision_matrix",
-               f"--latents={sdxl_latent_dir}", f"--out={out}", f"--strategy={','.join(SHARDED)}",
-               "--precisions=bf16-mixed", f"--extra={SDXL_TINY}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "shm_comm" not in result.stdout + result.stderr, "DeepSpeed built its inference-only shared-memory op"
     for strategy in SHARDED:
-        check_combination(out / strategy / "bf16-mixed", BF16_WEIGHTS, tmp_path / strategy)
+        out = tmp_path_factory.mktemp(f"sdxl_{strategy}")
+        command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.integration.precision_matrix",
+                   f"--latents={sdxl_latent_dir}", f"--out={out}", f"--strategy={strategy}",
+                   "--precisions=bf16-mixed", f"--extra={SDXL_TINY}"]  # fmt: skip
+        result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "shm_comm" not in result.stdout + result.stderr, "DeepSpeed built its inference-only shared-memory op"
+        check_combination(out / "bf16-mixed", BF16_WEIGHTS, tmp_path / strategy)
 
 
 def test_our_sampler_matches_stable_diffusion_xl_pipeline_on_the_export(single_run, tmp_path):
