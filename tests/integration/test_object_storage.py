@@ -1,6 +1,6 @@
 """The digits path with every data path in a bucket of a real S3 server (moto, started by the
 fixtures): raw shards written to ``s3://`` -> ``lf-precompute`` to ``s3://`` -> ``lf-train`` from
-``s3://`` (checkpoints local) -> ``lf-export`` -> ``lf-sample``.
+``s3://`` with its checkpoints in ``s3://`` -> ``lf-export`` to ``s3://`` -> ``lf-sample`` to ``s3://``.
 
 Training from the bucket is compared with training from the same latents on local disk: a run
 stopped and resumed from the bucket ends bit-identical to an uninterrupted run from local disk
@@ -21,10 +21,12 @@ import webdataset as wds
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path, load_entry
 from data_pipelines.raw.writer import write_raw_shards
 from lf_common import object_store
+from lf_common.object_cache import cached_copy
 from tests.conftest import FirstDigits, compose_config, tiny_train_overrides
 from tests.integration.cli import run_cli, run_in_process
 from tests.integration.test_resume import assert_same_training_state, final_state, train
 from tests.s3_server import make_bucket, point_aws_at, server_down
+from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.precompute import run_precompute
 from trainer.cli.sample import run_sample
@@ -144,23 +146,52 @@ def test_two_ranks_precompute_into_the_bucket_as_one_process_does(s3_latents, bu
         assert object_store.read_bytes(f"{out}/{name}") == object_store.read_bytes(f"{s3_latents}/{name}")
 
 
-def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted(s3_latents, latent_dir, tmp_path):
+def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted(
+    s3_latents, latent_dir, bucket, tmp_path, monkeypatch
+):
+    """Checkpoints in the bucket too: ``ckpt_path=last`` resumes from the newest remote one, exactly; then
+    ``lf-export`` from the bucket to the bucket, and ``lf-sample`` from the bucket to the bucket."""
     assert train(latent_dir, tmp_path / "local", 5)["global_step"] == 5
-    train(s3_latents, tmp_path / "s3", 3)
-    train(s3_latents, tmp_path / "s3", 5, "ckpt_path=last")
-    assert_same_training_state(final_state(tmp_path / "s3"), final_state(tmp_path / "local"))
-    # and the checkpoint of a run from the bucket exports and samples like any other
-    ckpt = tmp_path / "s3" / "checkpoints" / "last.ckpt"
-    export = run_export(compose_config("export", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'export'}"]))
-    prompts = 'prompts=["a handwritten digit one"]'
+    checkpoints = f"{bucket}/run/checkpoints"
+    remote = f"callbacks.model_checkpoint.dirpath={checkpoints}"
+    train(s3_latents, tmp_path / "s3", 3, remote)
+    result = train(s3_latents, tmp_path / "s3", 5, remote, "ckpt_path=last")
+    assert result["checkpoint"] == f"{checkpoints}/last.ckpt"
+    cache = tmp_path / "cache"
+    state = load_checkpoint(cached_copy(f"{checkpoints}/last.ckpt", cache))
+    assert_same_training_state(state, final_state(tmp_path / "local"))
+    # retention in the bucket (the newest 3 and last), nothing left in local staging, one resumed copy cached
+    names = {object_store.basename(url) for url in object_store.list_objects(checkpoints + "/")}
+    assert names == {"step-0000003.ckpt", "step-0000004.ckpt", "step-0000005.ckpt", "last.ckpt"}
+    assert not list((tmp_path / "s3" / "checkpoint-staging").iterdir())
+    assert not (tmp_path / "s3" / "checkpoints").exists()
+    assert [p.name for p in (tmp_path / "s3" / "checkpoint-cache").rglob("*.ckpt")] == ["last.ckpt"]
+
+    export_dir = f"{bucket}/export/step-5"
+    exported = run_export(
+        compose_config("export", [f"ckpt_path={checkpoints}/last.ckpt", f"out_dir={export_dir}", f"cache_dir={cache}"])
+    )
+    assert exported["out_dir"] == export_dir and object_store.exists(f"{export_dir}/model_index.json")
+    single = [f"ckpt_path={checkpoints}/last.ckpt", "format=single_file", f"out_dir={bucket}/export/model"]
+    written = run_export(compose_config("export", [*single, f"cache_dir={cache}"]))["out_file"]
+    assert written == f"{bucket}/export/model.safetensors" and object_store.exists(written)
+
     overrides = [
-        f"model_dir={export['out_dir']}",
-        f"out_dir={tmp_path / 'images'}",
+        f"model_dir={export_dir}",
+        f"out_dir={bucket}/images",
+        f"cache_dir={cache}",
         "steps=2",
-        "num_images_per_prompt=1",
-        prompts,
+        "num_images_per_prompt=2",
+        'prompts=["a handwritten digit one"]',
     ]
-    assert len(run_sample(compose_config("sample", overrides))["paths"]) == 1
+    paths = run_sample(compose_config("sample", overrides))["paths"]
+    assert paths == [f"{bucket}/images/00000-0.png", f"{bucket}/images/00001-1.png"]
+    assert all(object_store.exists(url) for url in [*paths, f"{bucket}/images/grid.png"])
+    downloads = []  # the export is in the cache: sampling again downloads nothing
+    real_download = object_store.download
+    monkeypatch.setattr(object_store, "download", lambda url, local: downloads.append(url) or real_download(url, local))
+    run_sample(compose_config("sample", [*overrides, "num_images_per_prompt=1"]))
+    assert downloads == []
 
 
 def test_commands_take_the_endpoint_option_and_stream_with_loader_workers_and_validation(
