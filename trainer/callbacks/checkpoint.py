@@ -66,6 +66,8 @@ class ModelCheckpoint(ModelCheckpointHooks):
             raise ConfigError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
         self.keep_every_n_steps = keep_every_n_steps
         self.staging_dir = staging_dir
+        if object_store.is_url(self.dirpath or "") and self.save_last == "link":
+            raise ConfigError(f"save_last=link with dirpath={self.dirpath}: a bucket has no links; set save_last=true")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
