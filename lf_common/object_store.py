@@ -141,6 +141,23 @@ def exists(url: str) -> bool:
         raise storage_error(url, error, "a reachable bucket") from error
 
 
+def require_bucket(url: str, expected: str) -> None:
+    """Check that the bucket of ``url`` exists and answers (one request), before work that will write there.
+
+    Raises:
+        ObjectStoreError: the bucket does not exist, the credentials are refused, or the store cannot be
+            reached; names ``url``, the endpoint and what was ``expected``.
+    """
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except STORE_ERRORS as error:
+        raise storage_error(url, error, expected) from error
+    if not found:
+        raise storage_error(url, FileNotFoundError(f"bucket {bucket} not found"), expected)
+
+
 def read_bytes(url: str) -> bytes:
     """The whole object (small files: manifests, records)."""
     fs, path = filesystem(url)

@@ -160,12 +160,12 @@ def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted
     cache = tmp_path / "cache"
     state = load_checkpoint(cached_copy(f"{checkpoints}/last.ckpt", cache))
     assert_same_training_state(state, final_state(tmp_path / "local"))
-    # retention in the bucket (the newest 3 and last), nothing left in local staging, one resumed copy cached
+    # retention in the bucket (the newest 3 and last); no checkpoint left on local disk
     names = {object_store.basename(url) for url in object_store.list_objects(checkpoints + "/")}
     assert names == {"step-0000003.ckpt", "step-0000004.ckpt", "step-0000005.ckpt", "last.ckpt"}
     assert not list((tmp_path / "s3" / "checkpoint-staging").iterdir())
     assert not (tmp_path / "s3" / "checkpoints").exists()
-    assert [p.name for p in (tmp_path / "s3" / "checkpoint-cache").rglob("*.ckpt")] == ["last.ckpt"]
+    assert not list((tmp_path / "s3" / "checkpoint-cache").rglob("*.ckpt")), "the resumed copy is removed"
 
     export_dir = f"{bucket}/export/step-5"
     exported = run_export(

@@ -164,3 +164,11 @@ def test_a_cached_copy_is_downloaded_once_and_again_only_when_an_object_changed(
     assert single.name == "model_index.json" and single.read_bytes() == b"{}"
     with pytest.raises(object_store.ObjectStoreError, match=r"step-6 at endpoint .*nothing under this key"):
         cached_copy(f"{s3_bucket}/export/step-6", tmp_path)
+
+
+def test_a_checkpoint_folder_in_a_missing_bucket_fails_before_training(s3_env):
+    from trainer.callbacks.checkpoint import ModelCheckpoint
+
+    expected = r"the bucket does not exist; expected an existing bucket for callbacks.model_checkpoint.dirpath"
+    with pytest.raises(object_store.ObjectStoreError, match=r"s3://no-such-bucket/run at endpoint .*" + expected):
+        ModelCheckpoint(dirpath="s3://no-such-bucket/run").setup(None, None, "fit")  # before the trainer is used

@@ -69,6 +69,11 @@ class ModelCheckpoint(ModelCheckpointHooks):
         if object_store.is_url(self.dirpath or "") and self.save_last == "link":
             raise ConfigError(f"save_last=link with dirpath={self.dirpath}: a bucket has no links; set save_last=true")
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and object_store.is_url(self.dirpath or ""):  # fail now, not at the first save
+            object_store.require_bucket(self.dirpath, "an existing bucket for callbacks.model_checkpoint.dirpath")
+        super().setup(trainer, pl_module, stage)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self.record_saved(trainer.global_step)  # a resumed step is in the checkpoint it came from

@@ -35,6 +35,8 @@ from trainer.checkpoint.resume import (
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_CACHE = "checkpoint-cache"
+"""The folder under ``output_dir`` that a remote checkpoint is downloaded to before a resume."""
 TAG_FILE = "latest"
 """The file of a DeepSpeed checkpoint folder that names its tag; uploaded last."""
 

@@ -48,8 +48,9 @@ from omegaconf import DictConfig, OmegaConf
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
 from trainer.callbacks.provenance import Provenance
+from trainer.callbacks.resumed_copy import RemoveResumedCopy
 from trainer.callbacks.rng import RNGState
-from trainer.checkpoint.remote import has_remote_checkpoints, resolve_remote_checkpoint
+from trainer.checkpoint.remote import CHECKPOINT_CACHE, has_remote_checkpoints, resolve_remote_checkpoint
 from trainer.checkpoint.resume import LAST_NAME, auto_resume_checkpoint, resolve_resume_checkpoint
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import (
@@ -100,8 +101,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         SkippedSamplesMonitor(datamodule.sample_counts),
         RNGState(),
     ]
-    trainer = build_trainer(cfg, monitors)
     ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path and Path(ckpt_path).is_relative_to(Path(cfg.output_dir) / CHECKPOINT_CACHE):
+        monitors.append(RemoveResumedCopy(ckpt_path))  # downloaded: removed once every rank has loaded it
+    trainer = build_trainer(cfg, monitors)
     with finishing_loggers(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -130,7 +133,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         if wanted is None:
             log.info("auto_resume: no checkpoint in %s; starting at step 0", folder)
     if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and remote)):
-        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / "checkpoint-cache")
+        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
     return resolve_resume_checkpoint(wanted, folder)
 
 

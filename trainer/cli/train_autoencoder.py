@@ -34,7 +34,7 @@ from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.staged_output import staged_output
-from trainer.checkpoint.remote import resolve_remote_checkpoint
+from trainer.checkpoint.remote import CHECKPOINT_CACHE, resolve_remote_checkpoint
 from trainer.checkpoint.resume import LAST_NAME
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import build_trainer, optimizer_factories
@@ -77,7 +77,7 @@ def _resume_from(cfg: DictConfig) -> str | None:
     wanted = cfg.get("ckpt_path")
     folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and object_store.is_url(folder or ""))):
-        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / "checkpoint-cache")
+        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
     return wanted
 
 
