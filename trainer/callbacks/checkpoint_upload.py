@@ -39,8 +39,9 @@ def save_and_upload(trainer: L.Trainer, url: str, staged: Path, weights_only: bo
         ObjectStoreError: the upload failed; names ``url`` and the endpoint.
     """
     strategy, step = trainer.strategy, trainer.global_step
-    if trainer.local_rank == 0:
-        _remove_local(staged)  # left by a crash
+    if trainer.local_rank == 0 and staged.parent.is_dir():
+        for left in staged.parent.iterdir():  # left by a crash: staging holds one checkpoint at a time
+            _remove_local(left)
     strategy.barrier("checkpoint_staging_clear")
     with single_rank_work("checkpoint save", step, worker=None, growing=staged):
         try:
