@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lf_common import object_store
+from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.integration.checkpoints import assert_resume_is_exact
 from tests.s3_server import server_down
@@ -60,6 +61,10 @@ def test_an_upload_cut_short_keeps_the_previous_checkpoint_and_the_rerun_complet
     assert not list((out / "checkpoint-staging").iterdir()), "the staged copy is removed"
     resumable = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
     assert load_checkpoint(resumable)["global_step"] == 2
+    named = resolve_remote_checkpoint(f"{checkpoints}/step-0000002.ckpt", None, tmp_path / "cache")
+    assert load_checkpoint(named)["global_step"] == 2
+    with pytest.raises(DataError, match=r"step-0000004\.ckpt: checkpoint does not exist"):
+        resolve_remote_checkpoint(f"{checkpoints}/step-0000004.ckpt", None, tmp_path / "cache")
 
     monkeypatch.setattr(object_store, "upload", real_upload)
     assert run_train(compose_config("train", [*overrides, "auto_resume=true"]))["global_step"] == 4
@@ -70,14 +75,10 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
     latent_dir, s3_server, s3_bucket, tmp_path, monkeypatch, caplog
 ):
     checkpoints = f"{s3_bucket}/run/checkpoints"
-    out = tmp_path / "run"
-    overrides = [
-        *tiny_train_overrides(latent_dir, out, steps=4),
-        "strategy=deepspeed_stage_2",
-        "trainer.devices=1",
-        f"callbacks.model_checkpoint.dirpath={checkpoints}",
-    ]
-    tags = []  # last.ckpt's tag at step 4 (its second save) never arrives
+    ds = ["strategy=deepspeed_stage_2", "trainer.devices=1", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    overrides = [*tiny_train_overrides(latent_dir, tmp_path / "run", steps=2), *ds]
+    overrides.append(f"callbacks.model_checkpoint.dirpath={checkpoints}")
+    tags = []  # last.ckpt's tag at step 2 (its second save) never arrives
 
     def tag_count(url: str) -> bool:
         tags.append(url)
@@ -87,19 +88,19 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
     real_upload = fail_upload_when(monkeypatch, s3_server, last_tag)
     with pytest.raises(object_store.ObjectStoreError, match=r"last\.ckpt/latest at endpoint"):
         run_train(compose_config("train", overrides))
-    step_4 = object_store.object_infos(f"{checkpoints}/step-0000004.ckpt")
+    step_2 = object_store.object_infos(f"{checkpoints}/step-0000002.ckpt")
     model, optimizer = "checkpoint/mp_rank_00_model_states.pt", "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    assert {"latest", model, optimizer} <= set(step_4)
+    assert {"latest", model, optimizer} <= set(step_2)
     cut_short = object_store.object_infos(f"{checkpoints}/last.ckpt")
     assert model in cut_short and "latest" not in cut_short  # incomplete
 
     monkeypatch.setattr(object_store, "upload", real_upload)
     with caplog.at_level(logging.INFO, logger="trainer.checkpoint.resume"):
-        result = run_train(compose_config("train", [*overrides, "trainer.max_steps=6", "ckpt_path=last"]))
-    assert result["global_step"] == 6
-    assert f"resume: from {checkpoints}/step-0000004.ckpt" in caplog.text  # the incomplete last.ckpt is older
+        result = run_train(compose_config("train", [*overrides, "trainer.max_steps=3", "ckpt_path=last"]))
+    assert result["global_step"] == 3
+    assert f"resume: from {checkpoints}/step-0000002.ckpt" in caplog.text  # the incomplete last.ckpt is older
     last = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
     assert Path(last).name == "last.ckpt" and Path(last).is_dir()
     reference = tmp_path / "uninterrupted"  # local checkpoints
-    run_train(compose_config("train", [*tiny_train_overrides(latent_dir, reference, steps=6), *overrides[-3:-1]]))
-    assert_resume_is_exact(Path(last), reference / "checkpoints" / "step-0000006.ckpt", ranks=1)
+    run_train(compose_config("train", [*tiny_train_overrides(latent_dir, reference, steps=3), *ds]))
+    assert_resume_is_exact(Path(last), reference / "checkpoints" / "step-0000003.ckpt", ranks=1)

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from lf_common import object_store
+from lf_common.errors import DataError
 from lf_common.object_cache import cached_copy
 from trainer.checkpoint.resume import (
     LAST_NAME,
@@ -116,6 +117,11 @@ def resolve_remote_checkpoint(ckpt_path: str, checkpoint_dir: str | None, cache_
     elif _is_checkpoint_folder(ckpt_path):
         candidates, where = newest_first(remote_checkpoints(ckpt_path)), ckpt_path
     else:
+        if not object_store.exists(ckpt_path):
+            raise DataError(
+                f"ckpt_path={ckpt_path}: checkpoint does not exist; give a checkpoint or a folder of them, or "
+                "ckpt_path=last (the newest complete one in callbacks.model_checkpoint.dirpath)"
+            )
         parent = ckpt_path.rstrip("/").rsplit("/", 1)[0]
         candidates = [ckpt_path, *older_than(ckpt_path, newest_first(remote_checkpoints(parent)))]
         where = ckpt_path
