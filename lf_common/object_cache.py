@@ -38,21 +38,25 @@ def _version(url: str, infos: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps([url, listed]).encode()).hexdigest()[:16]
 
 
-def cached_copy(url: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def cached_copy(
+    url: str, cache_dir: str | os.PathLike[str] | None = None, expected: str = "an existing object or prefix"
+) -> Path:
     """A local copy of the object, or of every object under the prefix, at ``url``; downloaded only when
     the cache has no copy of these contents.
 
     Args:
         url: an object (``s3://bucket/model.safetensors``) or a prefix holding objects (an export folder).
         cache_dir: the cache folder (``None``: :func:`default_cache_dir`).
+        expected: what ``url`` should hold, for the error when nothing is there.
 
     Returns:
         The copy: a file for an object, a folder (same relative layout) for a prefix.
 
     Raises:
-        ObjectStoreError: nothing is at ``url``, or the store cannot be reached; names the URL.
+        ObjectStoreError: nothing is at ``url``, or the store cannot be reached; names the URL, the endpoint
+            and what was ``expected``.
     """
-    infos = object_store.object_infos(url)
+    infos = object_store.object_infos(url, expected)
     home = Path(cache_dir or default_cache_dir()) / hashlib.sha256(url.encode()).hexdigest()[:16]
     version = _version(url, infos)
     copy = home / version / (object_store.basename(url) or "object")
@@ -82,3 +86,20 @@ def _download(url: str, infos: dict[str, dict[str, Any]], copy: Path) -> None:
 def local_path(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
     """``path`` itself when local; the cached copy (:func:`cached_copy`) of a URL."""
     return str(cached_copy(str(path), cache_dir)) if object_store.is_url(path) else str(path)
+
+
+MODEL_FOLDER = "a model folder (diffusers/transformers layout: config.json and weights) under this prefix"
+
+
+def model_folder(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A local folder to give ``from_pretrained``: ``path`` itself when local; for a URL (``s3://bucket/sd15/vae``)
+    its cached copy, the whole folder downloaded once (atomically, one process per machine; again only when an
+    object under it changed). The copy holds the same files, so a fingerprint of it is that of the original.
+
+    Raises:
+        ObjectStoreError: nothing is under the URL or its bucket is missing; names the URL, the endpoint and
+            that a model folder was expected.
+    """
+    if not object_store.is_url(path):
+        return str(path)
+    return str(cached_copy(str(path).rstrip("/"), cache_dir, MODEL_FOLDER))

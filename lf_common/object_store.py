@@ -227,12 +227,13 @@ def remove(url: str, first: tuple[str, ...] = ()) -> None:
         raise storage_error(url, error, "a writable bucket") from error
 
 
-def object_infos(url: str) -> dict[str, dict[str, Any]]:
+def object_infos(url: str, expected: str = "an existing object or prefix") -> dict[str, dict[str, Any]]:
     """The objects at ``url`` (one object, or every object under the prefix, at any depth), by path relative
     to ``url`` (``""`` for a single object): fsspec's details (``size``, ``ETag``, ``LastModified``, ...).
 
     Raises:
-        ObjectStoreError: nothing is at ``url``, or the store cannot be reached.
+        ObjectStoreError: nothing is at ``url``, or the store cannot be reached; names ``url``, the endpoint
+            and what was ``expected``.
     """
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -240,9 +241,10 @@ def object_infos(url: str) -> dict[str, dict[str, Any]]:
         fs.invalidate_cache(path)
         found = fs.find(path, detail=True)
     except STORE_ERRORS as error:
-        raise storage_error(url, error, "an existing object or prefix") from error
+        raise storage_error(url, error, expected) from error
     if not found:
-        raise storage_error(url, FileNotFoundError(url), "an existing object or prefix")
+        require_bucket(url, expected)
+        raise storage_error(url, FileNotFoundError(url), expected)
     if list(found) == [path]:
         return {"": found[path]}
     return {name[len(path) + 1 :]: info for name, info in found.items() if name.startswith(path + "/")}

@@ -14,6 +14,8 @@ Keys::
                  s3://... too (downloaded to cache_dir, only when changed)
     out_dir      the folder to write (single_file: OUT_DIR.safetensors unless out_file is set); s3://... too
     cache_dir    local copies of s3:// inputs (default: $LF_CACHE_DIR, else ~/.cache/latentforge/objects)
+    vae_path, text_encoder_path, tokenizer_path
+                 the encoder folders (s3://... too); default: those the checkpoint's latent manifest names
     format       diffusers (a pipeline folder) | single_file (the original SD, or SDXL, single-file layout)
     text_layout  single_file: auto (follows the model) | sd1 | sd2 | sdxl
     weights      auto (EMA when the checkpoint has it) | ema | raw
@@ -28,7 +30,7 @@ from omegaconf import DictConfig
 
 from lf_common import object_store
 from lf_common.errors import ConfigError
-from lf_common.object_cache import local_path
+from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
 from trainer.checkpoint.export import export_pipeline, export_single_file
 from trainer.cli.command import lf_command
@@ -51,7 +53,7 @@ def run_export(cfg: DictConfig) -> dict[str, str]:
     cache = cfg.get("cache_dir")
     ckpt_path = local_path(cfg.ckpt_path, cache)
     encoders = {
-        key: local_path(cfg[key], cache) if cfg.get(key) else None
+        key: model_folder(cfg[key], cache) if cfg.get(key) else None
         for key in ("vae_path", "text_encoder_path", "tokenizer_path")
     }
     if fmt == "single_file":

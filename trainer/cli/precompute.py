@@ -24,7 +24,9 @@ Keys::
     out_dir          the folder for the latent shards and their manifest (or s3://bucket/prefix)
     s3_endpoint_url  an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
     pretrained       a diffusers folder with vae/, text_encoder/, tokenizer/ (or set the *_path keys); SDXL's
-                     also has text_encoder_2/ and tokenizer_2/
+                     also has text_encoder_2/ and tokenizer_2/; s3://bucket/models/sd15 too (downloaded to cache_dir)
+    cache_dir        local copies of model folders given by URL (default: $LF_CACHE_DIR, else
+                     ~/.cache/latentforge/objects)
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
     recompute_stale  encode again shards made with other settings, instead of refusing them
@@ -46,6 +48,7 @@ from data_pipelines.shards.streaming import SkipCounter
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings
+from lf_common import object_store
 from lf_common.errors import ConfigError
 from trainer.cli.command import lf_command
 
@@ -68,6 +71,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         dtype=cfg.dtype,
         text_encoder_2_path=text_encoder_2_path,
         tokenizer_2_path=tokenizer_2_path,
+        cache_dir=cfg.get("cache_dir"),
     )
     encoder = LatentShardEncoder(
         encoders,
@@ -99,11 +103,18 @@ def second_text_encoder(cfg: DictConfig) -> tuple[str | None, str | None]:
     """
     text_2, tokenizer_2 = cfg.get("text_encoder_2_path"), cfg.get("tokenizer_2_path")
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
-    if not text_2 and not tokenizer_2 and pretrained and (Path(pretrained) / "text_encoder_2").is_dir():
+    if not text_2 and not tokenizer_2 and pretrained and _has_folder(pretrained, "text_encoder_2"):
         text_2, tokenizer_2 = f"{pretrained}/text_encoder_2", f"{pretrained}/tokenizer_2"
     if bool(text_2) != bool(tokenizer_2):
         raise ConfigError("text_encoder_2_path and tokenizer_2_path go together (SDXL's second encoder): set both")
     return text_2 or None, tokenizer_2 or None
+
+
+def _has_folder(pretrained: str, name: str) -> bool:
+    """Whether the folder (or the prefix, for a URL) ``pretrained`` holds ``name``."""
+    if object_store.is_url(pretrained):
+        return object_store.exists(object_store.join(pretrained, name))
+    return (Path(pretrained) / name).is_dir()
 
 
 @lf_command("precompute")

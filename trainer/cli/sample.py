@@ -17,7 +17,9 @@ Examples::
 Keys::
 
     model_dir              an export folder (lf-export's out_dir) or a training checkpoint; s3://... too
-    prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH)
+    prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH, s3://... too)
+    from_png               re-make the image a PNG's parameters describe (s3://... too)
+    vae_path, text_encoder_path, tokenizer_path   a checkpoint's encoder folders (s3://... too; default: its manifest's)
     num_images_per_prompt  images per prompt (image i gets seed + i)
     steps                  denoising steps
     guidance_scale         classifier-free guidance scale
@@ -29,6 +31,7 @@ Keys::
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 
 from lf_common import object_store
 from lf_common.errors import ConfigError, DataError
-from lf_common.object_cache import local_path
+from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
 from trainer.lora.loading import load_lora
@@ -51,12 +54,13 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    """Prompts from ``prompt_file`` (one per non-empty line) or ``prompts``."""
+    """Prompts from ``prompt_file`` (one per non-empty line; a local file or a URL) or ``prompts``."""
     if cfg.get("prompt_file"):
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
+        path = str(cfg.prompt_file)
+        if not object_store.is_url(path) and not Path(path).is_file():
             raise DataError(f"{path}: prompt_file does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = object_store.read_path(path).decode("utf-8")  # a URL: one GET, a missing object one line
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         prompts = list(cfg.prompts or [])
     if not prompts:
@@ -74,9 +78,9 @@ def _open_image(path: str | None, key: str) -> Image.Image | None:
 
 
 def _from_png(path: str) -> GenerationParameters:
-    if not Path(path).is_file():
+    if not object_store.is_url(path) and not Path(path).is_file():
         raise DataError(f"{path}: from_png does not exist")
-    text = read_parameters(path)
+    text = read_parameters(io.BytesIO(object_store.read_path(path)))  # a URL: one GET
     if not text:
         raise DataError(f"{path}: no 'parameters' text chunk to re-make the image from")
     return parse_parameters(text, source=path)
@@ -166,13 +170,18 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-INPUTS = ("model_dir", "vae_path", "text_encoder_path", "tokenizer_path", "lora", "init_image", "mask_image")
+ENCODER_FOLDERS = ("vae_path", "text_encoder_path", "tokenizer_path")
+INPUTS = ("model_dir", *ENCODER_FOLDERS, "lora", "init_image", "mask_image")
 """The keys whose files or folders may be URLs (downloaded to ``cache_dir`` once, again only when changed)."""
 
 
 def local_inputs(cfg: DictConfig) -> dict[str, str | None]:
     """Each of :data:`INPUTS` as a local path (a URL's cached copy), or ``None`` when unset."""
-    return {key: local_path(cfg[key], cfg.get("cache_dir")) if cfg.get(key) else None for key in INPUTS}
+    cache = cfg.get("cache_dir")
+    return {
+        key: (model_folder if key in ENCODER_FOLDERS else local_path)(cfg[key], cache) if cfg.get(key) else None
+        for key in INPUTS
+    }
 
 
 def _generate(
