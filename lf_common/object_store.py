@@ -303,6 +303,11 @@ def is_file(path: str | os.PathLike[str]) -> bool:
     return exists(str(path)) if is_url(path) else os.path.isfile(path)
 
 
+def is_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether a local folder, or a prefix holding objects, is at ``path``."""
+    return exists(str(path)) if is_url(path) else os.path.isdir(path)
+
+
 def read_path(path: str | os.PathLike[str]) -> bytes:
     """The bytes of a local file or an object."""
     if is_url(path):

@@ -16,6 +16,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,13 @@ import torch
 import webdataset as wds
 from diffusers import UNet2DConditionModel
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from PIL import Image
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path, load_entry
 from data_pipelines.raw.writer import write_raw_shards
 from lf_common import object_store
+from lf_common.errors import DataError
 from lf_common.object_cache import CACHE_DIR_VARIABLE, cached_copy, model_folder
 from tests.conftest import FirstDigits, compose_config, tiny_train_overrides
 from tests.integration.cli import run_cli, run_in_process
@@ -37,6 +41,9 @@ from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.precompute import run_precompute
 from trainer.cli.sample import ENCODER_FOLDERS, run_sample
+from trainer.dreambooth.class_images import class_image_path
+from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
+from trainer.sampling.sampler import SampleSettings
 
 pytestmark = pytest.mark.slow
 
@@ -281,3 +288,24 @@ def test_a_missing_model_folder_is_one_plain_line(s3_latents, bucket, tmp_path):
     missing_bucket = r"s3://no-such-bucket/sd15/vae at endpoint \S+: the bucket does not exist; expected a model folder"
     with pytest.raises(object_store.ObjectStoreError, match=missing_bucket):
         model_folder("s3://no-such-bucket/sd15/vae")
+
+
+def test_dreambooth_reads_its_photos_class_images_and_encoders_from_the_bucket(
+    bucket, s3_pretrained, cat_photos, tmp_path
+):
+    object_store.upload_folder(cat_photos, f"{bucket}/photos")
+    made = tmp_path / "class-images"
+    made.mkdir()
+    for i in range(2):
+        Image.new("RGB", (48, 48), (90 * i, 60, 30)).save(class_image_path(made, i))
+        class_image_path(made, i).with_suffix(".txt").write_text("a photo of a cat")
+    object_store.upload_folder(made, f"{bucket}/class-images")
+    classes = ClassImages("a photo of a cat", f"{bucket}/class-images", 2, SampleSettings(height=32, width=32))
+    cpu = SingleDeviceStrategy(torch.device("cpu"))
+    args = (cpu, f"{bucket}/photos", "a photo of sks cat", tmp_path / "dreambooth", s3_pretrained, 32)
+    latents = prepare_dreambooth(*args, classes)
+    instance, made_classes = LatentManifest.load(latents.instance), LatentManifest.load(latents.classes)
+    assert (instance.num_samples, made_classes.num_samples) == (4, 2)
+    assert instance.vae.path == f"{s3_pretrained}/vae"
+    with pytest.raises(DataError, match=r"class-images lacks 1 of 3 class images \(first: class-00002\.png\)"):
+        prepare_dreambooth(*args, replace(classes, count=3))  # a class_dir URL is read, never generated into

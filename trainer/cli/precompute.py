@@ -34,7 +34,6 @@ Keys::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -103,18 +102,12 @@ def second_text_encoder(cfg: DictConfig) -> tuple[str | None, str | None]:
     """
     text_2, tokenizer_2 = cfg.get("text_encoder_2_path"), cfg.get("tokenizer_2_path")
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
-    if not text_2 and not tokenizer_2 and pretrained and _has_folder(pretrained, "text_encoder_2"):
+    sdxl_folder = pretrained and object_store.is_folder(object_store.join(pretrained, "text_encoder_2"))
+    if not text_2 and not tokenizer_2 and sdxl_folder:
         text_2, tokenizer_2 = f"{pretrained}/text_encoder_2", f"{pretrained}/tokenizer_2"
     if bool(text_2) != bool(tokenizer_2):
         raise ConfigError("text_encoder_2_path and tokenizer_2_path go together (SDXL's second encoder): set both")
     return text_2 or None, tokenizer_2 or None
-
-
-def _has_folder(pretrained: str, name: str) -> bool:
-    """Whether the folder (or the prefix, for a URL) ``pretrained`` holds ``name``."""
-    if object_store.is_url(pretrained):
-        return object_store.exists(object_store.join(pretrained, name))
-    return (Path(pretrained) / name).is_dir()
 
 
 @lf_command("precompute")
