@@ -1,4 +1,5 @@
-"""Local copies of objects in a store (an exported model, a LoRA file, a checkpoint), downloaded once.
+"""Local copies of objects in a store (a model folder, an exported model, a LoRA file, a checkpoint, a folder
+of images), downloaded once. :func:`model_folder` is the one way a folder given by URL reaches ``from_pretrained``.
 
 What the libraries that load them need is a local path (diffusers' ``from_pretrained``, ``torch.load``,
 safetensors), so a URL is copied to a cache folder first. A copy is keyed by the URL and by the
