@@ -280,7 +280,7 @@ def test_a_missing_bucket_is_one_plain_line(s3_latents, tmp_path):
 
 
 def test_a_missing_model_folder_is_one_plain_line(s3_latents, bucket, tmp_path):
-    overrides = precompute_overrides(bucket, f"{bucket}/models/none", "latents-none")
+    overrides = precompute_overrides(bucket, f"{bucket}/models/none/", "latents-none")  # a trailing / is fine
     result = run_in_process("lf-precompute", *overrides, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{bucket}/models/none/vae at endpoint http://127.0.0.1:" in result.stderr
