@@ -18,12 +18,13 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
@@ -37,6 +38,7 @@ from tests.conftest import FirstDigits, compose_config, tiny_train_overrides
 from tests.integration.cli import run_cli, run_in_process
 from tests.integration.test_resume import assert_same_training_state, final_state, train
 from tests.s3_server import make_bucket, point_aws_at, server_down
+from trainer.callbacks.validation_images import ValidationImages
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.precompute import run_precompute
@@ -121,6 +123,13 @@ def test_precompute_to_the_bucket_writes_what_it_writes_on_local_disk(s3_latents
         **local.shards[0].cache_key,
         "source_sha256": local.shards[0].source_sha256,
     }
+
+
+def test_validation_images_load_the_encoders_the_manifest_names_by_url(s3_latents, pretrained_dir):
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(manifest=LatentManifest.load(s3_latents)))
+    frozen = ValidationImages(["a handwritten digit one"])._load_frozen(trainer, torch.device("cpu"))
+    local = AutoencoderKL.from_pretrained(pretrained_dir / "vae", local_files_only=True).state_dict()
+    assert all(torch.equal(value, local[key]) for key, value in frozen["vae"].state_dict().items())
 
 
 def test_a_rerun_reuses_recorded_uploads_and_encodes_an_unrecorded_one(s3_latents, bucket, s3_pretrained, caplog):
