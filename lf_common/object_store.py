@@ -141,6 +141,23 @@ def exists(url: str) -> bool:
         raise storage_error(url, error, "a reachable bucket") from error
 
 
+def require_bucket(url: str, expected: str) -> None:
+    """Check that the bucket of ``url`` exists and answers (one request), before work that will write there.
+
+    Raises:
+        ObjectStoreError: the bucket does not exist, the credentials are refused, or the store cannot be
+            reached; names ``url``, the endpoint and what was ``expected``.
+    """
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except STORE_ERRORS as error:
+        raise storage_error(url, error, expected) from error
+    if not found:
+        raise storage_error(url, FileNotFoundError(f"bucket {bucket} not found"), expected)
+
+
 def read_bytes(url: str) -> bytes:
     """The whole object (small files: manifests, records)."""
     fs, path = filesystem(url)
@@ -166,6 +183,90 @@ def upload(local: str | os.PathLike[str], url: str) -> None:
         fs.put_file(os.fspath(local), path)
     except STORE_ERRORS as error:
         raise storage_error(url, error, "a writable bucket") from error
+
+
+def upload_folder(local: str | os.PathLike[str], url: str, last: tuple[str, ...] = ()) -> list[str]:
+    """Upload every file under the local folder ``local`` to the prefix ``url``, the files named in ``last``
+    (paths relative to ``local``) after all others, in that order; the URLs uploaded.
+
+    A reader that takes the prefix as complete only once a ``last`` file is there (a DeepSpeed
+    checkpoint's ``latest``, a pipeline's ``model_index.json``) never sees a partial upload as whole.
+    """
+    root = os.fspath(local)
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
+    names = [f for f in files if f not in last] + [f for f in last if f in files]
+    urls = [join(url, *name.split(os.sep)) for name in names]
+    for name, target in zip(names, urls, strict=True):
+        upload(os.path.join(root, name), target)
+    return urls
+
+
+def download(url: str, local: str | os.PathLike[str]) -> None:
+    """Copy the object at ``url`` to the local file ``local`` (overwritten; the caller makes it atomic)."""
+    fs, path = filesystem(url)
+    try:
+        fs.get_file(path, os.fspath(local))
+    except STORE_ERRORS as error:
+        raise storage_error(url, error, "an existing object") from error
+
+
+def remove(url: str, first: tuple[str, ...] = ()) -> None:
+    """Delete the object at ``url``, or every object under the prefix ``url`` (a "folder"): the ones named in
+    ``first`` (relative to ``url``) before the rest, so a folder stops being complete before it disappears.
+    Nothing there is fine."""
+    fs, path = filesystem(url)
+    try:
+        for name in first:
+            if fs.exists(posixpath.join(path, name)):
+                fs.rm_file(posixpath.join(path, name))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        return
+    except STORE_ERRORS as error:
+        raise storage_error(url, error, "a writable bucket") from error
+
+
+def object_infos(url: str, expected: str = "an existing object or prefix") -> dict[str, dict[str, Any]]:
+    """The objects at ``url`` (one object, or every object under the prefix, at any depth), by path relative
+    to ``url`` (``""`` for a single object): fsspec's details (``size``, ``ETag``, ``LastModified``, ...).
+
+    Raises:
+        ObjectStoreError: nothing is at ``url``, or the store cannot be reached; names ``url``, the endpoint
+            and what was ``expected``.
+    """
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        fs.invalidate_cache(path)
+        found = fs.find(path, detail=True)
+    except STORE_ERRORS as error:
+        raise storage_error(url, error, expected) from error
+    if not found:
+        require_bucket(url, expected)
+        raise storage_error(url, FileNotFoundError(url), expected)
+    if list(found) == [path]:
+        return {"": found[path]}
+    return {name[len(path) + 1 :]: info for name, info in found.items() if name.startswith(path + "/")}
+
+
+def list_entries(prefix: str) -> list[dict[str, Any]]:
+    """What lies directly under ``prefix``: objects (``type: file``) and sub-prefixes (``type: directory``), with
+    fsspec's details and ``url``; empty when nothing is there.
+
+    Raises:
+        ObjectStoreError: the bucket is missing or the store cannot be reached.
+    """
+    fs, path = filesystem(prefix)
+    protocol = prefix.split("://", 1)[0]
+    try:
+        fs.invalidate_cache(path.rstrip("/"))
+        entries = fs.ls(path.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return []
+    except STORE_ERRORS as error:
+        raise storage_error(prefix, error, "a reachable bucket") from error
+    return [{**entry, "url": f"{protocol}://{entry['name'].rstrip('/')}"} for entry in entries]
 
 
 def list_objects(prefix: str, suffix: str = "") -> list[str]:
@@ -200,6 +301,11 @@ def glob_objects(pattern: str) -> list[str]:
 def is_file(path: str | os.PathLike[str]) -> bool:
     """Whether a local file or an object exists at ``path``."""
     return exists(str(path)) if is_url(path) else os.path.isfile(path)
+
+
+def is_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether a local folder, or a prefix holding objects, is at ``path``."""
+    return exists(str(path)) if is_url(path) else os.path.isdir(path)
 
 
 def read_path(path: str | os.PathLike[str]) -> bytes:

@@ -23,6 +23,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from data_pipelines.latents.format import EncoderInfo
 from data_pipelines.latents.sdxl_text import SDXL_TEXT_OUTPUT, encode_text_sdxl
 from lf_common.errors import DataError
+from lf_common.object_cache import model_folder
+from lf_common.object_store import is_url
 
 
 def fingerprint_folder(folder: str | Path) -> str:
@@ -38,6 +40,11 @@ def fingerprint_folder(folder: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _recorded(given: str | Path, loaded: Path) -> str:
+    """The path the manifest records for a folder: a URL as given, a local folder resolved."""
+    return str(given).rstrip("/") if is_url(given) else str(loaded.resolve())
 
 
 def _require_folder(path: str | Path, what: str) -> Path:
@@ -136,17 +143,23 @@ class FrozenEncoders:
         dtype: str = "float32",
         text_encoder_2_path: str | None = None,
         tokenizer_2_path: str | None = None,
+        cache_dir: str | None = None,
     ) -> FrozenEncoders:
-        """Load the parts from local folders (no hub access); with ``text_encoder_2_path`` and
+        """Load the parts from folders (no hub access); with ``text_encoder_2_path`` and
         ``tokenizer_2_path`` also SDXL's second text encoder (see the module docstring for the VAE's dtype).
 
+        A folder may be a URL (``s3://bucket/sd15/vae``): it is loaded from its copy in the download cache
+        (``cache_dir``, see :func:`lf_common.object_cache.model_folder`), and the URL is what the manifest
+        records as its path; the fingerprint is that of the files, the same as for the folder on local disk.
+
         Raises:
-            DataError: a folder is missing or not in diffusers/transformers layout.
+            DataError: a folder is missing or not in diffusers/transformers layout (an ``ObjectStoreError``
+                naming the URL and the endpoint for a URL).
         """
         torch_device, torch_dtype = resolve_device(device), getattr(torch, dtype)
-        vae_dir = _require_folder(vae_path, "VAE")
-        text_dir = _require_folder(text_encoder_path, "text encoder")
-        tokenizer_dir = _require_folder(tokenizer_path, "tokenizer")
+        vae_dir = _require_folder(model_folder(vae_path, cache_dir), "VAE")
+        text_dir = _require_folder(model_folder(text_encoder_path, cache_dir), "text encoder")
+        tokenizer_dir = _require_folder(model_folder(tokenizer_path, cache_dir), "tokenizer")
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype)
         if text_encoder_2_path and torch_dtype == torch.float16 and vae.config.get("force_upcast", True):
             vae, dtype_vae = vae.to(torch.float32), "float32"  # SDXL's VAE overflows in float16
@@ -158,13 +171,13 @@ class FrozenEncoders:
         )
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         vae_info = EncoderInfo(
-            path=str(vae_dir.resolve()),
+            path=_recorded(vae_path, vae_dir),
             class_name=type(vae).__name__,
             fingerprint=fingerprint_folder(vae_dir),
             extra={"scaling_factor": float(vae.config.scaling_factor), "dtype": dtype_vae},
         )
         text_info = EncoderInfo(
-            path=str(text_dir.resolve()),
+            path=_recorded(text_encoder_path, text_dir),
             class_name=type(text_encoder).__name__,
             fingerprint=fingerprint_folder(text_dir),
             extra={
@@ -175,8 +188,8 @@ class FrozenEncoders:
         )
         second: dict = {}
         if text_encoder_2_path:
-            text_2_dir = _require_folder(text_encoder_2_path, "second text encoder")
-            tokenizer_2_dir = _require_folder(tokenizer_2_path or "", "second tokenizer")
+            text_2_dir = _require_folder(model_folder(text_encoder_2_path, cache_dir), "second text encoder")
+            tokenizer_2_dir = _require_folder(model_folder(tokenizer_2_path or "", cache_dir), "second tokenizer")
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 text_2_dir, local_files_only=True, dtype=torch_dtype
             ).to(torch_device)
@@ -185,7 +198,7 @@ class FrozenEncoders:
                 "text_encoder_2": text_encoder_2,
                 "tokenizer_2": tokenizer_2,
                 "text_encoder_2_info": EncoderInfo(
-                    path=str(text_2_dir.resolve()),
+                    path=_recorded(text_encoder_2_path, text_2_dir),
                     class_name=type(text_encoder_2).__name__,
                     fingerprint=fingerprint_folder(text_2_dir),
                     extra={
@@ -194,7 +207,7 @@ class FrozenEncoders:
                         "dtype": dtype,
                     },
                 ),
-                "tokenizer_2_path": str(tokenizer_2_dir.resolve()),
+                "tokenizer_2_path": _recorded(tokenizer_2_path or "", tokenizer_2_dir),
                 "tokenizer_2_fingerprint": fingerprint_folder(tokenizer_2_dir),
             }
         return cls(
@@ -203,7 +216,7 @@ class FrozenEncoders:
             tokenizer,
             vae_info,
             text_info,
-            str(tokenizer_dir.resolve()),
+            _recorded(tokenizer_path, tokenizer_dir),
             fingerprint_folder(tokenizer_dir),
             **second,
         )

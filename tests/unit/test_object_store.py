@@ -21,6 +21,7 @@ from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.shards.shard_reading import open_shard
 from lf_common import object_store
 from lf_common.errors import DataError
+from lf_common.object_cache import cached_copy
 from tests.s3_server import upload_folder
 from tests.unit.test_latent_format import make_manifest
 
@@ -144,3 +145,30 @@ def test_shards_are_written_to_the_bucket_whole_and_refuse_to_mix(s3_bucket, raw
         write_raw_shards(FirstDigits(8), f"{s3_bucket}/raw", samples_per_shard=4)
     write_raw_shards(FirstDigits(8), f"{s3_bucket}/raw", samples_per_shard=4, overwrite=True)
     assert len(resolve_shards(f"{s3_bucket}/raw/")) == 2
+
+
+def test_a_cached_copy_is_downloaded_once_and_again_only_when_an_object_changed(s3_bucket, tmp_path, monkeypatch):
+    folder = f"{s3_bucket}/export/step-5"
+    object_store.write_bytes(f"{folder}/unet/weights.safetensors", b"one")
+    object_store.write_bytes(f"{folder}/model_index.json", b"{}")
+    downloads, real_download = [], object_store.download
+    monkeypatch.setattr(object_store, "download", lambda url, local: downloads.append(url) or real_download(url, local))
+    first = cached_copy(folder, tmp_path)
+    assert (first / "unet" / "weights.safetensors").read_bytes() == b"one" and len(downloads) == 2
+    assert cached_copy(folder, tmp_path) == first and len(downloads) == 2  # unchanged: nothing downloaded
+    object_store.write_bytes(f"{folder}/unet/weights.safetensors", b"two")  # a new upload under the same key
+    second = cached_copy(folder, tmp_path)
+    assert (second / "unet" / "weights.safetensors").read_bytes() == b"two" and len(downloads) == 4
+    assert not first.exists(), "one version of a URL is kept"
+    single = cached_copy(f"{folder}/model_index.json", tmp_path)
+    assert single.name == "model_index.json" and single.read_bytes() == b"{}"
+    with pytest.raises(object_store.ObjectStoreError, match=r"step-6 at endpoint .*nothing under this key"):
+        cached_copy(f"{s3_bucket}/export/step-6", tmp_path)
+
+
+def test_a_checkpoint_folder_in_a_missing_bucket_fails_before_training(s3_env):
+    from trainer.callbacks.checkpoint import ModelCheckpoint
+
+    expected = r"the bucket does not exist; expected an existing bucket for callbacks.model_checkpoint.dirpath"
+    with pytest.raises(object_store.ObjectStoreError, match=r"s3://no-such-bucket/run at endpoint .*" + expected):
+        ModelCheckpoint(dirpath="s3://no-such-bucket/run").setup(None, None, "fit")  # before the trainer is used

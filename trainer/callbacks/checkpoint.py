@@ -17,6 +17,12 @@
   resume with gradient accumulation the first micro-batch (still at the resumed step) saved that
   step again, over the checkpoint it resumed from and ``last.ckpt``, with one micro-batch consumed
   whose gradient no checkpoint holds. The resumed step counts as saved here.
+* **A bucket** (``dirpath=s3://...``, any fsspec URL): each checkpoint is written as above to a local
+  staging folder (``staging_dir``), uploaded (:mod:`trainer.checkpoint.remote`: a file is one object,
+  a DeepSpeed folder's ``latest`` tag goes last) and removed locally; retention deletes remote ones.
+  Each machine's local rank 0 uploads what its ranks wrote, rank 0 the tag once all are up; the other
+  ranks wait through the store. A failed upload stops the run with one line naming the URL and the
+  endpoint; the checkpoint saved before stays complete.
 * **Final step**: Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a
   multiple of it, the last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only
   saves when nothing was saved at all). This subclass saves the final step, as a top-k checkpoint
@@ -31,10 +37,13 @@ from weakref import proxy
 
 import lightning as L
 
+from lf_common import object_store
 from lf_common.atomic import replace_path
 from lf_common.errors import ConfigError, StorageError
 from lf_common.storage import path_size, write_failure
 from lf_common.upstream.lightning_private import ModelCheckpointHooks, write_checkpoint
+from trainer.callbacks.checkpoint_upload import save_and_upload
+from trainer.checkpoint.remote import remove_checkpoint
 from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_problem, checkpoint_step, checkpoints_newest_first
 from trainer.faults.ranks import single_rank_work
 
@@ -44,20 +53,44 @@ class ModelCheckpoint(ModelCheckpointHooks):
 
     Args:
         keep_every_n_steps: never delete checkpoints whose step is a multiple of this (``None``: off).
+        staging_dir: with a URL ``dirpath``, the local folder each checkpoint is written to before its
+            upload (``None``: ``<trainer.default_root_dir>/checkpoint-staging``).
         **kwargs: ``ModelCheckpoint``'s arguments.
     """
 
-    def __init__(self, *args: Any, keep_every_n_steps: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, keep_every_n_steps: int | None = None, staging_dir: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         if keep_every_n_steps is not None and keep_every_n_steps < 1:
             raise ConfigError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
         self.keep_every_n_steps = keep_every_n_steps
+        self.staging_dir = staging_dir
+        if object_store.is_url(self.dirpath or "") and self.save_last == "link":
+            raise ConfigError(f"save_last=link with dirpath={self.dirpath}: a bucket has no links; set save_last=true")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and object_store.is_url(self.dirpath or ""):  # fail now, not at the first save
+            object_store.require_bucket(self.dirpath, "an existing bucket for callbacks.model_checkpoint.dirpath")
+        super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self.record_saved(trainer.global_step)  # a resumed step is in the checkpoint it came from
 
     def save_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
+        if object_store.is_url(filepath):
+            staging = Path(self.staging_dir or Path(trainer.default_root_dir) / "checkpoint-staging")
+            save_and_upload(trainer, filepath, staging / object_store.basename(filepath), self.save_weights_only)
+        else:
+            self._save_local(trainer, filepath)
+        self.record_saved(trainer.global_step, filepath)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _save_local(self, trainer: L.Trainer, filepath: str) -> None:
+        """Write ``filepath`` under a temporary name on every rank, rename it once all have written."""
         partial = filepath + PARTIAL_SUFFIX
         if trainer.is_global_zero and self.filesystem.exists(partial):  # left by a crash
             self.filesystem.rm(partial, recursive=True)
@@ -73,10 +106,6 @@ class ModelCheckpoint(ModelCheckpointHooks):
         if trainer.is_global_zero:
             replace_path(partial, filepath)
         trainer.strategy.barrier("checkpoint_renamed")
-        self.record_saved(trainer.global_step, filepath)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
 
     def _write_failure(self, filepath: str, error: OSError) -> str:
         """The message for a failed write of ``filepath``: the newest complete checkpoint (named by its step
@@ -89,6 +118,10 @@ class ModelCheckpoint(ModelCheckpointHooks):
     def remove_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
         step = checkpoint_step(filepath)
         if self.keep_every_n_steps and step is not None and step > 0 and step % self.keep_every_n_steps == 0:
+            return
+        if object_store.is_url(filepath):
+            if trainer.is_global_zero:
+                remove_checkpoint(filepath)
             return
         super().remove_checkpoint_file(trainer, filepath)
 

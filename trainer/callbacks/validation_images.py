@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data_pipelines.raw.sources.digits import digit_caption
+from lf_common.object_cache import model_folder
 from trainer.callbacks.ema import EMA
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
 from trainer.faults.ranks import single_rank_work
@@ -117,17 +118,22 @@ class ValidationImages(Callback):
         if self._frozen is None:
             manifest = trainer.datamodule.manifest
             load = {"local_files_only": True}
+            # the folders the latent manifest names; a URL (shards precomputed from a bucket): its cached copy
             self._frozen = {
-                "vae": AutoencoderKL.from_pretrained(manifest.vae.path, **load).to(device).requires_grad_(False),
-                "text_encoder": CLIPTextModel.from_pretrained(manifest.text_encoder.path, **load)
+                "vae": AutoencoderKL.from_pretrained(model_folder(manifest.vae.path), **load)
                 .to(device)
                 .requires_grad_(False),
-                "tokenizer": CLIPTokenizer.from_pretrained(manifest.tokenizer_path, **load),
+                "text_encoder": CLIPTextModel.from_pretrained(model_folder(manifest.text_encoder.path), **load)
+                .to(device)
+                .requires_grad_(False),
+                "tokenizer": CLIPTokenizer.from_pretrained(model_folder(manifest.tokenizer_path), **load),
             }
             if manifest.text_encoder_2 is not None:  # SDXL's second encoder (with its pooled projection)
-                encoder_2 = CLIPTextModelWithProjection.from_pretrained(manifest.text_encoder_2.path, **load)
+                text_2 = model_folder(manifest.text_encoder_2.path)
+                tokenizer_2 = model_folder(manifest.tokenizer_2_path)
+                encoder_2 = CLIPTextModelWithProjection.from_pretrained(text_2, **load)
                 self._frozen["text_encoder_2"] = encoder_2.to(device).requires_grad_(False)
-                self._frozen["tokenizer_2"] = CLIPTokenizer.from_pretrained(manifest.tokenizer_2_path, **load)
+                self._frozen["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizer_2, **load)
         return self._frozen
 
     def log_images(self, trainer: L.Trainer, grid: Image.Image) -> None:

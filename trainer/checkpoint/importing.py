@@ -26,6 +26,8 @@ from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import ConfigError, DataError
+from lf_common.object_cache import model_folder
+from lf_common.object_store import join
 from trainer.checkpoint.export import INPAINTING_CHANNELS
 from trainer.checkpoint.pipeline_weights import load_diffusers_folder, load_part, read_metadata
 from trainer.checkpoint.prediction_test import OUR_CONFIGS_KEY
@@ -134,15 +136,16 @@ def _pipeline(imported: ImportedPipeline) -> StableDiffusionPipeline | StableDif
 def pretrained_unet(path: str, allow_pickle: bool = False) -> UNet2DConditionModel:
     """The UNet of a diffusers folder (``path/unet``), built from its config and loaded strictly.
 
-    The model config ``conf/model/pretrained.yaml`` calls this to start training from it.
+    The model config ``conf/model/pretrained.yaml`` calls this to start training from it. ``path`` may be a
+    URL (``s3://bucket/models/sd15``): its ``unet/`` is downloaded once to the cache (``$LF_CACHE_DIR``).
     """
-    folder = Path(path)
-    if not (folder / "unet" / "config.json").is_file():
+    unet_dir = Path(model_folder(join(path, "unet")))
+    if not (unet_dir / "config.json").is_file():
         raise DataError(
-            f"{folder}: unet/config.json is missing; model.pretrained must be a diffusers folder (lf-import writes one)"
+            f"{path}: unet/config.json is missing; model.pretrained must be a diffusers folder (lf-import writes one)"
         )
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-    return load_part(unet, folder / "unet", allow_pickle)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    return load_part(unet, unet_dir, allow_pickle)
 
 
 def pretrained_noise_scheduler(
@@ -154,7 +157,7 @@ def pretrained_noise_scheduler(
     trains v-prediction without the user having to know it.
 
     Args:
-        path: the diffusers folder.
+        path: the diffusers folder (or its URL: ``scheduler/`` is downloaded once to the cache).
         prediction_type: ``objective.prediction_type``: ``None`` takes the base's; a different one
             is refused unless ``allow_prediction_type_change``.
         allow_prediction_type_change: convert the base on purpose (e.g. epsilon to v-prediction).
@@ -164,9 +167,11 @@ def pretrained_noise_scheduler(
         DataError: the folder has no ``scheduler/scheduler_config.json``.
         ConfigError: ``prediction_type`` contradicts the base's and no change is allowed.
     """
-    folder = Path(path) / "scheduler"
+    folder = Path(model_folder(join(path, "scheduler")))
     if not (folder / "scheduler_config.json").is_file():
-        raise DataError(f"{folder}: scheduler_config.json is missing; model.pretrained must be a diffusers folder")
+        raise DataError(
+            f"{path}: scheduler/scheduler_config.json is missing; model.pretrained must be a diffusers folder"
+        )
     config = dict(DDPMScheduler.load_config(folder, local_files_only=True))
     base = config.get("prediction_type", DEFAULT_PREDICTION_TYPE)
     chosen = check_prediction_type(prediction_type or base)

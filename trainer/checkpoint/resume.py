@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 
 from lf_common.errors import DataError
 from trainer.checkpoint.pickle_contents import describe_refused, file_globals, foreign_globals
@@ -85,25 +86,33 @@ def _deepspeed_folder_problem(path: Path) -> str | None:
 
 def checkpoint_step(path: str | Path) -> int | None:
     """The global step in a checkpoint's name (``step-0000500.ckpt``), or ``None``."""
-    match = _STEP.search(Path(path).name)
+    match = _STEP.search(PurePosixPath(str(path)).name)
     return int(match.group(1)) if match else None
 
 
-def checkpoints_newest_first(folder: str | Path) -> list[Path]:
-    """The checkpoints of a folder, newest first: ``last*``, then by step.
+def newest_first(written: dict[str, float]) -> list[str]:
+    """Checkpoint names (or URLs) newest first, from when each was written: ``last*``, then by step.
 
     ``last.ckpt`` is rewritten right after each step's checkpoint, so it is normally the newest.
     A run that dies after ``step-N.ckpt`` was written but before ``last.ckpt`` was rewritten (a
     large checkpoint takes a while) leaves ``last.ckpt`` one save behind: step checkpoints written
-    after it (by modification time) come before it.
+    after it come before it. Names that are neither ``last*`` nor carry a step are left out.
+
+    Args:
+        written: each checkpoint's name or URL -> when it was written (any clock, compared only).
     """
+    last = sorted(name for name in written if PurePosixPath(name).name.startswith(LAST_NAME))
+    stepped = sorted((name for name in written if checkpoint_step(name) is not None), key=checkpoint_step, reverse=True)
+    last_written = max((written[name] for name in last), default=None)
+    after_last = [name for name in stepped if last_written is not None and written[name] > last_written]
+    return after_last + last + [name for name in stepped if name not in after_last]
+
+
+def checkpoints_newest_first(folder: str | Path) -> list[Path]:
+    """The checkpoints of a local folder, newest first (:func:`newest_first`, by modification time)."""
     folder = Path(folder)
     entries = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.endswith(PARTIAL_SUFFIX)]
-    last = sorted(p for p in entries if p.name.startswith(LAST_NAME))
-    stepped = sorted((p for p in entries if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
-    last_written = max((p.stat().st_mtime_ns for p in last), default=None)
-    after_last = [p for p in stepped if last_written is not None and p.stat().st_mtime_ns > last_written]
-    return after_last + last + [p for p in stepped if p not in after_last]
+    return [folder / name for name in newest_first({p.name: p.stat().st_mtime_ns for p in entries})]
 
 
 def auto_resume_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
@@ -145,31 +154,54 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path 
         candidates, wanted = checkpoints_newest_first(ckpt_path), None
     else:
         wanted = Path(ckpt_path)
-        if (problem := checkpoint_problem(wanted)) is None:
+        if checkpoint_problem(wanted) is None:
             return str(wanted)
         if not wanted.exists():
             raise DataError(
                 f"ckpt_path={wanted}: checkpoint does not exist; give a checkpoint file or folder, or ckpt_path=last "
                 "(the newest complete one in output_dir)"
             )
-        step = checkpoint_step(wanted)  # None for last.ckpt: every other checkpoint is older
-        older = [
-            p
-            for p in checkpoints_newest_first(wanted.parent)
-            if p != wanted and (step is None or (checkpoint_step(p) is not None and checkpoint_step(p) < step))
-        ]
-        candidates = [wanted, *older]
+        listed = [str(p) for p in checkpoints_newest_first(wanted.parent)]
+        candidates = [wanted, *older_than(str(wanted), listed)]
+    where = checkpoint_dir if ckpt_path == LAST_NAME else ckpt_path
+    return first_complete([str(p) for p in candidates], checkpoint_problem, ckpt_path, where)
+
+
+def older_than(wanted: str, newest: list[str]) -> list[str]:
+    """The checkpoints of ``newest`` (newest first) that a damaged ``wanted`` falls back to: those with a
+    smaller step (every other one for ``last.ckpt``, which has none)."""
+    step = checkpoint_step(wanted)
+    return [
+        p
+        for p in newest
+        if p != wanted and (step is None or (checkpoint_step(p) is not None and checkpoint_step(p) < step))
+    ]
+
+
+def first_complete(
+    candidates: list[str], problem: Callable[[str], str | None], ckpt_path: str, where: str | Path | None
+) -> str:
+    """The first of ``candidates`` (newest first) without a ``problem``; the passed-over ones are logged.
+
+    Args:
+        candidates: checkpoint paths or URLs, newest first.
+        problem: why a candidate is not a complete checkpoint, or ``None`` (:func:`checkpoint_problem`).
+        ckpt_path: what the user asked for (named in the error).
+        where: the folder or checkpoint searched (named in the error).
+
+    Raises:
+        DataError: none is complete; lists each candidate and why it was refused.
+    """
     refused: list[str] = []
     for path in candidates:
-        problem = checkpoint_problem(path)
-        if problem is None:
+        reason = problem(path)
+        if reason is None:
             if refused:
                 log.warning("resume: passed over %s; resuming from %s", "; ".join(refused), path)
             else:
                 log.info("resume: from %s", path)
-            return str(path)
-        refused.append(f"{path.name} ({problem})")
-    where = checkpoint_dir if ckpt_path == LAST_NAME else ckpt_path
+            return path
+        refused.append(f"{PurePosixPath(path).name} ({reason})")
     raise DataError(
         f"ckpt_path={ckpt_path}: no complete checkpoint to resume from at {where}: "
         f"{'; '.join(refused) or 'none found'}; "

@@ -6,11 +6,16 @@ Examples::
     lf-export ckpt_path=... out_dir=... weights=raw vae_path=sd15/vae
     lf-export ckpt_path=.../last.ckpt format=single_file out_dir=export/step-1200 dtype=float16
     lf-export ckpt_path=export/step-1200 format=single_file out_dir=x out_file=model.safetensors
+    lf-export ckpt_path=s3://bucket/run/checkpoints/last.ckpt out_dir=s3://bucket/export/step-1200
 
 Keys::
 
-    ckpt_path    a .ckpt lf-train wrote, a DeepSpeed checkpoint folder, or (single_file) an export folder
-    out_dir      the folder to write (single_file: OUT_DIR.safetensors unless out_file is set)
+    ckpt_path    a .ckpt lf-train wrote, a DeepSpeed checkpoint folder, or (single_file) an export folder;
+                 s3://... too (downloaded to cache_dir, only when changed)
+    out_dir      the folder to write (single_file: OUT_DIR.safetensors unless out_file is set); s3://... too
+    cache_dir    local copies of s3:// inputs (default: $LF_CACHE_DIR, else ~/.cache/latentforge/objects)
+    vae_path, text_encoder_path, tokenizer_path
+                 the encoder folders (s3://... too); default: those the checkpoint's latent manifest names
     format       diffusers (a pipeline folder) | single_file (the original SD, or SDXL, single-file layout)
     text_layout  single_file: auto (follows the model) | sd1 | sd2 | sdxl
     weights      auto (EMA when the checkpoint has it) | ema | raw
@@ -19,45 +24,60 @@ Keys::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from lf_common import object_store
 from lf_common.errors import ConfigError
+from lf_common.object_cache import local_path, model_folder
+from lf_common.staged_output import staged_output
 from trainer.checkpoint.export import export_pipeline, export_single_file
 from trainer.cli.command import lf_command
 
 FORMATS = ("diffusers", "single_file")
+PIPELINE_INDEX = "model_index.json"
+"""The file that makes a folder a diffusers pipeline: uploaded last."""
 
 
 def run_export(cfg: DictConfig) -> dict[str, str]:
-    """Export the configured checkpoint; returns ``{"out_dir": ...}`` or ``{"out_file": ...}``."""
+    """Export the configured checkpoint; returns ``{"out_dir": ...}`` or ``{"out_file": ...}``.
+
+    A ``ckpt_path`` (or encoder path) in a bucket is downloaded to the cache first (``cache_dir``; only
+    when changed); an ``out_dir``/``out_file`` in a bucket is written locally, then uploaded (a pipeline
+    folder's ``model_index.json`` last, so the folder loads only once complete).
+    """
     fmt = cfg.get("format", "diffusers")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: expected one of {list(FORMATS)}")
+    cache = cfg.get("cache_dir")
+    ckpt_path = local_path(cfg.ckpt_path, cache)
+    encoders = {
+        key: model_folder(cfg[key], cache) if cfg.get(key) else None
+        for key in ("vae_path", "text_encoder_path", "tokenizer_path")
+    }
     if fmt == "single_file":
         out_file = cfg.get("out_file") or f"{str(cfg.out_dir).rstrip('/')}.safetensors"
-        written = export_single_file(
-            cfg.ckpt_path,
-            out_file,
-            weights=cfg.weights,
-            vae_path=cfg.vae_path,
-            text_encoder_path=cfg.text_encoder_path,
-            tokenizer_path=cfg.tokenizer_path,
-            dtype=cfg.dtype,
-            text_layout=cfg.get("text_layout", "auto"),
-        )
-        print(f"export: {cfg.ckpt_path} -> {written}")
-        return {"out_file": str(written)}
-    out = export_pipeline(
-        cfg.ckpt_path,
-        cfg.out_dir,
-        weights=cfg.weights,
-        vae_path=cfg.vae_path,
-        text_encoder_path=cfg.text_encoder_path,
-        tokenizer_path=cfg.tokenizer_path,
-        dtype=cfg.dtype,
-    )
-    print(f"export: {cfg.ckpt_path} -> {out}")
-    return {"out_dir": str(out)}
+        with staged_output(out_file) as local:
+            export_single_file(
+                ckpt_path,
+                local,
+                weights=cfg.weights,
+                dtype=cfg.dtype,
+                text_layout=cfg.get("text_layout", "auto"),
+                **encoders,
+            )
+        print(f"export: {cfg.ckpt_path} -> {out_file}")
+        return {"out_file": _shown(out_file)}
+    with staged_output(cfg.out_dir, last=(PIPELINE_INDEX,)) as local:
+        export_pipeline(ckpt_path, local, weights=cfg.weights, dtype=cfg.dtype, **encoders)
+    print(f"export: {cfg.ckpt_path} -> {cfg.out_dir}")
+    return {"out_dir": _shown(cfg.out_dir)}
+
+
+def _shown(path: str) -> str:
+    """A URL as given, a local path as ``Path`` writes it."""
+    return str(path).rstrip("/") if object_store.is_url(path) else str(Path(path))
 
 
 @lf_command("export")

@@ -24,7 +24,9 @@ Keys::
     out_dir          the folder for the latent shards and their manifest (or s3://bucket/prefix)
     s3_endpoint_url  an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
     pretrained       a diffusers folder with vae/, text_encoder/, tokenizer/ (or set the *_path keys); SDXL's
-                     also has text_encoder_2/ and tokenizer_2/
+                     also has text_encoder_2/ and tokenizer_2/; s3://bucket/models/sd15 too (downloaded to cache_dir)
+    cache_dir        local copies of model folders given by URL (default: $LF_CACHE_DIR, else
+                     ~/.cache/latentforge/objects)
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
     recompute_stale  encode again shards made with other settings, instead of refusing them
@@ -32,7 +34,6 @@ Keys::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -46,12 +47,16 @@ from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings
+from lf_common import object_store
 from lf_common.errors import ConfigError
 from trainer.cli.command import lf_command
 
 
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     """Encode the configured shards; returns the written manifest as a dict."""
+    pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
+    if pretrained and object_store.is_url(pretrained):  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
+        cfg.pretrained = str(pretrained).rstrip("/")
     shards = resolve_shards(cfg.shards)
     if cfg.get("buckets"):
         if cfg.crop != "center":
@@ -68,6 +73,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         dtype=cfg.dtype,
         text_encoder_2_path=text_encoder_2_path,
         tokenizer_2_path=tokenizer_2_path,
+        cache_dir=cfg.get("cache_dir"),
     )
     encoder = LatentShardEncoder(
         encoders,
@@ -99,7 +105,8 @@ def second_text_encoder(cfg: DictConfig) -> tuple[str | None, str | None]:
     """
     text_2, tokenizer_2 = cfg.get("text_encoder_2_path"), cfg.get("tokenizer_2_path")
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
-    if not text_2 and not tokenizer_2 and pretrained and (Path(pretrained) / "text_encoder_2").is_dir():
+    sdxl_folder = pretrained and object_store.is_folder(object_store.join(pretrained, "text_encoder_2"))
+    if not text_2 and not tokenizer_2 and sdxl_folder:
         text_2, tokenizer_2 = f"{pretrained}/text_encoder_2", f"{pretrained}/tokenizer_2"
     if bool(text_2) != bool(tokenizer_2):
         raise ConfigError("text_encoder_2_path and tokenizer_2_path go together (SDXL's second encoder): set both")

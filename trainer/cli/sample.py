@@ -13,11 +13,14 @@ Examples::
     lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
     lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
     lf-sample model_dir=export/xl 'prompts=["a cat"]' prompt_2="oil painting" negative_prompt=blurry   # SDXL
+    lf-sample model_dir=s3://bucket/export/step-1200 out_dir=s3://bucket/images   # downloaded once, uploaded
 
 Keys::
 
-    model_dir              an export folder (lf-export's out_dir) or a training checkpoint
-    prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH)
+    model_dir              an export folder (lf-export's out_dir) or a training checkpoint; s3://... too
+    prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH, s3://... too)
+    from_png               re-make the image a PNG's parameters describe (s3://... too)
+    vae_path, text_encoder_path, tokenizer_path   a checkpoint's encoder folders (s3://... too; default: its manifest's)
     num_images_per_prompt  images per prompt (image i gets seed + i)
     steps                  denoising steps
     guidance_scale         classifier-free guidance scale
@@ -25,11 +28,13 @@ Keys::
     negative_prompt_2      SDXL: its negative prompt (null: negative_prompt)
     scheduler              ddim | euler | euler_a | dpmpp_2m
     init_image             img2img (with mask_image: inpainting)
-    out_dir                where the PNGs go
+    out_dir                where the PNGs go (s3://... too: uploaded when done)
+    cache_dir              local copies of s3:// inputs (default: $LF_CACHE_DIR, else ~/.cache/latentforge/objects)
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lf_common import object_store
 from lf_common.errors import ConfigError, DataError
+from lf_common.object_cache import local_path, model_folder
+from lf_common.staged_output import staged_output
 from trainer.checkpoint.export import sdxl_lora_names
 from trainer.cli.command import lf_command
 from trainer.lora.loading import load_lora
@@ -50,12 +58,13 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    """Prompts from ``prompt_file`` (one per non-empty line) or ``prompts``."""
+    """Prompts from ``prompt_file`` (one per non-empty line; a local file or a URL) or ``prompts``."""
     if cfg.get("prompt_file"):
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
+        path = str(cfg.prompt_file)
+        if not object_store.is_url(path) and not Path(path).is_file():
             raise DataError(f"{path}: prompt_file does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = object_store.read_path(path).decode("utf-8")  # a URL: one GET, a missing object one line
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         prompts = list(cfg.prompts or [])
     if not prompts:
@@ -73,9 +82,9 @@ def _open_image(path: str | None, key: str) -> Image.Image | None:
 
 
 def _from_png(path: str) -> GenerationParameters:
-    if not Path(path).is_file():
+    if not object_store.is_url(path) and not Path(path).is_file():
         raise DataError(f"{path}: from_png does not exist")
-    text = read_parameters(path)
+    text = read_parameters(io.BytesIO(object_store.read_path(path)))  # a URL: one GET
     if not text:
         raise DataError(f"{path}: no 'parameters' text chunk to re-make the image from")
     return parse_parameters(text, source=path)
@@ -136,31 +145,66 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         strength = 1.0 if cfg.get("mask_image") else DEFAULT_IMG2IMG_STRENGTH
     if not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength={strength}: expected 0 < strength <= 1")
-    init_image = _open_image(cfg.get("init_image"), "init_image")
-    mask_image = _open_image(cfg.get("mask_image"), "mask_image")
+    local = local_inputs(cfg)
+    init_image = _open_image(local["init_image"], "init_image")
+    mask_image = _open_image(local["mask_image"], "mask_image")
     if mask_image is not None and init_image is None:
         raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
     sampler = Sampler.load(
-        cfg.model_dir,
+        local["model_dir"],
         device=cfg.device,
         dtype=cfg.dtype,
         weights=cfg.get("weights", "auto"),
-        vae_path=cfg.get("vae_path"),
-        text_encoder_path=cfg.get("text_encoder_path"),
-        tokenizer_path=cfg.get("tokenizer_path"),
+        vae_path=local["vae_path"],
+        text_encoder_path=local["text_encoder_path"],
+        tokenizer_path=local["tokenizer_path"],
         vae_slicing=cfg.get("vae_slicing", False),
         vae_tiling=cfg.get("vae_tiling", False),
     )
-    if cfg.get("lora"):
+    if local["lora"]:
         load_lora(
             sampler.unet,
             sampler.text_encoder,
-            cfg.lora,
+            local["lora"],
             cfg.get("lora_scale", 1.0),
             text_encoder_2=sampler.text_encoder_2,
             unet_names=sdxl_lora_names(sampler.unet),
         )
-    out_dir = Path(cfg.out_dir)
+    with staged_output(cfg.out_dir, replace=False) as out_dir:
+        result = _generate(cfg, sampler, settings, prompts, seeds, strength, init_image, mask_image, out_dir)
+    if object_store.is_url(cfg.out_dir):  # where the files are now
+        result["paths"] = [object_store.join(cfg.out_dir, Path(p).name) for p in result["paths"]]
+        result["grid"] = object_store.join(cfg.out_dir, "grid.png") if result["grid"] else None
+    print(f"sample: {len(result['images'])} images -> {cfg.out_dir}")
+    return result
+
+
+ENCODER_FOLDERS = ("vae_path", "text_encoder_path", "tokenizer_path")
+INPUTS = ("model_dir", *ENCODER_FOLDERS, "lora", "init_image", "mask_image")
+"""The keys whose files or folders may be URLs (downloaded to ``cache_dir`` once, again only when changed)."""
+
+
+def local_inputs(cfg: DictConfig) -> dict[str, str | None]:
+    """Each of :data:`INPUTS` as a local path (a URL's cached copy), or ``None`` when unset."""
+    cache = cfg.get("cache_dir")
+    return {
+        key: (model_folder if key in ENCODER_FOLDERS else local_path)(cfg[key], cache) if cfg.get(key) else None
+        for key in INPUTS
+    }
+
+
+def _generate(
+    cfg: DictConfig,
+    sampler: Sampler,
+    settings: SampleSettings,
+    prompts: list[str],
+    seeds: list[int],
+    strength: float,
+    init_image: Image.Image | None,
+    mask_image: Image.Image | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Generate the images in batches into ``out_dir`` (a local folder), and the grid."""
     out_dir.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
     batches = range(0, len(prompts), cfg.batch_size)
@@ -179,7 +223,6 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     if cfg.grid and len(images) > 1:
         grid = out_dir / "grid.png"
         image_grid(images, columns=min(cfg.num_images_per_prompt, len(images))).save(grid)
-    print(f"sample: {len(images)} images -> {out_dir}")
     return {"paths": [str(p) for p in paths], "prompts": prompts, "images": images, "grid": str(grid) if grid else None}
 
 

@@ -11,6 +11,7 @@ Examples::
     lf-train ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
     lf-train ckpt_path=last output_dir=outputs/train/<run>       # resume from the newest complete checkpoint
     lf-train auto_resume=true output_dir=outputs/train/<run>     # resume when it has a checkpoint, else start
+    lf-train callbacks.model_checkpoint.dirpath=s3://bucket/run/checkpoints auto_resume=true  # checkpoints in a bucket
 
 A SIGTERM or SIGUSR1 (a preemption) ends the run after the current optimizer step with a complete
 checkpoint and exit status 75 (``EX_TEMPFAIL``): run the same command again (with ``auto_resume=true``,
@@ -25,8 +26,9 @@ Keys::
     data.batch_size        batch size per device
     optim.lr               learning rate
     model.pretrained       model=pretrained: the diffusers folder to fine-tune (lf-import's out_dir)
-    ckpt_path              resume: a checkpoint, a folder of them, or last
-    output_dir             where checkpoints and logs go
+    ckpt_path              resume: a checkpoint, a folder of them, or last (s3://... too)
+    output_dir             where logs go (local), and checkpoints unless callbacks.model_checkpoint.dirpath says
+    callbacks.model_checkpoint.dirpath   the checkpoint folder; s3://bucket/run/checkpoints: staged, then uploaded
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
+from lf_common import object_store
 from trainer.callbacks.provenance import Provenance
+from trainer.callbacks.resumed_copy import RemoveResumedCopy
 from trainer.callbacks.rng import RNGState
-from trainer.checkpoint.resume import auto_resume_checkpoint, resolve_resume_checkpoint
+from trainer.checkpoint.remote import CHECKPOINT_CACHE, has_remote_checkpoints, resolve_remote_checkpoint
+from trainer.checkpoint.resume import LAST_NAME, auto_resume_checkpoint, resolve_resume_checkpoint
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import (
     build_trainer,
@@ -96,15 +101,17 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         SkippedSamplesMonitor(datamodule.sample_counts),
         RNGState(),
     ]
-    trainer = build_trainer(cfg, monitors)
     ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path and Path(ckpt_path).is_relative_to(Path(cfg.output_dir) / CHECKPOINT_CACHE):
+        monitors.append(RemoveResumedCopy(ckpt_path))  # downloaded: removed once every rank has loaded it
+    trainer = build_trainer(cfg, monitors)
     with finishing_loggers(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     metrics.update(
         optimized_metric=metrics.get(cfg.get("optimized_metric") or "", float("nan")),
-        checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
+        checkpoint=checkpoint if not checkpoint or object_store.is_url(checkpoint) else str(Path(checkpoint).resolve()),
         global_step=trainer.global_step,
     )
     log.info("training done at step %d; checkpoint %s", trainer.global_step, metrics["checkpoint"])
@@ -113,13 +120,20 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint this run resumes from: ``ckpt_path`` when given; else, with ``auto_resume``, the newest
-    complete checkpoint of the run's checkpoint folder, or none when that holds no checkpoint (a fresh run)."""
+    complete checkpoint of the run's checkpoint folder, or none when that holds no checkpoint (a fresh run).
+
+    A checkpoint folder or ``ckpt_path`` in a bucket (``s3://...``): the chosen checkpoint is downloaded to
+    ``<output_dir>/checkpoint-cache`` (:func:`trainer.checkpoint.remote.resolve_remote_checkpoint`) and
+    resumed from there."""
     folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     wanted = cfg.get("ckpt_path")
+    remote = object_store.is_url(folder) if folder else False
     if not wanted and cfg.get("auto_resume"):
-        wanted = auto_resume_checkpoint(folder)
+        wanted = (LAST_NAME if has_remote_checkpoints(folder) else None) if remote else auto_resume_checkpoint(folder)
         if wanted is None:
             log.info("auto_resume: no checkpoint in %s; starting at step 0", folder)
+    if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and remote)):
+        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
     return resolve_resume_checkpoint(wanted, folder)
 
 

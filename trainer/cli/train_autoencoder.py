@@ -11,10 +11,12 @@ Examples::
 
 Keys::
 
-    data.shards        the raw shards to train on (lf-shards' out_dir)
+    data.shards        the raw shards to train on (lf-shards' out_dir; s3://... too)
+    s3_endpoint_url    an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
+    ckpt_path          resume: a checkpoint (s3://... too), or last with callbacks.model_checkpoint.dirpath=s3://...
     data.resolution    square side of the training crops
     trainer.max_steps  optimizer steps to train
-    save_dir           where the trained VAE goes (diffusers layout)
+    save_dir           where the trained VAE goes (diffusers layout; s3://... too: uploaded, config.json last)
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
+from lf_common import object_store
 from lf_common.atomic import atomic_path
+from lf_common.staged_output import staged_output
+from trainer.checkpoint.remote import CHECKPOINT_CACHE, resolve_remote_checkpoint
+from trainer.checkpoint.resume import LAST_NAME
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import build_trainer, optimizer_factories
 from trainer.strategies.gpu_defaults import apply_matmul_precision
@@ -50,19 +56,29 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))
     trainer = build_trainer(cfg, [SkippedSamplesMonitor(datamodule.sample_counts)])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_from(cfg), weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         batches = [b["pixels"] for b in islice(iter(datamodule.train_dataloader()), cfg.scaling_batches)]
         std = module.cpu().latent_std(batches)
         scaling_factor = 1.0 / std
         module.vae.register_to_config(scaling_factor=scaling_factor)
-        with atomic_path(cfg.save_dir) as tmp:
-            module.vae.save_pretrained(tmp, safe_serialization=True)
+        with staged_output(cfg.save_dir, last=("config.json",)) as local, atomic_path(local) as tmp:
+            module.vae.save_pretrained(tmp, safe_serialization=True)  # a URL: uploaded, config.json last
         log.info("saved VAE to %s (latent std %.4f, scaling_factor %.4f)", cfg.save_dir, std, scaling_factor)
         metrics["scaling_factor"] = scaling_factor
-    metrics["save_dir"] = str(Path(cfg.save_dir).resolve())
+    metrics["save_dir"] = cfg.save_dir if object_store.is_url(cfg.save_dir) else str(Path(cfg.save_dir).resolve())
     return metrics
+
+
+def _resume_from(cfg: DictConfig) -> str | None:
+    """``ckpt_path`` as given, or, for one in a bucket (a URL, or ``last`` with the checkpoint folder in a
+    bucket), the local copy of the newest complete remote checkpoint (as ``lf-train`` resumes)."""
+    wanted = cfg.get("ckpt_path")
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and object_store.is_url(folder or ""))):
+        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
+    return wanted
 
 
 @lf_command("train_autoencoder")

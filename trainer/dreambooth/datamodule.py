@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from data_pipelines.latents.format import LatentManifest
 from data_pipelines.loading.datamodules import LatentShardDataModule
 from data_pipelines.shards.corrupt_samples import SampleCounts
+from lf_common.object_store import is_url
 from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
 from trainer.faults.watchdog import guarded_ranks
 from trainer.sampling.sampler import SampleSettings
@@ -86,7 +87,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.classes = (
             ClassImages(
                 prompt=class_prompt,
-                folder=Path(class_dir) if class_dir else self.cache_dir / "class_images",
+                folder=_class_folder(class_dir) if class_dir else self.cache_dir / "class_images",
                 count=num_class_images,
                 settings=SampleSettings(
                     steps=class_sample_steps, guidance_scale=class_guidance_scale, height=resolution, width=resolution
@@ -192,3 +193,8 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list:
         return []
+
+
+def _class_folder(class_dir: str) -> Path | str:
+    """``data.class_dir`` as a local folder, or the URL as given (a ``Path`` would fold its ``//``)."""
+    return class_dir if is_url(class_dir) else Path(class_dir)

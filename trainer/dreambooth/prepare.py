@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from lightning.pytorch.strategies import Strategy
@@ -32,7 +33,9 @@ from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.raw.writer import write_raw_shards
 from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.transforms.images import ResizeCrop
+from lf_common import object_store
 from lf_common.errors import DataError
+from lf_common.object_cache import cached_copy, model_folder
 from trainer.dreambooth.class_images import class_image_path, generate_class_images, missing_class_images
 from trainer.faults.ranks import all_ranks
 from trainer.sampling.sampler import SampleSettings
@@ -57,7 +60,8 @@ class ClassImages:
 
     Attributes:
         prompt: the class prompt, e.g. ``"a photo of a cat"``.
-        folder: where they are (``class-<i>.png`` with ``class-<i>.txt``).
+        folder: where they are (``class-<i>.png`` with ``class-<i>.txt``); a URL (``s3://...``) is read, not
+            written: it must hold all ``count`` images (downloaded once to the download cache).
         count: how many prior preservation uses.
         settings: sampler settings (steps, guidance, size).
         batch_size: images per sampler call.
@@ -65,7 +69,7 @@ class ClassImages:
     """
 
     prompt: str
-    folder: Path
+    folder: Path | str
     count: int
     settings: SampleSettings
     batch_size: int = 4
@@ -139,7 +143,8 @@ def prepare_dreambooth(
     Raises:
         DataError: the instance folder is unusable, or a step failed on some rank.
     """
-    images = instance_images(instance_dir)  # every rank checks: the same error everywhere, nobody waits
+    # every rank checks: the same error everywhere, nobody waits; a URL: its copy in the download cache
+    images = instance_images(url_folder(instance_dir, "a folder of images (data.instance_dir, the subject's photos)"))
     cache, device = Path(cache_dir), str(strategy.root_device)
     if classes is not None and classes.prompt.strip() == instance_prompt.strip():
         log.warning(
@@ -148,35 +153,68 @@ def prepare_dreambooth(
             instance_prompt,
         )
     sets: dict[str, tuple[list[Path], str | None]] = {"instance": (images, instance_prompt)}
-    if classes is not None:
+    if classes is not None and object_store.is_url(classes.folder):
+        classes = replace(classes, folder=_class_images_copy(classes))
+    elif classes is not None:
         share = (strategy.global_rank, strategy.world_size)
         all_ranks(strategy, "generating class images", lambda: _generate_share(classes, pretrained, *share, device))
         if missing_class_images(classes.folder, classes.count):
             raise DataError(f"{classes.folder}: class images are still missing after generation")
+    if classes is not None:
         sets["class"] = ([class_image_path(classes.folder, i) for i in range(classes.count)], None)
-    encode = (lambda: _encode(sets, cache, Path(pretrained), resolution, device)) if strategy.is_global_zero else None
+    encode = (lambda: _encode(sets, cache, str(pretrained), resolution, device)) if strategy.is_global_zero else None
     all_ranks(strategy, "encoding the instance and class images", encode, worker=0)
     return DreamBoothLatents(cache / "instance" / "latents", cache / "class" / "latents" if classes else None)
 
 
 def _generate_share(classes: ClassImages, pretrained: str | Path, rank: int, world: int, device: str) -> None:
     """This rank's share of the missing class images, logged with the indices it made."""
-    made = generate_class_images(classes.folder, classes.prompt, classes.count, pretrained, rank, world,
+    if not missing_class_images(classes.folder, classes.count):
+        return
+    base = model_folder(pretrained)  # a URL: the whole base model, downloaded once per machine
+    made = generate_class_images(classes.folder, classes.prompt, classes.count, base, rank, world,
                                  classes.batch_size, classes.settings, classes.seed, device)  # fmt: skip
     log.info("rank %d of %d generated class images %s", rank, world, made)
 
 
+def url_folder(path: str | Path, expected: str) -> Path:
+    """``path`` itself when local; for a URL, its copy in the download cache (the whole prefix, downloaded once
+    per machine, again only when an object changed).
+
+    Raises:
+        ObjectStoreError: nothing under the URL or no bucket; names the URL, the endpoint and ``expected``.
+    """
+    return cached_copy(str(path).rstrip("/"), expected=expected) if object_store.is_url(path) else Path(path)
+
+
+def _class_images_copy(classes: ClassImages) -> Path:
+    """The local copy of a URL ``class_dir``, which must hold every class image (it is read, not written).
+
+    Raises:
+        DataError: images are missing there (named, with what to do).
+    """
+    copy = url_folder(classes.folder, f"a folder of {classes.count} class images (data.class_dir)")
+    if missing := missing_class_images(copy, classes.count):
+        raise DataError(
+            f"data.class_dir: {classes.folder} lacks {len(missing)} of {classes.count} class images "
+            f"(first: {class_image_path(Path(), missing[0])}); a class_dir URL is read, not written: generate "
+            "them with a local class_dir, upload that folder, or lower data.num_class_images"
+        )
+    return copy
+
+
 def _encode(
-    sets: dict[str, tuple[list[Path], str | None]], cache: Path, pretrained: Path, resolution: int, device: str
+    sets: dict[str, tuple[list[Path], str | None]], cache: Path, pretrained: str, resolution: int, device: str
 ) -> None:
     """Raw shards, then latent shards, of each set (in this process; reused while up to date)."""
-    sdxl = (pretrained / "text_encoder_2").is_dir()  # SDXL's shards: both encoders, pooled, size/crop time_ids
-    second = {"text_encoder_2_path": pretrained / "text_encoder_2", "tokenizer_2_path": pretrained / "tokenizer_2"}
+    part = partial(object_store.join, pretrained)  # a URL: FrozenEncoders loads each folder from its cached copy
+    sdxl = object_store.is_folder(part("text_encoder_2"))  # SDXL's shards: both encoders, pooled, size/crop time_ids
+    second = {"text_encoder_2_path": part("text_encoder_2"), "tokenizer_2_path": part("tokenizer_2")}
     encoder = LatentShardEncoder(
         FrozenEncoders.from_pretrained(
-            pretrained / "vae",
-            pretrained / "text_encoder",
-            pretrained / "tokenizer",
+            part("vae"),
+            part("text_encoder"),
+            part("tokenizer"),
             device=device,
             **(second if sdxl else {}),
         ),

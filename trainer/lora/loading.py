@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import DataError
+from lf_common.object_cache import local_path
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
 from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
 from trainer.lora.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
@@ -189,8 +190,8 @@ def load_lora(
 def trainable_adapters_from_file(
     unet: UNet2DConditionModel, path: str | Path, unet_names: ModuleNames | None = None
 ) -> LoraSettings:
-    """The UNet adapters of the file at ``path`` as the trainable adapter ``"default"`` (continue training a LoRA;
-    ``unet_names``: see :func:`add_adapters_from_file`).
+    """The UNet adapters of the file at ``path`` (or a URL: downloaded once to the download cache) as the
+    trainable adapter ``"default"`` (continue training a LoRA; ``unet_names``: see :func:`add_adapters_from_file`).
 
     The base UNet is frozen. Text-encoder adapters in the file are not used: training from latent
     shards takes text embeddings precomputed without them (logged).
@@ -198,7 +199,7 @@ def trainable_adapters_from_file(
     Returns:
         The settings that rebuild the adapter (stored in checkpoints as ``model.lora``).
     """
-    settings = add_adapters_from_file(path, {"unet": unet}, "default", unet_names)
+    settings = add_adapters_from_file(local_path(path), {"unet": unet}, "default", unet_names)  # a URL: its cached copy
     if "unet" not in settings:
         raise DataError(f"model.lora_from={path}: the file holds no UNet adapters to train on")
     trainable = mark_adapters_trainable(unet, "default")

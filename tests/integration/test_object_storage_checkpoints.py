@@ -1,0 +1,106 @@
+"""Checkpoints in a bucket of a real S3 server (moto): an upload cut short by the store going away never
+leaves a checkpoint that a resume takes as complete, and the same command run again completes; a
+DeepSpeed checkpoint folder (its ``latest`` tag uploaded last) goes to the bucket and resumes from it
+exactly (as an uninterrupted run with local checkpoints ends).
+
+The full path with every folder in the bucket (shards, latents, checkpoints, export, images) and the
+exact resume from a remote ``last`` are in ``test_object_storage.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lf_common import object_store
+from lf_common.errors import DataError
+from tests.conftest import compose_config, tiny_train_overrides
+from tests.integration.checkpoints import assert_resume_is_exact
+from tests.s3_server import server_down
+from trainer.checkpoint.reading import load_checkpoint
+from trainer.checkpoint.remote import resolve_remote_checkpoint
+from trainer.cli.train import run_train
+
+pytestmark = pytest.mark.slow
+
+
+def names(prefix: str) -> set[str]:
+    """The checkpoint names (files and folders) directly under ``prefix``."""
+    return {object_store.basename(entry["url"]) for entry in object_store.list_entries(prefix)}
+
+
+def fail_upload_when(monkeypatch: pytest.MonkeyPatch, server: str, cut: Callable[[str], bool]) -> Callable:
+    """Stop the server as an upload starts whose URL ``cut`` picks; the others go through. Returns the real
+    upload (to set back: ``monkeypatch.undo`` would also undo the test's AWS variables)."""
+    real_upload = object_store.upload
+
+    def upload(local, url):
+        if not cut(url):
+            return real_upload(local, url)
+        with server_down(server):
+            return real_upload(local, url)
+
+    monkeypatch.setattr(object_store, "upload", upload)
+    return real_upload
+
+
+def test_an_upload_cut_short_keeps_the_previous_checkpoint_and_the_rerun_completes(
+    latent_dir, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    checkpoints = f"{s3_bucket}/run/checkpoints"
+    out = tmp_path / "run"
+    overrides = [*tiny_train_overrides(latent_dir, out, steps=4), f"callbacks.model_checkpoint.dirpath={checkpoints}"]
+    real_upload = fail_upload_when(monkeypatch, s3_server, lambda url: "step-0000004" in url)
+    message = r"step-0000004\.ckpt at endpoint .*Could not connect.*the checkpoint saved before it stays complete"
+    with pytest.raises(object_store.ObjectStoreError, match=message):
+        run_train(compose_config("train", overrides))
+    assert names(checkpoints) == {"step-0000002.ckpt", "last.ckpt"}  # nothing of step 4
+    assert not list((out / "checkpoint-staging").iterdir()), "the staged copy is removed"
+    resumable = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    assert load_checkpoint(resumable)["global_step"] == 2
+    named = resolve_remote_checkpoint(f"{checkpoints}/step-0000002.ckpt", None, tmp_path / "cache")
+    assert load_checkpoint(named)["global_step"] == 2
+    with pytest.raises(DataError, match=r"step-0000004\.ckpt: checkpoint does not exist"):
+        resolve_remote_checkpoint(f"{checkpoints}/step-0000004.ckpt", None, tmp_path / "cache")
+
+    monkeypatch.setattr(object_store, "upload", real_upload)
+    assert run_train(compose_config("train", [*overrides, "auto_resume=true"]))["global_step"] == 4
+    assert names(checkpoints) == {"step-0000002.ckpt", "step-0000004.ckpt", "last.ckpt"}
+
+
+def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
+    latent_dir, s3_server, s3_bucket, tmp_path, monkeypatch, caplog
+):
+    checkpoints = f"{s3_bucket}/run/checkpoints"
+    ds = ["strategy=deepspeed_stage_2", "trainer.devices=1", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    overrides = [*tiny_train_overrides(latent_dir, tmp_path / "run", steps=2), *ds]
+    overrides.append(f"callbacks.model_checkpoint.dirpath={checkpoints}")
+    tags = []  # last.ckpt's tag at step 2 (its second save) never arrives
+
+    def tag_count(url: str) -> bool:
+        tags.append(url)
+        return len(tags) == 2
+
+    last_tag = lambda url: url.endswith("last.ckpt/latest") and tag_count(url)  # noqa: E731
+    real_upload = fail_upload_when(monkeypatch, s3_server, last_tag)
+    with pytest.raises(object_store.ObjectStoreError, match=r"last\.ckpt/latest at endpoint"):
+        run_train(compose_config("train", overrides))
+    step_2 = object_store.object_infos(f"{checkpoints}/step-0000002.ckpt")
+    model, optimizer = "checkpoint/mp_rank_00_model_states.pt", "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert {"latest", model, optimizer} <= set(step_2)
+    cut_short = object_store.object_infos(f"{checkpoints}/last.ckpt")
+    assert model in cut_short and "latest" not in cut_short  # incomplete
+
+    monkeypatch.setattr(object_store, "upload", real_upload)
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint.resume"):
+        result = run_train(compose_config("train", [*overrides, "trainer.max_steps=3", "ckpt_path=last"]))
+    assert result["global_step"] == 3
+    assert f"resume: from {checkpoints}/step-0000002.ckpt" in caplog.text  # the incomplete last.ckpt is older
+    last = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    assert Path(last).name == "last.ckpt" and Path(last).is_dir()
+    reference = tmp_path / "uninterrupted"  # local checkpoints
+    run_train(compose_config("train", [*tiny_train_overrides(latent_dir, reference, steps=3), *ds]))
+    assert_resume_is_exact(Path(last), reference / "checkpoints" / "step-0000003.ckpt", ranks=1)
