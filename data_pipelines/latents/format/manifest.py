@@ -29,7 +29,7 @@ class EncoderInfo:
     """A frozen encoder the latents were made with.
 
     Attributes:
-        path: the local folder it was loaded from.
+        path: the folder it was loaded from (a local path, or an object-store URL).
         class_name: its class (``AutoencoderKL``, ``CLIPTextModel``, ...).
         fingerprint: SHA-256 over its config and weights.
         extra: settings that change its output (``scaling_factor``, ``max_length``).
