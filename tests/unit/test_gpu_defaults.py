@@ -88,6 +88,20 @@ def test_the_unet_compiles_with_no_graph_break(lora):
     assert explanation.graph_count == 1
 
 
+def test_the_sdxl_unet_compiles_with_no_graph_break_under_gradient_checkpointing():
+    """SDXL's conditioning (``text_time``: the pooled embedding and six time_ids through ``added_cond_kwargs``)
+    and the gradient checkpointing ``model=sdxl`` turns on stay in one graph: the GPU recipe's compile holds."""
+    torch.manual_seed(0)
+    unet = instantiate(compose_config("train", ["model=sdxl_tiny"]).model.unet)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    sample, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 64)
+    explanation = torch._dynamo.explain(unet)(sample, t, encoder_hidden_states=text, added_cond_kwargs=added)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_attention_runs_through_sdpa():
     """diffusers' default processor is PyTorch's scaled_dot_product_attention (flash attention on CUDA)."""
     from diffusers import UNet2DConditionModel
