@@ -213,10 +213,7 @@ def test_sd1_text_encoder_recipes_on_an_sdxl_base_are_refused(
 def test_second_encoder_on_an_sd1_base_and_mixed_adapter_kinds_are_refused(
     base_model, sdxl_base_model, cat_photos, tmp_path
 ):
-    second = [
-        f"model.{part}.pretrained_model_name_or_path={sdxl_base_model}/{part}"
-        for part in ("text_encoder_2", "tokenizer_2")
-    ]
+    second = [f"model.{part}.path={sdxl_base_model}" for part in ("text_encoder_2", "tokenizer_2")]
     overrides = dreambooth_overrides("dreambooth_lora_sdxl", base_model, cat_photos, tmp_path / "c", tmp_path / "run")
     with pytest.raises(InstantiationException, match="the UNet is not SDXL's"):
         build_module([*overrides, *second])

@@ -25,9 +25,11 @@ import pytest
 import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path, load_entry
 from data_pipelines.raw.writer import write_raw_shards
@@ -319,3 +321,16 @@ def test_dreambooth_reads_its_photos_class_images_and_encoders_from_the_bucket(
     assert instance.vae.path == f"{s3_pretrained}/vae"
     with pytest.raises(DataError, match=r"class-images lacks 1 of 3 class images \(first: class-00002\.png\)"):
         prepare_dreambooth(*args, replace(classes, count=3))  # a class_dir URL is read, never generated into
+
+
+def test_the_text_encoder_recipes_load_their_encoders_from_the_bucket(s3_pretrained, pretrained_dir):
+    """``experiment=dreambooth_text_encoder model.pretrained=s3://...``: the trained encoder and its tokenizer
+    come from the bucket's copy, the same weights and vocabulary as the local folder."""
+    model = compose_config("train", ["experiment=dreambooth_text_encoder", f"model.pretrained={s3_pretrained}"]).model
+    encoder, tokenizer = instantiate(model.text_encoder), instantiate(model.tokenizer)
+    local = CLIPTextModel.from_pretrained(pretrained_dir / "text_encoder", local_files_only=True)
+    ours, theirs = encoder.state_dict(), local.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(pretrained_dir / "tokenizer").get_vocab()
+    with pytest.raises(InstantiationException, match=r"models/none/text_encoder at endpoint .*expected a model folder"):
+        instantiate(model.text_encoder, path=s3_pretrained.replace("models/tiny", "models/none"))

@@ -22,6 +22,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from hydra.utils import get_class
 from transformers import CLIPTokenizer
 
 from lf_common.atomic import atomic_path
@@ -131,6 +132,27 @@ def _pipeline(imported: ImportedPipeline) -> StableDiffusionPipeline | StableDif
     return pipeline_class(
         **common, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+
+
+def pretrained_part(path: str, subfolder: str, class_name: str) -> Any:
+    """One part of a diffusers folder, ``path/subfolder`` (a text encoder, a tokenizer), through its class's
+    ``from_pretrained`` with local files only.
+
+    The DreamBooth recipes that train the text encoders call this. ``path`` may be a URL
+    (``s3://bucket/models/sd15``): the part's folder is downloaded once to the cache (``$LF_CACHE_DIR``).
+
+    Args:
+        path: the diffusers folder (``model.pretrained``).
+        subfolder: the part (``text_encoder``, ``tokenizer_2``, ...).
+        class_name: its class, importable (``transformers.CLIPTextModel``).
+
+    Raises:
+        DataError: the part's folder is missing.
+    """
+    folder = Path(model_folder(join(path, subfolder)))
+    if not folder.is_dir():
+        raise DataError(f"{join(path, subfolder)}: the folder is missing; model.pretrained must be a diffusers folder")
+    return get_class(class_name).from_pretrained(folder, local_files_only=True)
 
 
 def pretrained_unet(path: str, allow_pickle: bool = False) -> UNet2DConditionModel:
