@@ -110,6 +110,24 @@ def test_export_single_file_import_export_gives_the_same_tensors(single_file, ex
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_import_from_and_to_a_bucket(single_file, export_dir, s3_bucket, tmp_path):
+    """lf-import with the single file and config_dir in a bucket, out_dir in the bucket: the folder there
+    holds the same tensors as the export, model_index.json among them, and records the file's URL."""
+    from lf_common import object_store
+    from lf_common.object_cache import cached_copy
+
+    object_store.upload(single_file, f"{s3_bucket}/model.safetensors")
+    object_store.upload_folder(export_dir, f"{s3_bucket}/configs")
+    source, out = f"{s3_bucket}/model.safetensors", f"{s3_bucket}/models/imported"
+    overrides = [f"pretrained={source}", f"config_dir={s3_bucket}/configs", f"out_dir={out}"]
+    result = run_import(compose_config("import", [*overrides, f"cache_dir={tmp_path / 'cache'}"]))
+    assert result["out_dir"] == out and object_store.exists(f"{out}/model_index.json")
+    local = cached_copy(out, tmp_path / "check")
+    before, after = _tensors(export_dir), _tensors(local)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((local / "latentforge.json").read_text())["imported_from"] == source
+
+
 def test_training_starts_from_an_imported_folder(export_dir):
     from hydra.utils import instantiate
 

@@ -82,6 +82,7 @@ def import_weights(
     dtype: str = "float32",
     ema: bool = False,
     prediction_type: str | None = None,
+    imported_from: str | None = None,
 ) -> Path:
     """Write ``source`` as a diffusers pipeline folder (atomically) that training and sampling load.
 
@@ -89,6 +90,8 @@ def import_weights(
         out_dir: the folder to write; ``None``: :func:`default_out_dir`.
         ema: take the UNet from a single file's EMA copy (ldm's ``model_ema.*``).
         prediction_type: what the UNet predicts, instead of detecting it.
+        imported_from: what ``latentforge.json`` records as the source (a URL whose local copy ``source``
+            is); ``None``: ``source``'s absolute path.
 
     The folder serves as ``lf-train model=pretrained model.pretrained=OUT_DIR`` (the UNet and the
     noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder); an
@@ -106,7 +109,13 @@ def import_weights(
     metadata = read_metadata(source) if source.is_file() and source.suffix == ".safetensors" else {}
     metadata.pop(OUR_CONFIGS_KEY.removeprefix("latentforge."), None)
     # the file's own record (step, training config...) first; what this import found out wins
-    info = {**metadata, "imported_from": str(source.resolve()), "dtype": dtype, "ema": ema, **imported.info}
+    info = {
+        **metadata,
+        "imported_from": imported_from or str(source.resolve()),
+        "dtype": dtype,
+        "ema": ema,
+        **imported.info,
+    }
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")

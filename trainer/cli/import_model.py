@@ -15,6 +15,7 @@ Examples::
     lf-import pretrained=sd15.safetensors config_dir=sd15-diffusers/     # configs from a diffusers folder
     lf-import pretrained=sd_xl_base_1.0.safetensors out_dir=models/sdxl  # SDXL base: a StableDiffusionXLPipeline folder
     lf-import pretrained=sd15-diffusers/ out_dir=models/sd15    # a folder: checked, rewritten as safetensors
+    lf-import pretrained=s3://bucket/sd15.safetensors out_dir=s3://bucket/models/sd15   # a bucket, both ways
     lf-train model=pretrained model.pretrained=models/sd15 data.train_dir=...   # then fine-tune from it
 
 Keys::
@@ -24,16 +25,29 @@ Keys::
     allow_pickle     read a .ckpt/.pt pickle (tensors only, weights_only=True); refused otherwise
     prediction_type  epsilon | v_prediction, instead of detecting it
     ema              take the UNet from the file's EMA copy (model_ema.*)
+    cache_dir        local copies of s3:// inputs (default: $LF_CACHE_DIR, else ~/.cache/latentforge/objects)
+    s3_endpoint_url  an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
+
+``pretrained`` and ``config_dir`` may be URLs (``s3://...``, any fsspec URL): downloaded once to the cache
+(again only when changed). An ``out_dir`` URL is written locally, then uploaded with ``model_index.json``
+last, so the folder loads only once complete.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from trainer.checkpoint.importing import IMPORT_INFO_NAME, import_weights
+from lf_common import object_store
+from lf_common.object_cache import local_path, model_folder
+from lf_common.staged_output import staged_output
+from trainer.checkpoint.importing import IMPORT_INFO_NAME, default_out_dir, import_weights
 from trainer.cli.command import lf_command
+
+PIPELINE_INDEX = "model_index.json"
+"""The file that makes a folder a diffusers pipeline: uploaded last."""
 
 
 def summary(info: dict) -> list[str]:
@@ -50,21 +64,33 @@ def summary(info: dict) -> list[str]:
 
 
 def run_import(cfg: DictConfig) -> dict[str, str]:
-    """Import ``cfg.pretrained``; returns ``{"out_dir": ..., "model_type": ...}``."""
-    out = import_weights(
-        cfg.pretrained,
-        cfg.get("out_dir"),
-        config_dir=cfg.get("config_dir"),
-        allow_pickle=cfg.allow_pickle,
-        dtype=cfg.dtype,
-        ema=cfg.get("ema", False),
-        prediction_type=cfg.get("prediction_type"),
-    )
-    info = json.loads((out / IMPORT_INFO_NAME).read_text(encoding="utf-8"))
-    print(f"import: {cfg.pretrained} -> {out}")
+    """Import ``cfg.pretrained``; returns ``{"out_dir": ..., "model_type": ...}``.
+
+    A ``pretrained`` or ``config_dir`` in a bucket is imported from its cached local copy (``cache_dir``);
+    an ``out_dir`` in a bucket is written locally, then uploaded (``model_index.json`` last).
+    """
+    cache = cfg.get("cache_dir")
+    source = str(cfg.pretrained)
+    config_dir = model_folder(cfg.config_dir, cache) if cfg.get("config_dir") else None
+    target = str(cfg.get("out_dir") or default_out_dir(source.rstrip("/")))
+    local_source = local_path(source.rstrip("/") if object_store.is_url(source) else source, cache)
+    with staged_output(target, last=(PIPELINE_INDEX,)) as local:
+        import_weights(
+            local_source,
+            local,
+            config_dir=config_dir,
+            allow_pickle=cfg.allow_pickle,
+            dtype=cfg.dtype,
+            ema=cfg.get("ema", False),
+            prediction_type=cfg.get("prediction_type"),
+            imported_from=source if object_store.is_url(source) else None,
+        )
+        info = json.loads((local / IMPORT_INFO_NAME).read_text(encoding="utf-8"))
+    shown = target.rstrip("/") if object_store.is_url(target) else str(Path(target))
+    print(f"import: {cfg.pretrained} -> {shown}")
     for line in summary(info):
         print(f"  {line}")
-    return {"out_dir": str(out), "model_type": info.get("model_type", "")}
+    return {"out_dir": shown, "model_type": info.get("model_type", "")}
 
 
 @lf_command("import")
