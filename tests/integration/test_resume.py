@@ -71,9 +71,15 @@ def uninterrupted(latent_dir, tmp_path_factory):
     return state
 
 
-def test_stopped_at_max_steps_then_resumed_is_exact(uninterrupted, latent_dir, tmp_path):
-    train(latent_dir, tmp_path, 3)  # 6 batches: stops at the end of an epoch (final-step checkpoint)
+def test_stopped_at_max_steps_then_resumed_is_exact(uninterrupted, latent_dir, tmp_path, caplog):
+    """Also: a save that takes over half the preemption grace period (here a grace of 1 ms) is warned about once."""
+    with caplog.at_level(logging.INFO, logger="trainer.callbacks.checkpoint"):
+        train(latent_dir, tmp_path, 3, "callbacks.preemption.grace_period_s=0.001")  # 6 batches: ends an epoch
     assert final_state(tmp_path)["global_step"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "over half of callbacks.preemption.grace_period_s=0.001" in warnings[0], warnings
+    assert "step-0000002.ckpt was written in" in warnings[0]  # the first save
+    assert any("last.ckpt written in" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
     train(latent_dir, tmp_path, STEPS, "ckpt_path=last")
     assert_same_training_state(final_state(tmp_path), uninterrupted)
 

@@ -23,6 +23,9 @@
   Each machine's local rank 0 uploads what its ranks wrote, rank 0 the tag once all are up; the other
   ranks wait through the store. A failed upload stops the run with one line naming the URL and the
   endpoint; the checkpoint saved before stays complete.
+* **Time to save**: each save's seconds (write, and upload to a bucket) are logged; one that took over
+  half of ``callbacks.preemption.grace_period_s`` is warned about once, since a checkpoint written after a
+  preemption signal would not finish before the forced exit.
 * **Final step**: Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a
   multiple of it, the last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only
   saves when nothing was saved at all). This subclass saves the final step, as a top-k checkpoint
@@ -31,6 +34,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -46,6 +51,11 @@ from trainer.callbacks.checkpoint_upload import save_and_upload
 from trainer.checkpoint.remote import remove_checkpoint
 from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_problem, checkpoint_step, checkpoints_newest_first
 from trainer.faults.ranks import single_rank_work
+
+log = logging.getLogger(__name__)
+
+GRACE_SHARE = 0.5
+"""A save that takes more than this share of the preemption grace period is warned about."""
 
 
 class ModelCheckpoint(ModelCheckpointHooks):
@@ -66,6 +76,7 @@ class ModelCheckpoint(ModelCheckpointHooks):
             raise ConfigError(f"keep_every_n_steps={keep_every_n_steps}: expected a positive number or null")
         self.keep_every_n_steps = keep_every_n_steps
         self.staging_dir = staging_dir
+        self._warned_slow = False
         if object_store.is_url(self.dirpath or "") and self.save_last == "link":
             raise ConfigError(f"save_last=link with dirpath={self.dirpath}: a bucket has no links; set save_last=true")
 
@@ -79,15 +90,39 @@ class ModelCheckpoint(ModelCheckpointHooks):
         self.record_saved(trainer.global_step)  # a resumed step is in the checkpoint it came from
 
     def save_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
-        if object_store.is_url(filepath):
+        started = time.monotonic()
+        remote = object_store.is_url(filepath)
+        if remote:
             staging = Path(self.staging_dir or Path(trainer.default_root_dir) / "checkpoint-staging")
             save_and_upload(trainer, filepath, staging / object_store.basename(filepath), self.save_weights_only)
         else:
             self._save_local(trainer, filepath)
+        if trainer.is_global_zero:
+            self._report_time(
+                trainer, filepath, "written and uploaded" if remote else "written", time.monotonic() - started
+            )
         self.record_saved(trainer.global_step, filepath)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    def _report_time(self, trainer: L.Trainer, filepath: str, done: str, seconds: float) -> None:
+        """Log how long the save took; warn (once) when a preemption's save would outlast its grace period."""
+        log.info("checkpoint %s %s in %.1f s", filepath, done, seconds)
+        grace = next((c.grace_period_s for c in trainer.callbacks if getattr(c, "grace_period_s", None)), None)
+        if grace is None or seconds <= GRACE_SHARE * grace or self._warned_slow:
+            return
+        self._warned_slow = True
+        log.warning(
+            "checkpoint %s was %s in %.1f s, over half of callbacks.preemption.grace_period_s=%g: after a preemption "
+            "signal the step in progress and this save may not finish before the forced exit (the checkpoint before "
+            "it would be kept); raise grace_period_s (below the scheduler's kill time)%s",
+            filepath,
+            done,
+            seconds,
+            grace,
+            ", or write checkpoints to local disk" if done != "written" else "",
+        )
 
     def _save_local(self, trainer: L.Trainer, filepath: str) -> None:
         """Write ``filepath`` under a temporary name on every rank, rename it once all have written."""

@@ -72,6 +72,11 @@ class Preemption(Checkpoint):
         self.check_every_n_steps = check_every_n_steps
         self._last_step = -1
 
+    @property
+    def grace_period_s(self) -> float | None:
+        """Seconds from a signal to the forced exit (``None``: no deadline)."""
+        return self.signals.grace_period_s
+
     def _doing(self) -> str:
         board = current_board()
         return f"this rank is in '{board.phase}' at step {board.step}" if board is not None else "this rank is busy"
