@@ -17,7 +17,9 @@ Digital Forgery?"). Three kinds are found:
 
 Each group keeps its first sample in shard and key order and drops the rest. Hashing streams each
 shard once (shards in parallel processes); the search holds about 1 KB per sample (hashes and the
-thumbnail); writing streams the shards again, copying the kept samples' members as they are.
+thumbnail); writing streams the shards again, copying the kept samples' members as they are. Input
+shards may be URLs (streamed); an ``out_dir`` URL gets each shard uploaded whole once complete
+(:class:`~data_pipelines.shards.tar_writer.AtomicShardWriter`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.shards.shard_reading import raw_samples
 from data_pipelines.shards.tar_writer import AtomicShardWriter
+from lf_common import object_store
 from lf_common.errors import CorruptSampleError, DataError
 
 log = logging.getLogger(__name__)
@@ -83,9 +87,9 @@ def _phash(thumb: np.ndarray) -> np.ndarray:
     return np.packbits(imagehash.phash(Image.fromarray(thumb)).hash.flatten())  # (8,) uint8
 
 
-def shard_samples(shard: str):
-    """The raw samples of one shard (``__key__`` and member bytes), in order."""
-    return wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples())
+def shard_samples(shard: str) -> wds.DataPipeline:
+    """The raw samples of one shard (``__key__`` and member bytes), in order; a URL is streamed."""
+    return raw_samples([shard])
 
 
 def shard_signatures(shard: str, shift: int = 1) -> Signatures:
@@ -318,6 +322,16 @@ def write_without(
     return [str(s.path) for s in writer.shards]
 
 
+def shard_folder(shard: str) -> str:
+    """The folder a shard lies in (resolved), or the prefix of a URL (without its last ``/``)."""
+    return shard.rsplit("/", 1)[0] if object_store.is_url(shard) else str(Path(shard).resolve().parent)
+
+
+def _location(folder: str | Path) -> str:
+    """A folder resolved, or a URL prefix without a trailing ``/``: comparable with :func:`shard_folder`."""
+    return str(folder).rstrip("/") if object_store.is_url(folder) else str(Path(folder).resolve())
+
+
 def dedup_shards(
     shards: Sequence[str],
     out_dir: str | Path | None,
@@ -328,10 +342,10 @@ def dedup_shards(
 ) -> DedupReport:
     """Find the duplicate groups of ``shards`` (:func:`find_duplicates` ``**search``) and, unless
     ``out_dir`` is ``None`` (a dry run), write the shards without the dropped samples."""
-    if out_dir is not None and any(Path(shard).resolve().parent == Path(out_dir).resolve() for shard in shards):
+    if out_dir is not None and any(shard_folder(shard) == _location(out_dir) for shard in shards):
         raise DataError(f"{out_dir}: out_dir holds the input shards; write the deduplicated shards to another folder")
     samples, groups = find_duplicates(shards, **search)
-    name = [f"{Path(shard).name}:{key}" for shard, key in samples]
+    name = [f"{object_store.basename(shard)}:{key}" for shard, key in samples]
     report = DedupReport(samples=len(samples), settings={k: v for k, v in search.items() if k != "embed"})
     report.settings["embedding"] = search.get("embed") is not None
     for kept, trail in groups:

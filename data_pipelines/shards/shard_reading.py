@@ -13,11 +13,13 @@ corrupt; only a store down past every retry ends the shard, through the skip cou
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
+import webdataset as wds
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -187,3 +189,12 @@ def tar_samples(shards: Iterable[dict[str, Any]], handler: Callable[[Exception],
             yield {**shard, "stream": stream}
 
     return group_by_keys(tar_file_expander(streams(), handler=handler), handler=handler)
+
+
+def raw_samples(shards: Iterable[str]) -> wds.DataPipeline:
+    """The samples (``__key__`` and member bytes) of ``shards`` in shard and key order, each shard a local
+    path or a URL (streamed, as :func:`open_shard` opens it); any error is raised (a missing object is one
+    line naming its URL), none is skipped: for readers that need every sample (a reference set, dedup)."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(list(shards)), functools.partial(tar_samples, handler=wds.reraise_exception)
+    )

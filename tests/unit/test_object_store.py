@@ -3,7 +3,9 @@ validation, the latent-shard manifest and records."""
 
 from __future__ import annotations
 
+import re
 import tarfile
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -172,3 +174,44 @@ def test_a_checkpoint_folder_in_a_missing_bucket_fails_before_training(s3_env):
     expected = r"the bucket does not exist; expected an existing bucket for callbacks.model_checkpoint.dirpath"
     with pytest.raises(object_store.ObjectStoreError, match=r"s3://no-such-bucket/run at endpoint .*" + expected):
         ModelCheckpoint(dirpath="s3://no-such-bucket/run").setup(None, None, "fit")  # before the trainer is used
+
+
+def _missing(option: str, raw_shards) -> tuple[str, Callable[[str], object], str]:
+    """A path option of lf-eval, the image-metrics callback or lf-dedup given an object that is not there
+    (``{bucket}``: the test's bucket): the URL, what reads it, and what its one-line error says was expected."""
+    from tests.conftest import compose_config
+    from trainer.cli.dedup import run_dedup
+    from trainer.cli.eval import images_folder, run_eval
+    from trainer.evaluation.clip_score import load_clip
+    from trainer.evaluation.inception import InceptionFeatures
+    from trainer.evaluation.prompts import read_prompt_set
+    from trainer.evaluation.reference import open_reference
+
+    def eval_to(url: str) -> object:
+        return run_eval(compose_config("eval", ["images_dir=unused", "reference=unused", f"out_dir={url}"]))
+
+    def dedup_to(url: str) -> object:
+        return run_dedup(compose_config("dedup", [f"shards={raw_shards}", f"out_dir={url}"]))
+
+    return {
+        "prompt_file": ("{bucket}/prompts.txt", lambda url: read_prompt_set(prompt_file=url), "an existing object"),
+        "reference": ("{bucket}/val", open_reference, "a reference set: a folder of images, or raw shards"),
+        "weights_path": ("{bucket}/pt.pth", InceptionFeatures, r"the FID Inception weights file \(pt_inception-"),
+        "clip": ("{bucket}/clip", load_clip, r"a model folder \(diffusers/transformers layout"),
+        "images_dir": ("{bucket}/images", lambda url: images_folder(url, None), "a folder of images"),
+        "eval out_dir": ("s3://no-such-bucket/eval", eval_to, "an existing bucket for out_dir"),
+        "dedup out_dir": ("s3://no-such-bucket/dedup", dedup_to, "an existing bucket to write to"),
+    }[option]
+
+
+@pytest.mark.parametrize(
+    "option", ["prompt_file", "reference", "weights_path", "clip", "images_dir", "eval out_dir", "dedup out_dir"]
+)
+def test_eval_and_dedup_paths_missing_from_the_bucket_are_one_line_errors(option, s3_bucket, raw_shards):
+    url, read, expected = _missing(option, raw_shards)
+    url = url.format(bucket=s3_bucket)
+    with pytest.raises(object_store.ObjectStoreError) as error:
+        read(url)
+    message = str(error.value)
+    assert message.startswith(f"{url} at endpoint http://127.0.0.1:") and "\n" not in message, message
+    assert re.search(r": (nothing under this key|the bucket does not exist); expected " + expected, message), message

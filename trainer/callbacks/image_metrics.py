@@ -38,12 +38,13 @@ class ImageMetrics(ValidationImages):
 
     Args:
         prompts: the prompts (or give ``prompt_file`` or ``prompt_shards``).
-        prompt_file: one prompt per line.
-        prompt_shards: raw shards whose captions are the prompts (``max_prompts`` of them).
+        prompt_file: one prompt per line (a local file or a URL).
+        prompt_shards: raw shards whose captions are the prompts (``max_prompts`` of them); URLs streamed.
         max_prompts: only the first N prompts.
         features: the feature extractor for FID and KID.
-        reference: the real images (a folder of images, raw shards, or a reference set).
-        clip: a local CLIP folder for the CLIP score.
+        reference: the real images (a folder of images, raw shards, or a reference set); a URL's shards
+            are streamed, its folder of images downloaded once into the download cache (``$LF_CACHE_DIR``).
+        clip: a CLIP folder for the CLIP score (local, or a URL: downloaded once).
         every_n_steps: how often (also after the last step).
         images_per_prompt: images per prompt; image ``i`` uses seed ``seed + i``.
         seed: first seed; also KID's subset draws.

@@ -13,12 +13,13 @@ Examples::
     lf-dedup shards='data/raw/shard-{000000..000099}.tar' out_dir=data/dedup workers=8
     lf-dedup shards=data/raw out_dir=null report=dups.json            # a dry run: the report only
     lf-dedup shards=data/raw out_dir=data/dedup +features@embedding=clip embedding.folder=models/clip min_cosine=0.96
+    lf-dedup shards=s3://bucket/raw/ out_dir=s3://bucket/raw-dedup   # streamed; each shard uploaded whole, report last
 
 Keys::
 
-    shards              raw shards: a folder of .tar, a glob, a brace pattern, or a list
-    out_dir             the deduplicated shards; null: a dry run (the report only)
-    report              the JSON report (default out_dir/dedup_report.json)
+    shards              raw shards: a folder of .tar, a glob, a brace pattern, or a list (s3://... too, streamed)
+    out_dir             the deduplicated shards; null: a dry run (the report only); s3://... too
+    report              the JSON report (default out_dir/dedup_report.json); s3://... too
     workers             processes hashing shards in parallel
     max_hash_distance   near-duplicate candidates: perceptual hashes at most this many bits apart
     min_cosine          with embedding=: duplicates by embedding cosine similarity
@@ -26,16 +27,16 @@ Keys::
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data_pipelines.raw.dedup import Embedder, dedup_shards
+from data_pipelines.raw.dedup import Embedder, dedup_shards, shard_folder
 from data_pipelines.shards.listing import resolve_shards
-from lf_common.atomic import write_json_atomic
+from lf_common import object_store
 from trainer.cli.command import lf_command
 from trainer.evaluation.features import FeatureExtractor, images_to_tensor
 from trainer.evaluation.reference import fit_image
@@ -55,8 +56,13 @@ def embedder(extractor: FeatureExtractor, size: int) -> Embedder:
 
 
 def run_dedup(cfg: DictConfig) -> dict[str, Any]:
-    """Deduplicate the configured shards; returns the report as a dict (also written as JSON)."""
+    """Deduplicate the configured shards; returns the report as a dict (also written as JSON, after the
+    shards: with an ``s3://`` ``out_dir`` each shard is uploaded whole when complete, the report last)."""
     shards = resolve_shards(cfg.shards)
+    path = str(cfg.report or object_store.join(str(cfg.out_dir or shard_folder(shards[0])), REPORT_NAME))
+    for target in (cfg.out_dir, path):
+        if target and object_store.is_url(target):  # before the search, not at the first upload
+            object_store.require_bucket(str(target), "an existing bucket to write to")
     embed = embedder(instantiate(cfg.embedding).eval(), cfg.embedding_size) if cfg.get("embedding") else None
     report = dedup_shards(
         shards,
@@ -76,8 +82,7 @@ def run_dedup(cfg: DictConfig) -> dict[str, Any]:
         print(f"{group['kept']} <- {found}")
     if len(report["groups"]) > SHOWN_GROUPS:
         print(f"... and {len(report['groups']) - SHOWN_GROUPS} more groups")
-    path = Path(cfg.report or Path(cfg.out_dir or Path(shards[0]).parent) / REPORT_NAME)
-    write_json_atomic(path, report)
+    object_store.write_path(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     print(
         f"dedup: {report['samples']} samples, {report['dropped']} dropped in {len(report['groups'])} groups "
         f"{report['by_reason']}, {report['kept']} kept -> {cfg.out_dir or '(dry run)'}; report {path}"

@@ -11,20 +11,28 @@ Examples::
     lf-eval model_dir=outputs/train/.../checkpoints/last.ckpt prompt_shards=data/heldout reference=data/heldout
     lf-eval model_dir=... ... devices=4                     # 4 processes (GPUs), images split between them
     lf-eval images_dir=outputs/sample/.../images reference=... clip=...   # images made already (lf-sample's)
+    lf-eval model_dir=s3://bucket/export/step-5000 prompt_file=s3://bucket/prompts.txt reference=s3://bucket/val/
+    lf-eval images_dir=s3://bucket/images reference=s3://bucket/val/ out_dir=s3://bucket/eval   # eval.json goes up last
 
 Keys::
 
-    model_dir       an export folder, or a training checkpoint (.ckpt file, DeepSpeed folder)
-    images_dir      instead of model_dir: images made already (prompts from their PNG parameters)
-    prompt_file     one prompt a line (or prompts=[...], or prompt_shards= raw shards' captions)
-    reference       real images for FID/KID: a folder of images, or raw shards
-    clip            a local CLIP folder (transformers layout) for the CLIP score
+    model_dir       an export folder, or a training checkpoint (.ckpt file, DeepSpeed folder); s3://... too
+    images_dir      instead of model_dir: images made already (prompts from their PNG parameters); s3://... too
+    prompt_file     one prompt a line (or prompts=[...], or prompt_shards= raw shards' captions); s3://... too
+    reference       real images for FID/KID: a folder of images, or raw shards; s3://... too
+    clip            a CLIP folder (transformers layout) for the CLIP score; s3://... too
     features        FID/KID features: inception (the FID weights file) | digits | clip
     devices         processes (GPUs); the images are split between them
+    out_dir         eval.json, images/ and grid.png (s3://... too: uploaded, eval.json last)
+    download_cache_dir  local copies of s3:// inputs (default: $LF_CACHE_DIR, else ~/.cache/latentforge/objects)
+
+Every path may be a URL (``s3://...``, any fsspec URL): raw shards are streamed; a model, encoder or
+CLIP folder, a checkpoint and a folder of images are downloaded once into the download cache.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,9 +43,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from lf_common.atomic import write_json_atomic
+from lf_common import object_store
 from lf_common.errors import DataError
+from lf_common.object_cache import cached_copy
+from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
+from trainer.cli.sample import ENCODER_FOLDERS, local_inputs
 from trainer.evaluation.distributed import RankShare
 from trainer.evaluation.evaluator import ImageEvaluator, gather_images
 from trainer.evaluation.prompts import read_prompt_set
@@ -50,6 +61,10 @@ log = logging.getLogger(__name__)
 RESULT_NAME = "eval.json"
 GRID_NAME = "grid.png"  # lf-sample's and lf-eval's grid, not a sample
 METRIC_LABELS = {"fid": "FID", "kid": "KID", "clip_score": "CLIP score"}
+MODEL_INPUTS = ("model_dir", *ENCODER_FOLDERS)
+"""The model's paths, which may be URLs (downloaded to ``download_cache_dir`` once, again only when changed)."""
+DOWNLOAD_CACHE_KEY = "download_cache_dir"
+"""The key naming the download cache (``cache_dir`` is the reference features' cache here)."""
 
 
 def _launch(cfg: DictConfig) -> L.Fabric:
@@ -73,6 +88,7 @@ def _evaluator(cfg: DictConfig) -> ImageEvaluator:
         kid_subset_size=cfg.kid_subset_size,
         seed=cfg.seed,
         batch_size=cfg.feature_batch_size,
+        download_cache_dir=cfg.get(DOWNLOAD_CACHE_KEY),
     )
 
 
@@ -97,14 +113,15 @@ def _generate(cfg: DictConfig, fabric: L.Fabric, evaluator: ImageEvaluator, out:
     seeds = [cfg.seed + i for i in range(len(prompts))]
     evaluator.check_count(len(prompts))
     settings = _settings(cfg)  # bad settings fail before any model loads
+    local = local_inputs(cfg, MODEL_INPUTS, DOWNLOAD_CACHE_KEY)
     sampler = Sampler.load(
-        cfg.model_dir,
+        local["model_dir"],
         device=str(fabric.device),
         dtype=cfg.dtype,
         weights=cfg.weights,
-        vae_path=cfg.get("vae_path"),
-        text_encoder_path=cfg.get("text_encoder_path"),
-        tokenizer_path=cfg.get("tokenizer_path"),
+        vae_path=local["vae_path"],
+        text_encoder_path=local["text_encoder_path"],
+        tokenizer_path=local["tokenizer_path"],
     )
     start = time.perf_counter()
     evaluator.prepare(sampler.image_size(settings))
@@ -122,22 +139,35 @@ def _generate(cfg: DictConfig, fabric: L.Fabric, evaluator: ImageEvaluator, out:
     return {"share": share, "images": images, "prompts": my_prompts, "seconds": seconds, "model": str(cfg.model_dir)}
 
 
+def images_folder(images_dir: str, cache_dir: str | None) -> Path:
+    """``images_dir`` itself when local; for a URL its copy in the download cache (downloaded once).
+
+    Raises:
+        ObjectStoreError: nothing is under the URL (one line naming it).
+    """
+    if not object_store.is_url(images_dir):
+        return Path(images_dir)
+    return cached_copy(images_dir.rstrip("/"), cache_dir, "a folder of images (lf-sample's or lf-eval's)")
+
+
 def _existing_images(cfg: DictConfig, evaluator: ImageEvaluator) -> dict[str, Any]:
     """This rank's share of the images in ``images_dir`` (their prompts from their PNG parameters), but
     ``grid.png``."""
-    folder = Path(cfg.images_dir)
+    given = str(cfg.images_dir)
+    folder = images_folder(given, cfg.get(DOWNLOAD_CACHE_KEY))
     found = folder.glob("*") if folder.is_dir() else []
     paths = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.name != GRID_NAME)
     if not paths:
-        raise DataError(f"{folder}: images_dir holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{given}: images_dir holds no images ({', '.join(IMAGE_SUFFIXES)})")
     prompts = None
     if evaluator.clip is not None:  # every rank reads every prompt, so all agree before scoring
         prompts = []
         for path in paths:
+            shown = object_store.join(given, path.name)  # the image as the user named it, not its cached copy
             text = read_parameters(path) if path.suffix.lower() == ".png" else ""
             if not text:
-                raise DataError(f"{path}: no 'parameters' text chunk with the prompt, which the CLIP score needs")
-            prompts.append(parse_parameters(text, source=str(path)).prompt)
+                raise DataError(f"{shown}: no 'parameters' text chunk with the prompt, which the CLIP score needs")
+            prompts.append(parse_parameters(text, source=shown).prompt)
     evaluator.check_count(len(paths))
     share = RankShare.current(len(paths))
     images = []
@@ -176,19 +206,28 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """
     if bool(cfg.get("model_dir")) == bool(cfg.get("images_dir")):
         raise DataError("lf-eval: set exactly one of model_dir=EXPORT_OR_CHECKPOINT or images_dir=FOLDER")
+    out_dir = str(cfg.out_dir)
+    if object_store.is_url(out_dir):  # before minutes of work, not at the upload
+        object_store.require_bucket(out_dir, "an existing bucket for out_dir")
     fabric = _launch(cfg)
     evaluator = _evaluator(cfg).to(fabric.device)
-    out = Path(cfg.out_dir)
-    made = _generate(cfg, fabric, evaluator, out) if cfg.get("model_dir") else _existing_images(cfg, evaluator)
-    start = time.perf_counter()
-    metrics = evaluator.evaluate(made["share"], made["images"], made["prompts"])
-    made["seconds"]["metrics"] = time.perf_counter() - start
-    grid_images = gather_images(made["share"], made["images"], cfg.grid_images)
+    with staged_output(out_dir, replace=False) as out:  # a URL: each rank uploads what it wrote, when done
+        out.mkdir(parents=True, exist_ok=True)
+        made = _generate(cfg, fabric, evaluator, out) if cfg.get("model_dir") else _existing_images(cfg, evaluator)
+        start = time.perf_counter()
+        metrics = evaluator.evaluate(made["share"], made["images"], made["prompts"])
+        made["seconds"]["metrics"] = time.perf_counter() - start
+        grid_images = gather_images(made["share"], made["images"], cfg.grid_images)
+        grid = fabric.global_rank == 0 and len(grid_images) > 1
+        if grid:
+            columns = cfg.num_images_per_prompt if made["model"] and cfg.num_images_per_prompt > 1 else 8
+            image_grid(grid_images, columns=min(columns, len(grid_images))).save(out / GRID_NAME)
+    fabric.barrier()  # every rank's images are in out_dir before eval.json, written last, says the run is done
     reference = evaluator.reference_features
     result: dict[str, Any] = {
         **metrics,
         "model": made["model"],
-        "images_dir": str(out / "images") if made["model"] else str(cfg.images_dir),
+        "images_dir": object_store.join(out_dir, "images") if made["model"] else str(cfg.images_dir),
         "reference": None
         if reference is None
         else {
@@ -200,18 +239,15 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         },
         "processes": made["share"].world,
         "seconds": {k: round(v, 2) for k, v in made["seconds"].items()},
-        "out_dir": str(out),
-        "grid": None,
+        "out_dir": out_dir,
+        "grid": object_store.join(out_dir, GRID_NAME) if grid else None,
     }
     if fabric.global_rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if len(grid_images) > 1:
-            columns = cfg.num_images_per_prompt if made["model"] and cfg.num_images_per_prompt > 1 else 8
-            image_grid(grid_images, columns=min(columns, len(grid_images))).save(out / GRID_NAME)
-            result["grid"] = str(out / GRID_NAME)
-        write_json_atomic(out / RESULT_NAME, {**result, "config": OmegaConf.to_container(cfg, resolve=True)})
+        record = {**result, "config": OmegaConf.to_container(cfg, resolve=True)}
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        object_store.write_path(object_store.join(out_dir, RESULT_NAME), text.encode("utf-8"))  # atomic; one PUT
         print("\n".join(metrics_table(result)))
-        print(f"eval: {RESULT_NAME}, images and grid -> {out}")
+        print(f"eval: {RESULT_NAME}, images and grid -> {out_dir}")
     return result
 
 

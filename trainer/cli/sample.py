@@ -184,12 +184,15 @@ INPUTS = ("model_dir", *ENCODER_FOLDERS, "lora", "init_image", "mask_image")
 """The keys whose files or folders may be URLs (downloaded to ``cache_dir`` once, again only when changed)."""
 
 
-def local_inputs(cfg: DictConfig) -> dict[str, str | None]:
-    """Each of :data:`INPUTS` as a local path (a URL's cached copy), or ``None`` when unset."""
-    cache = cfg.get("cache_dir")
+def local_inputs(
+    cfg: DictConfig, keys: tuple[str, ...] = INPUTS, cache_key: str = "cache_dir"
+) -> dict[str, str | None]:
+    """Each of ``keys`` as a local path (a URL's cached copy, in the folder the config key ``cache_key``
+    names, else the default download cache), or ``None`` when unset."""
+    cache = cfg.get(cache_key)
     return {
         key: (model_folder if key in ENCODER_FOLDERS else local_path)(cfg[key], cache) if cfg.get(key) else None
-        for key in INPUTS
+        for key in keys
     }
 
 

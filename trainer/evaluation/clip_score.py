@@ -20,17 +20,20 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
 from lf_common.errors import DataError
+from lf_common.object_cache import model_folder
 from trainer.evaluation.features import FeatureExtractor, tensor_to_images, tensors_fingerprint
 
 
-def load_clip(folder: str | Path) -> tuple[CLIPModel, CLIPProcessor]:
-    """A ``CLIPModel`` and its ``CLIPProcessor`` from a local folder (transformers layout:
-    ``config.json``, ``model.safetensors``, the tokenizer and preprocessor files).
+def load_clip(folder: str | Path, download_cache_dir: str | Path | None = None) -> tuple[CLIPModel, CLIPProcessor]:
+    """A ``CLIPModel`` and its ``CLIPProcessor`` from a folder (transformers layout: ``config.json``,
+    ``model.safetensors``, the tokenizer and preprocessor files): local, or a URL (``s3://...``)
+    downloaded once into ``download_cache_dir`` (``None``: ``$LF_CACHE_DIR``, else the default).
 
     Raises:
         DataError: the folder is missing, or its weights do not match its config key for key.
+        ObjectStoreError: nothing is under the URL (one line naming it).
     """
-    folder = Path(folder)
+    folder = Path(model_folder(folder, download_cache_dir))
     if not (folder / "config.json").is_file():
         raise DataError(
             f"{folder}: not a CLIP model folder (config.json is missing); save one with "
@@ -65,13 +68,13 @@ class _ProjectedFeatures(nn.Module):
         return _tensor(self.model.get_text_features(input_ids, attention_mask, **kwargs))
 
 
-def clip_score_metric(folder: str | Path) -> CLIPScore:
+def clip_score_metric(folder: str | Path, download_cache_dir: str | Path | None = None) -> CLIPScore:
     """torchmetrics' ``CLIPScore`` with the CLIP model in ``folder`` (see :func:`load_clip`).
 
     Its states are sums, so ranks that each ``update`` with their own images get the score over
     all images from ``compute()`` (called by every rank).
     """
-    model, processor = load_clip(folder)
+    model, processor = load_clip(folder, download_cache_dir)
     return CLIPScore(model_name_or_path=lambda: (_ProjectedFeatures(model), processor))
 
 
@@ -80,7 +83,7 @@ class ClipImageFeatures(FeatureExtractor):
     by cosine similarity, or a Fréchet distance in CLIP space).
 
     Args:
-        folder: a local CLIP folder (see :func:`load_clip`).
+        folder: a CLIP folder, local or a URL (see :func:`load_clip`).
     """
 
     def __init__(self, folder: str | Path) -> None:

@@ -27,13 +27,15 @@ class ImageEvaluator:
 
     Args:
         features: the feature extractor for FID and KID.
-        reference: the real images (see :func:`~trainer.evaluation.reference.open_reference`).
-        clip: a local CLIP folder for the CLIP score.
-        cache_dir: where reference features are cached (``None``: not cached).
+        reference: the real images (see :func:`~trainer.evaluation.reference.open_reference`; URLs too).
+        clip: a CLIP folder for the CLIP score (local, or a URL: downloaded once).
+        cache_dir: where reference features are cached (``None``: not cached); local.
         kid_subsets: KID's number of subsets.
         kid_subset_size: KID's subset size (at most the smaller set's size is used).
         seed: seed of KID's subset draws.
         batch_size: images per feature-extractor call.
+        download_cache_dir: where ``reference`` and ``clip`` given by URL are downloaded, when they must
+            be (a folder of images, a model folder; ``None``: ``$LF_CACHE_DIR``, else the default).
     """
 
     def __init__(
@@ -46,14 +48,15 @@ class ImageEvaluator:
         kid_subset_size: int = 1000,
         seed: int = 0,
         batch_size: int = 64,
+        download_cache_dir: str | Path | None = None,
     ) -> None:
         if (features is None) != (reference is None):
             raise ValueError("FID and KID need both a feature extractor (features) and a reference set (reference)")
         if features is None and clip is None:
             raise ValueError("nothing to measure: give features and reference (FID, KID), or clip (CLIP score)")
         self.features = features.eval() if features is not None else None
-        self.reference = open_reference(reference) if reference is not None else None
-        self.clip = clip_score_metric(clip) if clip else None
+        self.reference = open_reference(reference, download_cache_dir) if reference is not None else None
+        self.clip = clip_score_metric(clip, download_cache_dir) if clip else None
         self.cache_dir = cache_dir
         self.kid_subsets, self.kid_subset_size, self.seed = kid_subsets, kid_subset_size, seed
         self.batch_size = batch_size

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lf_common import object_store
 from lf_common.errors import DataError
+from lf_common.object_cache import cached_copy
 from trainer.evaluation.features import FeatureExtractor
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -232,11 +234,23 @@ def load_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def local_weights(weights_path: str | Path) -> Path:
+    """``weights_path`` itself when local; for a URL (``s3://bucket/models/pt_inception-...pth``) its copy in
+    the download cache (``$LF_CACHE_DIR``, else the default), downloaded once.
+
+    Raises:
+        ObjectStoreError: nothing is at the URL (one line naming it and the file expected).
+    """
+    if not object_store.is_url(weights_path):
+        return Path(weights_path)
+    return cached_copy(str(weights_path), expected=f"the FID Inception weights file ({WEIGHTS_NAME})")
+
+
 class InceptionFeatures(FeatureExtractor):
     """FID's Inception v3 pool features of uint8 images ``(B, 3, H, W)`` -> ``(B, 2048)``.
 
     Args:
-        weights_path: the local ``pt_inception-2015-12-05-6726825d.pth``.
+        weights_path: ``pt_inception-2015-12-05-6726825d.pth``: a local file, or a URL (see :func:`local_weights`).
     """
 
     num_features = NUM_FEATURES
@@ -246,7 +260,7 @@ class InceptionFeatures(FeatureExtractor):
         self.weights_path = str(weights_path)
         with torch.device("meta"):
             self.network = FIDInceptionV3()
-        self.network.load_state_dict(load_inception_weights(weights_path), strict=True, assign=True)
+        self.network.load_state_dict(load_inception_weights(local_weights(weights_path)), strict=True, assign=True)
         self.network.eval().requires_grad_(False)
 
     def settings(self) -> dict[str, Any]:

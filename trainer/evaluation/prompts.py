@@ -1,22 +1,23 @@
 """The prompts an evaluation generates images for: a list, a caption file, or the captions of
-(held-out) raw shards."""
+(held-out) raw shards; the file and the shards may be local or URLs (``s3://...``: read, streamed)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import webdataset as wds
-
 from data_pipelines.raw.format import CAPTION_KEY
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.shard_reading import raw_samples
+from lf_common import object_store
 from lf_common.errors import DataError
 
 
 def shard_captions(shards: str | Sequence[str], limit: int | None = None) -> list[str]:
-    """The captions (``KEY.txt``) of raw shards, in shard and key order; images are not decoded."""
+    """The captions (``KEY.txt``) of raw shards (local or URLs, streamed), in shard and key order; images
+    are not decoded."""
     captions: list[str] = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(resolve_shards(shards)), wds.tarfile_to_samples()):
+    for sample in raw_samples(resolve_shards(shards)):
         if limit is not None and len(captions) >= limit:
             break
         if CAPTION_KEY in sample:
@@ -30,11 +31,13 @@ def read_prompt_set(
     prompt_shards: str | Sequence[str] | None = None,
     limit: int | None = None,
 ) -> list[str]:
-    """The prompts from exactly one of ``prompts``, ``prompt_file`` (one per non-empty line) or
-    ``prompt_shards`` (their captions); the first ``limit`` when given.
+    """The prompts from exactly one of ``prompts``, ``prompt_file`` (one per non-empty line; a local
+    file or a URL) or ``prompt_shards`` (their captions; raw shards as :func:`resolve_shards` names them,
+    local or URLs); the first ``limit`` when given.
 
     Raises:
-        DataError: none or several sources are given, the file is missing, or no prompt is found.
+        DataError: none or several sources are given, the file or object is missing (one line naming
+            it), or no prompt is found.
     """
     sources = {"prompts": prompts, "prompt_file": prompt_file, "prompt_shards": prompt_shards}
     given = [name for name, value in sources.items() if value]
@@ -44,10 +47,10 @@ def read_prompt_set(
             f"(got {', '.join(given) or 'none'})"
         )
     if prompt_file:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise DataError(f"{path}: prompt_file does not exist")
-        found = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not object_store.is_url(prompt_file) and not Path(prompt_file).is_file():
+            raise DataError(f"{prompt_file}: prompt_file does not exist")
+        text = object_store.read_path(prompt_file).decode("utf-8")  # a URL: one GET, a missing object one line
+        found = [line.strip() for line in text.splitlines() if line.strip()]
     elif prompt_shards:
         found = shard_captions(prompt_shards, limit)
     else:

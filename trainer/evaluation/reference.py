@@ -2,7 +2,10 @@
 
 A reference set is a folder of images, raw shards (a folder of ``.tar``, a glob or brace pattern;
 ``lf-shards`` output, img2dataset's), or the demo's real digits. Its images are resized (shorter
-side) and center-cropped to the generated images' size before the extractor sees them.
+side) and center-cropped to the generated images' size before the extractor sees them. A URL
+(``s3://bucket/coco-val``) names either too: raw shards are streamed, a folder of images is
+downloaded once into the download cache (:mod:`lf_common.object_cache`); either has the content
+hash of the same files on local disk, so both share cached features.
 
 Features are cached like latent shards are: a cache entry is reused only when its key equals the
 key the current settings give: the reference set's content (SHA-256 of every file's bytes), the
@@ -21,7 +24,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -29,15 +31,19 @@ from data_pipelines.latents.precompute import file_sha256
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.raw.sources.digits import digit_to_image, digits_split
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.shard_reading import raw_samples
 from data_pipelines.transforms.images import resize_and_crop
+from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.errors import CorruptSampleError, DataError
+from lf_common.object_cache import cached_copy
 from trainer.evaluation.distributed import all_reduce_sum, gather_rows, rank_and_world
 from trainer.evaluation.features import FeatureExtractor, extract_features
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_EXPECTED = "a reference set: a folder of images, or raw shards (.tar objects) under this prefix"
 CACHE_FORMAT_VERSION = 1
 FEATURES_KEY = "features"
 
@@ -56,14 +62,20 @@ class ReferenceSet(Protocol):
 
 class ImageFolderReference:
     """The images in a folder and its subfolders (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``),
-    sorted by path."""
+    sorted by path.
 
-    def __init__(self, folder: str | Path) -> None:
+    Args:
+        folder: the local folder.
+        source: what to call it in messages (the URL a downloaded copy came from; default ``folder``).
+    """
+
+    def __init__(self, folder: str | Path, source: str | None = None) -> None:
         self.folder = Path(folder)
+        self.source = source or str(self.folder)
         self.paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
-            raise DataError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this reference folder")
-        self.description = f"{self.folder} ({len(self.paths)} images)"
+            raise DataError(f"{self.source}: no images ({', '.join(IMAGE_SUFFIXES)}) in this reference folder")
+        self.description = f"{self.source} ({len(self.paths)} images)"
 
     def content_sha256(self) -> str:
         digest = hashlib.sha256()
@@ -91,11 +103,11 @@ class RawShardsReference:
     def content_sha256(self) -> str:
         digest = hashlib.sha256()
         for shard in self.shards:
-            digest.update(f"{Path(shard).name}\0{file_sha256(shard)}\n".encode())
+            digest.update(f"{object_store.basename(shard)}\0{file_sha256(shard)}\n".encode())
         return digest.hexdigest()
 
     def images(self) -> Iterator[Image.Image]:
-        for sample in wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples()):
+        for sample in raw_samples(self.shards):
             try:
                 yield decode_raw_sample(sample)[1]
             except CorruptSampleError as error:
@@ -123,9 +135,20 @@ class DigitsReference:
             yield digit_to_image(digit, self.size)
 
 
-def open_reference(reference: str | Path | Sequence[str] | ReferenceSet) -> ReferenceSet:
+def open_reference(
+    reference: str | Path | Sequence[str] | ReferenceSet, download_cache_dir: str | Path | None = None
+) -> ReferenceSet:
     """A reference set from what a config names: a folder of images, raw shards (a folder of ``.tar``,
-    a glob or brace pattern, a list of them), or a :class:`ReferenceSet` already built."""
+    a glob or brace pattern, a list of them), or a :class:`ReferenceSet` already built; any of the
+    paths may be a URL (see :func:`remote_reference`).
+
+    Args:
+        reference: what the config names.
+        download_cache_dir: where a folder of images given by URL is downloaded (``None``: the default
+            download cache, ``$LF_CACHE_DIR``).
+    """
+    if isinstance(reference, str) and object_store.is_url(reference):
+        return remote_reference(reference, download_cache_dir)
     if isinstance(reference, str | Path):
         path = Path(reference)
         if path.is_dir() and not any(path.glob("*.tar")):
@@ -134,6 +157,23 @@ def open_reference(reference: str | Path | Sequence[str] | ReferenceSet) -> Refe
     if isinstance(reference, Sequence):
         return RawShardsReference([str(item) for item in reference])
     return reference
+
+
+def remote_reference(url: str, download_cache_dir: str | Path | None = None) -> ReferenceSet:
+    """The reference set at a URL: raw shards when it names shards (a ``.tar`` object, a glob or brace
+    pattern) or a prefix with ``.tar`` objects directly under it (streamed, never downloaded whole);
+    otherwise the folder of images under the prefix, downloaded once into the download cache.
+
+    Raises:
+        ObjectStoreError: nothing is under the URL, or its bucket is missing (one line naming the URL).
+    """
+    if url.endswith(".tar") or any(ch in url for ch in "*?[{"):
+        return RawShardsReference(url)
+    url = url.rstrip("/")
+    listed = object_store.object_infos(url, REFERENCE_EXPECTED)  # one listing; a missing prefix: one line
+    if any("/" not in name and name.endswith(".tar") for name in listed):
+        return RawShardsReference(url + "/")
+    return ImageFolderReference(cached_copy(url, download_cache_dir, REFERENCE_EXPECTED), source=url)
 
 
 @dataclass(frozen=True)
