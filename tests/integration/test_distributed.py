@@ -1,7 +1,9 @@
 """Two CPU processes over gloo through the ``lf-train`` command, with gradient accumulation 2: exact
 resume under DDP and ZeRO-2 after the whole process group was killed (SIGKILL) and resumed with
 ``ckpt_path=last``, and after a preemption signal (SIGTERM to one rank under DDP, SIGUSR1 to every
-rank under ZeRO-2) at a step drawn from a seed, resumed by the same command (``auto_resume=true``);
+rank under ZeRO-2) at a step drawn from a seed, resumed by the same command (``auto_resume=true``)
+with the checkpoints in a bucket of a real S3 server (moto): each one complete there (a ZeRO folder with
+every rank's partition and its ``latest`` tag), none left on local disk;
 under torchrun with restarts, a rank killed and a rank hung cost nothing either.
 Every strategy × precision (training, exact resume, export, sampling) is in ``test_precision_matrix.py``.
 
@@ -17,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from lf_common import object_store
+from lf_common.object_cache import cached_copy
 from tests.integration.checkpoints import assert_resume_is_exact
 from tests.integration.cli import cli_command, kill_cli_when, run_cli
 from tests.integration.faults import FAULTS_ENV, inject
 from trainer.checkpoint.reading import load_checkpoint
+from trainer.checkpoint.remote import resolve_remote_checkpoint
 from trainer.checkpoint.resume import resolve_resume_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -74,6 +79,19 @@ def step_checkpoint(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:07d}.ckpt"
 
 
+def assert_complete_in_bucket(folder: str, names: set[str], local: Path) -> None:
+    """``folder`` (a prefix) holds the checkpoints ``names`` and nothing else, each with every file that
+    ``local`` (the same strategy's checkpoint on local disk) has: one object, or a DeepSpeed folder's
+    files with its ``latest`` tag and each of the two ranks' optimizer partitions."""
+    assert {object_store.basename(entry["url"]) for entry in object_store.list_entries(folder)} == names
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} if local.is_dir() else {""}
+    if local.is_dir():
+        partitions = {f"checkpoint/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
+        assert {"latest", "checkpoint/mp_rank_00_model_states.pt", *partitions} <= files
+    for name in names:
+        assert set(object_store.object_infos(f"{folder}/{name}")) == files, name
+
+
 def test_ddp_run_logs_each_rank_and_saves_each_ranks_rng(uninterrupted):
     run = uninterrupted("ddp")
     assert f"training done at step {STEPS}" in (run.parent / "hydra" / "train.log").read_text()
@@ -104,28 +122,43 @@ def test_run_killed_with_its_process_group_resumes_exactly(uninterrupted, latent
     ("strategy", "signal", "ranks"), [("ddp", "SIGTERM", [1]), ("deepspeed_stage_2", "SIGUSR1", [0, 1])]
 )
 def test_preemption_signal_checkpoints_that_step_and_the_same_command_resumes_exactly(
-    uninterrupted, latent_dir, tmp_path, strategy, signal, ranks
+    uninterrupted, latent_dir, tmp_path, strategy, signal, ranks, s3_bucket
 ):
     """The signal comes at a micro-batch drawn from a seed, to ``ranks`` only: every rank finishes that optimizer
-    step, one checkpoint of it is written, all exit 75; the same command line then finishes the run exactly."""
+    step, one checkpoint of it is written, all exit 75; the same command line then finishes the run exactly.
+    The checkpoints go to a bucket (``callbacks.model_checkpoint.dirpath=s3://...``) and the resume comes
+    from there (downloaded to ``checkpoint-cache``): every checkpoint complete in the bucket, none on local disk."""
     rng = random.Random(f"{strategy}-15")
     step, micro = rng.randrange(STEPS - 1), rng.randrange(2)
-    out = tmp_path / "run"
+    out, checkpoints = tmp_path / "run", f"{s3_bucket}/run/checkpoints"
     command = [
         *two_process_overrides(latent_dir, out, strategy, STEPS),
         EMA,
         KEEP_ALL,
         "auto_resume=true",
+        f"callbacks.model_checkpoint.dirpath={checkpoints}",
         *inject("signal", "SignalAt", marker=out / "sent", step=step, micro=micro, signal=signal, ranks=ranks),
     ]
     preempted = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)
     assert preempted.returncode == 75, preempted.stdout[-2000:] + preempted.stderr[-3000:]
     assert f"preempted by {signal} at step {step + 1}" in preempted.stdout
-    assert load_checkpoint(resolve_resume_checkpoint("last", out / "checkpoints"))["global_step"] == step + 1
+    local = step_checkpoint(uninterrupted(strategy), 2)  # what a save of this strategy writes
+    saved = {f"step-{s:07d}.ckpt" for s in range(2, step + 2) if s % 2 == 0 or s == step + 1}
+    assert_complete_in_bucket(checkpoints, {*saved, "last.ckpt"}, local)
+    assert not list((out / "checkpoint-staging").iterdir()) and not (out / "checkpoints").exists()
+    resumable = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    assert Path(resumable).name == "last.ckpt" and load_checkpoint(resumable)["global_step"] == step + 1
+
     resumed = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step + 1}" in resumed.stdout and "resumed from" in resumed.stdout
-    assert_resume_is_exact(out / "checkpoints" / "last.ckpt", step_checkpoint(uninterrupted(strategy), STEPS))
+    assert f"resume: from {checkpoints}/last.ckpt" in resumed.stdout + resumed.stderr
+    saved |= {f"step-{s:07d}.ckpt" for s in range(step + 2, STEPS + 1) if s % 2 == 0 or s == STEPS}
+    assert_complete_in_bucket(checkpoints, {*saved, "last.ckpt"}, local)
+    assert not list((out / "checkpoint-staging").iterdir()) and not (out / "checkpoints").exists()
+    assert not list((out / "checkpoint-cache").rglob("*.ckpt")), "the resumed copy is removed"
+    last = cached_copy(f"{checkpoints}/last.ckpt", tmp_path / "cache")
+    assert_resume_is_exact(last, step_checkpoint(uninterrupted(strategy), STEPS))
 
 
 def test_torchrun_restarts_after_a_killed_rank_and_a_hung_rank_and_matches(uninterrupted, latent_dir, tmp_path):

@@ -3,7 +3,8 @@ fixtures): raw shards written to ``s3://`` -> ``lf-precompute`` to ``s3://`` wit
 model folder in ``s3://`` too (``pretrained=s3://...``) -> ``lf-train`` from ``s3://`` with its
 checkpoints in ``s3://`` -> ``lf-export`` to ``s3://`` (the encoders the manifest names by URL) ->
 ``lf-sample`` to ``s3://`` (also from the checkpoint with encoder folders, ``prompt_file`` and
-``from_png`` by URL); ``model=pretrained`` from an ``s3://`` folder.
+``from_png`` by URL); ``lf-train model=pretrained`` from the export in ``s3://`` with ``model.lora_from`` a LoRA
+file in ``s3://`` (only the parts it needs downloaded).
 
 Training from the bucket is compared with training from the same latents on local disk: a run
 stopped and resumed from the bucket ends bit-identical to an uninterrupted run from local disk
@@ -12,7 +13,6 @@ stopped and resumed from the bucket ends bit-identical to an uninterrupted run f
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -27,8 +28,10 @@ import webdataset as wds
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from data_pipelines.latents.format import LatentManifest, decode_latent_sample, entry_path, load_entry
@@ -45,8 +48,11 @@ from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.precompute import run_precompute
 from trainer.cli.sample import ENCODER_FOLDERS, run_sample
+from trainer.cli.train import run_train
 from trainer.dreambooth.class_images import class_image_path
 from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
+from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.lora.formats import AdapterWeights, adapter_state_dict, kohya_state_dict
 from trainer.sampling.sampler import SampleSettings
 
 pytestmark = pytest.mark.slow
@@ -194,7 +200,8 @@ def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted
 ):
     """Checkpoints in the bucket too: ``ckpt_path=last`` resumes from the newest remote one, exactly; then
     ``lf-export`` from the bucket to the bucket (the encoders from the URLs the manifest names), ``lf-sample``
-    from the bucket to the bucket, and ``model=pretrained`` from the export in the bucket."""
+    from the bucket to the bucket, and ``lf-train model=pretrained`` from the export in the bucket with a LoRA
+    file in the bucket (``model.lora_from``): it starts from their weights and trains the adapters."""
     assert train(latent_dir, tmp_path / "local", 5)["global_step"] == 5
     checkpoints = f"{bucket}/run/checkpoints"
     remote = f"callbacks.model_checkpoint.dirpath={checkpoints}"
@@ -247,16 +254,59 @@ def test_training_from_the_bucket_stopped_and_resumed_equals_local_uninterrupted
     assert made["prompts"] == ["a handwritten digit one"] * 2
     assert np.array_equal(np.asarray(made["images"][1]), np.asarray(sampled["images"][1]))
 
-    # lf-train model=pretrained model.pretrained=s3://...: the UNet and the scheduler of the export in the bucket
-    model = compose_config("train", ["model=pretrained", f"model.pretrained={export_dir}"]).model
-    unet, scheduler = instantiate(model.unet), instantiate(model.noise_scheduler)
+    # lf-train model=pretrained model.pretrained=s3://... model.lora_from=s3://...: trains the adapters of a LoRA
+    # file in the bucket on the UNet of the export in the bucket, downloading only unet/, scheduler/ and the file
     exported = cached_copy(export_dir, cache)
-    local_unet = UNet2DConditionModel.from_pretrained(exported / "unet", local_files_only=True).state_dict()
-    assert all(torch.equal(value, local_unet[key]) for key, value in unet.state_dict().items())
-    assert (
-        scheduler.config.num_train_timesteps
-        == json.loads((exported / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
-    )
+    lora_url, adapters = upload_random_lora(exported / "unet", f"{bucket}/lora.safetensors", tmp_path / "lora")
+    run_cache, run = tmp_path / "train-cache", tmp_path / "from-pretrained"
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(run_cache))
+    overrides = [
+        *tiny_train_overrides(latent_dir, run, steps=2),
+        "model=pretrained",
+        f"model.pretrained={export_dir}",
+        f"model.lora_from={lora_url}",
+        "+callbacks.start_weights._target_=tests.integration.test_object_storage.StartWeights",
+        f"+callbacks.start_weights.path={run / 'start.safetensors'}",
+    ]
+    assert run_train(compose_config("train", overrides))["global_step"] == 2
+    assert {p.name for p in run_cache.glob("*/*/*")} == {"unet", "scheduler", "lora.safetensors"}
+    start = load_file(run / "start.safetensors")  # the UNet as training started: the export's, with the file's adapters
+    base = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {k.replace(".base_layer", ""): v for k, v in start.items() if ".lora_" not in k}.keys() == base.keys()
+    assert all(torch.equal(v, base[k.replace(".base_layer", "")]) for k, v in start.items() if ".lora_" not in k)
+    started = {k.replace(".default", ""): v for k, v in start.items() if ".lora_" in k}
+    assert started.keys() == adapters.keys() and all(torch.equal(v, adapters[k]) for k, v in started.items())
+    trained = {k.removeprefix("unet."): v for k, v in final_state(run)["current_model_state"].items()}
+    assert trained.keys() == start.keys()
+    assert all(torch.equal(trained[k], v) == (".lora_" not in k) for k, v in start.items()), "only adapters train"
+
+
+class StartWeights(Callback):
+    """Saves the UNet's weights (peft's names with adapters) to ``path`` (safetensors) as training starts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        save_file({k: v.detach().clone() for k, v in pl_module.unet.state_dict().items()}, self.path)
+
+
+def upload_random_lora(unet_dir: Path, url: str, scratch: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """A kohya LoRA file of random adapters (rank 2 on ``to_q``/``to_v``) for the UNet in ``unet_dir``,
+    uploaded to ``url``; returns ``url`` and the adapters' weights (peft's names, ``...to_q.lora_A.weight``)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
+    settings = LoraSettings(rank=2, alpha=2.0, target_modules=["to_q", "to_v"])
+    add_lora(unet, settings)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if parameter.requires_grad:  # the adapters (peft starts lora_B at zero: no effect)
+                parameter.normal_(0.0, 0.1)
+    adapters = adapter_state_dict(unet)
+    scratch.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_state_dict(AdapterWeights(adapters, settings)), scratch / "lora.safetensors")
+    object_store.upload(scratch / "lora.safetensors", url)
+    return url, adapters
 
 
 def test_commands_take_the_endpoint_option_and_stream_with_loader_workers_and_validation(

@@ -1,7 +1,8 @@
 """Checkpoints in a bucket of a real S3 server (moto): an upload cut short by the store going away never
 leaves a checkpoint that a resume takes as complete, and the same command run again completes; a
 DeepSpeed checkpoint folder (its ``latest`` tag uploaded last) goes to the bucket and resumes from it
-exactly (as an uninterrupted run with local checkpoints ends).
+exactly (as an uninterrupted run with local checkpoints ends), and retention keeps the remote checkpoint it
+resumed from.
 
 The full path with every folder in the bucket (shards, latents, checkpoints, export, images) and the
 exact resume from a remote ``last`` are in ``test_object_storage.py``.
@@ -77,7 +78,7 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
     checkpoints = f"{s3_bucket}/run/checkpoints"
     ds = ["strategy=deepspeed_stage_2", "trainer.devices=1", "callbacks.model_checkpoint.every_n_train_steps=1"]
     overrides = [*tiny_train_overrides(latent_dir, tmp_path / "run", steps=2), *ds]
-    overrides.append(f"callbacks.model_checkpoint.dirpath={checkpoints}")
+    overrides += [f"callbacks.model_checkpoint.dirpath={checkpoints}", "callbacks.model_checkpoint.save_top_k=1"]
     tags = []  # last.ckpt's tag at step 2 (its second save) never arrives
 
     def tag_count(url: str) -> bool:
@@ -99,6 +100,8 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
         result = run_train(compose_config("train", [*overrides, "trainer.max_steps=3", "ckpt_path=last"]))
     assert result["global_step"] == 3
     assert f"resume: from {checkpoints}/step-0000002.ckpt" in caplog.text  # the incomplete last.ckpt is older
+    # save_top_k=1: step 1 went at step 2, but step 2 stays at step 3: the run resumed from it (as on local disk)
+    assert names(checkpoints) == {"step-0000002.ckpt", "step-0000003.ckpt", "last.ckpt"}
     last = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
     assert Path(last).name == "last.ckpt" and Path(last).is_dir()
     reference = tmp_path / "uninterrupted"  # local checkpoints

@@ -26,6 +26,10 @@
 * **Time to save**: each save's seconds (write, and upload to a bucket) are logged; one that took over
   half of ``callbacks.preemption.grace_period_s`` is warned about once, since a checkpoint written after a
   preemption signal would not finish before the forced exit.
+* **The checkpoint resumed from is kept**: Lightning never deletes the checkpoint a run resumed from
+  (its ``_should_remove_checkpoint`` compares with ``trainer.ckpt_path``), but only on local disk, and a
+  run resumed from a bucket gives Lightning the downloaded copy; ``resumed_from`` (set by
+  :func:`keep_resumed_checkpoint`) names the remote one, which retention then never deletes either.
 * **Final step**: Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a
   multiple of it, the last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only
   saves when nothing was saved at all). This subclass saves the final step, as a top-k checkpoint
@@ -77,6 +81,7 @@ class ModelCheckpoint(ModelCheckpointHooks):
         self.keep_every_n_steps = keep_every_n_steps
         self.staging_dir = staging_dir
         self._warned_slow = False
+        self.resumed_from: str | None = None  # the remote checkpoint the run resumed from: never deleted
         if object_store.is_url(self.dirpath or "") and self.save_last == "link":
             raise ConfigError(f"save_last=link with dirpath={self.dirpath}: a bucket has no links; set save_last=true")
 
@@ -155,7 +160,8 @@ class ModelCheckpoint(ModelCheckpointHooks):
         if self.keep_every_n_steps and step is not None and step > 0 and step % self.keep_every_n_steps == 0:
             return
         if object_store.is_url(filepath):
-            if trainer.is_global_zero:
+            resumed = self.resumed_from is not None and filepath.rstrip("/") == self.resumed_from.rstrip("/")
+            if trainer.is_global_zero and not resumed:
                 remove_checkpoint(filepath)
             return
         super().remove_checkpoint_file(trainer, filepath)
@@ -163,3 +169,11 @@ class ModelCheckpoint(ModelCheckpointHooks):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_top_k_and_last(trainer)
         super().on_train_end(trainer, pl_module)
+
+
+def keep_resumed_checkpoint(trainer: L.Trainer, url: str | None) -> None:
+    """Tell the trainer's :class:`ModelCheckpoint` callbacks that the run resumed from the remote checkpoint
+    ``url`` (``None``: from none, or from local disk), so that retention keeps it as Lightning keeps a local one."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.resumed_from = url

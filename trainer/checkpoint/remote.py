@@ -11,7 +11,7 @@ uploaded; what a reader takes as complete is fixed by the upload order:
   short is never resumed from. A folder written again under the same name (``last.ckpt/``) first
   loses its ``latest``, then its other objects, before the new ones are uploaded.
 
-A resume (:func:`resolve_remote_checkpoint`) orders the remote checkpoints as local ones
+A resume (:func:`choose_remote_checkpoint`) orders the remote checkpoints as local ones
 (:func:`trainer.checkpoint.resume.newest_first`: ``last`` against steps by upload time), downloads the
 newest into a local cache, checks it as a local one, and passes over a damaged one with a log line.
 """
@@ -98,8 +98,13 @@ def _is_checkpoint_folder(url: str) -> bool:
 
 
 def resolve_remote_checkpoint(ckpt_path: str, checkpoint_dir: str | None, cache_dir: Path) -> str:
-    """The local copy of the complete remote checkpoint to resume from (the rules of
-    :func:`trainer.checkpoint.resume.resolve_resume_checkpoint`).
+    """The local copy of the complete remote checkpoint to resume from: :func:`choose_remote_checkpoint`'s."""
+    return choose_remote_checkpoint(ckpt_path, checkpoint_dir, cache_dir)[1]
+
+
+def choose_remote_checkpoint(ckpt_path: str, checkpoint_dir: str | None, cache_dir: Path) -> tuple[str, str]:
+    """The complete remote checkpoint to resume from (the rules of
+    :func:`trainer.checkpoint.resume.resolve_resume_checkpoint`): its URL and its local copy.
 
     Args:
         ckpt_path: ``"last"`` (the newest complete checkpoint under ``checkpoint_dir``), a prefix of
@@ -139,7 +144,7 @@ def resolve_remote_checkpoint(ckpt_path: str, checkpoint_dir: str | None, cache_
 
     chosen = first_complete(candidates, problem, ckpt_path, where)
     _keep_only(cache_dir, copies[chosen])
-    return str(copies[chosen])
+    return chosen, str(copies[chosen])
 
 
 def _keep_only(cache_dir: Path, copy: Path) -> None:

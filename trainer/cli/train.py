@@ -47,10 +47,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
+from trainer.callbacks.checkpoint import keep_resumed_checkpoint
 from trainer.callbacks.provenance import Provenance
 from trainer.callbacks.resumed_copy import RemoveResumedCopy
 from trainer.callbacks.rng import RNGState
-from trainer.checkpoint.remote import CHECKPOINT_CACHE, has_remote_checkpoints, resolve_remote_checkpoint
+from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint, has_remote_checkpoints
 from trainer.checkpoint.resume import LAST_NAME, auto_resume_checkpoint, resolve_resume_checkpoint
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import (
@@ -101,10 +102,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         SkippedSamplesMonitor(datamodule.sample_counts),
         RNGState(),
     ]
-    ckpt_path = resume_checkpoint(cfg)
-    if ckpt_path and Path(ckpt_path).is_relative_to(Path(cfg.output_dir) / CHECKPOINT_CACHE):
+    ckpt_path, resumed_url = resume_checkpoint(cfg)
+    if resumed_url is not None:
         monitors.append(RemoveResumedCopy(ckpt_path))  # downloaded: removed once every rank has loaded it
     trainer = build_trainer(cfg, monitors)
+    keep_resumed_checkpoint(trainer, resumed_url)  # retention never deletes it, as a local one
     with finishing_loggers(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -118,13 +120,18 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
+def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, str | None]:
     """The checkpoint this run resumes from: ``ckpt_path`` when given; else, with ``auto_resume``, the newest
     complete checkpoint of the run's checkpoint folder, or none when that holds no checkpoint (a fresh run).
 
     A checkpoint folder or ``ckpt_path`` in a bucket (``s3://...``): the chosen checkpoint is downloaded to
-    ``<output_dir>/checkpoint-cache`` (:func:`trainer.checkpoint.remote.resolve_remote_checkpoint`) and
-    resumed from there."""
+    ``<output_dir>/checkpoint-cache`` (:func:`trainer.checkpoint.remote.choose_remote_checkpoint`) and
+    resumed from there.
+
+    Returns:
+        The local checkpoint to give Lightning (``None``: start afresh), and the URL it was downloaded from
+        (``None`` when it is not a copy).
+    """
     folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     wanted = cfg.get("ckpt_path")
     remote = object_store.is_url(folder) if folder else False
@@ -133,8 +140,9 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         if wanted is None:
             log.info("auto_resume: no checkpoint in %s; starting at step 0", folder)
     if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and remote)):
-        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
-    return resolve_resume_checkpoint(wanted, folder)
+        url, copy = choose_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
+        return copy, url
+    return resolve_resume_checkpoint(wanted, folder), None
 
 
 @lf_command("train")

@@ -34,7 +34,8 @@ from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.staged_output import staged_output
-from trainer.checkpoint.remote import CHECKPOINT_CACHE, resolve_remote_checkpoint
+from trainer.callbacks.checkpoint import keep_resumed_checkpoint
+from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint
 from trainer.checkpoint.resume import LAST_NAME
 from trainer.cli.command import lf_command
 from trainer.cli.hydra_app import build_trainer, optimizer_factories
@@ -55,8 +56,10 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))
+    ckpt_path, resumed_url = _resume_from(cfg)
     trainer = build_trainer(cfg, [SkippedSamplesMonitor(datamodule.sample_counts)])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_from(cfg), weights_only=True)
+    keep_resumed_checkpoint(trainer, resumed_url)  # retention never deletes it, as a local one
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         batches = [b["pixels"] for b in islice(iter(datamodule.train_dataloader()), cfg.scaling_batches)]
@@ -71,14 +74,15 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _resume_from(cfg: DictConfig) -> str | None:
+def _resume_from(cfg: DictConfig) -> tuple[str | None, str | None]:
     """``ckpt_path`` as given, or, for one in a bucket (a URL, or ``last`` with the checkpoint folder in a
-    bucket), the local copy of the newest complete remote checkpoint (as ``lf-train`` resumes)."""
+    bucket), the local copy of the newest complete remote checkpoint (as ``lf-train`` resumes) and its URL."""
     wanted = cfg.get("ckpt_path")
     folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and object_store.is_url(folder or ""))):
-        return resolve_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
-    return wanted
+        url, copy = choose_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
+        return copy, url
+    return wanted, None
 
 
 @lf_command("train_autoencoder")
