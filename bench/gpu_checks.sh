@@ -7,8 +7,10 @@
 # 1. training throughput at 512 px (bench/gpu_train.py: plain, single, compiled, zero2, compiled_zero2);
 # 2. the same at 256 px (plain, compiled); 3. the GPU-marked tests (each strategy in bf16-mixed and
 # 16-mixed: trains, resumes, exports, samples); 4. precompute throughput at 256 px; 5. (not in the default
-# PARTS: it needs a session of its own) SDXL's UNet at 1024 px, batch 8: plain, single, zero2 (T_SDXL).
-# PARTS="train512 train256 tests precompute sdxl1024" chooses the parts and their order.
+# PARTS: it needs a session of its own) SDXL's UNet at 1024 px, batch 8: plain, single, zero2 (T_SDXL);
+# 6. (not in the default PARTS either) DeepSpeed settings on one GPU at 512 px: single vs zero2 and its
+# variants, uncompiled (T_ZERO), to choose conf/strategy/deepspeed_stage_2.yaml's settings.
+# PARTS="train512 train256 tests precompute sdxl1024 zero512" chooses the parts and their order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
@@ -35,6 +37,9 @@ for name in ${PARTS:-train512 train256 tests precompute}; do
     precompute) part precompute "${T_PRE:-50}" python bench/gpu_precompute.py --resolution 256 --batch 64 --images 2048 ;;
     sdxl1024) part sdxl1024 "${T_SDXL:-300}" python bench/gpu_train.py --model sdxl --resolution 1024 --batch 8 \
       --configs plain,single,zero2 --steps 10 --warmup 3 --peak-tflops "$peak" ;;
-    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024)"; exit 2 ;;
+    zero512) part zero512 "${T_ZERO:-240}" python bench/gpu_train.py --resolution 512 --batch 32 \
+      --configs single,zero2,zero1,zero2_no_overlap,zero2_no_contiguous,zero2_big_buckets --steps 12 --warmup 3 \
+      --peak-tflops "$peak" ;;
+    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024 zero512)"; exit 2 ;;
   esac
 done

@@ -5,7 +5,9 @@ latents: ``UNet2DConditionModel`` from the same config, AdamW (fused on CUDA), b
 noise, MSE on epsilon, backward, step, uncompiled. The contenders are the ``Trainer`` that
 ``lf-train`` builds from ``conf/train.yaml`` with ``model=<model>``: ``single`` (one device, UNet not
 compiled), ``compiled`` (the default GPU recipe: bf16-mixed, compiled UNet, fused AdamW, TF32),
-``zero2`` and ``compiled_zero2`` (DeepSpeed ZeRO-2 on one device), all without EMA, checkpoints and
+``zero2`` and ``compiled_zero2`` (DeepSpeed ZeRO-2 on one device), and variants of the DeepSpeed
+settings to choose between (``zero1``, ``zero2_no_overlap``, ``zero2_no_contiguous``,
+``zero2_big_buckets``; each printed as a ratio to ``single``), all without EMA, checkpoints and
 clipping (the plain loop has none). All read the same in-memory batches (latents ``(B, 4, R/8, R/8)``
 and text ``(B, 77, 768)``, fp16, moved to the device each step), one after another in one process.
 Throughput is images/s over ``--steps`` steps after ``--warmup``; the first step's time (compilation
@@ -137,16 +139,27 @@ def plain_loop(cfg, batches, args) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
-CONFIGURATIONS = {  # name -> (strategy, compile the UNet)
-    "single": ("single", False),
-    "compiled": ("single", True),  # the default GPU recipe: bf16-mixed, compiled UNet, fused AdamW, TF32
-    "zero2": ("deepspeed_stage_2", False),
-    "compiled_zero2": ("deepspeed_stage_2", True),
+ZERO = "trainer.strategy.config.zero_optimization"
+CONFIGURATIONS: dict[str, tuple[str, bool, tuple[str, ...]]] = {  # name -> (strategy, compile, more overrides)
+    "single": ("single", False, ()),
+    "compiled": ("single", True, ()),  # the default GPU recipe: bf16-mixed, compiled UNet, fused AdamW, TF32
+    "zero2": ("deepspeed_stage_2", False, ()),
+    "compiled_zero2": ("deepspeed_stage_2", True, ()),
+    # DeepSpeed settings to choose between on one device (item 3 of the GPU issue; PARTS=zero512):
+    "zero1": ("deepspeed_stage_1", False, ()),
+    "zero2_no_overlap": ("deepspeed_stage_2", False, (f"{ZERO}.overlap_comm=false",)),
+    "zero2_no_contiguous": ("deepspeed_stage_2", False, (f"{ZERO}.contiguous_gradients=false",)),
+    "zero2_big_buckets": (
+        "deepspeed_stage_2",
+        False,
+        (f"{ZERO}.reduce_bucket_size=500000000", f"{ZERO}.allgather_bucket_size=500000000"),
+    ),
 }
 
 
-def train_config(args, tmp: str, strategy: str, compiled: bool):
-    """``lf-train``'s config for one configuration, without EMA, checkpoints or clipping (the plain loop has none)."""
+def train_config(args, tmp: str, strategy: str, compiled: bool, more: tuple[str, ...] = ()):
+    """``lf-train``'s config for one configuration, without EMA, checkpoints or clipping (the plain loop has none);
+    ``more``: further overrides (DeepSpeed settings)."""
     return compose_config("train", [
         f"model={args.model}", "data.train_dir=unused", f"output_dir={tmp}", f"strategy={strategy}",
         f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
@@ -155,6 +168,7 @@ def train_config(args, tmp: str, strategy: str, compiled: bool):
         "callbacks.model_checkpoint=null", f"data.batch_size={args.batch}", "model.caption_dropout=0",
         "lr_scheduler=constant", "trainer.enable_checkpointing=false", f"model.compile_unet={str(compiled).lower()}",
         *(["model.compile_options={backend:aot_eager}"] if compiled and args.accelerator == "cpu" else []),
+        *more,
     ])  # fmt: skip
 
 
@@ -220,8 +234,8 @@ def main() -> None:
                 if name == "plain":
                     rows[name] = (plain_loop(base, batches, args), float("nan"), peak_gib())
                 else:
-                    strategy, compiled = CONFIGURATIONS[name]
-                    step, first = lightning_path(train_config(args, tmp, strategy, compiled), batches, args)
+                    strategy, compiled, more = CONFIGURATIONS[name]
+                    step, first = lightning_path(train_config(args, tmp, strategy, compiled, more), batches, args)
                     rows[name] = (step, first, peak_gib())
             except torch.OutOfMemoryError:
                 print(f"{name}: out of memory at batch {args.batch}")
@@ -238,6 +252,9 @@ def main() -> None:
             print(f"ratio {name} / plain (img/s): {rows['plain'][0] / rows[name][0]:.3f}")
     if {"compiled", "compiled_zero2"} <= rows.keys():
         print(f"ratio compiled_zero2 / compiled (img/s): {rows['compiled'][0] / rows['compiled_zero2'][0]:.3f}")
+    if "single" in rows:
+        for name in sorted(n for n in rows if n.startswith("zero")):
+            print(f"ratio {name} / single (img/s): {rows['single'][0] / rows[name][0]:.3f}")
 
 
 if __name__ == "__main__":
