@@ -9,6 +9,9 @@ process group are paid once per strategy, not once per run. For each precision i
   with a checkpoint every 2 steps, all kept, EMA on;
 * ``<out>/<precision>/resumed``: from ``full``'s step-2 checkpoint to step 4 in a folder of its own.
 
+A precision given a bucket (``--bucket=PRECISION=s3://...``) writes both runs' checkpoints there
+(``<url>/full``, ``<url>/resumed``) and resumes from the bucket's step-2 checkpoint;
+:func:`fetch_remote_checkpoints` then downloads them to where the local runs keep theirs.
 :func:`check_combination` then checks what one precision's two runs wrote.
 
 :class:`UNetInputProbe` (added through the config, like any callback) records what the UNet was
@@ -31,6 +34,7 @@ from diffusers import DiffusionPipeline
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
+from lf_common import object_store
 from tests.integration.checkpoints import assert_resume_is_exact
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.export import run_export
@@ -101,22 +105,45 @@ def run_matrix(
     devices: int,
     accelerator: str = "cpu",
     extra: tuple[str, ...] = (),
+    buckets: dict[str, str] | None = None,
 ) -> None:
-    """The two runs of each precision (see the module docstring); ``extra`` overrides are added to both."""
+    """The two runs of each precision (see the module docstring); ``extra`` overrides are added to both;
+    ``buckets``: per precision, the URL its runs' checkpoints go under (``<url>/full``, ``<url>/resumed``)."""
     for precision in precisions:
         full, resumed = out / precision / "full", out / precision / "resumed"
+        remote = (buckets or {}).get(precision)
+        folder = {"full": [], "resumed": []}
+        if remote:
+            folder = {run: [f"callbacks.model_checkpoint.dirpath={remote}/{run}"] for run in folder}
         run_train(
             compose_config(
-                "train", [*run_overrides(latent_dir, full, strategy, precision, devices, accelerator), *extra]
+                "train",
+                [*run_overrides(latent_dir, full, strategy, precision, devices, accelerator), *extra, *folder["full"]],
             )
         )
-        checkpoint = full / "checkpoints" / f"step-{RESUME_FROM:07d}.ckpt"
+        checkpoint = f"{remote}/full" if remote else full / "checkpoints"
         overrides = [
             *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator),
             *extra,
-            f"ckpt_path={checkpoint}",
+            *folder["resumed"],
+            f"ckpt_path={checkpoint}/step-{RESUME_FROM:07d}.ckpt",
         ]
         run_train(compose_config("train", overrides))
+
+
+def fetch_remote_checkpoints(url: str, out: Path) -> None:
+    """Download the checkpoints :func:`run_matrix` wrote under ``url`` for one precision into
+    ``<out>/full/checkpoints`` and ``<out>/resumed/checkpoints``, where a local run keeps them, after checking
+    that they went to the bucket only: none on local disk, the staged copies removed after their upload, the
+    resumed run's downloaded copy of its step-2 checkpoint removed once loaded."""
+    for run in ("full", "resumed"):
+        assert not (out / run / "checkpoints").exists(), "the checkpoints go to the bucket only"
+        assert not [p for p in (out / run / "checkpoint-staging").rglob("*") if p.is_file()], "staged copies removed"
+        for name in object_store.object_infos(f"{url}/{run}"):  # files, and the files of DeepSpeed folders
+            target = out / run / "checkpoints" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            object_store.download(f"{url}/{run}/{name}", target)
+    assert not list((out / "resumed" / "checkpoint-cache").rglob("*.ckpt")), "the resumed copy is removed"
 
 
 def logged_losses(run: Path) -> list[float]:
@@ -183,9 +210,19 @@ def main() -> None:
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--precisions", required=True, help="comma-separated")
     parser.add_argument("--extra", action="append", default=[], help="an lf-train override added to every run")
+    parser.add_argument("--bucket", action="append", default=[], help="PRECISION=URL: its checkpoints go there")
     args = parser.parse_args()
     devices = int(os.environ.get("WORLD_SIZE", "1"))
-    run_matrix(args.latents, args.out, args.strategy, args.precisions.split(","), devices, extra=tuple(args.extra))
+    buckets = dict(item.split("=", 1) for item in args.bucket)
+    run_matrix(
+        args.latents,
+        args.out,
+        args.strategy,
+        args.precisions.split(","),
+        devices,
+        extra=tuple(args.extra),
+        buckets=buckets,
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from data_pipelines.transforms.images import ResizeCrop
+from lf_common import object_store
 from lf_common.errors import DataError
+from lf_common.object_cache import CACHE_DIR_VARIABLE
 from tests.conftest import compose_config
 from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested, consumed_batches
 from tests.integration.dreambooth import (
@@ -131,14 +133,26 @@ def test_interrupted_run_resumes_exactly(base_model, cat_photos, tmp_path):
     assert_same_nested(a["callbacks"]["RNGState"], b["callbacks"]["RNGState"], "RNG states")
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-def test_text_encoder_trains_with_the_unet(base_model, cat_photos, tmp_path, precision):
-    run = tmp_path / "run"
-    overrides = dreambooth_overrides("dreambooth_text_encoder", base_model, cat_photos, tmp_path / "c", run)
+@pytest.mark.parametrize(("precision", "in_bucket"), [("32-true", False), ("bf16-true", True)])
+def test_text_encoder_trains_with_the_unet(
+    base_model, cat_photos, tmp_path, precision, in_bucket, request, monkeypatch
+):
+    """``in_bucket``: ``model.pretrained=s3://...`` (the base model uploaded to the test S3 server; the
+    local folder is named nowhere), its encoder and tokenizer loaded from the download cache's copy."""
+    run, pretrained, cache = tmp_path / "run", base_model, tmp_path / "object-cache"
+    if in_bucket:
+        pretrained = f"{request.getfixturevalue('s3_bucket')}/models/base"
+        object_store.upload_folder(base_model, pretrained)
+        monkeypatch.setenv(CACHE_DIR_VARIABLE, str(cache))
+    overrides = dreambooth_overrides("dreambooth_text_encoder", pretrained, cat_photos, tmp_path / "c", run)
     validation = ["callbacks.validation_images.every_n_steps=2", f"trainer.precision={precision}"]
     run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3", *validation]))
     grids = sorted(p.name for p in (run / "csv").rglob("validation-step*.png"))
     assert grids == ["validation-step0000002.png", "validation-step0000003.png"]  # every 2 steps and the last
+    if in_bucket:  # the trained encoder and its tokenizer came from the bucket's copy
+        for part in ("text_encoder", "tokenizer"):
+            (copy,) = cache.glob(f"*/*/{part}")  # <cache>/<URL key>/<version>/<part>
+            assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in (base_model / part).iterdir())
     export = export_last(run, tmp_path / "export")
     assert changed_parts(base_model, export) == {"unet", "text_encoder"}
     Sampler.from_export(export, device="cpu").txt2img([INSTANCE_PROMPT], [0], SampleSettings(steps=2))

@@ -2,7 +2,7 @@
 leaves a checkpoint that a resume takes as complete, and the same command run again completes; a
 DeepSpeed checkpoint folder (its ``latest`` tag uploaded last) goes to the bucket and resumes from it
 exactly (as an uninterrupted run with local checkpoints ends), and retention keeps the remote checkpoint it
-resumed from.
+resumed from; ``lf-train-autoencoder`` checkpoints to the bucket and resumes from it as from local disk.
 
 The full path with every folder in the bucket (shards, latents, checkpoints, export, images) and the
 exact resume from a remote ``last`` are in ``test_object_storage.py``.
@@ -15,15 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from lf_common import object_store
 from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
-from tests.integration.checkpoints import assert_resume_is_exact
+from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested
 from tests.s3_server import server_down
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.checkpoint.remote import resolve_remote_checkpoint
 from trainer.cli.train import run_train
+from trainer.cli.train_autoencoder import run_train_autoencoder
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +109,44 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
     reference = tmp_path / "uninterrupted"  # local checkpoints
     run_train(compose_config("train", [*tiny_train_overrides(latent_dir, reference, steps=3), *ds]))
     assert_resume_is_exact(Path(last), reference / "checkpoints" / "step-0000003.ckpt", ranks=1)
+
+
+def autoencoder_overrides(raw_shards: Path, out: Path, checkpoints: str, steps: int) -> list[str]:
+    """``lf-train-autoencoder`` on the digits at 32 px, batches of 4, a checkpoint every 2 steps (one kept)."""
+    return [
+        f"data.shards={raw_shards}", "data.resolution=32", "data.batch_size=4", "data.num_workers=0",
+        f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "scaling_batches=1", f"output_dir={out}",
+        f"callbacks.model_checkpoint.dirpath={checkpoints}", "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]  # fmt: skip
+
+
+def test_the_autoencoder_resumes_from_the_bucket_as_from_local_disk(raw_shards, s3_bucket, tmp_path):
+    """Stopped at step 2 with its checkpoints in the bucket, then the same command with ``ckpt_path=last`` to
+    step 4: the training state and the saved VAE equal those of a resume from a local copy of that
+    checkpoint, ``last.ckpt`` is rewritten (no ``last-v1.ckpt``) and the downloaded copy is removed."""
+    checkpoints, out = f"{s3_bucket}/vae/checkpoints", tmp_path / "run"
+    run_train_autoencoder(compose_config("train_autoencoder", autoencoder_overrides(raw_shards, out, checkpoints, 2)))
+    assert names(checkpoints) == {"step-0000002.ckpt", "last.ckpt"}
+    local = tmp_path / "local"
+    local.mkdir()
+    object_store.download(f"{checkpoints}/last.ckpt", local / "stopped.ckpt")
+    overrides = [
+        *autoencoder_overrides(raw_shards, local, str(local / "checkpoints"), 4),
+        f"ckpt_path={local / 'stopped.ckpt'}",
+    ]
+    from_local = run_train_autoencoder(compose_config("train_autoencoder", overrides))
+
+    overrides = [*autoencoder_overrides(raw_shards, out, checkpoints, 4), "ckpt_path=last"]
+    from_bucket = run_train_autoencoder(compose_config("train_autoencoder", overrides))
+    assert names(checkpoints) == {"step-0000004.ckpt", "last.ckpt"}  # last.ckpt rewritten, not last-v1.ckpt
+    assert not list((out / "checkpoint-cache").rglob("*.ckpt")), "the downloaded copy is removed once loaded"
+    assert from_bucket["scaling_factor"] == from_local["scaling_factor"]
+    object_store.download(f"{checkpoints}/last.ckpt", tmp_path / "resumed.ckpt")
+    a, b = (
+        torch.load(p, map_location="cpu", weights_only=True)
+        for p in (tmp_path / "resumed.ckpt", local / "checkpoints" / "last.ckpt")
+    )
+    assert a["global_step"] == 4
+    for key in ("global_step", "state_dict", "optimizer_states", "lr_schedulers"):
+        assert_same_nested(a[key], b[key], key)

@@ -7,6 +7,8 @@ step 2 to step 4 bit for bit without rewriting the checkpoint it resumed from, e
 diffusers' ``StableDiffusionPipeline`` loads and runs, and sample from the checkpoint with the
 included sampler. ``16-mixed`` (fp16 autocast; DeepSpeed's fp16 mode) needs CUDA: it is refused
 on CPU (``tests/unit/test_precision.py``) and trained by ``test_gpu.py`` when a GPU is lent.
+The combinations of :data:`IN_BUCKET` write their checkpoints to a bucket of the test S3 server and
+resume from it (the same checks, on the checkpoints downloaded afterwards).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.precision_matrix import check_combination, run_matrix
+from tests.integration.precision_matrix import check_combination, fetch_remote_checkpoints, run_matrix
+from tests.s3_server import make_bucket, point_aws_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 STRATEGIES = ["single", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3"]  # fmt: skip
 PRECISIONS = ["32-true", "bf16-mixed", "bf16-true"]
+IN_BUCKET = {"deepspeed_stage_2": "bf16-mixed"}  # strategy: the precision whose checkpoints go to the S3 server
 ROOT = Path(__file__).resolve().parents[2]  # where ``tests`` imports from, for the torchrun workers
 
 
@@ -38,8 +42,23 @@ def expected_unet(strategy: str, precision: str) -> dict[str, str | None]:
     return {"weights": "torch.bfloat16", "input": "torch.bfloat16", "autocast": None}
 
 
+def train_strategy(latent_dir: Path, out: Path, strategy: str, buckets: dict[str, str]) -> None:
+    """:func:`run_matrix` of ``strategy`` in every precision: in this process for ``single``, else on 2 ranks."""
+    if strategy == "single":
+        run_matrix(latent_dir, out, strategy, PRECISIONS, devices=1, buckets=buckets)
+        return
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.integration.precision_matrix",
+               f"--latents={latent_dir}", f"--out={out}", f"--strategy={strategy}",
+               f"--precisions={','.join(PRECISIONS)}",
+               *(f"--bucket={precision}={url}" for precision, url in buckets.items())]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
-def matrix(latent_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def matrix(latent_dir: Path, tmp_path_factory: pytest.TempPathFactory, s3_server: str):
     """``matrix(strategy)``: the folder of that strategy's runs in every precision (trained once)."""
     runs: dict[str, Path] = {}
 
@@ -47,16 +66,14 @@ def matrix(latent_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         if strategy in runs:
             return runs[strategy]
         out = tmp_path_factory.mktemp(strategy)
-        if strategy == "single":
-            run_matrix(latent_dir, out, strategy, PRECISIONS, devices=1)
-        else:
-            torchrun = Path(sys.executable).parent / "torchrun"
-            command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.integration.precision_matrix",
-                       f"--latents={latent_dir}", f"--out={out}", f"--strategy={strategy}",
-                       f"--precisions={','.join(PRECISIONS)}"]  # fmt: skip
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-            result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
-            assert result.returncode == 0, result.stderr[-4000:]
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            buckets = {}
+            if strategy in IN_BUCKET:  # the AWS variables pointing at the server, inherited by the ranks
+                point_aws_at(s3_server, monkeypatch)
+                buckets = {IN_BUCKET[strategy]: f"{make_bucket()}/{strategy}"}
+            train_strategy(latent_dir, out, strategy, buckets)
+            for precision, url in buckets.items():
+                fetch_remote_checkpoints(url, out / precision)
         runs[strategy] = out
         return out
 
