@@ -121,32 +121,28 @@ def autoencoder_overrides(raw_shards: Path, out: Path, checkpoints: str, steps: 
     ]  # fmt: skip
 
 
-def test_the_autoencoder_resumes_from_the_bucket_as_from_local_disk(raw_shards, s3_bucket, tmp_path):
+def test_the_autoencoder_resumes_from_the_bucket_exactly(raw_shards, s3_bucket, tmp_path):
     """Stopped at step 2 with its checkpoints in the bucket, then the same command with ``ckpt_path=last`` to
-    step 4: the training state and the saved VAE equal those of a resume from a local copy of that
-    checkpoint, ``last.ckpt`` is rewritten (no ``last-v1.ckpt``) and the downloaded copy is removed."""
+    step 4: the training state (weights, optimizer, schedule, data position and RNG restored) and the saved
+    VAE's scaling factor equal an uninterrupted 4-step run's on local disk, ``last.ckpt`` is rewritten (no
+    ``last-v1.ckpt``) and the downloaded copy is removed."""
     checkpoints, out = f"{s3_bucket}/vae/checkpoints", tmp_path / "run"
     run_train_autoencoder(compose_config("train_autoencoder", autoencoder_overrides(raw_shards, out, checkpoints, 2)))
     assert names(checkpoints) == {"step-0000002.ckpt", "last.ckpt"}
     local = tmp_path / "local"
-    local.mkdir()
-    object_store.download(f"{checkpoints}/last.ckpt", local / "stopped.ckpt")
-    overrides = [
-        *autoencoder_overrides(raw_shards, local, str(local / "checkpoints"), 4),
-        f"ckpt_path={local / 'stopped.ckpt'}",
-    ]
-    from_local = run_train_autoencoder(compose_config("train_autoencoder", overrides))
+    overrides = autoencoder_overrides(raw_shards, local, str(local / "checkpoints"), 4)
+    uninterrupted = run_train_autoencoder(compose_config("train_autoencoder", overrides))
 
     overrides = [*autoencoder_overrides(raw_shards, out, checkpoints, 4), "ckpt_path=last"]
     from_bucket = run_train_autoencoder(compose_config("train_autoencoder", overrides))
     assert names(checkpoints) == {"step-0000004.ckpt", "last.ckpt"}  # last.ckpt rewritten, not last-v1.ckpt
     assert not list((out / "checkpoint-cache").rglob("*.ckpt")), "the downloaded copy is removed once loaded"
-    assert from_bucket["scaling_factor"] == from_local["scaling_factor"]
+    assert from_bucket["scaling_factor"] == uninterrupted["scaling_factor"]
     object_store.download(f"{checkpoints}/last.ckpt", tmp_path / "resumed.ckpt")
     a, b = (
         torch.load(p, map_location="cpu", weights_only=True)
         for p in (tmp_path / "resumed.ckpt", local / "checkpoints" / "last.ckpt")
     )
     assert a["global_step"] == 4
-    for key in ("global_step", "state_dict", "optimizer_states", "lr_schedulers"):
+    for key in ("global_step", "state_dict", "optimizer_states", "lr_schedulers", "ImageShardDataModule"):
         assert_same_nested(a[key], b[key], key)

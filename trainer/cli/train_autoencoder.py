@@ -36,6 +36,7 @@ from lf_common.atomic import atomic_path
 from lf_common.staged_output import staged_output
 from trainer.callbacks.checkpoint import keep_resumed_checkpoint
 from trainer.callbacks.resumed_copy import RemoveResumedCopy
+from trainer.callbacks.rng import RNGState
 from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint
 from trainer.checkpoint.resume import LAST_NAME
 from trainer.cli.command import lf_command
@@ -58,7 +59,7 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))
     ckpt_path, resumed_url = _resume_from(cfg)
-    monitors = [SkippedSamplesMonitor(datamodule.sample_counts)]
+    monitors = [SkippedSamplesMonitor(datamodule.sample_counts), RNGState()]  # RNG in checkpoints: exact resume
     if resumed_url is not None:
         monitors.append(RemoveResumedCopy(ckpt_path))  # downloaded: removed once every rank has loaded it
     trainer = build_trainer(cfg, monitors)
