@@ -14,6 +14,7 @@ credentials, the endpoint in ``AWS_ENDPOINT_URL_S3``), which the commands the te
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import logging
 import os
@@ -113,3 +114,15 @@ def upload_folder(folder: Path, url: str, pattern: str = "*") -> list[str]:
         object_store.upload(path, target)
         urls.append(target)
     return urls
+
+
+def upload_times(url: str) -> dict[str, datetime.datetime]:
+    """When each object under the prefix ``url`` was last written, by path relative to ``url``, to the
+    microsecond (the server's own record: it runs in this process; listings give whole seconds)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    keys = s3_backends[DEFAULT_ACCOUNT_ID]["global"].get_bucket(bucket).keys
+    return {name[len(prefix) :]: key.last_modified for name, key in keys.items() if name.startswith(prefix)}

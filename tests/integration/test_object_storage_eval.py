@@ -191,7 +191,7 @@ def planted_digits() -> list[SourceItem]:
     ]
 
 
-def test_lf_dedup_from_and_to_the_bucket_writes_the_shards_of_a_local_run(s3_bucket, tmp_path):
+def test_lf_dedup_from_and_to_the_bucket_writes_the_shards_of_a_local_run(s3_bucket, cache, tiny_clip_dir, tmp_path):
     write_raw_shards(planted_digits(), tmp_path / "raw", samples_per_shard=16)
     upload_folder(tmp_path / "raw", f"{s3_bucket}/raw", "*.tar")
     settings = ["samples_per_shard=20"]
@@ -213,3 +213,18 @@ def test_lf_dedup_from_and_to_the_bucket_writes_the_shards_of_a_local_run(s3_buc
     assert report["settings"].pop("workers") == 2, "hashed in two processes, each streaming its shards"
     assert {**report, "shards": []} == {**on_disk, "shards": [], "settings": report["settings"]}
     assert report["settings"] == {k: v for k, v in on_disk["settings"].items() if k != "workers"}
+
+    # a dry run: the report to a URL of its own; CLIP embeddings from a CLIP folder in the bucket (downloaded once),
+    # thumbnails must match exactly, so the JPEG copy is found by its embedding (cosine 0.99997; distinct digits <0.99)
+    object_store.upload_folder(tiny_clip_dir, f"{s3_bucket}/models/clip")
+    search = ["+features@embedding=clip", "embedding_size=32", "min_cosine=0.999", "max_pixel_difference=0"]
+    dry_run = [f"shards={tmp_path / 'raw'}", "out_dir=null", f"report={tmp_path / 'dups.json'}", *search]
+    local = run_dedup(compose_config("dedup", [*dry_run, f"embedding.folder={tiny_clip_dir}"]))
+    overrides = [f"shards={s3_bucket}/raw/", "out_dir=null", f"report={s3_bucket}/reports/dups.json", *search]
+    remote = run_dedup(compose_config("dedup", [*overrides, f"embedding.folder={s3_bucket}/models/clip"]))
+    assert (remote["by_reason"], remote["shards"]) == ({"exact": 1, "embedding": 1}, [])
+    assert remote["groups"] == local["groups"] and remote["report"] == f"{s3_bucket}/reports/dups.json"
+    report = json.loads(object_store.read_bytes(f"{s3_bucket}/reports/dups.json"))
+    assert report == json.loads((tmp_path / "dups.json").read_text()) and report["settings"]["embedding"]
+    assert REPORT_NAME not in object_store.object_infos(f"{s3_bucket}/raw"), "report= replaces the default"
+    assert any(cache.rglob("config.json")), "the CLIP folder downloaded into the default download cache"
