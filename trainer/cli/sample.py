@@ -48,6 +48,7 @@ from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
 from trainer.checkpoint.export import sdxl_lora_names
 from trainer.cli.command import lf_command
+from trainer.evaluation.prompts import read_prompt_file
 from trainer.lora.loading import load_lora
 from trainer.sampling.conditioning import micro_conditioning
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
@@ -59,14 +60,7 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 def read_prompts(cfg: DictConfig) -> list[str]:
     """Prompts from ``prompt_file`` (one per non-empty line; a local file or a URL) or ``prompts``."""
-    if cfg.get("prompt_file"):
-        path = str(cfg.prompt_file)
-        if not object_store.is_url(path) and not Path(path).is_file():
-            raise DataError(f"{path}: prompt_file does not exist")
-        text = object_store.read_path(path).decode("utf-8")  # a URL: one GET, a missing object one line
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    else:
-        prompts = list(cfg.prompts or [])
+    prompts = read_prompt_file(str(cfg.prompt_file)) if cfg.get("prompt_file") else list(cfg.prompts or [])
     if not prompts:
         raise DataError("no prompts: set prompts=[...] or prompt_file=PATH")
     return prompts

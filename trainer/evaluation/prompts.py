@@ -25,6 +25,18 @@ def shard_captions(shards: str | Sequence[str], limit: int | None = None) -> lis
     return captions
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a prompt file: one per non-empty line, stripped; a local file or a URL (one GET).
+
+    Raises:
+        DataError: the file is missing; ObjectStoreError: the object is (one line naming it).
+    """
+    if not object_store.is_url(path) and not Path(path).is_file():
+        raise DataError(f"{path}: prompt_file does not exist")
+    text = object_store.read_path(path).decode("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_prompt_set(
     prompts: Sequence[str] | None = None,
     prompt_file: str | Path | None = None,
@@ -47,10 +59,7 @@ def read_prompt_set(
             f"(got {', '.join(given) or 'none'})"
         )
     if prompt_file:
-        if not object_store.is_url(prompt_file) and not Path(prompt_file).is_file():
-            raise DataError(f"{prompt_file}: prompt_file does not exist")
-        text = object_store.read_path(prompt_file).decode("utf-8")  # a URL: one GET, a missing object one line
-        found = [line.strip() for line in text.splitlines() if line.strip()]
+        found = read_prompt_file(prompt_file)
     elif prompt_shards:
         found = shard_captions(prompt_shards, limit)
     else:
