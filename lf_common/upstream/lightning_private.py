@@ -34,7 +34,11 @@ the one place to call it differently.
 ``_checkpoint_connector.dump_checkpoint``, has the strategy write it, then waits in a process-group
 barrier while rank 0 writes. A large checkpoint on slow storage outlasts the process-group timeout
 there; ``write_checkpoint`` does the first two steps, and the ranks meet through the store instead
-(``trainer.faults.ranks``). No public call collects a checkpoint without writing it.
+(``trainer.faults.ranks``). No public call collects a checkpoint without writing it. It writes to a
+staging folder on each machine's own disk, whose path may differ between machines (each its own
+``output_dir``); ``DeepSpeedStrategy.save_checkpoint`` (and ``FSDPStrategy``'s sharded save) first
+broadcasts rank 0's path, which would put the other machines' parts under a path of rank 0's, where
+their uploader never looks: for that call, a path broadcast returns each rank's own (no option skips it).
 
 ``WandbLogger`` (``trainer.cli.hydra_app``): ``_experiment`` tells whether the run was started;
 the public ``experiment`` property starts one when it was not.
@@ -130,9 +134,25 @@ class FSDPStrategyHooks(FSDPStrategy):
 
 
 def write_checkpoint(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
-    """``trainer.save_checkpoint(filepath, weights_only)`` without its closing barrier (call on every rank)."""
+    """``trainer.save_checkpoint(filepath, weights_only)`` without its closing barrier (call on every rank),
+    each rank writing its part to its own ``filepath`` (its machine's staging folder): the strategies that
+    write a folder of per-rank files (DeepSpeed, FSDP's sharded save) would first take rank 0's path."""
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
-    trainer.strategy.save_checkpoint(checkpoint, filepath)
+    strategy = trainer.strategy
+    broadcast, patched = strategy.broadcast, "broadcast" in vars(strategy)
+
+    def own_path(obj: Any, src: int = 0) -> Any:
+        same = isinstance(obj, str) and obj == filepath  # the same on every rank: every rank skips it
+        return obj if same else broadcast(obj, src)
+
+    strategy.broadcast = own_path  # type: ignore[method-assign]
+    try:
+        strategy.save_checkpoint(checkpoint, filepath)
+    finally:
+        if patched:
+            strategy.broadcast = broadcast  # type: ignore[method-assign]
+        else:
+            del strategy.broadcast  # the class's method again
 
 
 def averaged_model(callback: WeightAveraging) -> AveragedModel | None:
