@@ -51,7 +51,9 @@ sets for ``rank_zero_info``, whose records with that text a filter drops (other 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -138,19 +140,32 @@ def write_checkpoint(trainer: L.Trainer, filepath: str, weights_only: bool = Fal
     each rank writing its part to its own ``filepath`` (its machine's staging folder): the strategies that
     write a folder of per-rank files (DeepSpeed, FSDP's sharded save) would first take rank 0's path."""
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
-    strategy = trainer.strategy
+    with own_path_broadcast(trainer.strategy, filepath):
+        trainer.strategy.save_checkpoint(checkpoint, filepath)
+
+
+@contextmanager
+def own_path_broadcast(strategy: Any, path: str | os.PathLike[str]) -> Iterator[None]:
+    """For the block, ``strategy.broadcast(path)`` returns each rank's own ``path`` instead of rank 0's.
+
+    Lightning's DeepSpeed and FSDP strategies broadcast rank 0's checkpoint path before a save or a load;
+    a path on each machine's own disk (a staging folder, a downloaded copy under ``output_dir``) may differ
+    between machines. Every rank calls with its own path, so every rank skips that same collective and the
+    ranks stay in step; any other broadcast goes through. The instance's method is restored after.
+    """
     broadcast, patched = strategy.broadcast, "broadcast" in vars(strategy)
+    own = os.fspath(path)
 
     def own_path(obj: Any, src: int = 0) -> Any:
-        same = isinstance(obj, str) and obj == filepath  # the same on every rank: every rank skips it
+        same = isinstance(obj, (str, os.PathLike)) and os.fspath(obj) == own  # the same on every rank
         return obj if same else broadcast(obj, src)
 
-    strategy.broadcast = own_path  # type: ignore[method-assign]
+    strategy.broadcast = own_path
     try:
-        strategy.save_checkpoint(checkpoint, filepath)
+        yield
     finally:
         if patched:
-            strategy.broadcast = broadcast  # type: ignore[method-assign]
+            strategy.broadcast = broadcast
         else:
             del strategy.broadcast  # the class's method again
 

@@ -1,8 +1,11 @@
 """Two machines simulated on one: two ``torchrun`` launches (``--nnodes=2 --nproc-per-node=1``, one per
-node rank, a static rendezvous on 127.0.0.1) train ZeRO-2 on CPU with checkpoints in a bucket, each
-node with an ``output_dir`` of its own, so neither sees the other's ``checkpoint-staging`` (as separate
-machines): node 1's local rank 0 uploads node 1's optimizer partition, rank 0 uploads the ``latest``
-tag after both, and both nodes resume from the bucket (each downloading to its own ``checkpoint-cache``).
+node rank, a static rendezvous on 127.0.0.1) train on CPU with checkpoints in a bucket, each node with an
+``output_dir`` of its own, so neither sees the other's ``checkpoint-staging`` (as separate machines).
+ZeRO-2: node 1's local rank 0 uploads node 1's optimizer partition, rank 0 uploads the ``latest`` tag
+after both. FSDP (full state dict): rank 0 uploads the one file. Both nodes resume from the bucket, each
+downloading to its own ``checkpoint-cache`` and loading its own copy (Lightning's loads take rank 0's
+path, which on separate machines is not there: ``own_path_broadcast``, unit-tested, since here one disk
+holds both).
 """
 
 import os
@@ -35,13 +38,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def node_overrides(latent_dir: Path, out: Path, steps: int) -> list[str]:
-    """:func:`two_process_overrides` for ZeRO-2, one process on each of two nodes."""
-    overrides = [o for o in two_process_overrides(latent_dir, out, "deepspeed_stage_2", steps) if "devices=" not in o]
+def node_overrides(latent_dir: Path, out: Path, strategy: str, steps: int) -> list[str]:
+    """:func:`two_process_overrides` for ``strategy``, one process on each of two nodes."""
+    overrides = [o for o in two_process_overrides(latent_dir, out, strategy, steps) if "devices=" not in o]
     return [*overrides, "trainer.devices=1", f"trainer.num_nodes={NODES}"]
 
 
-def run_nodes(latent_dir: Path, root: Path, steps: int, *extra: str, timeout: int = 300) -> list[str]:
+def run_nodes(latent_dir: Path, root: Path, strategy: str, steps: int, *extra: str, timeout: int = 300) -> list[str]:
     """Start both nodes' ``torchrun`` at once (node ``n`` in ``root/node<n>``, its ``output_dir`` ``run`` there)
     and wait for both; each node's output. A node that fails or outlives ``timeout`` has both killed, and the
     assertion shows both nodes' output."""
@@ -50,7 +53,9 @@ def run_nodes(latent_dir: Path, root: Path, steps: int, *extra: str, timeout: in
         for node in range(NODES):
             cwd = root / f"node{node}"
             cwd.mkdir(parents=True, exist_ok=True)
-            argv, env = cli_command("lf-train", *node_overrides(latent_dir, cwd / "run", steps), *extra, cwd=cwd)
+            argv, env = cli_command(
+                "lf-train", *node_overrides(latent_dir, cwd / "run", strategy, steps), *extra, cwd=cwd
+            )
             torchrun = [
                 sys.executable, "-m", "torch.distributed.run", f"--nnodes={NODES}", "--nproc-per-node=1",
                 f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
@@ -87,40 +92,46 @@ def run_nodes(latent_dir: Path, root: Path, steps: int, *extra: str, timeout: in
     return outputs
 
 
-def assert_complete_folder(url: str) -> None:
-    """``url`` is a DeepSpeed checkpoint folder with the model states, both nodes' optimizer partitions, and
-    its ``latest`` tag, uploaded after every other file."""
+def assert_complete(url: str, strategy: str) -> None:
+    """``url`` is a complete checkpoint: for FSDP one object; for ZeRO a folder with the model states, both
+    nodes' optimizer partitions, and its ``latest`` tag, uploaded after every other file."""
+    if strategy == "fsdp":
+        assert set(object_store.object_infos(url)) == {""}, f"{url}: one object"
+        return
     files = set(object_store.object_infos(url))
     assert {TAG_FILE, MODEL_STATES, *PARTITIONS} <= files, f"{url}: {sorted(files)}"
     uploaded = upload_times(url)
     assert all(uploaded[TAG_FILE] >= uploaded[name] for name in files), f"{url}: the tag is uploaded last"
 
 
-def test_two_nodes_upload_every_partition_to_a_bucket_and_resume_from_it(latent_dir, tmp_path, s3_bucket):
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "fsdp"])
+def test_two_nodes_upload_every_partition_to_a_bucket_and_resume_from_it(latent_dir, tmp_path, s3_bucket, strategy):
     checkpoints = f"{s3_bucket}/run/checkpoints"
     bucket = f"callbacks.model_checkpoint.dirpath={checkpoints}"
     runs = [tmp_path / f"node{node}" / "run" for node in range(NODES)]
 
-    run_nodes(latent_dir, tmp_path, 2, bucket)
+    run_nodes(latent_dir, tmp_path, strategy, 2, bucket)
     names = {object_store.basename(entry["url"]) for entry in object_store.list_entries(checkpoints)}
     assert names == {"step-0000002.ckpt", "last.ckpt"}
     for name in names:
-        assert_complete_folder(f"{checkpoints}/{name}")
+        assert_complete(f"{checkpoints}/{name}", strategy)
     for run in runs:
-        assert (run / "checkpoint-staging").is_dir() and not list((run / "checkpoint-staging").iterdir()), run
+        staging = run / "checkpoint-staging"  # ZeRO: each node staged its part; FSDP's one file: node 0 only
+        assert staging.is_dir() == (strategy != "fsdp" or run == runs[0]), run
+        assert not staging.is_dir() or not list(staging.iterdir()), run
         assert not (run / "checkpoints").exists(), run
 
-    outputs = run_nodes(latent_dir, tmp_path, 4, bucket, "ckpt_path=last")
+    outputs = run_nodes(latent_dir, tmp_path, strategy, 4, bucket, "ckpt_path=last")
     assert "resumed from" in outputs[0] and "at step 2" in outputs[0]
     for output in outputs:
         assert f"resume: from {checkpoints}/last.ckpt" in output, output[-3000:]
     for run in runs:
         assert (run / "checkpoint-cache").is_dir(), f"{run}: the node downloaded its own copy"
         assert not list((run / "checkpoint-cache").rglob("*.ckpt")), f"{run}: the resumed copy is removed"
-        assert not list((run / "checkpoint-staging").iterdir()), run
+        assert not (run / "checkpoint-staging").is_dir() or not list((run / "checkpoint-staging").iterdir()), run
     names = {object_store.basename(entry["url"]) for entry in object_store.list_entries(checkpoints)}
     assert names == {"step-0000002.ckpt", "step-0000004.ckpt", "last.ckpt"}
     for name in names:
-        assert_complete_folder(f"{checkpoints}/{name}")
+        assert_complete(f"{checkpoints}/{name}", strategy)
     last = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
     assert load_checkpoint(last)["global_step"] == 4

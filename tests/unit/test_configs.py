@@ -122,6 +122,24 @@ def test_strategy_options_build_a_trainer(option, tmp_path):
     assert type(trainer.strategy).__name__ == expected.get(option, "DeepSpeedStrategy")
 
 
+def test_sharded_fsdp_checkpoints_are_refused_with_what_to_use(tmp_path):
+    from lf_common.errors import ConfigError
+
+    overrides = [
+        "strategy=fsdp",
+        "trainer.strategy.state_dict_type=sharded",
+        "data.train_dir=x",
+        f"output_dir={tmp_path}",
+    ]
+    cfg = compose_config("train", overrides)
+    with pytest.raises(Exception) as raised:
+        instantiate(cfg.trainer, logger=False, callbacks=[])
+    error = raised.value if isinstance(raised.value, ConfigError) else raised.value.__cause__
+    assert isinstance(error, ConfigError), raised.value
+    assert "trainer.strategy.state_dict_type=sharded" in str(error) and "state_dict_type=full" in str(error)
+    assert "\n" not in str(error)
+
+
 @pytest.mark.parametrize("option", options("callbacks"))
 def test_callback_options(option, tmp_path):
     overrides = [f"callbacks={option}", "data.train_dir=x", f"output_dir={tmp_path}"]

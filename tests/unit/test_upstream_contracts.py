@@ -95,3 +95,40 @@ def test_restart_workers_gives_a_persistent_loader_new_workers():
     single_process = DataLoader(WorkerPid(), batch_size=None)
     restart_workers(single_process)  # nothing to end
     assert list(single_process) == [os.getpid()]
+
+
+class _Strategy:
+    """A strategy's broadcast: records what it was asked, answers rank 0's value."""
+
+    def __init__(self) -> None:
+        self.asked: list[object] = []
+
+    def broadcast(self, obj: object, src: int = 0) -> object:
+        self.asked.append(obj)
+        return "rank-0-value"
+
+
+def test_own_path_broadcast_keeps_each_ranks_path_and_passes_the_rest():
+    from pathlib import Path
+
+    from lf_common.upstream.lightning_private import own_path_broadcast
+
+    strategy = _Strategy()
+    with own_path_broadcast(strategy, "/node1/run/checkpoint-staging/last.ckpt"):
+        assert (
+            strategy.broadcast("/node1/run/checkpoint-staging/last.ckpt") == "/node1/run/checkpoint-staging/last.ckpt"
+        )
+        assert strategy.broadcast(Path("/node1/run/checkpoint-staging/last.ckpt")) == Path(
+            "/node1/run/checkpoint-staging/last.ckpt"
+        )
+        assert strategy.broadcast("another value") == "rank-0-value"
+    assert strategy.asked == ["another value"], "the path is not broadcast, anything else is"
+    assert "broadcast" not in vars(strategy) and strategy.broadcast("x") == "rank-0-value"
+
+
+def test_lightning_still_broadcasts_rank_0s_checkpoint_path():
+    """What :func:`own_path_broadcast` undoes: Lightning's DeepSpeed save and FSDP load take rank 0's path."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    assert "self.broadcast(filepath)" in inspect.getsource(DeepSpeedStrategy.save_checkpoint)
+    assert "self.broadcast(checkpoint_path)" in inspect.getsource(FSDPStrategy.load_checkpoint)

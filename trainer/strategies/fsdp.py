@@ -10,6 +10,10 @@ On CPU, two things of Lightning's strategy assume CUDA:
   in FSDP's state-dict hook) when the parameters already live on the CPU: here the model and
   optimizer state dicts are gathered to rank 0 without offloading.
 
+Everywhere: a resume reads each rank's own copy of the checkpoint (Lightning's load takes rank 0's
+path, which on another machine with another ``output_dir`` is not there), and sharded checkpoints
+(``state_dict_type=sharded``) are refused: resume, export and the sampler read full ones (one file).
+
 The private Lightning step (model wrapping) goes through :mod:`lf_common.upstream.lightning_private`.
 """
 
@@ -23,22 +27,37 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lf_common.upstream.lightning_private import FSDPStrategyHooks
+from lf_common.errors import ConfigError
+from lf_common.upstream.lightning_private import FSDPStrategyHooks, own_path_broadcast
 
 
 class FSDPStrategy(FSDPStrategyHooks):
     """``lightning.pytorch.strategies.FSDPStrategy`` that also runs on CPU.
 
     Args:
-        state_dict_type: ``"full"`` or ``"sharded"`` checkpoints, as Lightning's.
+        state_dict_type: ``"full"`` checkpoints (one file, gathered on rank 0); ``"sharded"`` is refused.
         *args, **kwargs: ``FSDPStrategy``'s other arguments.
+
+    Raises:
+        ConfigError: ``state_dict_type="sharded"``.
     """
 
     strategy_name = "latentforge_fsdp"
 
     def __init__(self, *args: Any, state_dict_type: Literal["full", "sharded"] = "full", **kwargs: Any) -> None:
+        if state_dict_type != "full":
+            raise ConfigError(
+                f"trainer.strategy.state_dict_type={state_dict_type}: resume, lf-export and lf-sample read full FSDP "
+                "checkpoints (one file) only; use trainer.strategy.state_dict_type=full, or strategy=deepspeed_stage_3 "
+                "for checkpoints sharded across ranks"
+            )
         super().__init__(*args, state_dict_type=state_dict_type, **kwargs)
         self.state_dict_type = state_dict_type
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's, each rank reading its own ``checkpoint_path`` (its machine's copy), not rank 0's."""
+        with own_path_broadcast(self, checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
     def _on_cpu(self) -> bool:
         return not isinstance(self.accelerator, CUDAAccelerator)
