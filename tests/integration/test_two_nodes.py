@@ -127,7 +127,7 @@ def test_two_nodes_upload_every_partition_to_a_bucket_and_resume_from_it(latent_
         assert f"resume: from {checkpoints}/last.ckpt" in output, output[-3000:]
     for run in runs:
         assert (run / "checkpoint-cache").is_dir(), f"{run}: the node downloaded its own copy"
-        assert not list((run / "checkpoint-cache").rglob("*.ckpt")), f"{run}: the resumed copy is removed"
+        assert list((run / "checkpoint-cache").iterdir()) == [], f"{run}: the resumed copy is removed"
         assert not (run / "checkpoint-staging").is_dir() or not list((run / "checkpoint-staging").iterdir()), run
     names = {object_store.basename(entry["url"]) for entry in object_store.list_entries(checkpoints)}
     assert names == {"step-0000002.ckpt", "step-0000004.ckpt", "last.ckpt"}

@@ -1,5 +1,5 @@
 """Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind; retention keeps the
-checkpoint a run resumed from, on local disk and in a bucket."""
+checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is removed)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from lf_common import object_store
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.unit.tiny_lightning import TinyLinear, bare_trainer
-from trainer.callbacks.checkpoint import ModelCheckpoint, keep_resumed_checkpoint
+from trainer.callbacks.checkpoint import ModelCheckpoint
 from trainer.callbacks.preemption import Preemption
+from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
 from trainer.checkpoint.remote import choose_remote_checkpoint
 from trainer.checkpoint.resume import checkpoints_newest_first, resolve_resume_checkpoint
 from trainer.cli.hydra_app import build_trainer
@@ -57,7 +58,8 @@ def test_trainer_flag_turns_off_every_checkpoint_callback(tmp_path):
 def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3_bucket, tmp_path):
     """With ``save_top_k=1`` the save at step 4 drops step 2 from the top k. Lightning never deletes the
     checkpoint a run resumed from (it compares with ``trainer.ckpt_path``), but only on local disk; a run
-    resumed from a bucket gives Lightning the downloaded copy, and the remote step 2 is kept the same way."""
+    resumed from a bucket gives Lightning the downloaded copy, and the remote step 2 is kept the same way
+    (:class:`ResumedFromBucket`), which also removes the copy and its cache entry once it is loaded."""
 
     def fit(dirpath: str, steps: int, ckpt_path: str | None = None, resumed_url: str | None = None) -> None:
         callback = ModelCheckpoint(
@@ -70,8 +72,8 @@ def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3
             save_top_k=1,
             staging_dir=str(tmp_path / "staging"),
         )
-        trainer = bare_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[callback])
-        keep_resumed_checkpoint(trainer, resumed_url)
+        resumed = [ResumedFromBucket(resumed_url, str(ckpt_path))] if resumed_url else []
+        trainer = bare_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[callback, *resumed])
         trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2), ckpt_path=ckpt_path)
 
     local = tmp_path / "local"
@@ -84,5 +86,6 @@ def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3
     url, copy = choose_remote_checkpoint(f"{remote}/step-0000002.ckpt", None, tmp_path / "cache")
     assert url == f"{remote}/step-0000002.ckpt" and torch.load(copy, weights_only=True)["global_step"] == 2
     fit(remote, 4, ckpt_path=copy, resumed_url=url)
+    assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
     kept = {object_store.basename(entry["url"]) for entry in object_store.list_entries(remote)}
     assert kept == {"step-0000002.ckpt", "step-0000004.ckpt"}

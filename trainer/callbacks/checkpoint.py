@@ -29,7 +29,8 @@
 * **The checkpoint resumed from is kept**: Lightning never deletes the checkpoint a run resumed from
   (its ``_should_remove_checkpoint`` compares with ``trainer.ckpt_path``), but only on local disk, and a
   run resumed from a bucket gives Lightning the downloaded copy; ``resumed_from`` (set by
-  :func:`keep_resumed_checkpoint`) names the remote one, which retention then never deletes either.
+  :class:`~trainer.callbacks.resumed_from_bucket.ResumedFromBucket`) names the remote one, which retention
+  then never deletes either.
 * **Final step**: Lightning saves on every ``every_n_train_steps``; when ``max_steps`` is not a
   multiple of it, the last steps are lost and ``last.ckpt`` is stale (its ``on_train_end`` only
   saves when nothing was saved at all). This subclass saves the final step, as a top-k checkpoint
@@ -169,11 +170,3 @@ class ModelCheckpoint(ModelCheckpointHooks):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_top_k_and_last(trainer)
         super().on_train_end(trainer, pl_module)
-
-
-def keep_resumed_checkpoint(trainer: L.Trainer, url: str | None) -> None:
-    """Tell the trainer's :class:`ModelCheckpoint` callbacks that the run resumed from the remote checkpoint
-    ``url`` (``None``: from none, or from local disk), so that retention keeps it as Lightning keeps a local one."""
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            callback.resumed_from = url

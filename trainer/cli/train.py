@@ -47,9 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
-from trainer.callbacks.checkpoint import keep_resumed_checkpoint
 from trainer.callbacks.provenance import Provenance
-from trainer.callbacks.resumed_copy import RemoveResumedCopy
+from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint, has_remote_checkpoints
 from trainer.checkpoint.resume import LAST_NAME, auto_resume_checkpoint, resolve_resume_checkpoint
@@ -104,9 +103,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     ]
     ckpt_path, resumed_url = resume_checkpoint(cfg)
     if resumed_url is not None:
-        monitors.append(RemoveResumedCopy(ckpt_path))  # downloaded: removed once every rank has loaded it
+        monitors.append(ResumedFromBucket(resumed_url, ckpt_path))  # kept there; the copy removed once loaded
     trainer = build_trainer(cfg, monitors)
-    keep_resumed_checkpoint(trainer, resumed_url)  # retention never deletes it, as a local one
     with finishing_loggers(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}

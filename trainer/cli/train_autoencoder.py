@@ -34,8 +34,7 @@ from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.staged_output import staged_output
-from trainer.callbacks.checkpoint import keep_resumed_checkpoint
-from trainer.callbacks.resumed_copy import RemoveResumedCopy
+from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint
 from trainer.checkpoint.resume import LAST_NAME
@@ -61,9 +60,8 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path, resumed_url = _resume_from(cfg)
     monitors = [SkippedSamplesMonitor(datamodule.sample_counts), RNGState()]  # RNG in checkpoints: exact resume
     if resumed_url is not None:
-        monitors.append(RemoveResumedCopy(ckpt_path))  # downloaded: removed once every rank has loaded it
+        monitors.append(ResumedFromBucket(resumed_url, ckpt_path))  # kept there; the copy removed once loaded
     trainer = build_trainer(cfg, monitors)
-    keep_resumed_checkpoint(trainer, resumed_url)  # retention never deletes it, as a local one
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

@@ -1,0 +1,47 @@
+"""What a run resumed from a checkpoint in a bucket needs: the remote checkpoint kept, the local copy removed.
+
+A resume from a bucket downloads the checkpoint into ``<output_dir>/checkpoint-cache``
+(:func:`trainer.checkpoint.remote.choose_remote_checkpoint`) and gives Lightning that copy. Two things
+then differ from a local resume, and this one callback handles both for every command that trains:
+
+* **Retention keeps the remote checkpoint.** Lightning never deletes the checkpoint a run resumed from,
+  but it compares with ``trainer.ckpt_path``, the local copy; our
+  :class:`~trainer.callbacks.checkpoint.ModelCheckpoint` is told the URL (``resumed_from``) instead.
+* **The copy is removed once loaded** (small local disks): every rank has restored from it before
+  training starts, so local rank 0 of each machine removes it then, with its cache entry (the version
+  folder and the download lock), and local disk holds at most the checkpoint being written
+  (``checkpoint-staging``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from trainer.callbacks.checkpoint import ModelCheckpoint
+
+
+class ResumedFromBucket(Callback):
+    """Keep the remote checkpoint ``url`` through retention; remove its local ``copy`` once every rank loaded it.
+
+    Args:
+        url: the remote checkpoint the run resumes from (``s3://bucket/run/checkpoints/step-0000002.ckpt``).
+        copy: its downloaded copy, ``<cache>/<url key>/<version>/<name>`` (a file, or a ZeRO folder).
+    """
+
+    def __init__(self, url: str, copy: str | Path) -> None:
+        self.url = url
+        self.copy = Path(copy)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                callback.resumed_from = self.url
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier("resumed_copy_loaded")  # every rank has restored from it
+        if trainer.local_rank == 0:
+            shutil.rmtree(self.copy.parent.parent, ignore_errors=True)  # <cache>/<url key>: copy and lock
