@@ -9,8 +9,10 @@
 # 16-mixed: trains, resumes, exports, samples); 4. precompute throughput at 256 px; 5. (not in the default
 # PARTS: it needs a session of its own) SDXL's UNet at 1024 px, batch 8: plain, single, zero2 (T_SDXL);
 # 6. (not in the default PARTS either) DeepSpeed settings on one GPU at 512 px: single vs zero2 and its
-# variants, uncompiled (T_ZERO), to choose conf/strategy/deepspeed_stage_2.yaml's settings.
-# PARTS="train512 train256 tests precompute sdxl1024 zero512" chooses the parts and their order.
+# variants, uncompiled (T_ZERO), to choose conf/strategy/deepspeed_stage_2.yaml's settings; 7. (not in the
+# default PARTS) candidates for the default recipe at 512 px: compiled vs compiled + channels_last, compiled
+# with CUDA graphs (reduce-overhead), and compiled at batch 64 (T_RECIPE each, two runs).
+# PARTS="train512 train256 tests precompute sdxl1024 zero512 recipe512" chooses the parts and their order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
@@ -40,6 +42,10 @@ for name in ${PARTS:-train512 train256 tests precompute}; do
     zero512) part zero512 "${T_ZERO:-240}" python bench/gpu_train.py --resolution 512 --batch 32 \
       --configs single,zero2,zero1,zero2_no_overlap,zero2_no_contiguous,zero2_big_buckets --steps 12 --warmup 3 \
       --peak-tflops "$peak" ;;
-    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024 zero512)"; exit 2 ;;
+    recipe512) part recipe512 "${T_RECIPE:-300}" python bench/gpu_train.py --resolution 512 --batch 32 \
+        --configs compiled,compiled_channels_last,compiled_cudagraphs --steps 12 --warmup 3 --peak-tflops "$peak"
+      part recipe512_batch64 "${T_RECIPE:-300}" python bench/gpu_train.py --resolution 512 --batch 64 \
+        --configs compiled --steps 8 --warmup 3 --peak-tflops "$peak" ;;
+    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024 zero512 recipe512)"; exit 2 ;;
   esac
 done

@@ -7,9 +7,11 @@ noise, MSE on epsilon, backward, step, uncompiled. The contenders are the ``Trai
 compiled), ``compiled`` (the default GPU recipe: bf16-mixed, compiled UNet, fused AdamW, TF32),
 ``zero2`` and ``compiled_zero2`` (DeepSpeed ZeRO-2 on one device), and variants of the DeepSpeed
 settings to choose between (``zero1``, ``zero2_no_overlap``, ``zero2_no_contiguous``,
-``zero2_big_buckets``; each printed as a ratio to ``single``), all without EMA, checkpoints and
-clipping (the plain loop has none). All read the same in-memory batches (latents ``(B, 4, R/8, R/8)``
-and text ``(B, 77, 768)``, fp16, moved to the device each step), one after another in one process.
+``zero2_big_buckets``; each printed as a ratio to ``single``), and candidates for the default recipe
+(``compiled_channels_last``, ``compiled_cudagraphs``: torch.compile's ``reduce-overhead`` mode; each
+printed as a ratio to ``compiled``), all without EMA, checkpoints and clipping (the plain loop has
+none). All read the same in-memory batches (latents ``(B, 4, R/8, R/8)`` and text ``(B, 77, 768)``,
+fp16, moved to the device each step), one after another in one process.
 Throughput is images/s over ``--steps`` steps after ``--warmup``; the first step's time (compilation
 included) is reported apart; MFU uses the UNet's FLOPs counted once (``torch.utils.flop_counter``)
 and ``--peak-tflops``; peak memory is ``torch.cuda.max_memory_allocated``.
@@ -154,12 +156,17 @@ CONFIGURATIONS: dict[str, tuple[str, bool, tuple[str, ...]]] = {  # name -> (str
         False,
         (f"{ZERO}.reduce_bucket_size=500000000", f"{ZERO}.allgather_bucket_size=500000000"),
     ),
+    # Candidates for the default recipe, each kept only if faster than ``compiled`` (item 2; PARTS=recipe512):
+    "compiled_channels_last": ("single", True, ("model.channels_last=true",)),  # slower uncompiled (0.92x)
+    "compiled_cudagraphs": ("single", True, ("model.compile_options={mode:reduce-overhead}",)),  # CUDA graphs
 }
 
 
 def train_config(args, tmp: str, strategy: str, compiled: bool, more: tuple[str, ...] = ()):
     """``lf-train``'s config for one configuration, without EMA, checkpoints or clipping (the plain loop has none);
-    ``more``: further overrides (DeepSpeed settings)."""
+    ``more``: further overrides (DeepSpeed settings, recipe candidates; on CPU compile options give way to
+    dynamo's aot_eager backend)."""
+    cpu_compiled = compiled and args.accelerator == "cpu"
     return compose_config("train", [
         f"model={args.model}", "data.train_dir=unused", f"output_dir={tmp}", f"strategy={strategy}",
         f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
@@ -167,8 +174,8 @@ def train_config(args, tmp: str, strategy: str, compiled: bool, more: tuple[str,
         "trainer.enable_progress_bar=false", "trainer.gradient_clip_val=null", "callbacks.ema=null",
         "callbacks.model_checkpoint=null", f"data.batch_size={args.batch}", "model.caption_dropout=0",
         "lr_scheduler=constant", "trainer.enable_checkpointing=false", f"model.compile_unet={str(compiled).lower()}",
-        *(["model.compile_options={backend:aot_eager}"] if compiled and args.accelerator == "cpu" else []),
-        *more,
+        *(more if not cpu_compiled else [o for o in more if not o.startswith("model.compile_options=")]),
+        *(["model.compile_options={backend:aot_eager}"] if cpu_compiled else []),  # inductor's modes need a GPU
     ])  # fmt: skip
 
 
@@ -240,6 +247,9 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 print(f"{name}: out of memory at batch {args.batch}")
                 rows[name] = (float("nan"), float("nan"), float("nan"))
+            except Exception as error:  # one configuration failing costs its row, not the rest of the device call
+                print(f"{name}: FAILED: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                rows[name] = (float("nan"), float("nan"), float("nan"))
             print(f"measured {name}: {row_cells(rows[name], flops, args)}", flush=True)  # kept if a later one hangs
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
     print(f"\n{args.model} UNet, {args.resolution}px, batch {args.batch}, {args.precision}, {device}")
@@ -250,8 +260,9 @@ def main() -> None:
     if "plain" in rows:
         for name in rows.keys() - {"plain"}:
             print(f"ratio {name} / plain (img/s): {rows['plain'][0] / rows[name][0]:.3f}")
-    if {"compiled", "compiled_zero2"} <= rows.keys():
-        print(f"ratio compiled_zero2 / compiled (img/s): {rows['compiled'][0] / rows['compiled_zero2'][0]:.3f}")
+    if "compiled" in rows:
+        for name in sorted(n for n in rows if n.startswith("compiled_")):
+            print(f"ratio {name} / compiled (img/s): {rows['compiled'][0] / rows[name][0]:.3f}")
     if "single" in rows:
         for name in sorted(n for n in rows if n.startswith("zero")):
             print(f"ratio {name} / single (img/s): {rows['single'][0] / rows[name][0]:.3f}")

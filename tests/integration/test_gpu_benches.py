@@ -29,7 +29,12 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize(
-    ("model", "configs"), [("tiny", "plain,single,zero2,zero2_big_buckets"), ("sdxl_tiny", "plain,single")]
+    ("model", "configs"),
+    [
+        ("tiny", "plain,single,zero2,zero2_big_buckets"),
+        ("tiny", "plain,compiled,compiled_cudagraphs"),  # a recipe candidate's compile options give way on CPU
+        ("sdxl_tiny", "plain,single"),
+    ],
 )
 def test_training_bench_measures_each_configuration_on_cpu(model: str, configs: str):
     stdout = run_bench(
@@ -46,6 +51,8 @@ def test_training_bench_measures_each_configuration_on_cpu(model: str, configs: 
     assert f"ratio {last} / plain (img/s):" in stdout
     if last.startswith("zero"):  # a DeepSpeed variant's overrides compose (keys that exist) and it runs
         assert f"ratio {last} / single (img/s):" in stdout
+    if last.startswith("compiled_"):  # a candidate for the default recipe, against the recipe
+        assert f"ratio {last} / compiled (img/s):" in stdout
 
 
 def test_precompute_bench_compares_both_sides_on_cpu():
