@@ -89,7 +89,9 @@ class ValidationImages(Callback):
             self.log_images(trainer, image_grid(images, columns=self.images_per_prompt))
             self.evaluate(trainer, pl_module, images, prompts)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, images: list[Image.Image], prompts: list[str]):
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, images: list[Image.Image], prompts: list[str]
+    ) -> None:
         """Metrics on the sampled images; none here (see :class:`DigitsAccuracy`)."""
 
     def sample(
@@ -158,7 +160,9 @@ class DigitsAccuracy(ValidationImages):
         super().__init__([digit_caption(d) for d in range(10)], images_per_prompt=images_per_digit, tag=tag, **settings)
         self._classifier: DigitsClassifier | None = None
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, images: list[Image.Image], prompts: list[str]):
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, images: list[Image.Image], prompts: list[str]
+    ) -> None:
         self._classifier = self._classifier or DigitsClassifier(size=images[0].size[0])
         accuracy = conditional_accuracy(self._classifier, images, prompts)
         for logger in trainer.loggers:

@@ -221,6 +221,7 @@ def vae_rules(config: Mapping[str, Any]) -> list[Rule]:
 
 
 def rename_parts(name: str, renames: Mapping[str, str]) -> str:
+    """``name`` with the first of ``renames``' prefixes it starts with replaced (unchanged when none)."""
     for old, new in renames.items():
         if name.startswith(old):
             return new + name[len(old) :]

@@ -22,6 +22,7 @@ from trainer.sweeps.summary import SweepSummary, write_summary
 
 
 def run_sweep_summary(cfg: DictConfig) -> SweepSummary:
+    """Write the summary of the sweep in ``cfg.sweep_dir`` (``summary.md``, ``.csv``, ``.png``); print it."""
     summary = write_summary(cfg.sweep_dir)
     print(summary.markdown.read_text(encoding="utf-8"))
     return summary
@@ -29,6 +30,7 @@ def run_sweep_summary(cfg: DictConfig) -> SweepSummary:
 
 @lf_command("sweep_summary")
 def main(cfg: DictConfig) -> None:
+    """Console entry point."""
     run_sweep_summary(cfg)
 
 

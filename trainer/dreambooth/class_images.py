@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def class_image_path(class_dir: Path, index: int) -> Path:
+    """Where the generated class image number ``index`` is kept."""
     return class_dir / f"class-{index:05d}.png"
 
 

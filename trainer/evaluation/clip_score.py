@@ -64,7 +64,9 @@ class _ProjectedFeatures(nn.Module):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return _tensor(self.model.get_image_features(pixel_values, **kwargs))
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         return _tensor(self.model.get_text_features(input_ids, attention_mask, **kwargs))
 
 

@@ -101,6 +101,7 @@ def in_sweep(multirun: bool) -> bool:
 
 
 def check_direction(direction: str) -> str:
+    """``direction`` when it is one of :data:`DIRECTIONS` (``minimize``, ``maximize``)."""
     if direction not in DIRECTIONS:
         raise ConfigError(f"optimized_direction must be one of {DIRECTIONS}, got {direction!r}")
     return direction
