@@ -1,5 +1,6 @@
-"""Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind; retention keeps the
-checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is removed)."""
+"""Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind, and a damaged checkpoint URL;
+retention keeps the checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is
+removed, also when the run was already finished)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,33 @@ def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3
     assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
     kept = {object_store.basename(entry["url"]) for entry in object_store.list_entries(remote)}
     assert kept == {"step-0000002.ckpt", "step-0000004.ckpt"}
+
+
+def test_a_finished_run_resumed_from_a_bucket_removes_its_copy(s3_bucket, tmp_path):
+    """The same command run again after the run finished (``auto_resume=true`` on a requeue) resumes from the
+    checkpoint at ``max_steps``: no training starts, and the downloaded copy is removed all the same."""
+    remote = f"{s3_bucket}/checkpoints"
+
+    def fit(steps: int, ckpt_path: str | None = None, resumed_url: str | None = None) -> None:
+        callback = ModelCheckpoint(dirpath=remote, every_n_train_steps=2, staging_dir=str(tmp_path / "staging"))
+        resumed = [ResumedFromBucket(resumed_url, str(ckpt_path))] if resumed_url else []
+        trainer = bare_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[callback, *resumed])
+        trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2), ckpt_path=ckpt_path)
+
+    fit(2)
+    url, copy = choose_remote_checkpoint("last", remote, tmp_path / "cache")
+    fit(2, ckpt_path=copy, resumed_url=url)
+    assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
+
+
+def test_a_damaged_checkpoint_url_falls_back_to_the_one_before(s3_bucket, tmp_path):
+    """``ckpt_path=s3://.../step-0000004.ckpt`` damaged: the newest complete one before it, as on local disk (a
+    listing of a file's key gives the file itself, which is no folder of checkpoints)."""
+    complete, damaged = tmp_path / "complete.ckpt", tmp_path / "damaged.ckpt"
+    torch.save({"global_step": 2}, complete)
+    damaged.write_bytes(complete.read_bytes()[:50])
+    object_store.upload(complete, f"{s3_bucket}/run/step-0000002.ckpt")
+    object_store.upload(damaged, f"{s3_bucket}/run/step-0000004.ckpt")
+    url, copy = choose_remote_checkpoint(f"{s3_bucket}/run/step-0000004.ckpt", None, tmp_path / "cache")
+    assert url == f"{s3_bucket}/run/step-0000002.ckpt"
+    assert torch.load(copy, weights_only=True)["global_step"] == 2

@@ -92,8 +92,10 @@ def has_remote_checkpoints(folder: str) -> bool:
 
 
 def _is_checkpoint_folder(url: str) -> bool:
-    """A prefix holding checkpoints (not itself a DeepSpeed checkpoint folder)."""
-    names = {object_store.basename(e["url"]) for e in object_store.list_entries(object_store.join(url, ""))}
+    """A prefix holding checkpoints (not itself a DeepSpeed checkpoint folder, nor a checkpoint file: a listing
+    of a file's key gives the file itself)."""
+    entries = object_store.list_entries(object_store.join(url, ""))
+    names = {object_store.basename(e["url"]) for e in entries if e["url"] != url.rstrip("/")}
     return TAG_FILE not in names and any(name.endswith(".ckpt") for name in names)
 
 
