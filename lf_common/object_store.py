@@ -210,10 +210,21 @@ def download(url: str, local: str | os.PathLike[str]) -> None:
         raise storage_error(url, error, "an existing object") from error
 
 
+def is_bucket(url: str) -> bool:
+    """Whether ``url`` names a whole bucket (``s3://bucket``, ``s3://bucket/``), no key or prefix in it."""
+    return is_url(url) and "/" not in url.split("://", 1)[1].strip("/")
+
+
 def remove(url: str, first: tuple[str, ...] = ()) -> None:
     """Delete the object at ``url``, or every object under the prefix ``url`` (a "folder"): the ones named in
     ``first`` (relative to ``url``) before the rest, so a folder stops being complete before it disappears.
-    Nothing there is fine."""
+    Nothing there is fine.
+
+    Raises:
+        ObjectStoreError: ``url`` is a whole bucket (its objects and the bucket itself would go).
+    """
+    if is_bucket(url):
+        raise storage_error(url, ValueError("a whole bucket is never deleted"), "a prefix in the bucket (s3://b/NAME)")
     fs, path = filesystem(url)
     try:
         for name in first:

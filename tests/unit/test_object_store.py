@@ -24,6 +24,7 @@ from data_pipelines.shards.shard_reading import open_shard
 from lf_common import object_store
 from lf_common.errors import DataError
 from lf_common.object_cache import cached_copy
+from lf_common.staged_output import staged_output
 from tests.s3_server import upload_folder
 from tests.unit.test_latent_format import make_manifest
 
@@ -166,6 +167,23 @@ def test_a_cached_copy_is_downloaded_once_and_again_only_when_an_object_changed(
     assert single.name == "model_index.json" and single.read_bytes() == b"{}"
     with pytest.raises(object_store.ObjectStoreError, match=r"step-6 at endpoint .*nothing under this key"):
         cached_copy(f"{s3_bucket}/export/step-6", tmp_path)
+
+
+def test_a_folder_written_over_a_whole_bucket_is_refused_and_the_bucket_kept(s3_bucket):
+    """``out_dir=s3://bucket`` (no prefix): replacing the folder would delete every object of the bucket and the
+    bucket itself, and the upload then fail; refused before the block runs, and ``remove`` never deletes a bucket."""
+    object_store.write_bytes(f"{s3_bucket}/other/keep.txt", b"keep")
+    refused = pytest.raises(object_store.ObjectStoreError, match=r"a whole bucket.*expected a prefix in it")
+    with refused, staged_output(f"{s3_bucket}/", last=("config.json",)):
+        raise AssertionError("the block does not run")
+    with pytest.raises(object_store.ObjectStoreError, match=r"a whole bucket is never deleted"):
+        object_store.remove(s3_bucket)
+    assert object_store.read_bytes(f"{s3_bucket}/other/keep.txt") == b"keep"
+    with staged_output(f"{s3_bucket}/export", last=("config.json",)) as local:  # a prefix: replaced as before
+        local.mkdir()
+        (local / "config.json").write_text("{}")
+    assert object_store.read_bytes(f"{s3_bucket}/export/config.json") == b"{}"
+    assert object_store.read_bytes(f"{s3_bucket}/other/keep.txt") == b"keep"
 
 
 def test_a_checkpoint_folder_in_a_missing_bucket_fails_before_training(s3_env):
