@@ -1,6 +1,6 @@
 """Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind, and a damaged checkpoint URL;
 retention keeps the checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is
-removed, also when the run was already finished)."""
+removed, also when the run was already finished); ``auto_resume`` passes over a folder upload cut short."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lf_common import object_store
+from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.unit.tiny_lightning import TinyLinear, bare_trainer
 from trainer.callbacks.checkpoint import ModelCheckpoint
@@ -21,6 +23,7 @@ from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
 from trainer.checkpoint.remote import choose_remote_checkpoint
 from trainer.checkpoint.resume import checkpoints_newest_first, resolve_resume_checkpoint
 from trainer.cli.hydra_app import build_trainer
+from trainer.cli.train import resume_checkpoint
 
 
 def write_checkpoints(folder: Path, written: dict[str, int]) -> None:
@@ -120,3 +123,19 @@ def test_a_damaged_checkpoint_url_falls_back_to_the_one_before(s3_bucket, tmp_pa
     url, copy = choose_remote_checkpoint(f"{s3_bucket}/run/step-0000004.ckpt", None, tmp_path / "cache")
     assert url == f"{s3_bucket}/run/step-0000002.ckpt"
     assert torch.load(copy, weights_only=True)["global_step"] == 2
+
+
+def test_auto_resume_starts_afresh_after_the_first_folder_upload_was_cut_short(s3_bucket, tmp_path):
+    """A DeepSpeed folder without its ``latest`` tag (its upload cut short, e.g. by the forced exit after a
+    preemption) is nothing to resume, as a local ``.partial`` is not: ``auto_resume`` starts at step 0 instead
+    of failing on every requeue; once a folder has its tag, ``auto_resume`` resumes."""
+    remote = f"{s3_bucket}/run/checkpoints"
+    object_store.write_bytes(f"{remote}/step-0000002.ckpt/checkpoint/mp_rank_00_model_states.pt", b"cut short")
+    cfg = OmegaConf.create(
+        {"callbacks": {"model_checkpoint": {"dirpath": remote}}, "ckpt_path": None, "auto_resume": True}
+    )
+    cfg.output_dir = str(tmp_path / "run")
+    assert resume_checkpoint(cfg) == (None, None)
+    object_store.write_bytes(f"{remote}/step-0000002.ckpt/latest", b"checkpoint")
+    with pytest.raises(DataError, match=r"step-0000002\.ckpt \(checkpoint/mp_rank_00_model_states\.pt: not a complete"):
+        resume_checkpoint(cfg)  # tagged: taken, and explained as damaged
