@@ -1,6 +1,7 @@
 """Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind, and a damaged checkpoint URL;
 retention keeps the checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is
-removed, also when the run was already finished); ``auto_resume`` passes over a folder upload cut short."""
+removed, also when the run was already finished); ``auto_resume`` passes over a folder upload cut short; a
+shared staging folder keeps what is not a checkpoint."""
 
 from __future__ import annotations
 
@@ -139,3 +140,16 @@ def test_auto_resume_starts_afresh_after_the_first_folder_upload_was_cut_short(s
     object_store.write_bytes(f"{remote}/step-0000002.ckpt/latest", b"checkpoint")
     with pytest.raises(DataError, match=r"step-0000002\.ckpt \(checkpoint/mp_rank_00_model_states\.pt: not a complete"):
         resume_checkpoint(cfg)  # tagged: taken, and explained as damaged
+
+
+def test_a_shared_staging_dir_loses_only_the_checkpoints_a_crash_left(s3_bucket, tmp_path):
+    """``staging_dir=/tmp`` (or another folder not ours): a save clears what a crash left there, checkpoints, and
+    nothing else."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "another-job.bin").write_bytes(b"not ours")
+    (scratch / "step-0000001.ckpt").mkdir()  # a staged folder a crash left
+    callback = ModelCheckpoint(dirpath=f"{s3_bucket}/checkpoints", every_n_train_steps=2, staging_dir=str(scratch))
+    trainer = bare_trainer(max_steps=2, enable_checkpointing=True, callbacks=[callback])
+    trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2))
+    assert sorted(p.name for p in scratch.iterdir()) == ["another-job.bin"]
