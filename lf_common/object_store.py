@@ -111,7 +111,11 @@ def storage_error(url: str, error: BaseException, expected: str) -> ObjectStoreE
     """One line for a failed access to ``url``: what went wrong and what was ``expected``."""
     reason = f"{type(error).__name__}: {error}".splitlines()[0]
     if isinstance(error, FileNotFoundError):
-        reason = "the bucket does not exist" if "bucket" in str(error).lower() else "nothing under this key"
+        told = str(error).lower()  # without the URL, key and bucket name, which may hold "bucket" themselves
+        path = url.split("://", 1)[-1]
+        for name in (url, path, path.split("/", 1)[0]):
+            told = told.replace(name.lower(), "") if name else told
+        reason = "the bucket does not exist" if "bucket" in told else "nothing under this key"
     elif isinstance(error, PermissionError):
         reason = f"access refused ({error})".splitlines()[0]
         expected = "credentials the store accepts: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
