@@ -111,7 +111,11 @@ def storage_error(url: str, error: BaseException, expected: str) -> ObjectStoreE
     """One line for a failed access to ``url``: what went wrong and what was ``expected``."""
     reason = f"{type(error).__name__}: {error}".splitlines()[0]
     if isinstance(error, FileNotFoundError):
-        reason = "the bucket does not exist" if "bucket" in str(error).lower() else "nothing under this key"
+        told = str(error).lower()  # without the URL, key and bucket name, which may hold "bucket" themselves
+        path = url.split("://", 1)[-1]
+        for name in (url, path, path.split("/", 1)[0]):
+            told = told.replace(name.lower(), "") if name else told
+        reason = "the bucket does not exist" if "bucket" in told else "nothing under this key"
     elif isinstance(error, PermissionError):
         reason = f"access refused ({error})".splitlines()[0]
         expected = "credentials the store accepts: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
@@ -210,10 +214,21 @@ def download(url: str, local: str | os.PathLike[str]) -> None:
         raise storage_error(url, error, "an existing object") from error
 
 
+def is_bucket(url: str) -> bool:
+    """Whether ``url`` names a whole bucket (``s3://bucket``, ``s3://bucket/``), no key or prefix in it."""
+    return is_url(url) and "/" not in url.split("://", 1)[1].strip("/")
+
+
 def remove(url: str, first: tuple[str, ...] = ()) -> None:
     """Delete the object at ``url``, or every object under the prefix ``url`` (a "folder"): the ones named in
     ``first`` (relative to ``url``) before the rest, so a folder stops being complete before it disappears.
-    Nothing there is fine."""
+    Nothing there is fine.
+
+    Raises:
+        ObjectStoreError: ``url`` is a whole bucket (its objects and the bucket itself would go).
+    """
+    if is_bucket(url):
+        raise storage_error(url, ValueError("a whole bucket is never deleted"), "a prefix in the bucket (s3://b/NAME)")
     fs, path = filesystem(url)
     try:
         for name in first:

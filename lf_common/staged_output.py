@@ -30,12 +30,18 @@ def staged_output(target: str | os.PathLike[str], last: tuple[str, ...] = (), re
         replace: a folder replaces what was under the URL (``False``: adds to it, e.g. more images).
 
     Raises:
-        ObjectStoreError: the upload failed; names the URL and the endpoint.
+        ObjectStoreError: the upload failed; names the URL and the endpoint. A whole bucket as ``target``
+            (``s3://bucket``, nothing it could replace but every object there), before the block runs.
     """
     if not object_store.is_url(target):
         yield Path(target)
         return
     url = str(target).rstrip("/")
+    if replace and object_store.is_bucket(url):
+        raise object_store.ObjectStoreError(
+            f"{url}: a whole bucket, whose every object a write here would replace; expected a prefix in it "
+            f"({url}/NAME)"
+        )
     scratch = Path(tempfile.mkdtemp(prefix="lf-upload-"))
     try:
         local = scratch / object_store.basename(url)

@@ -111,6 +111,27 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
     assert_resume_is_exact(Path(last), reference / "checkpoints" / "step-0000003.ckpt", ranks=1)
 
 
+def test_a_requeue_after_the_first_folder_upload_was_cut_short_starts_afresh(
+    latent_dir, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """The first DeepSpeed checkpoint's ``latest`` never arrives (a preemption's forced exit, the store gone):
+    the same command again with ``auto_resume=true`` starts at step 0 and completes, as after a local partial
+    write, instead of failing with "no complete checkpoint" on every requeue."""
+    checkpoints = f"{s3_bucket}/run/checkpoints"
+    overrides = [
+        *tiny_train_overrides(latent_dir, tmp_path / "run", steps=2),
+        "strategy=deepspeed_stage_2", "trainer.devices=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+        f"callbacks.model_checkpoint.dirpath={checkpoints}", "auto_resume=true",
+    ]  # fmt: skip
+    real_upload = fail_upload_when(monkeypatch, s3_server, lambda url: url.endswith("step-0000001.ckpt/latest"))
+    with pytest.raises(object_store.ObjectStoreError, match=r"step-0000001\.ckpt/latest at endpoint"):
+        run_train(compose_config("train", overrides))
+    assert "latest" not in object_store.object_infos(f"{checkpoints}/step-0000001.ckpt")
+    monkeypatch.setattr(object_store, "upload", real_upload)
+    assert run_train(compose_config("train", overrides))["global_step"] == 2
+    assert "latest" in object_store.object_infos(f"{checkpoints}/step-0000002.ckpt")
+
+
 def autoencoder_overrides(raw_shards: Path, out: Path, checkpoints: str, steps: int) -> list[str]:
     """``lf-train-autoencoder`` on the digits at 32 px, batches of 4, a checkpoint every 2 steps (one kept)."""
     return [

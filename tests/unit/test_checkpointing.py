@@ -1,5 +1,7 @@
-"""Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind; retention keeps the
-checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is removed)."""
+"""Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind, and a damaged checkpoint URL;
+retention keeps the checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is
+removed, also when the run was already finished); ``auto_resume`` passes over a folder upload cut short; a
+shared staging folder keeps what is not a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lf_common import object_store
+from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.unit.tiny_lightning import TinyLinear, bare_trainer
 from trainer.callbacks.checkpoint import ModelCheckpoint
@@ -20,6 +24,7 @@ from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
 from trainer.checkpoint.remote import choose_remote_checkpoint
 from trainer.checkpoint.resume import checkpoints_newest_first, resolve_resume_checkpoint
 from trainer.cli.hydra_app import build_trainer
+from trainer.cli.train import resume_checkpoint
 
 
 def write_checkpoints(folder: Path, written: dict[str, int]) -> None:
@@ -89,3 +94,62 @@ def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3
     assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
     kept = {object_store.basename(entry["url"]) for entry in object_store.list_entries(remote)}
     assert kept == {"step-0000002.ckpt", "step-0000004.ckpt"}
+
+
+def test_a_finished_run_resumed_from_a_bucket_removes_its_copy(s3_bucket, tmp_path):
+    """The same command run again after the run finished (``auto_resume=true`` on a requeue) resumes from the
+    checkpoint at ``max_steps``: no training starts, and the downloaded copy is removed all the same."""
+    remote = f"{s3_bucket}/checkpoints"
+
+    def fit(steps: int, ckpt_path: str | None = None, resumed_url: str | None = None) -> None:
+        callback = ModelCheckpoint(dirpath=remote, every_n_train_steps=2, staging_dir=str(tmp_path / "staging"))
+        resumed = [ResumedFromBucket(resumed_url, str(ckpt_path))] if resumed_url else []
+        trainer = bare_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[callback, *resumed])
+        trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2), ckpt_path=ckpt_path)
+
+    fit(2)
+    url, copy = choose_remote_checkpoint("last", remote, tmp_path / "cache")
+    fit(2, ckpt_path=copy, resumed_url=url)
+    assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
+
+
+def test_a_damaged_checkpoint_url_falls_back_to_the_one_before(s3_bucket, tmp_path):
+    """``ckpt_path=s3://.../step-0000004.ckpt`` damaged: the newest complete one before it, as on local disk (a
+    listing of a file's key gives the file itself, which is no folder of checkpoints)."""
+    complete, damaged = tmp_path / "complete.ckpt", tmp_path / "damaged.ckpt"
+    torch.save({"global_step": 2}, complete)
+    damaged.write_bytes(complete.read_bytes()[:50])
+    object_store.upload(complete, f"{s3_bucket}/run/step-0000002.ckpt")
+    object_store.upload(damaged, f"{s3_bucket}/run/step-0000004.ckpt")
+    url, copy = choose_remote_checkpoint(f"{s3_bucket}/run/step-0000004.ckpt", None, tmp_path / "cache")
+    assert url == f"{s3_bucket}/run/step-0000002.ckpt"
+    assert torch.load(copy, weights_only=True)["global_step"] == 2
+
+
+def test_auto_resume_starts_afresh_after_the_first_folder_upload_was_cut_short(s3_bucket, tmp_path):
+    """A DeepSpeed folder without its ``latest`` tag (its upload cut short, e.g. by the forced exit after a
+    preemption) is nothing to resume, as a local ``.partial`` is not: ``auto_resume`` starts at step 0 instead
+    of failing on every requeue; once a folder has its tag, ``auto_resume`` resumes."""
+    remote = f"{s3_bucket}/run/checkpoints"
+    object_store.write_bytes(f"{remote}/step-0000002.ckpt/checkpoint/mp_rank_00_model_states.pt", b"cut short")
+    cfg = OmegaConf.create(
+        {"callbacks": {"model_checkpoint": {"dirpath": remote}}, "ckpt_path": None, "auto_resume": True}
+    )
+    cfg.output_dir = str(tmp_path / "run")
+    assert resume_checkpoint(cfg) == (None, None)
+    object_store.write_bytes(f"{remote}/step-0000002.ckpt/latest", b"checkpoint")
+    with pytest.raises(DataError, match=r"step-0000002\.ckpt \(checkpoint/mp_rank_00_model_states\.pt: not a complete"):
+        resume_checkpoint(cfg)  # tagged: taken, and explained as damaged
+
+
+def test_a_shared_staging_dir_loses_only_the_checkpoints_a_crash_left(s3_bucket, tmp_path):
+    """``staging_dir=/tmp`` (or another folder not ours): a save clears what a crash left there, checkpoints, and
+    nothing else."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "another-job.bin").write_bytes(b"not ours")
+    (scratch / "step-0000001.ckpt").mkdir()  # a staged folder a crash left
+    callback = ModelCheckpoint(dirpath=f"{s3_bucket}/checkpoints", every_n_train_steps=2, staging_dir=str(scratch))
+    trainer = bare_trainer(max_steps=2, enable_checkpointing=True, callbacks=[callback])
+    trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2))
+    assert sorted(p.name for p in scratch.iterdir()) == ["another-job.bin"]

@@ -3,6 +3,7 @@ validation, the latent-shard manifest and records."""
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from data_pipelines.shards.shard_reading import open_shard
 from lf_common import object_store
 from lf_common.errors import DataError
 from lf_common.object_cache import cached_copy
+from lf_common.staged_output import staged_output
 from tests.s3_server import upload_folder
 from tests.unit.test_latent_format import make_manifest
 
@@ -166,6 +168,39 @@ def test_a_cached_copy_is_downloaded_once_and_again_only_when_an_object_changed(
     assert single.name == "model_index.json" and single.read_bytes() == b"{}"
     with pytest.raises(object_store.ObjectStoreError, match=r"step-6 at endpoint .*nothing under this key"):
         cached_copy(f"{s3_bucket}/export/step-6", tmp_path)
+
+
+def test_a_missing_key_in_a_bucket_named_bucket_is_no_missing_bucket(s3_env, tmp_path):
+    """A bucket named ``team-bucket-...`` (the word in its name, as in many): a missing key under it is "nothing
+    under this key", and a missing bucket of such a name still "the bucket does not exist"."""
+    bucket = f"team-bucket-{os.getpid()}"
+    object_store.filesystem(f"s3://{bucket}")[0].mkdir(bucket)
+    for missing in (
+        lambda: object_store.read_bytes(f"s3://{bucket}/absent.json"),
+        lambda: object_store.open_url(f"s3://{bucket}/absent.json"),
+        lambda: cached_copy(f"s3://{bucket}/models/sd15", tmp_path),
+    ):
+        with pytest.raises(object_store.ObjectStoreError, match=r": nothing under this key; expected"):
+            missing()
+    with pytest.raises(object_store.ObjectStoreError, match=r": the bucket does not exist; expected"):
+        cached_copy(f"s3://no-bucket-{os.getpid()}/models/sd15", tmp_path)
+
+
+def test_a_folder_written_over_a_whole_bucket_is_refused_and_the_bucket_kept(s3_bucket):
+    """``out_dir=s3://bucket`` (no prefix): replacing the folder would delete every object of the bucket and the
+    bucket itself, and the upload then fail; refused before the block runs, and ``remove`` never deletes a bucket."""
+    object_store.write_bytes(f"{s3_bucket}/other/keep.txt", b"keep")
+    refused = pytest.raises(object_store.ObjectStoreError, match=r"a whole bucket.*expected a prefix in it")
+    with refused, staged_output(f"{s3_bucket}/", last=("config.json",)):
+        raise AssertionError("the block does not run")
+    with pytest.raises(object_store.ObjectStoreError, match=r"a whole bucket is never deleted"):
+        object_store.remove(s3_bucket)
+    assert object_store.read_bytes(f"{s3_bucket}/other/keep.txt") == b"keep"
+    with staged_output(f"{s3_bucket}/export", last=("config.json",)) as local:  # a prefix: replaced as before
+        local.mkdir()
+        (local / "config.json").write_text("{}")
+    assert object_store.read_bytes(f"{s3_bucket}/export/config.json") == b"{}"
+    assert object_store.read_bytes(f"{s3_bucket}/other/keep.txt") == b"keep"
 
 
 def test_a_checkpoint_folder_in_a_missing_bucket_fails_before_training(s3_env):

@@ -40,8 +40,8 @@ def save_and_upload(trainer: L.Trainer, url: str, staged: Path, weights_only: bo
     """
     strategy, step = trainer.strategy, trainer.global_step
     if trainer.local_rank == 0 and staged.parent.is_dir():
-        for left in staged.parent.iterdir():  # left by a crash: staging holds one checkpoint at a time
-            _remove_local(left)
+        for left in staged.parent.glob(f"*{staged.suffix}"):  # left by a crash: one checkpoint at a time
+            _remove_local(left)  # only checkpoints: the folder may be a shared one (staging_dir=/tmp)
     strategy.barrier("checkpoint_staging_clear")
     with single_rank_work("checkpoint save", step, worker=None, growing=staged):
         try:

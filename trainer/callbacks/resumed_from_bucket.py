@@ -10,7 +10,8 @@ then differ from a local resume, and this one callback handles both for every co
 * **The copy is removed once loaded** (small local disks): every rank has restored from it before
   training starts, so local rank 0 of each machine removes it then, with its cache entry (the version
   folder and the download lock), and local disk holds at most the checkpoint being written
-  (``checkpoint-staging``).
+  (``checkpoint-staging``). A run resumed from a checkpoint at ``max_steps`` (the same command run again
+  after the run finished) trains no step and never starts training: the copy is removed when fit ends.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ResumedFromBucket(Callback):
     def __init__(self, url: str, copy: str | Path) -> None:
         self.url = url
         self.copy = Path(copy)
+        self._removed = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for callback in trainer.checkpoint_callbacks:
@@ -42,6 +44,14 @@ class ResumedFromBucket(Callback):
                 callback.resumed_from = self.url
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_copy(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._removed:  # training never started: the checkpoint was at max_steps already
+            self._remove_copy(trainer)
+
+    def _remove_copy(self, trainer: L.Trainer) -> None:
         trainer.strategy.barrier("resumed_copy_loaded")  # every rank has restored from it
         if trainer.local_rank == 0:
             shutil.rmtree(self.copy.parent.parent, ignore_errors=True)  # <cache>/<url key>: copy and lock
+        self._removed = True

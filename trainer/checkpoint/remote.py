@@ -72,7 +72,12 @@ def remove_checkpoint(url: str) -> None:
 def remote_checkpoints(folder: str) -> dict[str, float]:
     """The checkpoints under the prefix ``folder``: URL -> upload time (a folder's: its ``latest`` tag's, or
     0 when it has none: incomplete, tried last among equals)."""
-    written: dict[str, float] = {}
+    return {url: 0.0 if written is None else written for url, written in _listed_checkpoints(folder).items()}
+
+
+def _listed_checkpoints(folder: str) -> dict[str, float | None]:
+    """:func:`remote_checkpoints`, with ``None`` for a folder without its ``latest`` tag."""
+    written: dict[str, float | None] = {}
     for entry in object_store.list_entries(folder):
         url = entry["url"]
         if not url.endswith(".ckpt") or url.endswith(PARTIAL_SUFFIX):
@@ -80,20 +85,25 @@ def remote_checkpoints(folder: str) -> dict[str, float]:
         if entry.get("type") == "directory":
             infos = object_store.list_entries(object_store.join(url, ""))
             tag = next((i for i in infos if object_store.basename(i["url"]) == TAG_FILE), None)
-            written[url] = tag["LastModified"].timestamp() if tag and "LastModified" in tag else 0.0
+            written[url] = (tag["LastModified"].timestamp() if "LastModified" in tag else 0.0) if tag else None
         else:
             written[url] = entry["LastModified"].timestamp() if "LastModified" in entry else 0.0
     return written
 
 
 def has_remote_checkpoints(folder: str) -> bool:
-    """Whether the prefix ``folder`` holds checkpoints (complete or not)."""
-    return bool(newest_first(remote_checkpoints(folder)))
+    """Whether the prefix ``folder`` holds checkpoints (complete or damaged). A folder without its ``latest`` tag
+    (an upload cut short, or a deletion) does not count, as a local ``.partial`` does not: a run whose first
+    checkpoint's upload was cut short starts afresh under ``auto_resume``."""
+    listed = _listed_checkpoints(folder)
+    return bool(newest_first({url: written for url, written in listed.items() if written is not None}))
 
 
 def _is_checkpoint_folder(url: str) -> bool:
-    """A prefix holding checkpoints (not itself a DeepSpeed checkpoint folder)."""
-    names = {object_store.basename(e["url"]) for e in object_store.list_entries(object_store.join(url, ""))}
+    """A prefix holding checkpoints (not itself a DeepSpeed checkpoint folder, nor a checkpoint file: a listing
+    of a file's key gives the file itself)."""
+    entries = object_store.list_entries(object_store.join(url, ""))
+    names = {object_store.basename(e["url"]) for e in entries if e["url"] != url.rstrip("/")}
     return TAG_FILE not in names and any(name.endswith(".ckpt") for name in names)
 
 
