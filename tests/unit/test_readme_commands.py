@@ -1,11 +1,13 @@
-"""Every command line in README.md's code blocks composes its config as the command would.
+"""Every command line in the code blocks of README.md, launch/README.md and docs/**/*.md composes its config
+as the command would.
 
 A line runs a console script of pyproject.toml (``lf-train ...``, after ``VAR=value`` assignments,
 or as ``torchrun|python -m trainer.cli.X``) or a launcher of ``launch/`` (its ``--dry-run`` gives
 the ``lf-*`` line it runs). The words are split as bash splits them, Hydra's flags are left out, a
 bare ``...`` ("and the rest") is dropped, a placeholder ``<run>`` becomes ``run``, and a
 ``--multirun`` line is composed with the first value of each sweep (an interval's lower bound).
-Files a block writes with a heredoc (a user's experiment) are written to a fresh ``$PWD``.
+Files a block writes with a heredoc (a user's experiment) are written to a fresh ``$PWD``. A block fenced
+as ``text`` is output, not commands.
 
 A line followed by ``lf-X: error: ...`` in its block is an error example: composing it must still
 fail with the lines shown, or (:data:`FAILS_AFTER_COMPOSING`) succeed, the command refusing later.
@@ -36,14 +38,20 @@ from trainer.cli.hydra_app import CONF_MODULE, VERSION_BASE, compose_config
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ("README.md", "launch/README.md")
+DOCS = (
+    "README.md",
+    "launch/README.md",
+    *sorted(path.relative_to(ROOT).as_posix() for path in ROOT.glob("docs/**/*.md")),
+)
+"""The files whose code blocks are read: README, the launchers' page and every page of the docs site."""
 MIN_COMMAND_LINES = 90
 FAILS_AFTER_COMPOSING = {
     "lf-export ckpt_path=sd-v1-5.ckpt out_dir=export": "the refusal comes from reading the file, which is not there",
 }
 """Error examples whose error the command raises after composing (``script args``: why)."""
 
-FENCE = re.compile(r"^\s*```")
+FENCE = re.compile(r"^\s*```\s*(\w*)")
+OUTPUT_FENCES = frozenset({"text"})
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
 HEREDOC_TARGET = re.compile(r">\s*(\S+)")
@@ -110,7 +118,7 @@ class Example:
 
     @property
     def text(self) -> str:
-        """The command from its program on, as README shows it."""
+        """The command from its program on, as the page shows it."""
         return shlex.join(invoked(self.words))
 
     @property
@@ -153,12 +161,14 @@ def runs_a_launcher(words: list[str]) -> bool:
 
 
 def fenced_blocks(text: str) -> Iterator[list[tuple[int, str]]]:
-    """The numbered lines of each fenced code block."""
+    """The numbered lines of each fenced code block (but those fenced as output: ``text``)."""
     block: list[tuple[int, str]] | None = None
+    output = False
     for number, line in enumerate(text.splitlines(), start=1):
-        if FENCE.match(line):
-            if block is not None:
+        if fence := FENCE.match(line):
+            if block is not None and not output:
                 yield block
+            output = block is None and fence.group(1) in OUTPUT_FENCES
             block = [] if block is None else None
         elif block is not None:
             block.append((number, line))
@@ -305,9 +315,11 @@ def hydra_app() -> Iterator[None]:
 
 def test_readme_shows_every_command():
     assert len(EXAMPLES) >= MIN_COMMAND_LINES, f"found only {len(EXAMPLES)} command lines: is the parser broken?"
-    assert set(SCRIPTS) <= {example.program for example in EXAMPLES}, "a console script without a README example"
+    assert set(SCRIPTS) <= {example.program for example in EXAMPLES}, (
+        "a console script without an example in README or docs/"
+    )
     shown = {example.text for example in EXAMPLES}
-    assert set(FAILS_AFTER_COMPOSING) <= shown, "an entry of FAILS_AFTER_COMPOSING that README no longer shows"
+    assert set(FAILS_AFTER_COMPOSING) <= shown, "an entry of FAILS_AFTER_COMPOSING that no page shows any more"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda example: example.id)
@@ -329,6 +341,6 @@ def test_readme_command_composes(example: Example, hydra_app: None, tmp_path: Pa
     if not example.shown_error:
         assert error is None, "\n".join(error or [])
     elif example.text in FAILS_AFTER_COMPOSING:
-        assert error is None, f"README shows a refusal by the command, but composing fails: {error}"
+        assert error is None, f"{example.doc} shows a refusal by the command, but composing fails: {error}"
     else:
-        assert error == [line for line in example.output if line], "README shows another error"
+        assert error == [line for line in example.output if line], f"{example.doc} shows another error"
