@@ -23,9 +23,10 @@ def packages_under(top: Path) -> list[Path]:
 
 
 def page_text(package: Path) -> str:
-    """The page of one package: its docstring, then each module directly inside it."""
+    """The page of one package: its docstring (its members are shown in their modules), then each module
+    directly inside it."""
     dotted = ".".join(package.relative_to(ROOT).parts)
-    lines = [f"# `{dotted}`", "", f"::: {dotted}", "    options:", "      show_submodules: false", ""]
+    lines = [f"::: {dotted}", "    options:", "      heading_level: 1", "      members: false", ""]
     for module in sorted(package.glob("*.py")):
         if module.name != "__init__.py":
             lines += [f"::: {dotted}.{module.stem}", "    options:", "      heading_level: 2", ""]

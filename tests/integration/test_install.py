@@ -1,6 +1,6 @@
 """``pip install .`` (not editable) into a fresh environment gives commands that work outside the
 checkout: the configs ship inside the package, and a user's own config folder joins them through
-Hydra's search path (``hydra.searchpath``), as the README shows."""
+Hydra's search path (``hydra.searchpath``), as docs/configs.md shows."""
 
 from __future__ import annotations
 
