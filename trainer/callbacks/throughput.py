@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from lf_common.upstream.lightning_private import stage_throughputs
+from trainer.callbacks.lightning_private import stage_throughputs
 from trainer.faults.ranks import single_rank_work
 
 log = logging.getLogger(__name__)
