@@ -63,7 +63,7 @@ GRACE_SHARE = 0.5
 """A save that takes more than this share of the preemption grace period is warned about."""
 
 
-class ModelCheckpoint(ModelCheckpointHooks):
+class AtomicModelCheckpoint(ModelCheckpointHooks):
     """``lightning.pytorch.callbacks.ModelCheckpoint`` that writes atomically and keeps every N-th step.
 
     Args:

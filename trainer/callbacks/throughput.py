@@ -55,7 +55,7 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
     )
 
 
-class Throughput(ThroughputMonitor):
+class UNetThroughputMonitor(ThroughputMonitor):
     """``ThroughputMonitor`` that counts the UNet's FLOPs per batch and logs MFU.
 
     Args:

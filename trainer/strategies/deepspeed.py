@@ -29,7 +29,7 @@ from trainer.strategies.deepspeed_private import skip_shm_comm_op
 from trainer.strategies.lightning_private import DeepSpeedStrategyHooks
 
 
-class DeepSpeedStrategy(DeepSpeedStrategyHooks):
+class CpuDeepSpeedStrategy(DeepSpeedStrategyHooks):
     """``lightning.pytorch.strategies.DeepSpeedStrategy`` that also runs on CPU."""
 
     strategy_name = "latentforge_deepspeed"

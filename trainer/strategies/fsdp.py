@@ -31,7 +31,7 @@ from lf_common.errors import ConfigError
 from trainer.strategies.lightning_private import FSDPStrategyHooks, own_path_broadcast
 
 
-class FSDPStrategy(FSDPStrategyHooks):
+class CpuFSDPStrategy(FSDPStrategyHooks):
     """``lightning.pytorch.strategies.FSDPStrategy`` that also runs on CPU.
 
     Args:
