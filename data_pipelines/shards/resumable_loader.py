@@ -22,8 +22,8 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from data_pipelines.shards.streaming import EpochSlices
+from data_pipelines.shards.torch_private import restart_workers
 from lf_common.errors import DataError
-from lf_common.upstream.torch_private import restart_workers
 
 log = logging.getLogger(__name__)
 

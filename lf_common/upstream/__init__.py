@@ -1,19 +1,9 @@
-"""The one home of the private upstream APIs latentforge uses: one adapter module per upstream.
+"""What is left of the former home of the private upstream APIs: the two Optuna adapters, which the Optuna
+sweeper's replacement deletes (delete this package with them).
 
-Code elsewhere in the project uses only public upstream APIs and these adapters. Each adapter's
-docstring says which private names it uses, what for and why no public API does it; its
-``CONTRACTS`` list them, and ``tests/unit/test_upstream_contracts.py`` checks each against the
-installed versions, so an upgrade that changes one fails there with a line naming the upstream, its
-version and the adapter to update.
+Every other adapter lives beside its one user, named ``<upstream>_private.py`` (e.g.
+``trainer/strategies/lightning_private.py``), with the contract record of :mod:`lf_common.upstream_contract`:
 
-* :mod:`.lightning_private`: ``ModelCheckpoint``, ``WeightAveraging``, ``ThroughputMonitor``,
-  ``DeepSpeedStrategy``, ``FSDPStrategy`` and ``WandbLogger`` internals;
-* :mod:`.deepspeed_private`: the ops DeepSpeed marks compatible, to skip its CPU shared-memory
-  all-reduce op (inference only; compiling it took most of a CPU ZeRO test's time);
 * :mod:`.hydra_optuna_private`: hydra-optuna-sweeper's ``_impl`` (the sweep's steps);
-* :mod:`.optuna_private`: a study's storage, to reach a trial by its number;
-* :mod:`.torch_private`: ``torch._foreach_lerp_`` and a ``DataLoader``'s persistent workers;
-* :mod:`.peft_integration_private`: the adapters flag of transformers' and diffusers' peft integration.
-
-Importing one adapter imports only its own upstream.
+* :mod:`.optuna_private`: a study's storage, to reach a trial by its number.
 """

@@ -119,7 +119,7 @@ def test_two_processes_under_fsdp_and_zero3_in_bf16_mixed(sdxl_latent_dir, tmp_p
     aborted at random on a loaded machine): ZeRO-3's bf16 mode and FSDP's mixed precision feed and hold bf16;
     losses finite, weights and EMA move, the sharded checkpoint resumes bit for bit, exports and samples.
     DeepSpeed's CPU backend does not compile its inference-only shared-memory op
-    (``lf_common/upstream/deepspeed_private.py``)."""
+    (``trainer/strategies/deepspeed_private.py``)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     for strategy in SHARDED:

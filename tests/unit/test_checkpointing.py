@@ -18,7 +18,7 @@ from lf_common import object_store
 from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.unit.tiny_lightning import TinyLinear, bare_trainer
-from trainer.callbacks.checkpoint import ModelCheckpoint
+from trainer.callbacks.checkpoint import AtomicModelCheckpoint
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
 from trainer.checkpoint.remote import choose_remote_checkpoint
@@ -55,7 +55,7 @@ def test_trainer_flag_turns_off_every_checkpoint_callback(tmp_path):
     overrides = tiny_train_overrides(tmp_path / "latents", tmp_path / "run")
     kept = build_trainer(compose_config("train", overrides))
     dropped = build_trainer(compose_config("train", [*overrides, "trainer.enable_checkpointing=false"]))
-    assert {type(c) for c in kept.callbacks} >= {ModelCheckpoint, Preemption}
+    assert {type(c) for c in kept.callbacks} >= {AtomicModelCheckpoint, Preemption}
     assert not [c for c in dropped.callbacks if isinstance(c, Checkpoint)], dropped.callbacks
     assert dropped.checkpoint_callback is None
 
@@ -67,7 +67,7 @@ def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3
     (:class:`ResumedFromBucket`), which also removes the copy and its cache entry once it is loaded."""
 
     def fit(dirpath: str, steps: int, ckpt_path: str | None = None, resumed_url: str | None = None) -> None:
-        callback = ModelCheckpoint(
+        callback = AtomicModelCheckpoint(
             dirpath=dirpath,
             filename="step-{step:07d}",
             auto_insert_metric_name=False,
@@ -102,7 +102,7 @@ def test_a_finished_run_resumed_from_a_bucket_removes_its_copy(s3_bucket, tmp_pa
     remote = f"{s3_bucket}/checkpoints"
 
     def fit(steps: int, ckpt_path: str | None = None, resumed_url: str | None = None) -> None:
-        callback = ModelCheckpoint(dirpath=remote, every_n_train_steps=2, staging_dir=str(tmp_path / "staging"))
+        callback = AtomicModelCheckpoint(dirpath=remote, every_n_train_steps=2, staging_dir=str(tmp_path / "staging"))
         resumed = [ResumedFromBucket(resumed_url, str(ckpt_path))] if resumed_url else []
         trainer = bare_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[callback, *resumed])
         trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2), ckpt_path=ckpt_path)
@@ -149,7 +149,9 @@ def test_a_shared_staging_dir_loses_only_the_checkpoints_a_crash_left(s3_bucket,
     scratch.mkdir()
     (scratch / "another-job.bin").write_bytes(b"not ours")
     (scratch / "step-0000001.ckpt").mkdir()  # a staged folder a crash left
-    callback = ModelCheckpoint(dirpath=f"{s3_bucket}/checkpoints", every_n_train_steps=2, staging_dir=str(scratch))
+    callback = AtomicModelCheckpoint(
+        dirpath=f"{s3_bucket}/checkpoints", every_n_train_steps=2, staging_dir=str(scratch)
+    )
     trainer = bare_trainer(max_steps=2, enable_checkpointing=True, callbacks=[callback])
     trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2))
     assert sorted(p.name for p in scratch.iterdir()) == ["another-job.bin"]

@@ -118,8 +118,8 @@ def test_strategy_options_build_a_trainer(option, tmp_path):
     )
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     assert isinstance(trainer, L.Trainer)
-    expected = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}
-    assert type(trainer.strategy).__name__ == expected.get(option, "DeepSpeedStrategy")
+    expected = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "CpuFSDPStrategy"}
+    assert type(trainer.strategy).__name__ == expected.get(option, "CpuDeepSpeedStrategy")
 
 
 def test_sharded_fsdp_checkpoints_are_refused_with_what_to_use(tmp_path):
@@ -151,7 +151,7 @@ def test_callback_options(option, tmp_path):
         overrides += ["callbacks.image_metrics.reference={_target_: trainer.evaluation.reference.DigitsReference}"]
     cfg = compose_config("train", overrides)
     callbacks = instantiate_group(cfg.callbacks)
-    assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
+    assert any(type(c).__name__ == "AtomicModelCheckpoint" for c in callbacks)
 
 
 @pytest.mark.parametrize("option", options("logger"))

@@ -204,11 +204,11 @@ def test_a_folder_written_over_a_whole_bucket_is_refused_and_the_bucket_kept(s3_
 
 
 def test_a_checkpoint_folder_in_a_missing_bucket_fails_before_training(s3_env):
-    from trainer.callbacks.checkpoint import ModelCheckpoint
+    from trainer.callbacks.checkpoint import AtomicModelCheckpoint
 
     expected = r"the bucket does not exist; expected an existing bucket for callbacks.model_checkpoint.dirpath"
     with pytest.raises(object_store.ObjectStoreError, match=r"s3://no-such-bucket/run at endpoint .*" + expected):
-        ModelCheckpoint(dirpath="s3://no-such-bucket/run").setup(None, None, "fit")  # before the trainer is used
+        AtomicModelCheckpoint(dirpath="s3://no-such-bucket/run").setup(None, None, "fit")  # before the trainer is used
 
 
 def _missing(option: str, raw_shards) -> tuple[str, Callable[[str], object], str]:

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from lf_common.upstream.lightning_private import LITLOGGER_TIP
-from lf_common.upstream.transformers_private import IMPORT_UTILS, TORCHVISION_NOTICE
+from trainer.cli.lightning_private import LITLOGGER_TIP
 from trainer.cli.quiet import quiet_known_noise
+from trainer.cli.transformers_private import IMPORT_UTILS, TORCHVISION_NOTICE
 
 NOISE = {  # the logger that emits each, and its text as upstream writes it (the contract tests check the texts)
     IMPORT_UTILS: f"CLIPImageProcessor {TORCHVISION_NOTICE}; falling back to CLIPImageProcessorPil",

@@ -1,7 +1,9 @@
-"""Every private upstream name the adapters of ``lf_common.upstream`` rely on still exists, with the
-signature they call it with, in the installed versions.
+"""Every private upstream name the adapters rely on still exists, with the signature they call it with, in
+the installed versions.
 
-A failure is one line: the upstream and the version seen, what changed, and the adapter to update.
+An adapter is a module named ``<upstream>_private.py`` beside its one user (``trainer/strategies/``,
+``trainer/callbacks/``, ``data_pipelines/shards/``, ...), found here wherever it lives. A failure is one line:
+the upstream and the version seen, what changed, and the adapter to update.
 """
 
 from __future__ import annotations
@@ -10,31 +12,40 @@ import importlib
 import importlib.metadata
 import inspect
 import os
-import pkgutil
 import re
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 from torch.utils.data import DataLoader, IterableDataset
 
-import lf_common.upstream
-from lf_common.upstream.contract import PrivateName
-from lf_common.upstream.torch_private import restart_workers
+from data_pipelines.shards.torch_private import restart_workers
+from lf_common.upstream_contract import PrivateName
 
-HELPERS = {"contract"}  # modules of the package that are not adapters
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("trainer", "data_pipelines", "lf_common")
 
 
 def adapters() -> list[ModuleType]:
-    names = [info.name for info in pkgutil.iter_modules(lf_common.upstream.__path__) if info.name not in HELPERS]
-    return [importlib.import_module(f"lf_common.upstream.{name}") for name in sorted(names)]
+    """Every adapter module of the project (``*_private.py`` under its packages)."""
+    paths = sorted(path for package in PACKAGES for path in (ROOT / package).rglob("*_private.py"))
+    return [importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts)) for path in paths]
 
 
 CONTRACTS = [contract for module in adapters() for contract in getattr(module, "CONTRACTS", ())]
 
 
 def test_every_adapter_lists_its_private_names():
+    found = {module.__name__ for module in adapters()}
+    declaring = {  # modules that declare private names: adapters, whatever their name
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if "PrivateName(" in path.read_text() and "class PrivateName" not in path.read_text()
+    }
+    assert declaring, "no module declares a PrivateName: the search above is broken"
+    assert declaring <= found, f"adapters are named <upstream>_private.py: rename {sorted(declaring - found)}"
     for module in adapters():
-        assert module.__name__.endswith("_private"), f"{module.__name__}: adapters are named <upstream>_private"
         assert getattr(module, "CONTRACTS", None), f"{module.__name__}: no CONTRACTS (the private names it uses)"
         assert all(c.adapter == module.__name__.replace(".", "/") + ".py" for c in module.CONTRACTS), module.__name__
 
@@ -111,7 +122,7 @@ class _Strategy:
 def test_own_path_broadcast_keeps_each_ranks_path_and_passes_the_rest():
     from pathlib import Path
 
-    from lf_common.upstream.lightning_private import own_path_broadcast
+    from trainer.strategies.lightning_private import own_path_broadcast
 
     strategy = _Strategy()
     with own_path_broadcast(strategy, "/node1/run/checkpoint-staging/last.ckpt"):
@@ -124,11 +135,3 @@ def test_own_path_broadcast_keeps_each_ranks_path_and_passes_the_rest():
         assert strategy.broadcast("another value") == "rank-0-value"
     assert strategy.asked == ["another value"], "the path is not broadcast, anything else is"
     assert "broadcast" not in vars(strategy) and strategy.broadcast("x") == "rank-0-value"
-
-
-def test_lightning_still_broadcasts_rank_0s_checkpoint_path():
-    """What :func:`own_path_broadcast` undoes: Lightning's DeepSpeed save and FSDP load take rank 0's path."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    assert "self.broadcast(filepath)" in inspect.getsource(DeepSpeedStrategy.save_checkpoint)
-    assert "self.broadcast(checkpoint_path)" in inspect.getsource(FSDPStrategy.load_checkpoint)

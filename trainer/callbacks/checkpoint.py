@@ -51,8 +51,8 @@ from lf_common import object_store
 from lf_common.atomic import replace_path
 from lf_common.errors import ConfigError, StorageError
 from lf_common.storage import path_size, write_failure
-from lf_common.upstream.lightning_private import ModelCheckpointHooks, write_checkpoint
 from trainer.callbacks.checkpoint_upload import save_and_upload
+from trainer.callbacks.lightning_private import ModelCheckpointHooks, write_checkpoint
 from trainer.checkpoint.remote import remove_checkpoint
 from trainer.checkpoint.resume import PARTIAL_SUFFIX, checkpoint_problem, checkpoint_step, checkpoints_newest_first
 from trainer.faults.ranks import single_rank_work
@@ -63,7 +63,7 @@ GRACE_SHARE = 0.5
 """A save that takes more than this share of the preemption grace period is warned about."""
 
 
-class ModelCheckpoint(ModelCheckpointHooks):
+class AtomicModelCheckpoint(ModelCheckpointHooks):
     """``lightning.pytorch.callbacks.ModelCheckpoint`` that writes atomically and keeps every N-th step.
 
     Args:

@@ -26,7 +26,7 @@ import lightning as L
 from lf_common import object_store
 from lf_common.errors import StorageError
 from lf_common.storage import write_failure
-from lf_common.upstream.lightning_private import write_checkpoint
+from trainer.callbacks.lightning_private import write_checkpoint
 from trainer.checkpoint.remote import remove_checkpoint, upload_checkpoint, upload_tag
 from trainer.faults.ranks import all_ranks, single_rank_work
 

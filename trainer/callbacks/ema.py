@@ -26,8 +26,8 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lf_common.errors import ConfigError
-from lf_common.upstream.lightning_private import averaged_model
-from lf_common.upstream.torch_private import foreach_lerp_
+from trainer.callbacks.lightning_private import averaged_model
+from trainer.callbacks.torch_private import foreach_lerp_
 from trainer.checkpoint.keys import EMA_STATE_KEY, RAW_STATE_KEY
 
 

@@ -22,7 +22,7 @@ What Lightning offers, and why this callback does the rest:
 So: a handler only records the request (:mod:`trainer.faults.signals`). After each optimizer step
 (``on_train_batch_end`` once ``global_step`` moved), the ranks take the largest signal number seen
 (one all-reduce of one number: they agree on the same step whichever ranks got the signal), and
-then write the checkpoint the ``ModelCheckpoint`` callback would write at that step (top-k and
+then write the checkpoint the ``AtomicModelCheckpoint`` callback would write at that step (top-k and
 ``last``, atomic) and raise :class:`~trainer.faults.signals.Preempted`. This callback is a
 ``Checkpoint``, so Lightning runs it after every other callback's ``on_train_batch_end`` (EMA
 update, logging): the checkpoint is the one a periodic save at that step would be, and the resume
@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from torch.distributed import ReduceOp
 
 from lf_common.errors import ConfigError
-from trainer.callbacks.checkpoint import ModelCheckpoint
+from trainer.callbacks.checkpoint import AtomicModelCheckpoint
 from trainer.faults.ranks import current_board
 from trainer.faults.signals import Preempted, PreemptionSignals, signal_number
 
@@ -86,8 +86,9 @@ class Preemption(Checkpoint):
             return
         if _model_checkpoint(trainer) is None:
             raise ConfigError(
-                "callbacks.preemption needs callbacks.model_checkpoint (trainer.callbacks.checkpoint.ModelCheckpoint) "
-                "to write its checkpoint; add it back, or set callbacks.preemption=null"
+                "callbacks.preemption needs callbacks.model_checkpoint "
+                "(trainer.callbacks.checkpoint.AtomicModelCheckpoint) to write its checkpoint; add it back, "
+                "or set callbacks.preemption=null"
             )
         self.signals.install()
 
@@ -135,6 +136,6 @@ class Preemption(Checkpoint):
         self.signals.uninstall()
 
 
-def _model_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
-    """The trainer's (first) atomic ``ModelCheckpoint`` callback."""
-    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+def _model_checkpoint(trainer: L.Trainer) -> AtomicModelCheckpoint | None:
+    """The trainer's (first) :class:`~trainer.callbacks.checkpoint.AtomicModelCheckpoint` callback."""
+    return next((c for c in trainer.callbacks if isinstance(c, AtomicModelCheckpoint)), None)

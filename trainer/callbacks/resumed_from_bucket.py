@@ -6,7 +6,7 @@ then differ from a local resume, and this one callback handles both for every co
 
 * **Retention keeps the remote checkpoint.** Lightning never deletes the checkpoint a run resumed from,
   but it compares with ``trainer.ckpt_path``, the local copy; our
-  :class:`~trainer.callbacks.checkpoint.ModelCheckpoint` is told the URL (``resumed_from``) instead.
+  :class:`~trainer.callbacks.checkpoint.AtomicModelCheckpoint` is told the URL (``resumed_from``) instead.
 * **The copy is removed once loaded** (small local disks): every rank has restored from it before
   training starts, so local rank 0 of each machine removes it then, with its cache entry (the version
   folder and the download lock), and local disk holds at most the checkpoint being written
@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from trainer.callbacks.checkpoint import ModelCheckpoint
+from trainer.callbacks.checkpoint import AtomicModelCheckpoint
 
 
 class ResumedFromBucket(Callback):
@@ -40,7 +40,7 @@ class ResumedFromBucket(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint):
+            if isinstance(callback, AtomicModelCheckpoint):
                 callback.resumed_from = self.url
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from lf_common.upstream.lightning_private import stage_throughputs
+from trainer.callbacks.lightning_private import stage_throughputs
 from trainer.faults.ranks import single_rank_work
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
     )
 
 
-class Throughput(ThroughputMonitor):
+class UNetThroughputMonitor(ThroughputMonitor):
     """``ThroughputMonitor`` that counts the UNet's FLOPs per batch and logs MFU.
 
     Args:

@@ -1,7 +1,7 @@
 """Which checkpoints are complete, and which one a resume takes.
 
 Checkpoints are written under a temporary name and renamed when complete
-(:class:`trainer.callbacks.checkpoint.ModelCheckpoint`), so a crash leaves no half-written
+(:class:`trainer.callbacks.checkpoint.AtomicModelCheckpoint`), so a crash leaves no half-written
 checkpoint under a final name. A file can still be damaged afterwards (a full disk, a copy cut
 short), so a resume checks what it takes: a checkpoint file is a zip archive (``torch.save``'s
 format) whose central directory is intact and whose members lie inside the file; a DeepSpeed

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lf_common.upstream.lightning_private import wandb_run_started
+from trainer.cli.lightning_private import wandb_run_started
 from trainer.strategies.gpu_defaults import register_resolvers
 
 CONF_MODULE = "latentforge_conf"

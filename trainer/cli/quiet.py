@@ -19,8 +19,8 @@ from __future__ import annotations
 import warnings
 
 from lf_common.log_filters import drop_log_messages
-from lf_common.upstream.lightning_private import quiet_litlogger_tip
-from lf_common.upstream.transformers_private import quiet_torchvision_notice
+from trainer.cli.lightning_private import quiet_litlogger_tip
+from trainer.cli.transformers_private import quiet_torchvision_notice
 
 
 def quiet_known_noise() -> None:

@@ -78,7 +78,7 @@ class RankBoard:
     """This rank's phase, published to the store; the others' phases, read from it.
 
     Args:
-        store: the process group's store (``lf_common.upstream.torch_private.default_store()``).
+        store: the process group's store (``trainer.faults.torch_private.default_store()``).
         rank: this process's global rank.
         world_size: ranks in the run.
         timeout_s: no progress for this long is a hang.

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from lf_common.storage import path_size
-from lf_common.upstream.torch_private import default_store
 from trainer.faults.ranks import RankBoard, current_board, restart_prefix, set_board
+from trainer.faults.torch_private import default_store
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lf_common.errors import ConfigError
-from lf_common.upstream.peft_integration_private import forget_adapters
+from trainer.lora.peft_integration_private import forget_adapters
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's, as train_dreambooth_lora.py

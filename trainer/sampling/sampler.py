@@ -10,7 +10,7 @@ An SDXL export (``text_encoder_2/``) samples as ``StableDiffusionXLPipeline`` an
 inpainting pipelines do. The parts, by role: what a call asks for in :mod:`~trainer.sampling.settings`;
 loading in :mod:`~trainer.sampling.loading`; prompts, negative prompts and SDXL's pooled embeddings and
 time_ids in :mod:`~trainer.sampling.conditioning`; the loop in :mod:`~trainer.sampling.denoise`;
-img2img and inpainting in :mod:`~trainer.sampling.image_to_image` (their inputs in
+where img2img and inpainting start in :mod:`~trainer.sampling.image_to_image` (their inputs in
 :mod:`~trainer.sampling.init_images`); latents to images (SDXL's float16 upcast) in
 :mod:`~trainer.sampling.vae_codec`.
 """
@@ -29,7 +29,7 @@ from lf_common.errors import DataError
 from trainer.checkpoint.export import is_sdxl_unet
 from trainer.sampling.conditioning import PromptEncoder
 from trainer.sampling.denoise import denoise
-from trainer.sampling.image_to_image import ImageToImage
+from trainer.sampling.image_to_image import InitImageEncoder, LoopStart, img2img_start, init_size, inpaint_start
 from trainer.sampling.loading import checkpoint_parts, export_parts
 from trainer.sampling.png_info import GenerationParameters
 from trainer.sampling.schedulers import display_name, sampling_scheduler
@@ -41,7 +41,7 @@ __all__ = ["SampleSettings", "Sampler"]
 _MODEL_MARKERS = ("model_index.json", "latest")  # an export folder; a DeepSpeed checkpoint folder
 
 
-class Sampler(ImageToImage):
+class Sampler:
     """Generates images with a UNet, VAE, CLIP text encoder and tokenizer.
 
     Args:
@@ -255,7 +255,7 @@ class Sampler(ImageToImage):
         UNet gets ``conditioning`` ``(B, 1 + C, h, w)`` (default: everything masked, as for txt2img).
         ``original_size``: SDXL's original size when the settings give none (default: the output size)."""
         if self.inpainting_unet and conditioning is None:
-            conditioning = self.full_mask_conditioning(latents.shape[0], latents.shape[-2:])
+            conditioning = self.init_image_encoder.full_mask_conditioning(latents.shape[0], latents.shape[-2:])
         size = (latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale)
         cond, uncond, sdxl = self.prompt_encoder.guidance(prompts, settings, size, original_size)
         return denoise(
@@ -286,6 +286,75 @@ class Sampler(ImageToImage):
             scheduler, noise * scheduler.init_noise_sigma, prompts, settings, scheduler.timesteps, generators
         )
         return self.decode(latents), self._parameters(prompts, seeds, settings, (height, width))
+
+    @property
+    def init_image_encoder(self) -> InitImageEncoder:
+        """The VAE side of img2img and inpainting: latents in the UNet's dtype, encoded in :attr:`vae_dtype`."""
+        return InitImageEncoder(self.vae, self.vae_dtype, self.unet.dtype, self.vae_scale, self.device)
+
+    @torch.no_grad()
+    def img2img(
+        self, init_image: Image.Image, prompts: list[str], seeds: list[int], settings: SampleSettings, strength: float
+    ) -> tuple[list[Image.Image], list[GenerationParameters]]:
+        """Re-draw ``init_image`` per prompt, from the timestep ``strength`` in (0, 1] of the way into the schedule
+        (SDEdit: :func:`~trainer.sampling.image_to_image.img2img_start`)."""
+        size, scheduler = self.image_size(settings), self._scheduler(settings)
+        start = img2img_start(self.init_image_encoder, scheduler, init_image, size, seeds, settings.steps, strength)
+        latents = self._denoise_from(scheduler, start, prompts, settings)
+        return self.decode(latents), self._parameters(prompts, seeds, settings, size, strength, start.original_size)
+
+    @torch.no_grad()
+    def inpaint_latents(
+        self,
+        init_image: Image.Image,
+        mask_image: Image.Image,
+        prompts: list[str],
+        seeds: list[int],
+        settings: SampleSettings,
+        strength: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Repaint the white part of ``mask_image`` (:func:`~trainer.sampling.image_to_image.inpaint_start`).
+
+        Returns:
+            ``(latents (B, C, h, w), init latents (B, C, h, w), mask (1, 1, h, w))``.
+        """
+        size, scheduler = self.image_size(settings), self._scheduler(settings)
+        encoder, steps = self.init_image_encoder, settings.steps
+        start = inpaint_start(
+            encoder, scheduler, init_image, mask_image, size, seeds, steps, strength, self.inpainting_unet
+        )
+        return self._denoise_from(scheduler, start, prompts, settings), start.init, start.mask
+
+    def inpaint(
+        self,
+        init_image: Image.Image,
+        mask_image: Image.Image,
+        prompts: list[str],
+        seeds: list[int],
+        settings: SampleSettings,
+        strength: float = 1.0,
+    ) -> tuple[list[Image.Image], list[GenerationParameters]]:
+        """Images of :meth:`inpaint_latents`, with their parameters."""
+        latents, _, _ = self.inpaint_latents(init_image, mask_image, prompts, seeds, settings, strength)
+        size = self.image_size(settings)
+        parameters = self._parameters(prompts, seeds, settings, size, strength, init_size(init_image))
+        return self.decode(latents), parameters
+
+    def _denoise_from(
+        self, scheduler: SchedulerMixin, start: LoopStart, prompts: list[str], settings: SampleSettings
+    ) -> torch.Tensor:
+        """:meth:`_denoise` from an image's :class:`~trainer.sampling.image_to_image.LoopStart`."""
+        return self._denoise(
+            scheduler,
+            start.latents,
+            prompts,
+            settings,
+            start.timesteps,
+            start.generators,
+            after_step=start.after_step,
+            conditioning=start.conditioning,
+            original_size=start.original_size,
+        )
 
     def _scheduler(self, settings: SampleSettings) -> SchedulerMixin:
         s = settings

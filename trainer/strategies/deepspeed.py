@@ -7,12 +7,12 @@ unchanged; on CPU it overrides the three places that assume CUDA:
 * ``setup_environment``: skip the CUDA check (``DDPStrategy.setup_environment``);
 * ``setup_distributed``: skip the CUDA device-index validation, and DeepSpeed's shared-memory
   all-reduce op, which only inference uses and which would compile for 30-60 s
-  (:func:`lf_common.upstream.deepspeed_private.skip_shm_comm_op`);
+  (:func:`trainer.strategies.deepspeed_private.skip_shm_comm_op`);
 * ``initialize_engine`` (Lightning's private ``_setup_model_and_optimizer``): call
   ``deepspeed.initialize`` without Lightning's ``device_rank=root_device.index`` (``None`` on CPU),
   so DeepSpeed takes the local rank from ``LOCAL_RANK``, as it does under its own launcher.
 
-The private Lightning steps go through :mod:`lf_common.upstream.lightning_private`.
+The private Lightning steps go through :mod:`trainer.strategies.lightning_private`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lf_common.upstream.deepspeed_private import skip_shm_comm_op
-from lf_common.upstream.lightning_private import DeepSpeedStrategyHooks
+from trainer.strategies.deepspeed_private import skip_shm_comm_op
+from trainer.strategies.lightning_private import DeepSpeedStrategyHooks
 
 
-class DeepSpeedStrategy(DeepSpeedStrategyHooks):
+class CpuDeepSpeedStrategy(DeepSpeedStrategyHooks):
     """``lightning.pytorch.strategies.DeepSpeedStrategy`` that also runs on CPU."""
 
     strategy_name = "latentforge_deepspeed"

@@ -14,7 +14,7 @@ Everywhere: a resume reads each rank's own copy of the checkpoint (Lightning's l
 path, which on another machine with another ``output_dir`` is not there), and sharded checkpoints
 (``state_dict_type=sharded``) are refused: resume, export and the sampler read full ones (one file).
 
-The private Lightning step (model wrapping) goes through :mod:`lf_common.upstream.lightning_private`.
+The private Lightning step (model wrapping) goes through :mod:`trainer.strategies.lightning_private`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from torch.nn import Module
 from torch.optim import Optimizer
 
 from lf_common.errors import ConfigError
-from lf_common.upstream.lightning_private import FSDPStrategyHooks, own_path_broadcast
+from trainer.strategies.lightning_private import FSDPStrategyHooks, own_path_broadcast
 
 
-class FSDPStrategy(FSDPStrategyHooks):
+class CpuFSDPStrategy(FSDPStrategyHooks):
     """``lightning.pytorch.strategies.FSDPStrategy`` that also runs on CPU.
 
     Args:

@@ -12,9 +12,9 @@ internal module ``transformers.utils.import_utils``, whose records a filter drop
 from __future__ import annotations
 
 from lf_common.log_filters import drop_log_messages
-from lf_common.upstream.contract import PrivateName
+from lf_common.upstream_contract import PrivateName
 
-ADAPTER = "lf_common/upstream/transformers_private.py"
+ADAPTER = "trainer/cli/transformers_private.py"
 IMPORT_UTILS = "transformers.utils.import_utils"
 TORCHVISION_NOTICE = "requires torchvision (not installed)"
 

@@ -14,9 +14,9 @@ incompatible in this dict, which DeepSpeed keeps for the process, makes ``build_
 
 from __future__ import annotations
 
-from lf_common.upstream.contract import PrivateName
+from lf_common.upstream_contract import PrivateName
 
-ADAPTER = "lf_common/upstream/deepspeed_private.py"
+ADAPTER = "trainer/strategies/deepspeed_private.py"
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 

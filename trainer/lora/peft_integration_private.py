@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from lf_common.upstream.contract import PrivateName
+from lf_common.upstream_contract import PrivateName
 
-ADAPTER = "lf_common/upstream/peft_integration_private.py"
+ADAPTER = "trainer/lora/peft_integration_private.py"
 
 
 def forget_adapters(model: torch.nn.Module) -> None:
