@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from trainer.strategies.optimizer_support import shards_parameters
 from trainer.strategies.precision import normalized_precision, resolved_accelerator
 
 
@@ -61,8 +62,9 @@ def loader_workers(device: Any = "auto") -> int:
 
 def register_resolvers() -> None:
     """``${lf_on_cuda:ACC}``, ``${lf_default_precision:ACC}``, ``${lf_fused_optimizer:ACC,PRECISION,CLIP}``,
-    ``${lf_loader_workers:DEVICE}``."""
+    ``${lf_loader_workers:DEVICE}``, ``${lf_shards_parameters:STRATEGY}``."""
     OmegaConf.register_new_resolver("lf_on_cuda", on_cuda, replace=True)
     OmegaConf.register_new_resolver("lf_default_precision", default_precision, replace=True)
     OmegaConf.register_new_resolver("lf_fused_optimizer", fused_optimizer, replace=True)
     OmegaConf.register_new_resolver("lf_loader_workers", loader_workers, replace=True)
+    OmegaConf.register_new_resolver("lf_shards_parameters", shards_parameters, replace=True)
