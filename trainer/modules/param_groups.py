@@ -61,7 +61,6 @@ class ParamGroupSettings:
                     "optim.block_lr and optim.unet_lr are both set; block_lr gives the UNet's LRs: set one"
                 )
 
-
     @classmethod
     def of(cls, value: ParamGroupSettings | Mapping[str, Any] | None) -> ParamGroupSettings:
         """The settings from themselves, a mapping of them (Hydra's ``_convert_: all`` turns a dataclass passed to
