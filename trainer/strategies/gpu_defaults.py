@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer.strategies.optimizer_support import shards_parameters
 from trainer.strategies.precision import normalized_precision, resolved_accelerator
 
 
@@ -62,9 +61,8 @@ def loader_workers(device: Any = "auto") -> int:
 
 def register_resolvers() -> None:
     """``${lf_on_cuda:ACC}``, ``${lf_default_precision:ACC}``, ``${lf_fused_optimizer:ACC,PRECISION,CLIP}``,
-    ``${lf_loader_workers:DEVICE}``, ``${lf_shards_parameters:STRATEGY}``."""
+    ``${lf_loader_workers:DEVICE}``."""
     OmegaConf.register_new_resolver("lf_on_cuda", on_cuda, replace=True)
     OmegaConf.register_new_resolver("lf_default_precision", default_precision, replace=True)
     OmegaConf.register_new_resolver("lf_fused_optimizer", fused_optimizer, replace=True)
     OmegaConf.register_new_resolver("lf_loader_workers", loader_workers, replace=True)
-    OmegaConf.register_new_resolver("lf_shards_parameters", shards_parameters, replace=True)

@@ -19,12 +19,6 @@ ADAFACTOR_SCHEDULE = "transformers.optimization.AdafactorSchedule"
 SHARDED = ("fsdp", "deepspeed")
 
 
-def shards_parameters(strategy: Any = "auto") -> bool:
-    """``${lf_shards_parameters:${trainer.strategy}}``: whether each rank's optimizer sees only a shard of the
-    weights (FSDP, DeepSpeed ZeRO), so statistics over all weights (Prodigy's step size) are all-reduced."""
-    return strategy_kind(strategy) in SHARDED
-
-
 def optimizer_family(target: str) -> str:
     """``schedule_free``, ``adafactor``, ``bitsandbytes``, ``prodigy``, ``lion``, ``torch`` or ``other`` for an
     ``optim._target_``."""
@@ -100,10 +94,15 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
             return f"optim.is_paged=true pages the state out of GPU memory (CUDA only): set false on {accelerator}"
         if strategy == "fsdp":
             return (
-                f"{name} keeps its 8-bit state and block scales in a nested dict that FSDP's optimizer-state "
-                "gathering cannot reshape to the weights, so no checkpoint could be written: use strategy=ddp or "
-                "deepspeed_stage_1/2/3"
+                f"{name} keeps block scales whose shapes are not the weights', which FSDP's optimizer-state gathering "
+                "cannot reshape, so the first checkpoint would fail: use strategy=ddp or deepspeed_stage_1/2/3"
             )
+    if family == "prodigy" and strategy in SHARDED:
+        return (
+            f"{name} estimates its step size from sums over all weights; under {strategy} each rank holds a shard, "
+            "and prodigyopt's sharded mode (fsdp_in_use) all-reduces through a CUDA tensor and fails on a step with "
+            "LR 0 (a warm-up's first): use strategy=ddp"
+        )
     if family == "lion" and optim.get("use_triton") and accelerator != "cuda":
         return f"optim.use_triton=true runs Lion's step as a Triton kernel (CUDA only): on {accelerator} set false"
     return None
@@ -125,8 +124,8 @@ def check_optimizer(cfg: Any) -> None:
         resolved_accelerator(trainer.get("accelerator", "auto")),
     )
     if problem is None and cfg.optim.get("relative_step"):
-        given = [key for key in ("unet_lr", "text_encoder_lr", "text_encoder_2_lr", "embedding_lr", "block_lr")
-                 if cfg.optim.get(key) is not None]  # fmt: skip
+        keys = ("unet_lr", "text_encoder_lr", "text_encoder_2_lr", "embedding_lr", "block_lr")
+        given = [f"optim.{key}" for key in keys if cfg.optim.get(key) is not None]
         if given:
             problem = f"optim.relative_step=true: Adafactor sets its own step size and would ignore {', '.join(given)}"
     if problem:
