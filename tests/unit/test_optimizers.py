@@ -111,7 +111,7 @@ def test_block_lrs_reach_their_blocks_and_zero_freezes():
 
 REFUSED = {  # overrides -> a phrase of the one-line refusal
     ("optim=schedule_free_adamw", "lr_scheduler=constant", "strategy=deepspeed_stage_2"): "DeepSpeed steps its own",
-    ("optim=schedule_free_adamw", "lr_scheduler=constant", "trainer.precision=bf16-true"): "precision=bf16-mixed",
+    ("optim=adafactor", "trainer.precision=bf16-true"): "use trainer.precision=bf16-mixed",
     ("optim=schedule_free_adamw",): "use lr_scheduler=constant",
     ("optim=adafactor", "strategy=fsdp"): "flat 1-D shards",
     ("optim=adafactor", "optim.relative_step=true"): "set optim.lr=null",

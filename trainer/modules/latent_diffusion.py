@@ -392,8 +392,9 @@ class LatentDiffusion(L.LightningModule):
 
 def schedule_free_optimizers(optimizers: Sequence[Optimizer]) -> list[Optimizer]:
     """The schedule-free optimizers among ``optimizers``: schedulefree's classes mark their parameter groups
-    with ``train_mode`` and keep training and evaluation weights apart (``train()``/``eval()``)."""
-    return [optimizer for optimizer in optimizers if "train_mode" in optimizer.defaults]
+    with ``train_mode`` and keep training and evaluation weights apart (``train()``/``eval()``). DeepSpeed's
+    optimizers wrap the configured one (and are no ``torch.optim.Optimizer``): schedule-free is refused there."""
+    return [o for o in optimizers if isinstance(o, torch.optim.Optimizer) and "train_mode" in o.defaults]
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:

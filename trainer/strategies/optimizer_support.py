@@ -56,11 +56,6 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
                 "master copy and copies it into the model only after a step, so the evaluation weights would never "
                 "reach the model: use strategy=ddp or fsdp, or optim=adamw"
             )
-        if precision == "bf16-true":
-            return (
-                f"{name} switches the weights between its training and evaluation points every step, which "
-                "bf16 weights cannot hold without losing the average: use trainer.precision=bf16-mixed"
-            )
         if scheduler not in CONSTANT_SCHEDULES:
             return (
                 f"{name} has no decay schedule and warms up itself (optim.warmup_steps); lr_scheduler={scheduler} "
@@ -72,6 +67,12 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
                 f"{name} factors each weight matrix's second moment by rows and columns, but {strategy} hands "
                 "the optimizer flat 1-D shards, so it would keep Adam's memory and clip per shard: use strategy=ddp, "
                 "or optim=adamw8bit / lion under FSDP and DeepSpeed"
+            )
+        if precision == "bf16-true":
+            return (
+                f"{name} keeps float32 state for bf16 weights, and a resume casts it to the weights' bf16 "
+                "(torch's Optimizer.load_state_dict), so it would not continue where it stopped: use "
+                "trainer.precision=bf16-mixed"
             )
         if optim.get("relative_step"):
             if optim.get("lr") is not None:
