@@ -3,7 +3,7 @@ composed, so a combination that cannot train (or would silently train something 
 line that says why and what works. ``docs/optimizers.md`` has the table.
 
 The optimizer is known by its ``_target_`` (``conf/optim/*.yaml``); one this module does not know (a user's
-own class) is not refused. What was run to establish each rule is in ``tests/integration/test_optimizers.py``.
+own class) is not refused. What was run to establish each rule is listed in ``docs/optimizers.md``.
 """
 
 from __future__ import annotations
