@@ -48,7 +48,7 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
     target = str(optim.get("_target_", ""))
     family = optimizer_family(target)
     scheduler = lr_scheduler.get("_target_") if lr_scheduler else None
-    name = f"optim={target.rsplit('.', 1)[-1]}"
+    name = f"optim ({target})"
     if family == "schedule_free":
         if strategy == "deepspeed":
             return (
@@ -58,7 +58,7 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
             )
         if scheduler not in CONSTANT_SCHEDULES:
             return (
-                f"{name} has no decay schedule and warms up itself (optim.warmup_steps); lr_scheduler={scheduler} "
+                f"{name} has no decay schedule and warms up itself (optim.warmup_steps); lr_scheduler ({scheduler}) "
                 "would schedule it twice: use lr_scheduler=constant"
             )
     if family == "adafactor":
