@@ -28,7 +28,7 @@ from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.raw.sources.digits import DigitsSource
 from data_pipelines.raw.writer import write_raw_shards
 from data_pipelines.transforms.images import ResizeCrop
-from trainer.cli.hydra_app import compose_config
+from trainer.cli.hydra_app import compose_config, optimizer_factories
 from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 BATCH, STEPS, WARMUP = 64, 40, 5
@@ -88,7 +88,9 @@ def main() -> None:
 
         def fresh_module():
             torch.manual_seed(0)
-            return instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+            return instantiate(
+                cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], uncond_text=None, caption_dropout=0.0
+            )
 
         def on_the_fly():
             for pixels, captions in raw_batches(shards):

@@ -146,7 +146,7 @@ def test_text_encoder_trains_with_the_unet(
         monkeypatch.setenv(CACHE_DIR_VARIABLE, str(cache))
     overrides = dreambooth_overrides("dreambooth_text_encoder", pretrained, cat_photos, tmp_path / "c", run)
     validation = ["callbacks.validation_images.every_n_steps=2", f"trainer.precision={precision}"]
-    run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3", *validation]))
+    run_train(compose_config("train", [*overrides, "optim.text_encoder_lr=1e-3", *validation]))
     grids = sorted(p.name for p in (run / "csv").rglob("validation-step*.png"))
     assert grids == ["validation-step0000002.png", "validation-step0000003.png"]  # every 2 steps and the last
     if in_bucket:  # the trained encoder and its tokenizer came from the bucket's copy
@@ -164,7 +164,7 @@ def test_text_encoder_trains_under_zero2_bf16_on_two_processes(base_model, cat_p
 
     run = tmp_path / "run"
     overrides = dreambooth_overrides("dreambooth_text_encoder", base_model, cat_photos, tmp_path / "c", run)
-    result = run_cli("lf-train", *overrides, "model.text_encoder_lr=1e-3", "strategy=deepspeed_stage_2",
+    result = run_cli("lf-train", *overrides, "optim.text_encoder_lr=1e-3", "strategy=deepspeed_stage_2",
                      "trainer.precision=bf16-mixed", "trainer.devices=2", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     export = export_last(run, tmp_path / "export")

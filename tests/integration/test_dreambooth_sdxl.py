@@ -97,7 +97,7 @@ def test_dreambooth_sdxl_trains_unet_and_both_text_encoders_and_resumes_exactly(
         overrides = dreambooth_overrides(
             "dreambooth_sdxl_text_encoder", sdxl_base_model, cat_photos, cache, tmp_path / run, steps=steps
         )
-        run_train(compose_config("train", [*overrides, "model.text_encoder_lr=1e-3", *extra]))
+        run_train(compose_config("train", [*overrides, "optim.text_encoder_lr=1e-3", *extra]))
         return tmp_path / run / "checkpoints" / "last.ckpt"
 
     whole = train("whole", 4)
@@ -241,7 +241,7 @@ def test_sdxl_recipes_on_two_processes(sdxl_base_model, cat_photos, tmp_path, st
     run = tmp_path / "run"
     overrides = dreambooth_overrides(experiment, sdxl_base_model, cat_photos, tmp_path / "c", run)
     distributed = [f"strategy={strategy}", f"trainer.precision={precision}", "trainer.devices=2"]
-    result = run_cli("lf-train", *overrides, "data.num_class_images=4", "model.text_encoder_lr=1e-3", *distributed,
+    result = run_cli("lf-train", *overrides, "data.num_class_images=4", "optim.text_encoder_lr=1e-3", *distributed,
                      cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "c" / "class_images").glob("*.png")) == [

@@ -33,7 +33,9 @@ def test_options_reach_the_unet_and_optimizer(tmp_path):
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     assert optimizer.defaults["foreach"] is True
-    fused = instantiate(compose_config("train", ["data.train_dir=x", "output_dir=o", "optim.fused=true"]).optim)
+    fused = optimizer_factories(compose_config("train", ["data.train_dir=x", "output_dir=o", "optim.fused=true"]))[
+        "optimizer"
+    ]
     assert fused(params=[torch.nn.Parameter(torch.zeros(2))]).defaults["fused"] is True
 
 

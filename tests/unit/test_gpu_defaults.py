@@ -9,13 +9,17 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
+from trainer.cli.hydra_app import optimizer_factories
 
 BASE = ["data.train_dir=x", "output_dir=o"]
 
 
 @pytest.fixture
 def cuda(monkeypatch):
-    """Pretend a CUDA GPU is present (for resolving the defaults; nothing runs on it)."""
+    """Pretend a CUDA GPU is present (for resolving the defaults; nothing runs on it). diffusers is imported
+    first: with bitsandbytes installed (latentforge[lowbit]) it imports it, which loads its CUDA kernels when
+    CUDA seems present."""
+    import diffusers.models  # noqa: F401
 
     def make(bf16: bool = True) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -38,7 +42,9 @@ def test_cpu_defaults_are_plain_float32():
 def test_cuda_defaults_are_bf16_compiled_and_fused(cuda):
     cuda(bf16=True)
     assert defaults() == ("bf16-mixed", True, True)
-    optimizer = instantiate(compose_config("train", BASE).optim)(params=[torch.nn.Parameter(torch.zeros(2))])
+    optimizer = optimizer_factories(compose_config("train", BASE))["optimizer"](
+        params=[torch.nn.Parameter(torch.zeros(2))]
+    )
     assert optimizer.defaults["fused"] is True
     assert defaults("trainer.accelerator=cpu") == ("32-true", False, False), "an explicit CPU run on a GPU machine"
     assert defaults("model.compile_unet=false", "optim.fused=false", "trainer.precision=32-true") == (

@@ -2,13 +2,14 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
+from trainer.cli.hydra_app import optimizer_factories
 
 
 def build_module(caption_dropout=0.0, uncond=None, lr=1e-3, warmup=True):
     cfg = compose_config("train", ["data.train_dir=unused", f"optim.lr={lr}", "output_dir=unused"])
     return instantiate(
         cfg.model,
-        optimizer=instantiate(cfg.optim),
+        optimizer=optimizer_factories(cfg)["optimizer"],
         lr_scheduler=instantiate(cfg.lr_scheduler) if warmup else None,
         caption_dropout=caption_dropout,
         uncond_text=uncond,
@@ -61,6 +62,8 @@ def test_configured_lists_reach_the_module_as_plain_lists():
     cfg = compose_config(
         "train", ["data.train_dir=unused", "output_dir=unused", "model.validation_timesteps=[100,900]"]
     )
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    module = instantiate(
+        cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], uncond_text=None, caption_dropout=0.0
+    )
     assert module.validation_timesteps == [100, 900]
     assert type(module.hparams["validation_timesteps"]) is list  # checkpoints load with weights_only=True

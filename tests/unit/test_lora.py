@@ -8,13 +8,16 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
+from trainer.cli.hydra_app import optimizer_factories
 from trainer.lora.adapters import TEXT_ENCODER_TARGETS, LoraSettings, add_lora
 from trainer.lora.formats import AdapterWeights, adapter_state_dict, kohya_state_dict
 
 
 def lora_module() -> torch.nn.Module:
     cfg = compose_config("train", ["experiment=lora", "data.train_dir=x", "output_dir=o", "optim.lr=1e-2"])
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    module = instantiate(
+        cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], uncond_text=None, caption_dropout=0.0
+    )
     return module
 
 

@@ -22,6 +22,7 @@ from data_pipelines.loading.datamodules import LatentCollate, _LatentDecoder
 from data_pipelines.shards.tar_writer import open_tar_writer
 from lf_common.errors import ConfigError, CorruptSampleError
 from tests.conftest import compose_config
+from trainer.cli.hydra_app import optimizer_factories
 
 # Three samples as bucketing and cropping leave them: each its own original size, crop and target size.
 METAS = [
@@ -79,7 +80,7 @@ def sdxl_module(caption_dropout: float):
     torch.manual_seed(0)
     return instantiate(
         cfg.model,
-        optimizer=instantiate(cfg.optim),
+        optimizer=optimizer_factories(cfg)["optimizer"],
         caption_dropout=caption_dropout,
         uncond_text=torch.zeros(8, 64),
         uncond_pooled=torch.zeros(32),
@@ -118,7 +119,7 @@ def test_sdxl_unet_and_sd_shards_refuse_each_other():
     with pytest.raises(ConfigError, match="needs pooled text and time_ids"):
         sdxl_module(0.0).compute_loss({"latents": batch["latents"], "text": batch["text"]})
     cfg = compose_config("train", ["data.train_dir=unused", "output_dir=unused"])
-    sd = instantiate(cfg.model, optimizer=instantiate(cfg.optim), caption_dropout=0.0)
+    sd = instantiate(cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], caption_dropout=0.0)
     with pytest.raises(ConfigError, match="the latent shards are SDXL's"):
         sd.compute_loss({**batch, "text": batch["text"][..., :32]})
 
@@ -129,7 +130,7 @@ OBJECTIVES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf
 @pytest.mark.parametrize("option", OBJECTIVES)
 def test_every_objective_trains_the_sdxl_unet(option):
     cfg = compose_config("train", ["model=sdxl_tiny", f"objective={option}", "data.train_dir=x", "output_dir=o"])
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), caption_dropout=0.0)
+    module = instantiate(cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], caption_dropout=0.0)
     loss = module.compute_loss(sdxl_batch(4)).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -173,6 +174,6 @@ def test_model_pretrained_recognises_an_sdxl_folder(tmp_path):
     instantiate(tiny.unet).save_pretrained(tmp_path / "unet")
     instantiate(tiny.noise_scheduler).save_pretrained(tmp_path / "scheduler")
     cfg = compose_config("train", ["model=pretrained", f"model.pretrained={tmp_path}", "data.train_dir=x"])
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), caption_dropout=0.0)
+    module = instantiate(cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], caption_dropout=0.0)
     assert module.sdxl
     assert torch.isfinite(module.compute_loss(sdxl_batch(2)).loss)

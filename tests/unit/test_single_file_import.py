@@ -16,6 +16,7 @@ from tests.pickles import CodePayload, save_original_sd_ckpt
 from trainer.checkpoint.pipeline_weights import load_diffusers_folder, read_metadata
 from trainer.checkpoint.sd_single_file import KeyMapError
 from trainer.cli.export import run_export
+from trainer.cli.hydra_app import optimizer_factories
 from trainer.cli.import_model import run_import
 from trainer.tiny_models.tiny_pipeline import make_tiny_export
 
@@ -134,7 +135,9 @@ def test_training_starts_from_an_imported_folder(export_dir):
     cfg = compose_config(
         "train", ["model=pretrained", f"model.pretrained={export_dir}", "data.train_dir=x", "output_dir=o"]
     )
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optim), uncond_text=None, caption_dropout=0.0)
+    module = instantiate(
+        cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], uncond_text=None, caption_dropout=0.0
+    )
     reference = load_diffusers_folder(export_dir).unet.state_dict()
     assert all(torch.equal(module.unet.state_dict()[k], reference[k]) for k in reference)
     assert module.noise_scheduler.config.beta_schedule == "squaredcos_cap_v2"

@@ -99,12 +99,18 @@ def finishing_loggers(trainer: L.Trainer) -> Iterator[None]:
                 logger.experiment.finish(exit_code=1 if failed else 0)
 
 
-def optimizer_factories(cfg: DictConfig) -> dict[str, Any]:
-    """``optimizer`` and ``lr_scheduler`` partials for a LightningModule (the scheduler may be ``None``)."""
-    return {
-        "optimizer": instantiate(cfg.optim),
+def optimizer_factories(cfg: DictConfig, param_groups: bool = False) -> dict[str, Any]:
+    """``optimizer`` and ``lr_scheduler`` partials for a LightningModule (the scheduler may be ``None``), and with
+    ``param_groups`` the per-part settings of ``cfg.optim`` (``unet_lr``, ...), which are not the optimizer's
+    arguments (:func:`trainer.modules.param_groups.split_optim_config`)."""
+    from trainer.modules.param_groups import split_optim_config
+
+    optimizer, settings = split_optim_config(cfg.optim)
+    factories = {
+        "optimizer": instantiate(optimizer),
         "lr_scheduler": instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     }
+    return {**factories, "param_groups": settings} if param_groups else factories
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:

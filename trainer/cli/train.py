@@ -61,6 +61,7 @@ from trainer.cli.hydra_app import (
 )
 from trainer.faults.signals import PREEMPTED_EXIT_CODE, Preempted
 from trainer.strategies.gpu_defaults import apply_matmul_precision
+from trainer.strategies.optimizer_support import check_optimizer
 from trainer.strategies.precision import check_precision
 from trainer.sweeps.trial import in_sweep, run_trial
 
@@ -90,12 +91,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
     check_precision(cfg.trainer)
+    check_optimizer(cfg)
     apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     # The data may exist only once the data module's setup has run inside fit (DreamBooth prepares it on
     # every rank there): the module and Provenance take the empty caption and the manifest from it then.
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, **optimizer_factories(cfg))
+    module = instantiate(cfg.model, **optimizer_factories(cfg, param_groups=True))
     monitors = [
         Provenance(resolved_container(cfg)),
         SkippedSamplesMonitor(datamodule.sample_counts),

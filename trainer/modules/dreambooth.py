@@ -10,7 +10,7 @@ encodes the instance and class prompts in the step (SDXL's penultimate states an
 as :func:`~data_pipelines.latents.sdxl_text.sdxl_text_states`, the one home of that recipe), while
 the latents and SDXL's size/crop ``time_ids`` still come from the shards. UNet and text encoder are one module
 with one optimizer (a parameter group each, with its own learning rate), so DDP and DeepSpeed ZeRO
-see a single model.
+see a single model; per-part learning rates come from the optimizer config (``optim.text_encoder_lr``, ...).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class DreamBoothDiffusion(LatentDiffusion):
         text_encoder: when given, it trains (fully) and the prompts are encoded in the step.
         tokenizer: the text encoder's tokenizer (needed with ``text_encoder``).
         instance_prompt, class_prompt: the captions of the two sets (needed with ``text_encoder``).
-        text_encoder_lr: the text encoder's learning rate (default: the optimizer's).
         text_encoder_lora: when given (with ``text_encoder``), the text encoder is frozen and only
             LoRA adapters on ``text_encoder_lora.target_modules`` train.
         text_encoder_2, tokenizer_2: SDXL's second encoder and its tokenizer, trained with ``text_encoder``
@@ -58,7 +57,6 @@ class DreamBoothDiffusion(LatentDiffusion):
         tokenizer: CLIPTokenizer | None = None,
         instance_prompt: str | None = None,
         class_prompt: str | None = None,
-        text_encoder_lr: float | None = None,
         text_encoder_lora: LoraSettings | None = None,
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
@@ -92,7 +90,6 @@ class DreamBoothDiffusion(LatentDiffusion):
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
-        self.text_encoder_lr = text_encoder_lr
 
     def encode_prompt(self, part: str, batch_size: int) -> dict[str, torch.Tensor]:
         """The trained text encoder(s)' conditioning of ``part``'s prompt: ``text`` ``(batch_size, T, D)``
@@ -127,19 +124,9 @@ class DreamBoothDiffusion(LatentDiffusion):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
-    def configure_optimizers(self) -> Any:
-        if self.text_encoder is None:
-            return super().configure_optimizers()
-        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-        text_group: dict[str, Any] = {"params": [p for e in encoders for p in e.parameters() if p.requires_grad]}
-        if self.text_encoder_lr is not None:
-            text_group["lr"] = self.text_encoder_lr
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad]}, text_group]
-        optimizer = self.optimizer_factory(params=groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        """The trained text encoders: the first and, for SDXL, the second (none when the prompts come from shards)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -30,6 +30,7 @@ from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
 from trainer.lora.adapters import LoraSettings, add_lora
 from trainer.lora.loading import trainable_adapters_from_file
+from trainer.modules.param_groups import ParamGroupSettings, freeze_zero_lr_blocks, parameter_groups
 
 log = logging.getLogger(__name__)
 NO_UNCOND_TEXT = (
@@ -71,6 +72,12 @@ class LatentDiffusion(L.LightningModule):
         lora_from: a LoRA file (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) whose UNet adapters,
             as they are, train on (the base frozen); instead of ``lora``.
         pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
+        param_groups: per-part learning rates and weight decay (``optim.unet_lr``, ``optim.block_lr``, ...;
+            :mod:`trainer.modules.param_groups`); ``None``: the optimizer's own for every parameter.
+
+    A schedule-free optimizer (``optim=schedule_free_adamw``) is switched to its training weights before each
+    batch and to its evaluation weights after each optimizer step, so validation, the EMA, checkpoints and
+    exports see the evaluation weights; a resume loads them and switches back exactly as the run did.
     """
 
     #: Constructor arguments that are objects, not hyperparameters (checkpoints load with
@@ -78,6 +85,7 @@ class LatentDiffusion(L.LightningModule):
     #: from every ``__init__`` of the class chain.
     hparams_ignore: tuple[str, ...] = (
         "unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora", "uncond_pooled",
+        "param_groups",
     )  # fmt: skip
 
     def __init__(
@@ -99,6 +107,7 @@ class LatentDiffusion(L.LightningModule):
         pretrained: str | None = None,
         lora_from: str | None = None,
         uncond_pooled: torch.Tensor | None = None,
+        param_groups: ParamGroupSettings | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
@@ -110,6 +119,8 @@ class LatentDiffusion(L.LightningModule):
             add_lora(self.unet, lora)
         if lora_from:
             self.lora = trainable_adapters_from_file(self.unet, lora_from, sdxl_lora_names(self.unet))
+        self.param_group_settings = ParamGroupSettings.of(param_groups)
+        freeze_zero_lr_blocks(self.unet, self.param_group_settings.block_lr)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -277,6 +288,8 @@ class LatentDiffusion(L.LightningModule):
         return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        for optimizer in schedule_free_optimizers(self.trainer.optimizers):
+            optimizer.train()  # the training weights (no-op when already there)
         if self.compile_unet and self._first_step_started is None:
             self._first_step_started = time.perf_counter()
 
@@ -328,6 +341,8 @@ class LatentDiffusion(L.LightningModule):
         stay, the step counts, the next step clears the gradients."""
         with contextlib.suppress(SkipOptimizerStep):
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        for schedule_free in schedule_free_optimizers(self.trainer.optimizers):
+            schedule_free.eval()  # the evaluation weights, for what follows the step (EMA, checkpoint, validation)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self._is_logging_step():
@@ -354,8 +369,13 @@ class LatentDiffusion(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders that train with the UNet (none here; DreamBooth's may)."""
+        return []
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
+        groups = parameter_groups(self.unet, self.trained_text_encoders(), self.param_group_settings)
+        optimizer = self.optimizer_factory(params=groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
@@ -368,6 +388,13 @@ class LatentDiffusion(L.LightningModule):
         record["noise_scheduler_config"] = dict(self.noise_scheduler.config)
         if self.lora is not None:
             record["lora"] = self.lora.to_dict()
+
+
+def schedule_free_optimizers(optimizers: Sequence[Optimizer]) -> list[Optimizer]:
+    """The schedule-free optimizers among ``optimizers``: schedulefree's classes mark their parameter groups
+    with ``train_mode`` and keep training and evaluation weights apart (``train()``/``eval()``). DeepSpeed's
+    optimizers wrap the configured one (and are no ``torch.optim.Optimizer``): schedule-free is refused there."""
+    return [o for o in optimizers if isinstance(o, torch.optim.Optimizer) and "train_mode" in o.defaults]
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
