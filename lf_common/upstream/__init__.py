@@ -10,8 +10,6 @@ version and the adapter to update.
   ``DeepSpeedStrategy``, ``FSDPStrategy`` and ``WandbLogger`` internals;
 * :mod:`.deepspeed_private`: the ops DeepSpeed marks compatible, to skip its CPU shared-memory
   all-reduce op (inference only; compiling it took most of a CPU ZeRO test's time);
-* :mod:`.hydra_optuna_private`: hydra-optuna-sweeper's ``_impl`` (the sweep's steps);
-* :mod:`.optuna_private`: a study's storage, to reach a trial by its number;
 * :mod:`.torch_private`: ``torch._foreach_lerp_`` and a ``DataLoader``'s persistent workers;
 * :mod:`.peft_integration_private`: the adapters flag of transformers' and diffusers' peft integration.
 

@@ -24,9 +24,14 @@ from lf_common.upstream.torch_private import restart_workers
 HELPERS = {"contract"}  # modules of the package that are not adapters
 
 
+BESIDE_THEIR_USER = ("trainer.callbacks.optuna_private",)  # adapters outside lf_common.upstream
+
+
 def adapters() -> list[ModuleType]:
     names = [info.name for info in pkgutil.iter_modules(lf_common.upstream.__path__) if info.name not in HELPERS]
-    return [importlib.import_module(f"lf_common.upstream.{name}") for name in sorted(names)]
+    return [importlib.import_module(f"lf_common.upstream.{name}") for name in sorted(names)] + [
+        importlib.import_module(name) for name in BESIDE_THEIR_USER
+    ]
 
 
 CONTRACTS = [contract for module in adapters() for contract in getattr(module, "CONTRACTS", ())]
