@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from lf_common.errors import ConfigError
+from trainer.cli.hydra_app import conf_folder
 from trainer.sweeps.optuna_sweeper import ResumableOptunaSweeperImpl
 from trainer.sweeps.search_space import grid_choices, parse_search_space
 from trainer.sweeps.trial import TrialRecord
@@ -190,7 +190,7 @@ def test_a_crashed_job_stops_the_sweep_with_its_own_error_unless_the_failure_rat
 
 
 def test_the_grid_sampler_tries_each_combination_once_and_caps_the_budget(tmp_path):
-    grid = functools.partial(optuna.samplers.GridSampler, seed=0)
+    grid = instantiate(OmegaConf.load(conf_folder() / "hydra" / "sweeper" / "sampler" / "grid.yaml"))  # a partial
     sweeper, launcher = make_sweeper(tmp_path, lambda params: float(params["k"]), sampler=grid, n_trials=100)
     sweeper.sweep(["a=x,y", "k=range(1,5,step=2)"])
     tried = sorted((dict(o.split("=", 1) for o in batch[0][:2])["a"], batch[0][1]) for _, batch in launcher.batches)
