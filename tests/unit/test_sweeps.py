@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from trainer.callbacks.optuna_pruning import OptunaPruning
 from trainer.sweeps.optuna_sweeper import ResumableOptunaSweeperImpl
@@ -180,6 +182,16 @@ def test_interrupted_trials_are_failed_and_not_counted(tmp_path):
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]
     assert [t.number for t in trials if t.user_attrs.get("latentforge_interrupted")] == [2, 4]
     assert counted_trials(study) == 3  # the interrupted ones will be re-asked; the live one counts
+
+
+def test_a_study_of_an_older_optuna_is_refused_with_the_command_that_upgrades_it(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=url)
+    with contextlib.closing(sqlite3.connect(tmp_path / "optuna.db")) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = 'v2.6.0.a'")  # as Optuna 2.10 (latentforge < 0.2) left it
+        db.execute("UPDATE version_info SET library_version = '2.10.1'")
+    with pytest.raises(ConfigError, match=rf"hydra\.sweeper\.storage={url}: .*optuna 2\.10\.1.* --storage {url}\)$"):
+        open_storage(url)
 
 
 def test_make_sqlite_folder_only_for_sqlite_urls(tmp_path):

@@ -22,6 +22,7 @@ from filelock import FileLock
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from lf_common.errors import ConfigError
 from trainer.callbacks.optuna_private import trial_handle
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,23 @@ def make_sqlite_folder(storage: Any) -> None:
 def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
     """The storage ``hydra.sweeper.storage`` names: a database URL (``sqlite:///PATH``, ``postgresql://...``;
     an SQLite file's folder is created), a storage object (e.g. an ``optuna.storages.JournalStorage`` built by
-    Hydra), or ``None``: in memory (nothing resumes, and the pruning callback cannot reach it)."""
+    Hydra), or ``None``: in memory (nothing resumes, and the pruning callback cannot reach it).
+
+    Raises:
+        ConfigError: the database holds the tables of an older Optuna (a study of latentforge before Optuna 4);
+            the message gives the command that upgrades them.
+    """
     if storage is None:
         return optuna.storages.InMemoryStorage()
     if isinstance(storage, BaseStorage):
         return storage
     make_sqlite_folder(storage)
-    return optuna.storages.RDBStorage(storage)
+    try:
+        return optuna.storages.RDBStorage(storage)
+    except RuntimeError as error:  # Optuna's refusal of an older table schema, naming the upgrade command
+        raise ConfigError(
+            f"hydra.sweeper.storage={storage}: {error} (here: optuna storage upgrade --storage {storage})"
+        ) from error
 
 
 def study_lock(storage: Any) -> contextlib.AbstractContextManager[Any]:
