@@ -1,28 +1,30 @@
 """The resumable Optuna sweeper, registered where Hydra looks for plugins.
 
-``hydra.sweeper._target_: hydra_plugins.latentforge_sweepers.resumable_optuna.ResumableOptunaSweeper``;
-the logic lives in :mod:`trainer.sweeps.optuna_sweeper`.
+``hydra/sweeper=optuna`` (``conf/hydra/sweeper/optuna.yaml``) names it:
+``_target_: hydra_plugins.latentforge_sweepers.resumable_optuna.ResumableOptunaSweeper``. The logic
+lives in :mod:`trainer.sweeps.optuna_sweeper`, imported when a sweep builds the sweeper: Hydra imports
+this module whenever it starts (to list its plugins), so it imports nothing heavier than Hydra.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig
 
-from trainer.sweeps.optuna_sweeper import ResumableOptunaSweeperImpl
 
+class ResumableOptunaSweeper(Sweeper):
+    """Optuna sweeps that resume from their storage, share one trial budget, record failed and pruned trials.
 
-class ResumableOptunaSweeper(OptunaSweeper):
-    """Optuna sweeps that resume from their storage, record failed/pruned trials and go on.
-
-    Takes the same settings as ``hydra/sweeper=optuna`` (sampler, direction, storage, study_name,
-    n_trials, n_jobs, max_failure_rate, params, ...); ``n_trials`` counts the study's total.
+    Takes the settings of ``conf/hydra/sweeper/optuna.yaml`` (sampler, direction, storage, study_name,
+    n_trials, n_jobs, max_failure_rate, params, custom_search_space); ``n_trials`` counts the study's total.
     """
 
     def __init__(self, **settings: Any) -> None:
+        from trainer.sweeps.optuna_sweeper import ResumableOptunaSweeperImpl
+
         self.sweeper = ResumableOptunaSweeperImpl(**settings)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:

@@ -147,7 +147,7 @@ def test_optuna_sweep_killed_then_resumed_runs_only_the_missing_trials(latent_di
     result = run_cli("lf-train", *optuna_command(latent_dir, tmp_path, n_trials=6), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = load_study(tmp_path)
-    interrupted = [t for t in study.trials if t.system_attrs.get("latentforge_interrupted")]
+    interrupted = [t for t in study.trials if t.user_attrs.get("latentforge_interrupted")]
     counted = [t for t in study.trials if t not in interrupted]
     assert len(interrupted) <= 1 and all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
     assert len(counted) == 6  # not 2 + 6

@@ -38,10 +38,7 @@ LAYERS: dict[str, int] = {
     "lf_common": 10,  # the neutral base: the standard library and fsspec only (test below)
 }
 
-# Modules of lf_common that still import a framework: the Optuna adapters, which the Optuna sweeper's
-# replacement deletes (remove them from here with the files). Every other adapter over a private upstream API
-# lives beside its user, in that user's layer.
-NOT_YET_NEUTRAL = {"lf_common.upstream.hydra_optuna_private", "lf_common.upstream.optuna_private"}
+# Every adapter over a private upstream API lives beside its user, in that user's layer: none in lf_common.
 # What lf_common may import besides the standard library and itself: fsspec (the storage interface) and
 # botocore, the S3 client under fsspec's s3fs, whose error types lf_common.object_store names (an import
 # guarded by ImportError, so it is optional).
@@ -136,8 +133,6 @@ def test_lf_common_imports_only_the_standard_library_and_fsspec():
     allowed = set(sys.stdlib_module_names) | NEUTRAL_THIRD_PARTY | {"lf_common", "__future__"}
     checked, framework = 0, []
     for path in sorted((ROOT / "lf_common").rglob("*.py")):
-        if module_name(path) in NOT_YET_NEUTRAL:
-            continue
         checked += 1
         for name in imports(path):
             top = name.split(".")[0]

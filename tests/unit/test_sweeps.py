@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -14,16 +16,11 @@ import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 from trainer.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from trainer.callbacks.optuna_pruning import OptunaPruning
-from trainer.sweeps.optuna_sweeper import (
-    ResumableOptunaSweeperImpl,
-    counted_trials,
-    fail_interrupted_trials,
-    make_sqlite_folder,
-    owner_record,
-)
+from trainer.sweeps.optuna_sweeper import ResumableOptunaSweeperImpl
+from trainer.sweeps.study import counted_trials, fail_interrupted_trials, make_sqlite_folder, open_storage, owner_record
 from trainer.sweeps.summary import rank_trials, swept_parameters, write_summary
 from trainer.sweeps.trial import FAILED_VALUE, TRIAL_FILE, TrialRecord, in_sweep, run_trial
 
@@ -168,21 +165,39 @@ def dead_pid() -> int:
 
 
 def test_interrupted_trials_are_failed_and_not_counted(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'deep' / 'optuna.db'}"
-    make_sqlite_folder(storage)
+    storage = open_storage(f"sqlite:///{tmp_path / 'deep' / 'optuna.db'}")  # the folder is created
     study = optuna.create_study(study_name="s", storage=storage)
     for value in (1.0, 2.0):
         study.tell(study.ask(), value)
     orphan, live, older_orphan = study.ask(), study.ask(), study.ask()
-    orphan.set_system_attr("latentforge_owner", [socket.gethostname(), dead_pid()])
-    live.set_system_attr("latentforge_owner", owner_record())
-    older_orphan.set_system_attr("latentforge_host", socket.gethostname())  # a study of an older version
-    older_orphan.set_system_attr("latentforge_pid", dead_pid())
+    orphan.set_user_attr("latentforge_owner", [socket.gethostname(), dead_pid()])
+    live.set_user_attr("latentforge_owner", owner_record())
+    older = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("s"), older_orphan.number)
+    storage.set_trial_system_attr(older, "latentforge_host", socket.gethostname())  # a study of an older version
+    storage.set_trial_system_attr(older, "latentforge_pid", dead_pid())
     assert counted_trials(study) == 5
-    assert fail_interrupted_trials(study) == 2
-    states = [t.state for t in study.trials]
+    assert fail_interrupted_trials(study, storage) == 2
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'deep' / 'optuna.db'}").trials
+    states = [t.state for t in trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]
+    assert [t.number for t in trials if t.user_attrs.get("latentforge_interrupted")] == [2, 4]
     assert counted_trials(study) == 3  # the interrupted ones will be re-asked; the live one counts
+
+
+def test_a_study_of_an_older_optuna_is_refused_with_the_command_that_upgrades_it(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=url)
+    with contextlib.closing(sqlite3.connect(tmp_path / "optuna.db")) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = 'v2.6.0.a'")  # as Optuna 2.10 (latentforge < 0.2) left it
+        db.execute("UPDATE version_info SET library_version = '2.10.1'")
+    with pytest.raises(ConfigError, match=rf"hydra\.sweeper\.storage={url}: .*optuna 2\.10\.1.* --storage {url}\)$"):
+        open_storage(url)
+
+
+def test_make_sqlite_folder_only_for_sqlite_urls(tmp_path):
+    make_sqlite_folder(f"sqlite:///{tmp_path / 'a' / 'b' / 'optuna.db'}")
+    make_sqlite_folder(f"postgresql://host/{tmp_path / 'c'}")
+    assert (tmp_path / "a" / "b").is_dir() and not (tmp_path / "c").exists()
 
 
 def test_a_worker_that_ran_no_trial_still_records_the_best(tmp_path):

@@ -8,7 +8,8 @@ import lightning as L
 import optuna
 from lightning.pytorch.callbacks import Callback
 
-from lf_common.upstream.optuna_private import trial_handle
+from lf_common.errors import ConfigError
+from trainer.callbacks.optuna_private import trial_handle
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +18,12 @@ class OptunaPruning(Callback):
     """Report ``monitor`` to the trial after each validation; raise ``optuna.TrialPruned`` when the
     study's pruner says so (the sweep records the trial as pruned and goes on).
 
-    Rank 0 talks to the storage and broadcasts the decision, so every rank stops together.
+    Uses Optuna's public ``Trial.report`` and ``Trial.should_prune`` (what optuna-integration's Lightning
+    callback does, here for a trial that the sweeper asked for, reached by its number). Rank 0 talks to
+    the storage and broadcasts the decision, so every rank stops together.
 
     Args:
-        storage: the study's storage URL (``hydra.sweeper.storage``).
+        storage: the study's database URL (``hydra.sweeper.storage``).
         study_name: the study (``hydra.sweeper.study_name``).
         trial_number: this job's trial (``optuna_trial_number``, set by
             the resumable Optuna sweeper, ``conf/hparams_search``); ``None`` outside a sweep:
@@ -37,6 +40,11 @@ class OptunaPruning(Callback):
         monitor: str,
         pruner: optuna.pruners.BasePruner | None = None,
     ) -> None:
+        if trial_number is not None and (not storage or not study_name):
+            raise ConfigError(
+                "callbacks.optuna_pruning: a trial reports to its study through hydra.sweeper.storage "
+                "(a database URL, e.g. sqlite:///${hydra.sweep.dir}/optuna.db) and hydra.sweeper.study_name; set both"
+            )
         self.storage = storage
         self.study_name = study_name
         self.trial_number = trial_number
@@ -46,8 +54,10 @@ class OptunaPruning(Callback):
 
     def _get_trial(self) -> optuna.Trial:
         if self._trial is None:
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
-            self._trial = trial_handle(study, self.trial_number)
+            assert self.trial_number is not None and self.study_name is not None
+            storage = optuna.storages.RDBStorage(self.storage)
+            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
+            self._trial = trial_handle(study, storage, self.trial_number)
         return self._trial
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

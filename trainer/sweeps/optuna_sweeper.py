@@ -1,195 +1,187 @@
-"""Hydra's Optuna sweeper, made resumable and aware of failed and pruned trials.
+"""A Hydra sweeper that drives Optuna: resumable, one budget for parallel workers, aware of failed and pruned trials.
 
-``hydra-optuna-sweeper`` asks Optuna for ``n_trials`` *more* trials on every start, stops the sweep
-at the first failed trial (``max_failure_rate: 0``), and cannot prune. This subclass keeps its
-config and search-space parsing and changes the loop:
+Hydra loads it as ``hydra_plugins.latentforge_sweepers.resumable_optuna.ResumableOptunaSweeper``
+(``hydra/sweeper=optuna``, ``conf/hydra/sweeper/optuna.yaml``; plugins must live in that namespace);
+use it through ``conf/hparams_search/*.yaml`` (``lf-train -m hparams_search=lr_optuna``). Its settings
+are hydra-optuna-sweeper's: ``sampler`` (``hydra/sweeper/sampler=tpe|random|grid|...``), ``direction``,
+``storage``, ``study_name``, ``n_trials``, ``n_jobs``, ``max_failure_rate``, ``params`` (Hydra's override
+grammar, read by :mod:`trainer.sweeps.search_space`) and ``custom_search_space``. What differs from that
+plugin's loop:
 
 - ``n_trials`` is the study's total: a sweep restarted on the same storage runs only the missing
   trials. Trials left ``RUNNING`` by a killed sweeper process on this host are marked failed
   (``interrupted``) and not counted; the running trials of live workers (other processes sharing
-  the storage, ``launch/sweep_gpus.sh``) are counted, so parallel workers share one budget.
+  the storage, ``launch/sweep_gpus.sh``) are counted, so parallel workers share one budget
+  (:mod:`trainer.sweeps.study`).
 - A trial that diverged, ran out of memory or missed its metric (``trial.json`` status
   ``failed``) is told to Optuna as FAIL and the sweep goes on; a pruned one as PRUNED.
 - Each job gets ``++optuna_trial_number=N``, which :class:`trainer.callbacks.optuna_pruning.OptunaPruning`
   uses to report intermediate values and to stop hopeless trials.
-
-Hydra loads it as ``hydra_plugins.latentforge_sweepers.resumable_optuna.ResumableOptunaSweeper`` (plugins must
-live in that namespace); use it through ``conf/hparams_search/*.yaml`` (``lf-train -m hparams_search=lr_optuna``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-import os
-import socket
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
-from omegaconf import OmegaConf
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from lf_common.upstream.hydra_optuna_private import OptunaSweeperSteps
-from lf_common.upstream.optuna_private import fail_trial
-from trainer.sweeps.trial import TRIAL_FILE, TrialRecord
+from lf_common.errors import ConfigError
+from trainer.sweeps.search_space import SearchSpace, check_resumable, grid_choices, parse_search_space
+from trainer.sweeps.study import (
+    OWNER,
+    counted_trials,
+    fail_interrupted_trials,
+    open_storage,
+    owner_record,
+    study_lock,
+    tell,
+)
+from trainer.sweeps.trial import DIRECTIONS, TRIAL_FILE, TrialRecord
 
 log = logging.getLogger(__name__)
 
 TRIAL_NUMBER_KEY = "optuna_trial_number"
-_OWNER, _INTERRUPTED = "latentforge_owner", "latentforge_interrupted"
-_OWNER_HOST, _OWNER_PID = "latentforge_host", "latentforge_pid"  # older studies: two writes, a kill could split them
 
 
-def owner_record() -> list[str | int]:
-    """``[host, pid]`` of this sweeper process, written to a trial in ONE storage write (a kill between
-    two writes left a trial with a host and no pid, taken for alive forever)."""
-    return [socket.gethostname(), os.getpid()]
+def _one_direction(direction: str | Sequence[str]) -> str:
+    """The study's one direction: ``lf-train`` returns one metric (``optimized_metric``)."""
+    directions = [direction] if isinstance(direction, str) else list(direction)
+    if len(directions) != 1 or directions[0] not in DIRECTIONS:
+        raise ConfigError(f"hydra.sweeper.direction must be one of {DIRECTIONS} (one objective), got {direction!r}")
+    return directions[0]
 
 
-def _owner_alive(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether the sweeper process that asked for ``trial`` still runs (unknown hosts: assume so)."""
-    host, pid = trial.system_attrs.get(_OWNER) or (
-        trial.system_attrs.get(_OWNER_HOST),
-        trial.system_attrs.get(_OWNER_PID),
-    )
-    if host != socket.gethostname() or pid is None:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class ResumableOptunaSweeperImpl:
+    """The sweep; see the module docstring. Built by Hydra from ``hydra.sweeper`` (objects already built).
 
+    Args:
+        sampler: an ``optuna.samplers`` instance, or a ``functools.partial`` of ``GridSampler`` (its grid is
+            the search space's values); ``None``: Optuna's default (TPE).
+        direction: ``minimize`` or ``maximize``.
+        storage: the study's database URL (``sqlite:///PATH``; ``None``: in memory, nothing resumes).
+        study_name: the study's name in the storage.
+        n_trials: trials of the study in total, across restarts and parallel workers.
+        n_jobs: trials asked for and launched together (one launcher call).
+        max_failure_rate: the share of crashed jobs in a batch (not recorded trial failures) that stops the sweep.
+        params: the search space, ``{key: override value}`` in Hydra's grammar.
+        custom_search_space: a function ``(config, trial) -> None`` (by its dotted name) that suggests more
+            parameters on each trial, e.g. ones that depend on others.
+    """
 
-def fail_interrupted_trials(study: optuna.Study) -> int:
-    """Mark RUNNING trials whose sweeper process died as FAIL (``interrupted``); returns how many."""
-    count = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _owner_alive(trial):
-            fail_trial(study, trial.number, {_INTERRUPTED: True})
-            log.warning("trial %d was interrupted (its sweeper process is gone): marked failed", trial.number)
-            count += 1
-    return count
+    def __init__(
+        self,
+        sampler: Any = None,
+        direction: str | Sequence[str] = "minimize",
+        storage: Any = None,
+        study_name: str | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        max_failure_rate: float = 0.0,
+        params: Mapping[str, Any] | None = None,
+        custom_search_space: str | None = None,
+    ) -> None:
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ConfigError(f"hydra.sweeper.max_failure_rate must be within [0, 1], got {max_failure_rate}")
+        if n_jobs < 1:
+            raise ConfigError(f"hydra.sweeper.n_jobs must be 1 or more, got {n_jobs}")
+        self.sampler = sampler
+        self.direction = _one_direction(direction)
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.params = params
+        self.extend_search_space: Callable[[DictConfig, optuna.Trial], None] | None = (
+            get_method(custom_search_space) if custom_search_space else None
+        )
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+        self.job_idx = 0
 
-
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that count toward ``n_trials``: finished ones (not interrupted) and live running ones."""
-    count = 0
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.FAIL and trial.system_attrs.get(_INTERRUPTED):
-            continue
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING):
-            count += 1
-    return count
-
-
-def make_sqlite_folder(storage: Any) -> None:
-    """Create the folder of a ``sqlite:///PATH`` storage (SQLite does not, and the sweep folder
-    does not exist yet when the study is created)."""
-    if isinstance(storage, str) and storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-
-
-def study_lock(storage: Any) -> contextlib.AbstractContextManager[Any]:
-    """A lock that parallel sweepers on one ``sqlite:///PATH`` storage take while they create the
-    study (two creating a new database's tables at once: ``UNIQUE constraint failed:
-    alembic_version``) and while they count it and ask for trials (without it two can both see room
-    for one more trial and both ask); other storages get none (their workers may overshoot
-    ``n_trials`` by up to ``n_jobs`` each)."""
-    if isinstance(storage, str) and storage.startswith("sqlite:///"):
-        return FileLock(storage.removeprefix("sqlite:///") + ".lock")
-    return contextlib.nullcontext()
-
-
-class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
-    """The sweep loop; see the module docstring for what differs from the plugin's ``OptunaSweeperImpl``."""
-
-    def __init__(self, **settings: Any) -> None:
-        super().__init__(
-            settings["sampler"],
-            settings["direction"],
-            settings.get("storage"),
-            settings.get("study_name"),
-            settings["n_trials"],
-            settings["n_jobs"],
-            settings.get("max_failure_rate", 0.0),
-            settings.get("search_space"),
-            settings.get("custom_search_space"),
-            settings.get("params"),
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        """Keep the composed config and build the launcher (``hydra/launcher``) that runs the trials."""
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        assert self.config is not None and self.launcher is not None
-        distributions, fixed_params = self.parameter_space(arguments)
-        if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
-            grid = {name: self.grid_choices(d) for name, d in distributions.items()}
-            self.sampler = self.sampler(grid)
-            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+        """Run the study's missing trials, batch by batch, then write ``optimization_results.yaml``.
 
-        make_sqlite_folder(self.storage)
+        Args:
+            arguments: the command line's overrides (sweeps in them join ``params``).
+        """
+        assert self.config is not None and self.launcher is not None, "setup() first"
+        space = parse_search_space(self.params, arguments)
+        sampler = self.sampler
+        if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
+            grid = grid_choices(space.distributions)
+            sampler = sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(values) for values in grid.values()))
+            log.info("grid sampler: %d trials at most", self.n_trials)
+
         with study_lock(self.storage):
+            storage = open_storage(self.storage)
             study = optuna.create_study(
                 study_name=self.study_name,
-                storage=self.storage,
-                sampler=self.sampler,
-                directions=self.directions(),
+                storage=storage,
+                sampler=sampler,
+                direction=self.direction,
                 load_if_exists=True,
             )
-            fail_interrupted_trials(study)
+            fail_interrupted_trials(study, storage)
+        recorded = {key: d for trial in study.get_trials(deepcopy=False) for key, d in trial.distributions.items()}
+        check_resumable(study.study_name, recorded, space)
         self.job_idx = len(study.trials)  # job folders continue the numbering of a resumed study
         log.info(
-            "study %s in %s: %d of %d trials done or running", study.study_name, self.storage, counted_trials(study),
-            self.n_trials,
+            "study %s in %s (%s): %d of %d trials done or running", study.study_name, self.storage,
+            type(study.sampler).__name__, counted_trials(study), self.n_trials,
         )  # fmt: skip
         while True:
             with study_lock(self.storage):
                 batch = min(self.n_jobs, self.n_trials - counted_trials(study))
-                trials = [study.ask() for _ in range(max(batch, 0))]
-                for trial in trials:
-                    trial.set_system_attr(_OWNER, owner_record())
+                trials = [self._ask(study, space) for _ in range(max(batch, 0))]
             if not trials:
                 break
-            overrides = [
-                (*trial_overrides, f"++{TRIAL_NUMBER_KEY}={trial.number}")
-                for trial, trial_overrides in zip(
-                    trials, self.trial_overrides(trials, distributions, fixed_params), strict=True
-                )
-            ]
+            overrides = [(*space.overrides(trial.params), f"++{TRIAL_NUMBER_KEY}={trial.number}") for trial in trials]
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
-            crashed = [ret for trial, ret in zip(trials, returns, strict=True) if not self._tell(study, trial, ret)]
+            crashed = [ret for trial, ret in zip(trials, returns, strict=True) if not _tell(study, trial, ret)]
             if len(crashed) / len(returns) > self.max_failure_rate:
                 for ret in crashed:
                     ret.return_value  # noqa: B018 - re-raises the job's own error with its traceback
         self._save_results(study)
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> bool:
-        """Report a finished job to Optuna; ``False`` when the job crashed (not a recorded failure)."""
-        try:
-            value = ret.return_value
-        except Exception as error:
-            study.tell(trial, state=TrialState.FAIL)
-            log.warning("trial %d crashed: %s", trial.number, error)
-            return False
-        record = _read_record(ret)
-        if record is not None and record.status == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-        elif isinstance(value, (int, float)) and math.isfinite(value):
-            study.tell(trial, float(value))
-        else:
-            if record is not None and record.error:
-                trial.set_user_attr("error", record.error)
-            study.tell(trial, state=TrialState.FAIL)
-        return True
+    def _ask(self, study: optuna.Study, space: SearchSpace) -> optuna.Trial:
+        """A new trial with its parameters sampled, its owner and fixed overrides recorded on it."""
+        trial = study.ask(fixed_distributions=space.distributions)
+        trial.set_user_attr(OWNER, owner_record())
+        for key, value in space.fixed_values().items():
+            trial.set_user_attr(key, value)
+        if self.extend_search_space is not None:
+            assert self.config is not None
+            self.extend_search_space(self.config, trial)
+        overlap = sorted(trial.params.keys() & space.fixed.keys())
+        if overlap:
+            raise ConfigError(f"hydra.sweeper.custom_search_space suggests {overlap}, which the overrides fix")
+        return trial
 
     def _save_results(self, study: optuna.Study) -> None:
+        """``optimization_results.yaml`` in the sweep folder: the best trial's number, parameters and value."""
+        assert self.config is not None
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             log.warning("no trial of study %s completed", study.study_name)
@@ -204,6 +196,26 @@ class ResumableOptunaSweeperImpl(OptunaSweeperSteps):
             ),
             sweep_dir / "optimization_results.yaml",
         )
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> bool:
+    """Report a finished job to Optuna; ``False`` when the job crashed (not a recorded failure)."""
+    try:
+        value = ret.return_value
+    except Exception as error:
+        tell(study, trial, state=TrialState.FAIL)
+        log.warning("trial %d crashed: %s", trial.number, error)
+        return False
+    record = _read_record(ret)
+    if record is not None and record.status == "pruned":
+        tell(study, trial, state=TrialState.PRUNED)
+    elif isinstance(value, (int, float)) and math.isfinite(value):
+        tell(study, trial, values=float(value))
+    else:
+        if record is not None and record.error:
+            trial.set_user_attr("error", record.error)
+        tell(study, trial, state=TrialState.FAIL)
+    return True
 
 
 def _read_record(ret: JobReturn) -> TrialRecord | None:
