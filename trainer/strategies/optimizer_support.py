@@ -89,8 +89,7 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
                 "lr_scheduler=adafactor reports Adafactor's own step size: set optim.relative_step=true optim.lr=null"
             )
     if family == "bitsandbytes":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return f"{name} needs bitsandbytes: pip install 'latentforge[lowbit]' (or bitsandbytes)"
+        # What no install fixes first, then the install.
         if optim.get("is_paged") and accelerator != "cuda":
             return f"optim.is_paged=true pages the state out of GPU memory (CUDA only): set false on {accelerator}"
         if strategy == "fsdp":
@@ -98,6 +97,8 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
                 f"{name} keeps block scales whose shapes are not the weights', which FSDP's optimizer-state gathering "
                 "cannot reshape, so the first checkpoint would fail: use strategy=ddp or deepspeed_stage_1/2/3"
             )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return f"{name} needs bitsandbytes: pip install 'latentforge[lowbit]' (or bitsandbytes)"
     if family == "prodigy" and strategy in SHARDED:
         return (
             f"{name} estimates its step size from sums over all weights; under {strategy} each rank holds a shard, "
