@@ -11,14 +11,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lf_common.errors import ConfigError
 from tests.small_sd import original_file_state, small_parts
-from trainer.checkpoint.architecture import scaled_configs
-from trainer.checkpoint.layouts import normalize
-from trainer.checkpoint.ldm_ema import ema_key_to_unet_key
-from trainer.checkpoint.model_types import BY_NAME, candidates
-from trainer.checkpoint.pipeline_weights import PipelineParts
-from trainer.checkpoint.prediction_test import by_test_forward, from_metadata, given
-from trainer.checkpoint.safe_load import WeightFile
-from trainer.checkpoint.sd_single_file import EMA_PREFIX, UNET_PREFIX
+from trainer.interop.architecture import scaled_configs
+from trainer.interop.layouts import normalize
+from trainer.interop.ldm_ema import ema_key_to_unet_key
+from trainer.interop.model_types import BY_NAME, candidates
+from trainer.interop.pipeline_weights import PipelineParts
+from trainer.interop.prediction_type import by_test_forward, from_metadata, given
+from trainer.interop.safe_load import WeightFile
+from trainer.interop.sd_single_file import EMA_PREFIX, UNET_PREFIX
 
 DIFFUSERS_NAMES = {"sd1": "v1", "sd1_inpainting": "inpainting", "sd2": "v2", "sd2_v": "v2",
                    "sd2_inpainting": "inpainting_v2"}  # fmt: skip
@@ -76,7 +76,7 @@ def test_full_size_sdxl_file_gets_its_type_and_exactly_the_standard_configs():
     """SDXL base's keys and shapes (meta tensors), with the extras its own file carries."""
     from transformers import CLIPTextModelWithProjection
 
-    from trainer.checkpoint.pipeline_weights import original_state_dict
+    from trainer.interop.pipeline_weights import original_state_dict
 
     configs = BY_NAME["sdxl"].configs()
     with torch.device("meta"):

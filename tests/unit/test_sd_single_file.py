@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.sd_single_file import (
     UNET_PREFIX,
     VAE_PREFIX,
     KeyMapError,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,12 @@ from lf_common.object_cache import model_folder
 from lf_common.object_store import is_url
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
-from trainer.checkpoint.sd_single_file import original_module_name, unet_rules
-from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
-from trainer.lora.formats import AdapterWeights, ModuleNames, adapter_state_dict, save_lora_files
+from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
+from trainer.interop.lora_formats import save_lora_files, sdxl_lora_names
+from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, merge_adapters, remove_adapters
 
 log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
-INPAINTING_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 LORA_DIR = "lora"
 
 
@@ -100,16 +98,15 @@ def build_export(
     vae_dir, text_dir, tokenizer_dir = (model_folder(value) for value in (vae_dir, text_dir, tokenizer_dir))
     text_encoder = build_text_encoder(checkpoint, text_dir, kind)
     models = {"unet": unet, "text_encoder": text_encoder}
-    if is_sdxl_unet(unet):
+    if is_sdxl_unet(unet.config):
         models["text_encoder_2"] = build_text_encoder(checkpoint, _sdxl_folder(ckpt_path, record, "text_encoder_2"),
                                                       kind, second=True)  # fmt: skip
     adapters = take_adapters(record, models, split=split_lora)
     torch_dtype = getattr(torch, dtype)
-    inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
-    if is_sdxl_unet(unet):
+    if is_sdxl_unet(unet.config):
         pipe = _sdxl_pipeline(ckpt_path, record, models, vae_dir, tokenizer_dir, torch_dtype)
     else:
-        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+        pipe = (StableDiffusionInpaintPipeline if is_inpainting_unet(unet.config) else StableDiffusionPipeline)(
             vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
             text_encoder=text_encoder.to(torch_dtype),
             tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
@@ -131,16 +128,6 @@ def build_export(
         "latent_manifest": manifest,
     }
     return pipe, info, adapters
-
-
-def is_sdxl_unet(unet: torch.nn.Module) -> bool:
-    """Whether a UNet takes SDXL's pooled text and size/crop time_ids (``addition_embed_type: text_time``)."""
-    return unet.config.get("addition_embed_type") == "text_time"
-
-
-def sdxl_lora_names(unet: torch.nn.Module) -> ModuleNames | None:
-    """For an SDXL UNet, its modules' ldm names (what kohya's SDXL LoRA files use); ``None`` for SD 1.x/2.x."""
-    return partial(original_module_name, rules=unet_rules(unet.config)) if is_sdxl_unet(unet) else None
 
 
 def _sdxl_folder(ckpt_path: str | Path, record: dict[str, Any], name: str) -> str:
@@ -249,7 +236,7 @@ def export_single_file(
     configs that rebuild the pipeline (``latentforge.configs``: parts, tokenizer settings, noise
     schedule), so ``lf-import`` rebuilds any architecture from the file alone.
     """
-    from trainer.checkpoint.pipeline_weights import (
+    from trainer.interop.pipeline_weights import (
         PipelineParts,
         load_diffusers_folder,
         metadata_strings,

@@ -1,13 +1,20 @@
-"""One single file in, the right model out: read, normalise the layout, detect the type, build, load strictly.
+"""``lf-import``'s work: a user's SD 1.x/2.x or SDXL weights -> a diffusers folder to train from, loaded strictly.
 
-1. read it through the pickle policy (:mod:`trainer.checkpoint.safe_load`);
-2. map its key layout to the canonical one, or refuse it by name (:mod:`trainer.checkpoint.layouts`);
-3. detect the model type from keys and shapes (:mod:`trainer.checkpoint.model_types`);
-4. take the configs: ``config_dir`` when given, else the file's own (our exports carry them in
+Two sources: a diffusers pipeline folder (checked, rewritten as safetensors), or one file in the
+original single-file layout (``.safetensors``; ``.ckpt`` only with ``allow_pickle``, read with
+``torch.load(weights_only=True)``). A single file goes through:
+
+1. reading through the pickle policy (:mod:`trainer.interop.safe_load`);
+2. mapping its key layout to the canonical one, or refusing it by name (:mod:`trainer.interop.layouts`);
+3. detecting the model type from keys and shapes (:mod:`trainer.interop.model_types`);
+4. taking the configs: ``config_dir`` when given, else the file's own (our exports carry them in
    ``latentforge.configs``), else the type's standard configs at the file's sizes
-   (:mod:`trainer.checkpoint.architecture`);
-5. decide what the UNet predicts where the type leaves it open (:mod:`trainer.checkpoint.prediction_test`);
-6. load every part strictly (every key mapped, every shape checked).
+   (:mod:`trainer.interop.architecture`);
+5. deciding what the UNet predicts where the type leaves it open (:mod:`trainer.interop.prediction_type`);
+6. loading every part strictly (every key mapped, every shape checked).
+
+:func:`import_weights` writes the folder with ``latentforge.json``: the detected type, what it
+predicts and how that was decided, the layouts found and the notes on them.
 """
 
 from __future__ import annotations
@@ -18,26 +25,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDPMScheduler, UNet2DConditionModel
+import torch
+from diffusers import (
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTokenizer
 
 from data_pipelines.latents.tokenizer import build_clip_tokenizer
+from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
-from trainer.checkpoint.architecture import Configs, differences, scaled_configs
-from trainer.checkpoint.layouts import Normalized, normalize
-from trainer.checkpoint.model_types import ModelType, candidates
-from trainer.checkpoint.pipeline_weights import PipelineParts, build_parts, folder_configs, load_original_state
-from trainer.checkpoint.prediction_test import (
+from trainer.diffusion.unet_kinds import is_inpainting_unet
+from trainer.interop.architecture import Configs, differences, scaled_configs
+from trainer.interop.layouts import Normalized, normalize
+from trainer.interop.model_types import ModelType, candidates
+from trainer.interop.pipeline_weights import (
+    PipelineParts,
+    build_parts,
+    folder_configs,
+    load_diffusers_folder,
+    load_original_state,
+    read_metadata,
+)
+from trainer.interop.prediction_type import (
     OUR_CONFIGS_KEY,
     PredictionType,
     by_test_forward,
     from_metadata,
     given,
 )
-from trainer.checkpoint.safe_load import read_weight_file
-from trainer.checkpoint.sd_single_file import KeyMapError
+from trainer.interop.safe_load import read_weight_file
+from trainer.interop.sd_single_file import KeyMapError
 
 log = logging.getLogger(__name__)
+IMPORT_INFO_NAME = "latentforge.json"
 STANDARD = "standard configs"
 
 
@@ -50,7 +74,7 @@ class ImportedPipeline:
         tokenizer: the text encoder's tokenizer.
         tokenizer_2: SDXL's second tokenizer (``None`` for SD 1.x/2.x).
         scheduler_config: the noise schedule (with the prediction type decided).
-        model_type: the detected row of :data:`~trainer.checkpoint.model_types.MODEL_TYPES` (``None``: a folder).
+        model_type: the detected row of :data:`~trainer.interop.model_types.MODEL_TYPES` (``None``: a folder).
         info: what is printed and stored with the import (type, prediction type and how, layouts, notes).
     """
 
@@ -173,3 +197,107 @@ def read_single_file(
             raise KeyMapError(f"{source}: an SDXL file, but no tokenizer_2 in its configs or in config_dir")
         tokenizers["tokenizer_2"] = tokenizer_2
     return ImportedPipeline(parts, scheduler_config=scheduler_config, model_type=model_type, info=info, **tokenizers)
+
+
+def read_pipeline_weights(
+    source: str | Path,
+    config_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    ema: bool = False,
+    prediction_type: str | None = None,
+) -> ImportedPipeline:
+    """The parts of ``source`` (a diffusers folder or a single file), with their tokenizer and noise schedule.
+
+    Raises:
+        DataError: ``source`` is missing.
+        KeyMapError: a refused layout or type, or weights that do not match (every offending key named).
+    """
+    source = Path(source)
+    if source.is_dir():
+        parts = load_diffusers_folder(source, allow_pickle=allow_pickle)
+        scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
+        if prediction_type:
+            scheduler["prediction_type"] = prediction_type
+        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", local_files_only=True)
+        tokenizer_2 = None
+        if parts.text_encoder_2 is not None:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source / "tokenizer_2", local_files_only=True)
+        info = {"configs_from": f"the folder ({source})"}
+        return ImportedPipeline(parts, tokenizer, scheduler, None, info, tokenizer_2)
+    if not source.is_file():
+        raise DataError(f"{source}: does not exist; expected a diffusers folder or a .safetensors file")
+    return read_single_file(source, config_dir, allow_pickle, ema, prediction_type)
+
+
+def default_out_dir(source: str | Path) -> Path:
+    """``models/<file or folder name without suffix>`` in the working directory."""
+    return Path("models") / Path(source).stem
+
+
+def import_weights(
+    source: str | Path,
+    out_dir: str | Path | None = None,
+    config_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    dtype: str = "float32",
+    ema: bool = False,
+    prediction_type: str | None = None,
+    imported_from: str | None = None,
+) -> Path:
+    """Write ``source`` as a diffusers pipeline folder (atomically) that training and sampling load.
+
+    Args:
+        out_dir: the folder to write; ``None``: :func:`default_out_dir`.
+        ema: take the UNet from a single file's EMA copy (ldm's ``model_ema.*``).
+        prediction_type: what the UNet predicts, instead of detecting it.
+        imported_from: what ``latentforge.json`` records as the source (a URL whose local copy ``source``
+            is); ``None``: ``source``'s absolute path.
+
+    The folder serves as ``lf-train model=pretrained model.pretrained=OUT_DIR`` (the UNet and the
+    noise schedule) and as ``lf-precompute pretrained=OUT_DIR`` (the VAE and text encoder); an
+    inpainting model is written as diffusers' ``StableDiffusionInpaintPipeline``, an SDXL one as
+    ``StableDiffusionXLPipeline``.
+    """
+    out_dir = Path(out_dir) if out_dir else default_out_dir(source)
+    imported = read_pipeline_weights(source, config_dir, allow_pickle, ema, prediction_type)
+    parts, torch_dtype = imported.parts, getattr(torch, dtype)
+    if torch_dtype != parts.unet.dtype:
+        for network in parts.networks().values():
+            network.to(torch_dtype)
+    pipe = _pipeline(imported)
+    source = Path(source)
+    metadata = read_metadata(source) if source.is_file() and source.suffix == ".safetensors" else {}
+    metadata.pop(OUR_CONFIGS_KEY.removeprefix("latentforge."), None)
+    # the file's own record (step, training config...) first; what this import found out wins
+    info = {
+        **metadata,
+        "imported_from": imported_from or str(source.resolve()),
+        "dtype": dtype,
+        "ema": ema,
+        **imported.info,
+    }
+    with atomic_path(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    log.info("imported %s to %s", source, out_dir)
+    return out_dir
+
+
+def _pipeline(imported: ImportedPipeline) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The diffusers pipeline of imported parts: SDXL's with a second text encoder, else SD's (inpainting or not)."""
+    parts, scheduler = imported.parts, DDPMScheduler.from_config(imported.scheduler_config)
+    common = {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": imported.tokenizer, "unet": parts.unet}
+    if parts.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            **common,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=imported.tokenizer_2,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    inpainting = is_inpainting_unet(parts.unet.config)
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    return pipeline_class(
+        **common, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )

@@ -1,6 +1,6 @@
 """The key layouts single files come in: ONE table, each row mapped exactly to the canonical layout or refused by name.
 
-The canonical layout is what :mod:`trainer.checkpoint.sd_single_file` maps to diffusers: the UNet
+The canonical layout is what :mod:`trainer.interop.sd_single_file` maps to diffusers: the UNet
 under ``model.diffusion_model.*``, the VAE under ``first_stage_model.*``, the text encoder under
 ``cond_stage_model.transformer.text_model.*`` (CLIP) or ``cond_stage_model.model.*`` (OpenCLIP), or
 SDXL's two under ``conditioner.embedders.0.transformer.text_model.*`` and ``conditioner.embedders.1.model.*``,
@@ -9,7 +9,7 @@ row stops the import with one line naming the layout and the fix; a mapped row r
 leaves a note. What is left after the table must map key for key (else the strict check lists
 every key that did not map).
 
-Pickled files (``.ckpt``) come through the pickle policy of :mod:`trainer.checkpoint.safe_load`
+Pickled files (``.ckpt``) come through the pickle policy of :mod:`trainer.interop.safe_load`
 (refused unless ``allow_pickle``, then ``torch.load(weights_only=True)``), which takes ldm's
 ``state_dict`` entry; the table notes it.
 """
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.checkpoint.ldm_ema import ema_only_unet, ema_weight_keys, split_ema
-from trainer.checkpoint.safe_load import WeightFile
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.ldm_ema import ema_only_unet, ema_weight_keys, split_ema
+from trainer.interop.safe_load import WeightFile
+from trainer.interop.sd_single_file import (
     NON_WEIGHT_KEYS,
     OPEN_CLIP_PREFIX,
     TEXT_PREFIX,
@@ -31,7 +31,7 @@ from trainer.checkpoint.sd_single_file import (
     VAE_PREFIX,
     KeyMapError,
 )
-from trainer.checkpoint.sd_text_encoder_keys import OPEN_CLIP_UNUSED
+from trainer.interop.sd_text_encoder_keys import OPEN_CLIP_UNUSED
 
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model. in the canonical layout
 TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
@@ -223,7 +223,7 @@ def normalize(file: WeightFile, source: str, ema: bool = False) -> Normalized:
     """Apply every matching row of :data:`LAYOUTS` in order.
 
     Args:
-        file: the file as read (:func:`trainer.checkpoint.safe_load.read_weight_file`).
+        file: the file as read (:func:`trainer.interop.safe_load.read_weight_file`).
         source: the file's path, for messages.
         ema: take the UNet from an EMA copy that sits beside it.
 

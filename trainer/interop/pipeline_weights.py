@@ -2,12 +2,12 @@
 strictly.
 
 Writing: :func:`save_single_file` renames the parts' weights with the key map of
-:mod:`trainer.checkpoint.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
+:mod:`trainer.interop.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
 
-Reading: :func:`load_original_state` (a single file, after :mod:`trainer.checkpoint.layouts`) and
+Reading: :func:`load_original_state` (a single file, after :mod:`trainer.interop.layouts`) and
 :func:`load_diffusers_folder` load parts built from their configs, after checking that the weights
 hold exactly the keys and shapes the configs imply (a
-:class:`~trainer.checkpoint.sd_single_file.KeyMapError` lists every missing, unexpected and
+:class:`~trainer.interop.sd_single_file.KeyMapError` lists every missing, unexpected and
 misshapen key), with ``strict=True``.
 """
 
@@ -26,8 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import ConfigError, DataError
-from trainer.checkpoint.safe_load import PICKLE_SUFFIXES, read_weights
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.safe_load import PICKLE_SUFFIXES, read_weights
+from trainer.interop.sd_single_file import (
     SDXL_OPEN_CLIP_PREFIX,
     SDXL_TEXT_PREFIX,
     TEXT_LAYOUTS,
@@ -39,7 +39,7 @@ from trainer.checkpoint.sd_single_file import (
     unet_rules,
     vae_rules,
 )
-from trainer.checkpoint.sd_text_encoder_keys import (
+from trainer.interop.sd_text_encoder_keys import (
     PROJECTION,
     open_clip_to_text,
     text_to_diffusers,
@@ -186,7 +186,7 @@ def part_configs(parts: PipelineParts) -> dict[str, dict[str, Any]]:
 
 
 def load_original_state(parts: PipelineParts, state: dict[str, torch.Tensor], source: str, text_layout: str) -> None:
-    """Load a single file's weights, in the canonical layout (:mod:`trainer.checkpoint.layouts`), into ``parts``.
+    """Load a single file's weights, in the canonical layout (:mod:`trainer.interop.layouts`), into ``parts``.
 
     Every key must map to a weight of the parts, and every weight must be in ``state`` with the
     shape its config gives.

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lf_common.errors import DataError
-from trainer.checkpoint.pickle_contents import INERT_GLOBALS, code_globals, describe_refused, file_globals
+from trainer.interop.pickle_contents import INERT_GLOBALS, code_globals, describe_refused, file_globals
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset([".ckpt", ".pt", ".pth", ".bin"])
@@ -31,7 +31,7 @@ _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFi
 
 
 class InertState:
-    """What an :data:`~trainer.checkpoint.pickle_contents.INERT_GLOBALS` object becomes when
+    """What an :data:`~trainer.interop.pickle_contents.INERT_GLOBALS` object becomes when
     ``lf-import`` reads an original Stable Diffusion ``.ckpt``: its pickled attributes, no behaviour."""
 
 

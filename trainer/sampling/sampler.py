@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lf_common.errors import DataError
-from trainer.checkpoint.export import is_sdxl_unet
+from trainer.diffusion.unet_kinds import is_sdxl_unet
 from trainer.sampling.conditioning import PromptEncoder
 from trainer.sampling.denoise import denoise
 from trainer.sampling.image_to_image import ImageToImage
@@ -69,7 +69,7 @@ class Sampler(ImageToImage):
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
-        if is_sdxl_unet(unet) != (text_encoder_2 is not None and tokenizer_2 is not None):
+        if is_sdxl_unet(unet.config) != (text_encoder_2 is not None and tokenizer_2 is not None):
             raise DataError(
                 "an SDXL UNet (addition_embed_type text_time) samples with text_encoder_2 and tokenizer_2, and "
                 "only it does: the export folder's parts do not fit together"
