@@ -56,9 +56,11 @@ from trainer.interop.prediction_type import (
     by_test_forward,
     from_metadata,
     given,
+    zero_terminal_snr,
 )
-from trainer.interop.safe_load import read_weight_file
-from trainer.interop.sd_single_file import KeyMapError
+from trainer.interop.safe_load import read_weight_file, refuse_non_floating
+from trainer.interop.sd_single_file import V_PRED_KEY, KeyMapError
+from trainer.interop.set_aside import SET_ASIDE_FILE, read_set_aside, set_aside_file, write_set_aside
 
 log = logging.getLogger(__name__)
 IMPORT_INFO_NAME = "latentforge.json"
@@ -76,6 +78,8 @@ class ImportedPipeline:
         scheduler_config: the noise schedule (with the prediction type decided).
         model_type: the detected row of :data:`~trainer.interop.model_types.MODEL_TYPES` (``None``: a folder).
         info: what is printed and stored with the import (type, prediction type and how, layouts, notes).
+        set_aside: weights of the file the parts have no place for (original keys), kept beside the import
+            (:mod:`trainer.interop.set_aside`).
     """
 
     parts: PipelineParts
@@ -84,6 +88,7 @@ class ImportedPipeline:
     model_type: ModelType | None
     info: dict[str, Any] = field(default_factory=dict)
     tokenizer_2: CLIPTokenizer | None = None
+    set_aside: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _configs(
@@ -107,13 +112,17 @@ def _configs(
 def _stated_prediction_type(
     prediction_type: str | None, configs: Configs, configs_from: str, normalized: Normalized
 ) -> PredictionType | None:
-    """The prediction type the user, ``config_dir`` or the file states (in that order), if any."""
+    """The prediction type the user, the file's ``v_pred`` marker, ``config_dir`` or the file's metadata states
+    (in that order), if any: a ``config_dir`` gives the architecture, and is often the base a v-prediction
+    file was fine-tuned from."""
     if prediction_type:
         return given(prediction_type)
+    if V_PRED_KEY in normalized.markers:
+        return from_metadata({}, normalized.markers)
     if configs_from.startswith("config_dir"):
         value = configs["scheduler"].get("prediction_type", "epsilon")
         return PredictionType(value, f"from {configs_from}'s scheduler")
-    return from_metadata(normalized.metadata)
+    return from_metadata(normalized.metadata, normalized.markers)
 
 
 TEXT_LAYOUT_OF = {"clip": "sd1", "open_clip": "sd2", "sdxl": "sdxl"}  # a type's text encoder -> single-file layout
@@ -160,6 +169,7 @@ def read_single_file(
     normalized = normalize(read_weight_file(path, allow_pickle), source, ema)
     if ema and not any("EMA" in name for name in normalized.layouts):
         raise DataError(f"{path}: ema=true, but the file holds no EMA weights (model_ema.*)")
+    refuse_non_floating(normalized.state, source)
     rows = candidates(normalized.state, source)
     configs, configs_from = _configs(normalized, rows[0], config_dir, source)
     decision = _stated_prediction_type(prediction_type, configs, configs_from, normalized)
@@ -180,6 +190,8 @@ def read_single_file(
             parts.unet = unet
     parts = parts or _load(configs, normalized, model_type, source)
     scheduler_config = {**configs["scheduler"], "prediction_type": decision.value}
+    if zero_terminal_snr(normalized.markers):  # ComfyUI's zsnr: betas rescaled to zero terminal SNR
+        scheduler_config["rescale_betas_zero_snr"] = True
     info = {
         "model_type": model_type.name,
         "model_title": model_type.title,
@@ -190,13 +202,22 @@ def read_single_file(
         "layouts": normalized.layouts,
         "notes": normalized.notes,
     }
+    if normalized.set_aside:
+        info["set_aside"] = {"file": SET_ASIDE_FILE, "keys": sorted(normalized.set_aside)}
     log.info("%s: %s, %s %s", source, model_type.title, decision.value, decision.how)
     tokenizers = {"tokenizer": _tokenizer(configs, config_dir)}
     if parts.text_encoder_2 is not None:
         if (tokenizer_2 := _tokenizer(configs, config_dir, "tokenizer_2")) is None:
             raise KeyMapError(f"{source}: an SDXL file, but no tokenizer_2 in its configs or in config_dir")
         tokenizers["tokenizer_2"] = tokenizer_2
-    return ImportedPipeline(parts, scheduler_config=scheduler_config, model_type=model_type, info=info, **tokenizers)
+    return ImportedPipeline(
+        parts,
+        scheduler_config=scheduler_config,
+        model_type=model_type,
+        info=info,
+        set_aside=normalized.set_aside,
+        **tokenizers,
+    )
 
 
 def read_pipeline_weights(
@@ -223,7 +244,9 @@ def read_pipeline_weights(
         if parts.text_encoder_2 is not None:
             tokenizer_2 = CLIPTokenizer.from_pretrained(source / "tokenizer_2", local_files_only=True)
         info = {"configs_from": f"the folder ({source})"}
-        return ImportedPipeline(parts, tokenizer, scheduler, None, info, tokenizer_2)
+        kept = set_aside_file(source)  # a folder lf-import wrote keeps what its single file set aside
+        set_aside = read_set_aside(kept) if kept else {}
+        return ImportedPipeline(parts, tokenizer, scheduler, None, info, tokenizer_2, set_aside)
     if not source.is_file():
         raise DataError(f"{source}: does not exist; expected a diffusers folder or a .safetensors file")
     return read_single_file(source, config_dir, allow_pickle, ema, prediction_type)
@@ -278,6 +301,7 @@ def import_weights(
     }
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        write_set_aside(tmp, imported.set_aside, torch_dtype)
         (tmp / IMPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("imported %s to %s", source, out_dir)
     return out_dir

@@ -43,6 +43,13 @@ SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 EMA_PREFIX = "model_ema."
 TEXT_LAYOUTS = ("sd1", "sd2", "sdxl")
+V_PRED_KEY = "v_pred"
+"""A top-level empty tensor that marks a v-prediction model: ComfyUI's saver writes it (``model_base.py``,
+``state_dict_for_saving``) and reads it for SDXL (``supported_models.py``, ``SDXL.model_type``)."""
+ZTSNR_KEY = "ztsnr"
+"""Beside :data:`V_PRED_KEY`, an empty tensor that marks a zero-terminal-SNR schedule (ComfyUI's ``zsnr``;
+diffusers' ``rescale_betas_zero_snr``)."""
+PREDICTION_MARKERS = (V_PRED_KEY, ZTSNR_KEY)
 
 # Keys that original checkpoints carry beside the weights: the DDPM schedule buffers of ldm's
 # ``LatentDiffusion``, the EMA counters, CLIP's position ids. Import skips them, by name.
