@@ -93,3 +93,17 @@ def test_full_size_sdxl_file_gets_its_type_and_exactly_the_standard_configs():
     assert infer_diffusers_model_type(state) == "xl_base"  # diffusers' own detection agrees
     assert [row.name for row in candidates(state, "sd_xl_base.safetensors")] == ["sdxl"]
     assert scaled_configs(state, BY_NAME["sdxl"], "sd_xl_base.safetensors") == configs
+
+
+def test_diffusers_type_inference_needs_full_size_shapes_so_import_keeps_its_own_table():
+    """diffusers' ``infer_diffusers_model_type`` tells SD 2.x by a 1024-wide cross-attention, so an SD 2.x
+    architecture at other sizes is 'v1' to it (and its configs would come from the hub); the table here reads
+    the text encoder's layout and the UNet's input channels. If diffusers agrees one day, this test fails."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    state = original_file_state(small_parts("sd2"), "sd2")
+    assert infer_diffusers_model_type(state) == "v1"
+    assert [row.name for row in candidates(normalize(WeightFile(state), "small_sd2").state, "small_sd2")] == [
+        "sd2",
+        "sd2_v",
+    ]
