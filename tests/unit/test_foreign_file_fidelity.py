@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from lf_common.errors import DataError
 from tests.small_sd import original_file_state, small_parts
 from tests.small_sdxl import save_small_sdxl, small_sdxl_configs
-from trainer.checkpoint.export import export_single_file
+from trainer.checkpoint.export import export_pipeline, export_single_file
+from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.interop.import_weights import IMPORT_INFO_NAME, import_weights
 from trainer.interop.pipeline_weights import build_parts, load_diffusers_folder, original_state_dict, read_metadata
 from trainer.interop.set_aside import SET_ASIDE_FILE
@@ -97,6 +98,34 @@ def test_an_sd2_file_survives_import_then_export_with_the_same_keys(tmp_path: Pa
     bare = export_single_file(out, tmp_path / "bare.safetensors")
     assert "logit_scale" not in " ".join(load_file(str(bare)))
     assert read_metadata(bare)["set_aside"].startswith(f"no {SET_ASIDE_FILE} beside the base folder")
+
+
+def test_a_model_trained_from_an_imported_sd2_folder_exports_what_import_set_aside(tmp_path: Path) -> None:
+    """lf-train from the imported folder, then lf-export: the checkpoint's latent manifest names the folder's
+    text encoder; the set-aside file beside it goes into the exported folder and back into a single file."""
+    parts = small_parts("sd2")
+    original = original_file_state(parts, "sd2")
+    path = tmp_path / "sd2_small.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path))
+    base = import_weights(path, tmp_path / "base", prediction_type="epsilon")
+    unet = load_diffusers_folder(base).unet
+    record = {
+        "unet_config": json.loads(json.dumps(dict(unet.config))),
+        "noise_scheduler_config": json.loads((base / "scheduler" / "scheduler_config.json").read_text()),
+        "latent_manifest": {
+            "vae": {"path": str(base / "vae")},
+            "text_encoder": {"path": str(base / "text_encoder")},
+            "tokenizer_path": str(base / "tokenizer"),
+        },
+    }
+    ckpt = tmp_path / "last.ckpt"  # what lf-train writes, reduced to what export reads
+    torch.save({"state_dict": {f"unet.{k}": v for k, v in unet.state_dict().items()}, CHECKPOINT_KEY: record}, ckpt)
+    folder = export_pipeline(ckpt, tmp_path / "export")
+    assert (folder / SET_ASIDE_FILE).is_file()
+    for source in (ckpt, folder):
+        written = load_file(str(export_single_file(source, tmp_path / f"{source.stem}.safetensors")))
+        assert written.keys() == original.keys(), source
+        assert all(torch.equal(written[key], original[key]) for key in original), source
 
 
 def test_weights_that_are_not_floating_point_are_refused_by_name(tmp_path: Path) -> None:
