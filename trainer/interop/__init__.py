@@ -11,5 +11,6 @@ reading here: its ldm converters pass over keys they have no rule for without a 
 sizes is "v1") and takes configs from the hub, it keeps any dtype, and it has no diffusers -> ldm
 direction for the export. Its converters and ``from_single_file`` are the oracles our key maps are
 tested against (``tests/unit/test_sd_single_file.py``, ``test_sdxl_single_file.py``,
-``test_single_file_import.py``); two tests there fail if diffusers becomes strict.
+``test_single_file_import.py``); two tests fail if diffusers becomes strict (``test_sd_single_file.py``,
+``test_model_types.py``).
 """
