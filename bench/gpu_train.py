@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.callbacks.throughput import unet_train_flops
 from trainer.cli.hydra_app import build_trainer, compose_config, optimizer_factories
+from trainer.diffusion.unet_kinds import sdxl_pooled_width
 from trainer.strategies.gpu_defaults import apply_matmul_precision
 
 
@@ -79,9 +80,7 @@ def _sync() -> None:
 
 def pooled_dim(unet_config: Any) -> int | None:
     """SDXL's pooled text width ``P`` (the ``text_time`` embedding's input less 6 time ids), else ``None``."""
-    if unet_config.get("addition_embed_type") != "text_time":
-        return None
-    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    return sdxl_pooled_width(unet_config)
 
 
 def make_batches(

@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.checkpoint.model_types import BY_NAME
-from trainer.checkpoint.pipeline_weights import PipelineParts, original_state_dict
+from trainer.interop.model_types import BY_NAME
+from trainer.interop.pipeline_weights import PipelineParts, original_state_dict
 
 # Sizes only; the heads follow each type's rule (SD 1.x: 8 per attention; SD 2.x and the text encoders: 64 wide).
 UNET_SIZES = {

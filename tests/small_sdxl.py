@@ -90,7 +90,7 @@ def pipeline_tensors(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tensor]
 def small_sdxl_configs() -> dict[str, dict]:
     """SDXL base's standard configs (``conf/base_models/sdxl/``) at small sizes, heads 64 wide as SDXL's:
     what the importer reads back from a file of them with nothing else."""
-    from trainer.checkpoint.model_types import BY_NAME
+    from trainer.interop.model_types import BY_NAME
 
     configs = BY_NAME["sdxl"].configs()
     text = dict(intermediate_size=128, num_hidden_layers=2, max_position_embeddings=8)

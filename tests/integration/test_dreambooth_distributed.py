@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.integration.cli import cli_command, run_cli
 from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
-from trainer.lora.loading import load_lora
+from trainer.interop.lora_loading import load_lora
 from trainer.sampling.sampler import Sampler, SampleSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]

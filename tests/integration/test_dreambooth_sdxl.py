@@ -24,10 +24,11 @@ from lf_common.errors import DataError
 from tests.conftest import compose_config
 from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested, consumed_batches
 from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
-from trainer.checkpoint.export import build_export, sdxl_lora_names
+from trainer.checkpoint.export import build_export
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.train import optimizer_factories, run_train
-from trainer.lora.loading import load_lora
+from trainer.interop.lora_formats import sdxl_lora_names
+from trainer.interop.lora_loading import load_lora
 from trainer.sampling.sampler import Sampler, SampleSettings
 
 pytestmark = pytest.mark.slow

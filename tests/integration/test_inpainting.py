@@ -21,6 +21,7 @@ from trainer.cli.import_model import run_import
 from trainer.cli.precompute import run_precompute
 from trainer.cli.sample import run_sample
 from trainer.cli.train import run_train
+from trainer.diffusion.unet_kinds import INPAINTING_IN_CHANNELS
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def test_inpainting_model_fine_tunes_and_samples(raw_shards, tmp_path):
     export = tmp_path / "export"
     run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
     assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
-    assert json.loads((export / "unet" / "config.json").read_text())["in_channels"] == 9
+    assert json.loads((export / "unet" / "config.json").read_text())["in_channels"] == INPAINTING_IN_CHANNELS
 
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(init)

@@ -13,7 +13,7 @@ from trainer.checkpoint.reading import build_unet, load_checkpoint
 from trainer.cli.export import run_export
 from trainer.cli.sample import run_sample
 from trainer.cli.train import run_train
-from trainer.lora.loading import load_lora
+from trainer.interop.lora_loading import load_lora
 from trainer.sampling.sampler import Sampler
 
 pytestmark = pytest.mark.slow

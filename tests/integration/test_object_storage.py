@@ -51,8 +51,8 @@ from trainer.cli.sample import ENCODER_FOLDERS, run_sample
 from trainer.cli.train import run_train
 from trainer.dreambooth.class_images import class_image_path
 from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
-from trainer.lora.adapters import LoraSettings, add_lora
-from trainer.lora.formats import AdapterWeights, adapter_state_dict, kohya_state_dict
+from trainer.interop.lora_formats import kohya_state_dict
+from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, add_lora
 from trainer.sampling.sampler import SampleSettings
 
 pytestmark = pytest.mark.slow

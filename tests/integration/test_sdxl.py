@@ -164,8 +164,8 @@ def test_checkpoint_exports_to_one_sdxl_file_that_imports_to_the_same_tensors(si
     of the file alone: the same tensors as the diffusers folder export of the same checkpoint."""
     from safetensors.torch import load_file
 
-    from trainer.checkpoint.pipeline_weights import load_diffusers_folder
     from trainer.cli.import_model import run_import
+    from trainer.interop.pipeline_weights import load_diffusers_folder
 
     checkpoint = single_run / "full" / "checkpoints" / f"step-{STEPS:07d}.ckpt"
     folder, file = tmp_path / "export", tmp_path / "sdxl.safetensors"
@@ -195,7 +195,7 @@ def test_lora_run_exports_sdxl_kohya_and_diffusers_lora_files(sdxl_latent_dir, t
     from tests.conftest import tiny_train_overrides
     from trainer.checkpoint.reading import build_unet, load_checkpoint
     from trainer.cli.train import run_train
-    from trainer.lora.loading import load_lora
+    from trainer.interop.lora_loading import load_lora
 
     run, export = tmp_path / "run", tmp_path / "export"
     lora = ["experiment=lora", "optim.lr=2e-2", "model.lora.target_modules=[to_q,to_out.0,proj_in,conv1]"]

@@ -212,7 +212,7 @@ def Image_open(path):
 def test_single_file_export_of_a_checkpoint_records_step_and_config(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.checkpoint.pipeline_weights import read_metadata
+    from trainer.interop.pipeline_weights import read_metadata
 
     out, _ = trained
     folder = export_last(out, tmp_path / "folder")

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from lf_common.errors import DataError
 from tests.conftest import compose_config
 from tests.small_sd import diffusers_tensors, original_file_state, small_configs, small_parts
-from trainer.checkpoint.pipeline_weights import load_diffusers_folder, load_original_state
-from trainer.checkpoint.sd_single_file import KeyMapError
-from trainer.checkpoint.single_file_import import read_single_file
 from trainer.cli.import_model import run_import
+from trainer.interop.import_weights import read_single_file
+from trainer.interop.pipeline_weights import load_diffusers_folder, load_original_state
+from trainer.interop.sd_single_file import KeyMapError
 
 State = dict[str, torch.Tensor]
 

@@ -25,7 +25,8 @@ LAYERS: dict[str, int] = {
     "trainer.evaluation": 55,
     "trainer.strategies": 55,  # with the Lightning and DeepSpeed adapters they use (lightning_private, ...)
     "trainer.faults": 52,  # preemption signals, the phase board and hang watchdog (below callbacks, above checkpoint)
-    "trainer.checkpoint": 50,
+    "trainer.checkpoint": 50,  # our own training checkpoints (keys, reading, resume, remote, export)
+    "trainer.interop": 48,  # every foreign format (SD single files, layouts, pickles, LoRA/LyCORIS files)
     "trainer.lora": 45,
     "trainer.diffusion": 40,
     "trainer.tiny_models": 40,

@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 
 from tests.conftest import compose_config
 from trainer.cli.hydra_app import optimizer_factories
-from trainer.lora.adapters import TEXT_ENCODER_TARGETS, LoraSettings, add_lora
-from trainer.lora.formats import AdapterWeights, adapter_state_dict, kohya_state_dict
+from trainer.interop.lora_formats import kohya_state_dict
+from trainer.lora.adapters import TEXT_ENCODER_TARGETS, AdapterWeights, LoraSettings, adapter_state_dict, add_lora
 
 
 def lora_module() -> torch.nn.Module:

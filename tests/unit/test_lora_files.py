@@ -18,16 +18,14 @@ from tests.small_sd import small_parts
 from trainer.checkpoint.export import take_adapters
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import build_unet
-from trainer.lora.adapters import LoraSettings, add_lora
-from trainer.lora.formats import (
-    AdapterWeights,
-    adapter_state_dict,
+from trainer.interop.lora_formats import (
     kohya_state_dict,
     save_diffusers_lora,
     save_lora_files,
 )
-from trainer.lora.loading import load_lora
-from trainer.lora.lycoris import to_lycoris_file
+from trainer.interop.lora_loading import load_lora
+from trainer.interop.lycoris import to_lycoris_file
+from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, add_lora
 from trainer.modules.latent_diffusion import LatentDiffusion
 
 UNET_TARGETS = ["to_q", "to_v", "proj_in", "conv1", "conv_shortcut"]  # attention, projection and convolutions

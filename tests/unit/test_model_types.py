@@ -11,14 +11,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lf_common.errors import ConfigError
 from tests.small_sd import original_file_state, small_parts
-from trainer.checkpoint.architecture import scaled_configs
-from trainer.checkpoint.layouts import normalize
-from trainer.checkpoint.ldm_ema import ema_key_to_unet_key
-from trainer.checkpoint.model_types import BY_NAME, candidates
-from trainer.checkpoint.pipeline_weights import PipelineParts
-from trainer.checkpoint.prediction_test import by_test_forward, from_metadata, given
-from trainer.checkpoint.safe_load import WeightFile
-from trainer.checkpoint.sd_single_file import EMA_PREFIX, UNET_PREFIX
+from trainer.interop.architecture import scaled_configs
+from trainer.interop.layouts import normalize
+from trainer.interop.ldm_ema import ema_key_to_unet_key
+from trainer.interop.model_types import BY_NAME, candidates
+from trainer.interop.pipeline_weights import PipelineParts
+from trainer.interop.prediction_type import by_test_forward, from_metadata, given
+from trainer.interop.safe_load import WeightFile
+from trainer.interop.sd_single_file import EMA_PREFIX, UNET_PREFIX
 
 DIFFUSERS_NAMES = {"sd1": "v1", "sd1_inpainting": "inpainting", "sd2": "v2", "sd2_v": "v2",
                    "sd2_inpainting": "inpainting_v2"}  # fmt: skip
@@ -76,7 +76,7 @@ def test_full_size_sdxl_file_gets_its_type_and_exactly_the_standard_configs():
     """SDXL base's keys and shapes (meta tensors), with the extras its own file carries."""
     from transformers import CLIPTextModelWithProjection
 
-    from trainer.checkpoint.pipeline_weights import original_state_dict
+    from trainer.interop.pipeline_weights import original_state_dict
 
     configs = BY_NAME["sdxl"].configs()
     with torch.device("meta"):
@@ -93,3 +93,17 @@ def test_full_size_sdxl_file_gets_its_type_and_exactly_the_standard_configs():
     assert infer_diffusers_model_type(state) == "xl_base"  # diffusers' own detection agrees
     assert [row.name for row in candidates(state, "sd_xl_base.safetensors")] == ["sdxl"]
     assert scaled_configs(state, BY_NAME["sdxl"], "sd_xl_base.safetensors") == configs
+
+
+def test_diffusers_type_inference_needs_full_size_shapes_so_import_keeps_its_own_table():
+    """diffusers' ``infer_diffusers_model_type`` tells SD 2.x by a 1024-wide cross-attention, so an SD 2.x
+    architecture at other sizes is 'v1' to it (and its configs would come from the hub); the table here reads
+    the text encoder's layout and the UNet's input channels. If diffusers agrees one day, this test fails."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    state = original_file_state(small_parts("sd2"), "sd2")
+    assert infer_diffusers_model_type(state) == "v1"
+    assert [row.name for row in candidates(normalize(WeightFile(state), "small_sd2").state, "small_sd2")] == [
+        "sd2",
+        "sd2_v",
+    ]

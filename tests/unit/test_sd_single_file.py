@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.sd_single_file import (
     UNET_PREFIX,
     VAE_PREFIX,
     KeyMapError,
@@ -106,3 +106,17 @@ def test_unmapped_keys_are_named():
         to_diffusers({"model.diffusion_model.input_blocks.9.0.op.weight": torch.zeros(1)}, rules, UNET_PREFIX)
     with pytest.raises(KeyMapError, match="class_embed_type='timestep'"):
         unet_rules({**TINY, "class_embed_type": "timestep"})
+
+
+def test_diffusers_converter_is_not_strict_so_import_keeps_its_own_map():
+    """Why lf-import does not read files with diffusers' ``convert_ldm_unet_checkpoint``: it passes over an ldm
+    key it has no rule for (here a down block the config does not have) without a word, where ours names it.
+    If diffusers becomes strict, this test fails: then import can use its converter."""
+    unet = UNet2DConditionModel(**TINY)
+    state = _random_state(unet)
+    original = to_original(state, unet_rules(unet.config), UNET_PREFIX)
+    stray = {**original, "model.diffusion_model.input_blocks.9.0.op.weight": torch.zeros(1)}
+    converted = convert_ldm_unet_checkpoint(stray, dict(unet.config))
+    assert converted.keys() == state.keys()  # the stray weight is gone, and nothing said so
+    with pytest.raises(KeyMapError, match=r"input_blocks\.9\.0\.op\.weight"):
+        to_diffusers(stray, unet_rules(unet.config), UNET_PREFIX)

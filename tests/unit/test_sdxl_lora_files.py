@@ -5,7 +5,7 @@ single-file key map) and the encoders ``lora_te1_`` / ``lora_te2_``. Each file, 
 diffusers' loaders (``lf-sample lora=``), gives the outputs of the adapters it was written from; a
 kohya file read and written again is the same file, and so is its diffusers twin. The first encoder's
 adapters sit on ``q_proj`` and ``fc1`` without ``out_proj``: diffusers' own loader would drop its
-attention adapters (see ``trainer.lora.loading.uniform_text_names``).
+attention adapters (see ``trainer.interop.lora_loading.uniform_text_names``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.small_sdxl import PROJECTION, save_small_sdxl
-from trainer.checkpoint.export import sdxl_lora_names
-from trainer.checkpoint.pipeline_weights import PipelineParts, load_diffusers_folder
-from trainer.lora.adapters import LoraSettings, add_lora
-from trainer.lora.formats import (
+from trainer.interop.lora_formats import (
     DIFFUSERS_LORA_FILE,
     KOHYA_LORA_FILE,
-    AdapterWeights,
-    adapter_state_dict,
     save_lora_files,
+    sdxl_lora_names,
 )
-from trainer.lora.loading import add_adapters_from_file, load_lora
+from trainer.interop.lora_loading import add_adapters_from_file, load_lora
+from trainer.interop.pipeline_weights import PipelineParts, load_diffusers_folder
+from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, add_lora
 
 # attention, feed-forward, projection, resnet convolutions and time embedding, a shortcut, a downsampler
 UNET = LoraSettings(rank=2, alpha=3.0, target_modules=["to_q", "to_out.0", "proj_in", "conv1", "conv_shortcut",

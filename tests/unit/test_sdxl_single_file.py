@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.small_sdxl import pipeline_tensors, save_small_sdxl, small_sdxl_configs
 from trainer.checkpoint.export import export_single_file
-from trainer.checkpoint.importing import IMPORT_INFO_NAME, import_weights
-from trainer.checkpoint.pipeline_weights import build_parts, load_diffusers_folder, original_state_dict
-from trainer.checkpoint.sd_single_file import SDXL_OPEN_CLIP_PREFIX, KeyMapError
-from trainer.checkpoint.sd_text_encoder_keys import open_clip_to_text, text_to_open_clip
+from trainer.interop.import_weights import IMPORT_INFO_NAME, import_weights
+from trainer.interop.pipeline_weights import build_parts, load_diffusers_folder, original_state_dict
+from trainer.interop.sd_single_file import SDXL_OPEN_CLIP_PREFIX, KeyMapError
+from trainer.interop.sd_text_encoder_keys import open_clip_to_text, text_to_open_clip
 
 SDXL_PREFIXES = (
     "model.diffusion_model.",

@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from lf_common.errors import DataError
 from tests.conftest import compose_config
 from tests.pickles import CodePayload, save_original_sd_ckpt
-from trainer.checkpoint.pipeline_weights import load_diffusers_folder, read_metadata
-from trainer.checkpoint.sd_single_file import KeyMapError
 from trainer.cli.export import run_export
 from trainer.cli.hydra_app import optimizer_factories
 from trainer.cli.import_model import run_import
+from trainer.interop.pipeline_weights import load_diffusers_folder, read_metadata
+from trainer.interop.sd_single_file import KeyMapError
 from trainer.tiny_models.tiny_pipeline import make_tiny_export
 
 

@@ -26,6 +26,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 from trainer.callbacks.lightning_private import stage_throughputs
+from trainer.diffusion.unet_kinds import SDXL_TIME_IDS, sdxl_pooled_width
 from trainer.faults.ranks import single_rank_work
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,8 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
         timesteps = torch.zeros(latents[0], dtype=torch.long)  # (B,)
         context = torch.empty(*text)  # (B, T, D)
         added = None
-        if unet_config.get("addition_embed_type") == "text_time":  # SDXL: pooled (B, P) and time_ids (B, 6)
-            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-            added = {"text_embeds": torch.empty(latents[0], pooled), "time_ids": torch.zeros(latents[0], 6)}
+        if (pooled := sdxl_pooled_width(unet_config)) is not None:  # SDXL: pooled (B, P) and time_ids (B, 6)
+            added = {"text_embeds": torch.empty(latents[0], pooled), "time_ids": torch.zeros(latents[0], SDXL_TIME_IDS)}
     return measure_flops(
         unet,
         lambda: unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample,

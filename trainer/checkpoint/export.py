@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,16 @@ from lf_common.object_cache import model_folder
 from lf_common.object_store import is_url
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
-from trainer.checkpoint.sd_single_file import original_module_name, unet_rules
-from trainer.lora.adapters import LoraSettings, merge_adapters, remove_adapters
-from trainer.lora.formats import AdapterWeights, ModuleNames, adapter_state_dict, save_lora_files
+from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
+from trainer.interop.lora_formats import save_lora_files, sdxl_lora_names
+from trainer.interop.prediction_type import prediction_markers
+from trainer.interop.set_aside import SET_ASIDE_FILE, SET_ASIDE_LAYOUT, read_set_aside, set_aside_file
+from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, merge_adapters, remove_adapters
 
 log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
-INPAINTING_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 LORA_DIR = "lora"
+SET_ASIDE_INFO = "set_aside_file"  # build_export's info: the base folder's set-aside file (not recorded)
 
 
 def take_adapters(record: dict[str, Any], models: dict[str, torch.nn.Module], split: bool) -> dict[str, AdapterWeights]:
@@ -98,18 +100,18 @@ def build_export(
             raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
     # the manifest of shards precomputed from a URL names the URL: loaded from its cached copy
     vae_dir, text_dir, tokenizer_dir = (model_folder(value) for value in (vae_dir, text_dir, tokenizer_dir))
+    kept = set_aside_file(Path(text_dir).parent)  # what lf-import set aside beside the base folder, if any
     text_encoder = build_text_encoder(checkpoint, text_dir, kind)
     models = {"unet": unet, "text_encoder": text_encoder}
-    if is_sdxl_unet(unet):
+    if is_sdxl_unet(unet.config):
         models["text_encoder_2"] = build_text_encoder(checkpoint, _sdxl_folder(ckpt_path, record, "text_encoder_2"),
                                                       kind, second=True)  # fmt: skip
     adapters = take_adapters(record, models, split=split_lora)
     torch_dtype = getattr(torch, dtype)
-    inpainting = unet.config.in_channels == INPAINTING_CHANNELS  # diffusers' pipeline class for a 9-channel UNet
-    if is_sdxl_unet(unet):
+    if is_sdxl_unet(unet.config):
         pipe = _sdxl_pipeline(ckpt_path, record, models, vae_dir, tokenizer_dir, torch_dtype)
     else:
-        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+        pipe = (StableDiffusionInpaintPipeline if is_inpainting_unet(unet.config) else StableDiffusionPipeline)(
             vae=AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch_dtype),
             text_encoder=text_encoder.to(torch_dtype),
             tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
@@ -129,18 +131,9 @@ def build_export(
         "dtype": dtype,
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
+        SET_ASIDE_INFO: str(kept) if kept else None,
     }
     return pipe, info, adapters
-
-
-def is_sdxl_unet(unet: torch.nn.Module) -> bool:
-    """Whether a UNet takes SDXL's pooled text and size/crop time_ids (``addition_embed_type: text_time``)."""
-    return unet.config.get("addition_embed_type") == "text_time"
-
-
-def sdxl_lora_names(unet: torch.nn.Module) -> ModuleNames | None:
-    """For an SDXL UNet, its modules' ldm names (what kohya's SDXL LoRA files use); ``None`` for SD 1.x/2.x."""
-    return partial(original_module_name, rules=unet_rules(unet.config)) if is_sdxl_unet(unet) else None
 
 
 def _sdxl_folder(ckpt_path: str | Path, record: dict[str, Any], name: str) -> str:
@@ -208,8 +201,11 @@ def export_pipeline(
     pipe, info, adapters = build_export(
         ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype, split_lora=True
     )
+    kept = info.pop(SET_ASIDE_INFO)
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if kept:  # for a single-file export of this folder later
+            shutil.copyfile(kept, tmp / SET_ASIDE_FILE)
         if adapters:  # lora/ in diffusers' and kohya's layouts
             save_lora_files(
                 tmp / LORA_DIR,
@@ -247,14 +243,18 @@ def export_single_file(
     The step, the weights kind and the training config go in the safetensors metadata
     (``latentforge.global_step``, ``latentforge.weights``, ``latentforge.train_config``...), and the
     configs that rebuild the pipeline (``latentforge.configs``: parts, tokenizer settings, noise
-    schedule), so ``lf-import`` rebuilds any architecture from the file alone.
+    schedule), so ``lf-import`` rebuilds any architecture from the file alone. A v-prediction model
+    carries ComfyUI's top-level ``v_pred`` marker (and ``ztsnr`` for a zero-terminal-SNR schedule);
+    an SD 2.x one what ``lf-import`` set aside from its original file (OpenCLIP's last block,
+    ``text_projection``, ``logit_scale``), or a note that nothing was.
     """
-    from trainer.checkpoint.pipeline_weights import (
+    from trainer.interop.pipeline_weights import (
         PipelineParts,
         load_diffusers_folder,
         metadata_strings,
         part_configs,
         save_single_file,
+        text_layout_for,
     )
 
     source = Path(source)
@@ -269,12 +269,18 @@ def export_single_file(
             if name == "tokenizer" or parts.text_encoder_2 is not None
         }
         scheduler = dict(DDPMScheduler.load_config(source / "scheduler", local_files_only=True))
+        kept = set_aside_file(source)
     else:
         pipe, info, _ = build_export(source, weights, vae_path, text_encoder_path, tokenizer_path)
         sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         parts = PipelineParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2 if sdxl else None)
         tokenizers = {"tokenizer": pipe.tokenizer} | ({"tokenizer_2": pipe.tokenizer_2} if sdxl else {})
         scheduler = dict(pipe.scheduler.config)
+        kept = info.pop(SET_ASIDE_INFO)
+    info.pop(SET_ASIDE_INFO, None)
+    layout = text_layout_for(parts, text_layout)
+    extra, info["set_aside"] = _set_aside(kept, layout, source)
+    extra |= prediction_markers(scheduler)
     info["dtype"] = dtype
     info.pop("latent_manifest", None)
     tokenizer_settings = {
@@ -283,7 +289,21 @@ def export_single_file(
     }
     info["configs"] = {**part_configs(parts), **tokenizer_settings, "scheduler": scheduler}
     save_single_file(
-        parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=text_layout
+        parts, out_file, dtype=getattr(torch, dtype), metadata=metadata_strings(info), text_layout=layout, extra=extra
     )
-    log.info("exported %s (step %s) to %s", source, info.get("global_step"), out_file)
+    log.info("exported %s (step %s) to %s; %s", source, info.get("global_step"), out_file, info["set_aside"])
     return Path(out_file)
+
+
+def _set_aside(kept: str | Path | None, layout: str, source: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors ``lf-import`` set aside that a single file in ``layout`` writes back, and the note saying so."""
+    if layout != SET_ASIDE_LAYOUT:
+        return {}, "nothing set aside to write back (only SD 2.x files hold weights the diffusers parts do not)"
+    if not kept:
+        return {}, (
+            f"no {SET_ASIDE_FILE} beside the base folder of {source}: OpenCLIP's last block, text_projection "
+            "and logit_scale are not in the file (SD 2.x does not use them; ComfyUI warns 'clip missing'). "
+            "Import the base with lf-import to keep them"
+        )
+    tensors = read_set_aside(kept)
+    return tensors, f"wrote back {len(tensors)} tensors lf-import set aside ({kept})"

@@ -17,7 +17,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import ConfigError, DataError
 from trainer.checkpoint.keys import CHECKPOINT_KEY, EMA_STATE_KEY, RAW_STATE_KEY
-from trainer.checkpoint.safe_load import IMPORT_FIX, load_torch_file
+from trainer.interop.safe_load import IMPORT_FIX, load_torch_file
 from trainer.lora.adapters import LoraSettings, add_lora
 
 UNET_PREFIX = "unet."

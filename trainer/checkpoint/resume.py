@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from lf_common.errors import DataError
-from trainer.checkpoint.pickle_contents import describe_refused, file_globals, foreign_globals
+from trainer.interop.pickle_contents import describe_refused, file_globals, foreign_globals
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from trainer.cli.sample import run_sample
 from trainer.cli.shards import run_shards
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
+from trainer.diffusion.unet_kinds import is_sdxl_unet
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
 from trainer.evaluation.digits_features import DigitsFeatures
 from trainer.evaluation.distance import frechet_distance
@@ -125,7 +126,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
 def save_text_encoders(base: Path, cfg: DictConfig, train_overrides: list[str]) -> None:
     """The base folder's tiny text encoder, or SDXL's two when the trained UNet takes SDXL's conditioning."""
     unet = compose_config("train", train_overrides).model.unet
-    if unet.get("addition_embed_type") == "text_time":
+    if is_sdxl_unet(unet):
         save_tiny_sdxl_text_encoders(base, **cfg.text_encoder)
     else:
         save_tiny_text_encoder(base, **cfg.text_encoder)

@@ -43,8 +43,8 @@ from omegaconf import DictConfig
 from lf_common import object_store
 from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
-from trainer.checkpoint.importing import IMPORT_INFO_NAME, default_out_dir, import_weights
 from trainer.cli.command import lf_command
+from trainer.interop.import_weights import IMPORT_INFO_NAME, default_out_dir, import_weights
 
 PIPELINE_INDEX = "model_index.json"
 """The file that makes a folder a diffusers pipeline: uploaded last."""

@@ -46,10 +46,10 @@ from lf_common import object_store
 from lf_common.errors import ConfigError, DataError
 from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
-from trainer.checkpoint.export import sdxl_lora_names
 from trainer.cli.command import lf_command
 from trainer.evaluation.prompts import read_prompt_file
-from trainer.lora.loading import load_lora
+from trainer.interop.lora_formats import sdxl_lora_names
+from trainer.interop.lora_loading import load_lora
 from trainer.sampling.conditioning import micro_conditioning
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
 from trainer.sampling.sampler import Sampler, SampleSettings

@@ -2,7 +2,7 @@
 
 ``objective.prediction_type`` (set by the objective groups, ``null`` by default) decides the
 prediction type: from scratch ``null`` means epsilon; when fine-tuning, the base model's
-(``trainer.checkpoint.importing.pretrained_noise_scheduler``).
+(``trainer.interop.pretrained.pretrained_noise_scheduler``).
 """
 
 from __future__ import annotations

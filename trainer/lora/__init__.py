@@ -1,1 +1,4 @@
-"""LoRA adapters (peft) on the UNet: adding them, and saving them in diffusers' and kohya's layouts."""
+"""LoRA adapters (peft) on the UNet and text encoders: adding, merging and removing them, and their weights.
+
+Their file formats (diffusers', kohya's, LyCORIS') live in :mod:`trainer.interop`.
+"""

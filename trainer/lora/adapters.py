@@ -16,6 +16,7 @@ import torch
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 
 from lf_common.errors import ConfigError
 from trainer.lora.peft_integration_private import forget_adapters
@@ -136,3 +137,22 @@ def remove_adapters(model: torch.nn.Module) -> None:
     if hasattr(model, "peft_config"):
         del model.peft_config
     forget_adapters(model)
+
+
+@dataclass
+class AdapterWeights:
+    """One model's LoRA adapters.
+
+    Attributes:
+        state: peft-named weights, e.g. ``...to_q.lora_A.weight`` ``(rank, in)`` and
+            ``...to_q.lora_B.weight`` ``(out, rank)``.
+        settings: the rank, alpha and targets they were trained with.
+    """
+
+    state: dict[str, torch.Tensor]
+    settings: LoraSettings
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of ``model`` in peft's naming (``...to_q.lora_A.weight``)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}

@@ -25,11 +25,12 @@ from torch.optim import Optimizer
 
 from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, SDXL_BATCH_KEYS
 from lf_common.errors import ConfigError
-from trainer.checkpoint.export import sdxl_lora_names
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
+from trainer.diffusion.unet_kinds import is_sdxl_unet
+from trainer.interop.lora_formats import sdxl_lora_names
+from trainer.interop.lora_loading import trainable_adapters_from_file
 from trainer.lora.adapters import LoraSettings, add_lora
-from trainer.lora.loading import trainable_adapters_from_file
 from trainer.modules.param_groups import ParamGroupSettings, freeze_zero_lr_blocks, parameter_groups
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ NO_UNCOND_TEXT = (
     "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
     "module that has it (latent shards hold it), or set model.caption_dropout=0"
 )
-SDXL_ADDITION = "text_time"  # the UNet config's addition_embed_type of SDXL (pooled text + time_ids)
 
 
 class SkipOptimizerStep(Exception):
@@ -161,7 +161,7 @@ class LatentDiffusion(L.LightningModule):
     @property
     def sdxl(self) -> bool:
         """Whether the UNet takes SDXL's added conditioning (``addition_embed_type: text_time``)."""
-        return self.unet.config.get("addition_embed_type") == SDXL_ADDITION
+        return is_sdxl_unet(self.unet.config)
 
     def caption_drop_mask(self, size: int, device: torch.device) -> torch.Tensor | None:
         """Which of ``size`` samples lose their caption this step ``(B,)`` bool, or ``None`` without dropout."""

@@ -12,7 +12,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.encoders import resolve_device
 from lf_common.errors import DataError
-from trainer.checkpoint.export import build_export, is_sdxl_unet
+from trainer.checkpoint.export import build_export
+from trainer.diffusion.unet_kinds import is_sdxl_unet
 
 
 def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
@@ -71,7 +72,7 @@ def checkpoint_parts(
         "scheduler_config": dict(pipe.scheduler.config),
         "model_name": f"{Path(ckpt_path).stem}-{info['weights']}",
     }
-    if is_sdxl_unet(pipe.unet):
+    if is_sdxl_unet(pipe.unet.config):
         parts.update(
             text_encoder_2=pipe.text_encoder_2.to(torch_device),
             tokenizer_2=pipe.tokenizer_2,

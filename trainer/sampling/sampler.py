@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lf_common.errors import DataError
-from trainer.checkpoint.export import is_sdxl_unet
+from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
 from trainer.sampling.conditioning import PromptEncoder
 from trainer.sampling.denoise import denoise
 from trainer.sampling.image_to_image import InitImageEncoder, LoopStart, img2img_start, init_size, inpaint_start
@@ -69,7 +69,7 @@ class Sampler:
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
-        if is_sdxl_unet(unet) != (text_encoder_2 is not None and tokenizer_2 is not None):
+        if is_sdxl_unet(unet.config) != (text_encoder_2 is not None and tokenizer_2 is not None):
             raise DataError(
                 "an SDXL UNet (addition_embed_type text_time) samples with text_encoder_2 and tokenizer_2, and "
                 "only it does: the export folder's parts do not fit together"
@@ -86,7 +86,7 @@ class Sampler:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(vae.config.latent_channels)
         # SD's inpainting UNets take latents + mask + masked-image latents (9 = 4 + 1 + 4 channels)
-        self.inpainting_unet = unet.config.in_channels == 2 * self.latent_channels + 1
+        self.inpainting_unet = is_inpainting_unet(unet.config)
         if vae_slicing:
             self.vae.enable_slicing()
         if vae_tiling:

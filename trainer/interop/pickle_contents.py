@@ -33,7 +33,7 @@ INERT_GLOBALS = frozenset(
 )
 """Training state that the original Stable Diffusion ``.ckpt`` files carry beside their tensors (the
 trainer's checkpoint callback). ``lf-import allow_pickle=true`` rebuilds these as inert stand-ins
-(:func:`trainer.checkpoint.safe_load.load_torch_file`): none of their code is imported or run."""
+(:func:`trainer.interop.safe_load.load_torch_file`): none of their code is imported or run."""
 _STRING_OPS = frozenset(["SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING"])
 _GET_OPS = frozenset(["BINGET", "LONG_BINGET", "GET"])
 _PUT_OPS = frozenset(["BINPUT", "LONG_BINPUT", "PUT"])

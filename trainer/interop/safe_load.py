@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lf_common.errors import DataError
-from trainer.checkpoint.pickle_contents import INERT_GLOBALS, code_globals, describe_refused, file_globals
+from trainer.interop.pickle_contents import INERT_GLOBALS, code_globals, describe_refused, file_globals
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset([".ckpt", ".pt", ".pth", ".bin"])
@@ -31,7 +31,7 @@ _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFi
 
 
 class InertState:
-    """What an :data:`~trainer.checkpoint.pickle_contents.INERT_GLOBALS` object becomes when
+    """What an :data:`~trainer.interop.pickle_contents.INERT_GLOBALS` object becomes when
     ``lf-import`` reads an original Stable Diffusion ``.ckpt``: its pickled attributes, no behaviour."""
 
 
@@ -118,3 +118,20 @@ def read_weight_file(path: str | Path, allow_pickle: bool = False) -> WeightFile
     if not isinstance(loaded, dict):
         raise DataError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
     return WeightFile({key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}, {}, nesting)
+
+
+def refuse_non_floating(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that are not floating point (a file written with a wrong save dtype), naming them.
+
+    Raises:
+        DataError: one line: the file, the first keys and their dtypes, and the fix.
+    """
+    odd = sorted((key, str(tensor.dtype).removeprefix("torch.")) for key, tensor in state.items()
+                 if not tensor.is_floating_point())  # fmt: skip
+    if odd:
+        more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+        named = ", ".join(f"{key} ({dtype})" for key, dtype in odd[:3]) + more
+        raise DataError(
+            f"{source}: {len(odd)} weights are not floating point: {named}; model weights are float16, bfloat16 or "
+            "float32: re-save the file with a floating save dtype (e.g. kohya's --save_precision fp16)"
+        )

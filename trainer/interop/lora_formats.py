@@ -18,18 +18,19 @@ modules without the ``text_model.`` level; diffusers and transformers map either
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_kohya
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from lf_common.errors import ConfigError
-from trainer.lora.adapters import LoraSettings
-from trainer.lora.lycoris import ModuleNames, to_lycoris_file
+from trainer.diffusion.unet_kinds import is_sdxl_unet
+from trainer.interop.lycoris import ModuleNames, to_lycoris_file
+from trainer.interop.sd_single_file import original_module_name, unet_rules
+from trainer.lora.adapters import AdapterWeights
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
@@ -38,23 +39,9 @@ CLIP_TEXT_MODEL_PREFIX = "text_model."
 LORA_MARKERS = (".lora_A.", ".lora_B.")  # peft's names: the adapted module's path comes before them
 
 
-@dataclass
-class AdapterWeights:
-    """One model's LoRA adapters.
-
-    Attributes:
-        state: peft-named weights, e.g. ``...to_q.lora_A.weight`` ``(rank, in)`` and
-            ``...to_q.lora_B.weight`` ``(out, rank)``.
-        settings: the rank, alpha and targets they were trained with.
-    """
-
-    state: dict[str, torch.Tensor]
-    settings: LoraSettings
-
-
-def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights of ``model`` in peft's naming (``...to_q.lora_A.weight``)."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+def sdxl_lora_names(unet: torch.nn.Module) -> ModuleNames | None:
+    """For an SDXL UNet, its modules' ldm names (what kohya's SDXL LoRA files use); ``None`` for SD 1.x/2.x."""
+    return partial(original_module_name, rules=unet_rules(unet.config)) if is_sdxl_unet(unet.config) else None
 
 
 def canonical_text_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.model_types import ModelType
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.model_types import ModelType
+from trainer.interop.sd_single_file import (
     OPEN_CLIP_PREFIX,
     SDXL_OPEN_CLIP_PREFIX,
     SDXL_TEXT_PREFIX,

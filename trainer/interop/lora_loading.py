@@ -9,7 +9,7 @@ Kinds, each mapped exactly or refused by name:
   diffusers' own ``lora_state_dict`` (given the UNet's config, which maps ldm block numbers) and
   loaded with its loaders, as ``pipe.load_lora_weights`` does;
 * LyCORIS LoHa and LoKr (``.hada_*``, ``.lokr_*``; SDXL's with ldm-named UNet modules and
-  ``lora_te1_``/``lora_te2_``): through peft's LoHa/LoKr layers (:mod:`trainer.lora.lycoris`);
+  ``lora_te1_``/``lora_te2_``): through peft's LoHa/LoKr layers (:mod:`trainer.interop.lycoris`);
 * other LyCORIS algorithms and model checkpoints are refused, naming what the file is.
 """
 
@@ -26,9 +26,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import DataError
 from lf_common.object_cache import local_path
+from trainer.diffusion.unet_kinds import is_sdxl_unet
+from trainer.interop.lora_formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
+from trainer.interop.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
-from trainer.lora.formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
-from trainer.lora.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
 
 log = logging.getLogger(__name__)
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -73,10 +74,10 @@ def _load_lycoris(
     adapter_name: str,
     unet_names: ModuleNames | None,
 ) -> dict[str, LoraSettings]:
-    sdxl = "unet" in models and models["unet"].config.get("addition_embed_type") == "text_time"
+    sdxl = "unet" in models and is_sdxl_unet(models["unet"].config)
     if sdxl and unet_names is None:
         raise DataError("an SDXL UNet's LyCORIS file names its modules as ldm does: pass unet_names "
-                        "(trainer.checkpoint.export.sdxl_lora_names(unet))")  # fmt: skip
+                        "(trainer.interop.lora_formats.sdxl_lora_names(unet))")  # fmt: skip
     settings = {}
     for part, modules in split_by_part(state, models, unet_names if sdxl else None).items():
         settings[part], weights = adapter_weights(kind, modules, models[part])
@@ -132,7 +133,7 @@ def add_adapters_from_file(
 ) -> dict[str, LoraSettings]:
     """Add the adapters of the file at ``path`` to ``models`` (``{"unet": ..., "text_encoder": ...}``, and
     SDXL's ``"text_encoder_2"``). ``unet_names``: an SDXL UNet's modules' ldm names, which its LyCORIS
-    files use (:func:`trainer.checkpoint.export.sdxl_lora_names`; LoRA files need none).
+    files use (:func:`trainer.interop.lora_formats.sdxl_lora_names`; LoRA files need none).
 
     Returns:
         Per part that received adapters, the settings that rebuild them.

@@ -18,7 +18,7 @@ have attention), so it covers any UNet / VAE of the SD family, from the tiny tes
 and SD 2.x (whose ``proj_in``/``proj_out`` are linear in both layouts, so no reshape is needed).
 Both directions are strict: a key that no rule maps raises :class:`KeyMapError` naming it. The
 text encoder's two layouts (SD 1.x's CLIP, SD 2.x's OpenCLIP) are mapped in
-:mod:`trainer.checkpoint.sd_text_encoder_keys`.
+:mod:`trainer.interop.sd_text_encoder_keys`.
 
 The rules follow diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``, with
 the block indices computed from the config instead of SD 1.5's fixed ones.
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from lf_common.errors import DataError
+from trainer.diffusion.unet_kinds import SDXL_ADDITION, is_sdxl_unet
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -42,7 +43,13 @@ SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 EMA_PREFIX = "model_ema."
 TEXT_LAYOUTS = ("sd1", "sd2", "sdxl")
-SDXL_ADDITION = "text_time"  # an SDXL UNet's addition_embed_type (pooled text + size/crop time_ids)
+V_PRED_KEY = "v_pred"
+"""A top-level empty tensor that marks a v-prediction model: ComfyUI's saver writes it (``model_base.py``,
+``state_dict_for_saving``) and reads it for SDXL (``supported_models.py``, ``SDXL.model_type``)."""
+ZTSNR_KEY = "ztsnr"
+"""Beside :data:`V_PRED_KEY`, an empty tensor that marks a zero-terminal-SNR schedule (ComfyUI's ``zsnr``;
+diffusers' ``rescale_betas_zero_snr``)."""
+PREDICTION_MARKERS = (V_PRED_KEY, ZTSNR_KEY)
 
 # Keys that original checkpoints carry beside the weights: the DDPM schedule buffers of ldm's
 # ``LatentDiffusion``, the EMA counters, CLIP's position ids. Import skips them, by name.
@@ -148,7 +155,7 @@ def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
         Rule("conv_norm_out.", "out.0."),
         Rule("conv_out.", "out.2."),
     ]
-    if config.get("addition_embed_type") == SDXL_ADDITION:
+    if is_sdxl_unet(config):
         rules += [Rule("add_embedding.linear_1.", "label_emb.0.0."), Rule("add_embedding.linear_2.", "label_emb.0.2.")]
     index = 1
     for i, block_type in enumerate(down_types):

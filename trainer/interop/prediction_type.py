@@ -3,8 +3,10 @@
 SD 2.x 512 (epsilon) and SD 2.x 768 (v-prediction) share every shape. In order:
 
 1. the user names it (``prediction_type=``);
-2. the file says it: our own exports carry their configs (``latentforge.configs``), SAI's model
-   spec carries ``modelspec.prediction_type`` (``epsilon`` or ``v``);
+2. the file says it: our own exports carry their configs (``latentforge.configs``); ComfyUI's saver
+   writes a top-level empty ``v_pred`` tensor in a v-prediction model (with ``ztsnr`` beside it for a
+   zero-terminal-SNR schedule; ComfyUI reads both for SDXL), which our export writes too
+   (:func:`prediction_markers`); SAI's model spec carries ``modelspec.prediction_type`` (``epsilon`` or ``v``);
 3. AUTOMATIC1111's test forward pass (``modules/sd_models_config.py``,
    ``is_using_v_parameterization_for_sd2``): at ``t = 999`` on a constant input ``x = 0.5``
    ``(1, 4, 8, 8)`` with a constant context ``0.5`` ``(1, 2, D)``, an epsilon model returns about
@@ -16,12 +18,15 @@ The outcome and how it was reached are printed and stored with the import.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from lf_common.errors import ConfigError
+from trainer.interop.sd_single_file import V_PRED_KEY, ZTSNR_KEY
 
 A1111_THRESHOLD = -1.0
 TEST_TIMESTEP = 999
@@ -39,12 +44,15 @@ class PredictionType:
     how: str
 
 
-def from_metadata(metadata: dict[str, str]) -> PredictionType | None:
-    """The prediction type a file's safetensors header states, if any."""
+def from_metadata(metadata: dict[str, str], markers: Sequence[str] = ()) -> PredictionType | None:
+    """The prediction type a file states, if any: its safetensors header, or its ``v_pred`` marker (``markers``:
+    the :data:`~trainer.interop.sd_single_file.PREDICTION_MARKERS` it carries)."""
     if OUR_CONFIGS_KEY in metadata:
         scheduler = json.loads(metadata[OUR_CONFIGS_KEY]).get("scheduler", {})
         if "prediction_type" in scheduler:
             return PredictionType(scheduler["prediction_type"], f"from the file's metadata ({OUR_CONFIGS_KEY})")
+    if V_PRED_KEY in markers:
+        return PredictionType("v_prediction", f"from the file's top-level '{V_PRED_KEY}' key (as ComfyUI reads it)")
     value = MODELSPEC_VALUES.get(metadata.get(MODELSPEC_KEY, ""))
     return PredictionType(value, f"from the file's metadata ({MODELSPEC_KEY})") if value else None
 
@@ -77,3 +85,24 @@ def given(prediction_type: str) -> PredictionType:
     if prediction_type not in CHOICES:
         raise ConfigError(f"prediction_type={prediction_type!r}: expected one of {', '.join(CHOICES)}")
     return PredictionType(prediction_type, "given (prediction_type=)")
+
+
+def zero_terminal_snr(markers: Sequence[str]) -> bool:
+    """Whether a file's markers state a zero-terminal-SNR schedule (``ztsnr`` beside ``v_pred``, as ComfyUI
+    reads them)."""
+    return V_PRED_KEY in markers and ZTSNR_KEY in markers
+
+
+def prediction_markers(scheduler_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The top-level marker tensors a single file of this schedule carries, as ComfyUI's saver writes them.
+
+    Returns:
+        ``{"v_pred": tensor([])}`` for a v-prediction schedule, with ``"ztsnr"`` too when its betas are
+        rescaled to zero terminal SNR (``rescale_betas_zero_snr``); ``{}`` for epsilon.
+    """
+    if scheduler_config.get("prediction_type") != "v_prediction":
+        return {}
+    markers = {V_PRED_KEY: torch.tensor([])}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        markers[ZTSNR_KEY] = torch.tensor([])
+    return markers

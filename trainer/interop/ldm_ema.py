@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from trainer.checkpoint.sd_single_file import EMA_PREFIX, NON_WEIGHT_KEYS, UNET_PREFIX, KeyMapError
+from trainer.interop.sd_single_file import EMA_PREFIX, NON_WEIGHT_KEYS, UNET_PREFIX, KeyMapError
 
 EMA_MODEL = "diffusion_model"
 # Every module and parameter name of ldm's UNetModel (SD 1.x/2.x; label_emb for SDXL); longest first.

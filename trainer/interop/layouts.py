@@ -1,6 +1,6 @@
 """The key layouts single files come in: ONE table, each row mapped exactly to the canonical layout or refused by name.
 
-The canonical layout is what :mod:`trainer.checkpoint.sd_single_file` maps to diffusers: the UNet
+The canonical layout is what :mod:`trainer.interop.sd_single_file` maps to diffusers: the UNet
 under ``model.diffusion_model.*``, the VAE under ``first_stage_model.*``, the text encoder under
 ``cond_stage_model.transformer.text_model.*`` (CLIP) or ``cond_stage_model.model.*`` (OpenCLIP), or
 SDXL's two under ``conditioner.embedders.0.transformer.text_model.*`` and ``conditioner.embedders.1.model.*``,
@@ -9,7 +9,7 @@ row stops the import with one line naming the layout and the fix; a mapped row r
 leaves a note. What is left after the table must map key for key (else the strict check lists
 every key that did not map).
 
-Pickled files (``.ckpt``) come through the pickle policy of :mod:`trainer.checkpoint.safe_load`
+Pickled files (``.ckpt``) come through the pickle policy of :mod:`trainer.interop.safe_load`
 (refused unless ``allow_pickle``, then ``torch.load(weights_only=True)``), which takes ldm's
 ``state_dict`` entry; the table notes it.
 """
@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.checkpoint.ldm_ema import ema_only_unet, ema_weight_keys, split_ema
-from trainer.checkpoint.safe_load import WeightFile
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.ldm_ema import ema_only_unet, ema_weight_keys, split_ema
+from trainer.interop.safe_load import WeightFile
+from trainer.interop.sd_single_file import (
     NON_WEIGHT_KEYS,
     OPEN_CLIP_PREFIX,
+    PREDICTION_MARKERS,
     TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     KeyMapError,
 )
-from trainer.checkpoint.sd_text_encoder_keys import OPEN_CLIP_UNUSED
+from trainer.interop.sd_text_encoder_keys import OPEN_CLIP_UNUSED
 
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model. in the canonical layout
 TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
@@ -50,12 +51,18 @@ class Normalized:
         metadata: the safetensors header.
         layouts: the names of the rows that matched, in order.
         notes: one line per mapped row (what was mapped, ignored or chosen).
+        markers: the prediction-type markers the file carries (:data:`PREDICTION_MARKERS`: ``v_pred``, ``ztsnr``).
+        set_aside: weights the canonical layout has no place for but a single file of this model holds
+            (SD 2.x: OpenCLIP's last block, ``text_projection``, ``logit_scale``), original keys: kept beside
+            the import and written back by the single-file export.
     """
 
     state: dict[str, torch.Tensor]
     metadata: dict[str, str]
     layouts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)
+    set_aside: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,14 @@ class Layout:
         apply: ``(state, ema) -> (state, note)``: the file mapped toward the canonical layout; ``None``
             for a refused layout.
         fix: for a refused layout, what to do instead.
+        keeps: what ``apply`` drops is set aside (:attr:`Normalized.set_aside`), not lost.
     """
 
     name: str
     matches: Callable[[WeightFile], bool]
     apply: Callable[[dict[str, torch.Tensor], bool], tuple[dict[str, torch.Tensor], str]] | None = None
     fix: str = ""
+    keeps: bool = False
 
 
 def _any(prefixes: tuple[str, ...], contains: tuple[str, ...] = ()) -> Callable[[WeightFile], bool]:
@@ -157,7 +166,20 @@ def _drop_open_clip_unused(state: dict[str, torch.Tensor], ema: bool) -> tuple[d
     unused = {OPEN_CLIP_PREFIX + name for name in OPEN_CLIP_UNUSED}
     dropped = [key for key in state if key in unused or (last and key.startswith(last))]
     out = {key: tensor for key, tensor in state.items() if key not in dropped}
-    return out, f"its last block (resblocks.{max(blocks)}, unused by SD 2.x), text_projection and logit_scale ignored"
+    return out, (
+        f"its last block (resblocks.{max(blocks)}, unused by SD 2.x), text_projection and logit_scale set aside "
+        "(kept beside the import; a single-file export writes them back)"
+    )
+
+
+def _has_markers(file: WeightFile) -> bool:
+    return any(key in file.state for key in PREDICTION_MARKERS)
+
+
+def _drop_markers(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    found = [key for key in PREDICTION_MARKERS if key in state]
+    out = {key: tensor for key, tensor in state.items() if key not in found}
+    return out, f"top-level {found} (ComfyUI's prediction-type markers): read as the prediction type"
 
 
 def _has_extras(file: WeightFile) -> bool:
@@ -213,7 +235,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("EMA copy beside the UNet (model_ema.*)", _ema_beside_unet, _take_ema),
     Layout("EMA-only UNet (model_ema.*)", _ema_alone, _only_ema),
     Layout("CLIP text encoder without text_model.", _clip_without_text_model, _add_text_model),
-    Layout("OpenCLIP whole text tower", _open_clip_full_tower, _drop_open_clip_unused),
+    Layout("OpenCLIP whole text tower", _open_clip_full_tower, _drop_open_clip_unused, keeps=True),
+    Layout("prediction-type markers (v_pred, ztsnr)", _has_markers, _drop_markers),
     Layout("non-weight extras", _has_extras, _drop_extras),
     Layout("half precision (fp16/bf16)", _half, _note_half),
 )
@@ -223,7 +246,7 @@ def normalize(file: WeightFile, source: str, ema: bool = False) -> Normalized:
     """Apply every matching row of :data:`LAYOUTS` in order.
 
     Args:
-        file: the file as read (:func:`trainer.checkpoint.safe_load.read_weight_file`).
+        file: the file as read (:func:`trainer.interop.safe_load.read_weight_file`).
         source: the file's path, for messages.
         ema: take the UNet from an EMA copy that sits beside it.
 
@@ -231,15 +254,19 @@ def normalize(file: WeightFile, source: str, ema: bool = False) -> Normalized:
         KeyMapError: a refused layout (one line: the file, the layout, the fix); or EMA keys that do not fit.
     """
     out = Normalized(dict(file.state), dict(file.metadata))
+    out.markers = [key for key in PREDICTION_MARKERS if key in file.state]
     for row in LAYOUTS:
         if not row.matches(WeightFile(out.state, out.metadata, file.nesting)):
             continue
         if row.apply is None:
             raise KeyMapError(f"{source}: {row.name} layout: refused, {row.fix}")
         try:
-            out.state, note = row.apply(out.state, ema)
+            state, note = row.apply(out.state, ema)
         except KeyMapError as error:
             raise KeyMapError(f"{source}: {row.name}: {str(error).removeprefix('the file: ')}") from None
+        if row.keeps:
+            out.set_aside |= {key: tensor for key, tensor in out.state.items() if key not in state}
+        out.state = state
         out.layouts.append(row.name)
         out.notes.append(f"{row.name}: {note}")
     return out

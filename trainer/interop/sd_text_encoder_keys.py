@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from trainer.checkpoint.sd_single_file import NON_WEIGHT_KEYS, OPEN_CLIP_PREFIX, TEXT_PREFIX, KeyMapError, rename_parts
+from trainer.interop.sd_single_file import NON_WEIGHT_KEYS, OPEN_CLIP_PREFIX, TEXT_PREFIX, KeyMapError, rename_parts
 
 
 def text_to_original(state: Mapping[str, torch.Tensor], prefix: str = TEXT_PREFIX) -> dict[str, torch.Tensor]:

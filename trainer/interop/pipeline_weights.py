@@ -2,12 +2,12 @@
 strictly.
 
 Writing: :func:`save_single_file` renames the parts' weights with the key map of
-:mod:`trainer.checkpoint.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
+:mod:`trainer.interop.sd_single_file` and writes one ``.safetensors`` (atomically) with metadata.
 
-Reading: :func:`load_original_state` (a single file, after :mod:`trainer.checkpoint.layouts`) and
+Reading: :func:`load_original_state` (a single file, after :mod:`trainer.interop.layouts`) and
 :func:`load_diffusers_folder` load parts built from their configs, after checking that the weights
 hold exactly the keys and shapes the configs imply (a
-:class:`~trainer.checkpoint.sd_single_file.KeyMapError` lists every missing, unexpected and
+:class:`~trainer.interop.sd_single_file.KeyMapError` lists every missing, unexpected and
 misshapen key), with ``strict=True``.
 """
 
@@ -26,8 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lf_common.atomic import atomic_path
 from lf_common.errors import ConfigError, DataError
-from trainer.checkpoint.safe_load import PICKLE_SUFFIXES, read_weights
-from trainer.checkpoint.sd_single_file import (
+from trainer.interop.safe_load import PICKLE_SUFFIXES, read_weights, refuse_non_floating
+from trainer.interop.sd_single_file import (
     SDXL_OPEN_CLIP_PREFIX,
     SDXL_TEXT_PREFIX,
     TEXT_LAYOUTS,
@@ -39,7 +39,7 @@ from trainer.checkpoint.sd_single_file import (
     unet_rules,
     vae_rules,
 )
-from trainer.checkpoint.sd_text_encoder_keys import (
+from trainer.interop.sd_text_encoder_keys import (
     PROJECTION,
     open_clip_to_text,
     text_to_diffusers,
@@ -113,6 +113,7 @@ def save_single_file(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
     text_layout: str = "auto",
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``parts`` as one ``.safetensors`` in the original layout (complete or absent).
 
@@ -120,13 +121,21 @@ def save_single_file(
         dtype: cast floating-point weights to it (``torch.float16`` halves the file); ``None`` keeps theirs.
         metadata: strings stored in the safetensors header (the training config, the step...).
         text_layout: ``"sd1"``, ``"sd2"`` or ``"auto"`` (see :func:`text_layout_for`).
+        extra: tensors written beside the parts' under their own keys (ComfyUI's ``v_pred`` marker, what
+            ``lf-import`` set aside); none may be a key of the parts.
+
+    Raises:
+        DataError: not a ``.safetensors`` path, or an ``extra`` key that the parts' weights already hold.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DataError(f"{path}: a single-file export must end in .safetensors")
+    state = original_state_dict(parts, text_layout_for(parts, text_layout))
+    if clash := sorted(set(extra or {}) & set(state)):
+        raise DataError(f"{path}: the extra tensors {clash} are weights of the model already; not written twice")
     state = {
         key: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-        for key, tensor in original_state_dict(parts, text_layout_for(parts, text_layout)).items()
+        for key, tensor in {**state, **(extra or {})}.items()
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
@@ -186,7 +195,7 @@ def part_configs(parts: PipelineParts) -> dict[str, dict[str, Any]]:
 
 
 def load_original_state(parts: PipelineParts, state: dict[str, torch.Tensor], source: str, text_layout: str) -> None:
-    """Load a single file's weights, in the canonical layout (:mod:`trainer.checkpoint.layouts`), into ``parts``.
+    """Load a single file's weights, in the canonical layout (:mod:`trainer.interop.layouts`), into ``parts``.
 
     Every key must map to a weight of the parts, and every weight must be in ``state`` with the
     shape its config gives.
@@ -232,7 +241,9 @@ def load_part(network: torch.nn.Module, folder: str | Path, allow_pickle: bool =
         state.pop("embeddings.position_ids", None)
     elif isinstance(network, CLIPTextModelWithProjection):  # keeps its text_model. level (transformers 5)
         state.pop("text_model.embeddings.position_ids", None)
-    check_state_dict(state, network.state_dict(), str(folder))
+    expected = network.state_dict()
+    check_state_dict(state, expected, str(folder))
+    refuse_non_floating({key: t for key, t in state.items() if expected[key].is_floating_point()}, str(folder))
     network.load_state_dict(state, strict=True)
     return network
 

@@ -1,6 +1,6 @@
 """Which Stable Diffusion model a single file holds: the table of model types, and the standard configs of each.
 
-A type is recognised by two facts of its (normalised, see :mod:`trainer.checkpoint.layouts`) keys
+A type is recognised by two facts of its (normalised, see :mod:`trainer.interop.layouts`) keys
 and shapes, its *signature*:
 
 * the text encoder's layout: OpenAI CLIP (``cond_stage_model.transformer.*``, SD 1.x), OpenCLIP
@@ -9,7 +9,7 @@ and shapes, its *signature*:
   4 for text-to-image, 9 for inpainting (latents + mask + masked-image latents), 8 for InstructPix2Pix.
 
 Types with one signature differ by what the weights cannot show (SD 2.x 512 epsilon and 768
-v-prediction share every shape); :mod:`trainer.checkpoint.prediction_test` tells them apart.
+v-prediction share every shape); :mod:`trainer.interop.prediction_type` tells them apart.
 Each supported type ships its diffusers configs in ``conf/base_models/<name>/`` (``unet.json``,
 ``vae.json``, ``text_encoder.json``, ``tokenizer.json``, ``scheduler.json``, and SDXL's
 ``text_encoder_2.json`` and ``tokenizer_2.json``: the reference models' own, e.g.
@@ -17,7 +17,7 @@ Each supported type ships its diffusers configs in ``conf/base_models/<name>/`` 
 ``infer_diffusers_model_type`` (``tests/unit/test_model_types.py`` checks it on full-size shapes).
 
 To add a type: a row in :data:`MODEL_TYPES`, its configs folder, its text-encoder key map, and its
-layout rows in :mod:`trainer.checkpoint.layouts`. A type without a configs folder imports only with
+layout rows in :mod:`trainer.interop.layouts`. A type without a configs folder imports only with
 the configs a file carries (our exports) or ``config_dir`` (:attr:`ModelType.has_standard_configs`).
 """
 
@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.sd_single_file import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, KeyMapError
+from trainer.diffusion.unet_kinds import INPAINTING_IN_CHANNELS
+from trainer.interop.sd_single_file import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, KeyMapError
 
 CONFIGS_PACKAGE = "latentforge_conf"
 CONFIGS_FOLDER = "base_models"
@@ -68,7 +69,7 @@ class ModelType:
 
     @property
     def inpainting(self) -> bool:
-        return self.in_channels == 9
+        return self.in_channels == INPAINTING_IN_CHANNELS
 
     @property
     def has_standard_configs(self) -> bool:
@@ -82,13 +83,13 @@ class ModelType:
 
 MODEL_TYPES: tuple[ModelType, ...] = (
     ModelType("sd1", "SD 1.x", "clip", 4),
-    ModelType("sd1_inpainting", "SD 1.x inpainting", "clip", 9),
+    ModelType("sd1_inpainting", "SD 1.x inpainting", "clip", INPAINTING_IN_CHANNELS),
     ModelType("sd2", "SD 2.x 512 (epsilon)", "open_clip", 4),
     ModelType("sd2_v", "SD 2.x 768 (v-prediction)", "open_clip", 4, "v_prediction"),
-    ModelType("sd2_inpainting", "SD 2.x inpainting", "open_clip", 9),
+    ModelType("sd2_inpainting", "SD 2.x inpainting", "open_clip", INPAINTING_IN_CHANNELS),
     ModelType("instruct_pix2pix", "InstructPix2Pix (SD 1.x)", "clip", 8, refused="not supported"),
     ModelType("sdxl", "SDXL base", "sdxl", 4),
-    ModelType("sdxl_inpainting", "SDXL inpainting", "sdxl", 9, refused="not supported yet"),
+    ModelType("sdxl_inpainting", "SDXL inpainting", "sdxl", INPAINTING_IN_CHANNELS, refused="not supported yet"),
 )
 BY_NAME = {row.name: row for row in MODEL_TYPES}
 
