@@ -1,6 +1,13 @@
-"""Paths that are URLs (``s3://bucket/key``, any fsspec protocol): open, list, read, write, upload.
+"""The storage module: local paths and URLs (``s3://bucket/key``, any fsspec protocol) alike.
 
-Local paths go through the file system as before; a URL goes through fsspec (s3fs for ``s3://``),
+This is the one module that asks whether a path is a URL (:func:`is_url`; a test keeps it so): code above it
+opens, lists, reads, writes, checks and shows paths through the functions here (:func:`open_path`,
+:func:`list_entries`, :func:`list_files`, :func:`glob`, :func:`exists`, :func:`read_path`, :func:`write_path`,
+:func:`require_writable`, :func:`canonical`, :func:`display`, ...), and gets local copies of URLs through
+:mod:`lf_common.object_cache`; only a writer that makes a write atomic in two ways (a rename on local disk, an
+upload to a store, as :mod:`lf_common.staged_output` does) asks :func:`is_store`.
+
+Local paths go through the file system; a URL goes through fsspec (s3fs for ``s3://``),
 streamed in blocks, never downloaded whole. Credentials and region come from the standard AWS
 environment variables or profile (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/config``); the
 endpoint of an S3-compatible store from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, which
@@ -410,9 +417,22 @@ def require_writable(path: str | os.PathLike[str], expected: str) -> None:
 
 
 def is_store(path: str | os.PathLike[str] | None) -> bool:
-    """Whether writes to ``path`` go to a store that has no rename (write locally, then upload): the one question
-    a writer with two ways to make a write atomic asks; a reader never needs it."""
+    """Whether ``path`` is in a store (no rename: a writer stages locally, then uploads; a reader streams it).
+
+    Only writers that make a write atomic in two ways (a rename on local disk, an upload to a store) and the
+    stream openers ask; everything else goes through the path-agnostic functions here, which answer it once.
+    """
     return path is not None and is_url(path)
+
+
+def display(path: str | os.PathLike[str]) -> str:
+    """``path`` as shown to the user: a URL without its trailing ``/``, a local path as ``Path`` writes it."""
+    return os.fspath(path).rstrip("/") if is_url(path) else str(Path(path))
+
+
+def as_path(path: str | os.PathLike[str]) -> Path | str:
+    """A local path as a ``Path``; a URL as the string it is (a ``Path`` would fold its ``//``)."""
+    return os.fspath(path) if is_url(path) else Path(path)
 
 
 def list_files(folder: str | os.PathLike[str], suffix: str = "") -> list[str]:
@@ -437,3 +457,21 @@ def passed_through(path: str | os.PathLike[str]) -> bool:
     ``file://`` URL): neither a local path nor an object this module reads."""
     text = str(path)
     return text.startswith("pipe:") or ("://" in text and not is_url(text))
+
+
+def make_folder(path: str | os.PathLike[str]) -> None:
+    """Create a local folder (and its parents) when missing; a prefix needs nothing (it exists once objects do)."""
+    if not is_url(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def names_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` can name a folder without a request: a local folder that is there, or any prefix URL (whose
+    objects are checked, with the store's one-line error, when it is read)."""
+    return is_url(path) or os.path.isdir(path)
+
+
+def names_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` can name a file without a request: a local file that is there, or an object URL (checked,
+    with the store's one-line error, when it is read)."""
+    return is_url(path) or os.path.isfile(path)
