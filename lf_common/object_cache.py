@@ -84,9 +84,29 @@ def _download(url: str, infos: dict[str, dict[str, Any]], copy: Path) -> None:
             object_store.download(object_store.join(url, name), target)
 
 
-def local_path(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """``path`` itself when local; the cached copy (:func:`cached_copy`) of a URL."""
-    return str(cached_copy(str(path), cache_dir)) if object_store.is_url(path) else str(path)
+def local_path(
+    path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    expected: str = "an existing object or prefix",
+) -> str:
+    """``path`` itself (unchanged) when local; the cached copy (:func:`cached_copy`) of a URL (an object, or every
+    object under a prefix, named with or without its trailing ``/``).
+
+    Raises:
+        ObjectStoreError: nothing is at the URL; names it, the endpoint and what was ``expected``.
+    """
+    if not object_store.is_store(path):
+        return str(path)
+    return str(cached_copy(str(path).rstrip("/"), cache_dir, expected))
+
+
+def local_copy(
+    path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    expected: str = "an existing object or prefix",
+) -> Path:
+    """:func:`local_path` as a ``Path``: a local file or folder itself, or the cached copy of a URL."""
+    return Path(local_path(path, cache_dir, expected))
 
 
 MODEL_FOLDER = "a model folder (diffusers/transformers layout: config.json and weights) under this prefix"
@@ -101,6 +121,4 @@ def model_folder(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]
         ObjectStoreError: nothing is under the URL or its bucket is missing; names the URL, the endpoint and
             that a model folder was expected.
     """
-    if not object_store.is_url(path):
-        return str(path)
-    return str(cached_copy(str(path).rstrip("/"), cache_dir, MODEL_FOLDER))
+    return local_path(path, cache_dir, MODEL_FOLDER)

@@ -1,6 +1,13 @@
-"""Paths that are URLs (``s3://bucket/key``, any fsspec protocol): open, list, read, write, upload.
+"""The storage module: local paths and URLs (``s3://bucket/key``, any fsspec protocol) alike.
 
-Local paths go through the file system as before; a URL goes through fsspec (s3fs for ``s3://``),
+This is the one module that asks whether a path is a URL (:func:`is_url`; a test keeps it so): code above it
+opens, lists, reads, writes, checks and shows paths through the functions here (:func:`open_path`,
+:func:`list_entries`, :func:`list_files`, :func:`glob`, :func:`exists`, :func:`read_path`, :func:`write_path`,
+:func:`require_writable`, :func:`canonical`, :func:`display`, ...), and gets local copies of URLs through
+:mod:`lf_common.object_cache`; only a writer that makes a write atomic in two ways (a rename on local disk, an
+upload to a store, as :mod:`lf_common.staged_output` does) asks :func:`is_store`.
+
+Local paths go through the file system; a URL goes through fsspec (s3fs for ``s3://``),
 streamed in blocks, never downloaded whole. Credentials and region come from the standard AWS
 environment variables or profile (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/config``); the
 endpoint of an S3-compatible store from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, which
@@ -14,9 +21,11 @@ upload visible whole), so a writer uploads a complete local file and only then r
 
 from __future__ import annotations
 
+import glob as local_glob
 import os
 import posixpath
 from functools import lru_cache
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -136,9 +145,11 @@ def open_url(url: str, mode: str = "rb") -> IO[bytes]:
         raise storage_error(url, error, "an existing object" if "r" in mode else "a writable bucket") from error
 
 
-def exists(url: str) -> bool:
-    """Whether an object (or a prefix holding objects) is at ``url``."""
-    fs, path = filesystem(url)
+def exists(url: str | os.PathLike[str]) -> bool:
+    """Whether a local file or folder, an object, or a prefix holding objects is at ``url``."""
+    if not is_url(url):
+        return os.path.exists(url)
+    fs, path = filesystem(str(url))
     try:
         return fs.exists(path)
     except STORE_ERRORS as error:
@@ -265,23 +276,54 @@ def object_infos(url: str, expected: str = "an existing object or prefix") -> di
     return {name[len(path) + 1 :]: info for name, info in found.items() if name.startswith(path + "/")}
 
 
-def list_entries(prefix: str) -> list[dict[str, Any]]:
-    """What lies directly under ``prefix``: objects (``type: file``) and sub-prefixes (``type: directory``), with
-    fsspec's details and ``url``; empty when nothing is there.
+def list_entries(prefix: str | os.PathLike[str], must_exist: bool = False) -> list[dict[str, Any]]:
+    """What lies directly under a local folder or a ``prefix``: files or objects (``type: file``) and folders or
+    sub-prefixes (``type: directory``), each with ``url`` (its path or URL) and ``modified`` (when it was written,
+    seconds since the epoch; 0 for a sub-prefix), and for an object fsspec's details; empty when nothing is there
+    (unless ``must_exist``).
 
     Raises:
-        ObjectStoreError: the bucket is missing or the store cannot be reached.
+        ObjectStoreError: the bucket is missing or the store cannot be reached; with ``must_exist``, also nothing
+            under the prefix.
+        FileNotFoundError: with ``must_exist``, a local folder that is not there.
     """
+    if not is_url(prefix):
+        return _local_entries(os.fspath(prefix), must_exist)
+    prefix = str(prefix)
     fs, path = filesystem(prefix)
     protocol = prefix.split("://", 1)[0]
     try:
         fs.invalidate_cache(path.rstrip("/"))
         entries = fs.ls(path.rstrip("/"), detail=True)
-    except FileNotFoundError:
+    except FileNotFoundError as error:
+        if must_exist:
+            raise storage_error(prefix, error, "an existing bucket and prefix") from error
         return []
     except STORE_ERRORS as error:
         raise storage_error(prefix, error, "a reachable bucket") from error
-    return [{**entry, "url": f"{protocol}://{entry['name'].rstrip('/')}"} for entry in entries]
+    return [
+        {
+            **entry,
+            "url": f"{protocol}://{entry['name'].rstrip('/')}",
+            "modified": entry["LastModified"].timestamp() if "LastModified" in entry else 0.0,
+        }
+        for entry in entries
+    ]
+
+
+def _local_entries(folder: str, must_exist: bool) -> list[dict[str, Any]]:
+    """:func:`list_entries` of a local folder (empty when it is missing or a file, unless ``must_exist``)."""
+    try:
+        with os.scandir(folder) as found:
+            listed = [(entry.path, entry.is_dir(), entry.stat()) for entry in found]
+    except (FileNotFoundError, NotADirectoryError) as error:
+        if must_exist:
+            raise FileNotFoundError(f"{folder}: no such folder") from error
+        return []
+    return [
+        {"url": path, "type": "directory" if is_dir else "file", "size": stat.st_size, "modified": stat.st_mtime}
+        for path, is_dir, stat in sorted(listed)
+    ]
 
 
 def list_objects(prefix: str, suffix: str = "") -> list[str]:
@@ -338,3 +380,98 @@ def write_path(path: str | os.PathLike[str], data: bytes) -> None:
         return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def parent(path: str | os.PathLike[str]) -> str:
+    """The folder or prefix holding ``path`` (``s3://b/run/last.ckpt`` -> ``s3://b/run``; ``last.ckpt`` -> ``.``)."""
+    text = os.fspath(path).rstrip("/")
+    if is_url(text):
+        return text.rsplit("/", 1)[0]
+    return os.path.dirname(text) or "."
+
+
+def canonical(path: str | os.PathLike[str]) -> str:
+    """How ``path`` is recorded and shown: a URL without its trailing ``/``, a local path made absolute."""
+    return os.fspath(path).rstrip("/") if is_url(path) else str(Path(path).resolve())
+
+
+def open_path(path: str | os.PathLike[str]) -> IO[bytes]:
+    """Open a local file or an object for reading (an object streamed in ranged reads).
+
+    Raises:
+        ObjectStoreError: the bucket or key is missing, or the store refused or could not be reached.
+        OSError: a local file cannot be opened.
+    """
+    return open_url(str(path)) if is_url(path) else open(path, "rb")
+
+
+def require_writable(path: str | os.PathLike[str], expected: str) -> None:
+    """Before work that will write to ``path``: a URL's bucket must exist and answer (one request); a local
+    path needs nothing (its folders are made when written).
+
+    Raises:
+        ObjectStoreError: see :func:`require_bucket`.
+    """
+    if is_url(path):
+        require_bucket(str(path), expected)
+
+
+def is_store(path: str | os.PathLike[str] | None) -> bool:
+    """Whether ``path`` is in a store (no rename: a writer stages locally, then uploads; a reader streams it).
+
+    Only writers that make a write atomic in two ways (a rename on local disk, an upload to a store) and the
+    stream openers ask; everything else goes through the path-agnostic functions here, which answer it once.
+    """
+    return path is not None and is_url(path)
+
+
+def display(path: str | os.PathLike[str]) -> str:
+    """``path`` as shown to the user: a URL without its trailing ``/``, a local path as ``Path`` writes it."""
+    return os.fspath(path).rstrip("/") if is_url(path) else str(Path(path))
+
+
+def as_path(path: str | os.PathLike[str]) -> Path | str:
+    """A local path as a ``Path``; a URL as the string it is (a ``Path`` would fold its ``//``)."""
+    return os.fspath(path) if is_url(path) else Path(path)
+
+
+def list_files(folder: str | os.PathLike[str], suffix: str = "") -> list[str]:
+    """The files of a local folder, or the objects directly under a prefix (a trailing ``/`` or none), whose names
+    end with ``suffix``: paths or URLs, sorted.
+
+    Raises:
+        ObjectStoreError: the bucket or the prefix is missing, or the store cannot be reached; names the prefix.
+        FileNotFoundError: a local folder that is not there.
+    """
+    entries = list_entries(folder, must_exist=True)
+    return sorted(e["url"] for e in entries if e.get("type") == "file" and e["url"].endswith(suffix))
+
+
+def glob(pattern: str) -> list[str]:
+    """The local paths or the objects matching a glob (``data/*.tar``, ``s3://bucket/data/*.tar``), sorted."""
+    return glob_objects(pattern) if is_url(pattern) else sorted(local_glob.glob(pattern))
+
+
+def passed_through(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is left to webdataset to open as it is (a ``pipe:`` command, an ``http(s)://`` or
+    ``file://`` URL): neither a local path nor an object this module reads."""
+    text = str(path)
+    return text.startswith("pipe:") or ("://" in text and not is_url(text))
+
+
+def make_folder(path: str | os.PathLike[str]) -> None:
+    """Create a local folder (and its parents) when missing; a prefix needs nothing (it exists once objects do)."""
+    if not is_url(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def names_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` can name a folder without a request: a local folder that is there, or any prefix URL (whose
+    objects are checked, with the store's one-line error, when it is read)."""
+    return is_url(path) or os.path.isdir(path)
+
+
+def names_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` can name a file without a request: a local file that is there, or an object URL (checked,
+    with the store's one-line error, when it is read)."""
+    return is_url(path) or os.path.isfile(path)

@@ -33,7 +33,7 @@ def staged_output(target: str | os.PathLike[str], last: tuple[str, ...] = (), re
         ObjectStoreError: the upload failed; names the URL and the endpoint. A whole bucket as ``target``
             (``s3://bucket``, nothing it could replace but every object there), before the block runs.
     """
-    if not object_store.is_url(target):
+    if not object_store.is_store(target):
         yield Path(target)
         return
     url = str(target).rstrip("/")

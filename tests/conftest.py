@@ -150,6 +150,16 @@ def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> 
     ]
 
 
+def autoencoder_overrides(raw_shards: Path, out: Path, checkpoints: str, steps: int) -> list[str]:
+    """``lf-train-autoencoder`` on the digits at 32 px, batches of 4, a checkpoint every 2 steps (one kept)."""
+    return [
+        f"data.shards={raw_shards}", "data.resolution=32", "data.batch_size=4", "data.num_workers=0",
+        f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "scaling_batches=1", f"output_dir={out}",
+        f"callbacks.model_checkpoint.dirpath={checkpoints}", "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small CLIP (transformers layout) trained on the digits in the test, for CLIP scores."""

@@ -22,9 +22,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.format import EncoderInfo
 from data_pipelines.latents.sdxl_text import SDXL_TEXT_OUTPUT, encode_text_sdxl
+from lf_common import object_store
 from lf_common.errors import DataError
 from lf_common.object_cache import model_folder
-from lf_common.object_store import is_url
 
 
 def fingerprint_folder(folder: str | Path) -> str:
@@ -43,8 +43,9 @@ def fingerprint_folder(folder: str | Path) -> str:
 
 
 def _recorded(given: str | Path, loaded: Path) -> str:
-    """The path the manifest records for a folder: a URL as given, a local folder resolved."""
-    return str(given).rstrip("/") if is_url(given) else str(loaded.resolve())
+    """The path the manifest records for a folder: a URL as given, a local folder resolved (``loaded`` is the folder
+    itself when local, a URL's copy otherwise: the URL is recorded, not the copy)."""
+    return object_store.canonical(given)
 
 
 def _require_folder(path: str | Path, what: str) -> Path:

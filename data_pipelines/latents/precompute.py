@@ -56,7 +56,7 @@ class StaleLatentsError(DataError):
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's or object's bytes (an object is streamed, not held whole)."""
     digest = hashlib.sha256()
-    with object_store.open_url(str(path)) if object_store.is_url(path) else open(path, "rb") as handle:
+    with object_store.open_path(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -162,15 +162,14 @@ def _output_folder(shards: list[str], out_dir: str | Path) -> tuple[str, list[st
     Raises:
         DataError: an input shard is neither a local file nor an object-store URL, or two share a file name.
     """
-    unreadable = [s for s in shards if not object_store.is_url(s) and not Path(s).is_file()]
+    unreadable = [s for s in shards if not object_store.names_file(s)]
     if unreadable:
         raise DataError(
             "precompute reads local shard files or object-store URLs (it hashes each for the cache key); "
             f"neither: {unreadable[:3]}"
         )
     out = str(out_dir)
-    if not object_store.is_url(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
+    object_store.make_folder(out)
     names = [object_store.basename(s) for s in shards]
     if len(set(names)) != len(names):
         raise DataError(f"input shards share file names; give shards with distinct names: {names}")

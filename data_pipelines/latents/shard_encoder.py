@@ -217,7 +217,7 @@ class ShardOutput:
         self.name = object_store.basename(self.target)
         self.source = source
         self.key = key
-        if object_store.is_url(self.target):
+        if object_store.is_store(self.target):  # no rename there: written locally, then uploaded
             self.tmp = Path(tempfile.mkdtemp(prefix="lf-upload-")) / (self.name + TMP_SUFFIX)
         else:
             self.tmp = Path(self.target + TMP_SUFFIX)
@@ -234,7 +234,7 @@ class ShardOutput:
     def finish(self, skipped: int) -> ShardEntry:
         """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
         self.writer.close()
-        if object_store.is_url(self.target):
+        if object_store.is_store(self.target):
             try:
                 object_store.upload(self.tmp, self.target)
             finally:
@@ -244,7 +244,7 @@ class ShardOutput:
         entry = ShardEntry(
             name=self.name,
             num_samples=self.count,
-            source=self.source if object_store.is_url(self.source) else str(Path(self.source).resolve()),
+            source=object_store.canonical(self.source),
             source_sha256=self.key.source_sha256,
             skipped=skipped,
             cache_key=asdict(self.key),
@@ -260,5 +260,5 @@ class ShardOutput:
 
     def _remove_tmp(self) -> None:
         self.tmp.unlink(missing_ok=True)
-        if object_store.is_url(self.target):
+        if object_store.is_store(self.target):
             shutil.rmtree(self.tmp.parent, ignore_errors=True)

@@ -324,12 +324,12 @@ def write_without(
 
 def shard_folder(shard: str) -> str:
     """The folder a shard lies in (resolved), or the prefix of a URL (without its last ``/``)."""
-    return shard.rsplit("/", 1)[0] if object_store.is_url(shard) else str(Path(shard).resolve().parent)
+    return object_store.canonical(object_store.parent(shard))
 
 
 def _location(folder: str | Path) -> str:
     """A folder resolved, or a URL prefix without a trailing ``/``: comparable with :func:`shard_folder`."""
-    return str(folder).rstrip("/") if object_store.is_url(folder) else str(Path(folder).resolve())
+    return object_store.canonical(folder)
 
 
 def dedup_shards(

@@ -137,7 +137,7 @@ def validate_shard(path: str | Path) -> ShardReport:
 
 def _open(path: str | Path) -> Any:
     """A binary stream of a local file or an object-store URL."""
-    return object_store.open_url(str(path)) if object_store.is_url(path) else open(path, "rb")
+    return object_store.open_path(path)
 
 
 def _ends_with_end_marker(path: str | Path) -> bool:

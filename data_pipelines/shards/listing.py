@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Sequence
-from pathlib import Path
 
 from braceexpand import braceexpand
 
@@ -18,14 +16,14 @@ SHARDS_EXPECTED = (
 
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
-    """List the shard files ``spec`` names, sorted.
+    """List the shard files ``spec`` names, sorted; local paths and object-store URLs alike.
 
     Args:
-        spec: a folder (its ``*.tar`` files), a glob (``data/*.tar``), a brace pattern
-            (``data/shard-{000000..000009}.tar``), an object-store URL of any of these
-            (``s3://bucket/prefix/`` lists the prefix's ``.tar`` objects; ``s3://bucket/shard-{000000..000099}.tar``;
-            checked to exist, one listing per prefix), a ``pipe:`` command or ``http(s)://`` URL that
-            webdataset opens (passed through unchecked), or a list of any of these.
+        spec: a folder (its ``*.tar`` files; with or without a trailing ``/``: ``s3://bucket/raw`` is the
+            prefix's ``.tar`` objects when objects lie under it), a glob (``data/*.tar``), a brace pattern
+            (``data/shard-{000000..000009}.tar``; checked to exist, one listing per folder, not one request a
+            shard), a ``pipe:`` command or ``http(s)://`` URL that webdataset opens (passed through unchecked),
+            or a list of any of these.
 
     Raises:
         DataError: a named path or object does not exist, or nothing matches.
@@ -33,62 +31,68 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for item in specs:
-        named: list[str] = []
+        named: list[str] = []  # neither glob nor folder by their name: a shard, or a folder named without its "/"
         for pattern in braceexpand(str(item)):
-            if object_store.is_url(pattern):
-                paths.extend(_remote_shards(pattern, named))
-                continue
-            if pattern.startswith("pipe:") or "://" in pattern:
+            if object_store.passed_through(pattern):
                 paths.append(pattern)
-                continue
-            path = Path(pattern)
-            if path.is_dir():
-                found = sorted(str(p) for p in path.glob("*.tar"))
-                if not found:
-                    raise DataError(f"{path}: folder holds no .tar shards; {SHARDS_EXPECTED}")
             elif any(ch in pattern for ch in "*?["):
-                found = sorted(glob.glob(pattern))
+                found = object_store.glob(pattern)
                 if not found:
                     raise DataError(f"{pattern}: no shard matches this pattern; {SHARDS_EXPECTED}")
-            elif path.is_file():
-                found = [str(path)]
+                paths.extend(found)
+            elif pattern.endswith("/"):
+                paths.extend(_folder_shards(pattern))
             else:
-                raise DataError(f"{path}: shard path does not exist; {SHARDS_EXPECTED}")
-            paths.extend(found)
-        _check_objects_exist(named)
+                named.append(pattern)
+                paths.append(pattern)
+        expanded = _named_shards(named)
+        paths = [shard for path in paths for shard in expanded.get(path, [path])]
     if not paths:
         raise DataError(f"{spec!r}: names no shards")
     return paths
 
 
-def _remote_shards(pattern: str, named: list[str]) -> list[str]:
-    """The shard URLs ``pattern`` names: a prefix's ``.tar`` objects, a glob's matches, or the URL itself
-    (appended to ``named``, to be checked by :func:`_check_objects_exist`)."""
-    if pattern.endswith("/"):
-        found = object_store.list_objects(pattern, ".tar")
-        if not found:
-            raise DataError(f"{pattern}: prefix holds no .tar objects; {SHARDS_EXPECTED}")
-        return found
-    if any(ch in pattern for ch in "*?["):
-        found = object_store.glob_objects(pattern)
-        if not found:
-            raise DataError(f"{pattern}: no object matches this pattern; {SHARDS_EXPECTED}")
-        return found
-    named.append(pattern)
-    return [pattern]
-
-
-def _check_objects_exist(urls: list[str]) -> None:
-    """Every URL names an existing object (one listing of each prefix, not one request per shard).
+def _folder_shards(folder: str) -> list[str]:
+    """The ``.tar`` files of a local folder or directly under a prefix.
 
     Raises:
-        DataError: naming the first missing objects and how many are missing.
+        DataError: the folder holds none, or is not there (the store's one line for a prefix).
     """
-    prefixes: dict[str, set[str]] = {}
-    for url in urls:
-        prefix = url.rsplit("/", 1)[0] + "/"
-        if prefix not in prefixes:
-            prefixes[prefix] = set(object_store.list_objects(prefix))
-    missing = [url for url in urls if url not in prefixes[url.rsplit("/", 1)[0] + "/"]]
+    try:
+        found = object_store.list_files(folder, ".tar")
+    except FileNotFoundError as error:
+        raise DataError(f"{folder}: shard path does not exist; {SHARDS_EXPECTED}") from error
+    if not found:
+        raise DataError(f"{folder}: folder holds no .tar shards; {SHARDS_EXPECTED}")
+    return found
+
+
+def _named_shards(named: list[str]) -> dict[str, list[str]]:
+    """Check that each path of ``named`` is a shard or a folder of shards (one listing of each parent folder, not one
+    request per shard): a folder maps to its shards, a shard to itself.
+
+    Raises:
+        DataError: naming the first missing paths and how many are missing.
+    """
+    listed: dict[str, dict[str, str]] = {}  # parent -> name -> "file" or "directory"
+    expanded: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for path in named:
+        parent = object_store.parent(path)
+        if parent not in listed:
+            try:
+                entries = object_store.list_entries(parent, must_exist=True)
+            except FileNotFoundError:  # a local folder that is not there: its shards are missing
+                entries = []
+            listed[parent] = {object_store.basename(e["url"]): e.get("type", "file") for e in entries}
+        kind = listed[parent].get(object_store.basename(path))
+        if kind == "directory":
+            expanded[path] = _folder_shards(path)
+        elif kind is None:
+            missing.append(path)
     if missing:
-        raise DataError(f"{missing[0]}: shard object does not exist ({len(missing)} of {len(urls)} named are missing)")
+        raise DataError(
+            f"{missing[0]}: shard path does not exist ({len(missing)} of {len(named)} named are missing); "
+            f"{SHARDS_EXPECTED}"
+        )
+    return expanded

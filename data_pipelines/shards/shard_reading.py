@@ -81,7 +81,7 @@ def open_shard(url: str, retries: int = 3, retry_delay_s: float = 1.0) -> Any:
     Raises:
         ObjectStoreError: the object cannot be opened (missing, refused, unreachable).
     """
-    if object_store.is_url(url):
+    if object_store.is_store(url):
         return ReopeningStream(url, retries=retries, retry_delay_s=retry_delay_s)
     return gopen(url)
 

@@ -63,7 +63,7 @@ class AtomicShardWriter:
     ):
         if samples_per_shard < 1:
             raise ConfigError(f"samples_per_shard={samples_per_shard}: expected at least 1")
-        self.remote = object_store.is_url(out_dir)
+        self.remote = object_store.is_store(out_dir)  # no rename there: each shard written locally, then uploaded
         self.out_url = str(out_dir).rstrip("/")
         self.out_dir = Path(tempfile.mkdtemp(prefix="lf-shards-")) if self.remote else Path(out_dir)
         self.samples_per_shard = samples_per_shard

@@ -25,7 +25,6 @@ from tests.integration.checkpoints import assert_resume_is_exact
 from tests.integration.cli import cli_command, kill_cli_when, run_cli
 from tests.integration.faults import FAULTS_ENV, inject
 from trainer.checkpoint.reading import load_checkpoint
-from trainer.checkpoint.remote import resolve_remote_checkpoint
 from trainer.checkpoint.resume import resolve_resume_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -146,7 +145,7 @@ def test_preemption_signal_checkpoints_that_step_and_the_same_command_resumes_ex
     saved = {f"step-{s:07d}.ckpt" for s in range(2, step + 2) if s % 2 == 0 or s == step + 1}
     assert_complete_in_bucket(checkpoints, {*saved, "last.ckpt"}, local)
     assert not list((out / "checkpoint-staging").iterdir()) and not (out / "checkpoints").exists()
-    resumable = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    resumable = resolve_resume_checkpoint("last", checkpoints, tmp_path / "cache")
     assert Path(resumable).name == "last.ckpt" and load_checkpoint(resumable)["global_step"] == step + 1
 
     resumed = run_cli("lf-train", *command, cwd=tmp_path, env=FAULTS_ENV)

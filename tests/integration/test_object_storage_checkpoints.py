@@ -19,11 +19,11 @@ import torch
 
 from lf_common import object_store
 from lf_common.errors import DataError
-from tests.conftest import compose_config, tiny_train_overrides
+from tests.conftest import autoencoder_overrides, compose_config, tiny_train_overrides
 from tests.integration.checkpoints import assert_resume_is_exact, assert_same_nested
 from tests.s3_server import server_down
 from trainer.checkpoint.reading import load_checkpoint
-from trainer.checkpoint.remote import resolve_remote_checkpoint
+from trainer.checkpoint.resume import resolve_resume_checkpoint
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 
@@ -62,12 +62,12 @@ def test_an_upload_cut_short_keeps_the_previous_checkpoint_and_the_rerun_complet
         run_train(compose_config("train", overrides))
     assert names(checkpoints) == {"step-0000002.ckpt", "last.ckpt"}  # nothing of step 4
     assert not list((out / "checkpoint-staging").iterdir()), "the staged copy is removed"
-    resumable = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    resumable = resolve_resume_checkpoint("last", checkpoints, tmp_path / "cache")
     assert load_checkpoint(resumable)["global_step"] == 2
-    named = resolve_remote_checkpoint(f"{checkpoints}/step-0000002.ckpt", None, tmp_path / "cache")
+    named = resolve_resume_checkpoint(f"{checkpoints}/step-0000002.ckpt", None, tmp_path / "cache")
     assert load_checkpoint(named)["global_step"] == 2
     with pytest.raises(DataError, match=r"step-0000004\.ckpt: checkpoint does not exist"):
-        resolve_remote_checkpoint(f"{checkpoints}/step-0000004.ckpt", None, tmp_path / "cache")
+        resolve_resume_checkpoint(f"{checkpoints}/step-0000004.ckpt", None, tmp_path / "cache")
 
     monkeypatch.setattr(object_store, "upload", real_upload)
     assert run_train(compose_config("train", [*overrides, "auto_resume=true"]))["global_step"] == 4
@@ -104,7 +104,7 @@ def test_deepspeed_folders_go_to_the_bucket_tag_last_and_resume_from_it(
     assert f"resume: from {checkpoints}/step-0000002.ckpt" in caplog.text  # the incomplete last.ckpt is older
     # save_top_k=1: step 1 went at step 2, but step 2 stays at step 3: the run resumed from it (as on local disk)
     assert names(checkpoints) == {"step-0000002.ckpt", "step-0000003.ckpt", "last.ckpt"}
-    last = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    last = resolve_resume_checkpoint("last", checkpoints, tmp_path / "cache")
     assert Path(last).name == "last.ckpt" and Path(last).is_dir()
     reference = tmp_path / "uninterrupted"  # local checkpoints
     run_train(compose_config("train", [*tiny_train_overrides(latent_dir, reference, steps=3), *ds]))
@@ -130,16 +130,6 @@ def test_a_requeue_after_the_first_folder_upload_was_cut_short_starts_afresh(
     monkeypatch.setattr(object_store, "upload", real_upload)
     assert run_train(compose_config("train", overrides))["global_step"] == 2
     assert "latest" in object_store.object_infos(f"{checkpoints}/step-0000002.ckpt")
-
-
-def autoencoder_overrides(raw_shards: Path, out: Path, checkpoints: str, steps: int) -> list[str]:
-    """``lf-train-autoencoder`` on the digits at 32 px, batches of 4, a checkpoint every 2 steps (one kept)."""
-    return [
-        f"data.shards={raw_shards}", "data.resolution=32", "data.batch_size=4", "data.num_workers=0",
-        f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "scaling_batches=1", f"output_dir={out}",
-        f"callbacks.model_checkpoint.dirpath={checkpoints}", "callbacks.model_checkpoint.every_n_train_steps=2",
-    ]  # fmt: skip
 
 
 def test_the_autoencoder_resumes_from_the_bucket_exactly(raw_shards, s3_bucket, tmp_path):

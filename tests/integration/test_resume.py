@@ -1,6 +1,7 @@
 """Exact resume on one CPU process: stopped (max_steps, a damaged newest checkpoint, SIGKILL, a
 preemption signal, a full disk) and resumed runs end with the same weights, EMA and optimizer state
-as an uninterrupted run.
+as an uninterrupted run; ``lf-train-autoencoder`` resumes by the same rules (``auto_resume``, damaged
+checkpoints passed over).
 
 Gradient accumulation 2, 16 samples a batch, 6 batches an epoch: the runs cross epoch boundaries.
 """
@@ -17,12 +18,13 @@ import torch
 
 from data_pipelines.shards.resumable_loader import LoaderWorkerDied
 from lf_common.errors import StorageError
-from tests.conftest import compose_config, tiny_train_overrides
+from tests.conftest import autoencoder_overrides, compose_config, tiny_train_overrides
 from tests.integration.cli import kill_cli_when, run_cli
 from tests.integration.faults import FAULTS_ENV, inject
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.checkpoint.resume import checkpoint_step, resolve_resume_checkpoint
 from trainer.cli.train import run_train
+from trainer.cli.train_autoencoder import run_train_autoencoder
 
 pytestmark = pytest.mark.slow
 
@@ -172,3 +174,37 @@ def test_a_killed_loader_worker_is_named_and_the_same_command_resumes(uninterrup
         run_train(compose_config("train", command))
     assert run_train(compose_config("train", command))["global_step"] == STEPS
     assert_same_training_state(final_state(out), uninterrupted)
+
+
+def test_the_autoencoder_auto_resumes_past_a_damaged_checkpoint(raw_shards, tmp_path, caplog):
+    """``lf-train-autoencoder`` resumes as ``lf-train`` does (one resolution): ``auto_resume=true`` starts afresh
+    in an empty run folder, and in a run whose two newest checkpoints were damaged (truncated as by a full disk)
+    passes over them, says so, and continues from the complete one before them to ``max_steps``."""
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+
+    def overrides(steps: int) -> list[str]:
+        return [
+            *autoencoder_overrides(raw_shards, out, str(checkpoints), steps),
+            "callbacks.model_checkpoint.save_top_k=-1",
+            "auto_resume=true",
+        ]
+
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint.resume"):
+        assert run_train_autoencoder(compose_config("train_autoencoder", overrides(4)))["global_step"] == 4
+    assert "auto_resume: no checkpoint" in caplog.text
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"]
+    for name in ("last.ckpt", "step-0000004.ckpt"):
+        path = checkpoints / name
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size // 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint.resume"):
+        result = run_train_autoencoder(compose_config("train_autoencoder", overrides(6)))
+    passed_over = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(passed_over) == 1, caplog.text
+    assert "last.ckpt (" in passed_over[0] and "step-0000004.ckpt (" in passed_over[0]
+    assert passed_over[0].endswith(f"resuming from {checkpoints / 'step-0000002.ckpt'}")
+    assert result["global_step"] == 6
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert result["checkpoint"] == str((checkpoints / "last.ckpt").resolve())

@@ -23,7 +23,7 @@ from tests.integration.cli import cli_command
 from tests.integration.test_distributed import TORCHRUN_ENV, two_process_overrides
 from tests.s3_server import upload_times
 from trainer.checkpoint.reading import load_checkpoint
-from trainer.checkpoint.remote import TAG_FILE, resolve_remote_checkpoint
+from trainer.checkpoint.resume import TAG_FILE, resolve_resume_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -133,5 +133,5 @@ def test_two_nodes_upload_every_partition_to_a_bucket_and_resume_from_it(latent_
     assert names == {"step-0000002.ckpt", "step-0000004.ckpt", "last.ckpt"}
     for name in names:
         assert_complete(f"{checkpoints}/{name}", strategy)
-    last = resolve_remote_checkpoint("last", checkpoints, tmp_path / "cache")
+    last = resolve_resume_checkpoint("last", checkpoints, tmp_path / "cache")
     assert load_checkpoint(last)["global_step"] == 4

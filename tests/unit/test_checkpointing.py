@@ -1,10 +1,11 @@
 """Which checkpoint ``ckpt_path=last`` takes when ``last.ckpt`` is one save behind, and a damaged checkpoint URL;
 retention keeps the checkpoint a run resumed from, on local disk and in a bucket (where the downloaded copy is
 removed, also when the run was already finished); ``auto_resume`` passes over a folder upload cut short; a
-shared staging folder keeps what is not a checkpoint."""
+shared staging folder keeps what is not a checkpoint; a local folder and a bucket resolve by the same rules."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,10 +22,14 @@ from tests.unit.tiny_lightning import TinyLinear, bare_trainer
 from trainer.callbacks.checkpoint import AtomicModelCheckpoint
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
-from trainer.checkpoint.remote import choose_remote_checkpoint
-from trainer.checkpoint.resume import checkpoints_newest_first, resolve_resume_checkpoint
+from trainer.checkpoint.resume import (
+    checkpoints_newest_first,
+    choose_checkpoint,
+    resolve_resume_checkpoint,
+    resume_checkpoint,
+)
+from trainer.cli.fit_run import resume_from_config
 from trainer.cli.hydra_app import build_trainer
-from trainer.cli.train import resume_checkpoint
 
 
 def write_checkpoints(folder: Path, written: dict[str, int]) -> None:
@@ -88,7 +93,7 @@ def test_retention_keeps_the_checkpoint_the_run_resumed_from_also_in_a_bucket(s3
 
     remote = f"{s3_bucket}/checkpoints"
     fit(remote, 2)
-    url, copy = choose_remote_checkpoint(f"{remote}/step-0000002.ckpt", None, tmp_path / "cache")
+    url, copy = choose_checkpoint(f"{remote}/step-0000002.ckpt", None, tmp_path / "cache")
     assert url == f"{remote}/step-0000002.ckpt" and torch.load(copy, weights_only=True)["global_step"] == 2
     fit(remote, 4, ckpt_path=copy, resumed_url=url)
     assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
@@ -108,7 +113,7 @@ def test_a_finished_run_resumed_from_a_bucket_removes_its_copy(s3_bucket, tmp_pa
         trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2), ckpt_path=ckpt_path)
 
     fit(2)
-    url, copy = choose_remote_checkpoint("last", remote, tmp_path / "cache")
+    url, copy = choose_checkpoint("last", remote, tmp_path / "cache")
     fit(2, ckpt_path=copy, resumed_url=url)
     assert list((tmp_path / "cache").iterdir()) == [], "the copy, its version folder and lock are removed"
 
@@ -121,7 +126,7 @@ def test_a_damaged_checkpoint_url_falls_back_to_the_one_before(s3_bucket, tmp_pa
     damaged.write_bytes(complete.read_bytes()[:50])
     object_store.upload(complete, f"{s3_bucket}/run/step-0000002.ckpt")
     object_store.upload(damaged, f"{s3_bucket}/run/step-0000004.ckpt")
-    url, copy = choose_remote_checkpoint(f"{s3_bucket}/run/step-0000004.ckpt", None, tmp_path / "cache")
+    url, copy = choose_checkpoint(f"{s3_bucket}/run/step-0000004.ckpt", None, tmp_path / "cache")
     assert url == f"{s3_bucket}/run/step-0000002.ckpt"
     assert torch.load(copy, weights_only=True)["global_step"] == 2
 
@@ -136,10 +141,10 @@ def test_auto_resume_starts_afresh_after_the_first_folder_upload_was_cut_short(s
         {"callbacks": {"model_checkpoint": {"dirpath": remote}}, "ckpt_path": None, "auto_resume": True}
     )
     cfg.output_dir = str(tmp_path / "run")
-    assert resume_checkpoint(cfg) == (None, None)
+    assert resume_from_config(cfg) == (None, None)
     object_store.write_bytes(f"{remote}/step-0000002.ckpt/latest", b"checkpoint")
     with pytest.raises(DataError, match=r"step-0000002\.ckpt \(checkpoint/mp_rank_00_model_states\.pt: not a complete"):
-        resume_checkpoint(cfg)  # tagged: taken, and explained as damaged
+        resume_from_config(cfg)  # tagged: taken, and explained as damaged
 
 
 def test_a_shared_staging_dir_loses_only_the_checkpoints_a_crash_left(s3_bucket, tmp_path):
@@ -155,3 +160,42 @@ def test_a_shared_staging_dir_loses_only_the_checkpoints_a_crash_left(s3_bucket,
     trainer = bare_trainer(max_steps=2, enable_checkpointing=True, callbacks=[callback])
     trainer.fit(TinyLinear(), DataLoader(torch.randn(16, 3), batch_size=2))
     assert sorted(p.name for p in scratch.iterdir()) == ["another-job.bin"]
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_one_resolution_for_a_local_folder_and_a_bucket(where, request, tmp_path, caplog):
+    """The same checkpoints in a local folder or under a prefix resolve alike: ``auto_resume`` starts afresh
+    without checkpoints (a ``.partial`` write is none), then takes ``last`` and passes over the damaged
+    ``last.ckpt`` for the newest complete step, downloading only from a bucket."""
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    folder = str(tmp_path / "checkpoints") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/run"
+
+    def put(name: str) -> None:
+        target = object_store.join(folder, name)
+        if where == "local":
+            os.makedirs(folder, exist_ok=True)
+            os.replace(staged / name, target)
+        else:
+            object_store.upload(staged / name, target)
+
+    cache = tmp_path / "cache"
+    assert resume_checkpoint(None, folder, True, cache) == (None, None), "no folder yet: a fresh run"
+    (staged / "step-0000002.ckpt.partial").write_bytes(b"cut short")
+    put("step-0000002.ckpt.partial")
+    assert resume_checkpoint(None, folder, True, cache) == (None, None), "a partial write is no checkpoint"
+    for step in (2, 4):
+        torch.save({"global_step": step}, staged / f"step-{step:07d}.ckpt")
+        put(f"step-{step:07d}.ckpt")
+    (staged / "last.ckpt").write_bytes(b"damaged")
+    put("last.ckpt")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint.resume"):
+        local, url = resume_checkpoint(None, folder, True, cache)
+    assert "passed over last.ckpt (" in caplog.text
+    assert torch.load(local, weights_only=True)["global_step"] == 4
+    if where == "local":
+        assert (local, url) == (object_store.join(folder, "step-0000004.ckpt"), None)
+        assert not cache.exists(), "nothing is downloaded from local disk"
+    else:
+        assert url == f"{folder}/step-0000004.ckpt" and Path(local).is_relative_to(cache)
+    assert resume_checkpoint(None, folder, False, cache) == (None, None), "no ckpt_path, no auto_resume: afresh"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 
 from data_pipelines.latents.format import (
     LatentManifest,
@@ -26,8 +27,10 @@ from lf_common import object_store
 from lf_common.errors import DataError
 from lf_common.object_cache import cached_copy
 from lf_common.staged_output import staged_output
+from tests.conftest import compose_config
 from tests.s3_server import upload_folder
 from tests.unit.test_latent_format import make_manifest
+from trainer.cli.validate import run_validate
 
 
 def test_prefix_brace_and_glob_list_the_uploaded_shards(s3_bucket, raw_shards):
@@ -48,7 +51,7 @@ def test_missing_bucket_prefix_and_shard_are_one_line_errors(s3_bucket, raw_shar
     assert "\n" not in message
     with pytest.raises(DataError, match=r"/other/ at endpoint .*: nothing under this key; expected an existing bucket"):
         resolve_shards(f"{s3_bucket}/other/")
-    with pytest.raises(DataError, match=r"raw/shard-000003\.tar: shard object does not exist \(5 of 8 named"):
+    with pytest.raises(DataError, match=r"raw/shard-000003\.tar: shard path does not exist \(5 of 8 named"):
         resolve_shards(f"{s3_bucket}/raw/shard-{{000000..000007}}.tar")
 
 
@@ -250,3 +253,21 @@ def test_eval_and_dedup_paths_missing_from_the_bucket_are_one_line_errors(option
     message = str(error.value)
     assert message.startswith(f"{url} at endpoint http://127.0.0.1:") and "\n" not in message, message
     assert re.search(r": (nothing under this key|the bucket does not exist); expected " + expected, message), message
+
+
+def test_a_prefix_named_without_its_slash_is_the_folder_it_looks_like(s3_bucket, raw_shards, tmp_path):
+    """``shards=s3://bucket/raw`` (no trailing ``/``) is the prefix's shards, as ``s3://bucket/raw/`` and a local
+    folder are, for every command that takes shards: ``lf-validate`` and ``lf-train-autoencoder``'s data here;
+    a named shard that is missing is still refused, and a prefix holding no shards says so."""
+    urls = upload_folder(raw_shards, f"{s3_bucket}/raw", "*.tar")
+    object_store.write_bytes(f"{s3_bucket}/notes/readme.txt", b"no shards here")
+    assert resolve_shards(f"{s3_bucket}/raw") == resolve_shards(f"{s3_bucket}/raw/") == urls
+    assert resolve_shards([f"{s3_bucket}/raw", urls[0]]) == [*urls, urls[0]]
+    result = run_validate(compose_config("validate", [f"shards={s3_bucket}/raw"]))
+    assert result["ok"] and [r["samples"] for r in result["shards"]] == [32, 32, 32]
+    data = compose_config("train_autoencoder", [f"data.shards={s3_bucket}/raw", "data.num_workers=0", "output_dir=o"])
+    assert instantiate(data.data).urls == urls
+    with pytest.raises(DataError, match=r"notes: folder holds no \.tar shards"):
+        resolve_shards(f"{s3_bucket}/notes")
+    with pytest.raises(DataError, match=r"raw/absent\.tar: shard path does not exist \(1 of 1 named"):
+        resolve_shards(f"{s3_bucket}/raw/absent.tar")

@@ -83,12 +83,12 @@ class AtomicModelCheckpoint(ModelCheckpointHooks):
         self.staging_dir = staging_dir
         self._warned_slow = False
         self.resumed_from: str | None = None  # the remote checkpoint the run resumed from: never deleted
-        if object_store.is_url(self.dirpath or "") and self.save_last == "link":
+        if object_store.is_store(self.dirpath) and self.save_last == "link":
             raise ConfigError(f"save_last=link with dirpath={self.dirpath}: a bucket has no links; set save_last=true")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and object_store.is_url(self.dirpath or ""):  # fail now, not at the first save
-            object_store.require_bucket(self.dirpath, "an existing bucket for callbacks.model_checkpoint.dirpath")
+        if stage == "fit" and self.dirpath:  # a bucket: fail now, not at the first save
+            object_store.require_writable(self.dirpath, "an existing bucket for callbacks.model_checkpoint.dirpath")
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -97,7 +97,7 @@ class AtomicModelCheckpoint(ModelCheckpointHooks):
 
     def save_checkpoint_file(self, trainer: L.Trainer, filepath: str) -> None:
         started = time.monotonic()
-        remote = object_store.is_url(filepath)
+        remote = object_store.is_store(filepath)  # no rename there: staged locally, then uploaded
         if remote:
             staging = Path(self.staging_dir or Path(trainer.default_root_dir) / "checkpoint-staging")
             save_and_upload(trainer, filepath, staging / object_store.basename(filepath), self.save_weights_only)
@@ -160,7 +160,7 @@ class AtomicModelCheckpoint(ModelCheckpointHooks):
         step = checkpoint_step(filepath)
         if self.keep_every_n_steps and step is not None and step > 0 and step % self.keep_every_n_steps == 0:
             return
-        if object_store.is_url(filepath):
+        if object_store.is_store(filepath):
             resumed = self.resumed_from is not None and filepath.rstrip("/") == self.resumed_from.rstrip("/")
             if trainer.is_global_zero and not resumed:
                 remove_checkpoint(filepath)

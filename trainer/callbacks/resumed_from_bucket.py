@@ -1,7 +1,7 @@
 """What a run resumed from a checkpoint in a bucket needs: the remote checkpoint kept, the local copy removed.
 
 A resume from a bucket downloads the checkpoint into ``<output_dir>/checkpoint-cache``
-(:func:`trainer.checkpoint.remote.choose_remote_checkpoint`) and gives Lightning that copy. Two things
+(:func:`trainer.checkpoint.resume.choose_checkpoint`) and gives Lightning that copy. Two things
 then differ from a local resume, and this one callback handles both for every command that trains:
 
 * **Retention keeps the remote checkpoint.** Lightning never deletes the checkpoint a run resumed from,

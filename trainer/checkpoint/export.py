@@ -32,10 +32,10 @@ from diffusers import (
 )
 from transformers import CLIPTokenizer
 
+from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
 from lf_common.object_cache import model_folder
-from lf_common.object_store import is_url
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
 from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
@@ -96,7 +96,7 @@ def build_export(
     text_dir = text_encoder_path or manifest.get("text_encoder", {}).get("path")
     tokenizer_dir = tokenizer_path or manifest.get("tokenizer_path")
     for name, value in (("vae_path", vae_dir), ("text_encoder_path", text_dir), ("tokenizer_path", tokenizer_dir)):
-        if not value or not (is_url(value) or Path(value).is_dir()):
+        if not value or not object_store.names_folder(value):
             raise DataError(f"{ckpt_path}: {name} {value!r} is not a folder; pass {name}=... to export")
     # the manifest of shards precomputed from a URL names the URL: loaded from its cached copy
     vae_dir, text_dir, tokenizer_dir = (model_folder(value) for value in (vae_dir, text_dir, tokenizer_dir))
@@ -146,7 +146,7 @@ def _sdxl_folder(ckpt_path: str | Path, record: dict[str, Any], name: str) -> st
     value = (
         (manifest.get("text_encoder_2") or {}).get("path") if name == "text_encoder_2" else manifest.get(f"{name}_path")
     )
-    if not value or not (is_url(value) or Path(value).is_dir()):
+    if not value or not object_store.names_folder(value):
         raise DataError(
             f"{ckpt_path}: an SDXL UNet, but its latent manifest names no {name} folder ({value!r}); "
             "train it on shards precomputed from an SDXL folder"

@@ -61,8 +61,8 @@ def run_dedup(cfg: DictConfig) -> dict[str, Any]:
     shards = resolve_shards(cfg.shards)
     path = str(cfg.report or object_store.join(str(cfg.out_dir or shard_folder(shards[0])), REPORT_NAME))
     for target in (cfg.out_dir, path):
-        if target and object_store.is_url(target):  # before the search, not at the first upload
-            object_store.require_bucket(str(target), "an existing bucket to write to")
+        if target:  # a bucket: checked before the search, not at the first upload
+            object_store.require_writable(str(target), "an existing bucket to write to")
     embed = embedder(instantiate(cfg.embedding).eval(), cfg.embedding_size) if cfg.get("embedding") else None
     report = dedup_shards(
         shards,

@@ -45,7 +45,7 @@ from PIL import Image
 
 from lf_common import object_store
 from lf_common.errors import DataError
-from lf_common.object_cache import cached_copy
+from lf_common.object_cache import local_copy
 from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
 from trainer.cli.sample import ENCODER_FOLDERS, local_inputs
@@ -145,9 +145,7 @@ def images_folder(images_dir: str, cache_dir: str | None) -> Path:
     Raises:
         ObjectStoreError: nothing is under the URL (one line naming it).
     """
-    if not object_store.is_url(images_dir):
-        return Path(images_dir)
-    return cached_copy(images_dir.rstrip("/"), cache_dir, "a folder of images (lf-sample's or lf-eval's)")
+    return local_copy(images_dir, cache_dir, "a folder of images (lf-sample's or lf-eval's)")
 
 
 def _existing_images(cfg: DictConfig, evaluator: ImageEvaluator) -> dict[str, Any]:
@@ -207,8 +205,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if bool(cfg.get("model_dir")) == bool(cfg.get("images_dir")):
         raise DataError("lf-eval: set exactly one of model_dir=EXPORT_OR_CHECKPOINT or images_dir=FOLDER")
     out_dir = str(cfg.out_dir)
-    if object_store.is_url(out_dir):  # before minutes of work, not at the upload
-        object_store.require_bucket(out_dir, "an existing bucket for out_dir")
+    object_store.require_writable(out_dir, "an existing bucket for out_dir")  # before minutes of work
     fabric = _launch(cfg)
     evaluator = _evaluator(cfg).to(fabric.device)
     with staged_output(out_dir, replace=False) as out:  # a URL: each rank uploads what it wrote, when done

@@ -24,8 +24,6 @@ Keys::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
 from lf_common import object_store
@@ -68,16 +66,11 @@ def run_export(cfg: DictConfig) -> dict[str, str]:
                 **encoders,
             )
         print(f"export: {cfg.ckpt_path} -> {out_file}")
-        return {"out_file": _shown(out_file)}
+        return {"out_file": object_store.display(out_file)}
     with staged_output(cfg.out_dir, last=(PIPELINE_INDEX,)) as local:
         export_pipeline(ckpt_path, local, weights=cfg.weights, dtype=cfg.dtype, **encoders)
     print(f"export: {cfg.ckpt_path} -> {cfg.out_dir}")
-    return {"out_dir": _shown(cfg.out_dir)}
-
-
-def _shown(path: str) -> str:
-    """A URL as given, a local path as ``Path`` writes it."""
-    return str(path).rstrip("/") if object_store.is_url(path) else str(Path(path))
+    return {"out_dir": object_store.display(cfg.out_dir)}
 
 
 @lf_command("export")

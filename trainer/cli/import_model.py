@@ -36,7 +36,6 @@ last, so the folder loads only once complete.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -73,7 +72,7 @@ def run_import(cfg: DictConfig) -> dict[str, str]:
     source = str(cfg.pretrained)
     config_dir = model_folder(cfg.config_dir, cache) if cfg.get("config_dir") else None
     target = str(cfg.get("out_dir") or default_out_dir(source.rstrip("/")))
-    local_source = local_path(source.rstrip("/") if object_store.is_url(source) else source, cache)
+    local_source = local_path(source, cache)
     with staged_output(target, last=(PIPELINE_INDEX,)) as local:
         import_weights(
             local_source,
@@ -83,10 +82,10 @@ def run_import(cfg: DictConfig) -> dict[str, str]:
             dtype=cfg.dtype,
             ema=cfg.get("ema", False),
             prediction_type=cfg.get("prediction_type"),
-            imported_from=source if object_store.is_url(source) else None,
+            imported_from=source if local_source != source else None,  # a copy of a URL names it
         )
         info = json.loads((local / IMPORT_INFO_NAME).read_text(encoding="utf-8"))
-    shown = target.rstrip("/") if object_store.is_url(target) else str(Path(target))
+    shown = object_store.display(target)
     print(f"import: {cfg.pretrained} -> {shown}")
     for line in summary(info):
         print(f"  {line}")

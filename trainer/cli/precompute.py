@@ -55,8 +55,8 @@ from trainer.cli.command import lf_command
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     """Encode the configured shards; returns the written manifest as a dict."""
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
-    if pretrained and object_store.is_url(pretrained):  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
-        cfg.pretrained = str(pretrained).rstrip("/")
+    if pretrained:  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
+        cfg.pretrained = object_store.display(pretrained)
     shards = resolve_shards(cfg.shards)
     if cfg.get("buckets"):
         if cfg.crop != "center":

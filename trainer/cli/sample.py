@@ -76,9 +76,10 @@ def _open_image(path: str | None, key: str) -> Image.Image | None:
 
 
 def _from_png(path: str) -> GenerationParameters:
-    if not object_store.is_url(path) and not Path(path).is_file():
-        raise DataError(f"{path}: from_png does not exist")
-    text = read_parameters(io.BytesIO(object_store.read_path(path)))  # a URL: one GET
+    try:
+        text = read_parameters(io.BytesIO(object_store.read_path(path)))  # a URL: one GET
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise DataError(f"{path}: from_png does not exist") from error
     if not text:
         raise DataError(f"{path}: no 'parameters' text chunk to re-make the image from")
     return parse_parameters(text, source=path)
@@ -166,9 +167,9 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         )
     with staged_output(cfg.out_dir, replace=False) as out_dir:
         result = _generate(cfg, sampler, settings, prompts, seeds, strength, init_image, mask_image, out_dir)
-    if object_store.is_url(cfg.out_dir):  # where the files are now
-        result["paths"] = [object_store.join(cfg.out_dir, Path(p).name) for p in result["paths"]]
-        result["grid"] = object_store.join(cfg.out_dir, "grid.png") if result["grid"] else None
+    shown = object_store.display(cfg.out_dir)  # where the files are now (uploaded from a staging folder to a URL)
+    result["paths"] = [object_store.join(shown, Path(p).name) for p in result["paths"]]
+    result["grid"] = object_store.join(shown, "grid.png") if result["grid"] else None
     print(f"sample: {len(result['images'])} images -> {cfg.out_dir}")
     return result
 

@@ -35,34 +35,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from data_pipelines.loading.monitoring import SkippedSamplesMonitor
-from lf_common import object_store
 from trainer.callbacks.provenance import Provenance
-from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
-from trainer.callbacks.rng import RNGState
-from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint, has_remote_checkpoints
-from trainer.checkpoint.resume import LAST_NAME, auto_resume_checkpoint, resolve_resume_checkpoint
 from trainer.cli.command import lf_command
-from trainer.cli.hydra_app import (
-    build_trainer,
-    finishing_loggers,
-    optimizer_factories,
-    resolved_container,
-)
+from trainer.cli.fit_run import fit_from_config
+from trainer.cli.hydra_app import resolved_container
 from trainer.faults.signals import PREEMPTED_EXIT_CODE, Preempted
-from trainer.strategies.gpu_defaults import apply_matmul_precision
-from trainer.strategies.optimizer_support import check_optimizer
-from trainer.strategies.precision import check_precision
 from trainer.sweeps.trial import in_sweep, run_trial
 
 log = logging.getLogger(__name__)
@@ -84,65 +68,16 @@ register_sweeper_plugin()
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a LatentDiffusion module as ``cfg`` describes.
+    """Train a LatentDiffusion module as ``cfg`` describes (:func:`trainer.cli.fit_run.fit_from_config`).
 
     Returns:
         The final logged metrics (floats), ``optimized_metric`` (the value of
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
-    check_precision(cfg.trainer)
-    check_optimizer(cfg)
-    apply_matmul_precision(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    # The data may exist only once the data module's setup has run inside fit (DreamBooth prepares it on
-    # every rank there): the module and Provenance take the empty caption and the manifest from it then.
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, **optimizer_factories(cfg, param_groups=True))
-    monitors = [
-        Provenance(resolved_container(cfg)),
-        SkippedSamplesMonitor(datamodule.sample_counts),
-        RNGState(),
-    ]
-    ckpt_path, resumed_url = resume_checkpoint(cfg)
-    if resumed_url is not None:
-        monitors.append(ResumedFromBucket(resumed_url, ckpt_path))  # kept there; the copy removed once loaded
-    trainer = build_trainer(cfg, monitors)
-    with finishing_loggers(trainer):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-    metrics.update(
-        optimized_metric=metrics.get(cfg.get("optimized_metric") or "", float("nan")),
-        checkpoint=checkpoint if not checkpoint or object_store.is_url(checkpoint) else str(Path(checkpoint).resolve()),
-        global_step=trainer.global_step,
-    )
-    log.info("training done at step %d; checkpoint %s", trainer.global_step, metrics["checkpoint"])
+    run = fit_from_config(cfg, "model", [Provenance(resolved_container(cfg))], param_groups=True)
+    metrics = run.metrics
+    metrics["optimized_metric"] = metrics.get(cfg.get("optimized_metric") or "", float("nan"))
     return metrics
-
-
-def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, str | None]:
-    """The checkpoint this run resumes from: ``ckpt_path`` when given; else, with ``auto_resume``, the newest
-    complete checkpoint of the run's checkpoint folder, or none when that holds no checkpoint (a fresh run).
-
-    A checkpoint folder or ``ckpt_path`` in a bucket (``s3://...``): the chosen checkpoint is downloaded to
-    ``<output_dir>/checkpoint-cache`` (:func:`trainer.checkpoint.remote.choose_remote_checkpoint`) and
-    resumed from there.
-
-    Returns:
-        The local checkpoint to give Lightning (``None``: start afresh), and the URL it was downloaded from
-        (``None`` when it is not a copy).
-    """
-    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
-    wanted = cfg.get("ckpt_path")
-    remote = object_store.is_url(folder) if folder else False
-    if not wanted and cfg.get("auto_resume"):
-        wanted = (LAST_NAME if has_remote_checkpoints(folder) else None) if remote else auto_resume_checkpoint(folder)
-        if wanted is None:
-            log.info("auto_resume: no checkpoint in %s; starting at step 0", folder)
-    if wanted and (object_store.is_url(wanted) or (wanted == LAST_NAME and remote)):
-        url, copy = choose_remote_checkpoint(wanted, folder, Path(cfg.output_dir) / CHECKPOINT_CACHE)
-        return copy, url
-    return resolve_resume_checkpoint(wanted, folder), None
 
 
 @lf_command("train")

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from data_pipelines.latents.format import LatentManifest
 from data_pipelines.loading.datamodules import LatentShardDataModule
 from data_pipelines.shards.corrupt_samples import SampleCounts
-from lf_common.object_store import is_url
+from lf_common.object_store import as_path
 from trainer.dreambooth.prepare import ClassImages, prepare_dreambooth
 from trainer.faults.watchdog import guarded_ranks
 from trainer.sampling.sampler import SampleSettings
@@ -197,4 +197,4 @@ class DreamBoothDataModule(L.LightningDataModule):
 
 def _class_folder(class_dir: str) -> Path | str:
     """``data.class_dir`` as a local folder, or the URL as given (a ``Path`` would fold its ``//``)."""
-    return class_dir if is_url(class_dir) else Path(class_dir)
+    return as_path(class_dir)

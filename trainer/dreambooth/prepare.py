@@ -35,7 +35,7 @@ from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.transforms.images import ResizeCrop
 from lf_common import object_store
 from lf_common.errors import DataError
-from lf_common.object_cache import cached_copy, model_folder
+from lf_common.object_cache import local_copy, model_folder
 from trainer.dreambooth.class_images import class_image_path, generate_class_images, missing_class_images
 from trainer.faults.ranks import all_ranks
 from trainer.sampling.sampler import SampleSettings
@@ -153,7 +153,7 @@ def prepare_dreambooth(
             instance_prompt,
         )
     sets: dict[str, tuple[list[Path], str | None]] = {"instance": (images, instance_prompt)}
-    if classes is not None and object_store.is_url(classes.folder):
+    if classes is not None and object_store.is_store(classes.folder):  # given, not generated: a copy is read
         classes = replace(classes, folder=_class_images_copy(classes))
     elif classes is not None:
         share = (strategy.global_rank, strategy.world_size)
@@ -184,7 +184,7 @@ def url_folder(path: str | Path, expected: str) -> Path:
     Raises:
         ObjectStoreError: nothing under the URL or no bucket; names the URL, the endpoint and ``expected``.
     """
-    return cached_copy(str(path).rstrip("/"), expected=expected) if object_store.is_url(path) else Path(path)
+    return local_copy(path, expected=expected)
 
 
 def _class_images_copy(classes: ClassImages) -> Path:

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lf_common import object_store
 from lf_common.errors import DataError
-from lf_common.object_cache import cached_copy
+from lf_common.object_cache import local_copy
 from trainer.evaluation.features import FeatureExtractor
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -241,9 +240,7 @@ def local_weights(weights_path: str | Path) -> Path:
     Raises:
         ObjectStoreError: nothing is at the URL (one line naming it and the file expected).
     """
-    if not object_store.is_url(weights_path):
-        return Path(weights_path)
-    return cached_copy(str(weights_path), expected=f"the FID Inception weights file ({WEIGHTS_NAME})")
+    return local_copy(weights_path, expected=f"the FID Inception weights file ({WEIGHTS_NAME})")
 
 
 class InceptionFeatures(FeatureExtractor):

@@ -31,9 +31,10 @@ def read_prompt_file(path: str | Path) -> list[str]:
     Raises:
         DataError: the file is missing; ObjectStoreError: the object is (one line naming it).
     """
-    if not object_store.is_url(path) and not Path(path).is_file():
-        raise DataError(f"{path}: prompt_file does not exist")
-    text = object_store.read_path(path).decode("utf-8")
+    try:
+        text = object_store.read_path(path).decode("utf-8")
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise DataError(f"{path}: prompt_file does not exist") from error
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -147,7 +147,7 @@ def open_reference(
         download_cache_dir: where a folder of images given by URL is downloaded (``None``: the default
             download cache, ``$LF_CACHE_DIR``).
     """
-    if isinstance(reference, str) and object_store.is_url(reference):
+    if isinstance(reference, str) and object_store.is_store(reference):
         return remote_reference(reference, download_cache_dir)
     if isinstance(reference, str | Path):
         path = Path(reference)

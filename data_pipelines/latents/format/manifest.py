@@ -176,7 +176,7 @@ class LatentManifest:
         """Write ``folder/manifest.json`` atomically; returns its path (a URL for an object-store folder)."""
         path = object_store.join(str(folder), MANIFEST_NAME)
         object_store.write_path(path, _json_bytes(self.to_dict()))
-        return path if object_store.is_url(path) else Path(path)
+        return object_store.as_path(path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> LatentManifest:
@@ -253,11 +253,9 @@ class LatentManifest:
         """
         folder = str(folder)
         paths = [object_store.join(folder, shard.name) for shard in self.shards]
-        if object_store.is_url(folder):
-            present = set(object_store.list_objects(folder.rstrip("/") + "/"))  # one listing, not one request a shard
-            missing = [p for p in paths if p not in present]
-        else:
-            missing = [p for p in paths if not Path(p).is_file()]
+        listed = object_store.list_entries(folder)  # one listing, not one request a shard
+        present = {object_store.basename(e["url"]) for e in listed if e.get("type") == "file"}
+        missing = [p for p in paths if object_store.basename(p) not in present]
         manifest = object_store.join(folder, MANIFEST_NAME)
         if missing:
             raise DataError(f"{manifest}: lists shards that are missing: {missing[:3]}")
