@@ -38,31 +38,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
-from trainer.callbacks.provenance import Provenance
-from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
-from trainer.callbacks.rng import RNGState
 from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint, has_remote_checkpoints
 from trainer.checkpoint.resume import LAST_NAME, auto_resume_checkpoint, resolve_resume_checkpoint
 from trainer.cli.command import lf_command
-from trainer.cli.hydra_app import (
-    build_trainer,
-    finishing_loggers,
-    optimizer_factories,
-    resolved_container,
-)
-from trainer.faults.signals import PREEMPTED_EXIT_CODE, Preempted
-from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.precision import check_precision
-from trainer.sweeps.trial import in_sweep, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +63,17 @@ def register_sweeper_plugin() -> None:
     Plugins.instance().register(ResumableOptunaSweeper)
 
 
-register_sweeper_plugin()
+def register_sweeper_for_multirun() -> None:
+    """``lf-train``'s setup (run by its ``main``): register the sweeper plugin when the command line asks
+    for a multirun (``-m``, ``--multirun``, ``hydra.mode=MULTIRUN``), the only time Hydra builds a sweeper.
+    The plugin imports Optuna, torch and Lightning, which ``--help`` and a config error do without."""
+    if multirun_asked(sys.argv[1:]):
+        register_sweeper_plugin()
+
+
+def multirun_asked(args: list[str]) -> bool:
+    """Whether a command line asks Hydra for a multirun."""
+    return any(arg in ("-m", "--multirun") or arg.replace(" ", "").upper() == "HYDRA.MODE=MULTIRUN" for arg in args)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -89,7 +83,17 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         The final logged metrics (floats), ``optimized_metric`` (the value of
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
-    check_precision(cfg.trainer)
+    check_precision(cfg.trainer)  # refused at config time: before the heavy imports
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from data_pipelines.loading.monitoring import SkippedSamplesMonitor
+    from trainer.callbacks.provenance import Provenance
+    from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
+    from trainer.callbacks.rng import RNGState
+    from trainer.cli.hydra_app import build_trainer, finishing_loggers, optimizer_factories, resolved_container
+    from trainer.strategies.gpu_defaults import apply_matmul_precision
+
     apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     # The data may exist only once the data module's setup has run inside fit (DreamBooth prepares it on
@@ -143,25 +147,17 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, str | None]:
     return resolve_resume_checkpoint(wanted, folder), None
 
 
-@lf_command("train")
+@lf_command("train", setup=register_sweeper_for_multirun)
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; in a sweep, returns the optimized metric for Hydra's sweepers.
 
     A sweep's trial (a multirun job, or a run of a W&B sweep agent) records itself in ``trial.json``
     in its output folder, and a diverged, out-of-memory or pruned trial returns NaN instead of
-    stopping a multirun. A plain run just trains. A preempted run exits with status 75.
+    stopping a multirun. A plain run just trains. A preempted run exits with status 75
+    (``@lf_command``: :mod:`trainer.cli.preempted`).
     """
-    try:
-        return _main(cfg)
-    except Preempted as stop:
-        log.warning("%s", stop)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except SIGTERMException:  # Lightning's own handler, before training started: no step was taken
-        log.warning("preempted by SIGTERM before the first step; run the same command again to resume")
-        sys.exit(PREEMPTED_EXIT_CODE)
+    from trainer.sweeps.trial import in_sweep, run_trial
 
-
-def _main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not in_sweep(multirun):

@@ -26,21 +26,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.staged_output import staged_output
-from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
-from trainer.callbacks.rng import RNGState
 from trainer.checkpoint.remote import CHECKPOINT_CACHE, choose_remote_checkpoint
 from trainer.checkpoint.resume import LAST_NAME
 from trainer.cli.command import lf_command
-from trainer.cli.hydra_app import build_trainer, optimizer_factories
-from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.precision import check_precision
 
 log = logging.getLogger(__name__)
@@ -52,7 +45,16 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         Final metrics, ``scaling_factor`` and ``save_dir``.
     """
-    check_precision(cfg.trainer)
+    check_precision(cfg.trainer)  # refused at config time: before the heavy imports
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from data_pipelines.loading.monitoring import SkippedSamplesMonitor
+    from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
+    from trainer.callbacks.rng import RNGState
+    from trainer.cli.hydra_app import build_trainer, optimizer_factories
+    from trainer.strategies.gpu_defaults import apply_matmul_precision
+
     apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
