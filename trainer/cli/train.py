@@ -156,6 +156,7 @@ def main(cfg: DictConfig) -> float | None:
     stopping a multirun. A plain run just trains. A preempted run exits with status 75
     (``@lf_command``: :mod:`trainer.cli.preempted`).
     """
+    check_precision(cfg.trainer)  # a refused combination answers before the imports of a run (torch, Lightning)
     from trainer.sweeps.trial import in_sweep, run_trial
 
     hydra_cfg = HydraConfig.get()
