@@ -5,6 +5,9 @@
 ``python -m tests.unit.cli_probe run '[["lf-train", "--help"], ...]'``: run each command line through
 its console entry point, as the installed script would, in this one interpreter; print, as JSON, each
 one's exit status, output and the heavy modules loaded by then.
+``python -m tests.unit.cli_probe preempt``: a command (``@lf_command``, as every ``lf-*``) whose job
+prints ``waiting``, waits for SIGTERM or SIGUSR1, and raises ``Preempted`` as training does after its
+checkpoint: how every command ends a preemption, in about a second.
 
 Importing this module imports nothing of the project, so what the report shows is what the probed
 code loaded (its tests run it with ``subprocess``: ``sys.modules`` is the interpreter's own).
@@ -76,8 +79,33 @@ def run(command: str, args: list[str]) -> dict[str, Any]:
     return {"exit": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "heavy": heavy_loaded()}
 
 
+def preempted_command() -> None:
+    """An ``@lf_command`` whose job waits for a preemption signal and ends as a preempted training run."""
+    import time
+
+    from omegaconf import DictConfig
+
+    from trainer.cli.command import lf_command
+    from trainer.faults.signals import Preempted, PreemptionSignals
+
+    @lf_command("validate")
+    def wait_for_preemption(cfg: DictConfig) -> None:
+        signals = PreemptionSignals()
+        signals.install()
+        print("waiting", flush=True)
+        while signals.request is None:
+            time.sleep(0.01)
+        raise Preempted(signals.request.signal_name, 7, "checkpoints/last.ckpt")
+
+    sys.argv = ["lf-probe", "shards=unused", f"hydra.run.dir={os.getcwd()}/hydra"]
+    wait_for_preemption()
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "preempt":
+        preempted_command()
+        return
     if mode == "imports":
         before = registrations()
         package = importlib.import_module("trainer.cli")
