@@ -9,7 +9,7 @@ STAMP := $(VENV)/.latentforge-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint env clean-demo
+.PHONY: demo test test-fast lint env clean-demo
 
 env: $(STAMP)
 
@@ -33,6 +33,11 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+
+# The inner loop: every test not marked slow or dist (the unit tests; tests/conftest.py refuses an
+# integration test that carries neither marker), in a few minutes. pytest prints how many ran.
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not dist" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -49,11 +49,29 @@ def no_leaked_run_environment():
     os.environ.update(before)
 
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+SORTING_MARKERS = ("slow", "dist")
+"""An integration test carries one of these (``make test-fast`` leaves them out); a unit test carries none."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unsorted = [item.nodeid for item in items if not sorted_by_markers(item)]
+    if unsorted:
+        shown = "\n  ".join(unsorted[:20]) + (f"\n  ... and {len(unsorted) - 20} more" if len(unsorted) > 20 else "")
+        raise pytest.UsageError(
+            f"{len(unsorted)} test(s) under tests/integration/ without a slow or dist marker:\n  {shown}\n"
+            "mark them (pytestmark = pytest.mark.slow), or move a test of a few seconds to tests/unit/"
+        )
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def sorted_by_markers(item: pytest.Item) -> bool:
+    """Whether ``item`` is where its markers say: an integration test is ``slow`` or ``dist``."""
+    in_integration = INTEGRATION in Path(str(item.path)).resolve().parents
+    return not in_integration or any(item.get_closest_marker(name) for name in SORTING_MARKERS)
 
 
 def FirstDigits(count: int):

@@ -1,6 +1,6 @@
 """The console scripts: a Hydra sweep, W&B offline logging, shards and their validation, quiet output.
 
-Their errors for bad input: ``test_plain_errors.py``.
+Their errors for bad input: ``tests/unit/test_plain_errors.py``.
 """
 
 import json

@@ -26,7 +26,8 @@ from tests.integration.checkpoints import assert_resume_is_exact, assert_same_ne
 from tests.integration.dreambooth import INSTANCE_PROMPT, changed_parts, dreambooth_overrides, export_last
 from trainer.checkpoint.export import build_export
 from trainer.checkpoint.reading import load_checkpoint
-from trainer.cli.train import optimizer_factories, run_train
+from trainer.cli.hydra_app import optimizer_factories
+from trainer.cli.train import run_train
 from trainer.interop.lora_formats import sdxl_lora_names
 from trainer.interop.lora_loading import load_lora
 from trainer.sampling.sampler import Sampler, SampleSettings

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each bench starts a new interpreter and trains: about 2 minutes in all
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

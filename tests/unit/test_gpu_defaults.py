@@ -78,6 +78,7 @@ SD_SHAPED = {  # SD 1.5's block types and attention layout, narrow: the code pat
 }  # fmt: skip
 
 
+@pytest.mark.slow  # torch.compile of a UNet: about 30 s on 2 cores (60+ s when they are busy)
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_unet_compiles_with_no_graph_break(lora):
     from diffusers import UNet2DConditionModel
@@ -94,6 +95,7 @@ def test_the_unet_compiles_with_no_graph_break(lora):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow  # torch.compile of a UNet
 def test_the_sdxl_unet_compiles_with_no_graph_break_under_gradient_checkpointing():
     """SDXL's conditioning (``text_time``: the pooled embedding and six time_ids through ``added_cond_kwargs``)
     and the gradient checkpointing ``model=sdxl`` turns on stay in one graph: the GPU recipe's compile holds."""

@@ -26,7 +26,8 @@ then write the checkpoint the ``AtomicModelCheckpoint`` callback would write at 
 ``last``, atomic) and raise :class:`~trainer.faults.signals.Preempted`. This callback is a
 ``Checkpoint``, so Lightning runs it after every other callback's ``on_train_batch_end`` (EMA
 update, logging): the checkpoint is the one a periodic save at that step would be, and the resume
-from it is as exact. ``lf-train`` turns ``Preempted`` into exit status 75 (``EX_TEMPFAIL``).
+from it is as exact. Every ``lf-*`` command turns ``Preempted`` into exit status 75 (``EX_TEMPFAIL``;
+:mod:`trainer.cli.preempted`).
 """
 
 from __future__ import annotations

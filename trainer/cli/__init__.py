@@ -1,5 +1,6 @@
-"""The ``lf-*`` entry points (each ``@lf_command``), quiet by default (:mod:`trainer.cli.quiet`)."""
+"""The ``lf-*`` entry points (each ``@lf_command``), quiet by default (:mod:`trainer.cli.quiet`).
 
-from trainer.cli.quiet import quiet_known_noise
-
-quiet_known_noise()
+Importing a module of this package has no side effect and imports no torch-ecosystem framework:
+registration (resolvers, plugins, log filters) happens in a command's ``main``, and the heavy imports
+in the function that runs its job, so ``--help`` and config errors answer at once.
+"""

@@ -19,6 +19,13 @@ unexpected error in the job behave as the user asked. Errors inside the job are 
 
 ``--help`` (or ``-h``) is answered here, not by Hydra (:mod:`trainer.cli.help` says why);
 ``--hydra-help`` and Hydra's other flags go to Hydra.
+
+Answers at once: the command's ``main`` registers what the configs need (the resolvers, the log
+filters, the command's ``setup``, e.g. a Hydra plugin) before Hydra composes; nothing is registered on
+import, and the console-script modules import no torch-ecosystem framework (their jobs import it), so
+``--help``, ``--cfg job``, an unknown key and a value left ``???`` (:func:`check_mandatory_values`,
+before the job) answer in the time Hydra takes. A preempted job ends with one line and exit status 75
+(:func:`trainer.cli.preempted.ending_preemption`).
 """
 
 from __future__ import annotations
@@ -29,16 +36,18 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lf_common import object_store
 from trainer.cli.command_doc import CommandDoc
 from trainer.cli.errors import ErrorContext, explain
 from trainer.cli.help import command_help, wants_help
-from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, compose_config
+from trainer.cli.hydra_app import CONF_DIR, VERSION_BASE, compose_config, register_resolvers
+from trainer.cli.preempted import ending_preemption
+from trainer.cli.quiet import quiet_import_noise
 
 T = TypeVar("T")
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
@@ -47,13 +56,23 @@ USER_ERROR_EXIT = 2
 """Exit status of an expected mistake (an unexpected error exits with 1, as Python and Hydra do)."""
 _DEBUG = re.compile(r"^\+{0,2}debug=(\w+)$", re.IGNORECASE)
 _FLAGS_WITH_VALUE = frozenset(["--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"])
+_MISSING = "???"
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)")
 
 
-def lf_command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[..., T | None]]:
+def lf_command(
+    config_name: str, setup: Callable[[], None] | None = None, may_stay_missing: tuple[str, ...] = ()
+) -> Callable[[Callable[[DictConfig], T]], Callable[..., T | None]]:
     """``@hydra.main`` for ``conf/<config_name>.yaml``, with the plain error path and the command's help.
 
     The decorated function's module docstring gives the help text (:class:`CommandDoc`) and the
     examples that error messages show.
+
+    Args:
+        config_name: the command's config, ``conf/<config_name>.yaml``.
+        setup: what the command registers before Hydra composes (called by ``main``, never on import).
+        may_stay_missing: keys the job reads only in some cases, left ``???`` in the others (the job
+            checks them): :func:`check_mandatory_values` passes them over.
     """
 
     def decorate(task: Callable[[DictConfig], T]) -> Callable[..., T | None]:
@@ -69,7 +88,8 @@ def lf_command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callab
         @functools.wraps(task)
         def job(cfg: DictConfig) -> T:
             state.restore()
-            with plain_errors(context, state):
+            with plain_errors(context, state), ending_preemption():
+                check_mandatory_values(cfg, may_stay_missing)
                 object_store.set_endpoint_url(cfg.get("s3_endpoint_url"))
                 return task(cfg)
 
@@ -77,6 +97,7 @@ def lf_command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callab
 
         @functools.wraps(task)
         def main(cfg: DictConfig | None = None) -> T | None:
+            register(setup)
             if cfg is not None:  # called with a config, as @hydra.main allows: no command line to report on
                 return hydra_main(cfg)
             take_debug_switch(sys.argv)
@@ -89,6 +110,46 @@ def lf_command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callab
         return main
 
     return decorate
+
+
+def register(setup: Callable[[], None] | None = None) -> None:
+    """What a command registers when its ``main`` runs: the log filters of :func:`quiet_import_noise`, the
+    configs' resolvers, and the command's own ``setup``. Idempotent."""
+    quiet_import_noise()
+    register_resolvers()
+    if setup is not None:
+        setup()
+
+
+def check_mandatory_values(cfg: DictConfig, may_stay_missing: tuple[str, ...] = ()) -> None:
+    """Refuse a value left ``???`` before the job imports anything heavy, as reading it would later.
+
+    A ``???`` that another value refers to (``vae_path: ${pretrained}/vae``) is left to that value:
+    setting every value that refers to it is another way to give it.
+
+    Raises:
+        MissingMandatoryValue: for the first such key in the config's order (OmegaConf's own error,
+            with its ``full_key``).
+    """
+    values = _dotted_values(OmegaConf.to_container(cfg, resolve=False))
+    referred = {name for value in values.values() if isinstance(value, str) for name in _REFERENCE.findall(value)}
+    for key, value in values.items():
+        if value == _MISSING and key not in referred and key not in may_stay_missing:
+            OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def _dotted_values(container: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a plain container by its dotted key (list items by index), in the config's order."""
+    if isinstance(container, dict):
+        items = ((str(name), child) for name, child in container.items())
+    elif isinstance(container, list):
+        items = ((str(index), child) for index, child in enumerate(container))
+    else:
+        return {prefix: container} if prefix else {}
+    values: dict[str, Any] = {}
+    for name, child in items:
+        values.update(_dotted_values(child, f"{prefix}.{name}" if prefix else name))
+    return values
 
 
 class _ErrorSwitch:

@@ -28,18 +28,19 @@ Keys::
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data_pipelines.raw.dedup import Embedder, dedup_shards, shard_folder
 from data_pipelines.shards.listing import resolve_shards
 from lf_common import object_store
 from trainer.cli.command import lf_command
-from trainer.evaluation.features import FeatureExtractor, images_to_tensor
-from trainer.evaluation.reference import fit_image
+
+if TYPE_CHECKING:  # torch is imported when the job runs, so --help and config errors answer at once
+    from data_pipelines.raw.dedup import Embedder
+    from trainer.evaluation.features import FeatureExtractor
 
 REPORT_NAME = "dedup_report.json"
 SHOWN_GROUPS = 20
@@ -47,6 +48,8 @@ SHOWN_GROUPS = 20
 
 def embedder(extractor: FeatureExtractor, size: int) -> Embedder:
     """Images -> the extractor's features ``(B, D)`` (images fitted to ``size`` squares first)."""
+    from trainer.evaluation.features import images_to_tensor
+    from trainer.evaluation.reference import fit_image
 
     def embed(images: list) -> np.ndarray:
         batch = images_to_tensor([fit_image(image, (size, size)) for image in images])
@@ -58,6 +61,8 @@ def embedder(extractor: FeatureExtractor, size: int) -> Embedder:
 def run_dedup(cfg: DictConfig) -> dict[str, Any]:
     """Deduplicate the configured shards; returns the report as a dict (also written as JSON, after the
     shards: with an ``s3://`` ``out_dir`` each shard is uploaded whole when complete, the report last)."""
+    from data_pipelines.raw.dedup import dedup_shards, shard_folder
+
     shards = resolve_shards(cfg.shards)
     path = str(cfg.report or object_store.join(str(cfg.out_dir or shard_folder(shards[0])), REPORT_NAME))
     for target in (cfg.out_dir, path):

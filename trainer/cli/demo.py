@@ -45,11 +45,6 @@ from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.diffusion.unet_kinds import is_sdxl_unet
 from trainer.evaluation.digits_accuracy import DigitsClassifier, conditional_accuracy
-from trainer.evaluation.digits_features import DigitsFeatures
-from trainer.evaluation.distance import frechet_distance
-from trainer.evaluation.features import images_to_tensor
-from trainer.tiny_models.tiny_sdxl_text_encoders import save_tiny_sdxl_text_encoders
-from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
 
 SUMMARY_NAME = "demo_summary.json"
 
@@ -125,6 +120,9 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
 
 def save_text_encoders(base: Path, cfg: DictConfig, train_overrides: list[str]) -> None:
     """The base folder's tiny text encoder, or SDXL's two when the trained UNet takes SDXL's conditioning."""
+    from trainer.tiny_models.tiny_sdxl_text_encoders import save_tiny_sdxl_text_encoders
+    from trainer.tiny_models.tiny_text_encoder import save_tiny_text_encoder
+
     unet = compose_config("train", train_overrides).model.unet
     if is_sdxl_unet(unet):
         save_tiny_sdxl_text_encoders(base, **cfg.text_encoder)
@@ -136,6 +134,10 @@ def real_digits_fid(count: int, size: int) -> float:
     """FID of ``count`` real training digits, as many of each digit as the demo generates, against the
     held-out ones: about what a perfect generator scores at this sample size (FID is biased upwards
     for small sets)."""
+    from trainer.evaluation.digits_features import DigitsFeatures
+    from trainer.evaluation.distance import frechet_distance
+    from trainer.evaluation.features import images_to_tensor
+
     features = DigitsFeatures(size=size)
     digits, labels, _ = digits_split("train")
     balanced = np.concatenate([np.flatnonzero(labels == label)[: count // 10] for label in range(10)])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,22 @@ from hydra.errors import (
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from data_pipelines.shards.resumable_loader import LoaderWorkerDied
 from lf_common.errors import ConfigError, DataError, StorageError
 from trainer.cli.command_doc import CommandDoc
 
-USER_ERRORS = (DataError, ConfigError, StorageError, LoaderWorkerDied)
+PROJECT_ERRORS = (DataError, ConfigError, StorageError)
 """The project's own errors for bad input and for faults of the machine; their messages say what,
-where and the fix."""
+where and the fix (with ``LoaderWorkerDied``: :func:`user_errors`)."""
+_LOADER_MODULE = "data_pipelines.shards.resumable_loader"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """:data:`PROJECT_ERRORS` and ``LoaderWorkerDied`` once its module is loaded (it imports torch; an error of
+    that class exists only after the job imported it, so a config error imports no torch here)."""
+    loader = sys.modules.get(_LOADER_MODULE)
+    return (*PROJECT_ERRORS, loader.LoaderWorkerDied) if loader is not None else PROJECT_ERRORS
+
+
 _NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
 _APPEND_EXISTING = re.compile(r"Could not append to config\. An item is already at '([^']+)'")
 _BAD_KEYWORD = re.compile(r"Error in call to target '([^']+)':\n\w+\(\"?'?.*?(unexpected keyword argument '(\w+)')")
@@ -82,7 +92,7 @@ class ErrorContext:
 def explain(error: BaseException, context: ErrorContext) -> PlainError | None:
     """The plain lines for an expected mistake; ``None`` for an unexpected error (keeps its traceback)."""
     error = _unwrapped(error)
-    if isinstance(error, USER_ERRORS):
+    if isinstance(error, user_errors()):
         return PlainError(_one_line(str(error)))
     if isinstance(error, MissingMandatoryValue):
         return missing_value(error.full_key, context.doc)
@@ -116,7 +126,7 @@ def _unwrapped(error: BaseException) -> BaseException:
     seen = error
     while isinstance(seen, InstantiationException) and seen.__cause__ is not None:
         seen = seen.__cause__
-    expected = (*USER_ERRORS, MissingMandatoryValue, InterpolationResolutionError, CompactHydraException)
+    expected = (*user_errors(), MissingMandatoryValue, InterpolationResolutionError, CompactHydraException)
     return seen if isinstance(seen, expected) else error
 
 

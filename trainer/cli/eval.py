@@ -36,9 +36,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -49,13 +48,13 @@ from lf_common.object_cache import local_copy
 from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
 from trainer.cli.sample import ENCODER_FOLDERS, local_inputs
-from trainer.evaluation.distributed import RankShare
-from trainer.evaluation.evaluator import ImageEvaluator, gather_images
-from trainer.evaluation.prompts import read_prompt_set
-from trainer.evaluation.reference import IMAGE_SUFFIXES
-from trainer.sampling.conditioning import micro_conditioning
 from trainer.sampling.png_info import image_grid, parse_parameters, read_parameters, save_png
-from trainer.sampling.sampler import Sampler, SampleSettings
+
+if TYPE_CHECKING:  # Lightning, torch and diffusers are imported when the job runs (--help answers at once)
+    import lightning as L
+
+    from trainer.evaluation.evaluator import ImageEvaluator
+    from trainer.sampling.sampler import SampleSettings
 
 log = logging.getLogger(__name__)
 RESULT_NAME = "eval.json"
@@ -69,6 +68,8 @@ DOWNLOAD_CACHE_KEY = "download_cache_dir"
 
 def _launch(cfg: DictConfig) -> L.Fabric:
     """Start this process's rank (and, for ``devices > 1`` without a launcher, the other ranks)."""
+    import lightning as L
+
     processes = int(cfg.devices) * int(cfg.num_nodes)
     strategy = "ddp" if processes > 1 else "auto"
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy)
@@ -78,6 +79,8 @@ def _launch(cfg: DictConfig) -> L.Fabric:
 
 def _evaluator(cfg: DictConfig) -> ImageEvaluator:
     """The configured evaluator: FID/KID when ``reference`` is set, CLIP score when ``clip`` is."""
+    from trainer.evaluation.evaluator import ImageEvaluator
+
     reference = cfg.get("reference")
     return ImageEvaluator(
         features=instantiate(cfg.features) if reference else None,
@@ -93,6 +96,9 @@ def _evaluator(cfg: DictConfig) -> ImageEvaluator:
 
 
 def _settings(cfg: DictConfig) -> SampleSettings:
+    from trainer.sampling.conditioning import micro_conditioning
+    from trainer.sampling.sampler import SampleSettings
+
     return SampleSettings(
         negative_prompt=cfg.negative_prompt,
         steps=cfg.steps,
@@ -108,6 +114,10 @@ def _settings(cfg: DictConfig) -> SampleSettings:
 
 def _generate(cfg: DictConfig, fabric: L.Fabric, evaluator: ImageEvaluator, out: Path) -> dict[str, Any]:
     """Generate this rank's share of the images (saved with their parameters); prepare the reference first."""
+    from trainer.evaluation.distributed import RankShare
+    from trainer.evaluation.prompts import read_prompt_set
+    from trainer.sampling.sampler import Sampler
+
     prompts = read_prompt_set(cfg.get("prompts"), cfg.get("prompt_file"), cfg.get("prompt_shards"), cfg.max_prompts)
     prompts = [p for p in prompts for _ in range(cfg.num_images_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(prompts))]
@@ -151,6 +161,9 @@ def images_folder(images_dir: str, cache_dir: str | None) -> Path:
 def _existing_images(cfg: DictConfig, evaluator: ImageEvaluator) -> dict[str, Any]:
     """This rank's share of the images in ``images_dir`` (their prompts from their PNG parameters), but
     ``grid.png``."""
+    from trainer.evaluation.distributed import RankShare
+    from trainer.evaluation.reference import IMAGE_SUFFIXES
+
     given = str(cfg.images_dir)
     folder = images_folder(given, cfg.get(DOWNLOAD_CACHE_KEY))
     found = folder.glob("*") if folder.is_dir() else []
@@ -206,6 +219,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         raise DataError("lf-eval: set exactly one of model_dir=EXPORT_OR_CHECKPOINT or images_dir=FOLDER")
     out_dir = str(cfg.out_dir)
     object_store.require_writable(out_dir, "an existing bucket for out_dir")  # before minutes of work
+    from trainer.evaluation.evaluator import gather_images
+
     fabric = _launch(cfg)
     evaluator = _evaluator(cfg).to(fabric.device)
     with staged_output(out_dir, replace=False) as out:  # a URL: each rank uploads what it wrote, when done

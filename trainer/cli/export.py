@@ -30,7 +30,6 @@ from lf_common import object_store
 from lf_common.errors import ConfigError
 from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
-from trainer.checkpoint.export import export_pipeline, export_single_file
 from trainer.cli.command import lf_command
 
 FORMATS = ("diffusers", "single_file")
@@ -48,6 +47,8 @@ def run_export(cfg: DictConfig) -> dict[str, str]:
     fmt = cfg.get("format", "diffusers")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: expected one of {list(FORMATS)}")
+    from trainer.checkpoint.export import export_pipeline, export_single_file  # torch: when the job runs
+
     cache = cfg.get("cache_dir")
     ckpt_path = local_path(cfg.ckpt_path, cache)
     encoders = {

@@ -1,4 +1,10 @@
-"""Where the Hydra configs live, and the small helpers every entry point shares."""
+"""Where the Hydra configs live, and the small helpers every entry point shares.
+
+Importing this module registers nothing and imports no torch-ecosystem framework (``lf-* --help`` and
+config errors answer without them): :func:`register_resolvers` registers the OmegaConf resolvers when a
+command's ``main`` (or :func:`compose_config`) runs, and Lightning is imported by the helpers that build
+a ``Trainer``, when the job runs.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Checkpoint, ProgressBar
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli.lightning_private import wandb_run_started
-from trainer.strategies.gpu_defaults import register_resolvers
+from trainer.strategies import gpu_defaults
+
+if TYPE_CHECKING:
+    import lightning as L
 
 CONF_MODULE = "latentforge_conf"
 """The configs ship in the package: ``conf/`` of the source tree installs as this module (pyproject.toml)."""
@@ -46,8 +51,15 @@ def sweep_group() -> str | None:
     return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
 
 
-OmegaConf.register_new_resolver("lf_sweep_group", sweep_group, replace=True)
-register_resolvers()  # the GPU defaults: ${lf_on_cuda:...}, ${lf_default_precision:...}, ...
+def register_resolvers() -> None:
+    """Register the configs' OmegaConf resolvers: ``${lf_sweep_group:}`` and the GPU defaults
+    (``${lf_on_cuda:...}``, ``${lf_default_precision:...}``, ...; :mod:`trainer.strategies.gpu_defaults`).
+
+    Called by every command's ``main`` before Hydra composes, and by :func:`compose_config`; registering
+    again replaces the same functions (no effect).
+    """
+    OmegaConf.register_new_resolver("lf_sweep_group", sweep_group, replace=True)
+    gpu_defaults.register_resolvers()
 
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
@@ -71,6 +83,11 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     ``trainer.enable_checkpointing=false`` likewise drops the checkpoint callbacks (the periodic
     checkpoints and preemption's, which writes one).
     """
+    from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+
+    from trainer.cli.quiet import quiet_known_noise
+
+    quiet_known_noise()  # before the Trainer logs its litlogger tip
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -87,6 +104,10 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
 def finishing_loggers(trainer: L.Trainer) -> Iterator[None]:
     """Close the trainer's W&B run when the block ends (marked failed on an exception), so the next
     job of a multirun, in the same process, starts its own run instead of appending to this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from trainer.cli.lightning_private import wandb_run_started
+
     failed = False
     try:
         yield
@@ -116,8 +137,10 @@ def optimizer_factories(cfg: DictConfig, param_groups: bool = False) -> dict[str
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with overrides, as its command line would.
 
-    Works inside a running Hydra app (which has already initialised Hydra) and outside one.
+    Works inside a running Hydra app (which has already initialised Hydra) and outside one; registers
+    the resolvers (:func:`register_resolvers`) the config's values use.
     """
+    register_resolvers()
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=config_name, overrides=list(overrides))
     with initialize_config_module(CONF_MODULE, version_base=VERSION_BASE):

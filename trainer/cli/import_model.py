@@ -43,7 +43,6 @@ from lf_common import object_store
 from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
-from trainer.interop.import_weights import IMPORT_INFO_NAME, default_out_dir, import_weights
 
 PIPELINE_INDEX = "model_index.json"
 """The file that makes a folder a diffusers pipeline: uploaded last."""
@@ -68,6 +67,8 @@ def run_import(cfg: DictConfig) -> dict[str, str]:
     A ``pretrained`` or ``config_dir`` in a bucket is imported from its cached local copy (``cache_dir``);
     an ``out_dir`` in a bucket is written locally, then uploaded (``model_index.json`` last).
     """
+    from trainer.interop.import_weights import IMPORT_INFO_NAME, default_out_dir, import_weights  # torch: the job's
+
     cache = cfg.get("cache_dir")
     source = str(cfg.pretrained)
     config_dir = model_folder(cfg.config_dir, cache) if cfg.get("config_dir") else None

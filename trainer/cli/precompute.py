@@ -34,22 +34,18 @@ Keys::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.latents.encoders import FrozenEncoders
-from data_pipelines.latents.precompute import precompute_latents
-from data_pipelines.latents.shard_encoder import LatentShardEncoder, Transform
-from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.listing import resolve_shards
-from data_pipelines.transforms.buckets import BucketResizeCrop
-from data_pipelines.transforms.images import ResizeCrop
-from data_pipelines.transforms.masks import MaskSettings
 from lf_common import object_store
 from lf_common.errors import ConfigError
 from trainer.cli.command import lf_command
+
+if TYPE_CHECKING:
+    from data_pipelines.latents.shard_encoder import Transform
 
 
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
@@ -58,13 +54,24 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     if pretrained:  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
         cfg.pretrained = object_store.display(pretrained)
     shards = resolve_shards(cfg.shards)
+    if cfg.get("buckets") and cfg.crop != "center":
+        raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
+    text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
+    # The checks above need no torch; the encoders do (imported here, so --help and config errors answer at once).
+    from data_pipelines.latents.encoders import FrozenEncoders
+    from data_pipelines.latents.precompute import precompute_latents
+    from data_pipelines.latents.shard_encoder import LatentShardEncoder
+    from data_pipelines.shards.corrupt_samples import SkipCounter
+    from data_pipelines.transforms.buckets import BucketResizeCrop
+    from data_pipelines.transforms.images import ResizeCrop
+    from data_pipelines.transforms.masks import MaskSettings
+    from trainer.cli.quiet import quiet_known_noise
+
+    quiet_known_noise()  # before precompute's Lightning Trainer logs its tip
     if cfg.get("buckets"):
-        if cfg.crop != "center":
-            raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
         transform: Transform = BucketResizeCrop(instantiate(cfg.buckets), interpolation=cfg.interpolation)
     else:
         transform = ResizeCrop(cfg.resolution, crop=cfg.crop, interpolation=cfg.interpolation)
-    text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
     encoders = FrozenEncoders.from_pretrained(
         cfg.vae_path,
         cfg.text_encoder_path,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 from PIL import Image
@@ -47,19 +47,18 @@ from lf_common.errors import ConfigError, DataError
 from lf_common.object_cache import local_path, model_folder
 from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
-from trainer.evaluation.prompts import read_prompt_file
-from trainer.interop.lora_formats import sdxl_lora_names
-from trainer.interop.lora_loading import load_lora
-from trainer.sampling.conditioning import micro_conditioning
 from trainer.sampling.png_info import GenerationParameters, image_grid, parse_parameters, read_parameters, save_png
-from trainer.sampling.sampler import Sampler, SampleSettings
-from trainer.sampling.schedulers import from_display_name
+
+if TYPE_CHECKING:  # torch and diffusers are imported when the job runs, so --help and config errors answer at once
+    from trainer.sampling.sampler import Sampler, SampleSettings
 
 DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
     """Prompts from ``prompt_file`` (one per non-empty line; a local file or a URL) or ``prompts``."""
+    from trainer.evaluation.prompts import read_prompt_file
+
     prompts = read_prompt_file(str(cfg.prompt_file)) if cfg.get("prompt_file") else list(cfg.prompts or [])
     if not prompts:
         raise DataError("no prompts: set prompts=[...] or prompt_file=PATH")
@@ -87,6 +86,10 @@ def _from_png(path: str) -> GenerationParameters:
 
 def plan(cfg: DictConfig) -> tuple[SampleSettings, list[str], list[int], float | None]:
     """The settings, one prompt and one seed per image, and the strength: from the config or ``from_png``."""
+    from trainer.sampling.conditioning import micro_conditioning
+    from trainer.sampling.sampler import SampleSettings
+    from trainer.sampling.schedulers import from_display_name
+
     if cfg.get("from_png"):
         made = _from_png(cfg.from_png)
         scheduler, karras = from_display_name(made.sampler)
@@ -145,6 +148,10 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     mask_image = _open_image(local["mask_image"], "mask_image")
     if mask_image is not None and init_image is None:
         raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
+    from trainer.interop.lora_formats import sdxl_lora_names
+    from trainer.interop.lora_loading import load_lora
+    from trainer.sampling.sampler import Sampler
+
     sampler = Sampler.load(
         local["model_dir"],
         device=cfg.device,

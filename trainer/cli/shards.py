@@ -30,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.raw.sources.img2dataset import Img2DatasetFolder
 from data_pipelines.raw.validate import problem_lines, report_table
-from data_pipelines.raw.writer import write_raw_shards
 from lf_common.atomic import write_json_atomic
 from trainer.cli.command import lf_command
 
@@ -45,9 +44,12 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
     source = instantiate(cfg.source)
     if isinstance(source, Img2DatasetFolder):
         return check_img2dataset(source, None if OmegaConf.is_missing(cfg, "out_dir") else cfg.out_dir)
+    out_dir = cfg.out_dir  # a ??? is refused here, before the writer's imports (torch)
+    from data_pipelines.raw.writer import write_raw_shards
+
     summary = write_raw_shards(
         source,
-        cfg.out_dir,
+        out_dir,
         samples_per_shard=cfg.samples_per_shard,
         on_bad_sample=cfg.on_bad_sample,
         overwrite=cfg.overwrite,
@@ -78,7 +80,7 @@ def check_img2dataset(folder: Img2DatasetFolder, out_dir: str | None) -> dict[st
     return summary.to_dict()
 
 
-@lf_command("shards")
+@lf_command("shards", may_stay_missing=("out_dir",))  # an img2dataset folder is checked in place
 def main(cfg: DictConfig) -> None:
     """Console entry point; exit status 1 when an img2dataset folder has problems."""
     if not run_shards(cfg).get("ok", True):

@@ -15,14 +15,20 @@ Keys::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
 
 from trainer.cli.command import lf_command
-from trainer.sweeps.summary import SweepSummary, write_summary
+
+if TYPE_CHECKING:
+    from trainer.sweeps.summary import SweepSummary
 
 
 def run_sweep_summary(cfg: DictConfig) -> SweepSummary:
     """Write the summary of the sweep in ``cfg.sweep_dir`` (``summary.md``, ``.csv``, ``.png``); print it."""
+    from trainer.sweeps.summary import write_summary  # imports torch (a trial's record): when the job runs
+
     summary = write_summary(cfg.sweep_dir)
     print(summary.markdown.read_text(encoding="utf-8"))
     return summary

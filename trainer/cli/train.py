@@ -39,15 +39,10 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from trainer.callbacks.provenance import Provenance
 from trainer.cli.command import lf_command
-from trainer.cli.fit_run import fit_from_config
-from trainer.cli.hydra_app import resolved_container
-from trainer.faults.signals import PREEMPTED_EXIT_CODE, Preempted
-from trainer.sweeps.trial import in_sweep, run_trial
+from trainer.strategies.precision import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +59,49 @@ def register_sweeper_plugin() -> None:
     Plugins.instance().register(ResumableOptunaSweeper)
 
 
-register_sweeper_plugin()
+def register_sweeper_for_multirun() -> None:
+    """``lf-train``'s setup (run by its ``main``): register the sweeper plugin when the command line asks
+    for a multirun (``-m``, ``--multirun``, ``hydra.mode=MULTIRUN``), the only time Hydra builds a sweeper.
+    The plugin imports Optuna, torch and Lightning, which ``--help`` and a config error do without."""
+    if multirun_asked(sys.argv[1:]):
+        register_sweeper_plugin()
+
+
+def multirun_asked(args: list[str]) -> bool:
+    """Whether a command line asks Hydra for a multirun."""
+    return any(arg in ("-m", "--multirun") or arg.replace(" ", "").upper() == "HYDRA.MODE=MULTIRUN" for arg in args)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a LatentDiffusion module as ``cfg`` describes (:func:`trainer.cli.fit_run.fit_from_config`).
+    """Train a LatentDiffusion module as ``cfg`` describes.
 
     Returns:
         The final logged metrics (floats), ``optimized_metric`` (the value of
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
+    check_precision(cfg.trainer)  # refused at config time: before the heavy imports
+    from trainer.callbacks.provenance import Provenance
+    from trainer.cli.fit_run import fit_from_config
+    from trainer.cli.hydra_app import resolved_container
+
     run = fit_from_config(cfg, "model", [Provenance(resolved_container(cfg))], param_groups=True)
     metrics = run.metrics
     metrics["optimized_metric"] = metrics.get(cfg.get("optimized_metric") or "", float("nan"))
     return metrics
 
 
-@lf_command("train")
+@lf_command("train", setup=register_sweeper_for_multirun)
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; in a sweep, returns the optimized metric for Hydra's sweepers.
 
     A sweep's trial (a multirun job, or a run of a W&B sweep agent) records itself in ``trial.json``
     in its output folder, and a diverged, out-of-memory or pruned trial returns NaN instead of
-    stopping a multirun. A plain run just trains. A preempted run exits with status 75.
+    stopping a multirun. A plain run just trains. A preempted run exits with status 75
+    (``@lf_command``: :mod:`trainer.cli.preempted`).
     """
-    try:
-        return _main(cfg)
-    except Preempted as stop:
-        log.warning("%s", stop)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except SIGTERMException:  # Lightning's own handler, before training started: no step was taken
-        log.warning("preempted by SIGTERM before the first step; run the same command again to resume")
-        sys.exit(PREEMPTED_EXIT_CODE)
+    check_precision(cfg.trainer)  # a refused combination answers before the imports of a run (torch, Lightning)
+    from trainer.sweeps.trial import in_sweep, run_trial
 
-
-def _main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not in_sweep(multirun):

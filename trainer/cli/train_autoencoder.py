@@ -33,7 +33,7 @@ from lf_common import object_store
 from lf_common.atomic import atomic_path
 from lf_common.staged_output import staged_output
 from trainer.cli.command import lf_command
-from trainer.cli.fit_run import fit_from_config
+from trainer.strategies.precision import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         Final metrics, ``checkpoint``, ``global_step``, ``scaling_factor`` and ``save_dir``.
     """
+    check_precision(cfg.trainer)  # refused at config time: before the heavy imports
+    from trainer.cli.fit_run import fit_from_config
+
     run = fit_from_config(cfg, "autoencoder")
     metrics = run.metrics
     if run.trainer.is_global_zero:

@@ -12,6 +12,9 @@ default stays visible in the YAML and any of them is turned off by setting it:
 | precompute's image-decoding processes | up to 8 | 0 | ``num_workers`` (lf-precompute) |
 
 SDPA attention (flash attention on CUDA in bf16/fp16) is diffusers' default processor already.
+
+torch is imported by the functions that ask it (when a value is resolved), not by this module: the
+commands register the resolvers before composing, and ``--help`` or a config error imports no torch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from trainer.strategies.precision import normalized_precision, resolved_accelerator
@@ -34,6 +36,8 @@ def default_precision(accelerator: Any = "auto") -> str:
     """``bf16-mixed`` on a CUDA GPU with bf16, ``16-mixed`` on one without, ``32-true`` elsewhere."""
     if not on_cuda(accelerator):
         return "32-true"
+    import torch
+
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
@@ -49,6 +53,8 @@ def apply_matmul_precision(cfg: Any) -> None:
     """``torch.set_float32_matmul_precision(cfg.float32_matmul_precision)`` for a run on CUDA (``high``:
     TF32 on Ampere and newer). CPU runs keep full float32 matmuls, so their results do not change."""
     if on_cuda(cfg.trainer.get("accelerator", "auto")):
+        import torch
+
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
         torch.backends.cudnn.allow_tf32 = cfg.get("float32_matmul_precision") in ("high", "medium")
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from lf_common.errors import ConfigError
 
 SHIPPED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -46,6 +44,8 @@ def resolved_accelerator(accelerator: Any) -> str:
     if name in ("gpu", "cuda"):
         return "cuda"
     if name == "auto":
+        import torch  # here, not on import: the cheap refusals and --help of the commands need no torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
@@ -63,12 +63,24 @@ def precision_problem(precision: Any, strategy: str, accelerator: str) -> str | 
     if precision == "16-mixed" and accelerator != "cuda":
         engine = "DeepSpeed's fp16 mode" if strategy == "deepspeed" else "fp16 autocast with loss scaling"
         return f"trainer.precision=16-mixed ({engine}) needs a CUDA GPU; on {accelerator} use bf16-mixed"
-    if precision.startswith("bf16") and accelerator == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision.startswith("bf16") and accelerator == "cuda" and not _cuda_has_bf16():
         return (
-            f"trainer.precision={precision}: this GPU ({torch.cuda.get_device_name()}) has no bf16; "
+            f"trainer.precision={precision}: this GPU ({_cuda_device_name()}) has no bf16; "
             "use trainer.precision=16-mixed"
         )
     return None
+
+
+def _cuda_has_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def _cuda_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def check_precision(trainer_cfg: Any) -> None:

@@ -9,7 +9,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lf_common.errors import DataError
-from trainer.sweeps.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +17,8 @@ class WriteSweepSummary(Callback):
     """``hydra.callbacks.sweep_summary``: ``summary.md/.csv/.png`` in the sweep folder at the end."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from trainer.sweeps.summary import write_summary  # here: Hydra builds this callback for every run
+
         sweep_dir = config.hydra.sweep.dir
         try:
             summary = write_summary(sweep_dir)

@@ -2,8 +2,8 @@
 
 Each bad input runs through the command's console entry point (its ``main``, with the command
 line in ``sys.argv``) in this process: the same argument parsing and error path as the installed
-script, without a new interpreter's seconds of imports per case. One case runs the real script in
-a subprocess, so the path from the shell is covered too.
+script, without a new interpreter's seconds of imports per case (so these are unit tests: seconds). One
+case runs the real script in a subprocess, so the path from the shell is covered too (marked slow).
 """
 
 from __future__ import annotations
