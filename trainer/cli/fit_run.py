@@ -13,22 +13,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.loading.monitoring import SkippedSamplesMonitor
 from lf_common import object_store
-from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
-from trainer.callbacks.rng import RNGState
-from trainer.checkpoint.resume import CHECKPOINT_CACHE, resume_checkpoint
 from trainer.cli.hydra_app import build_trainer, finishing_loggers, optimizer_factories
-from trainer.strategies.gpu_defaults import apply_matmul_precision
 from trainer.strategies.optimizer_support import check_optimizer
 from trainer.strategies.precision import check_precision
+
+if TYPE_CHECKING:  # Lightning and torch are imported when a run starts (trainer.cli imports no framework)
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +49,8 @@ def resume_from_config(cfg: DictConfig) -> tuple[str | None, str | None]:
     Returns:
         The local checkpoint to give Lightning (``None``: start afresh), and the URL it was downloaded from.
     """
+    from trainer.checkpoint.resume import CHECKPOINT_CACHE, resume_checkpoint
+
     return resume_checkpoint(
         cfg.get("ckpt_path"),
         OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath"),
@@ -75,6 +74,13 @@ def fit_from_config(
     """
     check_precision(cfg.trainer)
     check_optimizer(cfg)
+    import lightning as L
+
+    from data_pipelines.loading.monitoring import SkippedSamplesMonitor
+    from trainer.callbacks.resumed_from_bucket import ResumedFromBucket
+    from trainer.callbacks.rng import RNGState
+    from trainer.strategies.gpu_defaults import apply_matmul_precision
+
     apply_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     # The data may exist only once the data module's setup has run inside fit (DreamBooth prepares it on
