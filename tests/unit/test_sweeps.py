@@ -260,3 +260,17 @@ def test_a_failed_trial_closes_its_wandb_run_so_the_next_trial_starts_its_own(tm
             raise NonFiniteLossError(f"attempt {attempt}")
         assert wandb.run is None
     assert run_ids[0] != run_ids[1]
+
+
+def test_a_trial_left_without_owner_is_interrupted_only_under_the_study_lock(tmp_path):
+    """A sweeper killed between ``study.ask`` and recording itself leaves a RUNNING trial with no owner; under
+    the SQLite lock (every sweeper asks and records inside it) that trial is failed, without the lock it may be
+    another sweeper's, between its two writes, and stays."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.tell(study.ask(), 1.0)
+    study.ask()  # no owner: its sweeper was killed right after asking
+    assert fail_interrupted_trials(study, storage) == 0
+    assert fail_interrupted_trials(study, storage, locked=True) == 1
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert counted_trials(study) == 1

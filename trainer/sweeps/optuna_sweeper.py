@@ -43,6 +43,7 @@ from trainer.sweeps.study import (
     OWNER,
     counted_trials,
     fail_interrupted_trials,
+    has_study_lock,
     open_storage,
     owner_record,
     study_lock,
@@ -142,7 +143,7 @@ class ResumableOptunaSweeperImpl:
                 direction=self.direction,
                 load_if_exists=True,
             )
-            fail_interrupted_trials(study, storage)
+            fail_interrupted_trials(study, storage, locked=has_study_lock(self.storage))
         recorded = {key: d for trial in study.get_trials(deepcopy=False) for key, d in trial.distributions.items()}
         check_resumable(study.study_name, recorded, space)
         self.job_idx = len(study.trials)  # job folders continue the numbering of a resumed study

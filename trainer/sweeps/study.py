@@ -44,9 +44,16 @@ def _attr(trial: FrozenTrial, key: str) -> Any:
     return trial.user_attrs.get(key, trial.system_attrs.get(key))
 
 
-def _owner_alive(trial: FrozenTrial) -> bool:
-    """Whether the sweeper process that asked for ``trial`` still runs (unknown hosts: assume so)."""
+def _owner_alive(trial: FrozenTrial, unowned_is_dead: bool = False) -> bool:
+    """Whether the sweeper process that asked for ``trial`` still runs (unknown hosts: assume so).
+
+    A trial with no owner record at all was asked by a sweeper killed between ``study.ask`` and the
+    owner's write; with ``unowned_is_dead`` (the caller holds the study lock under which every sweeper
+    asks and records its owner) it counts as dead, else as alive (another sweeper may be between the two).
+    """
     host, pid = _attr(trial, OWNER) or (trial.system_attrs.get(_OWNER_HOST), trial.system_attrs.get(_OWNER_PID))
+    if host is None and pid is None:
+        return not unowned_is_dead
     if host != socket.gethostname() or pid is None:
         return True
     try:
@@ -68,16 +75,18 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, **result: Any) -> None:
             raise
 
 
-def fail_interrupted_trials(study: optuna.Study, storage: BaseStorage) -> int:
+def fail_interrupted_trials(study: optuna.Study, storage: BaseStorage, locked: bool = False) -> int:
     """Mark RUNNING trials whose sweeper process died as FAIL (``interrupted``); returns how many.
 
     Args:
         study: the study.
         storage: the storage it was created with (:func:`open_storage`).
+        locked: whether the caller holds :func:`study_lock` (a real lock: SQLite storage), so a trial with
+            no owner record was left by a sweeper killed between asking for it and recording itself.
     """
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _owner_alive(trial):
+        if not _owner_alive(trial, unowned_is_dead=locked):
             handle = trial_handle(study, storage, trial.number)
             handle.set_user_attr(INTERRUPTED, True)
             tell(study, handle, state=TrialState.FAIL)
@@ -126,13 +135,18 @@ def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
         ) from error
 
 
+def has_study_lock(storage: Any) -> bool:
+    """Whether :func:`study_lock` is a real lock for ``storage`` (a ``sqlite:///PATH`` URL)."""
+    return isinstance(storage, str) and storage.startswith(SQLITE)
+
+
 def study_lock(storage: Any) -> contextlib.AbstractContextManager[Any]:
     """A lock that parallel sweepers on one ``sqlite:///PATH`` storage take while they create the
     study (two creating a new database's tables at once: ``UNIQUE constraint failed:
     alembic_version``) and while they count it and ask for trials (without it two can both see room
     for one more trial and both ask); other storages get none (their workers may overshoot
     ``n_trials`` by up to ``n_jobs`` each)."""
-    if isinstance(storage, str) and storage.startswith(SQLITE):
+    if has_study_lock(storage):
         make_sqlite_folder(storage)
         return FileLock(storage.removeprefix(SQLITE) + ".lock")
     return contextlib.nullcontext()
