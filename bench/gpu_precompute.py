@@ -147,6 +147,11 @@ def main() -> None:
     print(f"{'lf-precompute, whole command':36s} {what} on {device}: {args.images / whole:8.1f} img/s "
           f"({whole:.1f} s for {args.images} images, {start_up:.1f} s for {few})")  # fmt: skip
     steady = f"lf-precompute, steady ({args.workers} workers)"
+    if marginal <= 0:  # the extra images cost less than the run-to-run noise of the start-up: no steady rate
+        print(f"{steady:36s} {what} on {device}:      nan img/s (start-up noise exceeds the extra images' cost: "
+              "raise --images)")  # fmt: skip
+        print("ratio lf-precompute (steady) / plain (img/s): nan")
+        return
     print(f"{steady:36s} {what} on {device}: {args.images / marginal:8.1f} img/s")
     print(f"ratio lf-precompute (steady) / plain (img/s): {plain / marginal:.3f}")
 

@@ -63,5 +63,7 @@ def test_precompute_bench_compares_both_sides_on_cpu():
         "--resolution", "32", "--images", "32", "--batch", "8", "--workers", "0",
     )  # fmt: skip
     rates = [float(line.split("on CPU:")[1].split("img/s")[0]) for line in stdout.splitlines() if "on CPU:" in line]
-    assert len(rates) == 3 and all(rate > 0 for rate in rates), stdout
+    # the steady rate is a difference of two timings: on 32 tiny images it may drown in noise (then nan, said so)
+    plain, whole, steady = rates
+    assert plain > 0 and whole > 0 and (steady > 0 or math.isnan(steady)), stdout
     assert "ratio lf-precompute (steady) / plain (img/s):" in stdout
