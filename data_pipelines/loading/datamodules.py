@@ -28,6 +28,7 @@ from data_pipelines.latents.format import (
     load_uncond_pooled,
     micro_conditioning,
 )
+from data_pipelines.loading.variants import draw_variants, variant_generator
 from data_pipelines.raw.format import decode_raw_sample, sample_origin
 from data_pipelines.shards.corrupt_samples import SampleCounts, SkipCounter, take_counts
 from data_pipelines.shards.listing import resolve_shards
@@ -39,6 +40,12 @@ from data_pipelines.transforms.images import ResizeCrop
 from lf_common.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _world_size() -> int:
@@ -87,11 +94,15 @@ class _StreamingDataModule(L.LightningDataModule):
         self._resume: dict[str, Any] | None = None  # the restored position, until training consumes a batch
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Take the loader workers' sample counts off each batch (into :attr:`sample_counts`), and count
-        the training batches the loop consumes (the stream position)."""
+        """Take the loader workers' sample counts off each batch (into :attr:`sample_counts`), keep one of
+        each sample's stored variants (:mod:`data_pipelines.loading.variants`: drawn in training, the first
+        in validation), and count the training batches the loop consumes (the stream position)."""
+        training = self.trainer is not None and self.trainer.training
         if isinstance(batch, dict):
             self.sample_counts.add(*take_counts(batch))
-        if self.trainer is not None and self.trainer.training:
+            draw = variant_generator(self.seed, _rank(), self._batches) if training else None
+            draw_variants(batch, draw)
+        if training:
             self._resume = None
             if self.trainer.current_epoch != self._epoch:
                 self._epoch, self._epoch_batches = self.trainer.current_epoch, 0

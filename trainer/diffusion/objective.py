@@ -49,6 +49,9 @@ class Objective:
         scheduler: SchedulerMixin,
         latents: torch.Tensor,
         text: torch.Tensor,
+        *,
+        pixel_weights: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> LossTerms:
         """The weighted denoising loss of one batch.
 
@@ -57,13 +60,17 @@ class Objective:
             scheduler: the training noise scheduler.
             latents: clean latents ``(B, C, h, w)``.
             text: text embeddings ``(B, T, D)``.
+            pixel_weights: optional ``(B, 1, h, w)`` weights of each latent pixel's error (a loss mask).
+            sample_weights: optional ``(B,)`` weights of each sample's loss (e.g. a regularization set's).
         """
         noise = offset_noise(torch.randn_like(latents), self.offset_noise)
         timesteps = self.timesteps(latents.shape[0], scheduler.config.num_train_timesteps, latents.device)
         noisy = scheduler.add_noise(latents, perturb_noise(noise, self.input_perturbation), timesteps)
         target = training_target(scheduler, latents, noise, timesteps)
-        errors = per_sample_mse(model(noisy, timesteps, text), target)  # (B,)
+        errors = per_sample_mse(model(noisy, timesteps, text), target, pixel_weights)  # (B,)
         weights = self.loss_weighting(compute_snr(scheduler, timesteps), scheduler.config.prediction_type)
+        if sample_weights is not None:
+            weights = weights * sample_weights.float()
         return LossTerms(loss=(errors * weights).mean(), timesteps=timesteps, errors=errors.detach())
 
 

@@ -38,6 +38,16 @@ def training_target(
     raise ConfigError(f"noise scheduler prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
-def per_sample_mse(model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each sample ``(B,)``, in float32, for outputs and targets ``(B, C, h, w)``."""
-    return (model_output.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+def per_sample_mse(
+    model_output: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error of each sample ``(B,)``, in float32, for outputs and targets ``(B, C, h, w)``.
+
+    Args:
+        pixel_weights: optional ``(B, 1, h, w)`` (or ``(B, C, h, w)``) weights of each element's squared
+            error (a loss mask); the mean is still over all elements.
+    """
+    squared = (model_output.float() - target.float()).pow(2)
+    if pixel_weights is not None:
+        squared = squared * pixel_weights.float()
+    return squared.mean(dim=tuple(range(1, target.ndim)))

@@ -224,13 +224,22 @@ class LatentDiffusion(L.LightningModule):
             batch: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)`` (any float dtype); for an
                 inpainting UNet also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``; for an
                 SDXL UNet also ``pooled`` ``(B, P)`` and ``time_ids`` ``(B, 6)``. A dropped caption drops its
-                text and its pooled embedding together (one mask).
+                text and its pooled embedding together (one mask). Optional: ``loss_weights``
+                ``(B, 1, h, w)`` weigh each latent pixel's error (masked loss), ``sample_weights`` ``(B,)``
+                each sample's (e.g. a regularization set's prior-loss weight).
         """
         latents = batch["latents"].float()
         drop = self.caption_drop_mask(latents.shape[0], latents.device)
         text = self.drop_captions(batch["text"].float(), drop)
         predictor = self._predictor(batch, self.added_conditioning(batch, drop))
-        return self.objective.loss(predictor, self.noise_scheduler, latents, text)
+        return self.objective.loss(
+            predictor,
+            self.noise_scheduler,
+            latents,
+            text,
+            pixel_weights=batch.get("loss_weights"),
+            sample_weights=batch.get("sample_weights"),
+        )
 
     def _predictor(
         self, batch: dict[str, torch.Tensor], added: dict[str, torch.Tensor] | None = None
