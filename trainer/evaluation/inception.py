@@ -206,7 +206,7 @@ def load_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(
             f"{path}: the FID Inception weights file does not exist; download {WEIGHTS_NAME} once "
-            "(README, 'Evaluation') and set features.weights_path to it"
+            "(docs/evaluation.md, 'FID needs the Inception weights file') and set features.weights_path to it"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
