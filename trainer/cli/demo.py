@@ -11,6 +11,7 @@ Examples::
     lf-demo out_dir=/tmp/demo samples_per_prompt=5
     lf-demo train_steps=1500 out_dir=/tmp/demo-1500
     lf-demo train_model=sdxl_tiny out_dir=/tmp/demo-sdxl  # SDXL-shaped: two text encoders
+    lf-demo train_model=sdxl_tiny vae_from=demo_out/base/vae out_dir=/tmp/demo-sdxl  # reuse an autoencoder
 
 Keys::
 
@@ -18,12 +19,14 @@ Keys::
     train_model         the UNet config: tiny, or sdxl_tiny (then the base folder has SDXL's two text encoders)
     train_steps         UNet training steps
     autoencoder_steps   VAE training steps
+    vae_from            a VAE folder of an earlier demo (OUT/base/vae): copied instead of training one
     samples_per_prompt  images per digit prompt for the accuracy
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.raw.sources.digits import digit_caption, digit_to_image, digits_split
 from lf_common.atomic import write_json_atomic
+from lf_common.errors import DataError
 from trainer.cli.command import lf_command
 from trainer.cli.eval import run_eval
 from trainer.cli.export import run_export
@@ -73,9 +77,12 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     shards = timer.run("shards", lambda: run_shards(compose_config("shards", stages["shards"])))
     timer.run("heldout_shards", lambda: run_shards(compose_config("shards", stages["heldout_shards"])))
     timer.run("text_encoder", lambda: save_text_encoders(out / "base", cfg, stages["train"]))
-    autoencoder = timer.run(
-        "autoencoder", lambda: run_train_autoencoder(compose_config("train_autoencoder", stages["autoencoder"]))
-    )
+    if cfg.vae_from:
+        autoencoder = timer.run("autoencoder", lambda: copy_vae(Path(cfg.vae_from), out / "base" / "vae"))
+    else:
+        autoencoder = timer.run(
+            "autoencoder", lambda: run_train_autoencoder(compose_config("train_autoencoder", stages["autoencoder"]))
+        )
     timer.run("precompute", lambda: run_precompute(compose_config("precompute", stages["precompute"])))
     train = timer.run("train", lambda: run_train(compose_config("train", stages["train"])))
     timer.run("export", lambda: run_export(compose_config("export", stages["export"])))
@@ -116,6 +123,20 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     )
     print(f"grid: {samples['grid']}")
     return summary
+
+
+def copy_vae(source: Path, target: Path) -> dict[str, Any]:
+    """Copy an earlier demo's VAE folder into this demo's base folder; returns its ``scaling_factor`` as the
+    autoencoder stage does.
+
+    Raises:
+        DataError: ``source`` is not a diffusers VAE folder (no ``config.json``).
+    """
+    config = source / "config.json"
+    if not config.is_file():
+        raise DataError(f"vae_from={source}: no config.json there; give an earlier demo's OUT/base/vae folder")
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return {"scaling_factor": json.loads(config.read_text()).get("scaling_factor")}
 
 
 def save_text_encoders(base: Path, cfg: DictConfig, train_overrides: list[str]) -> None:
