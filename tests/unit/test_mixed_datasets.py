@@ -162,3 +162,24 @@ def test_the_config_group_and_the_experiment_compose(latent_dir, tmp_path):
     assert [s.is_reg for s in data.specs] == [False, True] and data.batch_size == 32  # latents.yaml's loader
     cfg = compose_config("train", ["experiment=lora_concepts", f"data.datasets.1.path={second}", "output_dir=o"])
     assert cfg.data.datasets[1].path == str(second) and cfg.data.datasets[0].repeats == 10
+
+
+def test_a_datasets_caption_dropout_and_loss_reach_the_module():
+    from trainer.cli.hydra_app import optimizer_factories
+    from trainer.diffusion.objective import LossTerms
+
+    cfg = compose_config("train", ["data.train_dir=x", "output_dir=o"])
+    uncond = torch.full((77, 32), 7.0)
+    module = instantiate(cfg.model, optimizer=optimizer_factories(cfg)["optimizer"], uncond_text=uncond)
+    module.caption_dropout = 0.0
+    rates = torch.tensor([float("nan")] * 8 + [1.0] * 8)  # the model's rate (0), then a set that always drops
+    drop = module.caption_drop_mask(16, torch.device("cpu"), rates)
+    assert not drop[:8].any() and drop[8:].all()
+    text = module.drop_captions(torch.zeros(16, 77, 32), drop)
+    assert text[:8].eq(0).all() and text[8:].eq(7).all()
+    assert module.caption_drop_mask(16, torch.device("cpu"), torch.full((16,), float("nan"))) is None
+
+    module.dataset_names = ["subject", "reg"]
+    terms = LossTerms(loss=torch.tensor(0.0), timesteps=torch.zeros(4), errors=torch.tensor([1.0, 2.0, 3.0, 5.0]))
+    logged = module._loss_by_dataset(terms, torch.tensor([0, 1, 0, 1]))
+    assert logged == {"train/loss_subject": torch.tensor(2.0), "train/loss_reg": torch.tensor(3.5)}
