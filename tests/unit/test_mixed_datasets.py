@@ -183,3 +183,16 @@ def test_a_datasets_caption_dropout_and_loss_reach_the_module():
     terms = LossTerms(loss=torch.tensor(0.0), timesteps=torch.zeros(4), errors=torch.tensor([1.0, 2.0, 3.0, 5.0]))
     logged = module._loss_by_dataset(terms, torch.tensor([0, 1, 0, 1]))
     assert logged == {"train/loss_subject": torch.tensor(2.0), "train/loss_reg": torch.tensor(3.5)}
+
+
+def test_folders_of_two_resolutions_mix_in_batches_of_one_shape(latent_dir, raw_shards, pretrained_dir, tmp_path):
+    from trainer.cli.precompute import run_precompute
+
+    small = tmp_path / "latents16"
+    overrides = [f"shards={raw_shards}", f"out_dir={small}", f"pretrained={pretrained_dir}", "resolution=16"]
+    run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
+    data = MixedLatentDataModule([{"path": str(latent_dir)}, {"path": str(small)}], **{**LOADER, "batch_size": 8})
+    _, batches = drawn_indices(data, 16)
+    shapes = {tuple(b["latents"].shape[2:]) for b in batches}
+    assert shapes == {(8, 8), (4, 4)}, shapes  # both folders drawn, each batch of one shape (collate would fail)
+    assert all(len(set(b["dataset_index"].tolist())) == 1 for b in batches)  # here: shape = folder
