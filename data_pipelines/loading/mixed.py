@@ -234,8 +234,8 @@ class MixedLatentDataModule(_StreamingDataModule):
         if len(keys) > 1:
             raise DataError(f"data.datasets: the folders' samples have different batch keys {sorted(keys)}")
         self.probs = self.mix_probabilities()
-        sizes = [m.num_samples * (s.repeats or 1) for s, m in zip(self.specs, self.manifests, strict=True)]
-        self.epoch_samples = epoch_samples or (sum(sizes) if self.specs[0].weight is None else self.num_samples)
+        weighted = self.specs[0].weight is not None
+        self.epoch_samples = epoch_samples or (self.num_samples if weighted else sum(self._repeated_sizes()))
         reference = self.manifests[0]
         self.manifest = reference  # the encoders all folders share (export and provenance read it)
         self.uncond_text = torch.from_numpy(load_uncond_embedding(self.specs[0].path, reference).astype(np.float32))
@@ -274,9 +274,13 @@ class MixedLatentDataModule(_StreamingDataModule):
         if self.specs[0].weight is not None:
             raw = [float(spec.weight or 0) for spec in self.specs]
         else:
-            raw = [m.num_samples * (s.repeats or 1) for s, m in zip(self.specs, self.manifests, strict=True)]
+            raw = [float(size) for size in self._repeated_sizes()]
         total = sum(raw)
         return [r / total for r in raw]
+
+    def _repeated_sizes(self) -> list[int]:
+        """Each folder's samples x repeats."""
+        return [m.num_samples * (s.repeats or 1) for s, m in zip(self.specs, self.manifests, strict=True)]
 
     @property
     def _dropout_tag(self) -> bool:
