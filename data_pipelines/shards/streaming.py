@@ -146,7 +146,7 @@ class SeededRandomMix(wds.RandomMix):
 
     def __init__(self, datasets: list[Iterable[Any]], probs: Sequence[float], seed: int) -> None:
         super().__init__(datasets, list(probs), longest=False)
-        self.seed = seed
+        self.datasets, self.probs, self.seed = list(datasets), list(probs), seed  # ours, whatever RandomMix keeps
 
     def __iter__(self) -> Iterator[Any]:
         rank, _, worker, _ = pytorch_worker_info()
