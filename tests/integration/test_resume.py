@@ -48,8 +48,9 @@ def final_state(out: Path) -> dict:
     return load_checkpoint(out / "checkpoints" / "last.ckpt")  # EMA in state_dict, raw in current_model_state
 
 
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Raw weights, EMA, optimizer state, LR schedule, counters and data position: bit-identical."""
+def assert_same_training_state(a: dict, b: dict, data: str = "LatentShardDataModule") -> None:
+    """Raw weights, EMA, optimizer state, LR schedule, counters and data position (of the data module class
+    ``data``): bit-identical."""
     assert a["global_step"] == b["global_step"]
     for key in ("current_model_state", "state_dict"):
         assert a[key].keys() == b[key].keys()
@@ -60,7 +61,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         for name, value in state.items():
             assert torch.equal(value, opt_b["state"][index][name]), f"optimizer state {index}.{name}"
     assert a["lr_schedulers"] == b["lr_schedulers"]
-    position_a, position_b = a["LatentShardDataModule"], b["LatentShardDataModule"]
+    position_a, position_b = a[data], b[data]
     assert (position_a["batches"], position_a["samples"]) == (position_b["batches"], position_b["samples"])
 
 
@@ -208,3 +209,24 @@ def test_the_autoencoder_auto_resumes_past_a_damaged_checkpoint(raw_shards, tmp_
     assert result["global_step"] == 6
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
     assert result["checkpoint"] == str((checkpoints / "last.ckpt").resolve())
+
+
+def test_two_datasets_stopped_mid_epoch_resume_exactly(latent_dir, tmp_path):
+    """data=mixed, a set with repeats beside a regularization set: stopped mid-epoch and resumed, the run
+    equals the uninterrupted one; the loss is logged per dataset."""
+    reg = tmp_path / "reg"
+    shutil.copytree(latent_dir, reg)
+    entries = f"[{{path:{latent_dir},repeats:2,name:subject}},{{path:{reg},is_reg:true,name:reg}}]"
+    mixed = ["data=mixed", f"data.datasets={entries}", "data.prior_loss_weight=0.5"]
+
+    def mixed_train(out: Path, steps: int, *extra: str) -> dict:
+        overrides = [o for o in resume_overrides(latent_dir, out, steps, *extra) if not o.startswith("data.train_dir")]
+        return run_train(compose_config("train", [*overrides, *mixed]))
+
+    metrics = mixed_train(tmp_path / "uninterrupted", 4)
+    assert {"train/loss_subject", "train/loss_reg"} <= set(metrics), sorted(metrics)
+    mixed_train(tmp_path / "resumed", 3)  # 6 of the epoch's 18 batches
+    mixed_train(tmp_path / "resumed", 4, "ckpt_path=last")
+    reference, resumed = final_state(tmp_path / "uninterrupted"), final_state(tmp_path / "resumed")
+    assert_same_training_state(resumed, reference, data="MixedLatentDataModule")
+    assert resumed["MixedLatentDataModule"]["datasets"][1]["is_reg"] is True

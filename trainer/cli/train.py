@@ -4,6 +4,7 @@ Examples::
 
     lf-train data.train_dir=latents/ trainer.max_steps=2000
     lf-train experiment=demo_digits data.train_dir=demo_out/latents
+    lf-train data=mixed 'data.datasets=[{path:latents/subject,repeats:10},{path:latents/reg,is_reg:true}]'
     lf-train strategy=ddp trainer.devices=2
     lf-train strategy=deepspeed_stage_2 trainer.devices=8 trainer.precision=bf16-mixed
     lf-train -m optim.lr=1e-4,3e-4                      # a two-trial Hydra sweep
@@ -22,6 +23,7 @@ Keys::
     data.train_dir         the latent shards to train on (lf-precompute's out_dir; s3://... too)
     s3_endpoint_url        an S3-compatible store's endpoint (default: AWS_ENDPOINT_URL_S3, else AWS)
     data.val_dir           latent shards for val/loss (optional)
+    data.datasets          data=mixed: several folders, each {path, repeats|weight, is_reg, name, caption_dropout}
     trainer.max_steps      optimizer steps to train
     data.batch_size        batch size per device
     optim.lr               learning rate

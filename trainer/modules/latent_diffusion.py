@@ -132,6 +132,7 @@ class LatentDiffusion(L.LightningModule):
         # Not a buffer: it may arrive in setup (below), after the EMA callback has copied the module.
         self.uncond_text = uncond_text
         self.uncond_pooled = uncond_pooled
+        self.dataset_names: list[str] = []  # data=mixed: the name of each dataset_index (from the data module)
         self.channels_last = channels_last
         self.flops_per_batch: int | None = None  # set by trainer.callbacks.throughput (Lightning reads it)
         if gradient_checkpointing:
@@ -147,10 +148,12 @@ class LatentDiffusion(L.LightningModule):
         """Take the empty caption's embedding from the data module when it was not given (data that a
         data module prepares in its own ``setup``, as DreamBooth's, exists only from then on), onto
         this rank's device."""
-        if self.uncond_text is None and self.caption_dropout > 0:
-            self.uncond_text = getattr(self.trainer.datamodule, "uncond_text", None)
-            if self.uncond_text is None:
+        datamodule = self.trainer.datamodule
+        if self.uncond_text is None and (self.caption_dropout > 0 or getattr(datamodule, "dataset_names", None)):
+            self.uncond_text = getattr(datamodule, "uncond_text", None)  # several datasets: any may drop captions
+            if self.uncond_text is None and self.caption_dropout > 0:
                 raise ConfigError(NO_UNCOND_TEXT)
+        self.dataset_names = list(getattr(datamodule, "dataset_names", None) or [])
         if self.uncond_pooled is None and self.sdxl:
             self.uncond_pooled = getattr(self.trainer.datamodule, "uncond_pooled", None)
         if self.uncond_text is not None:
@@ -163,8 +166,17 @@ class LatentDiffusion(L.LightningModule):
         """Whether the UNet takes SDXL's added conditioning (``addition_embed_type: text_time``)."""
         return is_sdxl_unet(self.unet.config)
 
-    def caption_drop_mask(self, size: int, device: torch.device) -> torch.Tensor | None:
-        """Which of ``size`` samples lose their caption this step ``(B,)`` bool, or ``None`` without dropout."""
+    def caption_drop_mask(
+        self, size: int, device: torch.device, rates: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Which of ``size`` samples lose their caption this step ``(B,)`` bool, or ``None`` without dropout.
+
+        ``rates`` ``(B,)``: each sample's own rate (a dataset's ``caption_dropout`` in ``data=mixed``; NaN:
+        ``caption_dropout``).
+        """
+        if rates is not None:
+            rates = torch.nan_to_num(rates.float().to(device), nan=self.caption_dropout)
+            return torch.rand(size, device=device) < rates if bool((rates > 0).any()) else None
         if self.caption_dropout <= 0:
             return None
         return torch.rand(size, device=device) < self.caption_dropout
@@ -176,12 +188,12 @@ class LatentDiffusion(L.LightningModule):
         Raises:
             ValueError: ``caption_dropout > 0`` and no ``uncond_text`` was given or found in the data module.
         """
-        if self.caption_dropout <= 0:
-            return text
+        if drop is None:
+            if self.caption_dropout <= 0:
+                return text
+            drop = self.caption_drop_mask(text.shape[0], text.device)
         if self.uncond_text is None:
             raise ConfigError(NO_UNCOND_TEXT)
-        if drop is None:
-            drop = self.caption_drop_mask(text.shape[0], text.device)
         return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
 
     def added_conditioning(
@@ -226,10 +238,11 @@ class LatentDiffusion(L.LightningModule):
                 SDXL UNet also ``pooled`` ``(B, P)`` and ``time_ids`` ``(B, 6)``. A dropped caption drops its
                 text and its pooled embedding together (one mask). Optional: ``loss_weights``
                 ``(B, 1, h, w)`` weigh each latent pixel's error (masked loss), ``sample_weights`` ``(B,)``
-                each sample's (e.g. a regularization set's prior-loss weight).
+                each sample's (e.g. a regularization set's prior-loss weight), ``caption_dropout`` ``(B,)``
+                each sample's dropout rate (NaN: ``caption_dropout``).
         """
         latents = batch["latents"].float()
-        drop = self.caption_drop_mask(latents.shape[0], latents.device)
+        drop = self.caption_drop_mask(latents.shape[0], latents.device, batch.get("caption_dropout"))
         text = self.drop_captions(batch["text"].float(), drop)
         predictor = self._predictor(batch, self.added_conditioning(batch, drop))
         return self.objective.loss(
@@ -316,6 +329,8 @@ class LatentDiffusion(L.LightningModule):
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
         if self._is_logging_step():
             self.log_dict(self._loss_by_timestep_bucket(terms), batch_size=size)
+            if "dataset_index" in batch and self.dataset_names:
+                self.log_dict(self._loss_by_dataset(terms, batch["dataset_index"]), batch_size=size)
         return terms.loss
 
     def _is_logging_step(self) -> bool:
@@ -330,6 +345,12 @@ class LatentDiffusion(L.LightningModule):
             f"train/loss_t{b * width:03d}-{min(steps, (b + 1) * width) - 1:03d}": terms.errors[bucket == b].mean()
             for b in bucket.unique().tolist()
         }
+
+    def _loss_by_dataset(self, terms: LossTerms, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted loss per dataset of ``data=mixed`` (``index`` ``(B,)``): ``train/loss_<name>`` for the
+        datasets in this batch."""
+        index = index.to(terms.errors.device)
+        return {f"train/loss_{self.dataset_names[i]}": terms.errors[index == i].mean() for i in index.unique().tolist()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout)."""
