@@ -180,7 +180,7 @@ class LatentShardEncoder:
         if self.variants is not None:
             plan = self.variants.plan(key, resized.canonical, resized.image.size[::-1], resized.target)
             rendered = [resized.render(variant) for variant in plan[1:]]  # the canonical one is latent.npy
-            pending.variants = torch.stack([pixels for pixels, _ in rendered])  # (V, 3, h, w)
+            pending.variants = torch.stack([variant_pixels for variant_pixels, _ in rendered])  # (V, 3, h, w)
             pending.meta[VARIANTS_META] = [variant_info for _, variant_info in rendered]
         return pending
 

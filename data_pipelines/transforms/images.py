@@ -61,7 +61,7 @@ class ResizedImage:
         image: the resized image (at least ``target`` in both sides).
         target: ``(height, width)`` of a crop.
         canonical: the transform's own crop (variant 0).
-        info: the sample's preprocessing metadata but the crop's (``original_size``, ``target_size``, ...).
+        info: the sample's preprocessing metadata, all but the crop's (``original_size``, ``target_size``, ...).
     """
 
     image: Image.Image
