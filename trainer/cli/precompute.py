@@ -56,14 +56,14 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
     if pretrained:  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
         cfg.pretrained = object_store.display(pretrained)
-    shards = resolve_shards(cfg.shards)
-    if cfg.get("buckets") and cfg.crop != "center":
-        raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
     if cfg.get("inpainting") and (cfg.get("flip") or cfg.get("crops_per_image")):
         raise ConfigError(
             "inpainting=true with flip=true or crops_per_image>0: image variants have no inpainting masks; "
             "set flip=false crops_per_image=0"
         )
+    shards = resolve_shards(cfg.shards)
+    if cfg.get("buckets") and cfg.crop != "center":
+        raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
     text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
     # The checks above need no torch; the encoders do (imported here, so --help and config errors answer at once).
     from data_pipelines.latents.encoders import FrozenEncoders
