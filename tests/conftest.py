@@ -142,12 +142,12 @@ def save_tiny_vae(out: Path) -> None:
     vae.save_pretrained(out / "vae", safe_serialization=True)
 
 
-def precompute_digits(raw_shards: Path, pretrained: Path, out: Path) -> None:
-    """Latent shards of the digits at 32 px into ``out``, by the precompute command's code."""
+def precompute_digits(raw_shards: Path, pretrained: Path, out: Path, *extra: str) -> None:
+    """Latent shards of the digits at 32 px into ``out``, by the precompute command's code, with ``extra`` overrides."""
     from trainer.cli.precompute import run_precompute
 
     overrides = [f"shards={raw_shards}", f"out_dir={out}", f"pretrained={pretrained}", "resolution=32"]
-    run_precompute(compose_config("precompute", [*overrides, "batch_size=48"]))
+    run_precompute(compose_config("precompute", [*overrides, "batch_size=48", *extra]))
 
 
 def tiny_train_overrides(latent_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:

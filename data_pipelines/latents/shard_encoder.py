@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.format import (
     MASKS_SETTING,
+    VARIANTS_META,
+    VARIANTS_SETTING,
     CacheKey,
     LatentSample,
     ShardEntry,
@@ -35,12 +38,13 @@ from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.shard_reading import tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
+from data_pipelines.transforms.augment import VariantSettings
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings, latent_mask, masked_pixels, random_mask
 from lf_common import object_store
 from lf_common.atomic import TMP_SUFFIX
-from lf_common.errors import DataError
+from lf_common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class _Pending:
     pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
     caption: str
     meta: dict[str, Any]
+    variants: torch.Tensor | None = None  # (V, 3, h, w): the other crops and mirror images (meta["variants"])
 
 
 class LatentShardEncoder:
@@ -68,6 +73,11 @@ class LatentShardEncoder:
             when too many are bad; default: more than 1% of at least 1,000 samples.
         masks: also store each sample's random inpainting mask and its masked image's latents
             (for training an inpainting UNet; :mod:`data_pipelines.transforms.masks`).
+        variants: also store the latents of each sample's mirror image and random crops
+            (:mod:`data_pipelines.transforms.augment`); not with ``masks``.
+
+    Raises:
+        ConfigError: both ``masks`` and ``variants`` are set.
     """
 
     def __init__(
@@ -77,17 +87,22 @@ class LatentShardEncoder:
         batch_size: int = 64,
         skips: SkipCounter | None = None,
         masks: MaskSettings | None = None,
+        variants: VariantSettings | None = None,
     ) -> None:
+        if masks is not None and variants is not None and variants.enabled:
+            raise ConfigError("image variants (flip, crops_per_image) have no inpainting masks: not both")
         self.encoders = encoders
         self.transform = transform
         self.batch_size = batch_size
         self.skips = skips or SkipCounter()
         self.masks = masks
+        self.variants = variants if variants is not None and variants.enabled else None
 
     def transform_settings(self) -> dict[str, Any]:
-        """The preprocessing settings (in the cache key and the manifest), with the mask settings if any."""
+        """The preprocessing settings (in the cache key and the manifest), with the mask and variant settings if any."""
         masks = {MASKS_SETTING: self.masks.settings()} if self.masks else {}
-        return {**self.transform.settings(), **masks}
+        variants = {VARIANTS_SETTING: self.variants.settings()} if self.variants else {}
+        return {**self.transform.settings(), **masks, **variants}
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -114,6 +129,13 @@ class LatentShardEncoder:
         if pooled is not None:  # SDXL: the time_ids come from each sample's metadata (format.micro_conditioning)
             for sample, vector in zip(samples, pooled.float().cpu().numpy(), strict=True):
                 sample.pooled = vector
+        if self.variants is not None:  # (B, V, 3, H, W) -> (B, V, C, h, w), batch_size images an encoder call
+            extra = torch.stack([p.variants for p in batch])  # type: ignore[misc]
+            flat = extra.flatten(0, 1)
+            encoded = torch.cat([self.encoders.encode_images(chunk) for chunk in flat.split(self.batch_size)])
+            encoded = encoded.float().cpu().numpy().reshape(*extra.shape[:2], *encoded.shape[1:])
+            for sample, variants in zip(samples, encoded, strict=True):
+                sample.latent_variants = variants
         if self.masks is not None:
             height, width = pixels.shape[-2:]
             masks = torch.stack([random_mask(p.key, height, width, self.masks) for p in batch])  # (B, 1, H, W)
@@ -139,15 +161,28 @@ class LatentShardEncoder:
                 self.skips(error)
                 continue
             self.skips.count_good()
-            pixels, info = self.transform(image)
-            batch = batches.setdefault(tuple(pixels.shape), [])
-            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
+            pending = self.preprocess(sample_key, image, caption, meta)
+            batch = batches.setdefault(tuple(pending.pixels.shape), [])
+            batch.append(pending)
             if len(batch) == self.batch_size:
                 yield list(batch)
                 batch.clear()
         for shape in sorted(batches):
             if batches[shape]:
                 yield batches[shape]
+
+    def preprocess(self, key: str, image: Image.Image, caption: str, meta: dict[str, Any]) -> _Pending:
+        """One sample's image resized and cropped to its canonical variant, and to its other variants when
+        :attr:`variants` is set (each with its ``crop_top_left`` and ``flip`` in ``meta["variants"]``)."""
+        resized = self.transform.prepare(image)
+        pixels, info = resized.canonical_pixels()  # (3, h, w)
+        pending = _Pending(key, pixels, caption, {**meta, **info})
+        if self.variants is not None:
+            plan = self.variants.plan(key, resized.canonical, resized.image.size[::-1], resized.target)
+            rendered = [resized.render(variant) for variant in plan[1:]]  # the canonical one is latent.npy
+            pending.variants = torch.stack([variant_pixels for variant_pixels, _ in rendered])  # (V, 3, h, w)
+            pending.meta[VARIANTS_META] = [variant_info for _, variant_info in rendered]
+        return pending
 
     def encode_shard(self, source: str, target: str | Path, key: CacheKey) -> ShardEntry:
         """Encode every sample of raw shard ``source`` into latent shard ``target`` and record it

@@ -22,19 +22,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipelines.latents.format import (
+    VARIANTS_META,
     LatentManifest,
     decode_latent_sample,
     load_uncond_embedding,
     load_uncond_pooled,
     micro_conditioning,
 )
-from data_pipelines.loading.variants import draw_variants, variant_generator
+from data_pipelines.loading.variants import VARIANTS_SUFFIX, draw_variants, variant_generator
 from data_pipelines.raw.format import decode_raw_sample, sample_origin
 from data_pipelines.shards.corrupt_samples import SampleCounts, SkipCounter, take_counts
 from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.shards.resumable_loader import ResumableLoader
 from data_pipelines.shards.shard_reading import open_shard
 from data_pipelines.shards.streaming import batches_per_worker, shard_stream
+from data_pipelines.transforms.augment import VariantSettings
 from data_pipelines.transforms.buckets import BucketBatcher
 from data_pipelines.transforms.images import ResizeCrop
 from lf_common.errors import DataError
@@ -217,33 +219,61 @@ class _StreamingDataModule(L.LightningDataModule):
 
 class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers): a tuple of arrays, named by
-    :attr:`names` (the batch keys :class:`LatentCollate` gives them)."""
+    :attr:`names` (the batch keys :class:`LatentCollate` gives them).
 
-    def __init__(self, manifest: LatentManifest) -> None:
+    From shards with image variants (precompute's ``flip``/``crops_per_image``) it emits ``latents_variants``
+    ``(V, C, h, w)`` (and, for SDXL, ``time_ids_variants`` ``(V, 6)``, each variant's crop) in place of
+    ``latents`` (and ``time_ids``), canonical first, holding the variants :meth:`VariantSettings.selection`
+    keeps; the data module draws one per sample and step (:mod:`data_pipelines.loading.variants`).
+
+    Args:
+        manifest: the shards' manifest.
+        random_flip: keep the stored mirror images among the variants.
+        use_crop_variants: keep the stored random crops among the variants.
+    """
+
+    def __init__(self, manifest: LatentManifest, random_flip: bool = True, use_crop_variants: bool = True) -> None:
         self.latent_shapes = manifest.latent_shapes()
         self.text_shape = tuple(manifest.text_shape)
         self.inpainting = manifest.inpainting
         self.pooled_shape = tuple(manifest.pooled_shape) if manifest.sdxl else None
+        settings = VariantSettings.from_settings(manifest.variant_settings)
+        self.stored_variants = settings.count - 1  # in latent_variants.npy, besides latent.npy
+        self.selection = settings.selection(random_flip, use_crop_variants)  # indices, 0: latent.npy
+        suffix = VARIANTS_SUFFIX if len(self.selection) > 1 else ""
         self.names = (
-            "latents",
+            "latents" + suffix,
             "text",
             *(INPAINTING_BATCH_KEYS if self.inpainting else ()),
-            *(SDXL_BATCH_KEYS if manifest.sdxl else ()),
+            *((SDXL_BATCH_KEYS[0], SDXL_BATCH_KEYS[1] + suffix) if manifest.sdxl else ()),
         )
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
+        variants = len(self.selection) > 1
         decoded = decode_latent_sample(
             sample,
             text_shape=self.text_shape,
             latent_shapes=self.latent_shapes,
             inpainting=self.inpainting,
             pooled_shape=self.pooled_shape,
+            latent_variants=self.stored_variants if variants else 0,
         )
-        arrays: tuple[np.ndarray, ...] = (decoded.latent, decoded.text)
+        latents = decoded.latent
+        if variants:
+            stored = [decoded.latent, *decoded.latent_variants]  # type: ignore[misc]
+            latents = np.stack([stored[index] for index in self.selection])  # (V, C, h, w)
+        arrays: tuple[np.ndarray, ...] = (latents, decoded.text)
         if self.inpainting:
             arrays += (decoded.mask, decoded.masked_latent)
         if self.pooled_shape is not None:
-            arrays += (decoded.pooled, micro_conditioning(decoded.meta, sample_origin(sample)))
+            origin = sample_origin(sample)
+            time_ids = micro_conditioning(decoded.meta, origin)  # (6,)
+            if variants:
+                crops = [{}, *decoded.meta[VARIANTS_META]]  # the canonical crop is the sample's own
+                time_ids = np.stack(
+                    [micro_conditioning({**decoded.meta, **crops[index]}, origin) for index in self.selection]
+                )  # (V, 6)
+            arrays += (decoded.pooled, time_ids)
         return arrays
 
 
@@ -298,12 +328,23 @@ class LatentShardDataModule(_StreamingDataModule):
         epoch_samples: the samples an epoch of the resampled training stream covers (default: the
             manifest's count); e.g. to give two streams that are paired batch by batch epochs of
             one length.
+        random_flip: draw the mirror images precompute stored (``flip=true``), one variant per sample
+            and step; off for data a mirror changes (text, digits).
+        use_crop_variants: draw the random crops precompute stored (``crops_per_image``).
     """
 
     def __init__(
-        self, train_dir: str, val_dir: str | None = None, epoch_samples: int | None = None, **loader: Any
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        epoch_samples: int | None = None,
+        random_flip: bool = True,
+        use_crop_variants: bool = True,
+        **loader: Any,
     ) -> None:
         super().__init__(**loader)
+        self.random_flip = random_flip
+        self.use_crop_variants = use_crop_variants
         self.train_dir = train_dir
         self.val_dir = val_dir
         self.manifest = LatentManifest.load(train_dir)
@@ -319,7 +360,7 @@ class LatentShardDataModule(_StreamingDataModule):
         return self._loader(
             self.train_urls,
             self.epoch_samples,
-            (decoder := _LatentDecoder(self.manifest)),
+            (decoder := _LatentDecoder(self.manifest, self.random_flip, self.use_crop_variants)),
             LatentCollate(decoder.names),
             train=True,
             bucketed=bool(self.manifest.bucket_sizes),
@@ -332,7 +373,7 @@ class LatentShardDataModule(_StreamingDataModule):
         return self._loader(
             urls,
             self.val_manifest.num_samples,
-            (decoder := _LatentDecoder(self.val_manifest)),
+            (decoder := _LatentDecoder(self.val_manifest, random_flip=False, use_crop_variants=False)),
             LatentCollate(decoder.names),
             train=False,
             bucketed=bool(self.val_manifest.bucket_sizes),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.transforms.images import image_to_pixels, resize_and_crop
+from data_pipelines.transforms.images import CropVariant, ResizedImage, crop_corner, resize_to_cover
 from lf_common.errors import ConfigError
 
 
@@ -126,17 +126,17 @@ class BucketResizeCrop:
             holds ``original_size`` ``[H, W]``, ``crop_top_left`` in the resized image, ``bucket``
             (index into the manifest's ``bucket_sizes``) and ``target_size`` ``[h, w]``.
         """
+        return self.prepare(image).canonical_pixels()
+
+    def prepare(self, image: Image.Image, rng: np.random.Generator | None = None) -> ResizedImage:
+        """Resize one RGB image to cover its bucket's size and choose its center crop (not applied yet)."""
         width, height = image.size
         index = self.buckets.nearest(height, width)
         target_h, target_w = self.buckets.sizes[index]
-        image, top, left = resize_and_crop(image, target_h, target_w, "center", self.interpolation)
-        info = {
-            "original_size": [height, width],
-            "crop_top_left": [top, left],
-            "bucket": index,
-            "target_size": [target_h, target_w],
-        }
-        return image_to_pixels(image), info  # (3, h, w)
+        resized = resize_to_cover(image, target_h, target_w, self.interpolation)
+        top, left = crop_corner(resized.size, target_h, target_w, "center")
+        info = {"original_size": [height, width], "bucket": index, "target_size": [target_h, target_w]}
+        return ResizedImage(resized, (target_h, target_w), CropVariant(top, left), info)
 
 
 class BucketBatcher:

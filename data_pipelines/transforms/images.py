@@ -40,16 +40,85 @@ class ResizeCrop:
             size ``[H, W]``, the crop's top-left corner in the resized image and the target size
             ``[R, R]`` (SDXL's micro-conditioning, see :func:`data_pipelines.latents.format.micro_conditioning`).
         """
+        return self.prepare(image, rng).canonical_pixels()
+
+    def prepare(self, image: Image.Image, rng: np.random.Generator | None = None) -> ResizedImage:
+        """Resize one RGB image to cover the resolution square and choose its crop (not applied yet)."""
         width, height = image.size
-        image, top, left = resize_and_crop(image, self.resolution, self.resolution, self.crop, self.interpolation, rng)
-        pixels = image_to_pixels(image)  # (3, R, R)
-        info = {
-            "original_size": [height, width],
-            "crop_top_left": [top, left],
-            "target_size": [self.resolution, self.resolution],
-            "resolution": self.resolution,
-        }
-        return pixels, info
+        resized = resize_to_cover(image, self.resolution, self.resolution, self.interpolation)
+        top, left = crop_corner(resized.size, self.resolution, self.resolution, self.crop, rng)
+        info = {"original_size": [height, width], "target_size": [self.resolution, self.resolution]}
+        return ResizedImage(
+            resized, (self.resolution, self.resolution), CropVariant(top, left), {**info, "resolution": self.resolution}
+        )
+
+
+@dataclass
+class ResizedImage:
+    """An image resized to cover its target size, with its canonical crop chosen (a transform's ``prepare``).
+
+    Attributes:
+        image: the resized image (at least ``target`` in both sides).
+        target: ``(height, width)`` of a crop.
+        canonical: the transform's own crop (variant 0).
+        info: the sample's preprocessing metadata, all but the crop's (``original_size``, ``target_size``, ...).
+    """
+
+    image: Image.Image
+    target: tuple[int, int]
+    canonical: CropVariant
+    info: dict[str, Any]
+
+    def render(self, variant: CropVariant) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:func:`render_variant` of this image."""
+        return render_variant(self.image, variant, *self.target)
+
+    def canonical_pixels(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(pixels, info)`` of the canonical crop: pixels ``(3, h, w)``; info with its ``crop_top_left``."""
+        pixels, crop = self.render(self.canonical)
+        return pixels, {**self.info, "crop_top_left": crop["crop_top_left"]}
+
+
+@dataclass(frozen=True)
+class CropVariant:
+    """One stored version of a sample's image: a crop of the resized image, maybe mirrored.
+
+    Attributes:
+        top, left: the crop's corner in the resized (unmirrored) image.
+        flip: mirror the crop left to right.
+    """
+
+    top: int
+    left: int
+    flip: bool = False
+
+    def apply(self, resized: Image.Image, height: int, width: int) -> Image.Image:
+        """The ``height`` x ``width`` crop of ``resized`` at this corner, mirrored when :attr:`flip`.
+
+        Any image of the resized size takes the same crop and mirror (an RGB image, a mask in mode ``L``)."""
+        crop = resized.crop((self.left, self.top, self.left + width, self.top + height))
+        return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else crop
+
+    def crop_top_left(self, resized_width: int, width: int) -> list[int]:
+        """SDXL's ``crop_top_left`` ``[top, left]`` of this variant: the crop's corner in the image the model
+        sees, i.e. in the mirrored resized image when :attr:`flip` (diffusers' SDXL training flips, then crops)."""
+        return [self.top, resized_width - width - self.left if self.flip else self.left]
+
+
+def render_variant(
+    resized: Image.Image, variant: CropVariant, height: int, width: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Every per-image input of one variant of a sample, from the image resized to cover ``height`` x ``width``.
+
+    The one place a variant's crop and mirror are applied: what else is stored per image and variant
+    (a loss mask resized like the image) takes the same :meth:`CropVariant.apply`.
+
+    Returns:
+        ``(pixels, info)``: pixels ``(3, height, width)`` float32 in [-1, 1] (the VAE's input); info holds
+        ``crop_top_left`` (SDXL's micro-conditioning of this variant) and ``flip``.
+    """
+    pixels = image_to_pixels(variant.apply(resized, height, width))  # (3, height, width)
+    return pixels, {"crop_top_left": variant.crop_top_left(resized.size[0], width), "flip": variant.flip}
 
 
 def resize_and_crop(
@@ -66,19 +135,33 @@ def resize_and_crop(
     Returns:
         ``(image, top, left)``: the ``width`` x ``height`` crop and its top-left corner in the resized image.
     """
+    image = resize_to_cover(image, height, width, interpolation)
+    top, left = crop_corner(image.size, height, width, crop, rng)
+    return image.crop((left, top, left + width, top + height)), top, left
+
+
+def resize_to_cover(image: Image.Image, height: int, width: int, interpolation: str = "bicubic") -> Image.Image:
+    """``image`` resized (keeping its aspect) to the smallest size that covers ``height`` x ``width``."""
     original_w, original_h = image.size
     scale = max(width / original_w, height / original_h)
     new_w, new_h = max(width, round(original_w * scale)), max(height, round(original_h * scale))
     if (new_w, new_h) != (original_w, original_h):
         image = image.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
+    return image
+
+
+def crop_corner(
+    size: tuple[int, int], height: int, width: int, crop: str = "center", rng: np.random.Generator | None = None
+) -> tuple[int, int]:
+    """``(top, left)`` of a ``height`` x ``width`` crop of an image of ``size`` ``(W, H)`` (PIL's order):
+    centered, or drawn from ``rng`` for ``crop="random"``."""
+    new_w, new_h = size
     if crop == "random":
         rng = rng or np.random.default_rng()
-        top, left = int(rng.integers(0, new_h - height + 1)), int(rng.integers(0, new_w - width + 1))
-    elif crop == "center":
-        top, left = (new_h - height) // 2, (new_w - width) // 2
-    else:
-        raise ConfigError(f"crop={crop!r}: expected 'center' or 'random'")
-    return image.crop((left, top, left + width, top + height)), top, left
+        return int(rng.integers(0, new_h - height + 1)), int(rng.integers(0, new_w - width + 1))
+    if crop == "center":
+        return (new_h - height) // 2, (new_w - width) // 2
+    raise ConfigError(f"crop={crop!r}: expected 'center' or 'random'")
 
 
 def image_to_pixels(image: Image.Image) -> torch.Tensor:

@@ -230,3 +230,21 @@ def test_two_datasets_stopped_mid_epoch_resume_exactly(latent_dir, tmp_path):
     reference, resumed = final_state(tmp_path / "uninterrupted"), final_state(tmp_path / "resumed")
     assert_same_training_state(resumed, reference, data="MixedLatentDataModule")
     assert resumed["MixedLatentDataModule"]["datasets"][1]["is_reg"] is True
+
+
+def test_a_run_drawing_stored_image_variants_resumes_exactly(raw_shards, pretrained_dir, tmp_path):
+    """Latents with mirror images (lf-precompute flip=true): each step draws a variant per sample; a run
+    stopped at step 2 and resumed to 4 ends bit-identical to one that ran 4 steps (the draw follows the
+    restored stream position)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import precompute_digits
+
+    latents = tmp_path / "latents"
+    precompute_digits(raw_shards, pretrained_dir, latents, "flip=true")
+    data = instantiate(compose_config("train", resume_overrides(latents, tmp_path, 4)).data)
+    assert next(iter(data.train_dataloader()))["latents_variants"].shape[:2] == (16, 2)
+    train(latents, tmp_path / "stopped", 2)
+    train(latents, tmp_path / "stopped", 4, "ckpt_path=last")
+    train(latents, tmp_path / "whole", 4)
+    assert_same_training_state(final_state(tmp_path / "stopped"), final_state(tmp_path / "whole"))

@@ -13,6 +13,7 @@ Examples::
     lf-precompute shards=data/raw out_dir=data/latents-buckets pretrained=sd15/ buckets=sd512
     lf-precompute shards=data/raw out_dir=data/latents-inpaint pretrained=models/sd15-inpainting inpainting=true
     lf-precompute shards=data/raw out_dir=data/latents-xl pretrained=models/sdxl resolution=1024 buckets=...
+    lf-precompute shards=data/raw out_dir=data/latents-aug pretrained=sd15/ flip=true crops_per_image=2
 
 A ``pretrained`` folder with ``text_encoder_2/`` (an SDXL diffusers folder) gives SDXL's shards: both
 encoders' penultimate states concatenated, the second's pooled embedding, and each sample's size and
@@ -29,6 +30,8 @@ Keys::
                      ~/.cache/latentforge/objects)
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
+    flip             also store each image's mirror image (training draws one variant per step)
+    crops_per_image  also store N random crops (and their mirror images with flip), seeded by augment_seed
     recompute_stale  encode again shards made with other settings, instead of refusing them
 """
 
@@ -53,6 +56,11 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
     if pretrained:  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
         cfg.pretrained = object_store.display(pretrained)
+    if cfg.get("inpainting") and (cfg.get("flip") or cfg.get("crops_per_image")):
+        raise ConfigError(
+            "inpainting=true with flip=true or crops_per_image>0: image variants have no inpainting masks; "
+            "set flip=false crops_per_image=0"
+        )
     shards = resolve_shards(cfg.shards)
     if cfg.get("buckets") and cfg.crop != "center":
         raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
@@ -62,6 +70,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     from data_pipelines.latents.precompute import precompute_latents
     from data_pipelines.latents.shard_encoder import LatentShardEncoder
     from data_pipelines.shards.corrupt_samples import SkipCounter
+    from data_pipelines.transforms.augment import VariantSettings
     from data_pipelines.transforms.buckets import BucketResizeCrop
     from data_pipelines.transforms.images import ResizeCrop
     from data_pipelines.transforms.masks import MaskSettings
@@ -88,6 +97,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
         masks=MaskSettings(seed=cfg.get("mask_seed", 0)) if cfg.get("inpainting") else None,
+        variants=VariantSettings(cfg.get("flip", False), cfg.get("crops_per_image", 0), cfg.get("augment_seed", 0)),
     )
     manifest = precompute_latents(
         shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers

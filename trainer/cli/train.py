@@ -26,6 +26,8 @@ Keys::
     data.datasets          data=mixed: several folders, each {path, repeats|weight, is_reg, name, caption_dropout}
     trainer.max_steps      optimizer steps to train
     data.batch_size        batch size per device
+    data.random_flip       draw the stored mirror images (lf-precompute flip=true); false for text, digits
+    data.use_crop_variants  draw the stored random crops (lf-precompute crops_per_image)
     optim.lr               learning rate
     model.pretrained       model=pretrained: the diffusers folder to fine-tune (lf-import's out_dir)
     ckpt_path              resume: a checkpoint, a folder of them, or last (s3://... too)

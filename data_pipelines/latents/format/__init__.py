@@ -21,6 +21,20 @@ and, for Stable Diffusion XL (precompute with a second text encoder; the manifes
                                            channels (SDXL's convention: CLIP ViT-L then OpenCLIP bigG)
     KEY.pooled.npy   float16 (P,)          the second encoder's pooled, projected embedding
 
+and, for cached image augmentation (precompute with ``flip=true`` or ``crops_per_image=N``; the manifest's
+``transforms`` then hold ``image_variants``, the settings ``flip``, ``crops_per_image`` and ``seed``)::
+
+    KEY.latent_variants.npy  float16 (V, C, h, w)  the latents of the sample's other variants, in the order
+                                                   of :mod:`data_pipelines.transforms.augment`: the canonical
+                                                   crop's mirror image, then each random crop and its mirror
+                                                   (V = (1 + N) x (2 if flip else 1) - 1)
+
+``KEY.latent.npy`` stays the canonical variant (variant 0), so a reader that wants no variants reads such
+a shard as any other; ``KEY.json``'s ``variants`` lists ``{"crop_top_left": [top, left], "flip": bool}``
+for each of the V, in the same order (SDXL's ``crop_top_left`` of a mirror image is measured in the
+mirrored resized image, as diffusers' SDXL training does). The crops are drawn per sample key with the
+seed, so a rerun writes the same shards.
+
 SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
 preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
 of the crop in the resized image and ``target_size`` ``[h, w]`` of the encoded image (its bucket's
@@ -51,6 +65,7 @@ from data_pipelines.latents.format.keys import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LATENT_KEY,
+    LATENT_VARIANTS_KEY,
     MANIFEST_NAME,
     MASK_KEY,
     MASKED_LATENT_KEY,
@@ -62,6 +77,8 @@ from data_pipelines.latents.format.keys import (
     TEXT_KEY,
     UNCOND_NAME,
     UNCOND_POOLED_NAME,
+    VARIANTS_META,
+    VARIANTS_SETTING,
 )
 from data_pipelines.latents.format.manifest import (
     CacheKey,
@@ -89,6 +106,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LATENT_KEY",
+    "LATENT_VARIANTS_KEY",
     "MANIFEST_NAME",
     "MASKED_LATENT_KEY",
     "MASKS_SETTING",
@@ -100,6 +118,8 @@ __all__ = [
     "TEXT_KEY",
     "UNCOND_NAME",
     "UNCOND_POOLED_NAME",
+    "VARIANTS_META",
+    "VARIANTS_SETTING",
     "CacheKey",
     "EncoderInfo",
     "LatentManifest",

@@ -18,6 +18,7 @@ from data_pipelines.latents.format.keys import (
     MASKS_SETTING,
     UNCOND_NAME,
     UNCOND_POOLED_NAME,
+    VARIANTS_SETTING,
 )
 from data_pipelines.latents.format.samples import load_npy, npy_bytes
 from lf_common import object_store
@@ -158,6 +159,12 @@ class LatentManifest:
     def inpainting(self) -> bool:
         """Whether the shards hold inpainting masks and masked-image latents."""
         return bool(self.transforms.get(MASKS_SETTING))
+
+    @property
+    def variant_settings(self) -> dict[str, Any] | None:
+        """The image-variant settings the shards were written with (``flip``, ``crops_per_image``, ``seed``;
+        :class:`~data_pipelines.transforms.augment.VariantSettings`), or ``None`` for shards without variants."""
+        return self.transforms.get(VARIANTS_SETTING) or None
 
     @property
     def sdxl(self) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 from data_pipelines.latents.format.keys import (
     CAPTION_KEY,
     LATENT_KEY,
+    LATENT_VARIANTS_KEY,
     MASK_KEY,
     MASKED_LATENT_KEY,
     META_KEY,
@@ -22,6 +23,7 @@ from data_pipelines.latents.format.keys import (
     POOLED_KEY,
     STORAGE_DTYPE,
     TEXT_KEY,
+    VARIANTS_META,
 )
 from data_pipelines.raw.format import sample_origin
 from lf_common.errors import CorruptSampleError
@@ -40,6 +42,9 @@ class LatentSample:
         mask: ``(1, h, w)`` float16, inpainting shards only.
         masked_latent: ``(C, h, w)`` float16, inpainting shards only.
         pooled: ``(P,)`` float16, SDXL shards only (the second text encoder's pooled embedding).
+        latent_variants: ``(V, C, h, w)`` float16, shards with image variants only: the latents of the
+            sample's other crops and mirror images; ``meta["variants"]`` holds each one's ``crop_top_left``
+            and ``flip``, in the same order.
     """
 
     key: str
@@ -50,6 +55,7 @@ class LatentSample:
     mask: np.ndarray | None = None
     masked_latent: np.ndarray | None = None
     pooled: np.ndarray | None = None
+    latent_variants: np.ndarray | None = None
 
 
 def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
@@ -122,6 +128,8 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
         members[MASKED_LATENT_KEY] = npy_bytes(sample.masked_latent)
     if sample.pooled is not None:
         members[POOLED_KEY] = npy_bytes(sample.pooled)
+    if sample.latent_variants is not None:
+        members[LATENT_VARIANTS_KEY] = npy_bytes(sample.latent_variants)
     return members
 
 
@@ -133,6 +141,7 @@ def decode_latent_sample(
     latent_shapes: Sequence[tuple[int, ...]] | None = None,
     inpainting: bool = False,
     pooled_shape: tuple[int, ...] | None = None,
+    latent_variants: int = 0,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -143,6 +152,9 @@ def decode_latent_sample(
         latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
         inpainting: the sample must hold ``mask.npy`` and ``masked_latent.npy`` of its latent's size.
         pooled_shape: SDXL shards: the sample must hold ``pooled.npy`` of this shape ``(P,)``.
+        latent_variants: shards with image variants: the sample must hold ``latent_variants.npy`` of
+            ``(latent_variants, C, h, w)`` (its latent's ``(C, h, w)``) and as many ``variants`` in its
+            metadata; 0 (shards without them, or a reader that wants none) reads neither.
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -189,4 +201,35 @@ def decode_latent_sample(
                 f"{origin}: member '{POOLED_KEY}' is {pooled.dtype} {pooled.shape}, expected {tuple(pooled_shape)}"
             )
         decoded.pooled = pooled
+    if latent_variants:
+        decoded.latent_variants = _decode_variants(sample, origin, latent_variants, arrays[LATENT_KEY].shape, meta)
     return decoded
+
+
+def _decode_variants(
+    sample: dict[str, Any], origin: str, count: int, latent_shape: tuple[int, ...], meta: dict[str, Any]
+) -> np.ndarray:
+    """``latent_variants.npy`` ``(count, C, h, w)`` of a sample, checked with its metadata's ``variants``.
+
+    Raises:
+        CorruptSampleError: the member is missing or of another shape or dtype, or the metadata does not
+            list one entry per variant.
+    """
+    shape = (count, *latent_shape)
+    if LATENT_VARIANTS_KEY not in sample:
+        raise CorruptSampleError(f"{origin}: member '{LATENT_VARIANTS_KEY}' is missing (a shard with image variants)")
+    try:
+        array = _load_npy_of_shape(sample[LATENT_VARIANTS_KEY], [shape])
+    except Exception as error:
+        raise CorruptSampleError(f"{origin}: member '{LATENT_VARIANTS_KEY}' is not a .npy array ({error})") from error
+    if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
+        raise CorruptSampleError(
+            f"{origin}: member '{LATENT_VARIANTS_KEY}' is {array.dtype} {tuple(array.shape)}, "
+            f"expected {np.dtype(STORAGE_DTYPE)} {shape}"
+        )
+    listed = meta.get(VARIANTS_META)
+    if not isinstance(listed, list) or len(listed) != count:
+        raise CorruptSampleError(
+            f"{origin}: metadata '{VARIANTS_META}' is {listed!r:.80}, expected a list of {count} crop/flip entries"
+        )
+    return array
