@@ -196,7 +196,8 @@ class MixedLatentDataModule(_StreamingDataModule):
         epoch_samples: the samples an epoch covers (default: the sum of samples x repeats, or of the
             samples with weights).
         train_dir: not taken (the folders are in ``datasets``); given, it is refused.
-        **loader: the loader settings of ``data=latents`` (batch size, workers, shuffle buffer, seed, ...).
+        **loader: the loader settings of ``data=latents`` (batch size, workers, shuffle buffer, seed, ...); its
+            latent decoder settings (``random_flip``, ...) are every dataset's defaults.
 
     Raises:
         ConfigError: a bad entry, or ``train_dir`` or ``resampled=false`` given.
@@ -212,6 +213,7 @@ class MixedLatentDataModule(_StreamingDataModule):
         train_dir: str | None = None,
         **loader: Any,
     ) -> None:
+        defaults = {key: loader.pop(key) for key in decoder_settings() if key in loader}  # e.g. data.random_flip
         super().__init__(**loader)
         if train_dir:
             raise ConfigError("data.train_dir is set with data=mixed: put the folder in data.datasets instead")
@@ -229,7 +231,9 @@ class MixedLatentDataModule(_StreamingDataModule):
         self.manifests = [self._manifest(i, spec) for i, spec in enumerate(self.specs)]
         check_compatible(self.specs, self.manifests)
         self.urls = [m.shard_paths(s.path) for s, m in zip(self.specs, self.manifests, strict=True)]
-        self.decoders = [_LatentDecoder(m, **s.decoder) for s, m in zip(self.specs, self.manifests, strict=True)]
+        self.decoders = [
+            _LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
+        ]
         keys = {decoder.names for decoder in self.decoders}
         if len(keys) > 1:
             raise DataError(f"data.datasets: the folders' samples have different batch keys {sorted(keys)}")
