@@ -31,13 +31,13 @@ from data_pipelines.latents.format import (
     encode_latent_sample,
     save_entry,
 )
-from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.raw.format import decode_loss_mask, decode_raw_sample
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.shard_reading import tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
-from data_pipelines.transforms.masks import MaskSettings, latent_mask, masked_pixels, random_mask
+from data_pipelines.transforms.masks import MaskSettings, latent_mask, loss_mask_for, masked_pixels, random_mask
 from lf_common import object_store
 from lf_common.atomic import TMP_SUFFIX
 from lf_common.errors import DataError
@@ -54,6 +54,7 @@ class _Pending:
     pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
     caption: str
     meta: dict[str, Any]
+    loss_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1], through the image's resize and crop
 
 
 class LatentShardEncoder:
@@ -121,6 +122,9 @@ class LatentShardEncoder:
             small = latent_mask(masks, tuple(latents.shape[-2:]))  # (B, 1, h, w)
             for sample, mask, masked_latent in zip(samples, small.numpy(), masked.numpy(), strict=True):
                 sample.mask, sample.masked_latent = mask, masked_latent
+        for sample, pending in zip(samples, batch, strict=True):
+            if pending.loss_mask is not None:  # area-averaged to the latent grid: (1, h, w) in [0, 1]
+                sample.loss_mask = latent_mask(pending.loss_mask[None], tuple(latents.shape[-2:]), "area")[0].numpy()
         return samples
 
     def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
@@ -128,20 +132,23 @@ class LatentShardEncoder:
 
         Samples wait in one batch per size (one per bucket, when bucketed; at most
         ``buckets x batch_size`` images held); a batch is yielded when full, the rest at the end of
-        the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`.
+        the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`. A sample's
+        loss mask (``KEY.mask.png``) takes its image's resize and crop.
         """
         batches: dict[tuple[int, ...], list[_Pending]] = {}
         dataset = wds.DataPipeline(wds.SimpleShardList([source]), functools.partial(tar_samples, handler=self.skips))
         for raw in dataset:
             try:
                 sample_key, image, caption, meta = decode_raw_sample(raw)
+                mask = decode_loss_mask(raw, image.size)
             except Exception as error:  # CorruptSampleError, or bad JSON metadata
                 self.skips(error)
                 continue
             self.skips.count_good()
             pixels, info = self.transform(image)
+            loss_mask = loss_mask_for(mask, info) if mask is not None else None
             batch = batches.setdefault(tuple(pixels.shape), [])
-            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
+            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}, loss_mask))
             if len(batch) == self.batch_size:
                 yield list(batch)
                 batch.clear()
@@ -224,12 +231,14 @@ class ShardOutput:
             self.tmp.unlink(missing_ok=True)
         self.writer = open_tar_writer(self.tmp)
         self.count = 0
+        self.loss_masks = 0
 
     def write(self, samples: list[LatentSample]) -> None:
         """Append encoded samples."""
         for sample in samples:
             self.writer.write(encode_latent_sample(sample))
         self.count += len(samples)
+        self.loss_masks += sum(sample.loss_mask is not None for sample in samples)
 
     def finish(self, skipped: int) -> ShardEntry:
         """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
@@ -248,6 +257,7 @@ class ShardOutput:
             source_sha256=self.key.source_sha256,
             skipped=skipped,
             cache_key=asdict(self.key),
+            loss_masks=self.loss_masks,
         )
         save_entry(self.target, entry)
         log.info("%s: %d samples from %s (%d skipped)", entry.name, entry.num_samples, self.source, skipped)

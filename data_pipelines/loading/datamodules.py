@@ -217,18 +217,21 @@ class _StreamingDataModule(L.LightningDataModule):
 
 class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers): a tuple of arrays, named by
-    :attr:`names` (the batch keys :class:`LatentCollate` gives them)."""
+    :attr:`names` (the batch keys :class:`LatentCollate` gives them). When the manifest counts loss masks,
+    every sample gets a ``loss_mask`` ``(1, h, w)``: its own, or ones (unmasked) for a sample without one."""
 
     def __init__(self, manifest: LatentManifest) -> None:
         self.latent_shapes = manifest.latent_shapes()
         self.text_shape = tuple(manifest.text_shape)
         self.inpainting = manifest.inpainting
         self.pooled_shape = tuple(manifest.pooled_shape) if manifest.sdxl else None
+        self.loss_masks = manifest.loss_masks > 0
         self.names = (
             "latents",
             "text",
             *(INPAINTING_BATCH_KEYS if self.inpainting else ()),
             *(SDXL_BATCH_KEYS if manifest.sdxl else ()),
+            *((LOSS_MASK_BATCH_KEY,) if self.loss_masks else ()),
         )
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
@@ -238,23 +241,30 @@ class _LatentDecoder:
             latent_shapes=self.latent_shapes,
             inpainting=self.inpainting,
             pooled_shape=self.pooled_shape,
+            loss_masks=self.loss_masks,
         )
         arrays: tuple[np.ndarray, ...] = (decoded.latent, decoded.text)
         if self.inpainting:
             arrays += (decoded.mask, decoded.masked_latent)
         if self.pooled_shape is not None:
             arrays += (decoded.pooled, micro_conditioning(decoded.meta, sample_origin(sample)))
+        if self.loss_masks:
+            unmasked = decoded.loss_mask is None
+            ones = np.ones((1, *decoded.latent.shape[1:]), dtype=decoded.latent.dtype) if unmasked else None
+            arrays += (ones if unmasked else decoded.loss_mask,)
         return arrays
 
 
 INPAINTING_BATCH_KEYS = ("mask", "masked_latents")
 SDXL_BATCH_KEYS = ("pooled", "time_ids")  # (B, P) float16 and (B, 6) int64: SDXL's added conditioning
+LOSS_MASK_BATCH_KEY = "loss_mask"  # (B, 1, h, w) float16 in [0, 1]: masked loss (ones for unmasked samples)
 
 
 class LatentCollate:
     """Stack decoded samples into a batch dict: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``
     float16; from inpainting shards also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``;
-    from SDXL shards also ``pooled`` ``(B, P)`` float16 and ``time_ids`` ``(B, 6)`` int64.
+    from SDXL shards also ``pooled`` ``(B, P)`` float16 and ``time_ids`` ``(B, 6)`` int64; from shards with loss
+    masks also ``loss_mask`` ``(B, 1, h, w)`` float16 in [0, 1].
     Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
     so ``(h, w)`` is the same within a batch and may differ between batches.
 
@@ -314,6 +324,11 @@ class LatentShardDataModule(_StreamingDataModule):
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
         self.epoch_samples = epoch_samples or self.manifest.num_samples
+
+    @property
+    def loss_masks(self) -> bool:
+        """Whether training batches carry ``loss_mask`` (the training shards hold loss masks)."""
+        return self.manifest.loss_masks > 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(

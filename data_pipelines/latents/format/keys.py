@@ -13,6 +13,7 @@ META_KEY = "json"
 MASK_KEY = "mask.npy"
 MASKED_LATENT_KEY = "masked_latent.npy"
 POOLED_KEY = "pooled.npy"
+LOSS_MASK_KEY = "loss_mask.npy"  # masked loss: (1, h, w) in [0, 1]; not the inpainting MASK_KEY
 MASKS_SETTING = "inpainting_masks"  # in the manifest's transforms: the shards hold the two members above
 STORAGE_DTYPE = np.float16
 MANIFEST_NAME = "manifest.json"

@@ -91,7 +91,8 @@ class CacheKey:
 
 @dataclass
 class ShardEntry:
-    """One latent shard: its file name, sample count, the raw shard it came from, and its cache key."""
+    """One latent shard: its file name, sample count, the raw shard it came from, and its cache key
+    (``loss_masks``: its samples with a loss mask, ``loss_mask.npy``)."""
 
     name: str
     num_samples: int
@@ -99,6 +100,7 @@ class ShardEntry:
     source_sha256: str
     skipped: int = 0
     cache_key: dict[str, Any] = field(default_factory=dict)
+    loss_masks: int = 0
 
     def key(self) -> CacheKey | None:
         """The cache key the shard was written with (``None`` for shards written without one)."""
@@ -158,6 +160,12 @@ class LatentManifest:
     def inpainting(self) -> bool:
         """Whether the shards hold inpainting masks and masked-image latents."""
         return bool(self.transforms.get(MASKS_SETTING))
+
+    @property
+    def loss_masks(self) -> int:
+        """Samples that hold a loss mask (``loss_mask.npy``), in all shards (0: none, masked loss has nothing
+        to weigh)."""
+        return sum(shard.loss_masks for shard in self.shards)
 
     @property
     def sdxl(self) -> bool:

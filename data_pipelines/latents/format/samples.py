@@ -15,6 +15,7 @@ import numpy as np
 from data_pipelines.latents.format.keys import (
     CAPTION_KEY,
     LATENT_KEY,
+    LOSS_MASK_KEY,
     MASK_KEY,
     MASKED_LATENT_KEY,
     META_KEY,
@@ -40,6 +41,7 @@ class LatentSample:
         mask: ``(1, h, w)`` float16, inpainting shards only.
         masked_latent: ``(C, h, w)`` float16, inpainting shards only.
         pooled: ``(P,)`` float16, SDXL shards only (the second text encoder's pooled embedding).
+        loss_mask: ``(1, h, w)`` float16 in [0, 1], samples with a loss mask only (masked loss).
     """
 
     key: str
@@ -50,6 +52,7 @@ class LatentSample:
     mask: np.ndarray | None = None
     masked_latent: np.ndarray | None = None
     pooled: np.ndarray | None = None
+    loss_mask: np.ndarray | None = None
 
 
 def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
@@ -122,6 +125,8 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
         members[MASKED_LATENT_KEY] = npy_bytes(sample.masked_latent)
     if sample.pooled is not None:
         members[POOLED_KEY] = npy_bytes(sample.pooled)
+    if sample.loss_mask is not None:
+        members[LOSS_MASK_KEY] = npy_bytes(sample.loss_mask)
     return members
 
 
@@ -133,6 +138,7 @@ def decode_latent_sample(
     latent_shapes: Sequence[tuple[int, ...]] | None = None,
     inpainting: bool = False,
     pooled_shape: tuple[int, ...] | None = None,
+    loss_masks: bool = False,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -143,6 +149,8 @@ def decode_latent_sample(
         latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
         inpainting: the sample must hold ``mask.npy`` and ``masked_latent.npy`` of its latent's size.
         pooled_shape: SDXL shards: the sample must hold ``pooled.npy`` of this shape ``(P,)``.
+        loss_masks: read ``loss_mask.npy`` when the sample holds one: float16 ``(1, h, w)`` of its latent's
+            size, values in [0, 1] (else ``loss_mask`` stays ``None``).
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -189,4 +197,27 @@ def decode_latent_sample(
                 f"{origin}: member '{POOLED_KEY}' is {pooled.dtype} {pooled.shape}, expected {tuple(pooled_shape)}"
             )
         decoded.pooled = pooled
+    if loss_masks and LOSS_MASK_KEY in sample:
+        decoded.loss_mask = _checked_loss_mask(sample[LOSS_MASK_KEY], arrays[LATENT_KEY].shape, origin)
     return decoded
+
+
+def _checked_loss_mask(data: bytes, latent_shape: tuple[int, ...], origin: str) -> np.ndarray:
+    """A ``loss_mask.npy`` member: float16 ``(1, h, w)`` for a latent ``(C, h, w)``, values in [0, 1].
+
+    Raises:
+        CorruptSampleError: it does not parse, or has another dtype, shape or range.
+    """
+    shape = (1, *latent_shape[1:])
+    try:
+        mask = _load_npy_of_shape(data, [shape])
+    except Exception as error:
+        raise CorruptSampleError(f"{origin}: member '{LOSS_MASK_KEY}' is not a .npy array ({error})") from error
+    if mask.dtype != STORAGE_DTYPE or tuple(mask.shape) != shape:
+        raise CorruptSampleError(
+            f"{origin}: member '{LOSS_MASK_KEY}' is {mask.dtype} {tuple(mask.shape)}, "
+            f"expected {np.dtype(STORAGE_DTYPE)} {shape} (its latent's size)"
+        )
+    if not (np.all(mask >= 0) and np.all(mask <= 1)):  # also refuses NaN
+        raise CorruptSampleError(f"{origin}: member '{LOSS_MASK_KEY}' has values outside [0, 1]")
+    return mask
