@@ -34,14 +34,21 @@ from data_pipelines.latents.format import (
     encode_latent_sample,
     save_entry,
 )
-from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.raw.format import decode_loss_mask, decode_raw_sample
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.shard_reading import tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.augment import VariantSettings
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.images import ResizeCrop
-from data_pipelines.transforms.masks import MaskSettings, latent_mask, masked_pixels, random_mask
+from data_pipelines.transforms.masks import (
+    MaskSettings,
+    crop_loss_mask,
+    latent_mask,
+    loss_mask_for,
+    masked_pixels,
+    random_mask,
+)
 from lf_common import object_store
 from lf_common.atomic import TMP_SUFFIX
 from lf_common.errors import ConfigError, DataError
@@ -59,6 +66,8 @@ class _Pending:
     caption: str
     meta: dict[str, Any]
     variants: torch.Tensor | None = None  # (V, 3, h, w): the other crops and mirror images (meta["variants"])
+    loss_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1], through the image's resize and crop
+    loss_mask_variants: torch.Tensor | None = None  # (V, 1, h, w): the loss mask of each of variants
 
 
 class LatentShardEncoder:
@@ -143,6 +152,12 @@ class LatentShardEncoder:
             small = latent_mask(masks, tuple(latents.shape[-2:]))  # (B, 1, h, w)
             for sample, mask, masked_latent in zip(samples, small.numpy(), masked.numpy(), strict=True):
                 sample.mask, sample.masked_latent = mask, masked_latent
+        latent_size = tuple(latents.shape[-2:])
+        for sample, pending in zip(samples, batch, strict=True):
+            if pending.loss_mask is not None:  # area-averaged to the latent grid: (1, h, w) in [0, 1]
+                sample.loss_mask = latent_mask(pending.loss_mask[None], latent_size, "area")[0].numpy()
+            if pending.loss_mask_variants is not None:  # (V, 1, h, w)
+                sample.loss_mask_variants = latent_mask(pending.loss_mask_variants, latent_size, "area").numpy()
         return samples
 
     def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
@@ -150,18 +165,20 @@ class LatentShardEncoder:
 
         Samples wait in one batch per size (one per bucket, when bucketed; at most
         ``buckets x batch_size`` images held); a batch is yielded when full, the rest at the end of
-        the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`.
+        the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`. A sample's
+        loss mask (``KEY.mask.png``) takes its image's resize and crop.
         """
         batches: dict[tuple[int, ...], list[_Pending]] = {}
         dataset = wds.DataPipeline(wds.SimpleShardList([source]), functools.partial(tar_samples, handler=self.skips))
         for raw in dataset:
             try:
                 sample_key, image, caption, meta = decode_raw_sample(raw)
+                mask = decode_loss_mask(raw, image.size)
             except Exception as error:  # CorruptSampleError, or bad JSON metadata
                 self.skips(error)
                 continue
             self.skips.count_good()
-            pending = self.preprocess(sample_key, image, caption, meta)
+            pending = self.preprocess(sample_key, image, caption, meta, mask)
             batch = batches.setdefault(tuple(pending.pixels.shape), [])
             batch.append(pending)
             if len(batch) == self.batch_size:
@@ -171,17 +188,26 @@ class LatentShardEncoder:
             if batches[shape]:
                 yield batches[shape]
 
-    def preprocess(self, key: str, image: Image.Image, caption: str, meta: dict[str, Any]) -> _Pending:
+    def preprocess(
+        self, key: str, image: Image.Image, caption: str, meta: dict[str, Any], mask: Image.Image | None = None
+    ) -> _Pending:
         """One sample's image resized and cropped to its canonical variant, and to its other variants when
-        :attr:`variants` is set (each with its ``crop_top_left`` and ``flip`` in ``meta["variants"]``)."""
+        :attr:`variants` is set (each with its ``crop_top_left`` and ``flip`` in ``meta["variants"]``); its
+        loss ``mask`` (mode L, the image's size), if any, through the same resize, crops and mirrors."""
         resized = self.transform.prepare(image)
         pixels, info = resized.canonical_pixels()  # (3, h, w)
-        pending = _Pending(key, pixels, caption, {**meta, **info})
+        loss_mask = loss_mask_for(mask, info) if mask is not None else None
+        pending = _Pending(key, pixels, caption, {**meta, **info}, loss_mask=loss_mask)
         if self.variants is not None:
             plan = self.variants.plan(key, resized.canonical, resized.image.size[::-1], resized.target)
             rendered = [resized.render(variant) for variant in plan[1:]]  # the canonical one is latent.npy
             pending.variants = torch.stack([variant_pixels for variant_pixels, _ in rendered])  # (V, 3, h, w)
             pending.meta[VARIANTS_META] = [variant_info for _, variant_info in rendered]
+            if mask is not None:  # crop_loss_mask takes the corner in the unmirrored resized image, as CropVariant
+                size, target = info["original_size"], info["target_size"]
+                pending.loss_mask_variants = torch.stack(
+                    [crop_loss_mask(mask, size, (v.top, v.left), target, v.flip) for v in plan[1:]]
+                )
         return pending
 
     def encode_shard(self, source: str, target: str | Path, key: CacheKey) -> ShardEntry:
@@ -259,12 +285,14 @@ class ShardOutput:
             self.tmp.unlink(missing_ok=True)
         self.writer = open_tar_writer(self.tmp)
         self.count = 0
+        self.loss_masks = 0
 
     def write(self, samples: list[LatentSample]) -> None:
         """Append encoded samples."""
         for sample in samples:
             self.writer.write(encode_latent_sample(sample))
         self.count += len(samples)
+        self.loss_masks += sum(sample.loss_mask is not None for sample in samples)
 
     def finish(self, skipped: int) -> ShardEntry:
         """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
@@ -283,6 +311,7 @@ class ShardOutput:
             source_sha256=self.key.source_sha256,
             skipped=skipped,
             cache_key=asdict(self.key),
+            loss_masks=self.loss_masks,
         )
         save_entry(self.target, entry)
         log.info("%s: %d samples from %s (%d skipped)", entry.name, entry.num_samples, self.source, skipped)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from data_pipelines.latents.format import (
     VARIANTS_META,
     LatentManifest,
+    LatentSample,
     decode_latent_sample,
     load_uncond_embedding,
     load_uncond_pooled,
@@ -219,7 +220,8 @@ class _StreamingDataModule(L.LightningDataModule):
 
 class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers): a tuple of arrays, named by
-    :attr:`names` (the batch keys :class:`LatentCollate` gives them).
+    :attr:`names` (the batch keys :class:`LatentCollate` gives them). When the manifest counts loss masks,
+    every sample gets a ``loss_mask`` ``(1, h, w)``: its own, or ones (unmasked) for a sample without one.
 
     From shards with image variants (precompute's ``flip``/``crops_per_image``) it emits ``latents_variants``
     ``(V, C, h, w)`` (and, for SDXL, ``time_ids_variants`` ``(V, 6)``, each variant's crop) in place of
@@ -241,11 +243,14 @@ class _LatentDecoder:
         self.stored_variants = settings.count - 1  # in latent_variants.npy, besides latent.npy
         self.selection = settings.selection(random_flip, use_crop_variants)  # indices, 0: latent.npy
         suffix = VARIANTS_SUFFIX if len(self.selection) > 1 else ""
+        self.loss_masks = manifest.loss_masks > 0
+        self._suffix = suffix
         self.names = (
             "latents" + suffix,
             "text",
             *(INPAINTING_BATCH_KEYS if self.inpainting else ()),
             *((SDXL_BATCH_KEYS[0], SDXL_BATCH_KEYS[1] + suffix) if manifest.sdxl else ()),
+            *((LOSS_MASK_BATCH_KEY + suffix,) if self.loss_masks else ()),
         )
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
@@ -257,6 +262,7 @@ class _LatentDecoder:
             inpainting=self.inpainting,
             pooled_shape=self.pooled_shape,
             latent_variants=self.stored_variants if variants else 0,
+            loss_masks=self.loss_masks,
         )
         latents = decoded.latent
         if variants:
@@ -274,17 +280,39 @@ class _LatentDecoder:
                     [micro_conditioning({**decoded.meta, **crops[index]}, origin) for index in self.selection]
                 )  # (V, 6)
             arrays += (decoded.pooled, time_ids)
+        if self.loss_masks:
+            arrays += (self._loss_mask(decoded, variants),)
         return arrays
+
+    def emit_loss_masks(self) -> None:
+        """Give every sample a ``loss_mask`` (ones where none is stored), though these shards hold none: e.g.
+        beside another dataset of a mixed run that has masks (batches need the same keys)."""
+        if not self.loss_masks:
+            self.loss_masks = True
+            self.names = (*self.names, LOSS_MASK_BATCH_KEY + self._suffix)
+
+    def _loss_mask(self, decoded: LatentSample, variants: bool) -> np.ndarray:
+        """The sample's loss mask ``(1, h, w)`` (``(V, 1, h, w)``, one per selected variant, with ``variants``);
+        ones (unmasked) for a sample without one."""
+        if decoded.loss_mask is None:
+            ones = np.ones((1, *decoded.latent.shape[1:]), dtype=decoded.latent.dtype)
+            return np.stack([ones] * len(self.selection)) if variants else ones
+        if not variants:
+            return decoded.loss_mask
+        stored = [decoded.loss_mask, *decoded.loss_mask_variants]  # type: ignore[misc]
+        return np.stack([stored[index] for index in self.selection])
 
 
 INPAINTING_BATCH_KEYS = ("mask", "masked_latents")
 SDXL_BATCH_KEYS = ("pooled", "time_ids")  # (B, P) float16 and (B, 6) int64: SDXL's added conditioning
+LOSS_MASK_BATCH_KEY = "loss_mask"  # (B, 1, h, w) float16 in [0, 1]: masked loss (ones for unmasked samples)
 
 
 class LatentCollate:
     """Stack decoded samples into a batch dict: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``
     float16; from inpainting shards also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``;
-    from SDXL shards also ``pooled`` ``(B, P)`` float16 and ``time_ids`` ``(B, 6)`` int64.
+    from SDXL shards also ``pooled`` ``(B, P)`` float16 and ``time_ids`` ``(B, 6)`` int64; from shards with loss
+    masks also ``loss_mask`` ``(B, 1, h, w)`` float16 in [0, 1].
     Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
     so ``(h, w)`` is the same within a batch and may differ between batches.
 
@@ -355,6 +383,11 @@ class LatentShardDataModule(_StreamingDataModule):
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
         self.epoch_samples = epoch_samples or self.manifest.num_samples
+
+    @property
+    def loss_masks(self) -> bool:
+        """Whether training batches carry ``loss_mask`` (the training shards hold loss masks)."""
+        return self.manifest.loss_masks > 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(

@@ -234,6 +234,10 @@ class MixedLatentDataModule(_StreamingDataModule):
         self.decoders = [
             _LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
         ]
+        self.loss_masks = any(decoder.loss_masks for decoder in self.decoders)  # objective.masked_loss checks it
+        if self.loss_masks:  # a set without masks (e.g. regularization images) trains unmasked beside one with
+            for decoder in self.decoders:
+                decoder.emit_loss_masks()
         keys = {decoder.names for decoder in self.decoders}
         if len(keys) > 1:
             raise DataError(f"data.datasets: the folders' samples have different batch keys {sorted(keys)}")

@@ -6,6 +6,11 @@ Each sample of a raw shard is three tar members sharing one key::
     KEY.txt                        the caption, UTF-8
     KEY.json                       metadata (source path or index, labels, ...)
 
+and, optionally, a loss mask (docs/data.md, "Masked loss")::
+
+    KEY.mask.png                   grayscale (mode L) PNG of the image's size: 255 where the loss counts,
+                                   0 where it is ignored (from ``KEY.mask.png`` beside an image, or its alpha)
+
 That is the layout img2dataset writes, so its output is valid input. img2dataset's ``KEY.json``
 holds ``url``, ``key``, ``status``, ``error_message``, ``width``, ``height``, ``original_width``,
 ``original_height``, ``exif``, ``sha256``...; a sample whose ``status`` is not ``"success"`` is
@@ -28,6 +33,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
 META_KEY = "json"
 PIL_FORMAT_TO_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+LOSS_MASK_KEY = "mask.png"
+LOSS_MASK_MODES = ("L", "1")  # grayscale, or bilevel (stored as L: 0 and 255)
 
 
 @dataclass
@@ -39,18 +46,22 @@ class RawSample:
     image_ext: str
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    mask_bytes: bytes | None = None  # the loss mask, a mode L PNG of the image's size (KEY.mask.png)
 
 
 def encode_raw_sample(sample: RawSample) -> dict[str, Any]:
     """The tar members of one sample, as ``webdataset.TarWriter`` takes them (all bytes)."""
     if sample.image_ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"sample {sample.key}: image extension {sample.image_ext!r} not in {IMAGE_EXTENSIONS}")
-    return {
+    members = {
         "__key__": sample.key,
         sample.image_ext: sample.image_bytes,
         CAPTION_KEY: sample.caption.encode("utf-8"),
         META_KEY: json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
     }
+    if sample.mask_bytes is not None:
+        members[LOSS_MASK_KEY] = sample.mask_bytes
+    return members
 
 
 def sample_origin(sample: dict[str, Any]) -> str:
@@ -121,3 +132,69 @@ def normalize_image_bytes(data: bytes, origin: str) -> tuple[bytes, str]:
     except Exception as error:  # PIL raises several types for bad bytes
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names the buffer, not the file
         raise CorruptSampleError(f"{origin}: does not decode as an image ({reason})") from error
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def check_loss_mask(mask: Image.Image, image_size: tuple[int, int], where: str) -> Image.Image:
+    """``mask`` as a mode L image, checked against its image's ``(width, height)``.
+
+    Raises:
+        CorruptSampleError: one line naming ``where`` (the mask's file or sample), what the mask is and what
+            it should be (a grayscale image of the image's size).
+    """
+    width, height = image_size
+    if mask.mode not in LOSS_MASK_MODES or mask.size != (width, height):
+        raise CorruptSampleError(
+            f"{where}: loss mask is mode {mask.mode} {mask.size[0]}x{mask.size[1]}, expected a grayscale "
+            f"(mode L) image of its image's size {width}x{height}"
+        )
+    return mask.convert("L")
+
+
+def loss_mask_png(data: bytes, image_size: tuple[int, int], where: str) -> bytes:
+    """A loss mask file's bytes as a raw shard's ``mask.png`` member: checked (mode L or 1, the image's size)
+    and stored as a mode L PNG.
+
+    Raises:
+        CorruptSampleError: the bytes do not decode, or the mask has another mode or size (one line).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            mask.load()
+            checked = check_loss_mask(mask, image_size, where)
+    except CorruptSampleError:
+        raise
+    except Exception as error:  # PIL raises several types for bad bytes
+        raise CorruptSampleError(f"{where}: loss mask does not decode as an image ({error})") from error
+    return _png_bytes(checked)
+
+
+def alpha_mask_png(image: Image.Image) -> bytes | None:
+    """The image's alpha channel as a mode L PNG (0: transparent, ignored by the loss), or ``None`` for an
+    image without transparency."""
+    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+        return None
+    return _png_bytes(image.convert("RGBA").getchannel("A"))
+
+
+def decode_loss_mask(sample: dict[str, Any], image_size: tuple[int, int]) -> Image.Image | None:
+    """The loss mask of a webdataset sample of a raw shard (mode L, the image's size), or ``None`` without one.
+
+    Raises:
+        CorruptSampleError: the ``mask.png`` member does not decode or has another mode or size (one line
+            naming the shard and key).
+    """
+    if LOSS_MASK_KEY not in sample:
+        return None
+    where = f"{sample_origin(sample)}: member '{LOSS_MASK_KEY}'"
+    try:
+        mask = Image.open(io.BytesIO(sample[LOSS_MASK_KEY]))
+        mask.load()
+    except Exception as error:  # PIL raises several types for bad bytes
+        raise CorruptSampleError(f"{where} does not decode as an image ({error})") from error
+    return check_loss_mask(mask, image_size, where)

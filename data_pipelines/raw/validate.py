@@ -11,7 +11,14 @@ from typing import Any
 
 from PIL import Image
 
-from data_pipelines.raw.format import CAPTION_KEY, IMAGE_EXTENSIONS, META_KEY, failed_status
+from data_pipelines.raw.format import (
+    CAPTION_KEY,
+    IMAGE_EXTENSIONS,
+    LOSS_MASK_KEY,
+    META_KEY,
+    check_loss_mask,
+    failed_status,
+)
 from lf_common import object_store
 
 PROBLEMS = {
@@ -20,6 +27,7 @@ PROBLEMS = {
     "missing_caption": "no caption",
     "duplicate_keys": "duplicate key",
     "failed_status": "marked failed in KEY.json",
+    "bad_mask": "loss mask mask.png not a grayscale (mode L) image of the image's size",
 }
 """:class:`ShardReport`'s lists of bad keys, and what each means."""
 KEYS_SHOWN = 5
@@ -39,6 +47,8 @@ class ShardReport:
         duplicate_keys: keys whose members are not contiguous or appear twice.
         failed_status: keys whose ``KEY.json`` says the download failed (img2dataset's ``status``
             other than ``"success"``), or does not parse as JSON.
+        bad_mask: keys whose loss mask (``mask.png``) does not decode, or is not grayscale (mode L) or not
+            of its image's size.
         truncated: the tar error when the file ends early or is not a tar.
     """
 
@@ -49,6 +59,7 @@ class ShardReport:
     missing_caption: list[str] = field(default_factory=list)
     duplicate_keys: list[str] = field(default_factory=list)
     failed_status: list[str] = field(default_factory=list)
+    bad_mask: list[str] = field(default_factory=list)
     truncated: str | None = None
 
     @property
@@ -59,6 +70,7 @@ class ShardReport:
             or self.missing_caption
             or self.duplicate_keys
             or self.failed_status
+            or self.bad_mask
             or self.truncated
         )
 
@@ -93,14 +105,18 @@ def validate_shard(path: str | Path) -> ShardReport:
             return
         report.samples += 1
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        image_size = None
         if image_ext is None:
             report.missing_image.append(key)
         else:
             try:
                 with Image.open(io.BytesIO(members[image_ext])) as image:
                     image.load()
+                    image_size = image.size
             except Exception:
                 report.undecodable.append(key)
+        if LOSS_MASK_KEY in members and not _mask_fits(members[LOSS_MASK_KEY], image_size):
+            report.bad_mask.append(key)
         if CAPTION_KEY not in members:
             report.missing_caption.append(key)
         if META_KEY in members:
@@ -135,6 +151,19 @@ def validate_shard(path: str | Path) -> ShardReport:
     return report
 
 
+def _mask_fits(data: bytes, image_size: tuple[int, int] | None) -> bool:
+    """Whether a ``mask.png`` member decodes as a grayscale image of its image's ``(width, height)``
+    (``None``: the image is missing or broken, which is reported on its own)."""
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            mask.load()
+            if image_size is not None:
+                check_loss_mask(mask, image_size, "mask")
+    except Exception:
+        return False
+    return True
+
+
 def _open(path: str | Path) -> Any:
     """A binary stream of a local file or an object-store URL."""
     return object_store.open_path(path)
@@ -160,13 +189,14 @@ def report_table(reports: list[ShardReport]) -> list[str]:
     """The reports as lines of a table, one shard a line, under a header."""
     lines = [
         f"{'shard':<50} {'samples':>8} {'bad image':>9} {'no image':>8} {'no caption':>10} {'dup key':>7} "
-        f"{'failed':>6}  tar"
+        f"{'failed':>6} {'bad mask':>8}  tar"
     ]
     for r in reports:
         tar = "ok" if r.truncated is None else f"BROKEN ({r.truncated})"
         lines.append(
             f"{r.shard[-50:]:<50} {r.samples:>8} {len(r.undecodable):>9} {len(r.missing_image):>8} "
-            f"{len(r.missing_caption):>10} {len(r.duplicate_keys):>7} {len(r.failed_status):>6}  {tar}"
+            f"{len(r.missing_caption):>10} {len(r.duplicate_keys):>7} {len(r.failed_status):>6} "
+            f"{len(r.bad_mask):>8}  {tar}"
         )
     return lines
 

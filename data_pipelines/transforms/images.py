@@ -143,8 +143,7 @@ def resize_and_crop(
 def resize_to_cover(image: Image.Image, height: int, width: int, interpolation: str = "bicubic") -> Image.Image:
     """``image`` resized (keeping its aspect) to the smallest size that covers ``height`` x ``width``."""
     original_w, original_h = image.size
-    scale = max(width / original_w, height / original_h)
-    new_w, new_h = max(width, round(original_w * scale)), max(height, round(original_h * scale))
+    new_h, new_w = resized_size(original_h, original_w, height, width)
     if (new_w, new_h) != (original_w, original_h):
         image = image.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
     return image
@@ -162,6 +161,13 @@ def crop_corner(
     if crop == "center":
         return (new_h - height) // 2, (new_w - width) // 2
     raise ConfigError(f"crop={crop!r}: expected 'center' or 'random'")
+
+
+def resized_size(original_h: int, original_w: int, height: int, width: int) -> tuple[int, int]:
+    """``(height, width)`` that :func:`resize_and_crop` resizes an ``original_h`` x ``original_w`` image to
+    before cropping ``height`` x ``width`` out of it (the smallest size of the same aspect covering it)."""
+    scale = max(width / original_w, height / original_h)
+    return max(height, round(original_h * scale)), max(width, round(original_w * scale))
 
 
 def image_to_pixels(image: Image.Image) -> torch.Tensor:

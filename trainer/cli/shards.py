@@ -5,6 +5,7 @@ Examples::
     lf-shards source=digits out_dir=data/digits-train
     lf-shards source=digits source.split=heldout out_dir=data/digits-heldout
     lf-shards source=folder source.root=photos/ out_dir=data/photos samples_per_shard=500
+    lf-shards source=folder source.root=cutouts/ out_dir=data/cutouts masks.from_alpha=true   # loss masks
     lf-shards source=table source.table=captions.csv out_dir=data/table on_bad_sample=skip
     lf-shards source=table source.table=laion.parquet source.path_column=file source.caption_column=text out_dir=...
     lf-shards source=img2dataset source.path=img2dataset_out    # validated in place, not rewritten
@@ -16,6 +17,7 @@ Keys::
     samples_per_shard  samples in each shard
     on_bad_sample    error (stop at an image that does not decode) | skip (leave it out, count and log it)
     overwrite        replace shards already in out_dir
+    masks.from_alpha an image's alpha channel is its loss mask (KEY.mask.png beside an image is always read)
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
         max_bytes_per_shard=cfg.max_bytes_per_shard,
         workers=cfg.workers,
         progress=cfg.progress,
+        mask_from_alpha=cfg.masks.from_alpha,
     )
+    masks = f" ({summary.masks} with a loss mask)" if summary.masks else ""
     print(
-        f"shards: {summary.samples} samples in {len(summary.shards)} shards, "
+        f"shards: {summary.samples} samples{masks} in {len(summary.shards)} shards, "
         f"{summary.bytes / 1e6:.1f} MB, {summary.skipped} skipped -> {summary.out_dir}"
     )
     return asdict(summary)

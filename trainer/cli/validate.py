@@ -1,7 +1,8 @@
 """``lf-validate``: check raw shards (yours, or img2dataset's output) before training on them.
 
 Per shard: samples, undecodable images, samples without image or caption, duplicate keys, samples
-marked failed in KEY.json (img2dataset's status), and a truncated or unreadable tar. Prints a
+marked failed in KEY.json (img2dataset's status), loss masks (KEY.mask.png) that are not grayscale or not
+of their image's size, and a truncated or unreadable tar. Prints a
 table, the first bad sample keys of each shard with what is wrong, and "N shards with problems, M
 bad samples"; writes a JSON report with every bad key when ``report=`` is set; exits with status 1
 when anything is wrong.

@@ -23,7 +23,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
-from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, SDXL_BATCH_KEYS
+from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, LOSS_MASK_BATCH_KEY, SDXL_BATCH_KEYS
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 NO_UNCOND_TEXT = (
     "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
     "module that has it (latent shards hold it), or set model.caption_dropout=0"
+)
+NO_LOSS_MASKS = (
+    "objective.masked_loss=true but the training latent shards hold no loss masks (loss_mask.npy): give images "
+    "masks (KEY.mask.png beside each image, or lf-shards masks.from_alpha=true), run lf-shards and lf-precompute "
+    "again, or set objective.masked_loss=false"
 )
 
 
@@ -74,6 +79,10 @@ class LatentDiffusion(L.LightningModule):
         pretrained: the folder the UNet was loaded from (``model=pretrained``), kept in the hyperparameters.
         param_groups: per-part learning rates and weight decay (``optim.unet_lr``, ``optim.block_lr``, ...;
             :mod:`trainer.modules.param_groups`); ``None``: the optimizer's own for every parameter.
+        masked_loss: weigh each latent pixel's error by the batch's ``loss_mask`` ``(B, 1, h, w)`` (latent
+            shards with loss masks; samples without one come as ones): the weight is
+            ``mask_floor + (1 - mask_floor) * mask`` (:meth:`pixel_weights`). The training data must hold masks.
+        mask_floor: the weight of the masked-out part (0: it teaches nothing; e.g. 0.1 keeps a little of it).
 
     A schedule-free optimizer (``optim=schedule_free_adamw``) is switched to its training weights before each
     batch and to its evaluation weights after each optimizer step, so validation, the EMA, checkpoints and
@@ -108,6 +117,8 @@ class LatentDiffusion(L.LightningModule):
         lora_from: str | None = None,
         uncond_pooled: torch.Tensor | None = None,
         param_groups: ParamGroupSettings | Mapping[str, Any] | None = None,
+        masked_loss: bool = False,
+        mask_floor: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
@@ -125,6 +136,10 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
+        if not 0.0 <= mask_floor <= 1.0:
+            raise ConfigError(f"objective.mask_floor={mask_floor}: expected a weight in [0, 1]")
+        self.masked_loss = masked_loss
+        self.mask_floor = mask_floor
         self.objective = objective or Objective()
         steps = noise_scheduler.config.num_train_timesteps
         self.validation_timesteps = list(validation_timesteps or range(steps // 20, steps, steps // 10))
@@ -147,8 +162,15 @@ class LatentDiffusion(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Take the empty caption's embedding from the data module when it was not given (data that a
         data module prepares in its own ``setup``, as DreamBooth's, exists only from then on), onto
-        this rank's device."""
+        this rank's device. A masked loss on training data without loss masks is refused here, before a step.
+
+        Raises:
+            ConfigError: caption dropout without an empty caption's embedding, or ``masked_loss`` on data
+                without loss masks.
+        """
         datamodule = self.trainer.datamodule
+        if stage == "fit" and self.masked_loss and not getattr(datamodule, "loss_masks", False):
+            raise ConfigError(NO_LOSS_MASKS)
         if self.uncond_text is None and (self.caption_dropout > 0 or getattr(datamodule, "dataset_names", None)):
             self.uncond_text = getattr(datamodule, "uncond_text", None)  # several datasets: any may drop captions
             if self.uncond_text is None and self.caption_dropout > 0:
@@ -250,9 +272,29 @@ class LatentDiffusion(L.LightningModule):
             self.noise_scheduler,
             latents,
             text,
-            pixel_weights=batch.get("loss_weights"),
+            pixel_weights=self.pixel_weights(batch),
             sample_weights=batch.get("sample_weights"),
         )
+
+    def pixel_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The weight of each latent pixel's error ``(B, 1, h, w)``, or ``None`` (all 1).
+
+        With ``masked_loss`` the batch's ``loss_mask`` ``m`` in [0, 1] gives ``mask_floor + (1 - mask_floor) * m``
+        (times the batch's ``loss_weights`` when it has them too). The loss is not divided by the mask's mean:
+        as in kohya-ss/sd-scripts (``apply_masked_loss``) and SimpleTuner (``conditioning_type: mask``), the
+        weighted squared error is averaged over all pixels, so a pixel that counts weighs the same in a mostly
+        masked image as in an unmasked one, and a small mask does not blow up its image's gradient.
+
+        Raises:
+            ConfigError: ``masked_loss`` and the batch has no ``loss_mask`` (data without loss masks).
+        """
+        weights = batch.get("loss_weights")
+        if not self.masked_loss:
+            return weights
+        if LOSS_MASK_BATCH_KEY not in batch:
+            raise ConfigError(NO_LOSS_MASKS)
+        masked = self.mask_floor + (1.0 - self.mask_floor) * batch[LOSS_MASK_BATCH_KEY].float()  # (B, 1, h, w)
+        return masked if weights is None else weights.float() * masked
 
     def _predictor(
         self, batch: dict[str, torch.Tensor], added: dict[str, torch.Tensor] | None = None
@@ -353,7 +395,8 @@ class LatentDiffusion(L.LightningModule):
         return {f"train/loss_{self.dataset_names[i]}": terms.errors[index == i].mean() for i in index.unique().tolist()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout)."""
+        """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout); also unmasked
+        with ``masked_loss``: it measures the whole image, the same number with or without masks."""
         loss = fixed_timestep_loss(
             self._predictor(batch, self.added_conditioning(batch)),
             self.noise_scheduler,

@@ -14,6 +14,13 @@ and, for training an inpainting UNet (precompute with ``inpainting=true``; the m
     KEY.mask.npy           float16 (1, h, w)  the sample's random mask at latent resolution (1: paint)
     KEY.masked_latent.npy  float16 (C, h, w)  latents of the image with the masked part grey (0)
 
+and, for masked loss, in samples whose raw sample had a loss mask (``KEY.mask.png``; the shard's entry counts
+them in ``loss_masks``)::
+
+    KEY.loss_mask.npy      float16 (1, h, w)  the loss mask at latent resolution, in [0, 1] (1: the loss counts),
+                                              through the image's resize and crop, area-averaged; a sample
+                                              without it is unmasked (the loader gives it ones)
+
 and, for Stable Diffusion XL (precompute with a second text encoder; the manifest then names
 ``text_encoder_2`` and ``pooled_shape``)::
 
@@ -66,6 +73,8 @@ from data_pipelines.latents.format.keys import (
     FORMAT_VERSION,
     LATENT_KEY,
     LATENT_VARIANTS_KEY,
+    LOSS_MASK_KEY,
+    LOSS_MASK_VARIANTS_KEY,
     MANIFEST_NAME,
     MASK_KEY,
     MASKED_LATENT_KEY,
@@ -107,6 +116,8 @@ __all__ = [
     "FORMAT_VERSION",
     "LATENT_KEY",
     "LATENT_VARIANTS_KEY",
+    "LOSS_MASK_KEY",
+    "LOSS_MASK_VARIANTS_KEY",
     "MANIFEST_NAME",
     "MASKED_LATENT_KEY",
     "MASKS_SETTING",

@@ -92,7 +92,8 @@ class CacheKey:
 
 @dataclass
 class ShardEntry:
-    """One latent shard: its file name, sample count, the raw shard it came from, and its cache key."""
+    """One latent shard: its file name, sample count, the raw shard it came from, and its cache key
+    (``loss_masks``: its samples with a loss mask, ``loss_mask.npy``)."""
 
     name: str
     num_samples: int
@@ -100,6 +101,7 @@ class ShardEntry:
     source_sha256: str
     skipped: int = 0
     cache_key: dict[str, Any] = field(default_factory=dict)
+    loss_masks: int = 0
 
     def key(self) -> CacheKey | None:
         """The cache key the shard was written with (``None`` for shards written without one)."""
@@ -165,6 +167,12 @@ class LatentManifest:
         """The image-variant settings the shards were written with (``flip``, ``crops_per_image``, ``seed``;
         :class:`~data_pipelines.transforms.augment.VariantSettings`), or ``None`` for shards without variants."""
         return self.transforms.get(VARIANTS_SETTING) or None
+
+    @property
+    def loss_masks(self) -> int:
+        """Samples that hold a loss mask (``loss_mask.npy``), in all shards (0: none, masked loss has nothing
+        to weigh)."""
+        return sum(shard.loss_masks for shard in self.shards)
 
     @property
     def sdxl(self) -> bool:

@@ -16,6 +16,8 @@ from data_pipelines.latents.format.keys import (
     CAPTION_KEY,
     LATENT_KEY,
     LATENT_VARIANTS_KEY,
+    LOSS_MASK_KEY,
+    LOSS_MASK_VARIANTS_KEY,
     MASK_KEY,
     MASKED_LATENT_KEY,
     META_KEY,
@@ -45,6 +47,9 @@ class LatentSample:
         latent_variants: ``(V, C, h, w)`` float16, shards with image variants only: the latents of the
             sample's other crops and mirror images; ``meta["variants"]`` holds each one's ``crop_top_left``
             and ``flip``, in the same order.
+        loss_mask: ``(1, h, w)`` float16 in [0, 1], samples with a loss mask only (masked loss).
+        loss_mask_variants: ``(V, 1, h, w)`` float16, samples with a loss mask in shards with image variants:
+            the mask of each of ``latent_variants``, cropped and mirrored as its latent.
     """
 
     key: str
@@ -56,6 +61,8 @@ class LatentSample:
     masked_latent: np.ndarray | None = None
     pooled: np.ndarray | None = None
     latent_variants: np.ndarray | None = None
+    loss_mask: np.ndarray | None = None
+    loss_mask_variants: np.ndarray | None = None
 
 
 def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
@@ -130,6 +137,10 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
         members[POOLED_KEY] = npy_bytes(sample.pooled)
     if sample.latent_variants is not None:
         members[LATENT_VARIANTS_KEY] = npy_bytes(sample.latent_variants)
+    if sample.loss_mask is not None:
+        members[LOSS_MASK_KEY] = npy_bytes(sample.loss_mask)
+    if sample.loss_mask_variants is not None:
+        members[LOSS_MASK_VARIANTS_KEY] = npy_bytes(sample.loss_mask_variants)
     return members
 
 
@@ -142,6 +153,7 @@ def decode_latent_sample(
     inpainting: bool = False,
     pooled_shape: tuple[int, ...] | None = None,
     latent_variants: int = 0,
+    loss_masks: bool = False,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -155,6 +167,8 @@ def decode_latent_sample(
         latent_variants: shards with image variants: the sample must hold ``latent_variants.npy`` of
             ``(latent_variants, C, h, w)`` (its latent's ``(C, h, w)``) and as many ``variants`` in its
             metadata; 0 (shards without them, or a reader that wants none) reads neither.
+        loss_masks: read ``loss_mask.npy`` when the sample holds one: float16 ``(1, h, w)`` of its latent's
+            size, values in [0, 1] (else ``loss_mask`` stays ``None``).
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -203,6 +217,12 @@ def decode_latent_sample(
         decoded.pooled = pooled
     if latent_variants:
         decoded.latent_variants = _decode_variants(sample, origin, latent_variants, arrays[LATENT_KEY].shape, meta)
+    if loss_masks and LOSS_MASK_KEY in sample:
+        mask_shape = (1, *arrays[LATENT_KEY].shape[1:])
+        decoded.loss_mask = _checked_loss_mask(sample, LOSS_MASK_KEY, mask_shape, origin)
+        if latent_variants:
+            variants_shape = (latent_variants, *mask_shape)
+            decoded.loss_mask_variants = _checked_loss_mask(sample, LOSS_MASK_VARIANTS_KEY, variants_shape, origin)
     return decoded
 
 
@@ -233,3 +253,26 @@ def _decode_variants(
             f"{origin}: metadata '{VARIANTS_META}' is {listed!r:.80}, expected a list of {count} crop/flip entries"
         )
     return array
+
+
+def _checked_loss_mask(sample: dict[str, Any], key: str, shape: tuple[int, ...], origin: str) -> np.ndarray:
+    """A loss-mask member ``key``: float16 of ``shape`` (``(1, h, w)`` for a latent ``(C, h, w)``, or
+    ``(V, 1, h, w)`` for its variants), values in [0, 1].
+
+    Raises:
+        CorruptSampleError: it is missing, does not parse, or has another dtype, shape or range.
+    """
+    if key not in sample:
+        raise CorruptSampleError(f"{origin}: member '{key}' is missing (a sample with a loss mask and image variants)")
+    try:
+        mask = _load_npy_of_shape(sample[key], [shape])
+    except Exception as error:
+        raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
+    if mask.dtype != STORAGE_DTYPE or tuple(mask.shape) != shape:
+        raise CorruptSampleError(
+            f"{origin}: member '{key}' is {mask.dtype} {tuple(mask.shape)}, "
+            f"expected {np.dtype(STORAGE_DTYPE)} {shape} (its latent's size)"
+        )
+    if not (np.all(mask >= 0) and np.all(mask <= 1)):  # also refuses NaN
+        raise CorruptSampleError(f"{origin}: member '{key}' has values outside [0, 1]")
+    return mask

@@ -15,9 +15,13 @@ class SourceItem:
         image_bytes: the encoded image as the source holds it.
         caption: the caption text.
         meta: metadata stored as ``KEY.json``.
+        mask_bytes: an encoded loss mask of the image's size (grayscale), or ``None``: no mask file.
+        mask_origin: where the mask came from (its file), for messages.
     """
 
     origin: str
     image_bytes: bytes
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    mask_bytes: bytes | None = None
+    mask_origin: str = ""

@@ -1,4 +1,8 @@
-"""A folder of images, each captioned by a same-named ``.txt`` file (kohya's and DreamBooth's layout)."""
+"""A folder of images, each captioned by a same-named ``.txt`` file (kohya's and DreamBooth's layout).
+
+An image may have a loss mask beside it: ``KEY.mask.png`` next to ``KEY.jpg`` (grayscale, the image's size;
+white: the loss counts, black: it is ignored). Files named ``*.mask.png`` are masks, never training images.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,12 @@ from data_pipelines.raw.sources.base import SourceItem
 from lf_common.errors import ConfigError, DataError
 
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"
+
+
+def mask_path(image: Path) -> Path:
+    """Where an image's loss mask lies: ``photo.jpg`` -> ``photo.mask.png``."""
+    return image.with_name(image.stem + MASK_SUFFIX)
 
 
 class ImageFolderSource:
@@ -41,7 +51,11 @@ class ImageFolderSource:
         if not self.root.is_dir():
             raise DataError(f"{self.root}: image folder does not exist or is not a folder")
         pattern = "**/*" if self.recursive else "*"
-        paths = sorted(p for p in self.root.glob(pattern) if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
+        paths = sorted(
+            p
+            for p in self.root.glob(pattern)
+            if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and not p.name.lower().endswith(MASK_SUFFIX)
+        )
         if not paths:
             raise DataError(f"{self.root}: no images found (looked for {', '.join(FOLDER_IMAGE_SUFFIXES)})")
         return paths
@@ -65,9 +79,12 @@ class ImageFolderSource:
                 continue
             else:
                 caption = ""
+            mask = mask_path(path)
             yield SourceItem(
                 origin=str(path),
                 image_bytes=path.read_bytes(),
                 caption=caption,
                 meta={"source_path": str(path.relative_to(self.root))},
+                mask_bytes=mask.read_bytes() if mask.is_file() else None,
+                mask_origin=str(mask),
             )
