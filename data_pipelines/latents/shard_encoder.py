@@ -24,6 +24,8 @@ import webdataset as wds
 
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.format import (
+    CAPTION_VARIANTS_META,
+    CAPTIONS_SETTING,
     MASKS_SETTING,
     CacheKey,
     LatentSample,
@@ -31,11 +33,13 @@ from data_pipelines.latents.format import (
     encode_latent_sample,
     save_entry,
 )
+from data_pipelines.raw.captions import sample_captions
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.shard_reading import tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.buckets import BucketResizeCrop
+from data_pipelines.transforms.captions import CaptionSettings, caption_variants
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import MaskSettings, latent_mask, masked_pixels, random_mask
 from lf_common import object_store
@@ -54,6 +58,7 @@ class _Pending:
     pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
     caption: str
     meta: dict[str, Any]
+    variants: list[str] | None = None  # the K captions to embed (caption settings active), the first canonical
 
 
 class LatentShardEncoder:
@@ -68,6 +73,8 @@ class LatentShardEncoder:
             when too many are bad; default: more than 1% of at least 1,000 samples.
         masks: also store each sample's random inpainting mask and its masked image's latents
             (for training an inpainting UNet; :mod:`data_pipelines.transforms.masks`).
+        captions: caption variants and tag tricks (:mod:`data_pipelines.transforms.captions`); with
+            ``variants`` K > 1 each sample also stores ``text_variants`` ``(K, T, D)``.
     """
 
     def __init__(
@@ -77,7 +84,9 @@ class LatentShardEncoder:
         batch_size: int = 64,
         skips: SkipCounter | None = None,
         masks: MaskSettings | None = None,
+        captions: CaptionSettings | None = None,
     ) -> None:
+        self.captions = captions if captions is not None and captions.active else None
         self.encoders = encoders
         self.transform = transform
         self.batch_size = batch_size
@@ -87,7 +96,8 @@ class LatentShardEncoder:
     def transform_settings(self) -> dict[str, Any]:
         """The preprocessing settings (in the cache key and the manifest), with the mask settings if any."""
         masks = {MASKS_SETTING: self.masks.settings()} if self.masks else {}
-        return {**self.transform.settings(), **masks}
+        captions = {CAPTIONS_SETTING: self.captions.settings()} if self.captions else {}
+        return {**self.transform.settings(), **masks, **captions}
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -106,7 +116,15 @@ class LatentShardEncoder:
         """Encode one batch of preprocessed samples."""
         pixels = torch.stack([p.pixels for p in batch])  # (B, 3, H, W)
         latents = self.encoders.encode_images(pixels)  # (B, C, h, w)
-        texts, pooled = self.encoders.encode_text_and_pooled([p.caption for p in batch])  # (B, T, D), (B, P)
+        count = len(batch[0].variants) if batch[0].variants else 1  # K captions per sample
+        captions = [c for p in batch for c in (p.variants or [p.caption])]  # (B * K,)
+        texts, pooled = self.encoders.encode_text_and_pooled(captions)  # (B * K, T, D), (B * K, P)
+        texts = texts.unflatten(0, (len(batch), count))  # (B, K, T, D)
+        pooled = pooled.unflatten(0, (len(batch), count)) if pooled is not None else None  # (B, K, P)
+        if count > 1:
+            text_variants = texts.float().cpu().numpy()
+            pooled_variants = pooled.float().cpu().numpy() if pooled is not None else [None] * len(batch)
+        texts, pooled = texts[:, 0], pooled[:, 0] if pooled is not None else None  # variant 0: the canonical
         samples = [
             LatentSample(p.key, latent, text, p.caption, p.meta)
             for p, latent, text in zip(batch, latents.float().cpu().numpy(), texts.float().cpu().numpy(), strict=True)
@@ -114,6 +132,9 @@ class LatentShardEncoder:
         if pooled is not None:  # SDXL: the time_ids come from each sample's metadata (format.micro_conditioning)
             for sample, vector in zip(samples, pooled.float().cpu().numpy(), strict=True):
                 sample.pooled = vector
+        if count > 1:
+            for sample, text, vectors in zip(samples, text_variants, pooled_variants, strict=True):
+                sample.text_variants, sample.pooled_variants = text, vectors
         if self.masks is not None:
             height, width = pixels.shape[-2:]
             masks = torch.stack([random_mask(p.key, height, width, self.masks) for p in batch])  # (B, 1, H, W)
@@ -138,10 +159,21 @@ class LatentShardEncoder:
             except Exception as error:  # CorruptSampleError, or bad JSON metadata
                 self.skips(error)
                 continue
+            variants = None
+            if self.captions is not None:
+                try:
+                    captions = sample_captions(caption, meta, f"{source}: sample {sample_key}")
+                except Exception as error:  # CorruptSampleError: a bad caption list in KEY.json
+                    self.skips(error)
+                    continue
+                variants = caption_variants(sample_key, captions, self.captions)
+                caption = variants[0]
+                if len(variants) > 1:
+                    meta = {**meta, CAPTION_VARIANTS_META: variants}
             self.skips.count_good()
             pixels, info = self.transform(image)
             batch = batches.setdefault(tuple(pixels.shape), [])
-            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}))
+            batch.append(_Pending(sample_key, pixels, caption, {**meta, **info}, variants))
             if len(batch) == self.batch_size:
                 yield list(batch)
                 batch.clear()

@@ -28,7 +28,7 @@ from data_pipelines.latents.format import (
     load_uncond_pooled,
     micro_conditioning,
 )
-from data_pipelines.loading.variants import draw_variants, variant_generator
+from data_pipelines.loading.variants import VARIANTS_SUFFIX, draw_variants, variant_generator
 from data_pipelines.raw.format import decode_raw_sample, sample_origin
 from data_pipelines.shards.corrupt_samples import SampleCounts, SkipCounter, take_counts
 from data_pipelines.shards.listing import resolve_shards
@@ -217,7 +217,9 @@ class _StreamingDataModule(L.LightningDataModule):
 
 class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers): a tuple of arrays, named by
-    :attr:`names` (the batch keys :class:`LatentCollate` gives them)."""
+    :attr:`names` (the batch keys :class:`LatentCollate` gives them). Shards with caption variants give
+    ``text_variants`` ``(K, T, D)`` (and ``pooled_variants`` ``(K, P)``) instead of ``text`` (and ``pooled``):
+    the data module keeps one per sample (:mod:`data_pipelines.loading.variants`)."""
 
     def __init__(self, manifest: LatentManifest) -> None:
         self.latent_shapes = manifest.latent_shapes()
@@ -230,6 +232,9 @@ class _LatentDecoder:
             *(INPAINTING_BATCH_KEYS if self.inpainting else ()),
             *(SDXL_BATCH_KEYS if manifest.sdxl else ()),
         )
+        self.caption_variants = manifest.caption_variants
+        if self.caption_variants > 1:  # the caption side as NAME_variants
+            self.names = tuple(f"{n}{VARIANTS_SUFFIX}" if n in ("text", "pooled") else n for n in self.names)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
         decoded = decode_latent_sample(
@@ -238,7 +243,10 @@ class _LatentDecoder:
             latent_shapes=self.latent_shapes,
             inpainting=self.inpainting,
             pooled_shape=self.pooled_shape,
+            caption_variants=self.caption_variants,
         )
+        if self.caption_variants > 1:
+            decoded.text, decoded.pooled = decoded.text_variants, decoded.pooled_variants
         arrays: tuple[np.ndarray, ...] = (decoded.latent, decoded.text)
         if self.inpainting:
             arrays += (decoded.mask, decoded.masked_latent)

@@ -30,6 +30,11 @@ Keys::
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
     recompute_stale  encode again shards made with other settings, instead of refusing them
+    captions.*       caption variants per image (variants, from KEY.txt lines or KEY.json "captions") and
+                     kohya-style tag tricks (shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout, prefix)
+
+    lf-precompute shards=data/raw out_dir=data/latents-tags pretrained=sd15/ captions.variants=8 \\
+        captions.shuffle_tags=true captions.keep_tokens=1 captions.tag_dropout=0.1 captions.prefix=sks
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.transforms.captions import CaptionSettings
 from lf_common import object_store
 from lf_common.errors import ConfigError
 from trainer.cli.command import lf_command
@@ -57,6 +63,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("buckets") and cfg.crop != "center":
         raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
     text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
+    captions = CaptionSettings(**(cfg.get("captions") or {}))  # a bad setting is refused before torch loads
     # The checks above need no torch; the encoders do (imported here, so --help and config errors answer at once).
     from data_pipelines.latents.encoders import FrozenEncoders
     from data_pipelines.latents.precompute import precompute_latents
@@ -88,6 +95,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
         masks=MaskSettings(seed=cfg.get("mask_seed", 0)) if cfg.get("inpainting") else None,
+        captions=captions,
     )
     manifest = precompute_latents(
         shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers

@@ -21,6 +21,12 @@ and, for Stable Diffusion XL (precompute with a second text encoder; the manifes
                                            channels (SDXL's convention: CLIP ViT-L then OpenCLIP bigG)
     KEY.pooled.npy   float16 (P,)          the second encoder's pooled, projected embedding
 
+and, with caption variants (precompute's ``captions.variants`` K > 1; the manifest's ``transforms`` then
+hold ``captions``, the caption settings, and ``KEY.json`` the K strings under ``caption_variants``)::
+
+    KEY.text_variants.npy    float16 (K, T, D)  the K captions' embeddings; variant 0 is KEY.text.npy's
+    KEY.pooled_variants.npy  float16 (K, P)     their pooled embeddings (SDXL shards)
+
 SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
 preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
 of the crop in the resized image and ``target_size`` ``[h, w]`` of the encoded image (its bucket's
@@ -47,6 +53,8 @@ and file names, dtype, version), :mod:`.samples` (one sample's members, written 
 
 from data_pipelines.latents.format.keys import (
     CAPTION_KEY,
+    CAPTION_VARIANTS_META,
+    CAPTIONS_SETTING,
     ENTRY_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -58,8 +66,10 @@ from data_pipelines.latents.format.keys import (
     META_KEY,
     MICRO_CONDITIONING,
     POOLED_KEY,
+    POOLED_VARIANTS_KEY,
     STORAGE_DTYPE,
     TEXT_KEY,
+    TEXT_VARIANTS_KEY,
     UNCOND_NAME,
     UNCOND_POOLED_NAME,
 )
@@ -84,7 +94,9 @@ from data_pipelines.latents.format.samples import (
 )
 
 __all__ = [
+    "CAPTIONS_SETTING",
     "CAPTION_KEY",
+    "CAPTION_VARIANTS_META",
     "ENTRY_SUFFIX",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -96,8 +108,10 @@ __all__ = [
     "META_KEY",
     "MICRO_CONDITIONING",
     "POOLED_KEY",
+    "POOLED_VARIANTS_KEY",
     "STORAGE_DTYPE",
     "TEXT_KEY",
+    "TEXT_VARIANTS_KEY",
     "UNCOND_NAME",
     "UNCOND_POOLED_NAME",
     "CacheKey",

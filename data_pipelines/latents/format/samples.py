@@ -20,8 +20,10 @@ from data_pipelines.latents.format.keys import (
     META_KEY,
     MICRO_CONDITIONING,
     POOLED_KEY,
+    POOLED_VARIANTS_KEY,
     STORAGE_DTYPE,
     TEXT_KEY,
+    TEXT_VARIANTS_KEY,
 )
 from data_pipelines.raw.format import sample_origin
 from lf_common.errors import CorruptSampleError
@@ -40,6 +42,8 @@ class LatentSample:
         mask: ``(1, h, w)`` float16, inpainting shards only.
         masked_latent: ``(C, h, w)`` float16, inpainting shards only.
         pooled: ``(P,)`` float16, SDXL shards only (the second text encoder's pooled embedding).
+        text_variants: ``(K, T, D)`` float16, shards with caption variants only (variant 0 is ``text``).
+        pooled_variants: ``(K, P)`` float16, SDXL shards with caption variants only.
     """
 
     key: str
@@ -50,6 +54,8 @@ class LatentSample:
     mask: np.ndarray | None = None
     masked_latent: np.ndarray | None = None
     pooled: np.ndarray | None = None
+    text_variants: np.ndarray | None = None
+    pooled_variants: np.ndarray | None = None
 
 
 def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
@@ -122,6 +128,10 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
         members[MASKED_LATENT_KEY] = npy_bytes(sample.masked_latent)
     if sample.pooled is not None:
         members[POOLED_KEY] = npy_bytes(sample.pooled)
+    if sample.text_variants is not None:
+        members[TEXT_VARIANTS_KEY] = npy_bytes(sample.text_variants)
+    if sample.pooled_variants is not None:
+        members[POOLED_VARIANTS_KEY] = npy_bytes(sample.pooled_variants)
     return members
 
 
@@ -133,6 +143,7 @@ def decode_latent_sample(
     latent_shapes: Sequence[tuple[int, ...]] | None = None,
     inpainting: bool = False,
     pooled_shape: tuple[int, ...] | None = None,
+    caption_variants: int = 1,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -143,6 +154,8 @@ def decode_latent_sample(
         latent_shapes: instead of ``latent_shape``, the allowed shapes (one per bucket).
         inpainting: the sample must hold ``mask.npy`` and ``masked_latent.npy`` of its latent's size.
         pooled_shape: SDXL shards: the sample must hold ``pooled.npy`` of this shape ``(P,)``.
+        caption_variants: ``K`` > 1: the sample must hold ``text_variants.npy`` ``(K, T, D)`` (and, with
+            ``pooled_shape``, ``pooled_variants.npy`` ``(K, P)``); needs ``text_shape``.
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -189,4 +202,29 @@ def decode_latent_sample(
                 f"{origin}: member '{POOLED_KEY}' is {pooled.dtype} {pooled.shape}, expected {tuple(pooled_shape)}"
             )
         decoded.pooled = pooled
+    if caption_variants > 1:
+        if text_shape is None:
+            raise ValueError("caption_variants needs text_shape")
+        count = caption_variants
+        decoded.text_variants = _variant_member(sample, TEXT_VARIANTS_KEY, (count, *text_shape), origin)
+        if pooled_shape is not None:
+            decoded.pooled_variants = _variant_member(sample, POOLED_VARIANTS_KEY, (count, *pooled_shape), origin)
     return decoded
+
+
+def _variant_member(sample: dict[str, Any], key: str, shape: tuple[int, ...], origin: str) -> np.ndarray:
+    """A caption-variant member of exactly ``shape`` in the storage dtype.
+
+    Raises:
+        CorruptSampleError: it is missing, does not parse, or has another shape or dtype.
+    """
+    if key not in sample:
+        raise CorruptSampleError(f"{origin}: member '{key}' is missing (the manifest records caption variants)")
+    try:
+        array = _load_npy_of_shape(sample[key], [shape])
+    except Exception as error:
+        raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
+    if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
+        found, expected = f"{array.dtype} {tuple(array.shape)}", f"{np.dtype(STORAGE_DTYPE)} {shape}"
+        raise CorruptSampleError(f"{origin}: member '{key}' is {found}, expected {expected}")
+    return array
