@@ -30,6 +30,9 @@ Keys::
     resolution       square side of the images encoded (ignored with buckets)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
     recompute_stale  encode again shards made with other settings, instead of refusing them
+    max_token_length 75 (default), 150 or 225: long captions in chunks of 75 tokens (kohya's recipe); recorded
+                     in the manifest and the export, so lf-sample encodes prompts the same way
+    clip_skip        1 (the last layer, default) or 2 (penultimate, A1111's numbering); SD 1.x/2.x only
     captions.*       caption variants per image (variants, from KEY.txt lines or KEY.json "captions") and
                      kohya-style tag tricks (shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout, prefix)
 
@@ -44,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.shards.listing import resolve_shards
 from data_pipelines.transforms.captions import CaptionSettings
 from lf_common import object_store
@@ -64,6 +68,8 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
     text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
     captions = CaptionSettings(**(cfg.get("captions") or {}))  # a bad setting is refused before torch loads
+    text_encoding = TextEncoding(int(cfg.get("max_token_length", 75)), int(cfg.get("clip_skip", 1)))
+    text_encoding.check_sdxl(bool(text_encoder_2_path))
     # The checks above need no torch; the encoders do (imported here, so --help and config errors answer at once).
     from data_pipelines.latents.encoders import FrozenEncoders
     from data_pipelines.latents.precompute import precompute_latents
@@ -88,6 +94,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         text_encoder_2_path=text_encoder_2_path,
         tokenizer_2_path=tokenizer_2_path,
         cache_dir=cfg.get("cache_dir"),
+        text_encoding=text_encoding,
     )
     encoder = LatentShardEncoder(
         encoders,
