@@ -172,3 +172,11 @@ def test_sdxl_long_prompts_keep_the_first_chunks_pooled_embedding_and_caption_va
     assert sample.text_variants.shape == (3, *sample.text.shape) and sample.pooled_variants.shape == (3, 32)
     np.testing.assert_array_equal(sample.pooled_variants[0], sample.pooled)
     assert not np.allclose(sample.pooled_variants[1], sample.pooled_variants[2])
+
+
+def test_the_png_parameters_carry_clip_skip_as_automatic1111_writes_it():
+    from trainer.sampling.png_info import GenerationParameters, parse_parameters
+
+    made = GenerationParameters("a cat", None, 20, "DDIM", 7.0, 1, 32, 32, clip_skip=2)
+    assert "Clip skip: 2" in made.to_text() and parse_parameters(made.to_text()).clip_skip == 2
+    assert "Clip skip" not in GenerationParameters("a cat", None, 20, "DDIM", 7.0, 1, 32, 32).to_text()

@@ -243,6 +243,7 @@ class Sampler:
                 crop_top_left=settings.crop_top_left,
                 prompt_2=settings.prompt_2,
                 negative_prompt_2=settings.negative_prompt_2,
+                clip_skip=self.text_encoding.clip_skip,
             )
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]
