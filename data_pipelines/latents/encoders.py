@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.format import EncoderInfo
 from data_pipelines.latents.sdxl_text import SDXL_TEXT_OUTPUT, encode_text_sdxl
+from data_pipelines.latents.text_encoding import TextEncoding, text_states
 from lf_common import object_store
 from lf_common.errors import DataError
 from lf_common.object_cache import model_folder
@@ -56,16 +57,16 @@ def _require_folder(path: str | Path, what: str) -> Path:
 
 
 @torch.no_grad()
-def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
-    """Captions -> the text encoder's last hidden state ``(B, T, D)``, padded to the tokenizer's
-    ``model_max_length`` (as SD and diffusers' pipelines do). Precompute and the sampler both use
-    this, so training and sampling see the same embeddings. Each distinct text is encoded once."""
+def encode_text(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str], encoding: TextEncoding | None = None
+) -> torch.Tensor:
+    """Captions -> the text encoder's hidden states ``(B, T, D)``: by default the last hidden state, padded to
+    the tokenizer's ``model_max_length`` (as SD and diffusers' pipelines do); ``encoding`` sets long prompts
+    and ``clip_skip`` (:func:`data_pipelines.latents.text_encoding.text_states`). Precompute and the sampler
+    both use this, so training and sampling see the same embeddings. Each distinct text is encoded once."""
     unique = list(dict.fromkeys(texts))
-    length = tokenizer.model_max_length
-    tokens = tokenizer(unique, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    hidden = text_encoder(tokens.input_ids.to(device)).last_hidden_state  # (U, T, D)
-    return hidden[torch.tensor([unique.index(t) for t in texts], device=device)]
+    hidden, _ = text_states(tokenizer, text_encoder, unique, encoding)  # (U, T, D)
+    return hidden[torch.tensor([unique.index(t) for t in texts], device=hidden.device)]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -94,6 +95,7 @@ class FrozenEncoders:
         text_encoder_2_info: its identity for the manifest.
         tokenizer_2_path: where its tokenizer was loaded from.
         tokenizer_2_fingerprint: SHA-256 of that tokenizer folder.
+        text_encoding: long prompts (``max_token_length``) and ``clip_skip``; default: 75 tokens, the last layer.
     """
 
     def __init__(
@@ -110,7 +112,10 @@ class FrozenEncoders:
         text_encoder_2_info: EncoderInfo | None = None,
         tokenizer_2_path: str = "",
         tokenizer_2_fingerprint: str = "",
+        text_encoding: TextEncoding | None = None,
     ) -> None:
+        self.text_encoding = text_encoding or TextEncoding()
+        self.text_encoding.check_sdxl(text_encoder_2 is not None)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -131,8 +136,10 @@ class FrozenEncoders:
 
     @property
     def text_output(self) -> str:
-        """What the text encoders' outputs stored are, for the cache key ("" for SD 1.x/2.x's last hidden state)."""
-        return SDXL_TEXT_OUTPUT if self.sdxl else ""
+        """What the text encoders' outputs stored are, for the cache key ("" for SD 1.x/2.x's last hidden state
+        of 75 tokens; long prompts and ``clip_skip`` add their settings)."""
+        tag = self.text_encoding.cache_tag()
+        return ";".join(part for part in (SDXL_TEXT_OUTPUT if self.sdxl else "", tag) if part)
 
     @classmethod
     def from_pretrained(
@@ -145,6 +152,7 @@ class FrozenEncoders:
         text_encoder_2_path: str | None = None,
         tokenizer_2_path: str | None = None,
         cache_dir: str | None = None,
+        text_encoding: TextEncoding | None = None,
     ) -> FrozenEncoders:
         """Load the parts from folders (no hub access); with ``text_encoder_2_path`` and
         ``tokenizer_2_path`` also SDXL's second text encoder (see the module docstring for the VAE's dtype).
@@ -152,12 +160,15 @@ class FrozenEncoders:
         A folder may be a URL (``s3://bucket/sd15/vae``): it is loaded from its copy in the download cache
         (``cache_dir``, see :func:`lf_common.object_cache.model_folder`), and the URL is what the manifest
         records as its path; the fingerprint is that of the files, the same as for the folder on local disk.
+        ``text_encoding`` (long prompts, ``clip_skip``) is recorded in the text encoder's ``extra``.
 
         Raises:
             DataError: a folder is missing or not in diffusers/transformers layout (an ``ObjectStoreError``
                 naming the URL and the endpoint for a URL).
         """
         torch_device, torch_dtype = resolve_device(device), getattr(torch, dtype)
+        text_encoding = text_encoding or TextEncoding()
+        text_encoding.check_sdxl(bool(text_encoder_2_path))  # before any weights load
         vae_dir = _require_folder(model_folder(vae_path, cache_dir), "VAE")
         text_dir = _require_folder(model_folder(text_encoder_path, cache_dir), "text encoder")
         tokenizer_dir = _require_folder(model_folder(tokenizer_path, cache_dir), "tokenizer")
@@ -185,6 +196,7 @@ class FrozenEncoders:
                 "max_length": int(tokenizer.model_max_length),
                 "output": "hidden_states[-2]" if text_encoder_2_path else "last_hidden_state",
                 "dtype": dtype,
+                **text_encoding.record(),
             },
         )
         second: dict = {}
@@ -220,6 +232,7 @@ class FrozenEncoders:
             _recorded(tokenizer_path, tokenizer_dir),
             fingerprint_folder(tokenizer_dir),
             **second,
+            text_encoding=text_encoding,
         )
 
     @property
@@ -241,5 +254,6 @@ class FrozenEncoders:
     def encode_text_and_pooled(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Captions -> ``(text (B, T, D), pooled (B, P))``; ``pooled`` is ``None`` without a second encoder."""
         if self.text_encoder_2 is None:
-            return encode_text(self.tokenizer, self.text_encoder, captions), None
-        return encode_text_sdxl([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], captions)
+            return encode_text(self.tokenizer, self.text_encoder, captions, self.text_encoding), None
+        tokenizers, encoders = [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+        return encode_text_sdxl(tokenizers, encoders, captions, encoding=self.text_encoding)

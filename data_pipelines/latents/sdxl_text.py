@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from data_pipelines.latents.text_encoding import TextEncoding, text_states
+
 SDXL_TEXT_OUTPUT = "penultimate+pooled"  # what the cache key records for SDXL shards
 
 
@@ -24,9 +26,10 @@ def encode_text_sdxl(
     text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
     texts: list[str],
     texts_2: list[str] | None = None,
+    encoding: TextEncoding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> SDXL's ``(text, pooled)`` without gradients (precompute, sampling): see :func:`sdxl_text_states`."""
-    return sdxl_text_states(tokenizers, text_encoders, texts, texts_2)
+    return sdxl_text_states(tokenizers, text_encoders, texts, texts_2, encoding)
 
 
 def sdxl_text_states(
@@ -34,6 +37,7 @@ def sdxl_text_states(
     text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
     texts: list[str],
     texts_2: list[str] | None = None,
+    encoding: TextEncoding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> SDXL's ``(text, pooled)``, with gradients where the encoders train (DreamBooth).
 
@@ -42,21 +46,22 @@ def sdxl_text_states(
         text_encoders: a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``.
         texts: ``B`` captions.
         texts_2: ``B`` captions for the second encoder (diffusers' ``prompt_2``); ``None``: ``texts``.
+        encoding: long prompts (``max_token_length``; the pooled embedding is the first chunk's), as
+            :func:`data_pipelines.latents.text_encoding.text_states`; ``clip_skip`` is refused for SDXL.
 
     Returns:
         ``text`` ``(B, T, D1 + D2)``: both penultimate hidden states, concatenated; ``pooled``
         ``(B, P)``: the second encoder's projected pooled output.
     """
+    if encoding is not None:
+        encoding.check_sdxl(True)
     states, pooled = [], None
     per_encoder = [texts, texts if texts_2 is None else texts_2]
     for tokenizer, encoder, captions in zip(tokenizers, text_encoders, per_encoder, strict=True):
-        length = tokenizer.model_max_length
-        tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        device = next(encoder.parameters()).device
-        output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
-        states.append(output.hidden_states[-2])  # (B, T, D_i)
+        hidden, projected = text_states(tokenizer, encoder, captions, encoding, penultimate=True)
+        states.append(hidden)  # (B, T, D_i)
         if isinstance(encoder, CLIPTextModelWithProjection):
-            pooled = output.text_embeds  # (B, P)
+            pooled = projected  # (B, P)
     if pooled is None:
         raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (its pooled projection)")
     return torch.cat(states, dim=-1), pooled

@@ -25,6 +25,8 @@ from PIL import Image
 
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.format import (
+    CAPTION_VARIANTS_META,
+    CAPTIONS_SETTING,
     MASKS_SETTING,
     VARIANTS_META,
     VARIANTS_SETTING,
@@ -34,12 +36,14 @@ from data_pipelines.latents.format import (
     encode_latent_sample,
     save_entry,
 )
+from data_pipelines.raw.captions import sample_captions
 from data_pipelines.raw.format import decode_loss_mask, decode_raw_sample
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.shard_reading import tar_samples
 from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.augment import VariantSettings
 from data_pipelines.transforms.buckets import BucketResizeCrop
+from data_pipelines.transforms.captions import CaptionSettings, caption_variants
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.masks import (
     MaskSettings,
@@ -68,6 +72,7 @@ class _Pending:
     variants: torch.Tensor | None = None  # (V, 3, h, w): the other crops and mirror images (meta["variants"])
     loss_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1], through the image's resize and crop
     loss_mask_variants: torch.Tensor | None = None  # (V, 1, h, w): the loss mask of each of variants
+    caption_variants: list[str] | None = None  # the K captions to embed (caption settings active), the first canonical
 
 
 class LatentShardEncoder:
@@ -84,6 +89,8 @@ class LatentShardEncoder:
             (for training an inpainting UNet; :mod:`data_pipelines.transforms.masks`).
         variants: also store the latents of each sample's mirror image and random crops
             (:mod:`data_pipelines.transforms.augment`); not with ``masks``.
+        captions: caption variants and tag tricks (:mod:`data_pipelines.transforms.captions`); with
+            ``variants`` K > 1 each sample also stores ``text_variants`` ``(K, T, D)``.
 
     Raises:
         ConfigError: both ``masks`` and ``variants`` are set.
@@ -97,6 +104,7 @@ class LatentShardEncoder:
         skips: SkipCounter | None = None,
         masks: MaskSettings | None = None,
         variants: VariantSettings | None = None,
+        captions: CaptionSettings | None = None,
     ) -> None:
         if masks is not None and variants is not None and variants.enabled:
             raise ConfigError("image variants (flip, crops_per_image) have no inpainting masks: not both")
@@ -106,12 +114,15 @@ class LatentShardEncoder:
         self.skips = skips or SkipCounter()
         self.masks = masks
         self.variants = variants if variants is not None and variants.enabled else None
+        self.captions = captions if captions is not None and captions.active else None
 
     def transform_settings(self) -> dict[str, Any]:
-        """The preprocessing settings (in the cache key and the manifest), with the mask and variant settings if any."""
+        """The preprocessing settings (in the cache key and the manifest), with the mask, variant and caption
+        settings if any."""
         masks = {MASKS_SETTING: self.masks.settings()} if self.masks else {}
         variants = {VARIANTS_SETTING: self.variants.settings()} if self.variants else {}
-        return {**self.transform.settings(), **masks, **variants}
+        captions = {CAPTIONS_SETTING: self.captions.settings()} if self.captions else {}
+        return {**self.transform.settings(), **masks, **variants, **captions}
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -130,7 +141,15 @@ class LatentShardEncoder:
         """Encode one batch of preprocessed samples."""
         pixels = torch.stack([p.pixels for p in batch])  # (B, 3, H, W)
         latents = self.encoders.encode_images(pixels)  # (B, C, h, w)
-        texts, pooled = self.encoders.encode_text_and_pooled([p.caption for p in batch])  # (B, T, D), (B, P)
+        count = len(batch[0].caption_variants) if batch[0].caption_variants else 1  # K captions per sample
+        captions = [c for p in batch for c in (p.caption_variants or [p.caption])]  # (B * K,)
+        texts, pooled = self.encoders.encode_text_and_pooled(captions)  # (B * K, T, D), (B * K, P)
+        texts = texts.unflatten(0, (len(batch), count))  # (B, K, T, D)
+        pooled = pooled.unflatten(0, (len(batch), count)) if pooled is not None else None  # (B, K, P)
+        if count > 1:
+            text_variants = texts.float().cpu().numpy()
+            pooled_variants = pooled.float().cpu().numpy() if pooled is not None else [None] * len(batch)
+        texts, pooled = texts[:, 0], pooled[:, 0] if pooled is not None else None  # variant 0: the canonical
         samples = [
             LatentSample(p.key, latent, text, p.caption, p.meta)
             for p, latent, text in zip(batch, latents.float().cpu().numpy(), texts.float().cpu().numpy(), strict=True)
@@ -138,6 +157,9 @@ class LatentShardEncoder:
         if pooled is not None:  # SDXL: the time_ids come from each sample's metadata (format.micro_conditioning)
             for sample, vector in zip(samples, pooled.float().cpu().numpy(), strict=True):
                 sample.pooled = vector
+        if count > 1:
+            for sample, text, vectors in zip(samples, text_variants, pooled_variants, strict=True):
+                sample.text_variants, sample.pooled_variants = text, vectors
         if self.variants is not None:  # (B, V, 3, H, W) -> (B, V, C, h, w), batch_size images an encoder call
             extra = torch.stack([p.variants for p in batch])  # type: ignore[misc]
             flat = extra.flatten(0, 1)
@@ -177,8 +199,20 @@ class LatentShardEncoder:
             except Exception as error:  # CorruptSampleError, or bad JSON metadata
                 self.skips(error)
                 continue
+            variants = None
+            if self.captions is not None:
+                try:
+                    captions = sample_captions(caption, meta, f"{source}: sample {sample_key}")
+                except Exception as error:  # CorruptSampleError: a bad caption list in KEY.json
+                    self.skips(error)
+                    continue
+                variants = caption_variants(sample_key, captions, self.captions)
+                caption = variants[0]
+                if len(variants) > 1:
+                    meta = {**meta, CAPTION_VARIANTS_META: variants}
             self.skips.count_good()
             pending = self.preprocess(sample_key, image, caption, meta, mask)
+            pending.caption_variants = variants
             batch = batches.setdefault(tuple(pending.pixels.shape), [])
             batch.append(pending)
             if len(batch) == self.batch_size:

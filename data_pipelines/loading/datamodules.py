@@ -222,6 +222,8 @@ class _LatentDecoder:
     """Picklable decode step for latent samples (runs in loader workers): a tuple of arrays, named by
     :attr:`names` (the batch keys :class:`LatentCollate` gives them). When the manifest counts loss masks,
     every sample gets a ``loss_mask`` ``(1, h, w)``: its own, or ones (unmasked) for a sample without one.
+    Shards with caption variants give ``text_variants`` ``(K, T, D)`` (and ``pooled_variants`` ``(K, P)``)
+    instead of ``text`` (and ``pooled``): the data module keeps one per sample, as for image variants.
 
     From shards with image variants (precompute's ``flip``/``crops_per_image``) it emits ``latents_variants``
     ``(V, C, h, w)`` (and, for SDXL, ``time_ids_variants`` ``(V, 6)``, each variant's crop) in place of
@@ -252,6 +254,9 @@ class _LatentDecoder:
             *((SDXL_BATCH_KEYS[0], SDXL_BATCH_KEYS[1] + suffix) if manifest.sdxl else ()),
             *((LOSS_MASK_BATCH_KEY + suffix,) if self.loss_masks else ()),
         )
+        self.caption_variants = manifest.caption_variants
+        if self.caption_variants > 1:  # the caption side as NAME_variants
+            self.names = tuple(f"{n}{VARIANTS_SUFFIX}" if n in ("text", "pooled") else n for n in self.names)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
         variants = len(self.selection) > 1
@@ -263,7 +268,10 @@ class _LatentDecoder:
             pooled_shape=self.pooled_shape,
             latent_variants=self.stored_variants if variants else 0,
             loss_masks=self.loss_masks,
+            caption_variants=self.caption_variants,
         )
+        if self.caption_variants > 1:
+            decoded.text, decoded.pooled = decoded.text_variants, decoded.pooled_variants
         latents = decoded.latent
         if variants:
             stored = [decoded.latent, *decoded.latent_variants]  # type: ignore[misc]

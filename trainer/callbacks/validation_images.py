@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.raw.sources.digits import digit_caption
 from lf_common.object_cache import model_folder
 from trainer.callbacks.ema import EMA
@@ -108,6 +109,7 @@ class ValidationImages(Callback):
         modes = {part: part.training for part in (unet, text_encoder, *second.values()) if hasattr(part, "training")}
         try:
             scheduler_config = dict(pl_module.noise_scheduler.config)
+            second["text_encoding"] = TextEncoding.recorded(trainer.datamodule.manifest.text_encoder.extra)
             sampler = Sampler(unet, frozen["vae"], text_encoder, frozen["tokenizer"], scheduler_config, **second)
             with torch.no_grad():
                 images, _ = sampler.txt2img(prompts, seeds, self.settings)

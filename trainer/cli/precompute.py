@@ -33,6 +33,14 @@ Keys::
     flip             also store each image's mirror image (training draws one variant per step)
     crops_per_image  also store N random crops (and their mirror images with flip), seeded by augment_seed
     recompute_stale  encode again shards made with other settings, instead of refusing them
+    max_token_length 75 (default), 150 or 225: long captions in chunks of 75 tokens (kohya's recipe); recorded
+                     in the manifest and the export, so lf-sample encodes prompts the same way
+    clip_skip        1 (the last layer, default) or 2 (penultimate, A1111's numbering); SD 1.x/2.x only
+    captions.*       caption variants per image (variants, from KEY.txt lines or KEY.json "captions") and
+                     kohya-style tag tricks (shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout, prefix)
+
+    lf-precompute shards=data/raw out_dir=data/latents-tags pretrained=sd15/ captions.variants=8 \\
+        captions.shuffle_tags=true captions.keep_tokens=1 captions.tag_dropout=0.1 captions.prefix=sks
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.transforms.captions import CaptionSettings
 from lf_common import object_store
 from lf_common.errors import ConfigError
 from trainer.cli.command import lf_command
@@ -65,6 +75,9 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("buckets") and cfg.crop != "center":
         raise ConfigError(f"crop={cfg.crop!r} with buckets: bucketed images are center-cropped; set crop=center")
     text_encoder_2_path, tokenizer_2_path = second_text_encoder(cfg)
+    captions = CaptionSettings(**(cfg.get("captions") or {}))  # a bad setting is refused before torch loads
+    text_encoding = TextEncoding(int(cfg.get("max_token_length", 75)), int(cfg.get("clip_skip", 1)))
+    text_encoding.check_sdxl(bool(text_encoder_2_path))
     # The checks above need no torch; the encoders do (imported here, so --help and config errors answer at once).
     from data_pipelines.latents.encoders import FrozenEncoders
     from data_pipelines.latents.precompute import precompute_latents
@@ -90,6 +103,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         text_encoder_2_path=text_encoder_2_path,
         tokenizer_2_path=tokenizer_2_path,
         cache_dir=cfg.get("cache_dir"),
+        text_encoding=text_encoding,
     )
     encoder = LatentShardEncoder(
         encoders,
@@ -98,6 +112,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         skips=SkipCounter(cfg.max_bad_fraction, cfg.bad_fraction_min_samples),
         masks=MaskSettings(seed=cfg.get("mask_seed", 0)) if cfg.get("inpainting") else None,
         variants=VariantSettings(cfg.get("flip", False), cfg.get("crops_per_image", 0), cfg.get("augment_seed", 0)),
+        captions=captions,
     )
     manifest = precompute_latents(
         shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers

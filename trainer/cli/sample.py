@@ -27,6 +27,8 @@ Keys::
     prompt_2               SDXL: the second text encoder's prompt for every image (null: each prompt)
     negative_prompt_2      SDXL: its negative prompt (null: negative_prompt)
     scheduler              ddim | euler | euler_a | dpmpp_2m
+    max_token_length       75 | 150 | 225; null: as the export records (how its training captions were embedded)
+    clip_skip              1 (last layer) | 2 (penultimate); null: as the export records (SD 1.x/2.x only)
     init_image             img2img (with mask_image: inpainting)
     out_dir                where the PNGs go (s3://... too: uploaded when done)
     cache_dir              local copies of s3:// inputs (default: $LF_CACHE_DIR, else ~/.cache/latentforge/objects)
@@ -35,6 +37,7 @@ Keys::
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +142,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         ``paths`` (PNG files), ``prompts`` (each image's prompt), ``images`` (PIL), ``grid``.
     """
     settings, prompts, seeds, strength = plan(cfg)  # bad settings fail before any model loads
+    encoding = text_encoding_overrides(cfg)
     if strength is None:
         strength = 1.0 if cfg.get("mask_image") else DEFAULT_IMG2IMG_STRENGTH
     if not 0.0 < strength <= 1.0:
@@ -163,6 +167,9 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         vae_slicing=cfg.get("vae_slicing", False),
         vae_tiling=cfg.get("vae_tiling", False),
     )
+    if encoding:  # else the export's record: prompts are embedded as the training captions were
+        sampler.text_encoding = replace(sampler.text_encoding, **encoding)
+        sampler.text_encoding.check_sdxl(sampler.sdxl)
     if local["lora"]:
         load_lora(
             sampler.unet,
@@ -179,6 +186,19 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     result["grid"] = object_store.join(shown, "grid.png") if result["grid"] else None
     print(f"sample: {len(result['images'])} images -> {cfg.out_dir}")
     return result
+
+
+def text_encoding_overrides(cfg: DictConfig) -> dict[str, int]:
+    """``max_token_length`` and ``clip_skip`` where the config sets them (null: the export's record).
+
+    Raises:
+        ConfigError: a value :class:`~data_pipelines.latents.text_encoding.TextEncoding` refuses.
+    """
+    from data_pipelines.latents.text_encoding import TextEncoding
+
+    overrides = {key: int(cfg[key]) for key in ("max_token_length", "clip_skip") if cfg.get(key) is not None}
+    TextEncoding(**overrides)  # checked before any model loads
+    return overrides
 
 
 ENCODER_FOLDERS = ("vae_path", "text_encoder_path", "tokenizer_path")

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from data_pipelines.latents.format import LatentManifest
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.loading.datamodules import LatentShardDataModule
 from data_pipelines.shards.corrupt_samples import SampleCounts
 from lf_common.object_store import as_path
@@ -57,6 +58,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         seed: shard and shuffle seed of the streams; class image ``i`` is sampled with seed ``seed + i``.
         timeout_s: ``distributed.timeout_s``: while ranks wait for the preparation of others (through the
             store, never in a collective) a rank that has died is named after this long.
+        max_token_length, clip_skip: how the prompts are embedded (long prompts, the layer read), as
+            ``lf-precompute``'s keys of those names; the module's in-step encoding takes the same values.
     """
 
     def __init__(
@@ -77,8 +80,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         shuffle_buffer: int = 100,
         seed: int = 0,
         timeout_s: float = 1800.0,
+        max_token_length: int = 75,
+        clip_skip: int = 1,
     ) -> None:
         super().__init__()
+        self.text_encoding = TextEncoding(max_token_length, clip_skip)
         self.instance_dir = instance_dir
         self.instance_prompt = instance_prompt
         self.pretrained = pretrained
@@ -115,7 +121,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         with isolate_rng(), guarded_ranks(strategy.global_rank, strategy.world_size, self.timeout_s):
             latents = prepare_dreambooth(
                 strategy, self.instance_dir, self.instance_prompt, self.cache_dir, self.pretrained,
-                self.resolution, self.classes,
+                self.resolution, self.classes, self.text_encoding,
             )  # fmt: skip
         instance = LatentShardDataModule(str(latents.instance), **self.loader)
         self.streams["instance"] = instance

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.precompute import precompute_latents_in_process
 from data_pipelines.latents.shard_encoder import LatentShardEncoder
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.raw.writer import write_raw_shards
 from data_pipelines.shards.listing import resolve_shards
@@ -124,6 +125,7 @@ def prepare_dreambooth(
     pretrained: str | Path,
     resolution: int,
     classes: ClassImages | None = None,
+    text_encoding: TextEncoding | None = None,
 ) -> DreamBoothLatents:
     """Check, generate and encode what DreamBooth training reads; call it on every rank.
 
@@ -136,6 +138,7 @@ def prepare_dreambooth(
         pretrained: the base model, a diffusers pipeline folder (VAE, text encoder, tokenizer, UNet).
         resolution: the training resolution (resize + center crop).
         classes: the class images of prior preservation; ``None``: none.
+        text_encoding: long prompts and ``clip_skip`` of the prompts' embeddings (default: 75 tokens, last layer).
 
     Returns:
         The latent folders (on every rank).
@@ -162,7 +165,11 @@ def prepare_dreambooth(
             raise DataError(f"{classes.folder}: class images are still missing after generation")
     if classes is not None:
         sets["class"] = ([class_image_path(classes.folder, i) for i in range(classes.count)], None)
-    encode = (lambda: _encode(sets, cache, str(pretrained), resolution, device)) if strategy.is_global_zero else None
+    encode = (
+        (lambda: _encode(sets, cache, str(pretrained), resolution, device, text_encoding))
+        if strategy.is_global_zero
+        else None
+    )
     all_ranks(strategy, "encoding the instance and class images", encode, worker=0)
     return DreamBoothLatents(cache / "instance" / "latents", cache / "class" / "latents" if classes else None)
 
@@ -204,7 +211,12 @@ def _class_images_copy(classes: ClassImages) -> Path:
 
 
 def _encode(
-    sets: dict[str, tuple[list[Path], str | None]], cache: Path, pretrained: str, resolution: int, device: str
+    sets: dict[str, tuple[list[Path], str | None]],
+    cache: Path,
+    pretrained: str,
+    resolution: int,
+    device: str,
+    text_encoding: TextEncoding | None = None,
 ) -> None:
     """Raw shards, then latent shards, of each set (in this process; reused while up to date)."""
     part = partial(object_store.join, pretrained)  # a URL: FrozenEncoders loads each folder from its cached copy
@@ -217,6 +229,7 @@ def _encode(
             part("tokenizer"),
             device=device,
             **(second if sdxl else {}),
+            text_encoding=text_encoding,
         ),
         ResizeCrop(resolution, crop="center"),
         batch_size=16,

@@ -21,6 +21,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data_pipelines.latents.sdxl_text import sdxl_text_states
+from data_pipelines.latents.text_encoding import TextEncoding, text_states
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.lora.adapters import LoraSettings, add_lora
@@ -41,6 +42,8 @@ class DreamBoothDiffusion(LatentDiffusion):
             (an SDXL UNet needs both encoders to train the text side; neither fits another UNet).
         text_encoder_2_lora: as ``text_encoder_lora``, for ``text_encoder_2``. The UNet's and the encoders'
             adapters are of one kind (LoRA, or LyCORIS LoHa/LoKr): one exported file holds them.
+        max_token_length, clip_skip: how the prompts are encoded in the step (long prompts, the layer read;
+            :mod:`data_pipelines.latents.text_encoding`, precompute's and the sampler's recipe).
         *args, **kwargs: as :class:`LatentDiffusion`.
     """
 
@@ -61,6 +64,8 @@ class DreamBoothDiffusion(LatentDiffusion):
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         text_encoder_2_lora: LoraSettings | None = None,
+        max_token_length: int = 75,
+        clip_skip: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)  # collects our plain arguments as hyperparameters too
@@ -90,6 +95,8 @@ class DreamBoothDiffusion(LatentDiffusion):
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
+        self.text_encoding = TextEncoding(max_token_length, clip_skip)
+        self.text_encoding.check_sdxl(self.sdxl)
 
     def encode_prompt(self, part: str, batch_size: int) -> dict[str, torch.Tensor]:
         """The trained text encoder(s)' conditioning of ``part``'s prompt: ``text`` ``(batch_size, T, D)``
@@ -99,13 +106,11 @@ class DreamBoothDiffusion(LatentDiffusion):
         if self.text_encoder_2 is not None:
             assert self.tokenizer_2 is not None
             encoders = [self.text_encoder, self.text_encoder_2]
-            text, pooled = sdxl_text_states([self.tokenizer, self.tokenizer_2], encoders, prompts)
+            tokenizers = [self.tokenizer, self.tokenizer_2]
+            text, pooled = sdxl_text_states(tokenizers, encoders, prompts, encoding=self.text_encoding)
             return {"text": text.expand(batch_size, -1, -1), "pooled": pooled.expand(batch_size, -1)}
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
-        return {"text": self.text_encoder(ids).last_hidden_state.expand(batch_size, -1, -1)}
+        text, _ = text_states(self.tokenizer, self.text_encoder, prompts, self.text_encoding)  # (1, T, D)
+        return {"text": text.expand(batch_size, -1, -1)}
 
     def _part_loss(self, batch: dict[str, dict[str, torch.Tensor]], part: str) -> torch.Tensor:
         data = batch[part]

@@ -2,7 +2,10 @@
 
 Made as diffusers' pipelines' ``encode_prompt`` make them, so that a seed gives their image:
 
-- SD 1.x/2.x: the text encoder's last hidden state; no negative prompt encodes ``""``.
+- SD 1.x/2.x: the text encoder's last hidden state (or, with ``clip_skip``, an earlier layer's); no negative
+  prompt encodes ``""``. Long prompts (``max_token_length`` 150/225) and ``clip_skip`` are encoded exactly as
+  precompute encoded the training captions (:mod:`data_pipelines.latents.text_encoding`, the one recipe), with
+  the settings the export's latent manifest records.
 - SDXL (Podell et al. 2023, sections 2.1-2.2): both encoders' penultimate states and the pooled
   embedding (:func:`data_pipelines.latents.sdxl_text.encode_text_sdxl`, precompute's own); the second
   encoder reads ``prompt_2`` / ``negative_prompt_2`` when given (else the same text as the first, as
@@ -24,6 +27,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.encoders import encode_text
 from data_pipelines.latents.sdxl_text import encode_text_sdxl
+from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import ConfigError
 from trainer.sampling.denoise import SDXLConditioning
 from trainer.sampling.settings import SampleSettings
@@ -37,14 +41,16 @@ def encode_prompts(
     text_encoders: Sequence[TextEncoder],
     prompts: list[str],
     prompts_2: list[str] | None = None,
+    encoding: TextEncoding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``B`` prompts -> ``(text (B, T, D), pooled (B, P))`` as precompute made them; ``pooled`` only for SDXL
-    (two tokenizers and encoders), else ``None``. ``prompts_2``: the second encoder's texts (SDXL only)."""
+    (two tokenizers and encoders), else ``None``. ``prompts_2``: the second encoder's texts (SDXL only);
+    ``encoding``: long prompts and ``clip_skip`` (default: 75 tokens, the last layer)."""
     if len(text_encoders) == 1:
         if prompts_2 is not None:
             raise ConfigError("prompt_2 and negative_prompt_2 are for SDXL's second text encoder; this model has one")
-        return encode_text(tokenizers[0], text_encoders[0], prompts), None
-    return encode_text_sdxl(tokenizers, text_encoders, prompts, prompts_2)
+        return encode_text(tokenizers[0], text_encoders[0], prompts, encoding), None
+    return encode_text_sdxl(tokenizers, text_encoders, prompts, prompts_2, encoding)
 
 
 @torch.no_grad()
@@ -55,6 +61,7 @@ def encode_negative_prompt(
     batch: int,
     force_zeros_for_empty_prompt: bool = True,
     negative_prompt_2: str | None = None,
+    encoding: TextEncoding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The negative prompt's ``(text (B, T, D), pooled (B, P) or None)`` for a batch of ``batch``.
 
@@ -73,7 +80,7 @@ def encode_negative_prompt(
         )
     texts = [negative_prompt or ""] * batch
     texts_2 = [negative_prompt_2 or negative_prompt or ""] * batch if negative_prompt_2 is not None else None
-    text, pooled = encode_prompts(tokenizers, text_encoders, texts, texts_2)
+    text, pooled = encode_prompts(tokenizers, text_encoders, texts, texts_2, encoding)
     if zeros and pooled is not None:
         return torch.zeros_like(text), torch.zeros_like(pooled)
     return text, pooled
@@ -87,12 +94,14 @@ class PromptEncoder:
         tokenizers, text_encoders: one of each (SD 1.x/2.x) or two (SDXL: CLIP ViT-L, OpenCLIP bigG).
         dtype: the UNet's dtype; the embeddings are cast to it.
         force_zeros_for_empty_prompt: SDXL: zeros when no negative prompt is given (the pipeline's flag).
+        encoding: long prompts and ``clip_skip``, as the training captions were encoded (None: the defaults).
     """
 
     tokenizers: Sequence[CLIPTokenizer]
     text_encoders: Sequence[TextEncoder]
     dtype: torch.dtype
     force_zeros_for_empty_prompt: bool = True
+    encoding: TextEncoding | None = None
 
     @property
     def sdxl(self) -> bool:
@@ -102,7 +111,7 @@ class PromptEncoder:
         """Prompts -> ``(text (B, T, D), pooled (B, P) or None)``; ``prompt_2`` (SDXL): the second encoder's text
         for every prompt (``None`` or ``""``: each prompt itself, as diffusers' ``prompt_2 or prompt``)."""
         prompts_2 = [prompt_2] * len(prompts) if prompt_2 else None
-        text, pooled = encode_prompts(self.tokenizers, self.text_encoders, prompts, prompts_2)
+        text, pooled = encode_prompts(self.tokenizers, self.text_encoders, prompts, prompts_2, self.encoding)
         return text.to(self.dtype), pooled.to(self.dtype) if pooled is not None else None
 
     def negative(
@@ -116,6 +125,7 @@ class PromptEncoder:
             batch,
             self.force_zeros_for_empty_prompt,
             negative_prompt_2,
+            self.encoding,
         )
         return text.to(self.dtype), pooled.to(self.dtype) if pooled is not None else None
 

@@ -11,8 +11,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data_pipelines.latents.encoders import resolve_device
+from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import DataError
-from trainer.checkpoint.export import build_export
+from trainer.checkpoint.export import EXPORT_INFO_NAME, build_export
 from trainer.diffusion.unet_kinds import is_sdxl_unet
 
 
@@ -21,6 +22,8 @@ def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> 
 
     SDXL (``text_encoder_2/`` present) adds the second encoder and tokenizer and the pipeline's
     ``force_zeros_for_empty_prompt`` (``model_index.json``; true when absent, as diffusers' default).
+    The prompts are encoded as the training captions were (long prompts, ``clip_skip``): the latent manifest
+    recorded in the export's ``latentforge.json`` says how (the defaults for a folder without one).
 
     Raises:
         DataError: the folder is not a pipeline folder.
@@ -39,6 +42,7 @@ def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> 
         "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", **load),
         "scheduler_config": DDPMScheduler.load_config(folder / "scheduler", **load),
         "model_name": folder.name,
+        "text_encoding": recorded_text_encoding(_export_info(folder).get("latent_manifest")),
     }
     if (folder / "text_encoder_2").is_dir():  # an SDXL export
         encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch_dtype, **load)
@@ -71,6 +75,7 @@ def checkpoint_parts(
         "tokenizer": pipe.tokenizer,
         "scheduler_config": dict(pipe.scheduler.config),
         "model_name": f"{Path(ckpt_path).stem}-{info['weights']}",
+        "text_encoding": recorded_text_encoding(info.get("latent_manifest")),
     }
     if is_sdxl_unet(pipe.unet.config):
         parts.update(
@@ -79,3 +84,20 @@ def checkpoint_parts(
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         )
     return parts
+
+
+def _export_info(folder: Path) -> dict[str, Any]:
+    """The export's ``latentforge.json`` (empty for a folder written by another tool)."""
+    path = folder / EXPORT_INFO_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+
+
+def recorded_text_encoding(manifest: dict[str, Any] | None) -> TextEncoding:
+    """How the training captions were encoded (``max_token_length``, ``clip_skip``), from a latent manifest's
+    dict (its ``text_encoder.extra``); the defaults when there is none."""
+    return TextEncoding.recorded(((manifest or {}).get("text_encoder") or {}).get("extra"))

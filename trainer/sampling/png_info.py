@@ -23,7 +23,8 @@ class GenerationParameters:
     SDXL's micro-conditioning, when not the defaults, is written as ``Original size: WxH`` and
     ``Crop offset: LEFTxTOP`` (x before y, as ``Size``); the attributes are ``(h, w)`` and ``(top, left)``.
     SDXL's second encoder's texts, when given, as ``Prompt 2: "..."`` and ``Negative prompt 2: "..."``
-    (JSON-quoted, as AUTOMATIC1111 quotes values with commas).
+    (JSON-quoted, as AUTOMATIC1111 quotes values with commas). A ``clip_skip`` other than 1 as
+    ``Clip skip: N`` (AUTOMATIC1111's field).
     """
 
     prompt: str
@@ -41,6 +42,7 @@ class GenerationParameters:
     crop_top_left: tuple[int, int] = (0, 0)
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
+    clip_skip: int = 1
 
     def to_text(self) -> str:
         """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs."""
@@ -65,6 +67,8 @@ class GenerationParameters:
             fields.append(f"Prompt 2: {json.dumps(self.prompt_2)}")
         if self.negative_prompt_2 is not None:
             fields.append(f"Negative prompt 2: {json.dumps(self.negative_prompt_2)}")
+        if self.clip_skip != 1:
+            fields.append(f"Clip skip: {self.clip_skip}")
         lines = [self.prompt]
         if self.negative_prompt is not None:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -112,6 +116,7 @@ def parse_parameters(text: str, source: str = "parameters") -> GenerationParamet
         crop_top_left=crop,
         prompt_2=_unquote(fields["Prompt 2"]) if "Prompt 2" in fields else None,
         negative_prompt_2=_unquote(fields["Negative prompt 2"]) if "Negative prompt 2" in fields else None,
+        clip_skip=int(fields.get("Clip skip", 1)),
     )
 
 

@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import DataError
 from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
 from trainer.sampling.conditioning import PromptEncoder
@@ -53,6 +54,8 @@ class Sampler:
         text_encoder_2, tokenizer_2: SDXL's second text encoder and tokenizer (an SDXL UNet needs them).
         force_zeros_for_empty_prompt: SDXL: zeros, not the encoding of ``""``, when no negative prompt is
             given (the pipeline config's flag of that name).
+        text_encoding: long prompts (``max_token_length``) and ``clip_skip`` as the training captions were
+            encoded (the latent manifest's record; export folders and checkpoints carry it); None: the defaults.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class Sampler:
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        text_encoding: TextEncoding | None = None,
     ) -> None:
         if is_sdxl_unet(unet.config) != (text_encoder_2 is not None and tokenizer_2 is not None):
             raise DataError(
@@ -77,6 +81,8 @@ class Sampler:
         self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.text_encoding = text_encoding or TextEncoding()
+        self.text_encoding.check_sdxl(text_encoder_2 is not None)
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
@@ -154,7 +160,9 @@ class Sampler:
             tokenizers, encoders = [self.tokenizer], [self.text_encoder]
         else:
             tokenizers, encoders = [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
-        return PromptEncoder(tokenizers, encoders, self.unet.dtype, self.force_zeros_for_empty_prompt)
+        return PromptEncoder(
+            tokenizers, encoders, self.unet.dtype, self.force_zeros_for_empty_prompt, self.text_encoding
+        )
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -235,6 +243,7 @@ class Sampler:
                 crop_top_left=settings.crop_top_left,
                 prompt_2=settings.prompt_2,
                 negative_prompt_2=settings.negative_prompt_2,
+                clip_skip=self.text_encoding.clip_skip,
             )
             for prompt, seed in zip(prompts, seeds, strict=True)
         ]

@@ -41,6 +41,11 @@ a shard as any other; ``KEY.json``'s ``variants`` lists ``{"crop_top_left": [top
 for each of the V, in the same order (SDXL's ``crop_top_left`` of a mirror image is measured in the
 mirrored resized image, as diffusers' SDXL training does). The crops are drawn per sample key with the
 seed, so a rerun writes the same shards.
+and, with caption variants (precompute's ``captions.variants`` K > 1; the manifest's ``transforms`` then
+hold ``captions``, the caption settings, and ``KEY.json`` the K strings under ``caption_variants``)::
+
+    KEY.text_variants.npy    float16 (K, T, D)  the K captions' embeddings; variant 0 is KEY.text.npy's
+    KEY.pooled_variants.npy  float16 (K, P)     their pooled embeddings (SDXL shards)
 
 SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
 preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
@@ -68,6 +73,8 @@ and file names, dtype, version), :mod:`.samples` (one sample's members, written 
 
 from data_pipelines.latents.format.keys import (
     CAPTION_KEY,
+    CAPTION_VARIANTS_META,
+    CAPTIONS_SETTING,
     ENTRY_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -82,8 +89,10 @@ from data_pipelines.latents.format.keys import (
     META_KEY,
     MICRO_CONDITIONING,
     POOLED_KEY,
+    POOLED_VARIANTS_KEY,
     STORAGE_DTYPE,
     TEXT_KEY,
+    TEXT_VARIANTS_KEY,
     UNCOND_NAME,
     UNCOND_POOLED_NAME,
     VARIANTS_META,
@@ -110,7 +119,9 @@ from data_pipelines.latents.format.samples import (
 )
 
 __all__ = [
+    "CAPTIONS_SETTING",
     "CAPTION_KEY",
+    "CAPTION_VARIANTS_META",
     "ENTRY_SUFFIX",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -125,8 +136,10 @@ __all__ = [
     "META_KEY",
     "MICRO_CONDITIONING",
     "POOLED_KEY",
+    "POOLED_VARIANTS_KEY",
     "STORAGE_DTYPE",
     "TEXT_KEY",
+    "TEXT_VARIANTS_KEY",
     "UNCOND_NAME",
     "UNCOND_POOLED_NAME",
     "VARIANTS_META",

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.latents.format.keys import (
+    CAPTIONS_SETTING,
     ENTRY_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -178,6 +179,11 @@ class LatentManifest:
     def sdxl(self) -> bool:
         """Whether the shards hold SDXL's conditioning (two encoders' states, a pooled embedding, time_ids)."""
         return bool(self.pooled_shape)
+
+    @property
+    def caption_variants(self) -> int:
+        """Caption variants stored per sample (``K`` of ``KEY.text_variants.npy``); 1: none, ``text.npy`` only."""
+        return int((self.transforms.get(CAPTIONS_SETTING) or {}).get("variants", 1))
 
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """Every latent shape a sample may have: one per bucket, or ``latent_shape`` alone."""

@@ -23,8 +23,10 @@ from data_pipelines.latents.format.keys import (
     META_KEY,
     MICRO_CONDITIONING,
     POOLED_KEY,
+    POOLED_VARIANTS_KEY,
     STORAGE_DTYPE,
     TEXT_KEY,
+    TEXT_VARIANTS_KEY,
     VARIANTS_META,
 )
 from data_pipelines.raw.format import sample_origin
@@ -50,6 +52,8 @@ class LatentSample:
         loss_mask: ``(1, h, w)`` float16 in [0, 1], samples with a loss mask only (masked loss).
         loss_mask_variants: ``(V, 1, h, w)`` float16, samples with a loss mask in shards with image variants:
             the mask of each of ``latent_variants``, cropped and mirrored as its latent.
+        text_variants: ``(K, T, D)`` float16, shards with caption variants only (variant 0 is ``text``).
+        pooled_variants: ``(K, P)`` float16, SDXL shards with caption variants only.
     """
 
     key: str
@@ -63,6 +67,8 @@ class LatentSample:
     latent_variants: np.ndarray | None = None
     loss_mask: np.ndarray | None = None
     loss_mask_variants: np.ndarray | None = None
+    text_variants: np.ndarray | None = None
+    pooled_variants: np.ndarray | None = None
 
 
 def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
@@ -141,6 +147,10 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
         members[LOSS_MASK_KEY] = npy_bytes(sample.loss_mask)
     if sample.loss_mask_variants is not None:
         members[LOSS_MASK_VARIANTS_KEY] = npy_bytes(sample.loss_mask_variants)
+    if sample.text_variants is not None:
+        members[TEXT_VARIANTS_KEY] = npy_bytes(sample.text_variants)
+    if sample.pooled_variants is not None:
+        members[POOLED_VARIANTS_KEY] = npy_bytes(sample.pooled_variants)
     return members
 
 
@@ -154,6 +164,7 @@ def decode_latent_sample(
     pooled_shape: tuple[int, ...] | None = None,
     latent_variants: int = 0,
     loss_masks: bool = False,
+    caption_variants: int = 1,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -169,6 +180,8 @@ def decode_latent_sample(
             metadata; 0 (shards without them, or a reader that wants none) reads neither.
         loss_masks: read ``loss_mask.npy`` when the sample holds one: float16 ``(1, h, w)`` of its latent's
             size, values in [0, 1] (else ``loss_mask`` stays ``None``).
+        caption_variants: ``K`` > 1: the sample must hold ``text_variants.npy`` ``(K, T, D)`` (and, with
+            ``pooled_shape``, ``pooled_variants.npy`` ``(K, P)``); needs ``text_shape``.
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -223,6 +236,13 @@ def decode_latent_sample(
         if latent_variants:
             variants_shape = (latent_variants, *mask_shape)
             decoded.loss_mask_variants = _checked_loss_mask(sample, LOSS_MASK_VARIANTS_KEY, variants_shape, origin)
+    if caption_variants > 1:
+        if text_shape is None:
+            raise ValueError("caption_variants needs text_shape")
+        count = caption_variants
+        decoded.text_variants = _variant_member(sample, TEXT_VARIANTS_KEY, (count, *text_shape), origin)
+        if pooled_shape is not None:
+            decoded.pooled_variants = _variant_member(sample, POOLED_VARIANTS_KEY, (count, *pooled_shape), origin)
     return decoded
 
 
@@ -235,18 +255,7 @@ def _decode_variants(
         CorruptSampleError: the member is missing or of another shape or dtype, or the metadata does not
             list one entry per variant.
     """
-    shape = (count, *latent_shape)
-    if LATENT_VARIANTS_KEY not in sample:
-        raise CorruptSampleError(f"{origin}: member '{LATENT_VARIANTS_KEY}' is missing (a shard with image variants)")
-    try:
-        array = _load_npy_of_shape(sample[LATENT_VARIANTS_KEY], [shape])
-    except Exception as error:
-        raise CorruptSampleError(f"{origin}: member '{LATENT_VARIANTS_KEY}' is not a .npy array ({error})") from error
-    if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
-        raise CorruptSampleError(
-            f"{origin}: member '{LATENT_VARIANTS_KEY}' is {array.dtype} {tuple(array.shape)}, "
-            f"expected {np.dtype(STORAGE_DTYPE)} {shape}"
-        )
+    array = _checked_member(sample, LATENT_VARIANTS_KEY, (count, *latent_shape), origin, "a shard with image variants")
     listed = meta.get(VARIANTS_META)
     if not isinstance(listed, list) or len(listed) != count:
         raise CorruptSampleError(
@@ -262,17 +271,33 @@ def _checked_loss_mask(sample: dict[str, Any], key: str, shape: tuple[int, ...],
     Raises:
         CorruptSampleError: it is missing, does not parse, or has another dtype, shape or range.
     """
-    if key not in sample:
-        raise CorruptSampleError(f"{origin}: member '{key}' is missing (a sample with a loss mask and image variants)")
-    try:
-        mask = _load_npy_of_shape(sample[key], [shape])
-    except Exception as error:
-        raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
-    if mask.dtype != STORAGE_DTYPE or tuple(mask.shape) != shape:
-        raise CorruptSampleError(
-            f"{origin}: member '{key}' is {mask.dtype} {tuple(mask.shape)}, "
-            f"expected {np.dtype(STORAGE_DTYPE)} {shape} (its latent's size)"
-        )
+    mask = _checked_member(sample, key, shape, origin, "a sample with a loss mask and image variants")
     if not (np.all(mask >= 0) and np.all(mask <= 1)):  # also refuses NaN
         raise CorruptSampleError(f"{origin}: member '{key}' has values outside [0, 1]")
     return mask
+
+
+def _variant_member(sample: dict[str, Any], key: str, shape: tuple[int, ...], origin: str) -> np.ndarray:
+    """A caption-variant member of exactly ``shape`` in the storage dtype (see :func:`_checked_member`)."""
+    return _checked_member(sample, key, shape, origin, "the manifest records caption variants")
+
+
+def _checked_member(sample: dict[str, Any], key: str, shape: tuple[int, ...], origin: str, why: str) -> np.ndarray:
+    """The ``.npy`` member ``key`` of a sample, exactly ``shape`` in the storage dtype.
+
+    Args:
+        why: why the member must be there (said when it is missing).
+
+    Raises:
+        CorruptSampleError: it is missing, does not parse, or has another shape or dtype.
+    """
+    if key not in sample:
+        raise CorruptSampleError(f"{origin}: member '{key}' is missing ({why})")
+    try:
+        array = _load_npy_of_shape(sample[key], [shape])
+    except Exception as error:
+        raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
+    if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
+        found, expected = f"{array.dtype} {tuple(array.shape)}", f"{np.dtype(STORAGE_DTYPE)} {shape}"
+        raise CorruptSampleError(f"{origin}: member '{key}' is {found}, expected {expected} (its latent's size)")
+    return array

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.raw.captions import CAPTIONS_META_KEY
 from data_pipelines.raw.sources.base import SourceItem
 from lf_common.errors import DataError
 
@@ -41,15 +42,24 @@ class CaptionTableSource:
         path_column: the column holding image paths (or image bytes, in Parquet).
         caption_column: the column holding captions.
         batch_rows: rows read at a time from a Parquet table.
+        extra_caption_columns: further columns holding other captions of the same image: the sample's
+            ``KEY.json`` then lists them all under ``captions`` (caption column first), which precompute's
+            ``captions.variants`` embeds as caption variants; an empty cell is left out.
     """
 
     def __init__(
-        self, table: str, path_column: str = "path", caption_column: str = "caption", batch_rows: int = 1024
+        self,
+        table: str,
+        path_column: str = "path",
+        caption_column: str = "caption",
+        batch_rows: int = 1024,
+        extra_caption_columns: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.table = Path(table)
         self.path_column = path_column
         self.caption_column = caption_column
         self.batch_rows = batch_rows
+        self.extra_caption_columns = tuple(extra_caption_columns)
 
     def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(line or row number, row)`` for each row of the table.
@@ -88,7 +98,7 @@ class CaptionTableSource:
         except Exception as error:  # pyarrow raises ArrowInvalid and OSError for bad files
             raise DataError(f"{self.table}: not a readable Parquet file ({error})") from error
         names = parquet.schema_arrow.names
-        for column in (self.path_column, self.caption_column):
+        for column in (self.path_column, self.caption_column, *self.extra_caption_columns):
             if column not in names:
                 raise DataError(f"{self.table}: column '{column}' is missing (the table has {names})")
         row_number = 0
@@ -125,8 +135,8 @@ class CaptionTableSource:
         row_word = "row " if self.table.suffix.lower() == ".parquet" else ""
         for line_number, row in self.rows():
             where = f"{self.table}:{row_word}{line_number}"
-            for column in (self.path_column, self.caption_column):
-                if column not in row or row[column] is None:
+            for column in (self.path_column, self.caption_column, *self.extra_caption_columns):
+                if column not in row or (row[column] is None and column not in self.extra_caption_columns):
                     raise DataError(f"{where}: key '{column}' is missing (row has {sorted(row)})")
             image_bytes, origin, source_path = self._image_bytes(row[self.path_column], where)
             extra = {
@@ -134,11 +144,15 @@ class CaptionTableSource:
                 for k, v in row.items()
                 if k not in (self.path_column, self.caption_column) and not isinstance(v, (bytes, bytearray))
             }
+            caption = str(row[self.caption_column]).strip()
+            if self.extra_caption_columns:
+                others = [str(row[c]).strip() for c in self.extra_caption_columns if row[c] is not None]
+                extra[CAPTIONS_META_KEY] = [caption, *(c for c in others if c)]
             count += 1
             yield SourceItem(
                 origin=origin,
                 image_bytes=image_bytes,
-                caption=str(row[self.caption_column]).strip(),
+                caption=caption,
                 meta={"source_path": source_path, **extra},
             )
         if count == 0:
