@@ -166,8 +166,8 @@ def test_sdxl_long_prompts_keep_the_first_chunks_pooled_embedding_and_caption_va
 
     encoder = LatentShardEncoder(short, ResizeCrop(32), captions=CaptionSettings(variants=3, shuffle_tags=True))
     pixels = torch.zeros(3, 32, 32)
-    batch = [_Pending(f"k{i}", pixels, "cat, dog, sun", {}, ["cat, dog, sun", "dog, sun, cat", "sun, cat"])
-             for i in range(2)]  # fmt: skip
+    variants = ["cat, dog, sun", "dog, sun, cat", "sun, cat"]
+    batch = [_Pending(f"k{i}", pixels, "cat, dog, sun", {}, caption_variants=variants) for i in range(2)]
     (sample, _) = encoder.encode_batch(batch)
     assert sample.text_variants.shape == (3, *sample.text.shape) and sample.pooled_variants.shape == (3, 32)
     np.testing.assert_array_equal(sample.pooled_variants[0], sample.pooled)
