@@ -74,6 +74,29 @@ def test_a_half_mask_becomes_the_latent_half_mask(tmp_path, pretrained_dir):
     assert stored["plain.png"][1] is None  # no mask, no member: the loader gives it ones
 
 
+def test_masks_follow_their_image_variants_and_captions_vary_beside_them(tmp_path, pretrained_dir):
+    """Precompute with mirror images (flip=true) and caption variants: each stored variant's loss mask is its
+    image's, mirrored with it; the loader serves image and caption variants side by side."""
+    from hydra.utils import instantiate
+
+    write_folder(tmp_path / "in", {"half": (photo(32, 32), mask_columns(32, 32, 16))})
+    (tmp_path / "in" / "half.txt").write_text("cat, dog, sun, moon")
+    precompute = ["resolution=32", "flip=true", "captions.variants=3", "captions.shuffle_tags=true"]
+    latents = shards_then_latents(tmp_path, pretrained_dir, precompute)
+    (sample,) = wds.DataPipeline(
+        wds.SimpleShardList(LatentManifest.load(latents).shard_paths(latents)), wds.tarfile_to_samples()
+    )
+    mirrored = np.load(io.BytesIO(sample["loss_mask_variants.npy"]))
+    assert mirrored.shape == (1, 1, 8, 8)
+    np.testing.assert_array_equal(mirrored[0], np.load(io.BytesIO(sample["loss_mask.npy"]))[..., ::-1])
+    assert mirrored[0, 0, :, :4].min() == 1 and mirrored[0, 0, :, 4:].max() == 0  # the half mask, mirrored
+    data = instantiate(compose_config("train", [f"data.train_dir={latents}", "data.num_workers=0"]).data)
+    batch = next(iter(data.train_dataloader()))
+    assert {"latents_variants", "loss_mask_variants", "text_variants"} <= set(batch)
+    assert batch["loss_mask_variants"].shape[1] == batch["latents_variants"].shape[1] == 2
+    assert batch["text_variants"].shape[1] == 3
+
+
 def test_masks_follow_their_image_into_its_bucket(tmp_path, pretrained_dir):
     # wide 32x64 -> bucket 24x40 (resized to 24x48, center crop from column 4); tall 64x32 -> bucket 40x24
     write_folder(
