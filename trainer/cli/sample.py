@@ -13,6 +13,7 @@ Examples::
     lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
     lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
     lf-sample model_dir=export/xl 'prompts=["a cat"]' prompt_2="oil painting" negative_prompt=blurry   # SDXL
+    lf-sample model_dir=... embeddings=outputs/train/.../embeddings/d7.safetensors 'prompts=["a handwritten <d7>"]'
     lf-sample model_dir=s3://bucket/export/step-1200 out_dir=s3://bucket/images   # downloaded once, uploaded
 
 Keys::
@@ -21,6 +22,7 @@ Keys::
     prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH, s3://... too)
     from_png               re-make the image a PNG's parameters describe (s3://... too)
     vae_path, text_encoder_path, tokenizer_path   a checkpoint's encoder folders (s3://... too; default: its manifest's)
+    embeddings             textual-inversion files, FILE[,FILE] (AUTOMATIC1111/ComfyUI or diffusers layout)
     num_images_per_prompt  images per prompt (image i gets seed + i)
     steps                  denoising steps
     guidance_scale         classifier-free guidance scale
@@ -163,6 +165,12 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         vae_slicing=cfg.get("vae_slicing", False),
         vae_tiling=cfg.get("vae_tiling", False),
     )
+    if cfg.get("embeddings"):
+        from trainer.sampling.loading import load_embeddings
+
+        text = sampler.prompt_encoder
+        tokens = load_embeddings(embedding_files(cfg), list(text.tokenizers), list(text.text_encoders))
+        print(f"sample: textual-inversion tokens {', '.join(tokens)}")
     if local["lora"]:
         load_lora(
             sampler.unet,
@@ -179,6 +187,13 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     result["grid"] = object_store.join(shown, "grid.png") if result["grid"] else None
     print(f"sample: {len(result['images'])} images -> {cfg.out_dir}")
     return result
+
+
+def embedding_files(cfg: DictConfig) -> list[str]:
+    """``embeddings``: a comma-separated string or a list of embedding files (local copies of URLs)."""
+    value = cfg.embeddings
+    paths = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p) for p in value]
+    return [local_path(p, cfg.get("cache_dir")) for p in paths if p]
 
 
 ENCODER_FOLDERS = ("vae_path", "text_encoder_path", "tokenizer_path")

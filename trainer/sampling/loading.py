@@ -79,3 +79,25 @@ def checkpoint_parts(
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         )
     return parts
+
+
+def load_embeddings(
+    paths: list[str | Path], tokenizers: list[CLIPTokenizer], text_encoders: list[torch.nn.Module]
+) -> list[str]:
+    """Add textual-inversion embedding files (``lf-sample embeddings=``; every layout
+    :mod:`trainer.interop.embedding_files` reads) to the sampler's tokenizers and text encoders.
+
+    Returns:
+        The tokens a prompt can now use (each as its file's name or metadata says).
+
+    Raises:
+        DataError: a file that is no embedding, or does not fit the model.
+    """
+    from trainer.interop.embedding_files import add_embedding, read_embedding_file
+
+    tokens = []
+    for path in paths:
+        embedding = read_embedding_file(path)
+        add_embedding(embedding, tokenizers, text_encoders)
+        tokens.append(embedding.token)
+    return tokens

@@ -1,0 +1,86 @@
+"""Textual inversion end to end on the tiny models: only the new rows change, the files load in diffusers
+and in lf-sample to the conditioning training used, SD 1.x and SDXL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from tests.conftest import compose_config, tiny_train_overrides
+from trainer.checkpoint.reading import load_checkpoint
+from trainer.cli.hydra_app import optimizer_factories
+from trainer.cli.train import run_train
+from trainer.sampling.loading import load_embeddings
+from trainer.sampling.sampler import Sampler
+
+pytestmark = pytest.mark.slow
+TOKEN = "<d7>"
+
+
+def ti_overrides(
+    base: Path, latents: Path, run: Path, experiment: str = "textual_inversion", steps: int = 3
+) -> list[str]:
+    """A short textual-inversion run: token <d7> of two vectors from "digit", one template, lr 0.1."""
+    return [
+        *tiny_train_overrides(latents, run, steps), f"experiment={experiment}", f"model.pretrained={base}",
+        f"model.textual_inversion.tokens=['{TOKEN}']", "model.textual_inversion.init_word=digit",
+        "model.textual_inversion.num_vectors=2", "model.textual_inversion.templates=['a handwritten {}']",
+        "optim.lr=0.1", "data.batch_size=8", f"callbacks.model_checkpoint.every_n_train_steps={steps}",
+    ]  # fmt: skip
+
+
+def initial_state(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The module's weights before training (built from the same config)."""
+    cfg = compose_config("train", overrides)
+    module = instantiate(cfg.model, **optimizer_factories(cfg, param_groups=True))
+    return {key: value.clone() for key, value in module.state_dict().items()}
+
+
+def check_only_rows_changed(overrides: list[str], run: Path, encoders: int) -> dict:
+    before = initial_state(overrides)
+    run_train(compose_config("train", overrides))
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    after, record = checkpoint["state_dict"], checkpoint["latentforge"]["textual_inversion"]
+    assert set(after) == set(before)
+    rows = set(record["row_keys"])
+    assert len(rows) == encoders and all(key.endswith("token_embedding.rows") for key in rows)
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == rows  # exact: every other weight of the UNet and the text encoders is bit-identical
+    return record
+
+
+def test_sd_textual_inversion_trains_only_the_new_rows_and_exports(base_model, latent_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    overrides = ti_overrides(base_model, latent_dir, run)
+    record = check_only_rows_changed(overrides, run, encoders=1)
+    assert record["vector_tokens"] == {TOKEN: [TOKEN, f"{TOKEN}_1"]}
+    ui_file, diffusers_file = (
+        run / "embeddings" / "d7.safetensors",
+        run / "embeddings" / "d7" / "learned_embeds.safetensors",
+    )
+    ui = load_file(ui_file)
+    assert list(ui) == ["emb_params"] and ui["emb_params"].shape == (2, 32)  # one key: AUTOMATIC1111 asserts it
+    assert list(load_file(diffusers_file)) == [TOKEN]
+
+    # diffusers' own loader on the base pipeline gives the conditioning lf-sample gives with the file
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, local_files_only=True)
+    pipe.load_textual_inversion(str(ui_file), token=TOKEN)
+    prompt = f"a handwritten {TOKEN}"
+    theirs = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    sampler = Sampler.load(base_model, device="cpu")
+    assert load_embeddings([diffusers_file], [sampler.tokenizer], [sampler.text_encoder]) == [TOKEN]
+    ours = sampler.encode_prompts([prompt])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    # ... and what training conditioned on: the module's own encoding of the template with the trained rows
+    cfg = compose_config("train", [*overrides, f"model.textual_inversion.embeddings_from={ui_file}"])
+    module = instantiate(cfg.model, **optimizer_factories(cfg, param_groups=True))
+    with torch.no_grad():
+        trained = module.conditioning(["unused caption"])["text"]
+    torch.testing.assert_close(trained, ours, rtol=0, atol=1e-6)

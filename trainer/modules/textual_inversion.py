@@ -1,0 +1,191 @@
+"""Textual inversion (Gal et al. 2022): new tokens' embedding rows train through the frozen text encoder(s)
+and the frozen UNet, on latent shards.
+
+The latents come from the shards; the text cannot (the shards hold embeddings of captions without the new
+tokens), so each step fills the templates with the tokens (or takes each sample's caption,
+:class:`~trainer.textual_inversion.data.CaptionedLatentDataModule`) and encodes them
+(:func:`~trainer.modules.prompt_encoding.encode_prompts_in_step`, shared with DreamBooth). For SDXL both
+encoders get the tokens (rows for CLIP ViT-L and OpenCLIP bigG, trained together).
+
+Only :class:`~trainer.textual_inversion.new_tokens.NewTokenEmbedding`'s rows are parameters the optimizer
+holds (the ``embeddings`` group: ``optim.embedding_lr``, ``optim.embedding_weight_decay``), so no other weight
+changes, whatever the optimizer. The encoders are held as ``text_encoders.0/1`` (not ``text_encoder.``, the
+keys of encoders DreamBooth trains), so an export takes the base encoders as they are and writes the
+embeddings beside them (:func:`learned_embeddings`, ``embeddings/``). At the end of the run the embeddings are
+written to ``<output_dir>/embeddings/`` too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lf_common.errors import ConfigError
+from trainer.checkpoint.keys import CHECKPOINT_KEY
+from trainer.interop.embedding_files import Embedding, expand_prompt, read_embedding_file, save_embedding_files
+from trainer.modules.latent_diffusion import LatentDiffusion
+from trainer.modules.prompt_encoding import encode_prompts_in_step
+from trainer.textual_inversion.data import CAPTIONS
+from trainer.textual_inversion.new_tokens import (
+    InstalledTokens,
+    TextualInversionSettings,
+    init_rows,
+    install_tokens,
+)
+from trainer.textual_inversion.prompts import training_prompts
+
+log = logging.getLogger(__name__)
+EMBEDDINGS_DIR = "embeddings"
+RECORD_KEY = "textual_inversion"  # the checkpoint's record: settings, vector tokens and the rows' state keys
+
+
+class TextualInversionDiffusion(LatentDiffusion):
+    """:class:`LatentDiffusion` with a frozen UNet whose conditioning comes from new tokens' trainable rows.
+
+    Args:
+        text_encoder, tokenizer: the base model's (first) text encoder and tokenizer.
+        textual_inversion: the tokens, vectors per token, init word, templates
+            (:class:`~trainer.textual_inversion.new_tokens.TextualInversionSettings` or a mapping of it).
+        text_encoder_2, tokenizer_2: SDXL's second encoder and tokenizer (an SDXL UNet needs them).
+        *args, **kwargs: as :class:`LatentDiffusion` (``lora`` is refused: the UNet stays as it is).
+    """
+
+    hparams_ignore = (
+        *LatentDiffusion.hparams_ignore,
+        *("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "textual_inversion"),
+    )
+
+    def __init__(
+        self,
+        *args: Any,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        textual_inversion: TextualInversionSettings | Mapping[str, Any],
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if self.lora is not None:
+            raise ConfigError("model.lora: textual inversion trains embeddings only, the UNet stays; unset model.lora")
+        if self.sdxl != (text_encoder_2 is not None and tokenizer_2 is not None):
+            raise ConfigError(
+                "an SDXL UNet conditions on two text encoders and only it does: give model.text_encoder_2 and "
+                "model.tokenizer_2 with an SDXL base (experiment=textual_inversion_sdxl), none otherwise"
+            )
+        self.settings = TextualInversionSettings.of(textual_inversion)
+        self.hparams[RECORD_KEY] = self.settings.to_dict()
+        self.unet.requires_grad_(False)
+        encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
+        initial = initial_vectors(self.settings, self.tokenizers, encoders)
+        self.installed: list[InstalledTokens] = [
+            install_tokens(tok, enc, self.settings.tokens, init)
+            for tok, enc, init in zip(self.tokenizers, encoders, initial, strict=True)
+        ]
+        self.text_encoders = torch.nn.ModuleList(encoders)  # not "text_encoder.": see the module docstring
+
+    def setup(self, stage: str) -> None:
+        """Refuse sharded strategies (their rows would be partitioned when written), then as the base class."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+            raise ConfigError(
+                f"strategy {type(strategy).__name__}: textual inversion trains a few vectors beside a frozen model, "
+                "nothing worth sharding; use strategy=ddp or deepspeed_stage_1/2"
+            )
+        super().setup(stage)
+
+    def prompts(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
+        """The step's prompts (templates filled, or the captions), multi-vector tokens expanded."""
+        prompts = training_prompts(captions, self.settings.templates, self.settings.tokens, generator)
+        return [expand_prompt(p, self.tokenizers[0]) for p in prompts]
+
+    def conditioning(self, captions: list[str], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``text`` ``(B, T, D)`` (SDXL: and ``pooled`` ``(B, P)``) of the step's prompts (gradients reach the rows)."""
+        return encode_prompts_in_step(self.tokenizers, list(self.text_encoders), self.prompts(captions, generator))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return super().training_step({**batch, **self.conditioning(batch[CAPTIONS])}, batch_idx)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(batch_idx)  # fixed templates: runs compare
+        return super().validation_step({**batch, **self.conditioning(batch[CAPTIONS], generator)}, batch_idx)
+
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        """The encoders whose trainable weights (the new rows only) form the ``embeddings`` parameter group."""
+        return list(self.text_encoders)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._is_logging_step():
+            norms = [i.embedding.rows.grad.float().norm() for i in self.installed if i.embedding.rows.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def learned(self) -> list[Embedding]:
+        """Each token's learned vectors, one tensor per text encoder."""
+        per_encoder = [installed.vectors() for installed in self.installed]
+        return [Embedding(token, [vectors[token] for vectors in per_encoder]) for token in self.settings.tokens]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the tokens and where their rows are in the state dict, for the export."""
+        super().on_save_checkpoint(checkpoint)
+        names = {id(p): n for n, p in self.named_parameters()}
+        checkpoint[CHECKPOINT_KEY][RECORD_KEY] = {
+            "settings": self.settings.to_dict(),
+            "vector_tokens": self.installed[0].tokens,
+            "row_keys": [names[id(installed.embedding.rows)] for installed in self.installed],
+        }
+
+    def on_train_end(self) -> None:
+        """Write the embeddings to ``<default_root_dir>/embeddings/`` (rank 0)."""
+        if not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.default_root_dir) / EMBEDDINGS_DIR
+        for embedding in self.learned():
+            files = save_embedding_files(folder, embedding, {"global_step": str(self.trainer.global_step)})
+            log.info("textual inversion: %s written to %s", embedding.token, ", ".join(map(str, files)))
+
+
+def initial_vectors(
+    settings: TextualInversionSettings, tokenizers: list[CLIPTokenizer], encoders: list[torch.nn.Module]
+) -> list[dict[str, torch.Tensor]]:
+    """Per encoder, each token's initial rows ``(N, D)``: from ``embeddings_from`` for the token it holds, else from
+    the init word.
+
+    Raises:
+        ConfigError: the file's token is not among the tokens, or its vectors do not fit the encoders.
+    """
+    loaded = read_embedding_file(settings.embeddings_from) if settings.embeddings_from else None
+    if loaded is not None and loaded.token not in settings.tokens:
+        raise ConfigError(
+            f"model.textual_inversion.embeddings_from={settings.embeddings_from}: its token {loaded.token!r} is not "
+            f"among model.textual_inversion.tokens={list(settings.tokens)}; add it there"
+        )
+    if loaded is not None and len(loaded.vectors) != len(encoders):
+        raise ConfigError(
+            f"model.textual_inversion.embeddings_from={settings.embeddings_from}: vectors for {len(loaded.vectors)} "
+            f"text encoder(s), the model has {len(encoders)}; use an embedding of this model's kind"
+        )
+    out = []
+    for number, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders, strict=True)):
+        rows = {}
+        for token in settings.tokens:
+            if loaded is not None and token == loaded.token:
+                rows[token] = loaded.vectors[number]
+                width = encoder.get_input_embeddings().weight.shape[1]
+                if rows[token].shape[1] != width:
+                    raise ConfigError(
+                        f"model.textual_inversion.embeddings_from={settings.embeddings_from}: vectors of width "
+                        f"{rows[token].shape[1]}, the text encoder's are {width}: an embedding of another base model"
+                    )
+            else:
+                rows[token] = init_rows(tokenizer, encoder, settings.init_word, settings.num_vectors)
+        out.append(rows)
+    return out
