@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
+from lf_common.errors import DataError
 from tests.conftest import compose_config, tiny_train_overrides
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.cli.hydra_app import optimizer_factories
@@ -56,6 +57,10 @@ def check_only_rows_changed(overrides: list[str], run: Path, encoders: int) -> d
 def test_sd_textual_inversion_trains_only_the_new_rows_and_exports(base_model, latent_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from trainer.cli.export import run_export
+    from trainer.cli.import_model import run_import
+    from trainer.cli.sample import run_sample
+
     run = tmp_path / "run"
     overrides = ti_overrides(base_model, latent_dir, run)
     record = check_only_rows_changed(overrides, run, encoders=1)
@@ -69,7 +74,6 @@ def test_sd_textual_inversion_trains_only_the_new_rows_and_exports(base_model, l
     assert list(load_file(diffusers_file)) == [TOKEN]
 
     # diffusers' own loader on the base pipeline gives the conditioning lf-sample gives with the file
-
     pipe = StableDiffusionPipeline.from_pretrained(base_model, local_files_only=True)
     pipe.load_textual_inversion(str(ui_file), token=TOKEN)
     prompt = f"a handwritten {TOKEN}"
@@ -84,3 +88,40 @@ def test_sd_textual_inversion_trains_only_the_new_rows_and_exports(base_model, l
     with torch.no_grad():
         trained = module.conditioning(["unused caption"])["text"]
     torch.testing.assert_close(trained, ours, rtol=0, atol=1e-6)
+
+    # lf-export writes the embeddings beside the base pipeline; lf-sample takes them from the export folder, the
+    # checkpoint or embeddings=FILE alike (the same image); lf-import names what the file is
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    assert load_file(export / "embeddings" / "d7.safetensors")["emb_params"].shape == (2, 32)
+    sample = ["num_images_per_prompt=1", "steps=2", f'prompts=["{prompt}"]', "grid=false"]
+    images = {}
+    for name, extra in (
+        ("export", [f"model_dir={export}"]),
+        ("checkpoint", [f"model_dir={run / 'checkpoints' / 'last.ckpt'}"]),
+        ("file", [f"model_dir={base_model}", f"embeddings={run / 'embeddings' / 'd7.safetensors'}"]),
+    ):
+        result = run_sample(compose_config("sample", [*sample, *extra, f"out_dir={tmp_path / name}"]))
+        images[name] = torch.tensor(list(result["images"][0].getdata()))
+    assert torch.equal(images["export"], images["file"]) and torch.equal(images["checkpoint"], images["file"])
+    with pytest.raises(DataError, match=r"a textual-inversion embedding: use lf-sample embeddings="):
+        run_import(compose_config("import", [f"pretrained={run / 'embeddings' / 'd7.safetensors'}",
+                                             f"out_dir={tmp_path / 'imported'}"]))  # fmt: skip
+
+
+def test_sdxl_textual_inversion_trains_rows_of_both_encoders(sdxl_base_model, sdxl_latent_dir, tmp_path):
+    run = tmp_path / "run"
+    overrides = ti_overrides(sdxl_base_model, sdxl_latent_dir, run, experiment="textual_inversion_sdxl", steps=2)
+    check_only_rows_changed(overrides, run, encoders=2)
+    ui = load_file(run / "embeddings" / "d7.safetensors")
+    assert sorted(ui) == ["clip_g", "clip_l"] and ui["clip_l"].shape[0] == ui["clip_g"].shape[0] == 2
+    sampler = Sampler.load(sdxl_base_model, device="cpu")
+    text = sampler.prompt_encoder
+    load_embeddings([run / "embeddings" / "d7.safetensors"], list(text.tokenizers), list(text.text_encoders))
+    cfg = compose_config("train", [*overrides, f"model.textual_inversion.embeddings_from={run / 'embeddings' / 'd7'}"])
+    module = instantiate(cfg.model, **optimizer_factories(cfg, param_groups=True))
+    with torch.no_grad():
+        trained = module.conditioning(["unused caption"])
+    ours, pooled = sampler.encode_prompts_and_pooled([f"a handwritten {TOKEN}"])
+    torch.testing.assert_close(trained["text"], ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(trained["pooled"], pooled, rtol=0, atol=1e-6)

@@ -135,7 +135,11 @@ def read_embedding_file(path: str | Path) -> Embedding:
     if not path.is_file():
         raise DataError(f"embeddings={path}: no such file")
     if path.suffix != SAFETENSORS_SUFFIX:
-        state = load_torch_file(path, expected=f"a textual-inversion embedding file; {CONVERT_FIX}")
+        try:
+            state = load_torch_file(path, expected="a textual-inversion embedding file")
+        except DataError as error:
+            what = str(error).removeprefix(f"{path}: ").split(";")[0]
+            raise DataError(f"embeddings={path}: {what}; {CONVERT_FIX}") from None
         return _from_pickle(state, path)
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}

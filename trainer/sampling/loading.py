@@ -12,13 +12,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.encoders import resolve_device
 from lf_common.errors import DataError
-from trainer.checkpoint.export import build_export
+from trainer.checkpoint.export import EMBEDDINGS_DIR, EMBEDDINGS_INFO, build_export
 from trainer.diffusion.unet_kinds import is_sdxl_unet
+from trainer.interop.embedding_files import add_embedding, read_embedding_file
 
 
 def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
     """The keyword arguments of :class:`~trainer.sampling.sampler.Sampler` for an export folder.
 
+    A textual-inversion export's ``embeddings/*.safetensors`` are added to the tokenizers and encoders.
     SDXL (``text_encoder_2/`` present) adds the second encoder and tokenizer and the pipeline's
     ``force_zeros_for_empty_prompt`` (``model_index.json``; true when absent, as diffusers' default).
 
@@ -48,6 +50,8 @@ def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> 
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **load),
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         )
+    if (folder / EMBEDDINGS_DIR).is_dir():  # a textual-inversion export: its learned tokens
+        load_embeddings(sorted((folder / EMBEDDINGS_DIR).glob("*.safetensors")), *_text_side(parts))
     return parts
 
 
@@ -63,6 +67,7 @@ def checkpoint_parts(
     """The keyword arguments of :class:`~trainer.sampling.sampler.Sampler` for a Lightning ``.ckpt`` or
     DeepSpeed checkpoint folder (see :meth:`~trainer.sampling.sampler.Sampler.from_checkpoint`)."""
     pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
+    embeddings = info.pop(EMBEDDINGS_INFO)
     torch_device = resolve_device(device)
     parts: dict[str, Any] = {
         "unet": pipe.unet.to(torch_device),
@@ -78,7 +83,16 @@ def checkpoint_parts(
             tokenizer_2=pipe.tokenizer_2,
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         )
+    for embedding in embeddings:  # a textual-inversion run's tokens
+        add_embedding(embedding, *_text_side(parts))
     return parts
+
+
+def _text_side(parts: dict[str, Any]) -> tuple[list[CLIPTokenizer], list[torch.nn.Module]]:
+    """The tokenizers and text encoders of a sampler's parts (SDXL: two each)."""
+    second = "text_encoder_2" in parts
+    tokenizers = [parts["tokenizer"], *([parts["tokenizer_2"]] if second else [])]
+    return tokenizers, [parts["text_encoder"], *([parts["text_encoder_2"]] if second else [])]
 
 
 def load_embeddings(
@@ -93,8 +107,6 @@ def load_embeddings(
     Raises:
         DataError: a file that is no embedding, or does not fit the model.
     """
-    from trainer.interop.embedding_files import add_embedding, read_embedding_file
-
     tokens = []
     for path in paths:
         embedding = read_embedding_file(path)
