@@ -128,7 +128,7 @@ def _textual_inversion(file: WeightFile) -> bool:
         return True
     if len(keys) != 1:
         return False
-    (key, value), = file.state.items()
+    ((key, value),) = file.state.items()
     return "." not in key and isinstance(value, torch.Tensor) and value.ndim in (1, 2)
 
 
