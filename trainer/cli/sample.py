@@ -22,7 +22,7 @@ Keys::
     prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH, s3://... too)
     from_png               re-make the image a PNG's parameters describe (s3://... too)
     vae_path, text_encoder_path, tokenizer_path   a checkpoint's encoder folders (s3://... too; default: its manifest's)
-    embeddings             textual-inversion files, FILE[,FILE] (AUTOMATIC1111/ComfyUI or diffusers layout)
+    embeddings             textual-inversion files: FILE or [FILE,FILE] (AUTOMATIC1111/ComfyUI or diffusers layout)
     num_images_per_prompt  images per prompt (image i gets seed + i)
     steps                  denoising steps
     guidance_scale         classifier-free guidance scale
@@ -190,7 +190,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
 
 
 def embedding_files(cfg: DictConfig) -> list[str]:
-    """``embeddings``: a comma-separated string or a list of embedding files (local copies of URLs)."""
+    """``embeddings``: one file, a list (``[A,B]``) or a quoted ``"A,B"``: the local paths (URLs: their copies)."""
     value = cfg.embeddings
     paths = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p) for p in value]
     return [local_path(p, cfg.get("cache_dir")) for p in paths if p]
