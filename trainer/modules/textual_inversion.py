@@ -30,6 +30,7 @@ from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.interop.embedding_files import Embedding, expand_prompt, read_embedding_file, save_embedding_files
 from trainer.modules.latent_diffusion import LatentDiffusion
 from trainer.modules.prompt_encoding import encode_prompts_in_step
+from trainer.strategies.optimizer_support import TEXTUAL_INVERSION_SHARDED
 from trainer.textual_inversion.data import CAPTIONS
 from trainer.textual_inversion.new_tokens import (
     InstalledTokens,
@@ -91,15 +92,12 @@ class TextualInversionDiffusion(LatentDiffusion):
         self.text_encoders = torch.nn.ModuleList(encoders)  # not "text_encoder.": see the module docstring
 
     def setup(self, stage: str) -> None:
-        """Refuse sharded strategies (their rows would be partitioned when written), then as the base class."""
+        """Refuse sharded strategies (as the config check does for lf-train), then as the base class."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
-            raise ConfigError(
-                f"strategy {type(strategy).__name__}: textual inversion trains a few vectors beside a frozen model, "
-                "nothing worth sharding; use strategy=ddp or deepspeed_stage_1/2"
-            )
+            raise ConfigError(TEXTUAL_INVERSION_SHARDED.format(strategy=type(strategy).__name__))
         super().setup(stage)
 
     def prompts(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
