@@ -90,6 +90,7 @@ class TextualInversionDiffusion(LatentDiffusion):
             for tok, enc, init in zip(self.tokenizers, encoders, initial, strict=True)
         ]
         self.text_encoders = torch.nn.ModuleList(encoders)  # not "text_encoder.": see the module docstring
+        self._warned = False
 
     def setup(self, stage: str) -> None:
         """Refuse sharded strategies (as the config check does for lf-train), then as the base class."""
@@ -103,6 +104,14 @@ class TextualInversionDiffusion(LatentDiffusion):
     def prompts(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
         """The step's prompts (templates filled, or the captions), multi-vector tokens expanded."""
         prompts = training_prompts(captions, self.settings.templates, self.settings.tokens, generator)
+        if not self._warned and not any(token in p for p in prompts for token in self.settings.tokens):
+            self._warned = True  # once: the rows get no gradient from such a batch
+            log.warning(
+                "textual inversion: no prompt of this batch holds a token of %s (e.g. %r); set "
+                "model.textual_inversion.templates, or caption the images with the token",
+                list(self.settings.tokens),
+                prompts[0] if prompts else "",
+            )
         return [expand_prompt(p, self.tokenizers[0]) for p in prompts]
 
     def conditioning(self, captions: list[str], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
