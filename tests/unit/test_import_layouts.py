@@ -113,6 +113,8 @@ REFUSED: dict[str, tuple[Callable[[State], State], str]] = {
                   r"embeddings=FILE"),
     "embedding_sdxl": (lambda s: {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)},
                        r"textual inversion embedding layout: refused, a textual-inversion embedding"),
+    "embedding_pt": (lambda s: {"string_to_param.*": torch.zeros(2, 768)},  # AUTOMATIC1111's .pt, as read
+                     r"textual inversion embedding layout: refused, a textual-inversion embedding"),
     "embedding_diffusers": (lambda s: {"<cat-toy>": torch.zeros(768)},
                             r"textual inversion embedding layout: refused, a textual-inversion embedding"),
     "controlnet": (lambda s: {"control_model.time_embed.0.weight": torch.zeros(2, 2)}, r"ControlNet layout: refused"),

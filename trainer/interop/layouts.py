@@ -124,7 +124,7 @@ def _textual_inversion(file: WeightFile) -> bool:
     """AUTOMATIC1111/ComfyUI (``emb_params``; SDXL's ``clip_l``/``clip_g``; a ``.pt``'s ``string_to_param``) or
     diffusers (one ``(N, D)`` tensor named by its token) embeddings (:mod:`trainer.interop.embedding_files`)."""
     keys = file.state.keys()
-    if keys and (keys <= {"emb_params", "clip_l", "clip_g"} or "string_to_param" in keys):
+    if keys and (keys <= {"emb_params", "clip_l", "clip_g"} or any(k.startswith("string_to_param.") for k in keys)):
         return True
     if len(keys) != 1:
         return False
