@@ -162,3 +162,30 @@ def test_a_token_trained_on_sevens_reads_as_a_seven(demo, tmp_path):
         images = run_sample(compose_config("sample", sample))["images"]
         rates[name] = float(np.mean(classifier.predict(images) == 7))
     assert rates["token"] >= 0.6 and rates["init_word"] <= 0.3, rates
+
+
+def test_pivotal_tuning_trains_lora_and_rows_then_only_lora(base_model, latent_dir, tmp_path):
+    """experiment=pivotal_lora: the adapters and the rows both change; after train_fraction (2 of 4 steps) the rows
+    stay bit-identical while the adapters go on; the export bundles the embeddings in kohya's LoRA file."""
+    from trainer.cli.export import run_export
+
+    run = tmp_path / "run"
+    overrides = [*ti_overrides(base_model, latent_dir, run, experiment="pivotal_lora", steps=4),
+                 "callbacks.model_checkpoint.every_n_train_steps=2", "model.lora.rank=2"]  # fmt: skip
+    before = initial_state(overrides)
+    run_train(compose_config("train", overrides))
+    middle = load_checkpoint(run / "checkpoints" / "step-0000002.ckpt")["state_dict"]
+    end = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    rows = end["latentforge"]["textual_inversion"]["row_keys"]
+    adapters = {key for key in before if "lora_" in key}
+    changed = {key for key in before if not torch.equal(before[key], end["state_dict"][key])}
+    assert changed == adapters | set(rows)  # nothing else
+    assert all(torch.equal(middle[key], end["state_dict"][key]) for key in rows)  # frozen after step 2
+    assert any(not torch.equal(middle[key], end["state_dict"][key]) for key in adapters)  # the adapters went on
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    bundled = load_file(export / "lora" / "lora_kohya.safetensors")
+    assert torch.equal(bundled[f"bundle_emb.{TOKEN}.string_to_param.*"], end["state_dict"][rows[0]])
+    assert any(key.startswith("lora_unet_") for key in bundled)
+    assert (export / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (export / "embeddings" / "d7" / "learned_embeds.safetensors").is_file()

@@ -30,3 +30,12 @@ def test_settings_refuse_templates_without_a_place_for_the_token():
         TextualInversionSettings(tokens=("<d7>",), templates=("a photo",))
     with pytest.raises(ConfigError, match=r"give distinct, non-empty words"):
         TextualInversionSettings(tokens=("<d7>", "<d7>"))
+
+
+def test_pivotal_tuning_composes_and_its_freeze_is_refused_under_deepspeed():
+    cfg = compose_config("train", ["experiment=pivotal_lora", *BASE])
+    assert cfg.model.lora.rank > 0 and cfg.model.textual_inversion.train_fraction == 0.5
+    assert cfg.optim.embedding_lr > cfg.optim.lr  # the rows' LR and the adapters'
+    check_optimizer(cfg)
+    with pytest.raises(ConfigError, match=r"train_fraction < 1 .* DeepSpeed steps its own copy"):
+        check_optimizer(compose_config("train", ["experiment=pivotal_lora", "strategy=deepspeed_stage_2", *BASE]))

@@ -119,6 +119,32 @@ def save_embedding_files(
     return written
 
 
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def bundle_keys(embeddings: list[Embedding]) -> dict[str, torch.Tensor]:
+    """The embeddings as a LoRA file bundles them (kohya's sd-scripts and AUTOMATIC1111's Lora extension,
+    ``bundle_emb.<token>.<what an embedding file holds>``; ComfyUI's ``load_embed`` reads
+    ``bundle_emb.<name>.string_to_param.*`` and ``bundle_emb.<name>.clip_l``/``clip_g``): SD 1.x/2.x's
+    ``string_to_param.*`` ``(N, D)``, SDXL's ``clip_l`` and ``clip_g``."""
+    out = {}
+    for embedding in embeddings:
+        vectors = [v.detach().float().cpu().contiguous() for v in embedding.vectors]
+        names = ["string_to_param.*"] if len(vectors) == 1 else [CLIP_L, CLIP_G]
+        out |= {f"{BUNDLE_PREFIX}{embedding.token}.{n}": v for n, v in zip(names, vectors, strict=True)}
+    return out
+
+
+def bundle_into(path: str | Path, embeddings: list[Embedding]) -> None:
+    """Add ``embeddings`` to the LoRA file ``path`` (:func:`bundle_keys`; its other tensors and metadata kept)."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        state = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
+    with atomic_path(path) as tmp:
+        save_file(state | bundle_keys(embeddings), str(tmp), metadata=metadata)
+
+
 def read_embedding_file(path: str | Path) -> Embedding:
     """An embedding file in any layout of the module docstring (a diffusers folder: its ``learned_embeds*``).
 

@@ -1,5 +1,7 @@
 """Textual inversion (Gal et al. 2022): new tokens' embedding rows train through the frozen text encoder(s)
-and the frozen UNet, on latent shards.
+and the frozen UNet, on latent shards; with ``model.lora``, pivotal tuning: the UNet's LoRA adapters train
+with the rows, which stop after ``train_fraction`` of the steps (diffusers'
+``train_dreambooth_lora_sdxl_advanced.py``).
 
 The latents come from the shards; the text cannot (the shards hold embeddings of captions without the new
 tokens), so each step fills the templates with the tokens (or takes each sample's caption,
@@ -72,8 +74,6 @@ class TextualInversionDiffusion(LatentDiffusion):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if self.lora is not None:
-            raise ConfigError("model.lora: textual inversion trains embeddings only, the UNet stays; unset model.lora")
         if self.sdxl != (text_encoder_2 is not None and tokenizer_2 is not None):
             raise ConfigError(
                 "an SDXL UNet conditions on two text encoders and only it does: give model.text_encoder_2 and "
@@ -81,7 +81,8 @@ class TextualInversionDiffusion(LatentDiffusion):
             )
         self.settings = TextualInversionSettings.of(textual_inversion)
         self.hparams[RECORD_KEY] = self.settings.to_dict()
-        self.unet.requires_grad_(False)
+        if self.lora is None:  # with LoRA (pivotal tuning) the adapters train and the base UNet is already frozen
+            self.unet.requires_grad_(False)
         encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
         self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
         initial = initial_vectors(self.settings, self.tokenizers, encoders)
@@ -129,7 +130,21 @@ class TextualInversionDiffusion(LatentDiffusion):
         """The encoders whose trainable weights (the new rows only) form the ``embeddings`` parameter group."""
         return list(self.text_encoders)
 
+    @property
+    def rows_frozen(self) -> bool:
+        """Whether the rows' training is over (``train_fraction`` of ``trainer.max_steps`` done)."""
+        max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        return max_steps is not None and self.global_step >= int(self.settings.train_fraction * max_steps)
+
     def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Drop the rows' gradients once they are frozen (torch's optimizers skip a parameter without one, weight
+        decay included, so they stay exactly), and log the gradient norms."""
+        if self.settings.train_fraction < 1.0 and self.rows_frozen:
+            for installed in self.installed:
+                installed.embedding.rows.grad = None
+        if self.lora is not None:
+            super().on_before_optimizer_step(optimizer)  # the adapters' norm
+            return
         if self._is_logging_step():
             norms = [i.embedding.rows.grad.float().norm() for i in self.installed if i.embedding.rows.grad is not None]
             if norms:

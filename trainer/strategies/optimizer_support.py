@@ -127,6 +127,11 @@ def textual_inversion_problem(model: Any, strategy: Any) -> str | None:
     if kind == "fsdp" or (kind == "deepspeed" and stage == 3):
         name = strategy.get("_target_", strategy) if hasattr(strategy, "get") else strategy
         return TEXTUAL_INVERSION_SHARDED.format(strategy=f"{name} (ZeRO stage {stage})" if stage else name)
+    if kind == "deepspeed" and float(model.textual_inversion.get("train_fraction", 1.0)) < 1.0:
+        return (
+            "model.textual_inversion.train_fraction < 1 stops the rows by dropping their gradients, but DeepSpeed "
+            "steps its own copy of them: use strategy=ddp, or train_fraction=1"
+        )
     return None
 
 

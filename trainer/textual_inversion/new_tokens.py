@@ -42,6 +42,8 @@ class TextualInversionSettings:
             ``None``: each sample's own caption from the latent shards, which should contain the tokens.
         embeddings_from: an embedding file (any layout :mod:`trainer.interop.embedding_files` reads) whose token
             continues training from its vectors (its token must be one of ``tokens``; ``num_vectors`` from the file).
+        train_fraction: the rows train for this fraction of ``trainer.max_steps``, then stay (pivotal tuning: the
+            UNet's LoRA adapters go on training around the fixed tokens, as diffusers' advanced script does).
     """
 
     tokens: tuple[str, ...] = ("<token>",)
@@ -49,8 +51,11 @@ class TextualInversionSettings:
     init_word: str = "*"
     templates: tuple[str, ...] | None = None
     embeddings_from: str | None = None
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"model.textual_inversion.train_fraction={self.train_fraction}: expected 0 < f <= 1")
         object.__setattr__(self, "tokens", tuple(self.tokens))
         if self.templates is not None:
             object.__setattr__(self, "templates", tuple(self.templates))
@@ -71,7 +76,7 @@ class TextualInversionSettings:
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": list(self.tokens), "num_vectors": self.num_vectors, "init_word": self.init_word,
                 "templates": list(self.templates) if self.templates else None,
-                "embeddings_from": self.embeddings_from}  # fmt: skip
+                "embeddings_from": self.embeddings_from, "train_fraction": self.train_fraction}  # fmt: skip
 
 
 class NewTokenEmbedding(torch.nn.Module):
