@@ -166,7 +166,8 @@ def test_a_token_trained_on_sevens_reads_as_a_seven(demo, tmp_path):
 
 def test_pivotal_tuning_trains_lora_and_rows_then_only_lora(base_model, latent_dir, tmp_path):
     """experiment=pivotal_lora: the adapters and the rows both change; after train_fraction (2 of 4 steps) the rows
-    stay bit-identical while the adapters go on; the export bundles the embeddings in kohya's LoRA file."""
+    stay bit-identical while the adapters go on; the export bundles the embeddings in kohya's LoRA file, which
+    lf-sample reloads to the same image as the LoRA and embedding files apart."""
     from trainer.cli.export import run_export
 
     run = tmp_path / "run"
@@ -189,3 +190,15 @@ def test_pivotal_tuning_trains_lora_and_rows_then_only_lora(base_model, latent_d
     assert any(key.startswith("lora_unet_") for key in bundled)
     assert (export / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (export / "embeddings" / "d7" / "learned_embeds.safetensors").is_file()
+    # lf-sample: the bundled kohya file alone gives the image of diffusers' LoRA file plus the embedding file
+    from trainer.cli.sample import run_sample
+
+    images = []
+    for name, extra in (
+        ("bundle", [f"lora={export / 'lora' / 'lora_kohya.safetensors'}"]),
+        ("apart", [f"lora={export / 'lora'}", f"embeddings={export / 'embeddings' / 'd7.safetensors'}"]),
+    ):
+        sample = [f"model_dir={base_model}", f'prompts=["a handwritten {TOKEN}"]', "num_images_per_prompt=1",
+                  "steps=2", "grid=false", f"out_dir={tmp_path / name}", *extra]  # fmt: skip
+        images.append(torch.tensor(list(run_sample(compose_config("sample", sample))["images"][0].getdata())))
+    assert torch.equal(images[0], images[1])

@@ -150,6 +150,8 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     mask_image = _open_image(local["mask_image"], "mask_image")
     if mask_image is not None and init_image is None:
         raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
+    from safetensors.torch import load_file
+
     from trainer.interop.lora_formats import sdxl_lora_names
     from trainer.interop.lora_loading import load_lora
     from trainer.sampling.sampler import Sampler
@@ -172,6 +174,14 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         tokens = load_embeddings(embedding_files(cfg), list(text.tokenizers), list(text.text_encoders))
         print(f"sample: textual-inversion tokens {', '.join(tokens)}")
     if local["lora"]:
+        from trainer.interop.embedding_files import add_embedding, bundled_embeddings
+        from trainer.interop.lora_loading import lora_file
+
+        folder, name = lora_file(local["lora"])
+        text = sampler.prompt_encoder
+        for embedding in bundled_embeddings(load_file(str(folder / name)), str(folder / name)):  # pivotal tuning's
+            add_embedding(embedding, list(text.tokenizers), list(text.text_encoders))
+            print(f"sample: textual-inversion token {embedding.token} (bundled with the LoRA)")
         load_lora(
             sampler.unet,
             sampler.text_encoder,

@@ -145,6 +145,22 @@ def bundle_into(path: str | Path, embeddings: list[Embedding]) -> None:
         save_file(state | bundle_keys(embeddings), str(tmp), metadata=metadata)
 
 
+def bundled_embeddings(state: dict[str, torch.Tensor], source: str = "") -> list[Embedding]:
+    """The embeddings a LoRA file's ``state`` bundles (:func:`bundle_keys`), in the order of their tokens."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.startswith(BUNDLE_PREFIX):
+            token, _, what = key.removeprefix(BUNDLE_PREFIX).partition(".")
+            parts.setdefault(token, {})[what] = tensor
+    out = []
+    for token, held in parts.items():
+        names = [CLIP_L, CLIP_G] if CLIP_L in held and CLIP_G in held else [k for k in held if k.startswith("string")]
+        if not names:
+            raise DataError(f"{source}: bundle_emb.{token}.* holds {sorted(held)}, no embedding layout known")
+        out.append(Embedding(token, [_rows(held[n], Path(source)) for n in names], source))
+    return out
+
+
 def read_embedding_file(path: str | Path) -> Embedding:
     """An embedding file in any layout of the module docstring (a diffusers folder: its ``learned_embeds*``).
 
