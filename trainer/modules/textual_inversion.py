@@ -90,7 +90,8 @@ class TextualInversionDiffusion(LatentDiffusion):
             install_tokens(tok, enc, self.settings.tokens, init)
             for tok, enc, init in zip(self.tokenizers, encoders, initial, strict=True)
         ]
-        self.text_encoders = torch.nn.ModuleList(encoders)  # not "text_encoder.": see the module docstring
+        # not "text_encoder.": see the module docstring; train mode as the UNet (CLIP's dropouts are 0: no change)
+        self.text_encoders = torch.nn.ModuleList(encoders).train()
         self._warned = False
 
     def setup(self, stage: str) -> None:
