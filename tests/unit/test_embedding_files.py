@@ -110,3 +110,18 @@ def test_new_token_rows_are_the_only_trainable_weights_and_read_like_a_resized_t
     assert torch.equal(out, table[ids])
     out.sum().backward()
     assert torch.equal(embedding.rows.grad, torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("widths", [[32], [32, 48]], ids=["sd", "sdxl"])
+def test_embeddings_bundled_in_a_lora_file_use_the_keys_comfyui_reads_and_come_back(widths):
+    """ComfyUI's ``load_embed`` reads ``bundle_emb.<name>.string_to_param.*``, else ``bundle_emb.<name>.<embed_key>``
+    (``clip_l``/``clip_g``); AUTOMATIC1111's Lora extension splits ``bundle_emb.<name>.<rest>`` the same way."""
+    from trainer.interop.embedding_files import bundle_keys, bundled_embeddings
+
+    vectors = [torch.randn(2, w) for w in widths]
+    keys = bundle_keys([Embedding("<d7>", vectors)])
+    expected = ["string_to_param.*"] if len(widths) == 1 else ["clip_l", "clip_g"]
+    assert sorted(keys) == sorted(f"bundle_emb.<d7>.{name}" for name in expected)
+    state = keys | {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}
+    (back,) = bundled_embeddings(state)
+    assert back.token == "<d7>" and all(torch.equal(a, b) for a, b in zip(back.vectors, vectors, strict=True))
