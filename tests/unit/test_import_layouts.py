@@ -108,7 +108,15 @@ REFUSED: dict[str, tuple[Callable[[State], State], str]] = {
     "loha": (lambda s: {"lora_unet_a_to_q.hada_w1_a": torch.zeros(2, 2)}, r"LyCORIS LoHa layout: refused"),
     "lokr": (lambda s: {"lora_te_a_q_proj.lokr_w1": torch.zeros(2, 2)}, r"LyCORIS LoKr layout: refused"),
     "peft_lora": (lambda s: {"unet.a.to_q.lora_A.weight": torch.zeros(2, 2)}, r"diffusers/PEFT LoRA layout: refused"),
-    "embedding": (lambda s: {"emb_params": torch.zeros(2, 768)}, r"textual inversion embedding layout: refused"),
+    "embedding": (lambda s: {"emb_params": torch.zeros(2, 768)},
+                  r"textual inversion embedding layout: refused, a textual-inversion embedding: use lf-sample "
+                  r"embeddings=FILE"),
+    "embedding_sdxl": (lambda s: {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)},
+                       r"textual inversion embedding layout: refused, a textual-inversion embedding"),
+    "embedding_pt": (lambda s: {"string_to_param.*": torch.zeros(2, 768)},  # AUTOMATIC1111's .pt, as read
+                     r"textual inversion embedding layout: refused, a textual-inversion embedding"),
+    "embedding_diffusers": (lambda s: {"<cat-toy>": torch.zeros(768)},
+                            r"textual inversion embedding layout: refused, a textual-inversion embedding"),
     "controlnet": (lambda s: {"control_model.time_embed.0.weight": torch.zeros(2, 2)}, r"ControlNet layout: refused"),
     "diffusers_unet": (lambda s: {"conv_in.weight": torch.zeros(2, 4, 3, 3)},
                        r"diffusers model file \(one part, diffusers names\) layout: refused, import the whole"),

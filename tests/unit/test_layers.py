@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "trainer.callbacks": 80,
     "trainer.modules": 70,
     "trainer.dreambooth": 70,
+    "trainer.textual_inversion": 65,  # new tokens, their prompts and captioned latent batches (below modules)
     "trainer.sampling": 60,
     "trainer.evaluation": 55,
     "trainer.strategies": 55,  # with the Lightning and DeepSpeed adapters they use (lightning_private, ...)

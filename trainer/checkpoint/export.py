@@ -10,7 +10,9 @@ The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``sched
 the step and which weights (EMA or raw) the UNet carries. A LoRA run exports the base UNet and its
 adapters (and the text encoders', when DreamBooth trained them) in ``lora/``
 (``pipe.load_lora_weights(folder / "lora")``, and a kohya-layout file: SDXL's, ldm-named UNet
-modules and ``lora_te1_``/``lora_te2_``, for an SDXL model). Both ``lf-sample`` and
+modules and ``lora_te1_``/``lora_te2_``, for an SDXL model). A textual-inversion run exports the base
+pipeline and its learned tokens in ``embeddings/`` (AUTOMATIC1111/ComfyUI and diffusers layouts,
+:func:`~trainer.interop.embedding_files.save_embedding_files`). Both ``lf-sample`` and
 ``diffusers.StableDiffusionPipeline.from_pretrained`` load it.
 """
 
@@ -37,9 +39,10 @@ from lf_common.atomic import atomic_path
 from lf_common.errors import DataError
 from lf_common.object_cache import model_folder
 from trainer.checkpoint.keys import CHECKPOINT_KEY
-from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint
+from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint, part_state_dict
 from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
-from trainer.interop.lora_formats import save_lora_files, sdxl_lora_names
+from trainer.interop.embedding_files import Embedding, bundle_into, save_embedding_files
+from trainer.interop.lora_formats import KOHYA_LORA_FILE, save_lora_files, sdxl_lora_names
 from trainer.interop.prediction_type import prediction_markers
 from trainer.interop.set_aside import SET_ASIDE_FILE, SET_ASIDE_LAYOUT, read_set_aside, set_aside_file
 from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, merge_adapters, remove_adapters
@@ -48,6 +51,24 @@ log = logging.getLogger(__name__)
 EXPORT_INFO_NAME = "latentforge.json"
 LORA_DIR = "lora"
 SET_ASIDE_INFO = "set_aside_file"  # build_export's info: the base folder's set-aside file (not recorded)
+EMBEDDINGS_INFO = "embeddings"  # build_export's info: a textual-inversion run's learned embeddings (not recorded)
+EMBEDDINGS_DIR = "embeddings"  # in an export folder: the learned embeddings' files (lf-sample loads them)
+TEXTUAL_INVERSION_KEY = "textual_inversion"  # a textual-inversion run's record: tokens and the rows' state keys
+
+
+def learned_embeddings(checkpoint: dict[str, Any], kind: str) -> list[Embedding]:
+    """A textual-inversion run's embeddings: each token's rows ``(N, D_i)`` per text encoder, from the state
+    keys its record names (none for other runs)."""
+    record = checkpoint[CHECKPOINT_KEY].get(TEXTUAL_INVERSION_KEY)
+    if not record:
+        return []
+    state = part_state_dict(checkpoint, "", kind)
+    rows = [state[key].float() for key in record["row_keys"]]  # per encoder (N_total, D_i)
+    embeddings, start = [], 0
+    for token, names in record["vector_tokens"].items():
+        embeddings.append(Embedding(token, [r[start : start + len(names)] for r in rows]))
+        start += len(names)
+    return embeddings
 
 
 def take_adapters(record: dict[str, Any], models: dict[str, torch.nn.Module], split: bool) -> dict[str, AdapterWeights]:
@@ -132,7 +153,10 @@ def build_export(
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
         SET_ASIDE_INFO: str(kept) if kept else None,
+        EMBEDDINGS_INFO: learned_embeddings(checkpoint, kind),
     }
+    if TEXTUAL_INVERSION_KEY in record:
+        info[TEXTUAL_INVERSION_KEY] = record[TEXTUAL_INVERSION_KEY]["settings"]
     return pipe, info, adapters
 
 
@@ -201,9 +225,11 @@ def export_pipeline(
     pipe, info, adapters = build_export(
         ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype, split_lora=True
     )
-    kept = info.pop(SET_ASIDE_INFO)
+    kept, embeddings = info.pop(SET_ASIDE_INFO), info.pop(EMBEDDINGS_INFO)
     with atomic_path(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for embedding in embeddings:  # the base's encoders as they are, the learned tokens beside them
+            save_embedding_files(tmp / EMBEDDINGS_DIR, embedding, {"global_step": str(info["global_step"])})
         if kept:  # for a single-file export of this folder later
             shutil.copyfile(kept, tmp / SET_ASIDE_FILE)
         if adapters:  # lora/ in diffusers' and kohya's layouts
@@ -214,6 +240,8 @@ def export_pipeline(
                 adapters.get("text_encoder_2"),
                 sdxl_unet_names=sdxl_lora_names(pipe.unet),
             )
+            if embeddings and (tmp / LORA_DIR / KOHYA_LORA_FILE).is_file():  # pivotal tuning: one file for the UIs
+                bundle_into(tmp / LORA_DIR / KOHYA_LORA_FILE, embeddings)
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)
@@ -277,6 +305,9 @@ def export_single_file(
         tokenizers = {"tokenizer": pipe.tokenizer} | ({"tokenizer_2": pipe.tokenizer_2} if sdxl else {})
         scheduler = dict(pipe.scheduler.config)
         kept = info.pop(SET_ASIDE_INFO)
+        if info.pop(EMBEDDINGS_INFO):
+            log.warning("%s: its textual-inversion embeddings are not in a single file; lf-export format=diffusers "
+                        "writes them (embeddings/), or take <output_dir>/embeddings/", source)  # fmt: skip
     info.pop(SET_ASIDE_INFO, None)
     layout = text_layout_for(parts, text_layout)
     extra, info["set_aside"] = _set_aside(kept, layout, source)

@@ -13,6 +13,7 @@ Examples::
     lf-sample model_dir=outputs/train/.../checkpoints/last.ckpt weights=raw   # a checkpoint, no export needed
     lf-sample model_dir=... from_png=outputs/.../00003-14.png        # the same image again, from its metadata
     lf-sample model_dir=export/xl 'prompts=["a cat"]' prompt_2="oil painting" negative_prompt=blurry   # SDXL
+    lf-sample model_dir=... embeddings=outputs/train/.../embeddings/d7.safetensors 'prompts=["a handwritten <d7>"]'
     lf-sample model_dir=s3://bucket/export/step-1200 out_dir=s3://bucket/images   # downloaded once, uploaded
 
 Keys::
@@ -21,6 +22,7 @@ Keys::
     prompts                the prompts, a list: 'prompts=["a cat","a dog"]' (or prompt_file=PATH, s3://... too)
     from_png               re-make the image a PNG's parameters describe (s3://... too)
     vae_path, text_encoder_path, tokenizer_path   a checkpoint's encoder folders (s3://... too; default: its manifest's)
+    embeddings             textual-inversion files: FILE or [FILE,FILE] (AUTOMATIC1111/ComfyUI or diffusers layout)
     num_images_per_prompt  images per prompt (image i gets seed + i)
     steps                  denoising steps
     guidance_scale         classifier-free guidance scale
@@ -152,6 +154,8 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     mask_image = _open_image(local["mask_image"], "mask_image")
     if mask_image is not None and init_image is None:
         raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
+    from safetensors.torch import load_file
+
     from trainer.interop.lora_formats import sdxl_lora_names
     from trainer.interop.lora_loading import load_lora
     from trainer.sampling.sampler import Sampler
@@ -170,7 +174,21 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     if encoding:  # else the export's record: prompts are embedded as the training captions were
         sampler.text_encoding = replace(sampler.text_encoding, **encoding)
         sampler.text_encoding.check_sdxl(sampler.sdxl)
+    if cfg.get("embeddings"):
+        from trainer.sampling.loading import load_embeddings
+
+        text = sampler.prompt_encoder
+        tokens = load_embeddings(embedding_files(cfg), list(text.tokenizers), list(text.text_encoders))
+        print(f"sample: textual-inversion tokens {', '.join(tokens)}")
     if local["lora"]:
+        from trainer.interop.embedding_files import add_embedding, bundled_embeddings
+        from trainer.interop.lora_loading import lora_file
+
+        folder, name = lora_file(local["lora"])
+        text = sampler.prompt_encoder
+        for embedding in bundled_embeddings(load_file(str(folder / name)), str(folder / name)):  # pivotal tuning's
+            add_embedding(embedding, list(text.tokenizers), list(text.text_encoders))
+            print(f"sample: textual-inversion token {embedding.token} (bundled with the LoRA)")
         load_lora(
             sampler.unet,
             sampler.text_encoder,
@@ -199,6 +217,13 @@ def text_encoding_overrides(cfg: DictConfig) -> dict[str, int]:
     overrides = {key: int(cfg[key]) for key in ("max_token_length", "clip_skip") if cfg.get(key) is not None}
     TextEncoding(**overrides)  # checked before any model loads
     return overrides
+
+
+def embedding_files(cfg: DictConfig) -> list[str]:
+    """``embeddings``: one file, a list (``[A,B]``) or a quoted ``"A,B"``: the local paths (URLs: their copies)."""
+    value = cfg.embeddings
+    paths = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p) for p in value]
+    return [local_path(p, cfg.get("cache_dir")) for p in paths if p]
 
 
 ENCODER_FOLDERS = ("vae_path", "text_encoder_path", "tokenizer_path")

@@ -121,7 +121,15 @@ def _ldm_vae_alone(file: WeightFile) -> bool:
 
 
 def _textual_inversion(file: WeightFile) -> bool:
-    return bool(file.state) and file.state.keys() <= {"emb_params", "clip_l", "clip_g"}
+    """AUTOMATIC1111/ComfyUI (``emb_params``; SDXL's ``clip_l``/``clip_g``; a ``.pt``'s ``string_to_param``) or
+    diffusers (one ``(N, D)`` tensor named by its token) embeddings (:mod:`trainer.interop.embedding_files`)."""
+    keys = file.state.keys()
+    if keys and (keys <= {"emb_params", "clip_l", "clip_g"} or any(k.startswith("string_to_param.") for k in keys)):
+        return True
+    if len(keys) != 1:
+        return False
+    ((key, value),) = file.state.items()
+    return "." not in key and isinstance(value, torch.Tensor) and value.ndim in (1, 2)
 
 
 def _ema_beside_unet(file: WeightFile) -> bool:
@@ -209,6 +217,10 @@ def _note_nesting(state: dict[str, torch.Tensor], ema: bool) -> tuple[dict[str, 
     return state, "a pickle read with torch.load(weights_only=True); weights taken from its 'state_dict' entry"
 
 
+TEXTUAL_INVERSION_FIX = (
+    "a textual-inversion embedding: use lf-sample embeddings=FILE (or train on from it with "
+    "model.textual_inversion.embeddings_from=FILE)"
+)
 LORA_FIX = "a LoRA, not a model: sample with lf-sample lora=FILE, or train on from it with model.lora_init=FILE"
 LAYOUTS: tuple[Layout, ...] = (
     # Refused: not a Stable Diffusion pipeline checkpoint.
@@ -216,7 +228,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("LyCORIS LoHa", _any(LORA_PREFIXES, (".hada_w",)), fix=LORA_FIX),
     Layout("LyCORIS LoKr", _any(LORA_PREFIXES, (".lokr_w",)), fix=LORA_FIX),
     Layout("diffusers/PEFT LoRA", _contains(*PEFT_LORA_PARTS), fix=LORA_FIX),
-    Layout("textual inversion embedding", _textual_inversion, fix="an embedding, not a model"),
+    Layout("textual inversion embedding", _textual_inversion, fix=TEXTUAL_INVERSION_FIX),
     Layout("ControlNet", _any(("control_model.",)), fix="a ControlNet, not a base model"),
     Layout("SDXL refiner", _any((SDXL_REFINER_PREFIX,)), fix="the SDXL refiner is out of scope (SDXL base imports)"),
     Layout(

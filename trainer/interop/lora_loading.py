@@ -27,6 +27,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from lf_common.errors import DataError
 from lf_common.object_cache import local_path
 from trainer.diffusion.unet_kinds import is_sdxl_unet
+from trainer.interop.embedding_files import BUNDLE_PREFIX
 from trainer.interop.lora_formats import DIFFUSERS_LORA_FILE, LYCORIS_FILE
 from trainer.interop.lycoris import ModuleNames, adapter_weights, add_lycoris, lycoris_kind, split_by_part
 from trainer.lora.adapters import LoraSettings, mark_adapters_trainable
@@ -106,9 +107,17 @@ def uniform_text_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def _load_lora(path: Path, models: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, LoraSettings]:
     folder, weight_name = lora_file(path)
     unet_config = models["unet"].config if "unet" in models else None  # maps SDXL kohya files' ldm block numbers
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True, unet_config=unet_config
-    )
+    raw = load_file(str(folder / weight_name))
+    if any(key.startswith(BUNDLE_PREFIX) for key in raw):  # pivotal tuning's embeddings: lf-sample adds them apart
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            {k: v for k, v in raw.items() if not k.startswith(BUNDLE_PREFIX)}, unet_config=unet_config,
+            return_lora_metadata=True,
+        )  # fmt: skip
+    else:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(folder), weight_name=weight_name, local_files_only=True, return_lora_metadata=True,
+            unet_config=unet_config,
+        )  # fmt: skip
     state = uniform_text_names(state)
     parts = [part for part in PARTS if any(key.startswith(part + ".") for key in state) and part in models]
     if not parts:

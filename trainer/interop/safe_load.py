@@ -19,6 +19,7 @@ from trainer.interop.pickle_contents import INERT_GLOBALS, code_globals, describ
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset([".ckpt", ".pt", ".pth", ".bin"])
 NESTING_KEY = "state_dict"
+TEXTUAL_INVERSION_PICKLE_KEY = "string_to_param"  # AUTOMATIC1111's .pt embeddings: {"*": (N, D)}
 CHECKPOINT_EXPECTED = "give a checkpoint lf-train wrote (<output_dir>/checkpoints/last.ckpt)"
 IMPORT_FIX = "a Stable Diffusion checkpoint you trust? convert it: lf-import pretrained={path} allow_pickle=true"
 """The fix for a pickle of tensors that is not a training checkpoint (lf-import reads its tensors, never its code)."""
@@ -117,7 +118,10 @@ def read_weight_file(path: str | Path, allow_pickle: bool = False) -> WeightFile
         loaded, nesting = loaded[NESTING_KEY], NESTING_KEY
     if not isinstance(loaded, dict):
         raise DataError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
-    return WeightFile({key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}, {}, nesting)
+    state = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+    if isinstance(embedding := loaded.get(TEXTUAL_INVERSION_PICKLE_KEY), dict):  # AUTOMATIC1111's .pt: named, refused
+        state |= {f"{TEXTUAL_INVERSION_PICKLE_KEY}.{k}": v for k, v in embedding.items() if isinstance(v, torch.Tensor)}
+    return WeightFile(state, {}, nesting)
 
 
 def refuse_non_floating(state: dict[str, torch.Tensor], source: str) -> None:

@@ -7,7 +7,7 @@ Optionally the CLIP text encoder trains too, fully or through LoRA adapters (``t
 for SDXL both encoders train (``text_encoder_2``, OpenCLIP bigG with its pooled projection, and
 ``text_encoder_2_lora``). Their embeddings cannot then come from the latent shards: the module
 encodes the instance and class prompts in the step (SDXL's penultimate states and pooled embedding
-as :func:`~data_pipelines.latents.sdxl_text.sdxl_text_states`, the one home of that recipe), while
+as :func:`~trainer.modules.prompt_encoding.encode_prompts_in_step` makes them, shared with textual inversion), while
 the latents and SDXL's size/crop ``time_ids`` still come from the shards. UNet and text encoder are one module
 with one optimizer (a parameter group each, with its own learning rate), so DDP and DeepSpeed ZeRO
 see a single model; per-part learning rates come from the optimizer config (``optim.text_encoder_lr``, ...).
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from data_pipelines.latents.sdxl_text import sdxl_text_states
-from data_pipelines.latents.text_encoding import TextEncoding, text_states
+from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.lora.adapters import LoraSettings, add_lora
 from trainer.modules.latent_diffusion import LatentDiffusion
+from trainer.modules.prompt_encoding import encode_prompts_in_step
 
 
 class DreamBoothDiffusion(LatentDiffusion):
@@ -102,15 +102,10 @@ class DreamBoothDiffusion(LatentDiffusion):
         """The trained text encoder(s)' conditioning of ``part``'s prompt: ``text`` ``(batch_size, T, D)``
         (SDXL: both penultimate states, ``D = D1 + D2``, and ``pooled`` ``(batch_size, P)``)."""
         assert self.text_encoder is not None and self.tokenizer is not None
-        prompts = [self.prompts[part]]
-        if self.text_encoder_2 is not None:
-            assert self.tokenizer_2 is not None
-            encoders = [self.text_encoder, self.text_encoder_2]
-            tokenizers = [self.tokenizer, self.tokenizer_2]
-            text, pooled = sdxl_text_states(tokenizers, encoders, prompts, encoding=self.text_encoding)
-            return {"text": text.expand(batch_size, -1, -1), "pooled": pooled.expand(batch_size, -1)}
-        text, _ = text_states(self.tokenizer, self.text_encoder, prompts, self.text_encoding)  # (1, T, D)
-        return {"text": text.expand(batch_size, -1, -1)}
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        tokenizers = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None][: len(encoders)]
+        encoded = encode_prompts_in_step(tokenizers, encoders, [self.prompts[part]], self.text_encoding)
+        return {key: value.expand(batch_size, *value.shape[1:]) for key, value in encoded.items()}
 
     def _part_loss(self, batch: dict[str, dict[str, torch.Tensor]], part: str) -> torch.Tensor:
         data = batch[part]

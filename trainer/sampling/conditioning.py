@@ -29,6 +29,7 @@ from data_pipelines.latents.encoders import encode_text
 from data_pipelines.latents.sdxl_text import encode_text_sdxl
 from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import ConfigError
+from trainer.interop.embedding_files import expand_prompt
 from trainer.sampling.denoise import SDXLConditioning
 from trainer.sampling.settings import SampleSettings
 
@@ -45,7 +46,11 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``B`` prompts -> ``(text (B, T, D), pooled (B, P))`` as precompute made them; ``pooled`` only for SDXL
     (two tokenizers and encoders), else ``None``. ``prompts_2``: the second encoder's texts (SDXL only);
-    ``encoding``: long prompts and ``clip_skip`` (default: 75 tokens, the last layer)."""
+    ``encoding``: long prompts and ``clip_skip`` (default: 75 tokens, the last layer). A textual-inversion token
+    of several vectors (``lf-sample embeddings=``) is expanded to its vector tokens, as diffusers'
+    ``maybe_convert_prompt`` does."""
+    prompts = [expand_prompt(p, tokenizers[0]) for p in prompts]
+    prompts_2 = [expand_prompt(p, tokenizers[-1]) for p in prompts_2] if prompts_2 is not None else None
     if len(text_encoders) == 1:
         if prompts_2 is not None:
             raise ConfigError("prompt_2 and negative_prompt_2 are for SDXL's second text encoder; this model has one")

@@ -13,13 +13,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from data_pipelines.latents.encoders import resolve_device
 from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import DataError
-from trainer.checkpoint.export import EXPORT_INFO_NAME, build_export
+from trainer.checkpoint.export import EMBEDDINGS_DIR, EMBEDDINGS_INFO, EXPORT_INFO_NAME, build_export
 from trainer.diffusion.unet_kinds import is_sdxl_unet
+from trainer.interop.embedding_files import add_embedding, read_embedding_file
 
 
 def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
     """The keyword arguments of :class:`~trainer.sampling.sampler.Sampler` for an export folder.
 
+    A textual-inversion export's ``embeddings/*.safetensors`` are added to the tokenizers and encoders.
     SDXL (``text_encoder_2/`` present) adds the second encoder and tokenizer and the pipeline's
     ``force_zeros_for_empty_prompt`` (``model_index.json``; true when absent, as diffusers' default).
     The prompts are encoded as the training captions were (long prompts, ``clip_skip``): the latent manifest
@@ -52,6 +54,8 @@ def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> 
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **load),
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         )
+    if (folder / EMBEDDINGS_DIR).is_dir():  # a textual-inversion export: its learned tokens
+        load_embeddings(sorted((folder / EMBEDDINGS_DIR).glob("*.safetensors")), *_text_side(parts))
     return parts
 
 
@@ -67,6 +71,7 @@ def checkpoint_parts(
     """The keyword arguments of :class:`~trainer.sampling.sampler.Sampler` for a Lightning ``.ckpt`` or
     DeepSpeed checkpoint folder (see :meth:`~trainer.sampling.sampler.Sampler.from_checkpoint`)."""
     pipe, info, _ = build_export(ckpt_path, weights, vae_path, text_encoder_path, tokenizer_path, dtype)
+    embeddings = info.pop(EMBEDDINGS_INFO)
     torch_device = resolve_device(device)
     parts: dict[str, Any] = {
         "unet": pipe.unet.to(torch_device),
@@ -83,6 +88,8 @@ def checkpoint_parts(
             tokenizer_2=pipe.tokenizer_2,
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         )
+    for embedding in embeddings:  # a textual-inversion run's tokens
+        add_embedding(embedding, *_text_side(parts))
     return parts
 
 
@@ -101,3 +108,30 @@ def recorded_text_encoding(manifest: dict[str, Any] | None) -> TextEncoding:
     """How the training captions were encoded (``max_token_length``, ``clip_skip``), from a latent manifest's
     dict (its ``text_encoder.extra``); the defaults when there is none."""
     return TextEncoding.recorded(((manifest or {}).get("text_encoder") or {}).get("extra"))
+
+
+def _text_side(parts: dict[str, Any]) -> tuple[list[CLIPTokenizer], list[torch.nn.Module]]:
+    """The tokenizers and text encoders of a sampler's parts (SDXL: two each)."""
+    second = "text_encoder_2" in parts
+    tokenizers = [parts["tokenizer"], *([parts["tokenizer_2"]] if second else [])]
+    return tokenizers, [parts["text_encoder"], *([parts["text_encoder_2"]] if second else [])]
+
+
+def load_embeddings(
+    paths: list[str | Path], tokenizers: list[CLIPTokenizer], text_encoders: list[torch.nn.Module]
+) -> list[str]:
+    """Add textual-inversion embedding files (``lf-sample embeddings=``; every layout
+    :mod:`trainer.interop.embedding_files` reads) to the sampler's tokenizers and text encoders.
+
+    Returns:
+        The tokens a prompt can now use (each as its file's name or metadata says).
+
+    Raises:
+        DataError: a file that is no embedding, or does not fit the model.
+    """
+    tokens = []
+    for path in paths:
+        embedding = read_embedding_file(path)
+        add_embedding(embedding, tokenizers, text_encoders)
+        tokens.append(embedding.token)
+    return tokens

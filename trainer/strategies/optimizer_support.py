@@ -110,6 +110,31 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
     return None
 
 
+TEXTUAL_INVERSION_SHARDED = (
+    "strategy={strategy}: textual inversion trains a few vectors beside a frozen model, nothing worth sharding, and "
+    "its rows would be written from one shard; use strategy=ddp or deepspeed_stage_1/2"
+)
+
+
+def textual_inversion_problem(model: Any, strategy: Any) -> str | None:
+    """Why a textual-inversion ``model`` config cannot train under ``strategy`` (FSDP, ZeRO-3), or ``None``."""
+    if not hasattr(model, "get") or not model.get("textual_inversion"):
+        return None
+    kind = strategy_kind(strategy)
+    stage = (
+        (strategy.get("config") or {}).get("zero_optimization", {}).get("stage") if hasattr(strategy, "get") else None
+    )
+    if kind == "fsdp" or (kind == "deepspeed" and stage == 3):
+        name = strategy.get("_target_", strategy) if hasattr(strategy, "get") else strategy
+        return TEXTUAL_INVERSION_SHARDED.format(strategy=f"{name} (ZeRO stage {stage})" if stage else name)
+    if kind == "deepspeed" and float(model.textual_inversion.get("train_fraction", 1.0)) < 1.0:
+        return (
+            "model.textual_inversion.train_fraction < 1 stops the rows by dropping their gradients, but DeepSpeed "
+            "steps its own copy of them: use strategy=ddp, or train_fraction=1"
+        )
+    return None
+
+
 def check_optimizer(cfg: Any) -> None:
     """Refuse a ``train`` config whose optimizer cannot train with its strategy, precision and LR scheduler, or
     whose per-part learning rates the optimizer would ignore.
@@ -130,5 +155,6 @@ def check_optimizer(cfg: Any) -> None:
         given = [f"optim.{key}" for key in keys if cfg.optim.get(key) is not None]
         if given:
             problem = f"optim.relative_step=true: Adafactor sets its own step size and would ignore {', '.join(given)}"
+    problem = problem or textual_inversion_problem(cfg.get("model"), trainer.get("strategy", "auto"))
     if problem:
         raise ConfigError(problem)
