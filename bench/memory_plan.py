@@ -138,14 +138,16 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"| model ({where}) | batch, latents | part | plan | measured | plan / measured |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| model ({where}) | batch, latents | part | plan | measured | plan / measured | bytes equal |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
         started = time.perf_counter()
         _, batch, side = MODELS[name]
         for part, planned, measured in measure(name, device):
             ratio = planned / measured if measured else float("nan")
-            print(f"| {name} | {batch}, {side}x{side} | {part} | {gib(planned)} | {gib(measured)} | {ratio:.3f} |")
+            equal = "yes" if planned == measured else "no"
+            cells = [name, f"{batch}, {side}x{side}", part, gib(planned), gib(measured), f"{ratio:.3f}", equal]
+            print("| " + " | ".join(cells) + " |", flush=True)
         print(f"({name}: {time.perf_counter() - started:.0f} s)", flush=True)
 
 

@@ -7,6 +7,7 @@ plan of an SDXL-sized run on the meta device without data and without training.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from lf_common.errors import ConfigError
 from trainer.cli.hydra_app import compose_config, optimizer_factories
-from trainer.cli.plan_run import meta_module, plan_context, plan_of, run_plan, run_setup, step_activations
+from trainer.cli.plan_run import log_plan, meta_module, plan_context, plan_of, run_plan, run_setup, step_activations
+from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.memory.measure import LiveBytes
 from trainer.memory.tensors import held_bytes
 
@@ -114,6 +117,21 @@ def test_an_over_budget_run_names_the_part_to_shrink_and_how(capsys):
     assert "shrink optimizer state" in out and "optim=adamw8bit" in out  # AdamW's state: the largest part
     cfg = plan_config("plan.batch_size=1", "plan.device_memory_gb=1")
     assert run_plan(cfg)["fits"] is True and "shrink" not in capsys.readouterr().out
+
+
+def test_a_run_logs_the_plan_of_its_own_module(caplog):
+    cfg = plan_config("plan.batch_size=2")
+    module = instantiate(cfg.model, **optimizer_factories(cfg, param_groups=True))
+    with caplog.at_level(logging.INFO, logger="trainer.cli.plan_run"):
+        log_plan(cfg, module)
+    printed = run_plan(cfg)["table"]
+    assert [r.getMessage() for r in caplog.records] == [printed]  # the real module's figures equal the meta one's
+
+
+def test_lf_train_autoencoder_refuses_per_part_learning_rates():
+    cfg = compose_config("train_autoencoder", ["data.shards=x", "optim.unet_lr=1e-4", "optim.block_lr=[1e-4]"])
+    with pytest.raises(ConfigError, match=r"^optim.unet_lr, optim.block_lr: lf-train-autoencoder trains the VAE"):
+        run_train_autoencoder(cfg)
 
 
 def test_sharding_divides_what_each_zero_stage_shards():

@@ -194,6 +194,7 @@ def step_activations(module: Any, context: PlanContext) -> int:
     tensors = [*module.unet.parameters(), *module.unet.buffers()]
     memo: dict[int, Any] = {id(t): _meta_like(t) for t in tensors}  # no copy of the real weights
     unet = copy.deepcopy(module.unet, memo).to(dtype)
+    unet._compiled_call_impl = None  # a compiled UNet's copy would call the original's compiled forward
     activations = saved_activation_bytes(unet, context.batch_size, context.latent_size, dtype)
     if precision.endswith("-mixed") and dtype != torch.float32:
         activations += 2 * sum(p.numel() for p in module.unet.parameters() if p.dim() >= 2)
