@@ -78,7 +78,10 @@ def part_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             known = ", ".join(name for name, row in BY_NAME.items() if row.has_standard_configs)
             raise ConfigError(f"plan.base={base}: no standard configs of that name; use one of {known}")
         return BY_NAME[base].configs()
-    folder = Path(str(OmegaConf.select(cfg, "model.pretrained", default="")))
+    given = OmegaConf.select(cfg, "model.pretrained", default=None, throw_on_missing=False)
+    if given in (None, "???"):
+        raise ConfigError("model.pretrained is not set: give the folder, or plan a standard base: plan.base=sd1|sdxl")
+    folder = Path(str(given))
     configs = {}
     for part in ("unet", "text_encoder", "text_encoder_2", "scheduler"):
         for name in ("config.json", "scheduler_config.json"):
@@ -124,8 +127,8 @@ def meta_model_config(cfg: DictConfig) -> DictConfig:
                 "config": configs[str(node["subfolder"])],
             }
     model["compile_unet"] = False
-    if OmegaConf.select(cfg, "model.pretrained", throw_on_missing=False) == "???" or "pretrained" in model:
-        model["pretrained"] = str(cfg.plan.get("base") or "plan")
+    if cfg.plan.get("base") and "pretrained" in model:
+        model["pretrained"] = str(cfg.plan.base)  # kept in the hyperparameters only; no part reads it now
     whole = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(whole, dict)
     whole.update(model=model, data=_data_placeholders(cfg))
