@@ -186,31 +186,18 @@ def step_activations(module: Any, context: PlanContext) -> int:
     """The activations of one step (:func:`trainer.memory.activations.saved_activation_bytes`) on a meta copy
     of the module's UNet, in the precision's compute dtype; under ``*-mixed`` autocast also keeps a 16-bit copy
     of every matrix and convolution weight it multiplies with, for the backward pass."""
-    import copy
-
     import torch
 
     from trainer.memory.activations import saved_activation_bytes
+    from trainer.memory.tensors import meta_copy
 
     precision = context.setup.precision
     dtype = compute_dtype(precision)
-    tensors = [*module.unet.parameters(), *module.unet.buffers()]
-    memo: dict[int, Any] = {id(t): _meta_like(t) for t in tensors}  # no copy of the real weights
-    unet = copy.deepcopy(module.unet, memo).to(dtype)
-    unet._compiled_call_impl = None  # a compiled UNet's copy would call the original's compiled forward
+    unet = torch.nn.Module.to(meta_copy(module.unet), dtype)  # not diffusers' to(): it warns about the cast
     activations = saved_activation_bytes(unet, context.batch_size, context.latent_size, dtype)
     if precision.endswith("-mixed") and dtype != torch.float32:
         activations += 2 * sum(p.numel() for p in module.unet.parameters() if p.dim() >= 2)
     return activations
-
-
-def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    meta = torch.empty_like(tensor, device="meta")
-    if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
-    return meta
 
 
 def plan_of(cfg: DictConfig, module: Any) -> tuple[MemoryPlan, PlanContext]:

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from trainer.memory.diffusers_private import checkpointing_function, set_checkpointing_function
+from trainer.memory.torch_private import fused_cpu_attention
+
 
 class SavedBytes:
     """Counts the bytes autograd saves for backward, each storage once; parameters excluded.
@@ -86,8 +89,7 @@ def fused_attention() -> Iterator[None]:
               dropout_p: float = 0.0, is_causal: bool = False, **kwargs: Any) -> torch.Tensor:  # fmt: skip
         if attn_mask is not None or dropout_p or kwargs.get("enable_gqa") or query.device.type != "meta":
             return original(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        return op(query, key, value, 0.0, is_causal, scale=kwargs.get("scale"))[0]
+        return fused_cpu_attention(query, key, value, is_causal, kwargs.get("scale"))
 
     functional.scaled_dot_product_attention = fused
     try:
@@ -101,17 +103,14 @@ def counting_checkpoints(unet: torch.nn.Module, counter: SavedBytes) -> Iterator
     """Route the UNet's gradient checkpointing through ``counter`` for the body (diffusers calls
     ``module._gradient_checkpointing_func`` on every module with ``gradient_checkpointing`` set)."""
     modules = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
-    before = [m.__dict__.get("_gradient_checkpointing_func") for m in modules]
+    before = [checkpointing_function(m) for m in modules]
     for module in modules:
-        module._gradient_checkpointing_func = counter.checkpointed
+        set_checkpointing_function(module, counter.checkpointed)
     try:
         yield
     finally:
-        for module, func in zip(modules, before, strict=True):
-            if func is None:
-                module.__dict__.pop("_gradient_checkpointing_func", None)
-            else:
-                module._gradient_checkpointing_func = func
+        for module, function in zip(modules, before, strict=True):
+            set_checkpointing_function(module, function)
 
 
 def unet_inputs(unet: Any, batch_size: int, latent_size: int, dtype: torch.dtype, tokens: int = 77) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import weakref
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from trainer.memory.torch_private import TorchDispatchMode, tree_flatten
 
 
 class LiveBytes(TorchDispatchMode):

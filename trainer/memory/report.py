@@ -38,6 +38,11 @@ def gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
+def count(n: int) -> str:
+    """A parameter count in millions with one decimal (``2567.5 M``), or in full below 100,000 (``36,864``)."""
+    return f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n:,}"
+
+
 def plan_table(plan: MemoryPlan, context: PlanContext, device_memory_gb: float | None = None) -> str:
     """The plan as a text table, one rank's view.
 
@@ -48,7 +53,7 @@ def plan_table(plan: MemoryPlan, context: PlanContext, device_memory_gb: float |
     """
     setup = context.setup
     head = (
-        f"memory plan per rank: {plan.trainable_numel / 1e6:.1f} M of {plan.numel / 1e6:.1f} M parameters trained; "
+        f"memory plan per rank: {count(plan.trainable_numel)} of {count(plan.numel)} parameters trained; "
         f"{setup.precision}, strategy {setup.strategy}"
         + (f" (ZeRO-{setup.zero_stage})" if setup.strategy == "deepspeed" else "")
         + (f" over {setup.world_size} ranks" if setup.world_size > 1 else "")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from trainer.memory.plan import ModelTensors
+from trainer.memory.torch_private import drop_compiled_forward
 
 
 def model_tensors(module: torch.nn.Module, trained: Iterable[torch.Tensor] | None = None) -> ModelTensors:
@@ -58,3 +59,19 @@ def held_bytes(module: torch.nn.Module, optimizer: Any = None) -> dict[str, int]
         "gradients": _storages(p.grad for p in params if p.grad is not None),
         "optimizer state": _storages(state),
     }
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` on the meta device, made without copying its weights (real or meta), with the same
+    trainable parameters, checkpointing and adapters; a compiled forward is not copied."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        memo[id(tensor)] = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad) if is_param else meta
+    clone = copy.deepcopy(module, memo)
+    for sub in clone.modules():
+        drop_compiled_forward(sub)
+    return clone
