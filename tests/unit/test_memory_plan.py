@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lf_common.errors import ConfigError
 from trainer.cli.hydra_app import compose_config, optimizer_factories
 from trainer.cli.plan_run import log_plan, meta_module, plan_context, plan_of, run_plan, run_setup, step_activations
+from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.memory.measure import LiveBytes
 from trainer.memory.tensors import held_bytes
@@ -117,6 +118,12 @@ def test_an_over_budget_run_names_the_part_to_shrink_and_how(capsys):
     assert "shrink optimizer state" in out and "optim=adamw8bit" in out  # AdamW's state: the largest part
     cfg = plan_config("plan.batch_size=1", "plan.device_memory_gb=1")
     assert run_plan(cfg)["fits"] is True and "shrink" not in capsys.readouterr().out
+
+
+def test_a_plan_is_for_the_run_s_device_not_this_machine():
+    cfg = plan_config("trainer.accelerator=gpu", "trainer.precision=16-mixed", "plan.batch_size=1")
+    planned = run_train(cfg)["plan"]  # 16-mixed is refused for a run on a CPU, not for its plan
+    assert planned.parts["weights"] == 4 * planned.numel  # autocast keeps float32 weights
 
 
 def test_a_run_logs_the_plan_of_its_own_module(caplog):

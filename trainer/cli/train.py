@@ -76,12 +76,19 @@ def plan_switch(args: list[str]) -> list[str]:
     ]
 
 
+def planning(cfg: DictConfig) -> bool:
+    """Whether the command line asks for the memory plan only (``plan=true``)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.select(cfg, "plan.enabled", default=False))
+
+
 def data_not_needed(cfg: DictConfig) -> tuple[str, ...]:
     """The keys a plan (``plan=true``) leaves ``???``: the data's (the plan reads no data) and ``model.pretrained``
     with ``plan.base``."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.select(cfg, "plan.enabled", default=False):
+    if not planning(cfg):
         return ()
     keys = tuple(f"data.{key}" for key in cfg.data)
     return (*keys, "model.pretrained") if OmegaConf.select(cfg, "plan.base") else keys
@@ -110,11 +117,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         The final logged metrics (floats), ``optimized_metric`` (the value of
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
-    check_precision(cfg.trainer)  # refused at config time: before the heavy imports
-    if cfg.get("plan") and cfg.plan.get("enabled"):
+    if planning(cfg):  # for the device the run will have: this machine's precision support is beside the point
         from trainer.cli.plan_run import run_plan
 
         return run_plan(cfg)
+    check_precision(cfg.trainer)  # refused at config time: before the heavy imports
     from trainer.callbacks.provenance import Provenance
     from trainer.cli.fit_run import fit_from_config
     from trainer.cli.hydra_app import resolved_container
@@ -134,7 +141,8 @@ def main(cfg: DictConfig) -> float | None:
     stopping a multirun. A plain run just trains. A preempted run exits with status 75
     (``@lf_command``: :mod:`trainer.cli.preempted`).
     """
-    check_precision(cfg.trainer)  # a refused combination answers before the imports of a run (torch, Lightning)
+    if not planning(cfg):
+        check_precision(cfg.trainer)  # a refused combination answers before the imports of a run (torch, Lightning)
     from trainer.sweeps.trial import in_sweep, run_trial
 
     hydra_cfg = HydraConfig.get()
