@@ -120,6 +120,18 @@ def test_an_over_budget_run_names_the_part_to_shrink_and_how(capsys):
     assert run_plan(cfg)["fits"] is True and "shrink" not in capsys.readouterr().out
 
 
+def test_a_dreambooth_recipe_plans_from_the_standard_configs_without_weights_or_data():
+    cfg = compose_config(
+        "train", ["plan.enabled=true", "experiment=dreambooth_lora_text_encoder", "plan.base=sd1", "plan.latent_size=8"]
+    )
+    module = meta_module(cfg)
+    assert module.text_encoder.device.type == "meta" and module.unet.device.type == "meta"
+    adapters = sum(p.numel() for n, p in module.named_parameters() if "lora" in n)
+    planned, _ = plan_of(cfg, module)
+    assert adapters > 0 and planned.trainable_numel == adapters  # the adapters on the UNet and the text encoder
+    assert planned.numel > 980e6  # SD 1.x's UNet (860 M) and CLIP ViT-L text encoder (123 M), frozen
+
+
 def test_a_plan_is_for_the_run_s_device_not_this_machine():
     cfg = plan_config("trainer.accelerator=gpu", "trainer.precision=16-mixed", "plan.batch_size=1")
     planned = run_train(cfg)["plan"]  # 16-mixed is refused for a run on a CPU, not for its plan

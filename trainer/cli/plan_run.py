@@ -147,7 +147,7 @@ def text_encoder_from_config(class_name: str, config: dict[str, Any]) -> torch.n
     from hydra.utils import get_class
 
     cls = get_class(class_name)
-    return cls._from_config(cls.config_class(**config))
+    return cls(cls.config_class(**config))
 
 
 def meta_module(cfg: DictConfig) -> torch.nn.Module:
