@@ -11,8 +11,10 @@
 # 6. (not in the default PARTS either) DeepSpeed settings on one GPU at 512 px: single vs zero2 and its
 # variants, uncompiled (T_ZERO), to choose conf/strategy/deepspeed_stage_2.yaml's settings; 7. (not in the
 # default PARTS) candidates for the default recipe at 512 px: compiled vs compiled + channels_last, compiled
-# with CUDA graphs (reduce-overhead), and compiled at batch 64 (T_RECIPE each, two runs).
-# PARTS="train512 train256 tests precompute sdxl1024 zero512 recipe512" chooses the parts and their order.
+# with CUDA graphs (reduce-overhead), and compiled at batch 64 (T_RECIPE each, two runs); 8. (not in the default
+# PARTS) the memory plan against torch.cuda.max_memory_allocated (bench/memory_plan.py --device cuda: tiny and
+# SD-1.5-shaped at 512 px, bf16; T_MEM; without CUDA it prints "skipped" and exits 0).
+# PARTS="train512 train256 tests precompute sdxl1024 zero512 recipe512 memplan" chooses the parts and their order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
@@ -26,7 +28,7 @@ part() {  # part NAME LIMIT COMMAND...: run it into $out/NAME.log, then show its
   echo "== $name (limit ${limit}s) at $(( $(date +%s) - started ))s"
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1 < /dev/null
   echo "== $name: exit $? at $(( $(date +%s) - started ))s"
-  grep -E "^(\||measured|ratio|plain|lf-precompute|FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)\b" "$out/$name.log" | tail -20
+  grep -E "^(\||measured|ratio|plain|lf-precompute|memory_plan|FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)\b" "$out/$name.log" | tail -20
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for name in ${PARTS:-train512 train256 tests precompute}; do
@@ -46,6 +48,8 @@ for name in ${PARTS:-train512 train256 tests precompute}; do
         --configs compiled,compiled_channels_last,compiled_cudagraphs --steps 12 --warmup 3 --peak-tflops "$peak"
       part recipe512_batch64 "${T_RECIPE:-300}" python bench/gpu_train.py --resolution 512 --batch 64 \
         --configs compiled --steps 8 --warmup 3 --peak-tflops "$peak" ;;
-    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024 zero512 recipe512)"; exit 2 ;;
+    memplan) part memplan "${T_MEM:-150}" python bench/memory_plan.py --device cuda \
+      --models tiny,sd15-512,sd15-512-checkpointing ;;
+    *) echo "unknown part $name (train512 train256 tests precompute sdxl1024 zero512 recipe512 memplan)"; exit 2 ;;
   esac
 done

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "trainer.faults": 52,  # preemption signals, the phase board and hang watchdog (below callbacks, above checkpoint)
     "trainer.checkpoint": 50,  # our own training checkpoints (keys, reading, resume, remote, export)
     "trainer.interop": 48,  # every foreign format (SD single files, layouts, pickles, LoRA/LyCORIS files)
+    "trainer.memory": 46,  # the memory plan: arithmetic on parameter shapes, the meta-device activation estimate
     "trainer.lora": 45,
     "trainer.diffusion": 40,
     "trainer.tiny_models": 40,

@@ -61,7 +61,9 @@ _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)")
 
 
 def lf_command(
-    config_name: str, setup: Callable[[], None] | None = None, may_stay_missing: tuple[str, ...] = ()
+    config_name: str,
+    setup: Callable[[], None] | None = None,
+    may_stay_missing: tuple[str, ...] | Callable[[DictConfig], tuple[str, ...]] = (),
 ) -> Callable[[Callable[[DictConfig], T]], Callable[..., T | None]]:
     """``@hydra.main`` for ``conf/<config_name>.yaml``, with the plain error path and the command's help.
 
@@ -89,7 +91,7 @@ def lf_command(
         def job(cfg: DictConfig) -> T:
             state.restore()
             with plain_errors(context, state), ending_preemption():
-                check_mandatory_values(cfg, may_stay_missing)
+                check_mandatory_values(cfg, may_stay_missing(cfg) if callable(may_stay_missing) else may_stay_missing)
                 object_store.set_endpoint_url(cfg.get("s3_endpoint_url"))
                 return task(cfg)
 

@@ -87,6 +87,10 @@ def fit_from_config(
     # every rank there): the module and Provenance take the empty caption and the manifest from it then.
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg[module_key], **optimizer_factories(cfg, param_groups=param_groups))
+    if module_key == "model":
+        from trainer.cli.plan_run import log_plan
+
+        log_plan(cfg, module)  # the figures lf-train plan=true prints, for this run's own module
     callbacks = [*(monitors or []), SkippedSamplesMonitor(datamodule.sample_counts), RNGState()]
     ckpt_path, resumed_url = resume_from_config(cfg)
     if resumed_url is not None:

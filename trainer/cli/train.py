@@ -13,6 +13,7 @@ Examples::
     lf-train ckpt_path=last output_dir=outputs/train/<run>       # resume from the newest complete checkpoint
     lf-train auto_resume=true output_dir=outputs/train/<run>     # resume when it has a checkpoint, else start
     lf-train callbacks.model_checkpoint.dirpath=s3://bucket/run/checkpoints auto_resume=true  # checkpoints in a bucket
+    lf-train plan=true experiment=sdxl_full_24gb plan.base=sdxl plan.device_memory_gb=24   # will it fit? (no data)
 
 A SIGTERM or SIGUSR1 (a preemption) ends the run after the current optimizer step with a complete
 checkpoint and exit status 75 (``EX_TEMPFAIL``): run the same command again (with ``auto_resume=true``,
@@ -33,6 +34,8 @@ Keys::
     ckpt_path              resume: a checkpoint, a folder of them, or last (s3://... too)
     output_dir             where logs go (local), and checkpoints unless callbacks.model_checkpoint.dirpath says
     callbacks.model_checkpoint.dirpath   the checkpoint folder; s3://bucket/run/checkpoints: staged, then uploaded
+    plan                   true: print the memory plan per rank (weights, gradients, optimizer state, EMA,
+                           activations) and exit; plan.device_memory_gb=24: and whether it fits (docs/memory.md)
 """
 
 from __future__ import annotations
@@ -63,6 +66,38 @@ def register_sweeper_plugin() -> None:
     Plugins.instance().register(ResumableOptunaSweeper)
 
 
+def train_setup() -> None:
+    """``lf-train``'s setup (run by its ``main``, before Hydra composes): the plan switch and the sweeper plugin."""
+    sys.argv[1:] = plan_switch(sys.argv[1:])
+    register_sweeper_for_multirun()
+
+
+def plan_switch(args: list[str]) -> list[str]:
+    """``plan=true`` (or ``false``) as ``plan.enabled=true``: ``plan`` is a group of keys (``plan.device_memory_gb``,
+    ...), and Hydra would replace the whole of it by the boolean, losing the others."""
+    return [
+        f"plan.enabled={arg.split('=', 1)[1]}" if arg.lower() in ("plan=true", "plan=false") else arg for arg in args
+    ]
+
+
+def planning(cfg: DictConfig) -> bool:
+    """Whether the command line asks for the memory plan only (``plan=true``)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.select(cfg, "plan.enabled", default=False))
+
+
+def data_not_needed(cfg: DictConfig) -> tuple[str, ...]:
+    """The keys a plan (``plan=true``) leaves ``???``: the data's (the plan reads no data) and ``model.pretrained``
+    with ``plan.base``."""
+    from omegaconf import OmegaConf
+
+    if not planning(cfg):
+        return ()
+    keys = tuple(f"data.{key}" for key in cfg.data)
+    return (*keys, "model.pretrained") if OmegaConf.select(cfg, "plan.base") else keys
+
+
 def register_sweeper_for_multirun() -> None:
     """``lf-train``'s setup (run by its ``main``): register the sweeper plugin when the command line asks
     for a multirun (``-m``, ``--multirun``, ``hydra.mode=MULTIRUN``), the only time Hydra builds a sweeper.
@@ -79,10 +114,17 @@ def multirun_asked(args: list[str]) -> bool:
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train a LatentDiffusion module as ``cfg`` describes.
 
+    With ``plan.enabled`` (``plan=true``) it trains nothing: it prints the memory plan and returns it
+    (:func:`trainer.cli.plan_run.run_plan`).
+
     Returns:
         The final logged metrics (floats), ``optimized_metric`` (the value of
         ``cfg.optimized_metric``), ``checkpoint`` (the newest checkpoint path) and ``global_step``.
     """
+    if planning(cfg):  # for the device the run will have: this machine's precision support is beside the point
+        from trainer.cli.plan_run import run_plan
+
+        return run_plan(cfg)
     check_precision(cfg.trainer)  # refused at config time: before the heavy imports
     from trainer.callbacks.provenance import Provenance
     from trainer.cli.fit_run import fit_from_config
@@ -94,7 +136,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@lf_command("train", setup=register_sweeper_for_multirun)
+@lf_command("train", setup=train_setup, may_stay_missing=data_not_needed)
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; in a sweep, returns the optimized metric for Hydra's sweepers.
 
@@ -103,7 +145,8 @@ def main(cfg: DictConfig) -> float | None:
     stopping a multirun. A plain run just trains. A preempted run exits with status 75
     (``@lf_command``: :mod:`trainer.cli.preempted`).
     """
-    check_precision(cfg.trainer)  # a refused combination answers before the imports of a run (torch, Lightning)
+    if not planning(cfg):
+        check_precision(cfg.trainer)  # a refused combination answers before the imports of a run (torch, Lightning)
     from trainer.sweeps.trial import in_sweep, run_trial
 
     hydra_cfg = HydraConfig.get()

@@ -46,6 +46,7 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
         Final metrics, ``checkpoint``, ``global_step``, ``scaling_factor`` and ``save_dir``.
     """
     check_precision(cfg.trainer)  # refused at config time: before the heavy imports
+    check_no_part_settings(cfg.optim)
     from trainer.cli.fit_run import fit_from_config
 
     run = fit_from_config(cfg, "autoencoder")
@@ -61,6 +62,24 @@ def run_train_autoencoder(cfg: DictConfig) -> dict[str, Any]:
         metrics["scaling_factor"] = scaling_factor
     metrics["save_dir"] = object_store.canonical(cfg.save_dir)
     return metrics
+
+
+def check_no_part_settings(optim: DictConfig) -> None:
+    """Refuse lf-train's per-part optimizer keys (``optim.unet_lr``, ``optim.block_lr``, ...): the VAE trains as one
+    parameter group, so they would be ignored.
+
+    Raises:
+        ConfigError: naming the keys given and ``optim.lr``, which applies.
+    """
+    from lf_common.errors import ConfigError
+    from trainer.modules.param_groups import GROUP_KEYS
+
+    given = [f"optim.{key}" for key in GROUP_KEYS if optim.get(key) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: lf-train-autoencoder trains the VAE as one parameter group and would ignore "
+            "per-part settings; set optim.lr and optim.weight_decay"
+        )
 
 
 @lf_command("train_autoencoder")
