@@ -34,6 +34,7 @@ from trainer.cli.command import FULL_ERROR_ENV, take_debug_switch
 from trainer.cli.command_doc import CommandDoc
 from trainer.cli.errors import ErrorContext, explain
 from trainer.cli.hydra_app import CONF_MODULE, VERSION_BASE, compose_config
+from trainer.cli.train import plan_switch
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -333,6 +334,8 @@ def test_readme_command_composes(example: Example, hydra_app: None, tmp_path: Pa
     script, args = console_command(words) or launched_command(words, dict(os.environ))
     argv = [script, *args]
     take_debug_switch(argv)
+    if script == "lf-train":  # its setup reads plan=true as plan.enabled=true (plan is a group of keys)
+        argv[1:] = plan_switch(argv[1:])
     overrides, multirun, config_name = hydra_arguments(argv[1:])
     config_name = config_name or CONFIG_NAMES[script]
     if multirun:
