@@ -76,8 +76,8 @@ def main() -> None:
         folder = Path(tmp)
         raw, base, count = build(folder)
         start = time.perf_counter()
-        run_precompute(compose_config("precompute", [f"shards={raw}", f"out_dir={folder / 'latents'}",
-                                                     f"pretrained={base}", "resolution=32", "batch_size=256"]))  # fmt: skip
+        precompute_overrides = [f"shards={raw}", f"out_dir={folder / 'latents'}", f"pretrained={base}", "resolution=32"]
+        run_precompute(compose_config("precompute", [*precompute_overrides, "batch_size=256"]))
         precompute = time.perf_counter() - start
         cached = seconds_per_step([f"data.train_dir={folder / 'latents'}"], folder / "cached", steps)
         online = seconds_per_step(
