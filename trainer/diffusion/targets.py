@@ -10,6 +10,7 @@ import torch
 from diffusers import SchedulerMixin
 
 from lf_common.errors import ConfigError
+from trainer.diffusion.losses import per_sample_loss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -41,13 +42,11 @@ def training_target(
 def per_sample_mse(
     model_output: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean squared error of each sample ``(B,)``, in float32, for outputs and targets ``(B, C, h, w)``.
+    """Mean squared error of each sample ``(B,)``, in float32, for outputs and targets ``(B, C, h, w)``
+    (the validation loss, whatever the training loss type: :func:`trainer.diffusion.losses.per_sample_loss`).
 
     Args:
         pixel_weights: optional ``(B, 1, h, w)`` (or ``(B, C, h, w)``) weights of each element's squared
             error (a loss mask); the mean is still over all elements.
     """
-    squared = (model_output.float() - target.float()).pow(2)
-    if pixel_weights is not None:
-        squared = squared * pixel_weights.float()
-    return squared.mean(dim=tuple(range(1, target.ndim)))
+    return per_sample_loss(model_output, target, "l2", pixel_weights=pixel_weights)

@@ -1,0 +1,178 @@
+"""Training without a latent cache: raw image shards, augmented per step, encoded on the training device.
+
+For small datasets (tens to thousands of images), where paying the frozen encoders every step costs less
+than running ``lf-precompute`` and where each step should see a fresh crop, flip, colour jitter or caption.
+:class:`OnlineImageDataModule` streams raw shards (the layout ``lf-shards`` and img2dataset write) and, in
+Lightning's ``on_after_batch_transfer`` hook (on the training device, before the training step), turns each
+batch of pixels and captions into the batch a latent shard would have given: ``latents`` ``(B, C, h, w)``
+and ``text`` ``(B, T, D)``, by the very encoders ``lf-precompute`` runs
+(:class:`~data_pipelines.latents.encoders.FrozenEncoders`). So the LatentDiffusion module, its loss, caption
+dropout, EMA, checkpoints and export are the cached path's, and the encoders are no part of the model:
+DDP, DeepSpeed and FSDP never wrap, shard or checkpoint them.
+
+The data module also holds what a latent folder's manifest says (which VAE, text encoder and tokenizer), in
+memory, so checkpoints record them and ``lf-export`` and the validation-image callbacks find them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from data_pipelines.latents.encoders import FrozenEncoders
+from data_pipelines.latents.format import LatentManifest
+from data_pipelines.loading.datamodules import _count_samples, _rank, _StreamingDataModule
+from data_pipelines.raw.format import decode_raw_sample
+from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.transforms.step_augment import Augment
+from data_pipelines.transforms.images import ResizeCrop
+from lf_common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CaptionTransform = Callable[[str, np.random.Generator], str]
+"""A per-step caption transform ``(caption, rng) -> caption`` (e.g. tag shuffling after ``keep_tokens``, tag
+dropout: :mod:`data_pipelines.transforms.captions`), run in the loader workers on training captions only."""
+
+
+class _OnlineDecoder:
+    """Picklable decode-and-augment step (runs in loader workers): ``(pixels (3, R, R) in [-1, 1], caption)``.
+
+    Each worker draws its augmentations from its own generator, seeded by ``seed``, the worker's torch seed
+    (itself from the loader's seeded generator) and the rank.
+    """
+
+    def __init__(
+        self, transform: ResizeCrop, augment: Augment | None, caption_transform: CaptionTransform | None, seed: int
+    ) -> None:
+        self.transform = transform
+        self.augment = augment
+        self.caption_transform = caption_transform
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            worker = get_worker_info()
+            self._rng = np.random.default_rng([self.seed, worker.seed if worker else 0, _rank()])
+        return self._rng
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        _, image, caption, _ = decode_raw_sample(sample)
+        if self.augment is not None and self.augment.active:
+            image = self.augment(image, self.rng)
+        pixels, _ = self.transform(image, self.rng)  # (3, R, R); a random crop draws its offset here
+        if self.caption_transform is not None:
+            caption = self.caption_transform(caption, self.rng)
+        return pixels, caption
+
+
+def collate_pixels_and_captions(samples: list[tuple[torch.Tensor, str]]) -> dict[str, Any]:
+    """``pixels`` ``(B, 3, R, R)`` float32 in [-1, 1] and ``captions`` (a list of ``B`` strings)."""
+    pixels, captions = zip(*samples, strict=True)
+    return {"pixels": torch.stack(pixels), "captions": list(captions)}
+
+
+class OnlineImageDataModule(_StreamingDataModule):
+    """Streams raw image shards with per-step augmentation; the frozen VAE and text encoder encode each batch
+    on the training device (``on_after_batch_transfer``), so the module receives ``latents`` and ``text``.
+
+    Args:
+        shards: raw shards (a folder, glob, brace pattern or list; ``s3://`` too).
+        encoders: the frozen VAE, text encoder and tokenizer (as ``lf-precompute`` loads them; built on the CPU,
+            moved to the training device at the first batch). SD 1.x/2.x-style: SDXL's second encoder and its
+            size/crop conditioning are not encoded here (precompute SDXL data).
+        resolution: the training resolution (square).
+        crop: ``"random"`` (a fresh crop of the resized image every step) or ``"center"``.
+        random_flip: mirror half the images left-right, drawn every step.
+        color_jitter: brightness/contrast/saturation jitter strength
+            (:class:`~data_pipelines.transforms.step_augment.Augment`).
+        caption_transform: optional per-step caption transform ``(caption, rng) -> caption`` (training only):
+            the hook for the caption tricks of :mod:`data_pipelines.transforms.captions` (``_target_`` with
+            ``_partial_: true`` in the config).
+        val_shards: optional held-out raw shards for ``val/loss`` (center crop, no augmentation).
+        pretrained: the folder ``encoders`` were loaded from (the config's one key for them; not read here).
+        **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction, bad_fraction_min_samples,
+            shard_retries, shard_retry_delay_s (as :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`).
+    """
+
+    def __init__(
+        self,
+        shards: Any,
+        encoders: FrozenEncoders,
+        resolution: int,
+        crop: str = "random",
+        random_flip: bool = False,
+        color_jitter: float = 0.0,
+        caption_transform: CaptionTransform | None = None,
+        val_shards: Any = None,
+        pretrained: str | None = None,
+        **loader: Any,
+    ) -> None:
+        super().__init__(**loader)
+        if encoders.sdxl:
+            raise ConfigError(
+                "data=images_online encodes with one text encoder (SD 1.x/2.x); an SDXL folder needs pooled text and "
+                "size/crop conditioning: precompute it (lf-precompute) and train with data=latents"
+            )
+        self.urls = resolve_shards(shards)
+        self.val_urls = resolve_shards(val_shards) if val_shards else None
+        self.encoders = encoders
+        self.transform = ResizeCrop(resolution, crop=crop)
+        self.augment = Augment(random_flip=random_flip, color_jitter=color_jitter)
+        self.caption_transform = caption_transform
+        self.num_samples = _count_samples(self.urls)
+        uncond = encoders.encode_captions([""])[0].float().cpu()  # (T, D): the empty caption, for caption dropout
+        self.uncond_text = uncond
+        self.manifest = self._manifest(list(uncond.shape))
+
+    def _manifest(self, text_shape: list[int]) -> LatentManifest:
+        """What a latent folder's manifest would say of this data (no shards): the encoders export packs."""
+        probe = torch.zeros(1, 3, self.transform.resolution, self.transform.resolution)
+        latent_shape = list(self.encoders.encode_images(probe).shape[1:])
+        transforms = {**self.transform.settings(), "online": self.augment.settings()}
+        return LatentManifest(
+            resolution=self.transform.resolution,
+            latent_shape=latent_shape,
+            text_shape=text_shape,
+            vae=self.encoders.vae_info,
+            text_encoder=self.encoders.text_encoder_info,
+            tokenizer_path=self.encoders.tokenizer_path,
+            transforms=transforms,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        decoder = _OnlineDecoder(self.transform, self.augment, self.caption_transform, self.seed)
+        return self._loader(self.urls, self.num_samples, decoder, collate_pixels_and_captions, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        decoder = _OnlineDecoder(ResizeCrop(self.transform.resolution, crop="center"), None, None, self.seed)
+        return self._loader(
+            self.val_urls, _count_samples(self.val_urls), decoder, collate_pixels_and_captions, train=False
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Encode the batch on its device: ``pixels`` and ``captions`` become ``latents`` ``(B, C, h, w)`` and
+        ``text`` ``(B, T, D)`` (no gradient), as a latent shard's batch."""
+        if not (isinstance(batch, dict) and "pixels" in batch):
+            return batch
+        pixels = batch.pop("pixels")
+        encoders = self._encoders_on(pixels.device)
+        batch["latents"] = encoders.encode_images(pixels)
+        batch["text"] = encoders.encode_captions(batch.pop("captions"))
+        return batch
+
+    def _encoders_on(self, device: torch.device) -> FrozenEncoders:
+        """The encoders, moved to ``device`` the first time a batch arrives there."""
+        if self.encoders.device != device:
+            self.encoders.vae.to(device)
+            self.encoders.text_encoder.to(device)
+        return self.encoders
