@@ -29,8 +29,8 @@ from data_pipelines.latents.format import LatentManifest
 from data_pipelines.loading.datamodules import _count_samples, _rank, _StreamingDataModule
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.listing import resolve_shards
-from data_pipelines.transforms.step_augment import Augment
 from data_pipelines.transforms.images import ResizeCrop
+from data_pipelines.transforms.step_augment import Augment
 from lf_common.errors import ConfigError
 
 log = logging.getLogger(__name__)
