@@ -29,6 +29,7 @@ from data_pipelines.latents.format import LatentManifest
 from data_pipelines.loading.datamodules import _count_samples, _rank, _StreamingDataModule
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.transforms.captions import StepCaptionTricks
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.step_augment import Augment
 from lf_common.errors import ConfigError
@@ -93,9 +94,10 @@ class OnlineImageDataModule(_StreamingDataModule):
         random_flip: mirror half the images left-right, drawn every step.
         color_jitter: brightness/contrast/saturation jitter strength
             (:class:`~data_pipelines.transforms.step_augment.Augment`).
-        caption_transform: optional per-step caption transform ``(caption, rng) -> caption`` (training only):
-            the hook for the caption tricks of :mod:`data_pipelines.transforms.captions` (``_target_`` with
-            ``_partial_: true`` in the config).
+        caption_transform: optional per-step caption transform ``(caption, rng) -> caption`` (training only).
+        captions: kohya-style tag tricks drawn every step (``shuffle_tags``, ``keep_tokens``,
+            ``keep_tokens_separator``, ``tag_dropout``, ``prefix``, ``separator``: precompute's ``captions:`` keys,
+            :class:`~data_pipelines.transforms.captions.StepCaptionTricks`); not with ``caption_transform``.
         val_shards: optional held-out raw shards for ``val/loss`` (center crop, no augmentation).
         pretrained: the folder ``encoders`` were loaded from (the config's one key for them; not read here).
         **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction, bad_fraction_min_samples,
@@ -111,6 +113,7 @@ class OnlineImageDataModule(_StreamingDataModule):
         random_flip: bool = False,
         color_jitter: float = 0.0,
         caption_transform: CaptionTransform | None = None,
+        captions: dict[str, Any] | None = None,
         val_shards: Any = None,
         pretrained: str | None = None,
         **loader: Any,
@@ -126,7 +129,9 @@ class OnlineImageDataModule(_StreamingDataModule):
         self.encoders = encoders
         self.transform = ResizeCrop(resolution, crop=crop)
         self.augment = Augment(random_flip=random_flip, color_jitter=color_jitter)
-        self.caption_transform = caption_transform
+        if captions and caption_transform is not None:
+            raise ConfigError("data.captions and data.caption_transform both given: the tag tricks are one transform")
+        self.caption_transform = StepCaptionTricks(**captions) if captions else caption_transform
         self.num_samples = _count_samples(self.urls)
         uncond = encoders.encode_captions([""])[0].float().cpu()  # (T, D): the empty caption, for caption dropout
         self.uncond_text = uncond

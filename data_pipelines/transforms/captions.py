@@ -117,3 +117,22 @@ def caption_variants(key: str, captions: list[str], settings: CaptionSettings) -
         rng = random.Random(f"{settings.seed}:{key}:{index}") if index else None
         variants.append(caption_variant(captions[index % len(captions)], settings, rng))
     return variants
+
+
+class StepCaptionTricks:
+    """The tag tricks drawn afresh every step (training without a cache, ``data=images_online``): a
+    ``(caption, rng) -> caption`` transform for the loader workers, with the keys of precompute's ``captions:``
+    group (``variants`` and ``seed`` do not apply: every step is a new variant from the worker's generator).
+
+    Args:
+        **settings: :class:`CaptionSettings`' fields (``shuffle_tags``, ``keep_tokens``, ``keep_tokens_separator``,
+            ``tag_dropout``, ``prefix``, ``separator``).
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = CaptionSettings(**settings)
+
+    def __call__(self, caption: str, rng: Any) -> str:
+        """``caption`` with its flexible tags shuffled and dropped out by a draw from ``rng`` (a NumPy
+        ``Generator``), the prefix first."""
+        return caption_variant(caption, self.settings, random.Random(int(rng.integers(2**63))))

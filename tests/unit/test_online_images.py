@@ -110,3 +110,21 @@ def test_sdxl_folder_is_refused_in_one_line(raw_shards, sdxl_pretrained_dir, tmp
     cfg = compose_config("train", online_overrides(raw_shards, sdxl_pretrained_dir, tmp_path, *second))
     with pytest.raises(InstantiationException, match=r"SDXL folder needs pooled text .* precompute it"):
         instantiate(cfg.data)  # the entry points print the ConfigError's one line
+
+
+def test_tag_tricks_are_drawn_every_step_from_the_caption_keys(raw_shards, pretrained_dir, tmp_path):
+    import numpy as np
+
+    from data_pipelines.transforms.captions import StepCaptionTricks
+
+    tricks = StepCaptionTricks(shuffle_tags=True, keep_tokens=1, tag_dropout=0.2, prefix="sks")
+    rng = np.random.default_rng(0)
+    caption = "1girl, solo, red hair, smile, outdoors, hat"
+    drawn = [tricks(caption, rng) for _ in range(50)]
+    assert all(d.startswith("sks, 1girl, ") for d in drawn)  # the trigger, then the kept tag
+    assert all(set(d.split(", ")[2:]) <= set(caption.split(", ")[1:]) for d in drawn)
+    assert len(set(drawn)) > 20 and any(len(d.split(", ")) < 7 for d in drawn)  # shuffled, some tags dropped
+    overrides = online_overrides(raw_shards, pretrained_dir, tmp_path, "data.resampled=false", "data.shuffle_buffer=0")
+    cfg = compose_config("train", [*overrides, "data.captions={prefix: sks}"])
+    batch = next(iter(instantiate(cfg.data).train_dataloader()))
+    assert all(c.startswith("sks, ") for c in batch["captions"])
