@@ -5,6 +5,7 @@ Examples::
     lf-train data.train_dir=latents/ trainer.max_steps=2000
     lf-train experiment=demo_digits data.train_dir=demo_out/latents
     lf-train data=mixed 'data.datasets=[{path:latents/subject,repeats:10},{path:latents/reg,is_reg:true}]'
+    lf-train data=images_online data.shards=raw/ data.pretrained=sd15/ model=pretrained model.pretrained=sd15/
     lf-train strategy=ddp trainer.devices=2
     lf-train strategy=deepspeed_stage_2 trainer.devices=8 trainer.precision=bf16-mixed
     lf-train -m optim.lr=1e-4,3e-4                      # a two-trial Hydra sweep
@@ -30,6 +31,9 @@ Keys::
     data.random_flip       draw the stored mirror images (lf-precompute flip=true); false for text, digits
     data.use_crop_variants  draw the stored random crops (lf-precompute crops_per_image)
     optim.lr               learning rate
+    objective.masked_loss  weigh the loss by each image's loss mask (KEY.mask.png); objective.mask_floor: the rest's
+    model.objective.loss_type  l2 | l1 | huber | smooth_l1 (objective=huber_snr: kohya's scheduled Huber)
+    model.objective.multires_noise_iterations  pyramid noise levels (0: off; 6-10 as kohya)
     model.pretrained       model=pretrained: the diffusers folder to fine-tune (lf-import's out_dir)
     ckpt_path              resume: a checkpoint, a folder of them, or last (s3://... too)
     output_dir             where logs go (local), and checkpoints unless callbacks.model_checkpoint.dirpath says
