@@ -96,6 +96,9 @@ class _StreamingDataModule(L.LightningDataModule):
         self._epoch = 0
         self._resume: dict[str, Any] | None = None  # the restored position, until training consumes a batch
 
+    #: ``(name, default)`` of a subclass's settings that change what the stream draws, saved with the position
+    draw_settings: tuple[tuple[str, Any], ...] = ()
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Take the loader workers' sample counts off each batch (into :attr:`sample_counts`), keep one of
         each sample's stored variants (:mod:`data_pipelines.loading.variants`: drawn in training, the first
@@ -130,18 +133,18 @@ class _StreamingDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the training stream where the checkpoint left it (the loader skips the consumed batches).
 
-        A stream of other settings (batch size, ranks, seed, shuffle) is a different stream: then the
-        position is not restored and a warning says why.
+        A stream of other settings (batch size, ranks, seed, shuffle, which stored variants are drawn) is a
+        different stream: then the position is not restored and a warning says why.
         """
         now = self.state_dict()
-        changed = [
-            k for k in ("batch_size", "world_size", "seed", "resampled", "shuffle_buffer") if state_dict[k] != now[k]
-        ]
+        defaults = dict(self.draw_settings)  # a draw setting a checkpoint predates: the default it was taken with
+        stream_keys = ("batch_size", "world_size", "seed", "resampled", "shuffle_buffer", *defaults)
+        changed = [k for k in stream_keys if state_dict.get(k, defaults.get(k)) != now[k]]
         if changed:
             log.warning(
                 "data position not restored: %s changed since the checkpoint (%s); the stream starts afresh",
                 ", ".join(changed),
-                ", ".join(f"{k} {state_dict[k]} -> {now[k]}" for k in changed),
+                ", ".join(f"{k} {state_dict.get(k, defaults.get(k))} -> {now[k]}" for k in changed),
             )
             return
         self._batches, self._epoch, self._epoch_batches = (
@@ -391,6 +394,12 @@ class LatentShardDataModule(_StreamingDataModule):
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
         self.epoch_samples = epoch_samples or self.manifest.num_samples
+
+    draw_settings = (("random_flip", True), ("use_crop_variants", True))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, its settings, and which stored image variants the stream draws."""
+        return {**super().state_dict(), "random_flip": self.random_flip, "use_crop_variants": self.use_crop_variants}
 
     @property
     def loss_masks(self) -> bool:

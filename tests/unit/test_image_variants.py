@@ -188,3 +188,19 @@ def test_shards_without_variants_load_as_before(tmp_path):
     module = LatentShardDataModule(str(only_canonical), batch_size=32, num_workers=0, seed=3, random_flip=False)
     batch = tensors(next(iter(module.train_dataloader())))
     assert set(batch) == {"latents", "text"} and batch["latents"].abs().sum() == 0  # variant 0 only, no draw
+
+
+def test_a_changed_variant_choice_starts_the_stream_afresh_and_older_checkpoints_still_resume(latent_dir, caplog):
+    from data_pipelines.loading.datamodules import LatentShardDataModule
+
+    def data(**settings):
+        return LatentShardDataModule(str(latent_dir), batch_size=4, num_workers=0, **settings)
+
+    saved = {**data().state_dict(), "batches": 5, "epoch_batches": 5}
+    flipless = data(random_flip=False)
+    flipless.load_state_dict(saved)
+    assert flipless._batches == 0 and "random_flip True -> False" in caplog.text
+    older = {k: v for k, v in saved.items() if k not in ("random_flip", "use_crop_variants")}  # before variants
+    resumed = data()
+    resumed.load_state_dict(older)
+    assert resumed._batches == 5

@@ -64,3 +64,12 @@ def test_check_reads_the_composed_trainer_config():
     cfg.trainer.precision = "16-true"
     with pytest.raises(ConfigError, match="16-true"):
         check_precision(cfg.trainer)
+
+
+def test_a_gpu_accelerator_on_a_machine_without_cuda_is_one_line_not_a_traceback(monkeypatch):
+    monkeypatch.setattr("trainer.strategies.precision._cuda_available", lambda: False)
+    problem = precision_problem("bf16-mixed", "ddp", "cuda")
+    assert "has none" in problem and "trainer.accelerator=cpu" in problem and "\n" not in problem
+    monkeypatch.setattr("trainer.strategies.precision._cuda_available", lambda: True)
+    monkeypatch.setattr("trainer.strategies.precision._cuda_has_bf16", lambda: True)
+    assert precision_problem("bf16-mixed", "ddp", "cuda") is None

@@ -63,12 +63,23 @@ def precision_problem(precision: Any, strategy: str, accelerator: str) -> str | 
     if precision == "16-mixed" and accelerator != "cuda":
         engine = "DeepSpeed's fp16 mode" if strategy == "deepspeed" else "fp16 autocast with loss scaling"
         return f"trainer.precision=16-mixed ({engine}) needs a CUDA GPU; on {accelerator} use bf16-mixed"
+    if accelerator == "cuda" and not _cuda_available():
+        return (
+            "trainer.accelerator asks for a CUDA GPU and this machine has none (torch.cuda.is_available() is "
+            "False); use trainer.accelerator=cpu, or run on a GPU machine (lf-train plan=true plans one from here)"
+        )
     if precision.startswith("bf16") and accelerator == "cuda" and not _cuda_has_bf16():
         return (
             f"trainer.precision={precision}: this GPU ({_cuda_device_name()}) has no bf16; "
             "use trainer.precision=16-mixed"
         )
     return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _cuda_has_bf16() -> bool:
