@@ -9,6 +9,7 @@ rank and keeps the cache.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -59,6 +60,9 @@ from lf_common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+CROP_SEED_SETTING = "crop_seed"
+"""In the transform settings (cache key, manifest) of ``crop="random"``: the seed of the canonical crops."""
+
 
 Transform = ResizeCrop | BucketResizeCrop
 
@@ -88,7 +92,8 @@ class LatentShardEncoder:
         masks: also store each sample's random inpainting mask and its masked image's latents
             (for training an inpainting UNet; :mod:`data_pipelines.transforms.masks`).
         variants: also store the latents of each sample's mirror image and random crops
-            (:mod:`data_pipelines.transforms.augment`); not with ``masks``.
+            (:mod:`data_pipelines.transforms.augment`); not with ``masks``. Its ``seed`` (``augment_seed``) also
+            seeds the canonical crop of ``crop="random"``, with the sample key, so a rerun writes the same shards.
         captions: caption variants and tag tricks (:mod:`data_pipelines.transforms.captions`); with
             ``variants`` K > 1 each sample also stores ``text_variants`` ``(K, T, D)``.
 
@@ -114,6 +119,7 @@ class LatentShardEncoder:
         self.skips = skips or SkipCounter()
         self.masks = masks
         self.variants = variants if variants is not None and variants.enabled else None
+        self.augment_seed = variants.seed if variants is not None else 0
         self.captions = captions if captions is not None and captions.active else None
 
     def transform_settings(self) -> dict[str, Any]:
@@ -122,7 +128,10 @@ class LatentShardEncoder:
         masks = {MASKS_SETTING: self.masks.settings()} if self.masks else {}
         variants = {VARIANTS_SETTING: self.variants.settings()} if self.variants else {}
         captions = {CAPTIONS_SETTING: self.captions.settings()} if self.captions else {}
-        return {**self.transform.settings(), **masks, **variants, **captions}
+        transform = self.transform.settings()
+        if transform.get("crop") == "random":  # the seed decides every stored crop: another seed, other latents
+            transform[CROP_SEED_SETTING] = self.augment_seed
+        return {**transform, **masks, **variants, **captions}
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -228,7 +237,7 @@ class LatentShardEncoder:
         """One sample's image resized and cropped to its canonical variant, and to its other variants when
         :attr:`variants` is set (each with its ``crop_top_left`` and ``flip`` in ``meta["variants"]``); its
         loss ``mask`` (mode L, the image's size), if any, through the same resize, crops and mirrors."""
-        resized = self.transform.prepare(image)
+        resized = self.transform.prepare(image, canonical_crop_rng(self.augment_seed, key))
         pixels, info = resized.canonical_pixels()  # (3, h, w)
         loss_mask = loss_mask_for(mask, info) if mask is not None else None
         pending = _Pending(key, pixels, caption, {**meta, **info}, loss_mask=loss_mask)
@@ -291,6 +300,15 @@ class LatentShardEncoder:
         if pooled is None:
             return [], None
         return list(pooled.shape[1:]), np.zeros(pooled.shape[1:], dtype=np.float32)
+
+
+def canonical_crop_rng(seed: int, key: str) -> np.random.Generator:
+    """The generator of sample ``key``'s canonical crop under ``crop="random"``: seeded by ``seed`` and the key
+    alone, so a rerun, a resumed run or another rank crops each sample as before. Its own stream, apart from
+    the random crop variants' (:meth:`~data_pipelines.transforms.augment.VariantSettings.plan`), which would
+    otherwise start with the same corner."""
+    digest = hashlib.sha256(f"{seed}:{key}:canonical".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 class ShardOutput:

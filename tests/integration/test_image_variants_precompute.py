@@ -1,6 +1,7 @@
 """lf-precompute with cached image augmentation: the stored mirror images and crops are the encoded
 mirrored and cropped images, their crops are in each sample's metadata, a rerun writes the same shards,
-other variant settings make the shards stale, and bucketed images are cropped inside their bucket's resize."""
+other variant settings make the shards stale, bucketed images are cropped inside their bucket's resize, and
+``crop=random`` draws each canonical crop from ``augment_seed`` and the sample key."""
 
 from __future__ import annotations
 
@@ -94,6 +95,24 @@ def test_stored_variants_are_the_encoded_mirrored_and_cropped_images(raw, pretra
     assert again.transforms == manifest.transforms and digest[0] == digest[1], "a rerun writes the same shard"
     with pytest.raises(StaleLatentsError, match=r"transform image_variants \(.*'crops_per_image': 2.* -> .*3"):
         precompute(folder, tmp_path / "a", pretrained_dir, "flip=true", "crops_per_image=3", "augment_seed=7")
+
+
+def test_random_canonical_crops_are_seeded_by_augment_seed_and_the_sample_key(raw, pretrained_dir, tmp_path):
+    folder, _ = raw
+    runs = {"a": 0, "b": 0, "c": 1}  # a and b: one seed twice (a rerun after a restart); c: another seed
+    manifests = {run: precompute(folder, tmp_path / run, pretrained_dir, "crop=random", f"augment_seed={seed}")
+                 for run, seed in runs.items()}  # fmt: skip
+    stored = {run: samples(tmp_path / run, manifest, 0) for run, manifest in manifests.items()}
+    corners = {run: {key: tuple(s.meta["crop_top_left"]) for key, s in found.items()} for run, found in stored.items()}
+    assert len(set(corners["a"].values())) > 1, "the keys' crops differ: they are drawn, not centred"
+    assert corners["a"] == corners["b"], "the same seed and key give the same crop"
+    for key, sample in stored["a"].items():
+        np.testing.assert_array_equal(sample.latent, stored["b"][key].latent)
+    assert corners["c"] != corners["a"], "another augment_seed draws other crops"
+    assert any(not np.array_equal(s.latent, stored["c"][key].latent) for key, s in stored["a"].items())
+    assert manifests["c"].transforms["crop_seed"] == 1
+    with pytest.raises(StaleLatentsError, match=r"transform crop_seed \(0 -> 1\)"):
+        precompute(folder, tmp_path / "a", pretrained_dir, "crop=random", "augment_seed=1")
 
 
 def test_bucketed_images_are_cropped_inside_their_buckets_resize(raw, pretrained_dir, tmp_path):

@@ -29,6 +29,7 @@ Keys::
     cache_dir        local copies of model folders given by URL (default: $LF_CACHE_DIR, else
                      ~/.cache/latentforge/objects)
     resolution       square side of the images encoded (ignored with buckets)
+    crop             center (default) or random: drawn per sample key with augment_seed (a rerun writes the same)
     buckets          aspect-ratio buckets: sd512 | sd768 | tiny | explicit
     flip             also store each image's mirror image (training draws one variant per step)
     crops_per_image  also store N random crops (and their mirror images with flip), seeded by augment_seed
