@@ -62,8 +62,28 @@ if TYPE_CHECKING:
     from data_pipelines.latents.shard_encoder import Transform
 
 
+LEAST_COUNTS = {"crops_per_image": 0, "batch_size": 1, "resolution": 1}
+"""The whole-number keys and their least value: refused at config time, before any shard or weight is read."""
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """Refuse a count key that is not a whole number at least its :data:`LEAST_COUNTS` value (``resolution`` only
+    without buckets, which ignore it).
+
+    Raises:
+        ConfigError: naming the key, its value and the expectation.
+    """
+    for key, least in LEAST_COUNTS.items():
+        value = cfg.get(key)
+        if key == "resolution" and cfg.get("buckets"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key}={value}: expected a whole number, {least} or more")
+
+
 def run_precompute(cfg: DictConfig) -> dict[str, Any]:
     """Encode the configured shards; returns the written manifest as a dict."""
+    check_counts(cfg)
     pretrained = OmegaConf.select(cfg, "pretrained", default=None, throw_on_missing=False)
     if pretrained:  # s3://b/sd15/ -> the *_path keys are s3://b/sd15/vae, ...
         cfg.pretrained = object_store.display(pretrained)
