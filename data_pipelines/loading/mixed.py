@@ -33,6 +33,7 @@ from data_pipelines.latents.format import (
     load_uncond_embedding,
     load_uncond_pooled,
 )
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.loading.datamodules import (
     LatentCollate,
     LatentShardDataModule,
@@ -125,11 +126,25 @@ def _default_name(path: str, index: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", last) or f"dataset{index}"
 
 
-#: what every folder of a run must agree on: (label, the manifest's value), for :func:`check_compatible`
+def _recorded_key(manifest: LatentManifest, name: str) -> str | None:
+    """A field of the cache key the folder's shards were written with (the tokenizers' fingerprints are recorded
+    there only); ``None`` when no shard records a key (folders of older versions: not compared)."""
+    key = next((entry.key() for entry in manifest.shards if entry.cache_key), None)
+    return getattr(key, name) if key is not None else None
+
+
+#: what every folder of a run must agree on: (key, label, the manifest's value), for :func:`check_compatible`
 _AGREED: tuple[tuple[str, str, Any], ...] = (
     ("vae", "the VAE", lambda m: m.vae.fingerprint),
     ("text_encoder", "the text encoder", lambda m: m.text_encoder.fingerprint),
     ("text_encoder_2", "the second text encoder", lambda m: m.text_encoder_2.fingerprint if m.text_encoder_2 else ""),
+    ("tokenizer", "the tokenizer", lambda m: _recorded_key(m, "tokenizer")),
+    ("tokenizer_2", "the second tokenizer", lambda m: _recorded_key(m, "tokenizer_2")),
+    (
+        "text_encoding",
+        "the text encoding (max_token_length, clip_skip)",
+        lambda m: TextEncoding.recorded(m.text_encoder.extra).record(),
+    ),
     ("latent_channels", "the latent channels", lambda m: m.latent_shape[0]),
     ("text_shape", "the text embedding shape", lambda m: list(m.text_shape)),
     ("sdxl", "SDXL conditioning", lambda m: m.sdxl),
@@ -138,14 +153,18 @@ _AGREED: tuple[tuple[str, str, Any], ...] = (
 
 
 def _described(manifest: LatentManifest, key: str, value: Any) -> str:
-    """A field's value in an error: an encoder as its folder and the start of its fingerprint."""
-    info = getattr(manifest, key, None) if key in ("vae", "text_encoder", "text_encoder_2") else None
-    return f"{info.path} ({str(value)[:12]})" if info is not None else repr(value)
+    """A field's value in an error: an encoder or tokenizer as its folder and the start of its fingerprint."""
+    if key in ("vae", "text_encoder", "text_encoder_2"):
+        folder = getattr(getattr(manifest, key), "path", None)
+    else:
+        folder = {"tokenizer": manifest.tokenizer_path, "tokenizer_2": manifest.tokenizer_2_path}.get(key)
+    return f"{folder} ({str(value)[:12]})" if folder is not None else repr(value)
 
 
 def check_compatible(specs: Sequence[DatasetSpec], manifests: Sequence[LatentManifest]) -> None:
-    """Every folder was made with the first one's VAE and text encoder(s), and has its latent channels, text
-    shape, SDXL-ness and inpainting (resolutions may differ: batches are grouped by shape).
+    """Every folder was made with the first one's VAE, text encoder(s), tokenizer(s) and text encoding
+    (``max_token_length``, ``clip_skip``), and has its latent channels, text shape, SDXL-ness and inpainting
+    (resolutions may differ: batches are grouped by shape).
 
     Raises:
         DataError: one line naming the folder, the field, both values and the fix.
@@ -154,12 +173,14 @@ def check_compatible(specs: Sequence[DatasetSpec], manifests: Sequence[LatentMan
     for index, (spec, manifest) in enumerate(zip(specs, manifests, strict=True)):
         for key, label, value in _AGREED:
             ours, theirs = value(manifest), value(reference)
-            if ours != theirs:
+            if ours is not None and theirs is not None and ours != theirs:
+                settings = " ".join(f"{k}={v}" for k, v in theirs.items()) if key == "text_encoding" else ""
+                made_with = f"its {settings}" if settings else "the model data.datasets[0] was made with"
                 raise DataError(
                     f"data.datasets[{index}] ({spec.path}): {key} differs from data.datasets[0] ({first.path}): "
                     f"{label} {_described(manifest, key, ours)} vs {_described(reference, key, theirs)}; "
-                    f"precompute it again with the model data.datasets[0] was made with (lf-precompute "
-                    f"pretrained=<that folder> out_dir={spec.path}), or leave it out"
+                    f"precompute it again with {made_with} (lf-precompute pretrained=<that folder> "
+                    f"{settings + ' ' if settings else ''}out_dir={spec.path}), or leave it out"
                 )
 
 

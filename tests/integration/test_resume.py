@@ -8,6 +8,7 @@ Gradient accumulation 2, 16 samples a batch, 6 batches an epoch: the runs cross 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -21,8 +22,10 @@ from lf_common.errors import StorageError
 from tests.conftest import autoencoder_overrides, compose_config, tiny_train_overrides
 from tests.integration.cli import kill_cli_when, run_cli
 from tests.integration.faults import FAULTS_ENV, inject
+from trainer.checkpoint.export import EXPORT_INFO_NAME
 from trainer.checkpoint.reading import load_checkpoint
 from trainer.checkpoint.resume import checkpoint_step, resolve_resume_checkpoint
+from trainer.cli.export import run_export
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 
@@ -230,6 +233,14 @@ def test_two_datasets_stopped_mid_epoch_resume_exactly(latent_dir, tmp_path):
     reference, resumed = final_state(tmp_path / "uninterrupted"), final_state(tmp_path / "resumed")
     assert_same_training_state(resumed, reference, data="MixedLatentDataModule")
     assert resumed["MixedLatentDataModule"]["datasets"][1]["is_reg"] is True
+    # the provenance records both folders, and the export lists them
+    run_export(compose_config("export", [f"ckpt_path={tmp_path / 'resumed/checkpoints/last.ckpt'}",
+                                         f"out_dir={tmp_path / 'export'}"]))  # fmt: skip
+    listed = json.loads((tmp_path / "export" / EXPORT_INFO_NAME).read_text())["datasets"]
+    assert [(d["path"], d["name"], d["repeats"], d["is_reg"]) for d in listed] == [
+        (str(latent_dir), "subject", 2, False), (str(reg), "reg", None, True)
+    ]  # fmt: skip
+    assert [d["num_samples"] for d in listed] == [96, 96]
 
 
 def test_a_run_drawing_stored_image_variants_resumes_exactly(raw_shards, pretrained_dir, tmp_path):

@@ -152,6 +152,7 @@ def build_export(
         "dtype": dtype,
         "train_config": record.get("train_config"),
         "latent_manifest": manifest,
+        "datasets": record.get("datasets"),  # every latent-shard folder trained on (data=mixed: all of them)
         SET_ASIDE_INFO: str(kept) if kept else None,
         EMBEDDINGS_INFO: learned_embeddings(checkpoint, kind),
     }
