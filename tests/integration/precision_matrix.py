@@ -1,4 +1,4 @@
-"""Train one strategy in several precisions in one launch, for ``test_precision_matrix.py``.
+"""Train one strategy (or several in turn) in several precisions in one launch, for ``test_precision_matrix.py``.
 
 Run as ``python -m tests.integration.precision_matrix`` (one process) or under
 ``torchrun --nproc_per_node=2`` (Lightning takes the ranks from torchrun), so the imports and the
@@ -207,22 +207,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--strategy", required=True, help="comma-separated: several run in turn, each in <out>/NAME")
     parser.add_argument("--precisions", required=True, help="comma-separated")
     parser.add_argument("--extra", action="append", default=[], help="an lf-train override added to every run")
     parser.add_argument("--bucket", action="append", default=[], help="PRECISION=URL: its checkpoints go there")
     args = parser.parse_args()
     devices = int(os.environ.get("WORLD_SIZE", "1"))
     buckets = dict(item.split("=", 1) for item in args.bucket)
-    run_matrix(
-        args.latents,
-        args.out,
-        args.strategy,
-        args.precisions.split(","),
-        devices,
-        extra=tuple(args.extra),
-        buckets=buckets,
-    )
+    strategies = args.strategy.split(",")
+    for strategy in strategies:  # one launch: the imports and the process group are paid once
+        out = args.out / strategy if len(strategies) > 1 else args.out
+        run_matrix(out=out, strategy=strategy, latent_dir=args.latents, precisions=args.precisions.split(","),
+                   devices=devices, extra=tuple(args.extra), buckets=buckets)  # fmt: skip
 
 
 if __name__ == "__main__":
