@@ -2,7 +2,8 @@
 and text encoder in every step) until the digits classifier reads the prompted digit in the samples, and the
 run exports as the cached path's does. 600 steps of 128 (training, export, 100 samples): 184 s on 2 CPU cores
 with a load average of 1-4, 475 s at 6-9; the shrunk demo fixture's shards and trained autoencoder (110-180 s)
-are shared with test_demo_pipeline.py. The DDP test takes 17-37 s."""
+are shared with test_demo_pipeline.py. The DDP test takes 17-37 s. A run stopped at step 2 and resumed to 4 ends
+bit-identical to a 4-step run (the per-step crop, flip and jitter follow the restored stream)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,24 @@ def test_online_path_trains_under_ddp_in_bf16_through_the_command(raw_shards, pr
     assert record["global_step"] == 2
     assert record["latent_manifest"]["vae"]["path"] == str(pretrained_dir / "vae")
     assert record["latent_manifest"]["transforms"]["online"]["random_flip"] is True
+
+
+def test_an_online_run_stopped_at_step_2_resumes_bit_identical(raw_shards, pretrained_dir, tmp_path):
+    """data=images_online with a flip and colour jitter every step (tiny model, one process, 3 steps an epoch):
+    stopped at step 2 and resumed to 4, the run ends bit-identical to one that ran 4 steps (weights, EMA,
+    optimizer, schedule, data position)."""
+    from tests.integration.test_resume import assert_same_training_state, final_state, resume_overrides
+
+    online = ["data=images_online", f"data.shards={raw_shards}", f"data.pretrained={pretrained_dir}",
+              "data.resolution=32", "data.random_flip=true", "data.color_jitter=0.1"]  # fmt: skip
+
+    def train(out, steps: int, *extra: str) -> None:
+        cached = [o for o in resume_overrides(raw_shards, out, steps, *extra) if not o.startswith("data.train_dir")]
+        run_train(compose_config("train", [*cached, *online]))
+
+    train(tmp_path / "stopped", 2)
+    train(tmp_path / "stopped", 4, "ckpt_path=last")
+    train(tmp_path / "whole", 4)
+    stopped, whole = final_state(tmp_path / "stopped"), final_state(tmp_path / "whole")
+    assert stopped["OnlineImageDataModule"]["batches"] == 8  # 4 steps of 2 batches: past the first epoch's 6
+    assert_same_training_state(stopped, whole, data="OnlineImageDataModule")
