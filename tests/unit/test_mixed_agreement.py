@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.latents.format.keys import MANIFEST_NAME
+from data_pipelines.loading.datamodules import LatentShardDataModule
 from data_pipelines.loading.mixed import MixedLatentDataModule
 from lf_common.errors import DataError
 from tests.unit.test_mixed_datasets import LOADER, copy_of
@@ -62,3 +63,5 @@ def test_provenance_records_every_folder_with_its_entry(latent_dir, tmp_path):
     assert (regularization["path"], regularization["name"], regularization["is_reg"]) == (str(reg), "reg", True)
     assert regularization["num_samples"] == 32 and subject["probability"] == pytest.approx(192 / 224)
     json.dumps(training_datasets(data))  # plain values: the checkpoint and latentforge.json hold them
+    (single,) = training_datasets(LatentShardDataModule(str(reg), **LOADER))  # data=latents: its one folder
+    assert single == {"path": str(reg), "name": "reg", "num_samples": 32, "resolution": 32}
