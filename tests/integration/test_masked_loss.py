@@ -187,10 +187,10 @@ def test_a_masked_out_bar_is_not_learned(demo, tmp_path):
     assert shares[False] > 0.2 and shares[False] - shares[True] > 0.2, shares  # the bar shows
 
 
-def test_a_masked_loss_run_stopped_at_step_2_resumes_bit_identical(pretrained_dir, tmp_path):
-    """objective.masked_loss=true on 32 barred digits with their masks (tiny model, one process): stopped at
-    step 2 and resumed to 4, the run ends bit-identical to one that ran 4 steps (weights, EMA, optimizer,
-    schedule, data position)."""
+def test_a_masked_loss_run_resumed_from_step_2_is_bit_identical(pretrained_dir, tmp_path):
+    """objective.masked_loss=true on 32 barred digits with their masks (tiny model, one process): resumed from
+    the step-2 checkpoint to step 4, the run ends bit-identical to the one that ran 4 steps (weights, EMA,
+    optimizer, schedule, data position)."""
     from data_pipelines.raw.writer import write_raw_shards
     from tests.conftest import precompute_digits
     from tests.integration.test_resume import assert_same_training_state, final_state, train
@@ -200,9 +200,8 @@ def test_a_masked_loss_run_stopped_at_step_2_resumes_bit_identical(pretrained_di
     precompute_digits(tmp_path / "raw", pretrained_dir, latents)
     assert LatentManifest.load(latents).loss_masks == 32
     masked = "objective.masked_loss=true"  # refused on data without masks: these batches carry them
-    train(latents, tmp_path / "stopped", 2, masked)
-    train(latents, tmp_path / "stopped", 4, masked, "ckpt_path=last")
-    train(latents, tmp_path / "whole", 4, masked)
-    stopped, whole = final_state(tmp_path / "stopped"), final_state(tmp_path / "whole")
-    assert stopped["latentforge"]["train_config"]["objective"]["masked_loss"] is True
-    assert_same_training_state(stopped, whole)
+    train(latents, tmp_path / "whole", 4, masked)  # a checkpoint every 2 steps
+    train(latents, tmp_path / "resumed", 4, masked, f"ckpt_path={tmp_path / 'whole/checkpoints/step-0000002.ckpt'}")
+    resumed, whole = final_state(tmp_path / "resumed"), final_state(tmp_path / "whole")
+    assert resumed["latentforge"]["train_config"]["objective"]["masked_loss"] is True
+    assert_same_training_state(resumed, whole)

@@ -2,8 +2,8 @@
 and text encoder in every step) until the digits classifier reads the prompted digit in the samples, and the
 run exports as the cached path's does. 600 steps of 128 (training, export, 100 samples): 184 s on 2 CPU cores
 with a load average of 1-4, 475 s at 6-9; the shrunk demo fixture's shards and trained autoencoder (110-180 s)
-are shared with test_demo_pipeline.py. The DDP test takes 17-37 s. A run stopped at step 2 and resumed to 4 ends
-bit-identical to a 4-step run (the per-step crop, flip and jitter follow the restored stream)."""
+are shared with test_demo_pipeline.py. The DDP test takes 17-37 s. A run resumed from step 2 to 4 ends
+bit-identical to the 4-step run (the per-step crop, flip and jitter follow the restored stream)."""
 
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ def test_online_path_trains_under_ddp_in_bf16_through_the_command(raw_shards, pr
     assert record["latent_manifest"]["transforms"]["online"]["random_flip"] is True
 
 
-def test_an_online_run_stopped_at_step_2_resumes_bit_identical(raw_shards, pretrained_dir, tmp_path):
+def test_an_online_run_resumed_from_step_2_is_bit_identical(raw_shards, pretrained_dir, tmp_path):
     """data=images_online with a flip and colour jitter every step (tiny model, one process, 3 steps an epoch):
-    stopped at step 2 and resumed to 4, the run ends bit-identical to one that ran 4 steps (weights, EMA,
-    optimizer, schedule, data position)."""
+    resumed from the step-2 checkpoint to step 4, the run ends bit-identical to the one that ran 4 steps
+    (weights, EMA, optimizer, schedule, data position)."""
     from tests.integration.test_resume import assert_same_training_state, final_state, resume_overrides
 
     online = ["data=images_online", f"data.shards={raw_shards}", f"data.pretrained={pretrained_dir}",
@@ -81,9 +81,8 @@ def test_an_online_run_stopped_at_step_2_resumes_bit_identical(raw_shards, pretr
         cached = [o for o in resume_overrides(raw_shards, out, steps, *extra) if not o.startswith("data.train_dir")]
         run_train(compose_config("train", [*cached, *online]))
 
-    train(tmp_path / "stopped", 2)
-    train(tmp_path / "stopped", 4, "ckpt_path=last")
-    train(tmp_path / "whole", 4)
-    stopped, whole = final_state(tmp_path / "stopped"), final_state(tmp_path / "whole")
-    assert stopped["OnlineImageDataModule"]["batches"] == 8  # 4 steps of 2 batches: past the first epoch's 6
-    assert_same_training_state(stopped, whole, data="OnlineImageDataModule")
+    train(tmp_path / "whole", 4)  # a checkpoint every 2 steps
+    train(tmp_path / "resumed", 4, f"ckpt_path={tmp_path / 'whole/checkpoints/step-0000002.ckpt'}")
+    resumed, whole = final_state(tmp_path / "resumed"), final_state(tmp_path / "whole")
+    assert resumed["OnlineImageDataModule"]["batches"] == 8  # 4 steps of 2 batches: past the first epoch's 6
+    assert_same_training_state(resumed, whole, data="OnlineImageDataModule")
