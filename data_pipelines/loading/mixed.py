@@ -39,6 +39,7 @@ from data_pipelines.loading.datamodules import (
     _LatentDecoder,
     _StreamingDataModule,
     _world_size,
+    uncond_token_ids,
 )
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.resumable_loader import ResumableLoader
@@ -137,6 +138,23 @@ _AGREED: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def check_token_ids(specs: Sequence[DatasetSpec], manifests: Sequence[LatentManifest]) -> None:
+    """Every folder holds token ids when one does (a batch's samples need the same keys).
+
+    Raises:
+        DataError: one line naming a folder without ids, one with, and the fix.
+    """
+    holding = [index for index, manifest in enumerate(manifests) if manifest.token_ids]
+    lacking = [index for index, manifest in enumerate(manifests) if not manifest.token_ids]
+    if holding and lacking:
+        index, other = lacking[0], holding[0]
+        raise DataError(
+            f"data.datasets[{index}] ({specs[index].path}) holds no token ids but data.datasets[{other}] "
+            f"({specs[other].path}) does: every folder of a run must; precompute it with lf-precompute "
+            f"keep_token_ids=true recompute_stale=true out_dir={specs[index].path} (the same shards and model)"
+        )
+
+
 def _described(manifest: LatentManifest, key: str, value: Any) -> str:
     """A field's value in an error: an encoder as its folder and the start of its fingerprint."""
     info = getattr(manifest, key, None) if key in ("vae", "text_encoder", "text_encoder_2") else None
@@ -183,7 +201,8 @@ class _TaggedDecoder:
 class MixedLatentDataModule(_StreamingDataModule):
     """Streams several latent-shard folders as one training stream, mixed sample by sample.
 
-    Batches are :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`'s plus ``dataset_index``
+    Batches are :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`'s (``token_ids`` too when the
+    folders hold them: all or none must) plus ``dataset_index``
     ``(B,)`` int64, ``sample_weights`` ``(B,)`` float32 (``prior_loss_weight`` for an ``is_reg`` set's
     samples, 1 for the others) and, when a dataset sets its own, ``caption_dropout`` ``(B,)`` float32 (NaN:
     the model's rate).
@@ -230,6 +249,7 @@ class MixedLatentDataModule(_StreamingDataModule):
         self.prior_loss_weight = prior_loss_weight
         self.manifests = [self._manifest(i, spec) for i, spec in enumerate(self.specs)]
         check_compatible(self.specs, self.manifests)
+        check_token_ids(self.specs, self.manifests)
         self.urls = [m.shard_paths(s.path) for s, m in zip(self.specs, self.manifests, strict=True)]
         self.decoders = [
             _LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
@@ -249,6 +269,7 @@ class MixedLatentDataModule(_StreamingDataModule):
         self.uncond_text = torch.from_numpy(load_uncond_embedding(self.specs[0].path, reference).astype(np.float32))
         pooled = load_uncond_pooled(self.specs[0].path, reference)
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
+        self.uncond_token_ids, self.uncond_token_ids_2 = uncond_token_ids(self.specs[0].path, reference)
         self.val = LatentShardDataModule(self.specs[0].path, val_dir, **loader) if val_dir else None
         log.info(
             "mixing %s",
@@ -265,6 +286,11 @@ class MixedLatentDataModule(_StreamingDataModule):
         except DataError as error:
             raise DataError(f"data.datasets[{index}]: {error}") from error
         return manifest
+
+    @property
+    def token_ids(self) -> bool:
+        """Whether training batches carry ``token_ids`` (every folder holds token ids)."""
+        return self.manifests[0].token_ids
 
     @property
     def num_samples(self) -> int:

@@ -4,11 +4,11 @@ For small datasets (tens to thousands of images), where paying the frozen encode
 than running ``lf-precompute`` and where each step should see a fresh crop, flip, colour jitter or caption.
 :class:`OnlineImageDataModule` streams raw shards (the layout ``lf-shards`` and img2dataset write) and, in
 Lightning's ``on_after_batch_transfer`` hook (on the training device, before the training step), turns each
-batch of pixels and captions into the batch a latent shard would have given: ``latents`` ``(B, C, h, w)``
-and ``text`` ``(B, T, D)``, by the very encoders ``lf-precompute`` runs
-(:class:`~data_pipelines.latents.encoders.FrozenEncoders`). So the LatentDiffusion module, its loss, caption
-dropout, EMA, checkpoints and export are the cached path's, and the encoders are no part of the model:
-DDP, DeepSpeed and FSDP never wrap, shard or checkpoint them.
+batch of pixels and captions into the batch a latent shard would have given: ``latents`` ``(B, C, h, w)``,
+``text`` ``(B, T, D)`` and ``token_ids`` ``(B, n, L)`` (as shards precomputed with ``keep_token_ids``), by the
+very encoders ``lf-precompute`` runs (:class:`~data_pipelines.latents.encoders.FrozenEncoders`). So the
+LatentDiffusion module, its loss, caption dropout, EMA, checkpoints and export are the cached path's, and
+the encoders are no part of the model: DDP, DeepSpeed and FSDP never wrap, shard or checkpoint them.
 
 The data module also holds what a latent folder's manifest says (which VAE, text encoder and tokenizer), in
 memory, so checkpoints record them and ``lf-export`` and the validation-image callbacks find them.
@@ -102,6 +102,11 @@ class OnlineImageDataModule(_StreamingDataModule):
         pretrained: the folder ``encoders`` were loaded from (the config's one key for them; not read here).
         **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction, bad_fraction_min_samples,
             shard_retries, shard_retry_delay_s (as :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`).
+
+    Attributes:
+        token_ids: ``True``: batches carry ``token_ids`` ``(B, n, L)`` int64, the ids ``text`` is encoded from.
+        uncond_text: the empty caption's embedding ``(T, D)`` float32 (caption dropout).
+        uncond_token_ids: the empty caption's ids ``(n, L)`` int64; ``uncond_token_ids_2`` is ``None`` (no SDXL).
     """
 
     def __init__(
@@ -135,6 +140,9 @@ class OnlineImageDataModule(_StreamingDataModule):
         self.num_samples = _count_samples(self.urls)
         uncond = encoders.encode_captions([""])[0].float().cpu()  # (T, D): the empty caption, for caption dropout
         self.uncond_text = uncond
+        self.token_ids = True
+        self.uncond_token_ids = encoders.token_ids([""])[0][0]  # (n, L) int64
+        self.uncond_token_ids_2 = None
         self.manifest = self._manifest(list(uncond.shape))
 
     def _manifest(self, text_shape: list[int]) -> LatentManifest:
@@ -166,13 +174,16 @@ class OnlineImageDataModule(_StreamingDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Encode the batch on its device: ``pixels`` and ``captions`` become ``latents`` ``(B, C, h, w)`` and
-        ``text`` ``(B, T, D)`` (no gradient), as a latent shard's batch."""
+        ``text`` ``(B, T, D)`` (no gradient), as a latent shard's batch, with the captions' ``token_ids``
+        ``(B, n, L)`` int64 (the ids ``text`` is encoded from: the same ``chunked_token_ids``)."""
         if not (isinstance(batch, dict) and "pixels" in batch):
             return batch
         pixels = batch.pop("pixels")
         encoders = self._encoders_on(pixels.device)
+        captions = batch.pop("captions")
         batch["latents"] = encoders.encode_images(pixels)
-        batch["text"] = encoders.encode_captions(batch.pop("captions"))
+        batch["text"] = encoders.encode_captions(captions)
+        batch["token_ids"] = encoders.token_ids(captions)[0].to(pixels.device)
         return batch
 
     def _encoders_on(self, device: torch.device) -> FrozenEncoders:
