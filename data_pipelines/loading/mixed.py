@@ -9,7 +9,7 @@ holds one shape. Every sample carries its ``dataset_index``; a regularization se
 a dataset's own ``caption_dropout`` rides along as a per-sample rate.
 
 The mixed stream is a function of the seed, the rank and the worker, so the resume of
-:class:`~data_pipelines.loading.datamodules._StreamingDataModule` (replay, skip the consumed batches) is exact;
+:class:`~data_pipelines.loading.streaming_module.StreamingDataModule` (replay, skip the consumed batches) is exact;
 the checkpoint records the dataset list, and a changed list starts the stream afresh with a warning.
 """
 
@@ -33,14 +33,10 @@ from data_pipelines.latents.format import (
     load_uncond_embedding,
     load_uncond_pooled,
 )
-from data_pipelines.loading.datamodules import (
-    LatentCollate,
-    LatentShardDataModule,
-    _LatentDecoder,
-    _StreamingDataModule,
-    _world_size,
-    uncond_token_ids,
-)
+from data_pipelines.loading.latent_decoder import LatentCollate, LatentDecoder
+from data_pipelines.loading.latent_shards import LatentShardDataModule, uncond_token_ids
+from data_pipelines.loading.ranks import world_size
+from data_pipelines.loading.streaming_module import StreamingDataModule
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.resumable_loader import ResumableLoader
 from data_pipelines.shards.streaming import batches_per_worker, mixed_stream, sample_stages
@@ -56,7 +52,7 @@ _ENTRY_KEYS = ("path", "name", "repeats", "weight", "is_reg", "caption_dropout")
 
 def decoder_settings() -> tuple[str, ...]:
     """The per-dataset settings the latent decoder takes (its keyword arguments besides the manifest)."""
-    parameters = inspect.signature(_LatentDecoder.__init__).parameters
+    parameters = inspect.signature(LatentDecoder.__init__).parameters
     return tuple(name for name in parameters if name not in ("self", "manifest"))
 
 
@@ -72,7 +68,7 @@ class DatasetSpec:
         weight: instead of repeats: the draw is proportional to the weights.
         is_reg: a regularization (prior-preservation) set: its samples weigh ``prior_loss_weight`` in the loss.
         caption_dropout: this dataset's caption dropout rate; ``None``: the model's ``caption_dropout``.
-        decoder: settings for this dataset's latent decoder (``_LatentDecoder``'s keyword arguments).
+        decoder: settings for this dataset's latent decoder (``LatentDecoder``'s keyword arguments).
     """
 
     path: str
@@ -187,7 +183,7 @@ class _TaggedDecoder:
     float32 (NaN: the model's rate)."""
 
     def __init__(
-        self, decoder: _LatentDecoder, index: int, weight: float, caption_dropout: float | None, dropout_tag: bool
+        self, decoder: LatentDecoder, index: int, weight: float, caption_dropout: float | None, dropout_tag: bool
     ) -> None:
         self.decoder = decoder
         self.tags: tuple[np.ndarray, ...] = (np.array(index, dtype=np.int64), np.array(weight, dtype=np.float32))
@@ -198,7 +194,7 @@ class _TaggedDecoder:
         return (*self.decoder(sample), *self.tags)
 
 
-class MixedLatentDataModule(_StreamingDataModule):
+class MixedLatentDataModule(StreamingDataModule):
     """Streams several latent-shard folders as one training stream, mixed sample by sample.
 
     Batches are :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`'s (``token_ids`` too when the
@@ -252,7 +248,7 @@ class MixedLatentDataModule(_StreamingDataModule):
         check_token_ids(self.specs, self.manifests)
         self.urls = [m.shard_paths(s.path) for s, m in zip(self.specs, self.manifests, strict=True)]
         self.decoders = [
-            _LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
+            LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
         ]
         self.loss_masks = any(decoder.loss_masks for decoder in self.decoders)  # objective.masked_loss checks it
         if self.loss_masks:  # a set without masks (e.g. regularization images) trains unmasked beside one with
@@ -349,7 +345,7 @@ class MixedLatentDataModule(_StreamingDataModule):
             BucketBatcher(self.batch_size, LatentCollate(names)),
             handler=handler,
             seed=self.seed,
-            batches_per_epoch=batches_per_worker(self.epoch_samples, self.batch_size, _world_size(), self.num_workers),
+            batches_per_epoch=batches_per_worker(self.epoch_samples, self.batch_size, world_size(), self.num_workers),
         )
         loader = ResumableLoader(
             stream,

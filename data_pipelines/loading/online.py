@@ -26,9 +26,11 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.format import LatentManifest
-from data_pipelines.loading.datamodules import _count_samples, _rank, _StreamingDataModule
+from data_pipelines.loading.ranks import rank
+from data_pipelines.loading.streaming_module import StreamingDataModule
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.shard_reading import count_samples
 from data_pipelines.transforms.captions import StepCaptionTricks
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.step_augment import Augment
@@ -61,7 +63,7 @@ class _OnlineDecoder:
     def rng(self) -> np.random.Generator:
         if self._rng is None:
             worker = get_worker_info()
-            self._rng = np.random.default_rng([self.seed, worker.seed if worker else 0, _rank()])
+            self._rng = np.random.default_rng([self.seed, worker.seed if worker else 0, rank()])
         return self._rng
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
@@ -80,7 +82,7 @@ def collate_pixels_and_captions(samples: list[tuple[torch.Tensor, str]]) -> dict
     return {"pixels": torch.stack(pixels), "captions": list(captions)}
 
 
-class OnlineImageDataModule(_StreamingDataModule):
+class OnlineImageDataModule(StreamingDataModule):
     """Streams raw image shards with per-step augmentation; the frozen VAE and text encoder encode each batch
     on the training device (``on_after_batch_transfer``), so the module receives ``latents`` and ``text``.
 
@@ -137,7 +139,7 @@ class OnlineImageDataModule(_StreamingDataModule):
         if captions and caption_transform is not None:
             raise ConfigError("data.captions and data.caption_transform both given: the tag tricks are one transform")
         self.caption_transform = StepCaptionTricks(**captions) if captions else caption_transform
-        self.num_samples = _count_samples(self.urls)
+        self.num_samples = count_samples(self.urls)
         uncond = encoders.encode_captions([""])[0].float().cpu()  # (T, D): the empty caption, for caption dropout
         self.uncond_text = uncond
         self.token_ids = True
@@ -169,7 +171,7 @@ class OnlineImageDataModule(_StreamingDataModule):
             return []
         decoder = _OnlineDecoder(ResizeCrop(self.transform.resolution, crop="center"), None, None, self.seed)
         return self._loader(
-            self.val_urls, _count_samples(self.val_urls), decoder, collate_pixels_and_captions, train=False
+            self.val_urls, count_samples(self.val_urls), decoder, collate_pixels_and_captions, train=False
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
