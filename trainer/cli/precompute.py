@@ -39,6 +39,7 @@ Keys::
     clip_skip        1 (the last layer, default) or 2 (penultimate, A1111's numbering); SD 1.x/2.x only
     captions.*       caption variants per image (variants, from KEY.txt lines or KEY.json "captions") and
                      kohya-style tag tricks (shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout, prefix)
+    keep_token_ids   also store each caption's token ids (KEY.token_ids.npy), for model.train_text_encoder=true
 
     lf-precompute shards=data/raw out_dir=data/latents-tags pretrained=sd15/ captions.variants=8 \\
         captions.shuffle_tags=true captions.keep_tokens=1 captions.tag_dropout=0.1 captions.prefix=sks
@@ -134,6 +135,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         masks=MaskSettings(seed=cfg.get("mask_seed", 0)) if cfg.get("inpainting") else None,
         variants=VariantSettings(cfg.get("flip", False), cfg.get("crops_per_image", 0), cfg.get("augment_seed", 0)),
         captions=captions,
+        token_ids=bool(cfg.get("keep_token_ids", False)),
     )
     manifest = precompute_latents(
         shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers
@@ -142,9 +144,10 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         return {}
     skipped = sum(s.skipped for s in manifest.shards)
     latent = manifest.bucket_latent_shapes or manifest.latent_shape
+    ids = f", token ids {manifest.token_ids_shape}" if manifest.token_ids else ""
     print(
         f"precompute: {manifest.num_samples} samples in {len(manifest.shards)} shards, {skipped} skipped; "
-        f"latent {latent}, text {manifest.text_shape} -> {cfg.out_dir}"
+        f"latent {latent}, text {manifest.text_shape}{ids} -> {cfg.out_dir}"
     )
     return manifest.to_dict()
 
