@@ -202,3 +202,81 @@ def test_pivotal_tuning_trains_lora_and_rows_then_only_lora(base_model, latent_d
                   "steps=2", "grid=false", f"out_dir={tmp_path / name}", *extra]  # fmt: skip
         images.append(torch.tensor(list(run_sample(compose_config("sample", sample))["images"][0].getdata())))
     assert torch.equal(images[0], images[1])
+
+
+def sampled_image(tmp_path: Path, name: str, prompt: str, extra: list[str]) -> torch.Tensor:
+    """lf-sample's one image ``(H*W, 3)`` uint8 of ``prompt`` (2 steps, seed 0)."""
+    from trainer.cli.sample import run_sample
+
+    sample = ["num_images_per_prompt=1", "steps=2", f'prompts=["{prompt}"]', "grid=false", "seed=0",
+              f"out_dir={tmp_path / name}", *extra]  # fmt: skip
+    return torch.tensor(list(run_sample(compose_config("sample", sample))["images"][0].getdata()))
+
+
+def check_pivotal_run(overrides: list[str], run: Path) -> tuple[dict, list[str]]:
+    """Train ``overrides`` (4 steps, rows frozen after 2, a checkpoint every 2): the rows, the UNet's adapters and the
+    encoders' adapters all change and nothing else; the rows stay from step 2 on while both kinds of adapter go on.
+
+    Returns:
+        The last checkpoint and its rows' state keys.
+    """
+    before = initial_state(overrides)
+    run_train(compose_config("train", overrides))
+    middle = load_checkpoint(run / "checkpoints" / "step-0000002.ckpt")["state_dict"]
+    end = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    rows = end["latentforge"]["textual_inversion"]["row_keys"]
+    unet = {key for key in before if "lora_" in key and key.startswith("unet.")}
+    encoders = {key for key in before if "lora_" in key and key.startswith("text_encoders.")}
+    assert unet and encoders
+    changed = {key for key in before if not torch.equal(before[key], end["state_dict"][key])}
+    assert set(rows) <= changed and changed <= unet | encoders | set(rows)  # nothing but rows and adapters
+    assert any(key in changed for key in unet) and any(key in changed for key in encoders)
+    assert all(torch.equal(middle[key], end["state_dict"][key]) for key in rows)  # frozen after step 2: exact
+    for adapters in (unet, encoders):  # ... while the adapters went on
+        assert any(not torch.equal(middle[key], end["state_dict"][key]) for key in adapters)
+    return end, rows
+
+
+def check_exported_encoder_adapters(checkpoint: dict, diffusers_file: Path) -> None:
+    """diffusers' LoRA file holds each encoder's trained adapters (``text_encoders.N.<module>.lora_A.default.weight``
+    of the checkpoint as ``text_encoder[_2].text_model.<module>.lora_A.weight``), bit-equal."""
+    exported = load_file(diffusers_file)
+    held_at = checkpoint["latentforge"]["text_encoder_keys"]
+    for part, prefix in held_at.items():
+        state = checkpoint["state_dict"]
+        trained = {
+            key.removeprefix(prefix).replace(".default.", "."): value
+            for key, value in state.items()
+            if key.startswith(prefix) and "lora_" in key
+        }
+        ours = {key.removeprefix(f"{part}.text_model."): v for key, v in exported.items() if key.startswith(f"{part}.")}
+        assert trained and set(ours) == set(trained)
+        assert all(torch.equal(ours[key], trained[key]) for key in trained)
+
+
+def test_pivotal_tuning_with_text_encoder_lora_exports_one_file_that_samples_as_the_checkpoint(
+    base_model, latent_dir, tmp_path
+):
+    """experiment=pivotal_lora_text_encoder: rows, UNet adapters and CLIP adapters train; the export's kohya file
+    holds lora_unet_*, lora_te_* and bundle_emb.*, and lf-sample lora=FILE on the base gives the image of sampling
+    the run's checkpoint. Within 1 of 255 per channel, not bit-equal: the checkpoint's adapters are merged into the
+    weights (W + s B A), the file's run beside them (W x + s B A x), rounding differently in float32."""
+    from trainer.cli.export import run_export
+
+    run = tmp_path / "run"
+    overrides = [*ti_overrides(base_model, latent_dir, run, experiment="pivotal_lora_text_encoder", steps=4),
+                 "callbacks.model_checkpoint.every_n_train_steps=2", "model.lora.rank=2"]  # fmt: skip
+    end, rows = check_pivotal_run(overrides, run)
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    bundled = load_file(export / "lora" / "lora_kohya.safetensors")
+    assert torch.equal(bundled[f"bundle_emb.{TOKEN}.string_to_param.*"], end["state_dict"][rows[0]])
+    assert any(key.startswith("lora_unet_") for key in bundled) and any(key.startswith("lora_te_") for key in bundled)
+    check_exported_encoder_adapters(end, export / "lora" / "pytorch_lora_weights.safetensors")
+    prompt = f"a handwritten {TOKEN}"
+    bundle_file = export / "lora" / "lora_kohya.safetensors"
+    bundle = sampled_image(tmp_path, "bundle", prompt, [f"model_dir={base_model}", f"lora={bundle_file}"])
+    checkpoint = sampled_image(tmp_path, "checkpoint", prompt, [f"model_dir={run / 'checkpoints' / 'last.ckpt'}"])
+    base = sampled_image(tmp_path, "base", prompt.replace(TOKEN, "digit"), [f"model_dir={base_model}"])
+    assert (bundle.int() - checkpoint.int()).abs().max() <= 1
+    assert not torch.equal(bundle, base)  # the adapters and the token changed the image

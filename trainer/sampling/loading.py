@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -15,7 +15,12 @@ from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import DataError
 from trainer.checkpoint.export import EMBEDDINGS_DIR, EMBEDDINGS_INFO, EXPORT_INFO_NAME, build_export
 from trainer.diffusion.unet_kinds import is_sdxl_unet
-from trainer.interop.embedding_files import add_embedding, read_embedding_file
+from trainer.interop.embedding_files import add_embedding, bundled_embeddings, read_embedding_file
+from trainer.interop.lora_formats import sdxl_lora_names
+from trainer.interop.lora_loading import load_lora, lora_file
+
+if TYPE_CHECKING:
+    from trainer.sampling.sampler import Sampler
 
 
 def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
@@ -134,4 +139,27 @@ def load_embeddings(
         embedding = read_embedding_file(path)
         add_embedding(embedding, tokenizers, text_encoders)
         tokens.append(embedding.token)
+    return tokens
+
+
+def load_lora_file(sampler: Sampler, path: str | Path, scale: float = 1.0) -> list[str]:
+    """Add a LoRA file (``lf-sample lora=``, any kind :mod:`trainer.interop.lora_loading` reads) to the sampler: its
+    adapters on the UNet and the text encoders (SDXL's two), at ``scale``, and the textual-inversion embeddings it
+    bundles (pivotal tuning's ``bundle_emb.*``) in its tokenizers and encoders.
+
+    Returns:
+        The bundled tokens (none for a plain LoRA).
+
+    Raises:
+        DataError: no such file, a refused kind, or adapters or embeddings that do not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    folder, name = lora_file(path)
+    text, tokens = sampler.prompt_encoder, []
+    for embedding in bundled_embeddings(load_file(str(folder / name)), str(folder / name)):
+        add_embedding(embedding, list(text.tokenizers), list(text.text_encoders))
+        tokens.append(embedding.token)
+    load_lora(sampler.unet, sampler.text_encoder, path, scale, text_encoder_2=sampler.text_encoder_2,
+              unet_names=sdxl_lora_names(sampler.unet))  # fmt: skip
     return tokens
