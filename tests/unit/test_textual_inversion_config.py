@@ -41,21 +41,6 @@ def test_pivotal_tuning_composes_and_its_freeze_is_refused_under_deepspeed():
         check_optimizer(compose_config("train", ["experiment=pivotal_lora", "strategy=deepspeed_stage_2", *BASE]))
 
 
-def test_text_encoder_adapters_need_the_unets_one_kind_and_an_sdxl_second_encoder():
-    from trainer.lora.adapters import LoraSettings
-    from trainer.modules.textual_inversion import check_encoder_adapters
-
-    lora, loha = LoraSettings(), LoraSettings(kind="loha")
-    assert check_encoder_adapters(lora, lora, None, 1) == [lora]
-    assert check_encoder_adapters(lora, lora, lora, 2) == [lora, lora]
-    with pytest.raises(ConfigError, match=r"model.text_encoder_lora trains with the UNet's adapters .* set model.lora"):
-        check_encoder_adapters(None, lora, None, 1)
-    with pytest.raises(ConfigError, match=r"model.text_encoder_2_lora is for SDXL's second text encoder"):
-        check_encoder_adapters(lora, lora, lora, 1)
-    with pytest.raises(ConfigError, match=r"model.lora.kind=lora, model.text_encoder_lora.kind=loha: .* one kind"):
-        check_encoder_adapters(lora, loha, None, 1)
-
-
 @pytest.mark.parametrize(
     ("experiment", "encoders"),
     [("pivotal_lora_text_encoder", 1), ("pivotal_lora_sdxl", 0), ("pivotal_lora_sdxl_text_encoder", 2)],

@@ -122,6 +122,8 @@ class TextualInversionDiffusion(LatentDiffusion):
         manifest = getattr(self.trainer.datamodule, "manifest", None)
         if manifest is not None:  # prompts are encoded as precompute encoded the captions
             self.text_encoding = TextEncoding.recorded(manifest.text_encoder.extra)
+        if self.text_encoding is not None and not self.sdxl and self.encoder_loras[0] is not None:
+            freeze_unread_layers(self.text_encoders[0], self.text_encoding.clip_skip)  # before the optimizer and DDP
         super().setup(stage)
 
     def prompts(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
@@ -206,6 +208,15 @@ class TextualInversionDiffusion(LatentDiffusion):
 
 
 KEYS = ("model.text_encoder_lora", "model.text_encoder_2_lora")
+
+
+def freeze_unread_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
+    """Freeze the layers after the one ``clip_skip`` reads (``k`` reads ``hidden_states[-k]``: the last ``k - 1``
+    layers, adapters included, idle; the final norm is read): nothing of them reaches the loss, and DDP wants every
+    trainable parameter to get a gradient each step (as :func:`freeze_after_penultimate` for SDXL)."""
+    if clip_skip > 1:
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers  # transformers 5: no text_model
+        layers[len(layers) - (clip_skip - 1) :].requires_grad_(False)
 
 
 def check_encoder_adapters(
