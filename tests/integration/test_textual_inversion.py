@@ -317,7 +317,8 @@ def test_sdxl_pivotal_tuning_with_both_encoders_adapters_reloads_in_lf_sample_an
     assert (bundle.int() - checkpoint.int()).abs().max() <= 1
 
     sampler = Sampler.load(sdxl_base_model, device="cpu")
-    assert load_lora_file(sampler, bundle_file) == [TOKEN]
+    text = sampler.prompt_encoder
+    assert load_lora_file(bundle_file, sampler.unet, list(text.tokenizers), list(text.text_encoders)) == [TOKEN]
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_base_model, local_files_only=True)
     pipe.load_lora_weights(str(export / "lora"))
     for file, encoder, tokenizer in (

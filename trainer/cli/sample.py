@@ -180,7 +180,9 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     if local["lora"]:
         from trainer.sampling.loading import load_lora_file
 
-        for token in load_lora_file(sampler, local["lora"], cfg.get("lora_scale", 1.0)):  # pivotal tuning's
+        text = sampler.prompt_encoder
+        lora = local["lora"], sampler.unet, list(text.tokenizers), list(text.text_encoders), cfg.get("lora_scale", 1.0)
+        for token in load_lora_file(*lora):  # pivotal tuning's
             print(f"sample: textual-inversion token {token} (bundled with the LoRA)")
     with staged_output(cfg.out_dir, replace=False) as out_dir:
         result = _generate(cfg, sampler, settings, prompts, seeds, strength, init_image, mask_image, out_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -18,9 +18,6 @@ from trainer.diffusion.unet_kinds import is_sdxl_unet
 from trainer.interop.embedding_files import add_embedding, bundled_embeddings, read_embedding_file
 from trainer.interop.lora_formats import sdxl_lora_names
 from trainer.interop.lora_loading import load_lora, lora_file
-
-if TYPE_CHECKING:
-    from trainer.sampling.sampler import Sampler
 
 
 def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
@@ -142,10 +139,16 @@ def load_embeddings(
     return tokens
 
 
-def load_lora_file(sampler: Sampler, path: str | Path, scale: float = 1.0) -> list[str]:
-    """Add a LoRA file (``lf-sample lora=``, any kind :mod:`trainer.interop.lora_loading` reads) to the sampler: its
-    adapters on the UNet and the text encoders (SDXL's two), at ``scale``, and the textual-inversion embeddings it
-    bundles (pivotal tuning's ``bundle_emb.*``) in its tokenizers and encoders.
+def load_lora_file(
+    path: str | Path,
+    unet: UNet2DConditionModel,
+    tokenizers: list[CLIPTokenizer],
+    text_encoders: list[torch.nn.Module],
+    scale: float = 1.0,
+) -> list[str]:
+    """Add a LoRA file (``lf-sample lora=``, any kind :mod:`trainer.interop.lora_loading` reads) to a sampler's
+    parts: its adapters on the UNet and the text encoders (SDXL's two), at ``scale``, and the textual-inversion
+    embeddings it bundles (pivotal tuning's ``bundle_emb.*``) in the tokenizers and encoders.
 
     Returns:
         The bundled tokens (none for a plain LoRA).
@@ -156,10 +159,10 @@ def load_lora_file(sampler: Sampler, path: str | Path, scale: float = 1.0) -> li
     from safetensors.torch import load_file
 
     folder, name = lora_file(path)
-    text, tokens = sampler.prompt_encoder, []
+    tokens = []
     for embedding in bundled_embeddings(load_file(str(folder / name)), str(folder / name)):
-        add_embedding(embedding, list(text.tokenizers), list(text.text_encoders))
+        add_embedding(embedding, tokenizers, text_encoders)
         tokens.append(embedding.token)
-    load_lora(sampler.unet, sampler.text_encoder, path, scale, text_encoder_2=sampler.text_encoder_2,
-              unet_names=sdxl_lora_names(sampler.unet))  # fmt: skip
+    second = text_encoders[1] if len(text_encoders) > 1 else None
+    load_lora(unet, text_encoders[0], path, scale, text_encoder_2=second, unet_names=sdxl_lora_names(unet))
     return tokens
