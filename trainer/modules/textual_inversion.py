@@ -192,7 +192,7 @@ class TextualInversionDiffusion(LatentDiffusion):
         }
         modules = {id(m): n for n, m in self.named_modules()}
         parts = ("text_encoder", "text_encoder_2")
-        for part, encoder, lora in zip(parts, self.text_encoders, self.encoder_loras, strict=False):
+        for part, encoder, lora in zip(parts, self.text_encoders, self.encoder_loras, strict=False):  # SD: one
             if lora is not None:  # export rebuilds the adapters and loads their weights from where they are held
                 record[f"{part}_lora"] = lora.to_dict()
                 record.setdefault(TEXT_ENCODER_KEYS, {})[part] = f"{modules[id(encoder)]}."
