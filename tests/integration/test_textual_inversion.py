@@ -202,3 +202,137 @@ def test_pivotal_tuning_trains_lora_and_rows_then_only_lora(base_model, latent_d
                   "steps=2", "grid=false", f"out_dir={tmp_path / name}", *extra]  # fmt: skip
         images.append(torch.tensor(list(run_sample(compose_config("sample", sample))["images"][0].getdata())))
     assert torch.equal(images[0], images[1])
+
+
+def sampled_image(tmp_path: Path, name: str, prompt: str, extra: list[str]) -> torch.Tensor:
+    """lf-sample's one image ``(H*W, 3)`` uint8 of ``prompt`` (2 steps, seed 0)."""
+    from trainer.cli.sample import run_sample
+
+    sample = ["num_images_per_prompt=1", "steps=2", f'prompts=["{prompt}"]', "grid=false", "seed=0",
+              f"out_dir={tmp_path / name}", *extra]  # fmt: skip
+    return torch.tensor(list(run_sample(compose_config("sample", sample))["images"][0].getdata()))
+
+
+def check_pivotal_run(overrides: list[str], run: Path) -> tuple[dict, list[str]]:
+    """Train ``overrides`` (4 steps, rows frozen after 2, a checkpoint every 2): the rows, the UNet's adapters and the
+    encoders' adapters all change and nothing else; the rows stay from step 2 on while both kinds of adapter go on.
+
+    Returns:
+        The last checkpoint and its rows' state keys.
+    """
+    before = initial_state(overrides)
+    run_train(compose_config("train", overrides))
+    middle = load_checkpoint(run / "checkpoints" / "step-0000002.ckpt")["state_dict"]
+    end = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    rows = end["latentforge"]["textual_inversion"]["row_keys"]
+    unet = {key for key in before if "lora_" in key and key.startswith("unet.")}
+    encoders = {key for key in before if "lora_" in key and key.startswith("text_encoders.")}
+    assert unet and encoders
+    changed = {key for key in before if not torch.equal(before[key], end["state_dict"][key])}
+    assert set(rows) <= changed and changed <= unet | encoders | set(rows)  # nothing but rows and adapters
+    assert any(key in changed for key in unet) and any(key in changed for key in encoders)
+    assert all(torch.equal(middle[key], end["state_dict"][key]) for key in rows)  # frozen after step 2: exact
+    for adapters in (unet, encoders):  # ... while the adapters went on
+        assert any(not torch.equal(middle[key], end["state_dict"][key]) for key in adapters)
+    return end, rows
+
+
+def check_exported_encoder_adapters(checkpoint: dict, diffusers_file: Path) -> None:
+    """diffusers' LoRA file holds each encoder's trained adapters (``text_encoders.N.<module>.lora_A.default.weight``
+    of the checkpoint as ``text_encoder[_2].text_model.<module>.lora_A.weight``), bit-equal."""
+    exported = load_file(diffusers_file)
+    held_at = checkpoint["latentforge"]["text_encoder_keys"]
+    for part, prefix in held_at.items():
+        state = checkpoint["state_dict"]
+        trained = {  # transformers 5's CLIPTextModel has no text_model level, its CLIPTextModelWithProjection has
+            key.removeprefix(prefix).removeprefix("text_model.").replace(".default.", "."): value
+            for key, value in state.items()
+            if key.startswith(prefix) and "lora_" in key
+        }
+        ours = {key.removeprefix(f"{part}.text_model."): v for key, v in exported.items() if key.startswith(f"{part}.")}
+        assert trained and set(ours) == set(trained)
+        assert all(torch.equal(ours[key], trained[key]) for key in trained)
+
+
+def test_pivotal_tuning_with_text_encoder_lora_exports_one_file_that_samples_as_the_checkpoint(
+    base_model, latent_dir, tmp_path
+):
+    """experiment=pivotal_lora_text_encoder: rows, UNet adapters and CLIP adapters train; the export's kohya file
+    holds lora_unet_*, lora_te_* and bundle_emb.*, and lf-sample lora=FILE on the base gives the image of sampling
+    the run's checkpoint. Within 1 of 255 per channel, not bit-equal: the checkpoint's adapters are merged into the
+    weights (W + s B A), the file's run beside them (W x + s B A x), rounding differently in float32."""
+    from trainer.cli.export import run_export
+
+    run = tmp_path / "run"
+    overrides = [*ti_overrides(base_model, latent_dir, run, experiment="pivotal_lora_text_encoder", steps=4),
+                 "callbacks.model_checkpoint.every_n_train_steps=2", "model.lora.rank=2"]  # fmt: skip
+    end, rows = check_pivotal_run(overrides, run)
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    bundled = load_file(export / "lora" / "lora_kohya.safetensors")
+    assert torch.equal(bundled[f"bundle_emb.{TOKEN}.string_to_param.*"], end["state_dict"][rows[0]])
+    assert any(key.startswith("lora_unet_") for key in bundled) and any(key.startswith("lora_te_") for key in bundled)
+    check_exported_encoder_adapters(end, export / "lora" / "pytorch_lora_weights.safetensors")
+    prompt = f"a handwritten {TOKEN}"
+    bundle_file = export / "lora" / "lora_kohya.safetensors"
+    bundle = sampled_image(tmp_path, "bundle", prompt, [f"model_dir={base_model}", f"lora={bundle_file}"])
+    checkpoint = sampled_image(tmp_path, "checkpoint", prompt, [f"model_dir={run / 'checkpoints' / 'last.ckpt'}"])
+    base = sampled_image(tmp_path, "base", prompt.replace(TOKEN, "digit"), [f"model_dir={base_model}"])
+    assert (bundle.int() - checkpoint.int()).abs().max() <= 1
+    assert not torch.equal(bundle, base)  # the adapters and the token changed the image
+
+
+def test_sdxl_pivotal_tuning_with_both_encoders_adapters_reloads_in_lf_sample_and_diffusers(
+    sdxl_base_model, sdxl_latent_dir, tmp_path
+):
+    """experiment=pivotal_lora_sdxl_text_encoder on the tiny SDXL model: rows in both encoders, the UNet's and both
+    encoders' adapters train, the rows stop after 2 of 4 steps. The kohya file bundles bundle_emb.<token>.clip_l and
+    .clip_g (the keys AUTOMATIC1111 and ComfyUI read) with lora_unet_input_blocks_*, lora_te1_*, lora_te2_*;
+    lf-sample lora=FILE on the base samples as the run's checkpoint (within 1 of 255: merged vs. unmerged adapters,
+    see the SD test). diffusers' load_lora_weights (lora/) and load_textual_inversion (embeddings/d7/, one file per
+    encoder) give the conditioning and the UNet output of lf-sample's loading of the bundle, bit-equal."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.cli.export import run_export
+    from trainer.sampling.loading import load_lora_file
+
+    run = tmp_path / "run"
+    experiment = "pivotal_lora_sdxl_text_encoder"
+    overrides = [*ti_overrides(sdxl_base_model, sdxl_latent_dir, run, experiment=experiment, steps=4),
+                 "callbacks.model_checkpoint.every_n_train_steps=2", "model.lora.rank=2"]  # fmt: skip
+    end, rows = check_pivotal_run(overrides, run)
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    check_exported_encoder_adapters(end, export / "lora" / "pytorch_lora_weights.safetensors")
+    bundle_file = export / "lora" / "lora_kohya.safetensors"
+    bundled = load_file(bundle_file)
+    for name, key in zip(("clip_l", "clip_g"), rows, strict=True):
+        assert torch.equal(bundled[f"bundle_emb.{TOKEN}.{name}"], end["state_dict"][key])
+    for prefix in ("lora_unet_input_blocks_", "lora_te1_", "lora_te2_"):
+        assert any(key.startswith(prefix) for key in bundled), prefix
+
+    prompt = f"a handwritten {TOKEN}"
+    bundle = sampled_image(tmp_path, "bundle", prompt, [f"model_dir={sdxl_base_model}", f"lora={bundle_file}"])
+    checkpoint = sampled_image(tmp_path, "checkpoint", prompt, [f"model_dir={run / 'checkpoints' / 'last.ckpt'}"])
+    assert (bundle.int() - checkpoint.int()).abs().max() <= 1
+
+    sampler = Sampler.load(sdxl_base_model, device="cpu")
+    text = sampler.prompt_encoder
+    assert load_lora_file(bundle_file, sampler.unet, list(text.tokenizers), list(text.text_encoders)) == [TOKEN]
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_base_model, local_files_only=True)
+    pipe.load_lora_weights(str(export / "lora"))
+    for file, encoder, tokenizer in (
+        ("learned_embeds.safetensors", pipe.text_encoder, pipe.tokenizer),
+        ("learned_embeds_2.safetensors", pipe.text_encoder_2, pipe.tokenizer_2),
+    ):
+        path = str(export / "embeddings" / "d7" / file)
+        pipe.load_textual_inversion(path, token=TOKEN, text_encoder=encoder, tokenizer=tokenizer)
+    x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        text, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)  # fmt: skip
+        ours_text, ours_pooled = sampler.encode_prompts_and_pooled([prompt])
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+        theirs_unet = pipe.unet(x, t, text, added_cond_kwargs=added).sample
+        ours_unet = sampler.unet(x, t, text, added_cond_kwargs=added).sample
+    assert torch.equal(ours_text, text) and torch.equal(ours_pooled, pooled) and torch.equal(ours_unet, theirs_unet)

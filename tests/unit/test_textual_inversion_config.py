@@ -39,3 +39,16 @@ def test_pivotal_tuning_composes_and_its_freeze_is_refused_under_deepspeed():
     check_optimizer(cfg)
     with pytest.raises(ConfigError, match=r"train_fraction < 1 .* DeepSpeed steps its own copy"):
         check_optimizer(compose_config("train", ["experiment=pivotal_lora", "strategy=deepspeed_stage_2", *BASE]))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "encoders"),
+    [("pivotal_lora_text_encoder", 1), ("pivotal_lora_sdxl", 0), ("pivotal_lora_sdxl_text_encoder", 2)],
+)
+def test_pivotal_recipes_compose_with_their_encoder_adapters(experiment, encoders):
+    cfg = compose_config("train", [f"experiment={experiment}", *BASE])
+    assert cfg.model.lora.rank > 0 and cfg.model.textual_inversion.train_fraction == 0.5
+    adapters = [cfg.model.get(key) for key in ("text_encoder_lora", "text_encoder_2_lora")]
+    assert sum(a is not None for a in adapters) == encoders
+    assert (cfg.model.get("text_encoder_2") is not None) == ("sdxl" in experiment)
+    check_optimizer(cfg)

@@ -7,8 +7,8 @@ Besides Lightning's own entries (``state_dict``, ``optimizer_states``, ``lr_sche
   trains it), what every strategy loads back into the model on resume;
 * :data:`EMA_STATE_KEY`: the EMA of the same weights, when the EMA callback is on;
 * :data:`CHECKPOINT_KEY`: what rebuilds the model without the training code: ``unet_config``,
-  ``noise_scheduler_config``, ``lora`` / ``text_encoder_lora`` (adapter settings), and the run's
-  ``train_config``, ``latent_manifest`` and ``global_step`` (provenance).
+  ``noise_scheduler_config``, ``lora`` / ``text_encoder_lora`` (adapter settings), :data:`TEXT_ENCODER_KEYS`, and
+  the run's ``train_config``, ``latent_manifest`` and ``global_step`` (provenance).
 """
 
 CHECKPOINT_KEY = "latentforge"
@@ -21,3 +21,8 @@ RAW_STATE_KEY = "current_model_state"
 """Where :func:`trainer.checkpoint.reading.load_checkpoint` puts the raw weights when the checkpoint has
 an EMA (``state_dict`` then holds the EMA); also the on-disk key of Lightning's ``WeightAveraging``
 layout (older checkpoints)."""
+
+TEXT_ENCODER_KEYS = "text_encoder_keys"
+"""In :data:`CHECKPOINT_KEY`: where a text encoder's adapters are in ``state_dict`` when the encoder is held under
+another name than ``text_encoder.`` / ``text_encoder_2.`` (pivotal tuning's ``text_encoders.0.``, whose base weights
+are the pretrained ones): ``{"text_encoder": "text_encoders.0.", "text_encoder_2": "text_encoders.1."}``."""

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lf_common.errors import ConfigError, DataError
-from trainer.checkpoint.keys import CHECKPOINT_KEY, EMA_STATE_KEY, RAW_STATE_KEY
+from trainer.checkpoint.keys import CHECKPOINT_KEY, EMA_STATE_KEY, RAW_STATE_KEY, TEXT_ENCODER_KEYS
 from trainer.interop.safe_load import IMPORT_FIX, load_torch_file
 from trainer.lora.adapters import LoraSettings, add_lora
 
@@ -110,16 +110,39 @@ def build_unet(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[U
 def build_text_encoder(
     checkpoint: dict[str, Any], text_dir: str, kind: str, second: bool = False
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """The text encoder at ``text_dir``, with the weights DreamBooth trained (and its LoRA adapters) if any;
+    """The text encoder at ``text_dir``, with the weights DreamBooth trained (and its LoRA adapters) if any, or the
+    adapters pivotal tuning trained on the base encoder (held where the record's ``text_encoder_keys`` says);
     ``second``: SDXL's second encoder (``text_encoder_2.*`` weights, ``text_encoder_2_lora`` adapters)."""
-    cls, prefix, key = (
-        (CLIPTextModelWithProjection, TEXT_ENCODER_2_PREFIX, "text_encoder_2_lora")
+    cls, prefix, part = (
+        (CLIPTextModelWithProjection, TEXT_ENCODER_2_PREFIX, "text_encoder_2")
         if second
-        else (CLIPTextModel, TEXT_ENCODER_PREFIX, "text_encoder_lora")
+        else (CLIPTextModel, TEXT_ENCODER_PREFIX, "text_encoder")
     )
+    record = checkpoint[CHECKPOINT_KEY]
     text_encoder = cls.from_pretrained(text_dir, local_files_only=True)
-    if lora := checkpoint[CHECKPOINT_KEY].get(key):
+    if lora := record.get(f"{part}_lora"):
         add_lora(text_encoder, LoraSettings(**lora))
+    held_at = record.get(TEXT_ENCODER_KEYS, {}).get(part)
     if trained_text := part_state_dict(checkpoint, prefix, kind):
         text_encoder.load_state_dict(trained_text, strict=True)
+    elif lora and held_at:
+        load_adapter_weights(text_encoder, part_state_dict(checkpoint, held_at, kind), held_at)
     return text_encoder
+
+
+def load_adapter_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], held_at: str) -> None:
+    """Load ``model``'s adapter weights (its trainable parameters after :func:`add_lora`) from ``state``, the rest
+    of ``model`` as it is; every adapter weight must be in ``state``.
+
+    Raises:
+        DataError: an adapter weight the checkpoint lacks.
+    """
+    names = [name for name, param in model.named_parameters() if param.requires_grad]  # add_lora froze the rest
+    missing = [name for name in names if name not in state]
+    if missing or not names:
+        raise DataError(
+            f"the checkpoint's text-encoder adapters under {held_at!r} lack {missing[:3]} ({len(missing)} of "
+            f"{len(names)}): not the checkpoint of the run whose record names them"
+        )
+    full = model.state_dict() | {name: state[name] for name in names}
+    model.load_state_dict(full, strict=True)

@@ -154,10 +154,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
     mask_image = _open_image(local["mask_image"], "mask_image")
     if mask_image is not None and init_image is None:
         raise DataError(f"{cfg.mask_image}: mask_image needs init_image, the image to inpaint")
-    from safetensors.torch import load_file
 
-    from trainer.interop.lora_formats import sdxl_lora_names
-    from trainer.interop.lora_loading import load_lora
     from trainer.sampling.sampler import Sampler
 
     sampler = Sampler.load(
@@ -181,22 +178,12 @@ def run_sample(cfg: DictConfig) -> dict[str, Any]:
         tokens = load_embeddings(embedding_files(cfg), list(text.tokenizers), list(text.text_encoders))
         print(f"sample: textual-inversion tokens {', '.join(tokens)}")
     if local["lora"]:
-        from trainer.interop.embedding_files import add_embedding, bundled_embeddings
-        from trainer.interop.lora_loading import lora_file
+        from trainer.sampling.loading import load_lora_file
 
-        folder, name = lora_file(local["lora"])
         text = sampler.prompt_encoder
-        for embedding in bundled_embeddings(load_file(str(folder / name)), str(folder / name)):  # pivotal tuning's
-            add_embedding(embedding, list(text.tokenizers), list(text.text_encoders))
-            print(f"sample: textual-inversion token {embedding.token} (bundled with the LoRA)")
-        load_lora(
-            sampler.unet,
-            sampler.text_encoder,
-            local["lora"],
-            cfg.get("lora_scale", 1.0),
-            text_encoder_2=sampler.text_encoder_2,
-            unet_names=sdxl_lora_names(sampler.unet),
-        )
+        lora = local["lora"], sampler.unet, list(text.tokenizers), list(text.text_encoders), cfg.get("lora_scale", 1.0)
+        for token in load_lora_file(*lora):  # pivotal tuning's
+            print(f"sample: textual-inversion token {token} (bundled with the LoRA)")
     with staged_output(cfg.out_dir, replace=False) as out_dir:
         result = _generate(cfg, sampler, settings, prompts, seeds, strength, init_image, mask_image, out_dir)
     shown = object_store.display(cfg.out_dir)  # where the files are now (uploaded from a staging folder to a URL)

@@ -9,11 +9,12 @@ tokens), so each step fills the templates with the tokens (or takes each sample'
 (:func:`~trainer.modules.prompt_encoding.encode_prompts_in_step`, shared with DreamBooth). For SDXL both
 encoders get the tokens (rows for CLIP ViT-L and OpenCLIP bigG, trained together).
 
-Only :class:`~trainer.textual_inversion.new_tokens.NewTokenEmbedding`'s rows are parameters the optimizer
-holds (the ``embeddings`` group: ``optim.embedding_lr``, ``optim.embedding_weight_decay``), so no other weight
-changes, whatever the optimizer. The encoders are held as ``text_encoders.0/1`` (not ``text_encoder.``, the
-keys of encoders DreamBooth trains), so an export takes the base encoders as they are and writes the
-embeddings beside them (:func:`learned_embeddings`, ``embeddings/``). At the end of the run the embeddings are
+Only :class:`~trainer.textual_inversion.new_tokens.NewTokenEmbedding`'s rows (and the adapters, when there are)
+are parameters the optimizer holds (the rows: the ``embeddings`` group, ``optim.embedding_lr``,
+``optim.embedding_weight_decay``), so no other weight changes, whatever the optimizer. The encoders are held as
+``text_encoders.0/1`` (not ``text_encoder.``, the keys of encoders DreamBooth trains), so an export takes the base
+encoders as they are and writes the embeddings beside them (:func:`learned_embeddings`, ``embeddings/``); the
+record's ``text_encoder_keys`` tells it where the encoders' adapters are. At the end of the run the embeddings are
 written to ``<output_dir>/embeddings/`` too.
 """
 
@@ -29,8 +30,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import ConfigError
-from trainer.checkpoint.keys import CHECKPOINT_KEY
+from trainer.checkpoint.keys import CHECKPOINT_KEY, TEXT_ENCODER_KEYS
 from trainer.interop.embedding_files import Embedding, expand_prompt, read_embedding_file, save_embedding_files
+from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.modules.dreambooth import freeze_after_penultimate
 from trainer.modules.latent_diffusion import LatentDiffusion
 from trainer.modules.prompt_encoding import encode_prompts_in_step
 from trainer.strategies.optimizer_support import TEXTUAL_INVERSION_SHARDED
@@ -56,12 +59,15 @@ class TextualInversionDiffusion(LatentDiffusion):
         textual_inversion: the tokens, vectors per token, init word, templates
             (:class:`~trainer.textual_inversion.new_tokens.TextualInversionSettings` or a mapping of it).
         text_encoder_2, tokenizer_2: SDXL's second encoder and tokenizer (an SDXL UNet needs them).
-        *args, **kwargs: as :class:`LatentDiffusion` (``lora`` is refused: the UNet stays as it is).
+        text_encoder_lora: LoRA adapters on the (first) text encoder, trained with the rows and the UNet's adapters
+            (pivotal tuning; needs ``lora``). ``text_encoder_2_lora``: the same on SDXL's second encoder.
+        *args, **kwargs: as :class:`LatentDiffusion` (``lora``: the UNet's adapters train, pivotal tuning).
     """
 
     hparams_ignore = (
         *LatentDiffusion.hparams_ignore,
         *("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "textual_inversion"),
+        *("text_encoder_lora", "text_encoder_2_lora"),
     )
 
     def __init__(
@@ -72,6 +78,8 @@ class TextualInversionDiffusion(LatentDiffusion):
         textual_inversion: TextualInversionSettings | Mapping[str, Any],
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_lora: LoraSettings | None = None,
+        text_encoder_2_lora: LoraSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -91,6 +99,13 @@ class TextualInversionDiffusion(LatentDiffusion):
             install_tokens(tok, enc, self.settings.tokens, init)
             for tok, enc, init in zip(self.tokenizers, encoders, initial, strict=True)
         ]
+        self.encoder_loras = check_encoder_adapters(self.lora, text_encoder_lora, text_encoder_2_lora, len(encoders))
+        for number, (encoder, lora) in enumerate(zip(encoders, self.encoder_loras, strict=True)):
+            if lora is not None:  # after the tokens: add_lora freezes the encoder, rows included; they train again
+                add_lora(encoder, lora, KEYS[number])
+                self.installed[number].embedding.rows.requires_grad_(True)
+        if self.sdxl and self.encoder_loras[0] is not None:  # SDXL reads its penultimate state: the last layer idles
+            freeze_after_penultimate(text_encoder)
         # not "text_encoder.": see the module docstring; train mode as the UNet (CLIP's dropouts are 0: no change)
         self.text_encoders = torch.nn.ModuleList(encoders).train()
         self.text_encoding: TextEncoding | None = None  # the latent shards' (long prompts, clip_skip), in setup
@@ -107,6 +122,8 @@ class TextualInversionDiffusion(LatentDiffusion):
         manifest = getattr(self.trainer.datamodule, "manifest", None)
         if manifest is not None:  # prompts are encoded as precompute encoded the captions
             self.text_encoding = TextEncoding.recorded(manifest.text_encoder.extra)
+        if self.text_encoding is not None and not self.sdxl and self.encoder_loras[0] is not None:
+            freeze_unread_layers(self.text_encoders[0], self.text_encoding.clip_skip)  # before the optimizer and DDP
         super().setup(stage)
 
     def prompts(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
@@ -167,11 +184,18 @@ class TextualInversionDiffusion(LatentDiffusion):
         """Record the tokens and where their rows are in the state dict, for the export."""
         super().on_save_checkpoint(checkpoint)
         names = {id(p): n for n, p in self.named_parameters()}
-        checkpoint[CHECKPOINT_KEY][RECORD_KEY] = {
+        record = checkpoint[CHECKPOINT_KEY]
+        record[RECORD_KEY] = {
             "settings": self.settings.to_dict(),
             "vector_tokens": self.installed[0].tokens,
             "row_keys": [names[id(installed.embedding.rows)] for installed in self.installed],
         }
+        modules = {id(m): n for n, m in self.named_modules()}
+        parts = ("text_encoder", "text_encoder_2")
+        for part, encoder, lora in zip(parts, self.text_encoders, self.encoder_loras, strict=False):  # SD: one
+            if lora is not None:  # export rebuilds the adapters and loads their weights from where they are held
+                record[f"{part}_lora"] = lora.to_dict()
+                record.setdefault(TEXT_ENCODER_KEYS, {})[part] = f"{modules[id(encoder)]}."
 
     def on_train_end(self) -> None:
         """Write the embeddings to ``<default_root_dir>/embeddings/`` (rank 0)."""
@@ -181,6 +205,45 @@ class TextualInversionDiffusion(LatentDiffusion):
         for embedding in self.learned():
             files = save_embedding_files(folder, embedding, {"global_step": str(self.trainer.global_step)})
             log.info("textual inversion: %s written to %s", embedding.token, ", ".join(map(str, files)))
+
+
+KEYS = ("model.text_encoder_lora", "model.text_encoder_2_lora")
+
+
+def freeze_unread_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
+    """Freeze the layers after the one ``clip_skip`` reads (``k`` reads ``hidden_states[-k]``: the last ``k - 1``
+    layers, adapters included, idle; the final norm is read): nothing of them reaches the loss, and DDP wants every
+    trainable parameter to get a gradient each step (as :func:`freeze_after_penultimate` for SDXL)."""
+    if clip_skip > 1:
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers  # transformers 5: no text_model
+        layers[len(layers) - (clip_skip - 1) :].requires_grad_(False)
+
+
+def check_encoder_adapters(
+    unet_lora: LoraSettings | None,
+    text_encoder_lora: LoraSettings | None,
+    text_encoder_2_lora: LoraSettings | None,
+    encoders: int,
+) -> list[LoraSettings | None]:
+    """The adapters of each text encoder (``encoders`` of them), after checking they fit pivotal tuning.
+
+    Raises:
+        ConfigError: encoder adapters without the UNet's, ``text_encoder_2_lora`` without SDXL's second encoder,
+            or adapters of different kinds (one exported file holds them all).
+    """
+    loras = [text_encoder_lora, text_encoder_2_lora]
+    if any(loras) and unet_lora is None:
+        raise ConfigError(
+            "model.text_encoder_lora trains with the UNet's adapters (pivotal tuning): set model.lora too, e.g. "
+            "experiment=pivotal_lora_text_encoder"
+        )
+    if text_encoder_2_lora is not None and encoders < 2:
+        raise ConfigError("model.text_encoder_2_lora is for SDXL's second text encoder; this model has one: drop it")
+    named = zip(("model.lora", *KEYS), [unet_lora, *loras], strict=True)
+    kinds = {f"{key}.kind={lora.kind}" for key, lora in named if lora is not None}
+    if len({kind.split("=")[1] for kind in kinds}) > 1:
+        raise ConfigError(f"{', '.join(sorted(kinds))}: the exported file holds one kind of adapter; set one kind")
+    return loras[:encoders]
 
 
 def initial_vectors(

@@ -15,7 +15,9 @@ from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import DataError
 from trainer.checkpoint.export import EMBEDDINGS_DIR, EMBEDDINGS_INFO, EXPORT_INFO_NAME, build_export
 from trainer.diffusion.unet_kinds import is_sdxl_unet
-from trainer.interop.embedding_files import add_embedding, read_embedding_file
+from trainer.interop.embedding_files import add_embedding, bundled_embeddings, read_embedding_file
+from trainer.interop.lora_formats import sdxl_lora_names
+from trainer.interop.lora_loading import load_lora, lora_file
 
 
 def export_parts(folder: Path, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
@@ -134,4 +136,33 @@ def load_embeddings(
         embedding = read_embedding_file(path)
         add_embedding(embedding, tokenizers, text_encoders)
         tokens.append(embedding.token)
+    return tokens
+
+
+def load_lora_file(
+    path: str | Path,
+    unet: UNet2DConditionModel,
+    tokenizers: list[CLIPTokenizer],
+    text_encoders: list[torch.nn.Module],
+    scale: float = 1.0,
+) -> list[str]:
+    """Add a LoRA file (``lf-sample lora=``, any kind :mod:`trainer.interop.lora_loading` reads) to a sampler's
+    parts: its adapters on the UNet and the text encoders (SDXL's two), at ``scale``, and the textual-inversion
+    embeddings it bundles (pivotal tuning's ``bundle_emb.*``) in the tokenizers and encoders.
+
+    Returns:
+        The bundled tokens (none for a plain LoRA).
+
+    Raises:
+        DataError: no such file, a refused kind, or adapters or embeddings that do not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    folder, name = lora_file(path)
+    tokens = []
+    for embedding in bundled_embeddings(load_file(str(folder / name)), str(folder / name)):
+        add_embedding(embedding, tokenizers, text_encoders)
+        tokens.append(embedding.token)
+    second = text_encoders[1] if len(text_encoders) > 1 else None
+    load_lora(unet, text_encoders[0], path, scale, text_encoder_2=second, unet_names=sdxl_lora_names(unet))
     return tokens
