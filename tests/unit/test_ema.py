@@ -65,6 +65,35 @@ def test_ema_equals_a_reference_computed_by_hand():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+class ValidatedLinear(TinyLinear):
+    """Records, in each validation step, its weight and the EMA's average of it."""
+
+    def __init__(self, ema: EMA) -> None:
+        super().__init__(lr=0.5)
+        self.ema, self.seen = ema, []
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.seen.append((self.layer.weight.detach().clone(), self.ema.average[0].clone()))
+
+
+def test_validation_runs_on_the_average_and_the_raw_weights_come_back():
+    torch.manual_seed(0)
+    ema, recorder = EMA(decay=0.9), Recorder()
+    module = ValidatedLinear(ema)
+    trainer = bare_trainer(
+        max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
+        callbacks=[ema, recorder],
+    )  # fmt: skip
+    data = torch.utils.data.DataLoader(torch.randn(12, 3), batch_size=2)
+    trainer.fit(module, data, data)
+    assert len(module.seen) == 2 and all(torch.equal(weight, average) for weight, average in module.seen)
+    raw = module.layer.weight.detach().clone()
+    assert torch.equal(raw.double(), recorder.steps[-1][0]) and not torch.equal(raw, ema.average[0])
+    with ema.average_weights():  # what validation images sample with
+        assert torch.equal(module.layer.weight, ema.average[0])
+    assert torch.equal(module.layer.weight, raw)
+
+
 def latents(count: int) -> list[dict[str, torch.Tensor]]:
     """Random latent samples for the tiny UNet (4 x 8 x 8 latents, 77 x 32 text)."""
     generator = torch.Generator().manual_seed(0)
