@@ -96,6 +96,7 @@ class EMA(L.Callback):
         self.names, self._params = [name for name, _ in trained], [p for _, p in trained]
         with full_parameters(trainer, pl_module, self._params, modify=False):
             self.average = [p.detach().to(torch.float32, copy=True) for p in self._params]
+        self.num_averaged = 0  # the first update copies the weights (a restored average replaces this one)
         self._apply_restored(trainer)
 
     def averaged_state(self) -> dict[str, torch.Tensor]:
