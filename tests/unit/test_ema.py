@@ -52,13 +52,15 @@ def closed_form(steps: list[list[torch.Tensor]], decay: float) -> list[torch.Ten
     return reference
 
 
-def test_ema_equals_a_reference_computed_by_hand():
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_ema_equals_a_reference_computed_by_hand(device):
     """The callback's average after 6 steps of a real fit equals the warm-up EMA recomputed from the raw weights."""
     torch.manual_seed(0)
-    ema, recorder = EMA(decay=0.9, warmup=True), Recorder()
+    ema, recorder = EMA(decay=0.9, warmup=True, device=device), Recorder()
     trainer = bare_trainer(max_steps=6, enable_progress_bar=False, callbacks=[ema, recorder])
     trainer.fit(TinyLinear(lr=0.5), torch.utils.data.DataLoader(torch.randn(12, 3), batch_size=2))
     averaged = [a.double() for a in ema.average]
+    assert {a.device.type for a in ema.average} == {"cpu"}
     assert len(recorder.steps) == 6 and ema.names == ["layer.weight", "layer.bias"]
     assert not torch.allclose(averaged[0], recorder.steps[-1][0]), "the average lags the raw weights"
     for got, want in zip(averaged, closed_form(recorder.steps, 0.9), strict=True):

@@ -24,6 +24,7 @@ from trainer.cli.plan_run import log_plan, meta_module, plan_context, plan_of, r
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.memory.measure import LiveBytes
+from trainer.memory.report import fixes
 from trainer.memory.tensors import held_bytes
 
 ACTIVATION_TOLERANCE = 0.10
@@ -93,7 +94,7 @@ def test_prodigy_state_is_bounded_by_the_plan_by_one_element_per_all_zero_tensor
 def test_lora_plans_gradients_state_and_ema_for_the_adapters_only_and_the_callback_holds_that_ema():
     full, _ = plan_of(cfg := compose_config("train", ["plan.enabled=true"]), meta_module(cfg))  # the EMA is on
     lora_cfg = compose_config("train", ["plan.enabled=true", "experiment=lora"])
-    lora, _ = plan_of(lora_cfg, meta_module(lora_cfg))
+    lora, lora_context = plan_of(lora_cfg, meta_module(lora_cfg))
     assert lora.trainable_numel < full.trainable_numel / 10
     assert lora.parts["gradients"] == 4 * lora.trainable_numel
     assert full.parts["EMA"] == 4 * full.numel and full.trainable_numel == full.numel  # a full fine-tune: every weight
@@ -103,6 +104,11 @@ def test_lora_plans_gradients_state_and_ema_for_the_adapters_only_and_the_callba
     ema.setup(trainer, module, "fit")
     ema.on_fit_start(trainer, module)
     assert held_bytes(module, averaged=ema.average)["EMA"] == lora.parts["EMA"]
+    host_cfg = compose_config("train", ["plan.enabled=true", "experiment=lora", "callbacks.ema.device=cpu"])
+    on_host, host_context = plan_of(host_cfg, module)
+    assert on_host.parts["EMA"] == 0 and on_host.host["EMA"] == lora.parts["EMA"]  # callbacks.ema.device=cpu
+    assert fixes("EMA", lora_context) == ["callbacks.ema=null", "callbacks.ema.device=cpu"]
+    assert fixes("EMA", host_context) == ["callbacks.ema=null"]
 
 
 def test_activation_estimate_is_within_the_tolerance_of_the_measured_peak_of_a_forward_pass():

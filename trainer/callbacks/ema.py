@@ -1,12 +1,12 @@
 """Exponential moving average of the parameters that train (a LoRA run's: its adapters only).
 
-The average is a float32 copy of each parameter with ``requires_grad`` at fit start, on that parameter's device
-(the training device), never sharded: a full fine-tune averages the UNet (and a trained text encoder), a LoRA run
-its adapters, textual inversion its new embedding rows. Frozen weights and buffers are not copied: they do not
-change, so the EMA model is the average of what trains with everything else as it is. Lightning's
-``WeightAveraging`` (a ``torch.optim.swa_utils.AveragedModel``) deep-copies the whole module, frozen UNet and
-encoders included; diffusers' ``EMAModel`` tracks a parameter list but keeps the average in the parameters' own
-dtype (bf16 under ``bf16-true``) and its state as an unnamed list. Hence this callback:
+The average is a float32 copy of each parameter with ``requires_grad`` at fit start, on that parameter's device (the
+training device; ``device="cpu"``: in host memory), never sharded: a full fine-tune averages the UNet (and a trained
+text encoder), a LoRA run its adapters, textual inversion its new embedding rows. Frozen weights and buffers are not
+copied: they do not change, so the EMA model is the average of what trains with everything else as it is.
+Lightning's ``WeightAveraging`` (a ``torch.optim.swa_utils.AveragedModel``) deep-copies the whole module, frozen
+UNet and encoders included; diffusers' ``EMAModel`` tracks a parameter list but keeps the average in the parameters'
+own dtype (bf16 under ``bf16-true``) and its state as an unnamed list. Hence this callback:
 
 * the decay warm-up of ``diffusers.training_utils.EMAModel``: ``decay_n = min(decay, (1 + n) / (10 + n))``
   after ``n`` updates (the first update copies the weights), so early averages are not dominated by the
@@ -48,9 +48,11 @@ def ema_decay(num_averaged: int, decay: float, warmup: bool) -> float:
 
 @torch.no_grad()
 def update_average(averaged: list[torch.Tensor], current: list[torch.Tensor], weight: float) -> None:
-    """``a += weight * (c - a)`` for each pair, in the average's dtype (float32 when the weights are bf16/fp16)."""
+    """``a += weight * (c - a)`` for each pair, in the average's dtype (float32 when the weights are bf16/fp16) and on
+    its device."""
     if averaged:
-        foreach_lerp_(averaged, [c.detach().to(a.dtype) for a, c in zip(averaged, current, strict=True)], weight)
+        ends = [c.detach().to(a.device, a.dtype) for a, c in zip(averaged, current, strict=True)]
+        foreach_lerp_(averaged, ends, weight)
 
 
 class EMA(L.Callback):
@@ -61,15 +63,25 @@ class EMA(L.Callback):
         warmup: use the ``(1 + n) / (10 + n)`` warm-up of the decay.
         every_n_steps: update after every n-th optimizer step.
         start_step: first optimizer step (0-based) that updates the average.
+        device: where the average lives: ``None``, beside each parameter (the training device); ``"cpu"``, in
+            host memory (a full fine-tune whose EMA does not fit on the GPU; each update copies the weights there).
     """
 
-    def __init__(self, decay: float = 0.999, warmup: bool = True, every_n_steps: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        decay: float = 0.999,
+        warmup: bool = True,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        device: str | None = None,
+    ) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"ema decay={decay}: expected 0 < decay < 1")
         self.decay = decay
         self.warmup = warmup
         self.every_n_steps = every_n_steps
         self.start_step = start_step
+        self.device = None if device is None else torch.device(device)
         self._module_params: list[tuple[str, torch.nn.Parameter]] = []  # every parameter, named before wrapping
         self.names: list[str] = []  # the trained parameters' names (state_dict keys), in the module's order
         self._params: list[torch.nn.Parameter] = []  # ... and the parameters themselves
@@ -95,7 +107,7 @@ class EMA(L.Callback):
             )
         self.names, self._params = [name for name, _ in trained], [p for _, p in trained]
         with full_parameters(trainer, pl_module, self._params, modify=False):
-            self.average = [p.detach().to(torch.float32, copy=True) for p in self._params]
+            self.average = [p.detach().to(self.device or p.device, torch.float32, copy=True) for p in self._params]
         self.num_averaged = 0  # the first update copies the weights (a restored average replaces this one)
         self._apply_restored(trainer)
 

@@ -16,7 +16,8 @@ The parts, per rank (Ψ: the trained parameters, N: the ranks a strategy shards 
   tensors it steps (DeepSpeed: the float32 master); ZeRO-1/2/3 and FSDP: /N. With ZeRO-Offload it and the
   master weights live in host memory.
 * **EMA**: the callback's float32 copy of the trained parameters (4Ψ: a LoRA run's adapters, not its frozen
-  base), on the training device, never sharded (:mod:`trainer.callbacks.ema`).
+  base), on the training device (in host memory with ``callbacks.ema.device=cpu``), never sharded
+  (:mod:`trainer.callbacks.ema`).
 * **activations**: given (:mod:`trainer.memory.activations` estimates them on the meta device).
 
 These are the ZeRO paper's model-state formulas (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
@@ -92,6 +93,7 @@ class RunSetup:
         offload_optimizer: ZeRO-Offload: the optimizer state and master weights in host memory.
         optimizer: the optimizer.
         ema: the EMA callback is on.
+        ema_on_host: it keeps its average in host memory (``callbacks.ema.device=cpu``).
     """
 
     precision: str = "32-true"
@@ -101,11 +103,12 @@ class RunSetup:
     offload_optimizer: bool = False
     optimizer: OptimizerSetup = field(default_factory=OptimizerSetup)
     ema: bool = False
+    ema_on_host: bool = False
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per rank of each part; ``host`` holds what ZeRO-Offload keeps in host memory.
+    """Bytes per rank of each part; ``host`` holds what ZeRO-Offload (and an EMA on the host) keeps in host memory.
 
     Attributes:
         parts: part name to bytes on the training device, in the table's order.
@@ -206,8 +209,8 @@ def memory_plan(tensors: ModelTensors, setup: RunSetup, activation_bytes: int) -
         "EMA": FLOAT32 * psi if setup.ema else 0,
         "activations": activation_bytes,
     }
-    host: dict[str, int] = {}
-    if deepspeed and setup.offload_optimizer:
-        host = {name: parts[name] for name in ("master weights", "optimizer state")}
-        parts.update(dict.fromkeys(host, 0))
+    on_host = ["master weights", "optimizer state"] if deepspeed and setup.offload_optimizer else []
+    on_host += ["EMA"] if setup.ema_on_host else []
+    host = {name: parts[name] for name in on_host}
+    parts.update(dict.fromkeys(host, 0))
     return MemoryPlan(parts=parts, host=host, trainable_numel=psi, numel=tensors.numel)
