@@ -9,7 +9,11 @@ computed on the meta device as ``lf-train plan=true`` does, then the real module
 * activations: the peak a forward pass allocates (:class:`trainer.memory.measure.LiveBytes`, storage by storage);
 * total: the second step's peak (weights and optimizer state held, plus the step's own allocations), against the
   plan's total, which adds every part (gradients exist only from the backward pass on, while activations are
-  freed: the plan is an upper bound there).
+  freed: the plan is an upper bound there);
+* EMA: the plan's EMA part (the run with ``callbacks.ema`` on) against the bytes the EMA callback holds once fit
+  starts (exact), and, side by side, what the earlier callback held: Lightning's ``WeightAveraging``, a
+  ``torch.optim.swa_utils.AveragedModel`` copy of the whole module (``sd15-lora``: LoRA on the SD-1.5-shaped UNet
+  shows the difference).
 
 On a GPU (``--device cuda``, bench/gpu_checks.sh's ``memplan`` part) the peaks are
 ``torch.cuda.max_memory_allocated`` above what was allocated before, and the SD-1.5-shaped UNet also runs at
@@ -19,6 +23,7 @@ Usage::
 
     python bench/memory_plan.py                    # tiny, then SD-1.5-shaped (a few minutes on 2 cores)
     python bench/memory_plan.py --models tiny
+    python bench/memory_plan.py --models sd15-lora     # the EMA of a LoRA run: adapters only, vs a module copy
     python bench/memory_plan.py --device cuda --models tiny,sd15,sd15-512,sd15-512-checkpointing
 """
 
@@ -26,17 +31,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch.optim.swa_utils import AveragedModel
 
+from trainer.callbacks.ema import EMA
 from trainer.cli.hydra_app import compose_config, optimizer_factories
-from trainer.cli.plan_run import meta_module, plan_of
+from trainer.cli.plan_run import meta_module, plan_of, run_setup
 from trainer.memory.measure import LiveBytes
+from trainer.memory.plan import memory_plan
 from trainer.memory.report import gib
-from trainer.memory.tensors import held_bytes
+from trainer.memory.tensors import held_bytes, model_tensors
 
 MODELS = {
     "tiny": (["model=tiny", "trainer.precision=32-true"], 16, 16),
@@ -46,6 +56,7 @@ MODELS = {
         1,
         16,
     ),
+    "sd15-lora": (["model=sd15", "experiment=lora", "trainer.precision=bf16-true", "model.compile_unet=false"], 1, 16),
     "sd15-512": (["model=sd15", "trainer.precision=bf16-true", "model.compile_unet=false"], 4, 64),
     "sd15-512-checkpointing": (
         ["model=sd15", "trainer.precision=bf16-true", "model.compile_unet=false", "model.gradient_checkpointing=true"],
@@ -101,8 +112,9 @@ def step(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int, si
     return forward.value
 
 
-def measure(name: str, device: torch.device) -> list[tuple[str, int, int]]:
-    """Plan and measurement of one model: rows of (part, planned bytes, measured bytes)."""
+def measure(name: str, device: torch.device) -> tuple[list[tuple[str, int, int]], int]:
+    """Plan and measurement of one model: rows of (part, planned bytes, measured bytes), and the bytes the earlier
+    EMA callback held for it."""
     overrides, batch, side = MODELS[name]
     cfg = compose_config(
         "train",
@@ -124,7 +136,24 @@ def measure(name: str, device: torch.device) -> list[tuple[str, int, int]]:
     rows = [(part, planned.parts[part], held[part]) for part in ("weights", "gradients", "optimizer state")]
     rows.append(("activations", planned.parts["activations"], activations))
     rows.append(("total (step peak)", planned.total, before + second.value))
-    return rows
+    rows.append(("EMA", *ema_bytes(cfg, module, device)))
+    return rows, earlier_ema_bytes(module)
+
+
+def ema_bytes(cfg, module: L.LightningModule, device: torch.device) -> tuple[int, int]:
+    """The plan's EMA part for this run with the EMA on, and the bytes the EMA callback holds once fit starts."""
+    planned = memory_plan(model_tensors(module), dataclasses.replace(run_setup(cfg), ema=True), 0).parts["EMA"]
+    callback, trainer = EMA(), L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False)
+    callback.setup(trainer, module, "fit")
+    callback.on_fit_start(trainer, module)
+    return planned, held_bytes(module, averaged=callback.average)["EMA"]
+
+
+def earlier_ema_bytes(module: L.LightningModule) -> int:
+    """What the earlier EMA callback held: Lightning's ``WeightAveraging`` copy of the whole module (float32, as
+    built, before a ``*-true`` precision cast), buffers included."""
+    copy = AveragedModel(module.float(), use_buffers=True)
+    return held_bytes(copy.module)["weights"] + sum(b.untyped_storage().nbytes() for b in copy.module.buffers())
 
 
 def main() -> None:
@@ -143,12 +172,18 @@ def main() -> None:
     for name in args.models.split(","):
         started = time.perf_counter()
         _, batch, side = MODELS[name]
-        for part, planned, measured in measure(name, device):
+        rows, earlier = measure(name, device)
+        for part, planned, measured in rows:
             ratio = planned / measured if measured else float("nan")
             equal = "yes" if planned == measured else "no"
             cells = [name, f"{batch}, {side}x{side}", part, gib(planned), gib(measured), f"{ratio:.3f}", equal]
             print("| " + " | ".join(cells) + " |", flush=True)
-        print(f"({name}: {time.perf_counter() - started:.0f} s)", flush=True)
+        ema = rows[-1][2]
+        print(
+            f"({name}: EMA {gib(ema)}, the earlier whole-module copy {gib(earlier)}: {ema / earlier:.4f}x; "
+            f"{time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ import torch
 from hydra.utils import instantiate
 
 from lf_common.errors import ConfigError
+from tests.unit.tiny_lightning import bare_trainer
+from trainer.callbacks.ema import EMA
 from trainer.cli.hydra_app import compose_config, optimizer_factories
 from trainer.cli.plan_run import log_plan, meta_module, plan_context, plan_of, run_plan, run_setup, step_activations
 from trainer.cli.train import run_train
 from trainer.cli.train_autoencoder import run_train_autoencoder
 from trainer.memory.measure import LiveBytes
+from trainer.memory.report import fixes
 from trainer.memory.tensors import held_bytes
 
 ACTIVATION_TOLERANCE = 0.10
@@ -88,13 +91,24 @@ def test_prodigy_state_is_bounded_by_the_plan_by_one_element_per_all_zero_tensor
     assert held["optimizer state"] == planned.parts["optimizer state"] - 4 * sum(p.numel() - 1 for p in zero)
 
 
-def test_lora_plans_gradients_and_state_for_the_adapters_only_and_ema_for_the_whole_module():
-    full, _ = plan_of(cfg := plan_config(), meta_module(cfg))
+def test_lora_plans_gradients_state_and_ema_for_the_adapters_only_and_the_callback_holds_that_ema():
+    full, _ = plan_of(cfg := compose_config("train", ["plan.enabled=true"]), meta_module(cfg))  # the EMA is on
     lora_cfg = compose_config("train", ["plan.enabled=true", "experiment=lora"])
-    lora, _ = plan_of(lora_cfg, meta_module(lora_cfg))
+    lora, lora_context = plan_of(lora_cfg, meta_module(lora_cfg))
     assert lora.trainable_numel < full.trainable_numel / 10
     assert lora.parts["gradients"] == 4 * lora.trainable_numel
-    assert lora.parts["EMA"] >= 4 * lora.numel  # the EMA callback copies the frozen base too
+    assert full.parts["EMA"] == 4 * full.numel and full.trainable_numel == full.numel  # a full fine-tune: every weight
+    assert lora.parts["EMA"] == 4 * lora.trainable_numel  # the adapters; the frozen base is not copied
+    module = instantiate(lora_cfg.model, **optimizer_factories(lora_cfg, param_groups=True))
+    ema, trainer = EMA(), bare_trainer(max_steps=1)
+    ema.setup(trainer, module, "fit")
+    ema.on_fit_start(trainer, module)
+    assert held_bytes(module, averaged=ema.average)["EMA"] == lora.parts["EMA"]
+    host_cfg = compose_config("train", ["plan.enabled=true", "experiment=lora", "callbacks.ema.device=cpu"])
+    on_host, host_context = plan_of(host_cfg, module)
+    assert on_host.parts["EMA"] == 0 and on_host.host["EMA"] == lora.parts["EMA"]  # callbacks.ema.device=cpu
+    assert fixes("EMA", lora_context) == ["callbacks.ema=null", "callbacks.ema.device=cpu"]
+    assert fixes("EMA", host_context) == ["callbacks.ema=null"]
 
 
 def test_activation_estimate_is_within_the_tolerance_of_the_measured_peak_of_a_forward_pass():

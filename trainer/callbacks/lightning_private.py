@@ -13,9 +13,6 @@ repeats what Lightning's own triggers do (``_should_skip_saving_checkpoint``,
 ``_monitor_candidates``, ``_save_topk_checkpoint``, ``_save_last_checkpoint``), which are private.
 ``_fs`` is the callback's filesystem (fsspec) for its ``dirpath``.
 
-``WeightAveraging`` (``trainer.callbacks.ema``): the ``AveragedModel`` it keeps,
-``_average_model``, has no accessor.
-
 ``ThroughputMonitor`` (``trainer.callbacks.throughput``): the per-stage ``Throughput`` objects
 (``_throughputs``) take the peak FLOP/s when ``setup`` builds them from Lightning's own table;
 overriding the peak (CPUs, new GPUs) means setting it on each.
@@ -37,8 +34,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
-from torch.optim.swa_utils import AveragedModel
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 
 from lf_common.upstream_contract import PrivateName
 from trainer.strategies.lightning_private import own_path_broadcast
@@ -91,11 +87,6 @@ def write_checkpoint(trainer: L.Trainer, filepath: str, weights_only: bool = Fal
         trainer.strategy.save_checkpoint(checkpoint, filepath)
 
 
-def averaged_model(callback: WeightAveraging) -> AveragedModel | None:
-    """The ``AveragedModel`` of ``callback`` (``None`` before fit sets it up)."""
-    return callback._average_model
-
-
 def stage_throughputs(monitor: ThroughputMonitor) -> Iterable[Throughput]:
     """The ``Throughput`` trackers ``monitor.setup`` built, one per running stage."""
     return monitor._throughputs.values()
@@ -119,7 +110,6 @@ _ATTRIBUTES = (  # owner, name, a cheap instance (the attributes are set in __in
     (_CHECKPOINT, "_fs", ModelCheckpoint),
     (_CHECKPOINT, "_last_global_step_saved", ModelCheckpoint),
     (_CHECKPOINT, "_last_checkpoint_saved", ModelCheckpoint),
-    ("lightning.pytorch.callbacks.WeightAveraging", "_average_model", WeightAveraging),
     ("lightning.pytorch.callbacks.ThroughputMonitor", "_throughputs", lambda: ThroughputMonitor(len)),
     ("lightning.pytorch.Trainer", "_checkpoint_connector", lambda: L.Trainer(logger=False, enable_checkpointing=False)),
 )

@@ -9,6 +9,7 @@ logger's folder, ``log_image`` for W&B, ``add_image`` for TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -100,18 +101,17 @@ class ValidationImages(Callback):
     ) -> list[Image.Image]:
         """Sample with the training UNet (EMA weights when available) and, when they train (DreamBooth),
         the training text encoder(s); leaves them as they were."""
-        module = _ema_module(trainer) or pl_module
-        frozen = self._load_frozen(trainer, pl_module.device)
-        unet, text_encoder = module.unet, getattr(module, "text_encoder", None) or frozen["text_encoder"]
+        frozen = self._load_frozen(trainer, pl_module.device)  # the EMA weights are swapped in for the sampling
+        unet, text_encoder = pl_module.unet, getattr(pl_module, "text_encoder", None) or frozen["text_encoder"]
         second = {key: frozen[key] for key in ("text_encoder_2", "tokenizer_2") if key in frozen}  # SDXL's
-        if (trained_2 := getattr(module, "text_encoder_2", None)) is not None:  # SDXL DreamBooth trains it too
+        if (trained_2 := getattr(pl_module, "text_encoder_2", None)) is not None:  # SDXL DreamBooth trains it too
             second["text_encoder_2"] = trained_2
         modes = {part: part.training for part in (unet, text_encoder, *second.values()) if hasattr(part, "training")}
         try:
             scheduler_config = dict(pl_module.noise_scheduler.config)
             second["text_encoding"] = TextEncoding.recorded(trainer.datamodule.manifest.text_encoder.extra)
             sampler = Sampler(unet, frozen["vae"], text_encoder, frozen["tokenizer"], scheduler_config, **second)
-            with torch.no_grad():
+            with torch.no_grad(), _ema_weights(trainer):
                 images, _ = sampler.txt2img(prompts, seeds, self.settings)
         finally:
             for part, training in modes.items():
@@ -173,8 +173,9 @@ class DigitsAccuracy(ValidationImages):
         log.info("step %d: conditional accuracy %.3f", trainer.global_step, accuracy)
 
 
-def _ema_module(trainer: L.Trainer) -> L.LightningModule | None:
+def _ema_weights(trainer: L.Trainer) -> contextlib.AbstractContextManager[None]:
+    """The EMA weights in the trained module for the body, when the EMA callback is on."""
     for callback in trainer.callbacks:
         if isinstance(callback, EMA):
-            return callback.averaged_module()
-    return None
+            return callback.average_weights()
+    return contextlib.nullcontext()

@@ -5,7 +5,8 @@ Besides Lightning's own entries (``state_dict``, ``optimizer_states``, ``lr_sche
 
 * ``state_dict``: the raw (trained) weights, ``unet.*`` (and ``text_encoder.*`` when DreamBooth
   trains it), what every strategy loads back into the model on resume;
-* :data:`EMA_STATE_KEY`: the EMA of the same weights, when the EMA callback is on;
+* :data:`EMA_STATE_KEY`: the EMA of the weights that train (same names; a LoRA run's: its adapters), when the EMA
+  callback is on; the frozen weights of the EMA model are those of ``state_dict``;
 * :data:`CHECKPOINT_KEY`: what rebuilds the model without the training code: ``unet_config``,
   ``noise_scheduler_config``, ``lora`` / ``text_encoder_lora`` (adapter settings), :data:`TEXT_ENCODER_KEYS`, and
   the run's ``train_config``, ``latent_manifest`` and ``global_step`` (provenance).
@@ -15,7 +16,8 @@ CHECKPOINT_KEY = "latentforge"
 """The project's own record in a checkpoint (configs to rebuild the model, provenance)."""
 
 EMA_STATE_KEY = "ema_state_dict"
-"""The EMA weights (``unet.*`` keys); ``state_dict`` holds the raw ones."""
+"""The EMA of the trained parameters (``state_dict``'s names, ``unet.*``); ``state_dict`` holds the raw weights.
+Checkpoints of the earlier EMA callback hold every weight here."""
 
 RAW_STATE_KEY = "current_model_state"
 """Where :func:`trainer.checkpoint.reading.load_checkpoint` puts the raw weights when the checkpoint has

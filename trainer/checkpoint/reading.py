@@ -32,7 +32,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     A DeepSpeed checkpoint is a folder; its ZeRO shards are merged into full fp32 weights with
     Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` (any world size). When the EMA
     callback saved its average (``EMA_STATE_KEY``, beside the raw weights in ``state_dict``), the
-    result holds the average in ``state_dict`` and the raw weights in ``current_model_state``
+    result holds the EMA model in ``state_dict`` (:func:`ema_model_state`) and the raw weights in
+    ``current_model_state``
     (older ``.ckpt`` files of Lightning's ``WeightAveraging`` have that layout on disk).
 
     Raises:
@@ -61,13 +62,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if EMA_STATE_KEY in checkpoint:  # the EMA callback's average; state_dict holds the raw weights
         checkpoint[RAW_STATE_KEY] = checkpoint["state_dict"]
-        checkpoint["state_dict"] = checkpoint.pop(EMA_STATE_KEY)
+        checkpoint["state_dict"] = ema_model_state(checkpoint[RAW_STATE_KEY], checkpoint.pop(EMA_STATE_KEY))
     if CHECKPOINT_KEY not in checkpoint or "unet_config" not in checkpoint[CHECKPOINT_KEY]:
         raise DataError(
             f"{path}: key '{CHECKPOINT_KEY}.unet_config' is missing: not a checkpoint lf-train wrote; "
             + IMPORT_FIX.format(path=path)
         )
     return checkpoint
+
+
+def ema_model_state(raw: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EMA model's weights: the average where the EMA callback kept one (the parameters that trained), the raw
+    weights elsewhere (frozen ones, which the average would equal), in ``raw``'s order. A checkpoint of the earlier
+    full-module EMA averages every key."""
+    return {**raw, **averaged}
 
 
 def unet_state_dict(checkpoint: dict[str, Any], weights: Weights = "auto") -> tuple[dict[str, torch.Tensor], str]:

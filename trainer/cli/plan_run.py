@@ -57,6 +57,7 @@ def run_setup(cfg: DictConfig) -> RunSetup:
         offload_optimizer=kind == "deepspeed" and zero.get("offload_optimizer") is not None,
         optimizer=OptimizerSetup(family, first_moment, int(optim.get("min_8bit_size") or 4096)),
         ema=OmegaConf.select(cfg, "callbacks.ema") is not None,
+        ema_on_host=OmegaConf.select(cfg, "callbacks.ema.device", default=None) == "cpu",
     )
 
 

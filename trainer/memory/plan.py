@@ -1,7 +1,7 @@
 """The memory plan of a training run: bytes per rank for each part, from parameter shapes alone.
 
 Pure arithmetic (no torch): :class:`ModelTensors` is what the plan needs to know of the module (the shapes of
-the trained tensors, the count of the frozen ones, the buffers), :class:`RunSetup` the run's precision,
+the trained tensors, the count of the frozen ones), :class:`RunSetup` the run's precision,
 strategy, optimizer and EMA; :func:`memory_plan` gives each part's bytes on one rank.
 
 The parts, per rank (Ψ: the trained parameters, N: the ranks a strategy shards over):
@@ -15,8 +15,9 @@ The parts, per rank (Ψ: the trained parameters, N: the ranks a strategy shards 
 * **optimizer state**: each optimizer's own state tensors (:func:`optimizer_state_bytes`), in the dtype of the
   tensors it steps (DeepSpeed: the float32 master); ZeRO-1/2/3 and FSDP: /N. With ZeRO-Offload it and the
   master weights live in host memory.
-* **EMA**: the callback's ``AveragedModel`` is a deep copy of the whole module (frozen weights and buffers too)
-  made on the training device before the precision plugin casts the module: float32, never sharded.
+* **EMA**: the callback's float32 copy of the trained parameters (4Ψ: a LoRA run's adapters, not its frozen
+  base), on the training device (in host memory with ``callbacks.ema.device=cpu``), never sharded
+  (:mod:`trainer.callbacks.ema`).
 * **activations**: given (:mod:`trainer.memory.activations` estimates them on the meta device).
 
 These are the ZeRO paper's model-state formulas (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
@@ -43,18 +44,16 @@ OPTIMIZER_FAMILIES = ("torch", "bitsandbytes", "adafactor", "prodigy", "lion", "
 
 @dataclass(frozen=True)
 class ModelTensors:
-    """What the plan knows of the module: the trained tensors' shapes, the frozen parameters, the buffers.
+    """What the plan knows of the module: the trained tensors' shapes and the frozen parameters.
 
     Attributes:
         trainable: the shape of each trained parameter (the UNet's, its LoRA adapters', a trained text
             encoder's), in the optimizer's order.
         frozen_numel: elements of the parameters that do not train (a LoRA base, a frozen block).
-        buffer_bytes: bytes of the module's buffers as built (float32).
     """
 
     trainable: tuple[tuple[int, ...], ...]
     frozen_numel: int = 0
-    buffer_bytes: int = 0
 
     @property
     def trainable_numel(self) -> int:
@@ -94,6 +93,7 @@ class RunSetup:
         offload_optimizer: ZeRO-Offload: the optimizer state and master weights in host memory.
         optimizer: the optimizer.
         ema: the EMA callback is on.
+        ema_on_host: it keeps its average in host memory (``callbacks.ema.device=cpu``).
     """
 
     precision: str = "32-true"
@@ -103,11 +103,12 @@ class RunSetup:
     offload_optimizer: bool = False
     optimizer: OptimizerSetup = field(default_factory=OptimizerSetup)
     ema: bool = False
+    ema_on_host: bool = False
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per rank of each part; ``host`` holds what ZeRO-Offload keeps in host memory.
+    """Bytes per rank of each part; ``host`` holds what ZeRO-Offload (and an EMA on the host) keeps in host memory.
 
     Attributes:
         parts: part name to bytes on the training device, in the table's order.
@@ -205,11 +206,11 @@ def memory_plan(tensors: ModelTensors, setup: RunSetup, activation_bytes: int) -
         "gradients": -(-element * psi // shard_grads),
         "master weights": -(-master // shard_state),
         "optimizer state": -(-state // shard_state),
-        "EMA": FLOAT32 * tensors.numel + tensors.buffer_bytes if setup.ema else 0,
+        "EMA": FLOAT32 * psi if setup.ema else 0,
         "activations": activation_bytes,
     }
-    host: dict[str, int] = {}
-    if deepspeed and setup.offload_optimizer:
-        host = {name: parts[name] for name in ("master weights", "optimizer state")}
-        parts.update(dict.fromkeys(host, 0))
+    on_host = ["master weights", "optimizer state"] if deepspeed and setup.offload_optimizer else []
+    on_host += ["EMA"] if setup.ema_on_host else []
+    host = {name: parts[name] for name in on_host}
+    parts.update(dict.fromkeys(host, 0))
     return MemoryPlan(parts=parts, host=host, trainable_numel=psi, numel=tensors.numel)

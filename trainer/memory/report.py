@@ -99,7 +99,7 @@ def fixes(part: str, context: PlanContext) -> list[str]:
             (setup.precision not in ("bf16-true", "16-true"), "trainer.precision=bf16-true"),
             (setup.strategy != "fsdp" and setup.zero_stage < 3, "strategy=deepspeed_stage_3 or fsdp with more GPUs"),
         ],
-        "EMA": [(True, "callbacks.ema=null")],
+        "EMA": [(True, "callbacks.ema=null"), (not setup.ema_on_host, "callbacks.ema.device=cpu")],
         "activations": [
             (not context.gradient_checkpointing, "model.gradient_checkpointing=true"),
             (context.batch_size > 1, "a smaller data.batch_size with trainer.accumulate_grad_batches"),

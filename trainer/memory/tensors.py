@@ -17,7 +17,7 @@ from trainer.memory.torch_private import drop_compiled_forward
 
 
 def model_tensors(module: torch.nn.Module, trained: Iterable[torch.Tensor] | None = None) -> ModelTensors:
-    """The shapes of ``module``'s trained parameters, the elements of its frozen ones and its buffers' bytes.
+    """The shapes of ``module``'s trained parameters and the elements of its frozen ones.
 
     Args:
         module: the LightningModule (UNet, adapters, trained text encoders), real or on the meta device.
@@ -27,8 +27,7 @@ def model_tensors(module: torch.nn.Module, trained: Iterable[torch.Tensor] | Non
     trained = [p for p in params if p.requires_grad] if trained is None else list(trained)
     ids = {id(p) for p in trained}
     frozen = sum(p.numel() for p in params if id(p) not in ids)
-    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-    return ModelTensors(tuple(tuple(p.shape) for p in trained), frozen, buffers)
+    return ModelTensors(tuple(tuple(p.shape) for p in trained), frozen)
 
 
 def _storages(tensors: Iterable[torch.Tensor]) -> int:
@@ -41,13 +40,15 @@ def _storages(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def held_bytes(module: torch.nn.Module, optimizer: Any = None) -> dict[str, int]:
+def held_bytes(module: torch.nn.Module, optimizer: Any = None, averaged: Iterable[torch.Tensor] = ()) -> dict[str, int]:
     """Bytes a real run holds now, as sums of actual tensor sizes: ``weights`` (parameters), ``gradients``
-    (``.grad`` of each parameter), ``optimizer state`` (every tensor in the optimizer's state, on any device).
+    (``.grad`` of each parameter), ``optimizer state`` (every tensor in the optimizer's state, on any device),
+    ``EMA`` (the EMA callback's average).
 
     Args:
         module: the trained module.
         optimizer: a torch optimizer after at least one step (its state exists from then), or ``None``.
+        averaged: the EMA callback's tensors (``EMA.average``), or none.
     """
     params = list(module.parameters())
     state: list[torch.Tensor] = []
@@ -58,6 +59,7 @@ def held_bytes(module: torch.nn.Module, optimizer: Any = None) -> dict[str, int]
         "weights": _storages(params),
         "gradients": _storages(p.grad for p in params if p.grad is not None),
         "optimizer state": _storages(state),
+        "EMA": _storages(averaged),
     }
 
 
