@@ -22,7 +22,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.format import EncoderInfo
 from data_pipelines.latents.sdxl_text import SDXL_TEXT_OUTPUT, encode_text_sdxl
-from data_pipelines.latents.text_encoding import TextEncoding, text_states
+from data_pipelines.latents.text_encoding import TextEncoding, chunked_token_ids, text_states
 from lf_common import object_store
 from lf_common.errors import DataError
 from lf_common.object_cache import model_folder
@@ -257,3 +257,11 @@ class FrozenEncoders:
             return encode_text(self.tokenizer, self.text_encoder, captions, self.text_encoding), None
         tokenizers, encoders = [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
         return encode_text_sdxl(tokenizers, encoders, captions, encoding=self.text_encoding)
+
+    def token_ids(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Captions -> the token ids their text embeddings are encoded from: ``(B, n, L)`` int64 of the
+        tokenizer (``n`` chunks of its ``model_max_length`` ``L``, :func:`chunked_token_ids` with this
+        :attr:`text_encoding`), and SDXL's second tokenizer's ``(B, n, L)`` (``None`` without one)."""
+        chunks = self.text_encoding.chunks
+        second = chunked_token_ids(self.tokenizer_2, captions, chunks) if self.tokenizer_2 is not None else None
+        return chunked_token_ids(self.tokenizer, captions, chunks), second

@@ -35,11 +35,14 @@ from tqdm.auto import tqdm
 
 from data_pipelines.latents.format import (
     UNCOND_POOLED_NAME,
+    UNCOND_TOKEN_IDS_2_NAME,
+    UNCOND_TOKEN_IDS_NAME,
     CacheKey,
     LatentManifest,
     load_entry,
     save_uncond_embedding,
     save_uncond_pooled,
+    save_uncond_token_ids,
 )
 from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
 from data_pipelines.transforms.buckets import BucketResizeCrop
@@ -347,6 +350,7 @@ def _write_manifest(out: str, names: list[str], encoder: LatentShardEncoder) -> 
         raise DataError(f"{out}: shards {missing[:3]} were not written by any rank")
     text_shape, uncond = encoder.text_shape_and_uncond()
     pooled_shape, uncond_pooled = encoder.pooled_shape_and_uncond()
+    ids_shape, uncond_ids, uncond_ids_2 = encoder.token_ids_shape_and_uncond()
     encoders = encoder.encoders
     manifest = LatentManifest(
         resolution=encoder.transform.resolution,
@@ -363,9 +367,14 @@ def _write_manifest(out: str, names: list[str], encoder: LatentShardEncoder) -> 
         tokenizer_2_path=encoders.tokenizer_2_path,
         pooled_shape=pooled_shape,
         uncond_pooled_file=UNCOND_POOLED_NAME if encoders.sdxl else "",
+        token_ids_shape=ids_shape,
+        uncond_token_ids_file=UNCOND_TOKEN_IDS_NAME if uncond_ids is not None else "",
+        uncond_token_ids_2_file=UNCOND_TOKEN_IDS_2_NAME if uncond_ids_2 is not None else "",
     )
     save_uncond_embedding(out, uncond)
     if uncond_pooled is not None:
         save_uncond_pooled(out, uncond_pooled)
+    if uncond_ids is not None:
+        save_uncond_token_ids(out, uncond_ids, uncond_ids_2)
     manifest.save(out)
     return manifest

@@ -28,6 +28,7 @@ from data_pipelines.latents.format import (
     CAPTION_VARIANTS_META,
     CAPTIONS_SETTING,
     MASKS_SETTING,
+    TOKEN_IDS_SETTING,
     VARIANTS_META,
     VARIANTS_SETTING,
     CacheKey,
@@ -91,6 +92,9 @@ class LatentShardEncoder:
             (:mod:`data_pipelines.transforms.augment`); not with ``masks``.
         captions: caption variants and tag tricks (:mod:`data_pipelines.transforms.captions`); with
             ``variants`` K > 1 each sample also stores ``text_variants`` ``(K, T, D)``.
+        token_ids: also store each caption's token ids ``(n, L)`` int32 (SDXL: both tokenizers'; with caption
+            variants each variant's, ``(K, n, L)``), the ids its text embedding is encoded from, so training can
+            run the text encoder (precompute's ``keep_token_ids``).
 
     Raises:
         ConfigError: both ``masks`` and ``variants`` are set.
@@ -105,6 +109,7 @@ class LatentShardEncoder:
         masks: MaskSettings | None = None,
         variants: VariantSettings | None = None,
         captions: CaptionSettings | None = None,
+        token_ids: bool = False,
     ) -> None:
         if masks is not None and variants is not None and variants.enabled:
             raise ConfigError("image variants (flip, crops_per_image) have no inpainting masks: not both")
@@ -115,14 +120,16 @@ class LatentShardEncoder:
         self.masks = masks
         self.variants = variants if variants is not None and variants.enabled else None
         self.captions = captions if captions is not None and captions.active else None
+        self.token_ids = token_ids
 
     def transform_settings(self) -> dict[str, Any]:
         """The preprocessing settings (in the cache key and the manifest), with the mask, variant and caption
-        settings if any."""
+        settings if any, and whether the shards hold token ids (absent when not, as in shards written before)."""
         masks = {MASKS_SETTING: self.masks.settings()} if self.masks else {}
         variants = {VARIANTS_SETTING: self.variants.settings()} if self.variants else {}
         captions = {CAPTIONS_SETTING: self.captions.settings()} if self.captions else {}
-        return {**self.transform.settings(), **masks, **variants, **captions}
+        token_ids = {TOKEN_IDS_SETTING: True} if self.token_ids else {}
+        return {**self.transform.settings(), **masks, **variants, **captions, **token_ids}
 
     def cache_key(self, source_sha256: str) -> CacheKey:
         """The key of a latent shard made from an input shard with this content hash."""
@@ -160,6 +167,8 @@ class LatentShardEncoder:
         if count > 1:
             for sample, text, vectors in zip(samples, text_variants, pooled_variants, strict=True):
                 sample.text_variants, sample.pooled_variants = text, vectors
+        if self.token_ids:
+            self._add_token_ids(samples, captions, count)
         if self.variants is not None:  # (B, V, 3, H, W) -> (B, V, C, h, w), batch_size images an encoder call
             extra = torch.stack([p.variants for p in batch])  # type: ignore[misc]
             flat = extra.flatten(0, 1)
@@ -181,6 +190,19 @@ class LatentShardEncoder:
             if pending.loss_mask_variants is not None:  # (V, 1, h, w)
                 sample.loss_mask_variants = latent_mask(pending.loss_mask_variants, latent_size, "area").numpy()
         return samples
+
+    def _add_token_ids(self, samples: list[LatentSample], captions: list[str], count: int) -> None:
+        """Give each sample the token ids of the captions just encoded (``captions``: ``B * K``, each sample's
+        ``K`` variants in turn): ``token_ids`` ``(n, L)`` (and ``token_ids_2``), with ``K`` > 1 also
+        ``token_ids_variants`` ``(K, n, L)``, variant 0 the canonical caption's."""
+        per_tokenizer = [ids for ids in self.encoders.token_ids(captions) if ids is not None]  # (B * K, n, L) each
+        grouped = [ids.unflatten(0, (len(samples), count)).numpy() for ids in per_tokenizer]  # (B, K, n, L) each
+        for index, sample in enumerate(samples):
+            sample.token_ids = grouped[0][index, 0]
+            sample.token_ids_2 = grouped[1][index, 0] if len(grouped) > 1 else None
+            if count > 1:
+                sample.token_ids_variants = grouped[0][index]
+                sample.token_ids_2_variants = grouped[1][index] if len(grouped) > 1 else None
 
     def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
         """Decode and preprocess the samples of raw shard ``source`` into batches of one image size.
@@ -284,6 +306,14 @@ class LatentShardEncoder:
         if self.encoders.sdxl:
             uncond = np.zeros_like(uncond)
         return list(uncond.shape), uncond
+
+    def token_ids_shape_and_uncond(self) -> tuple[list[int], Any, Any]:
+        """With :attr:`token_ids`: ``[n, L]`` of a caption's ids and the empty caption's ids ``(n, L)`` of each
+        tokenizer (the second ``None`` without SDXL's); else ``([], None, None)``."""
+        if not self.token_ids:
+            return [], None, None
+        ids, ids_2 = self.encoders.token_ids([""])  # (1, n, L) each
+        return list(ids.shape[1:]), ids[0].numpy(), ids_2[0].numpy() if ids_2 is not None else None
 
     def pooled_shape_and_uncond(self) -> tuple[list[int], Any]:
         """SDXL: ``[P]`` of the pooled embedding and its unconditional value, zeros ``(P,)``; else ``([], None)``."""

@@ -28,9 +28,10 @@ from data_pipelines.latents.format import (
     decode_latent_sample,
     load_uncond_embedding,
     load_uncond_pooled,
+    load_uncond_token_ids,
     micro_conditioning,
 )
-from data_pipelines.loading.variants import VARIANTS_SUFFIX, draw_variants, variant_generator
+from data_pipelines.loading.variants import CAPTION_VARIANT_KEYS, VARIANTS_SUFFIX, draw_variants, variant_generator
 from data_pipelines.raw.format import decode_raw_sample, sample_origin
 from data_pipelines.shards.corrupt_samples import SampleCounts, SkipCounter, take_counts
 from data_pipelines.shards.listing import resolve_shards
@@ -233,6 +234,10 @@ class _LatentDecoder:
     ``latents`` (and ``time_ids``), canonical first, holding the variants :meth:`VariantSettings.selection`
     keeps; the data module draws one per sample and step (:mod:`data_pipelines.loading.variants`).
 
+    From shards with token ids (precompute's ``keep_token_ids``) it also emits ``token_ids`` ``(n, L)`` int64
+    (SDXL: and ``token_ids_2``), the ids ``text`` was encoded from; with caption variants ``token_ids_variants``
+    ``(K, n, L)``, drawn with the same index as ``text_variants``.
+
     Args:
         manifest: the shards' manifest.
         random_flip: keep the stored mirror images among the variants.
@@ -255,11 +260,13 @@ class _LatentDecoder:
             "text",
             *(INPAINTING_BATCH_KEYS if self.inpainting else ()),
             *((SDXL_BATCH_KEYS[0], SDXL_BATCH_KEYS[1] + suffix) if manifest.sdxl else ()),
-            *((LOSS_MASK_BATCH_KEY + suffix,) if self.loss_masks else ()),
+            *(TOKEN_IDS_BATCH_KEYS[: 2 if manifest.sdxl else 1] if manifest.token_ids else ()),
+            *((LOSS_MASK_BATCH_KEY + suffix,) if self.loss_masks else ()),  # last: emit_loss_masks appends it
         )
+        self.token_ids_shape = tuple(manifest.token_ids_shape) if manifest.token_ids else None
         self.caption_variants = manifest.caption_variants
         if self.caption_variants > 1:  # the caption side as NAME_variants
-            self.names = tuple(f"{n}{VARIANTS_SUFFIX}" if n in ("text", "pooled") else n for n in self.names)
+            self.names = tuple(f"{n}{VARIANTS_SUFFIX}" if n in CAPTION_VARIANT_KEYS else n for n in self.names)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
         variants = len(self.selection) > 1
@@ -272,9 +279,11 @@ class _LatentDecoder:
             latent_variants=self.stored_variants if variants else 0,
             loss_masks=self.loss_masks,
             caption_variants=self.caption_variants,
+            token_ids_shape=self.token_ids_shape,
         )
         if self.caption_variants > 1:
             decoded.text, decoded.pooled = decoded.text_variants, decoded.pooled_variants
+            decoded.token_ids, decoded.token_ids_2 = decoded.token_ids_variants, decoded.token_ids_2_variants
         latents = decoded.latent
         if variants:
             stored = [decoded.latent, *decoded.latent_variants]  # type: ignore[misc]
@@ -291,6 +300,8 @@ class _LatentDecoder:
                     [micro_conditioning({**decoded.meta, **crops[index]}, origin) for index in self.selection]
                 )  # (V, 6)
             arrays += (decoded.pooled, time_ids)
+        if self.token_ids_shape is not None:  # int32 on disk, int64 (an embedding's index dtype) in the batch
+            arrays += tuple(ids.astype(np.int64) for ids in (decoded.token_ids, decoded.token_ids_2) if ids is not None)
         if self.loss_masks:
             arrays += (self._loss_mask(decoded, variants),)
         return arrays
@@ -317,13 +328,15 @@ class _LatentDecoder:
 INPAINTING_BATCH_KEYS = ("mask", "masked_latents")
 SDXL_BATCH_KEYS = ("pooled", "time_ids")  # (B, P) float16 and (B, 6) int64: SDXL's added conditioning
 LOSS_MASK_BATCH_KEY = "loss_mask"  # (B, 1, h, w) float16 in [0, 1]: masked loss (ones for unmasked samples)
+TOKEN_IDS_BATCH_KEYS = ("token_ids", "token_ids_2")  # (B, n, L) int64 each: the captions' ids (SDXL: both)
 
 
 class LatentCollate:
     """Stack decoded samples into a batch dict: ``latents`` ``(B, C, h, w)`` and ``text`` ``(B, T, D)``
     float16; from inpainting shards also ``mask`` ``(B, 1, h, w)`` and ``masked_latents`` ``(B, C, h, w)``;
     from SDXL shards also ``pooled`` ``(B, P)`` float16 and ``time_ids`` ``(B, 6)`` int64; from shards with loss
-    masks also ``loss_mask`` ``(B, 1, h, w)`` float16 in [0, 1].
+    masks also ``loss_mask`` ``(B, 1, h, w)`` float16 in [0, 1]; from shards with token ids also ``token_ids``
+    ``(B, n, L)`` int64 (SDXL: and ``token_ids_2``).
     Bucketed data arrives in batches of one bucket (see :class:`~data_pipelines.transforms.buckets.BucketBatcher`),
     so ``(h, w)`` is the same within a batch and may differ between batches.
 
@@ -370,6 +383,12 @@ class LatentShardDataModule(_StreamingDataModule):
         random_flip: draw the mirror images precompute stored (``flip=true``), one variant per sample
             and step; off for data a mirror changes (text, digits).
         use_crop_variants: draw the random crops precompute stored (``crops_per_image``).
+
+    Attributes:
+        uncond_text: the empty caption's embedding ``(T, D)`` float32 (caption dropout, guidance).
+        uncond_pooled: SDXL's unconditional pooled embedding ``(P,)`` float32, else ``None``.
+        uncond_token_ids: the empty caption's token ids ``(n, L)`` int64, ``None`` when the shards hold no ids.
+        uncond_token_ids_2: SDXL's second tokenizer's ``(n, L)`` int64, else ``None``.
     """
 
     def __init__(
@@ -392,6 +411,7 @@ class LatentShardDataModule(_StreamingDataModule):
         self.uncond_text = torch.from_numpy(load_uncond_embedding(train_dir, self.manifest).astype(np.float32))
         pooled = load_uncond_pooled(train_dir, self.manifest)  # SDXL's zeros (P,); None otherwise
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
+        self.uncond_token_ids, self.uncond_token_ids_2 = uncond_token_ids(train_dir, self.manifest)
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
         self.epoch_samples = epoch_samples or self.manifest.num_samples
 
@@ -405,6 +425,11 @@ class LatentShardDataModule(_StreamingDataModule):
     def loss_masks(self) -> bool:
         """Whether training batches carry ``loss_mask`` (the training shards hold loss masks)."""
         return self.manifest.loss_masks > 0
+
+    @property
+    def token_ids(self) -> bool:
+        """Whether training batches carry ``token_ids`` (the training shards hold token ids)."""
+        return self.manifest.token_ids
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
@@ -428,6 +453,16 @@ class LatentShardDataModule(_StreamingDataModule):
             train=False,
             bucketed=bool(self.val_manifest.bucket_sizes),
         )
+
+
+def uncond_token_ids(folder: str, manifest: LatentManifest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The empty caption's token ids ``(n, L)`` int64 of a latent folder and SDXL's second ones (``None`` where
+    the folder holds none)."""
+    ids, ids_2 = load_uncond_token_ids(folder, manifest)  # int32 (n, L) each, or None
+    return (
+        torch.from_numpy(ids.astype(np.int64)) if ids is not None else None,
+        torch.from_numpy(ids_2.astype(np.int64)) if ids_2 is not None else None,
+    )
 
 
 class _ImageDecoder:

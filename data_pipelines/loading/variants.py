@@ -18,7 +18,7 @@ VARIANTS_SUFFIX = "_variants"
 #: batch keys that follow the image variant (one index per sample for all of them)
 IMAGE_VARIANT_KEYS = ("latents", "mask", "masked_latents", "loss_mask", "time_ids")
 #: batch keys that follow the caption variant
-CAPTION_VARIANT_KEYS = ("text", "pooled", "token_ids")
+CAPTION_VARIANT_KEYS = ("text", "pooled", "token_ids", "token_ids_2")
 
 
 def variant_generator(seed: int, rank: int, batches_consumed: int) -> torch.Generator:

@@ -139,6 +139,7 @@ class FakeManifest:
     inpainting = sdxl = False
     text_shape, pooled_shape = [8, 32], []
     variant_settings, caption_variants = None, 1
+    token_ids = False
 
     def __init__(self, loss_masks: int) -> None:
         self.loss_masks = loss_masks

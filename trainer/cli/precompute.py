@@ -38,6 +38,7 @@ Keys::
     clip_skip        1 (the last layer, default) or 2 (penultimate, A1111's numbering); SD 1.x/2.x only
     captions.*       caption variants per image (variants, from KEY.txt lines or KEY.json "captions") and
                      kohya-style tag tricks (shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout, prefix)
+    keep_token_ids   also store each caption's token ids (KEY.token_ids.npy), for model.train_text_encoder=true
 
     lf-precompute shards=data/raw out_dir=data/latents-tags pretrained=sd15/ captions.variants=8 \\
         captions.shuffle_tags=true captions.keep_tokens=1 captions.tag_dropout=0.1 captions.prefix=sks
@@ -113,6 +114,7 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         masks=MaskSettings(seed=cfg.get("mask_seed", 0)) if cfg.get("inpainting") else None,
         variants=VariantSettings(cfg.get("flip", False), cfg.get("crops_per_image", 0), cfg.get("augment_seed", 0)),
         captions=captions,
+        token_ids=bool(cfg.get("keep_token_ids", False)),
     )
     manifest = precompute_latents(
         shards, cfg.out_dir, encoder, recompute_stale=cfg.recompute_stale, num_workers=cfg.num_workers

@@ -47,6 +47,19 @@ hold ``captions``, the caption settings, and ``KEY.json`` the K strings under ``
     KEY.text_variants.npy    float16 (K, T, D)  the K captions' embeddings; variant 0 is KEY.text.npy's
     KEY.pooled_variants.npy  float16 (K, P)     their pooled embeddings (SDXL shards)
 
+and, with token ids (precompute's ``keep_token_ids=true``; the manifest's ``transforms`` then hold ``token_ids``,
+and it records ``token_ids_shape`` ``[n, L]`` and ``uncond_token_ids_file``), for training the text encoder::
+
+    KEY.token_ids.npy            int32 (n, L)     the ids of exactly the caption ``KEY.text.npy`` encodes (after
+                                                  the caption tricks and prefix), as
+                                                  :func:`data_pipelines.latents.text_encoding.chunked_token_ids`
+                                                  gives them: ``n = max_token_length / 75`` chunks of the
+                                                  tokenizer's ``L = model_max_length`` (77)
+    KEY.token_ids_2.npy          int32 (n, L)     SDXL shards: the second tokenizer's ids of the same caption
+    KEY.token_ids_variants.npy   int32 (K, n, L)  with caption variants: each variant's ids, in the order of
+                                                  ``KEY.text_variants.npy`` (variant 0 is ``KEY.token_ids.npy``)
+    KEY.token_ids_2_variants.npy int32 (K, n, L)  ... and SDXL's second tokenizer's
+
 SDXL's micro-conditioning (``add_time_ids``) comes from ``KEY.json``, which every sample's
 preprocessing fills: ``original_size`` ``[H, W]`` of the raw image, ``crop_top_left`` ``[top, left]``
 of the crop in the resized image and ``target_size`` ``[h, w]`` of the encoded image (its bucket's
@@ -62,10 +75,11 @@ the raw shard it came from (with that shard's SHA-256), and ``uncond.text.npy``:
 caption's embedding ``(T, D)``, used for caption dropout and classifier-free guidance. For SDXL the
 unconditional embeddings are zeros, ``uncond.text.npy`` and ``uncond.pooled.npy`` ``(P,)``: SDXL's
 training drops a caption by zeroing both encoders' outputs and the pooled embedding, and its
-pipelines use zeros for an empty negative prompt (``force_zeros_for_empty_prompt``). With
-aspect-ratio buckets (:mod:`data_pipelines.transforms.buckets`) the manifest also lists the bucket sizes
-``[height, width]`` and their latent shapes, and ``KEY.json`` holds each sample's ``bucket`` index
-and ``target_size``.
+pipelines use zeros for an empty negative prompt (``force_zeros_for_empty_prompt``). Shards with token
+ids also hold the empty caption's ids, ``uncond.token_ids.npy`` int32 ``(n, L)`` (SDXL: and
+``uncond.token_ids_2.npy``). With aspect-ratio buckets (:mod:`data_pipelines.transforms.buckets`) the
+manifest also lists the bucket sizes ``[height, width]`` and their latent shapes, and ``KEY.json`` holds
+each sample's ``bucket`` index and ``target_size``.
 The writer (precompute) and the reader (training loader) both import this package: :mod:`.keys` (member
 and file names, dtype, version), :mod:`.samples` (one sample's members, written and checked when read),
 :mod:`.manifest` (the manifest, shard entries and cache keys, the unconditional embeddings).
@@ -93,8 +107,16 @@ from data_pipelines.latents.format.keys import (
     STORAGE_DTYPE,
     TEXT_KEY,
     TEXT_VARIANTS_KEY,
+    TOKEN_IDS_2_KEY,
+    TOKEN_IDS_2_VARIANTS_KEY,
+    TOKEN_IDS_DTYPE,
+    TOKEN_IDS_KEY,
+    TOKEN_IDS_SETTING,
+    TOKEN_IDS_VARIANTS_KEY,
     UNCOND_NAME,
     UNCOND_POOLED_NAME,
+    UNCOND_TOKEN_IDS_2_NAME,
+    UNCOND_TOKEN_IDS_NAME,
     VARIANTS_META,
     VARIANTS_SETTING,
 )
@@ -107,9 +129,11 @@ from data_pipelines.latents.format.manifest import (
     load_entry,
     load_uncond_embedding,
     load_uncond_pooled,
+    load_uncond_token_ids,
     save_entry,
     save_uncond_embedding,
     save_uncond_pooled,
+    save_uncond_token_ids,
 )
 from data_pipelines.latents.format.samples import (
     LatentSample,
@@ -140,8 +164,16 @@ __all__ = [
     "STORAGE_DTYPE",
     "TEXT_KEY",
     "TEXT_VARIANTS_KEY",
+    "TOKEN_IDS_2_KEY",
+    "TOKEN_IDS_2_VARIANTS_KEY",
+    "TOKEN_IDS_DTYPE",
+    "TOKEN_IDS_KEY",
+    "TOKEN_IDS_SETTING",
+    "TOKEN_IDS_VARIANTS_KEY",
     "UNCOND_NAME",
     "UNCOND_POOLED_NAME",
+    "UNCOND_TOKEN_IDS_2_NAME",
+    "UNCOND_TOKEN_IDS_NAME",
     "VARIANTS_META",
     "VARIANTS_SETTING",
     "CacheKey",
@@ -155,8 +187,10 @@ __all__ = [
     "load_entry",
     "load_uncond_embedding",
     "load_uncond_pooled",
+    "load_uncond_token_ids",
     "micro_conditioning",
     "save_entry",
     "save_uncond_embedding",
     "save_uncond_pooled",
+    "save_uncond_token_ids",
 ]

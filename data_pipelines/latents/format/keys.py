@@ -28,4 +28,12 @@ TEXT_VARIANTS_KEY = "text_variants.npy"  # (K, T, D): the caption variants' embe
 POOLED_VARIANTS_KEY = "pooled_variants.npy"  # (K, P): their pooled embeddings, SDXL shards only
 CAPTIONS_SETTING = "captions"  # in the manifest's transforms: the caption settings (variants and tag tricks)
 CAPTION_VARIANTS_META = "caption_variants"  # in KEY.json: the K caption strings embedded
+TOKEN_IDS_KEY = "token_ids.npy"  # (n, L) int32: the encoded caption's token ids (keep_token_ids=true)
+TOKEN_IDS_2_KEY = "token_ids_2.npy"  # (n, L) int32: SDXL's second tokenizer's ids of the same caption
+TOKEN_IDS_VARIANTS_KEY = "token_ids_variants.npy"  # (K, n, L) int32: the caption variants' ids, as text_variants
+TOKEN_IDS_2_VARIANTS_KEY = "token_ids_2_variants.npy"  # (K, n, L) int32: SDXL's second tokenizer's
+TOKEN_IDS_DTYPE = np.int32
+TOKEN_IDS_SETTING = "token_ids"  # in the manifest's transforms (and so the cache key): the shards hold token ids
+UNCOND_TOKEN_IDS_NAME = "uncond.token_ids.npy"  # (n, L) int32: the empty caption's ids
+UNCOND_TOKEN_IDS_2_NAME = "uncond.token_ids_2.npy"  # (n, L) int32: SDXL's second tokenizer's
 MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")  # SDXL's time_ids, in this order

@@ -17,8 +17,11 @@ from data_pipelines.latents.format.keys import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MASKS_SETTING,
+    TOKEN_IDS_DTYPE,
     UNCOND_NAME,
     UNCOND_POOLED_NAME,
+    UNCOND_TOKEN_IDS_2_NAME,
+    UNCOND_TOKEN_IDS_NAME,
     VARIANTS_SETTING,
 )
 from data_pipelines.latents.format.samples import load_npy, npy_bytes
@@ -150,6 +153,9 @@ class LatentManifest:
     tokenizer_2_path: str = ""
     pooled_shape: list[int] = field(default_factory=list)  # [P] of KEY.pooled.npy; empty: no pooled embedding
     uncond_pooled_file: str = ""  # uncond.pooled.npy for SDXL shards
+    token_ids_shape: list[int] = field(default_factory=list)  # [n, L] of KEY.token_ids.npy; empty: no token ids
+    uncond_token_ids_file: str = ""  # uncond.token_ids.npy, the empty caption's ids; "": the shards hold no ids
+    uncond_token_ids_2_file: str = ""  # uncond.token_ids_2.npy, SDXL shards with token ids
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -184,6 +190,12 @@ class LatentManifest:
     def caption_variants(self) -> int:
         """Caption variants stored per sample (``K`` of ``KEY.text_variants.npy``); 1: none, ``text.npy`` only."""
         return int((self.transforms.get(CAPTIONS_SETTING) or {}).get("variants", 1))
+
+    @property
+    def token_ids(self) -> bool:
+        """Whether the samples hold their captions' token ids (``KEY.token_ids.npy``; precompute's
+        ``keep_token_ids``), so a training step can run the text encoder on them."""
+        return bool(self.uncond_token_ids_file)
 
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """Every latent shape a sample may have: one per bucket, or ``latent_shape`` alone."""
@@ -305,6 +317,41 @@ def load_uncond_pooled(folder: str | Path, manifest: LatentManifest) -> np.ndarr
         return None
     path = object_store.join(str(folder), manifest.uncond_pooled_file or UNCOND_POOLED_NAME)
     return _load_uncond(path, "unconditional pooled embedding", "pooled_shape", manifest.pooled_shape)
+
+
+def save_uncond_token_ids(folder: str | Path, ids: np.ndarray, ids_2: np.ndarray | None = None) -> None:
+    """Write the empty caption's token ids ``(n, L)`` as ``uncond.token_ids.npy`` int32 (and SDXL's second
+    tokenizer's as ``uncond.token_ids_2.npy``), atomically."""
+    for name, array in ((UNCOND_TOKEN_IDS_NAME, ids), (UNCOND_TOKEN_IDS_2_NAME, ids_2)):
+        if array is not None:
+            object_store.write_path(object_store.join(str(folder), name), npy_bytes(array, TOKEN_IDS_DTYPE))
+
+
+def load_uncond_token_ids(folder: str | Path, manifest: LatentManifest) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The empty caption's token ids ``(n, L)`` int32 and SDXL's second tokenizer's (``None`` for SD 1.x/2.x);
+    ``(None, None)`` for shards without token ids.
+
+    Raises:
+        DataError: the manifest names a file that is missing, not of ``token_ids_shape`` or not int32.
+    """
+    if not manifest.token_ids:
+        return None, None
+    arrays = []
+    for name in (manifest.uncond_token_ids_file, manifest.uncond_token_ids_2_file if manifest.sdxl else ""):
+        if not name:
+            arrays.append(None)
+            continue
+        path = object_store.join(str(folder), name)
+        array = _load_uncond(path, "the empty caption's token ids", "token_ids_shape", manifest.token_ids_shape)
+        if array.dtype != TOKEN_IDS_DTYPE:
+            raise DataError(f"{path}: dtype {array.dtype}, expected {np.dtype(TOKEN_IDS_DTYPE)} (token ids)")
+        arrays.append(array)
+    if manifest.sdxl and arrays[1] is None:
+        raise DataError(
+            f"{object_store.join(str(folder), MANIFEST_NAME)}: SDXL shards with token ids name no "
+            "uncond_token_ids_2_file; precompute this folder again"
+        )
+    return arrays[0], arrays[1]
 
 
 def load_uncond_embedding(folder: str | Path, manifest: LatentManifest) -> np.ndarray:

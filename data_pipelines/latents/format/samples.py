@@ -3,6 +3,7 @@ and SDXL's micro-conditioning read from its metadata."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Sequence
@@ -27,6 +28,11 @@ from data_pipelines.latents.format.keys import (
     STORAGE_DTYPE,
     TEXT_KEY,
     TEXT_VARIANTS_KEY,
+    TOKEN_IDS_2_KEY,
+    TOKEN_IDS_2_VARIANTS_KEY,
+    TOKEN_IDS_DTYPE,
+    TOKEN_IDS_KEY,
+    TOKEN_IDS_VARIANTS_KEY,
     VARIANTS_META,
 )
 from data_pipelines.raw.format import sample_origin
@@ -54,6 +60,12 @@ class LatentSample:
             the mask of each of ``latent_variants``, cropped and mirrored as its latent.
         text_variants: ``(K, T, D)`` float16, shards with caption variants only (variant 0 is ``text``).
         pooled_variants: ``(K, P)`` float16, SDXL shards with caption variants only.
+        token_ids: ``(n, L)`` int32, shards with token ids only (``keep_token_ids``): the ids ``text`` was
+            encoded from, ``n`` chunks of the tokenizer's ``L`` (``text_encoding.chunked_token_ids``).
+        token_ids_2: ``(n, L)`` int32, SDXL shards with token ids: the second tokenizer's ids of the caption.
+        token_ids_variants: ``(K, n, L)`` int32, shards with token ids and caption variants: the ids of each of
+            ``text_variants`` (variant 0 is ``token_ids``).
+        token_ids_2_variants: ``(K, n, L)`` int32, SDXL's second tokenizer's ids of the caption variants.
     """
 
     key: str
@@ -69,6 +81,10 @@ class LatentSample:
     loss_mask_variants: np.ndarray | None = None
     text_variants: np.ndarray | None = None
     pooled_variants: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    token_ids_2: np.ndarray | None = None
+    token_ids_variants: np.ndarray | None = None
+    token_ids_2_variants: np.ndarray | None = None
 
 
 def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarray:
@@ -94,10 +110,10 @@ def micro_conditioning(meta: dict[str, Any], origin: str = "sample") -> np.ndarr
     return np.asarray(values, dtype=np.int64)
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``array`` as ``.npy`` bytes in the storage dtype (float16), without pickling."""
+def npy_bytes(array: np.ndarray, dtype: type[np.generic] = STORAGE_DTYPE) -> bytes:
+    """``array`` as ``.npy`` bytes in ``dtype`` (the storage dtype, float16; token ids: int32), without pickling."""
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=STORAGE_DTYPE), allow_pickle=False)
+    np.save(buffer, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
     return buffer.getvalue()
 
 
@@ -106,24 +122,27 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _payload_bytes(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape)) * np.dtype(STORAGE_DTYPE).itemsize
+def _payload_bytes(shape: tuple[int, ...], dtype: type[np.generic] = STORAGE_DTYPE) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 @lru_cache(maxsize=64)
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The exact ``.npy`` header that :func:`npy_bytes` writes for an array of ``shape``."""
-    data = npy_bytes(np.zeros(shape, dtype=STORAGE_DTYPE))
-    return data[: len(data) - _payload_bytes(shape)]
+def _npy_header(shape: tuple[int, ...], dtype: type[np.generic] = STORAGE_DTYPE) -> bytes:
+    """The exact ``.npy`` header that :func:`npy_bytes` writes for an array of ``shape`` in ``dtype``."""
+    data = npy_bytes(np.zeros(shape, dtype=dtype), dtype)
+    return data[: len(data) - _payload_bytes(shape, dtype)]
 
 
-def _load_npy_of_shape(data: bytes, shapes: Sequence[tuple[int, ...]] | None) -> np.ndarray:
+def _load_npy_of_shape(
+    data: bytes, shapes: Sequence[tuple[int, ...]] | None, dtype: type[np.generic] = STORAGE_DTYPE
+) -> np.ndarray:
     """Read a ``.npy`` member; skip parsing the header when it is byte for byte the one written for
-    one of ``shapes`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to ``np.load``."""
+    one of ``shapes`` in ``dtype`` (most of ``np.load``'s per-sample cost is parsing it). Anything else goes to
+    ``np.load``."""
     for shape in shapes or ():
-        header = _npy_header(tuple(shape))
-        if data.startswith(header) and len(data) == len(header) + _payload_bytes(tuple(shape)):
-            return np.frombuffer(data, dtype=STORAGE_DTYPE, offset=len(header)).reshape(shape)
+        header = _npy_header(tuple(shape), dtype)
+        if data.startswith(header) and len(data) == len(header) + _payload_bytes(tuple(shape), dtype):
+            return np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
     return load_npy(data)
 
 
@@ -151,6 +170,14 @@ def encode_latent_sample(sample: LatentSample) -> dict[str, Any]:
         members[TEXT_VARIANTS_KEY] = npy_bytes(sample.text_variants)
     if sample.pooled_variants is not None:
         members[POOLED_VARIANTS_KEY] = npy_bytes(sample.pooled_variants)
+    for key, ids in (
+        (TOKEN_IDS_KEY, sample.token_ids),
+        (TOKEN_IDS_2_KEY, sample.token_ids_2),
+        (TOKEN_IDS_VARIANTS_KEY, sample.token_ids_variants),
+        (TOKEN_IDS_2_VARIANTS_KEY, sample.token_ids_2_variants),
+    ):
+        if ids is not None:
+            members[key] = npy_bytes(ids, TOKEN_IDS_DTYPE)
     return members
 
 
@@ -165,6 +192,7 @@ def decode_latent_sample(
     latent_variants: int = 0,
     loss_masks: bool = False,
     caption_variants: int = 1,
+    token_ids_shape: tuple[int, ...] | None = None,
 ) -> LatentSample:
     """Decode one webdataset sample of a latent shard, checking shapes when given.
 
@@ -182,6 +210,9 @@ def decode_latent_sample(
             size, values in [0, 1] (else ``loss_mask`` stays ``None``).
         caption_variants: ``K`` > 1: the sample must hold ``text_variants.npy`` ``(K, T, D)`` (and, with
             ``pooled_shape``, ``pooled_variants.npy`` ``(K, P)``); needs ``text_shape``.
+        token_ids_shape: shards with token ids: the sample must hold ``token_ids.npy`` int32 of this ``(n, L)``
+            (with ``pooled_shape``, SDXL's, also ``token_ids_2.npy``; with ``caption_variants`` K > 1 also
+            ``token_ids_variants.npy`` ``(K, n, L)``, and SDXL's ``token_ids_2_variants.npy``); ``None`` reads none.
 
     Raises:
         CorruptSampleError: a member is missing, does not parse, or has the wrong shape or dtype.
@@ -243,7 +274,29 @@ def decode_latent_sample(
         decoded.text_variants = _variant_member(sample, TEXT_VARIANTS_KEY, (count, *text_shape), origin)
         if pooled_shape is not None:
             decoded.pooled_variants = _variant_member(sample, POOLED_VARIANTS_KEY, (count, *pooled_shape), origin)
+    if token_ids_shape is not None:
+        _decode_token_ids(decoded, sample, tuple(token_ids_shape), pooled_shape is not None, caption_variants, origin)
     return decoded
+
+
+def _decode_token_ids(
+    decoded: LatentSample, sample: dict[str, Any], shape: tuple[int, ...], sdxl: bool, variants: int, origin: str
+) -> None:
+    """Fill ``decoded``'s token ids ``(n, L)`` int32 (SDXL's second ones too, and ``(K, n, L)`` with caption
+    variants) from ``sample``'s members.
+
+    Raises:
+        CorruptSampleError: a member is missing, does not parse, or has another shape or dtype.
+    """
+    why = "the manifest records token ids"
+    read = functools.partial(_checked_member, sample, origin=origin, why=why, dtype=TOKEN_IDS_DTYPE)
+    decoded.token_ids = read(TOKEN_IDS_KEY, shape)
+    if sdxl:
+        decoded.token_ids_2 = read(TOKEN_IDS_2_KEY, shape)
+    if variants > 1:
+        decoded.token_ids_variants = read(TOKEN_IDS_VARIANTS_KEY, (variants, *shape))
+        if sdxl:
+            decoded.token_ids_2_variants = read(TOKEN_IDS_2_VARIANTS_KEY, (variants, *shape))
 
 
 def _decode_variants(
@@ -282,8 +335,15 @@ def _variant_member(sample: dict[str, Any], key: str, shape: tuple[int, ...], or
     return _checked_member(sample, key, shape, origin, "the manifest records caption variants")
 
 
-def _checked_member(sample: dict[str, Any], key: str, shape: tuple[int, ...], origin: str, why: str) -> np.ndarray:
-    """The ``.npy`` member ``key`` of a sample, exactly ``shape`` in the storage dtype.
+def _checked_member(
+    sample: dict[str, Any],
+    key: str,
+    shape: tuple[int, ...],
+    origin: str,
+    why: str,
+    dtype: type[np.generic] = STORAGE_DTYPE,
+) -> np.ndarray:
+    """The ``.npy`` member ``key`` of a sample, exactly ``shape`` in ``dtype`` (the storage dtype by default).
 
     Args:
         why: why the member must be there (said when it is missing).
@@ -294,10 +354,10 @@ def _checked_member(sample: dict[str, Any], key: str, shape: tuple[int, ...], or
     if key not in sample:
         raise CorruptSampleError(f"{origin}: member '{key}' is missing ({why})")
     try:
-        array = _load_npy_of_shape(sample[key], [shape])
+        array = _load_npy_of_shape(sample[key], [shape], dtype)
     except Exception as error:
         raise CorruptSampleError(f"{origin}: member '{key}' is not a .npy array ({error})") from error
-    if array.dtype != STORAGE_DTYPE or tuple(array.shape) != shape:
-        found, expected = f"{array.dtype} {tuple(array.shape)}", f"{np.dtype(STORAGE_DTYPE)} {shape}"
-        raise CorruptSampleError(f"{origin}: member '{key}' is {found}, expected {expected} (its latent's size)")
+    if array.dtype != dtype or tuple(array.shape) != shape:
+        found, expected = f"{array.dtype} {tuple(array.shape)}", f"{np.dtype(dtype)} {shape}"
+        raise CorruptSampleError(f"{origin}: member '{key}' is {found}, expected {expected} ({why})")
     return array
