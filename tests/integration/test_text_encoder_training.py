@@ -1,0 +1,106 @@
+"""``lf-train model.train_text_encoder=true`` on the digits' token-id shards (``lf-precompute keep_token_ids=true``):
+the encoder trains with the UNet, the export holds it (full: ``text_encoder/``; LoRA: its keys in diffusers' and
+kohya's LoRA files) and diffusers' pipeline encodes a prompt to what our encoder gives; under DDP (2 processes) and
+DeepSpeed ZeRO-2 in bf16 a resumed run equals the uninterrupted one bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from data_pipelines.latents.text_encoding import chunked_token_ids, encode_token_ids
+from tests.conftest import compose_config, precompute_digits, tiny_train_overrides
+from tests.integration.checkpoints import assert_resume_is_exact
+from tests.integration.cli import run_cli
+from trainer.cli.export import run_export
+from trainer.cli.train import run_train
+from trainer.interop.lora_formats import KOHYA_LORA_FILE
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "a handwritten digit seven"
+TRAIN_TE = ["model.train_text_encoder=true", "optim.text_encoder_lr=1e-3"]
+TE_LORA = (
+    "model.text_encoder_lora={_target_:trainer.lora.adapters.LoraSettings,rank:2,alpha:2,"
+    "target_modules:[q_proj,k_proj,v_proj,out_proj]}"
+)
+
+
+@pytest.fixture(scope="module")
+def id_shards(raw_shards: Path, pretrained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 96 digits' latent shards with token ids, from the shared tiny encoders (8 tokens)."""
+    out = tmp_path_factory.mktemp("id_shards") / "latents"
+    precompute_digits(raw_shards, pretrained_dir, out, "keep_token_ids=true")
+    return out
+
+
+def _export(run: Path, out: Path) -> Path:
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}"]))
+    return out
+
+
+def _same(folder_a: Path, folder_b: Path) -> bool:
+    a, b = (CLIPTextModel.from_pretrained(f).state_dict() for f in (folder_a, folder_b))
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_encoder_trains_exports_and_diffusers_encodes_as_we_do(id_shards, pretrained_dir, tmp_path):
+    run = tmp_path / "run"
+    overrides = [
+        *tiny_train_overrides(id_shards, run, steps=3),
+        f"data.val_dir={id_shards}",
+        "trainer.val_check_interval=3",
+        *TRAIN_TE,
+    ]
+    metrics = run_train(compose_config("train", overrides))
+    assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+    export = _export(run, tmp_path / "export")
+    assert not _same(export / "text_encoder", pretrained_dir / "text_encoder")  # the trained encoder, not the base
+    pipe = StableDiffusionPipeline.from_pretrained(export, safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        theirs, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+        ids = chunked_token_ids(CLIPTokenizer.from_pretrained(export / "tokenizer"), [PROMPT])
+        ours = encode_token_ids(CLIPTextModel.from_pretrained(export / "text_encoder"), ids)
+    assert torch.equal(theirs, ours)
+
+
+def test_encoder_lora_exports_its_keys_in_both_layouts(id_shards, pretrained_dir, tmp_path):
+    run = tmp_path / "run"
+    run_train(compose_config("train", [*tiny_train_overrides(id_shards, run, steps=2), *TRAIN_TE, TE_LORA]))
+    export = _export(run, tmp_path / "export")
+    assert _same(export / "text_encoder", pretrained_dir / "text_encoder")  # the base; the adapters apart
+    diffusers_keys = load_file(export / "lora" / "pytorch_lora_weights.safetensors")
+    assert {key.split(".")[0] for key in diffusers_keys} == {"text_encoder"}  # the UNet trained fully
+    kohya = load_file(export / "lora" / KOHYA_LORA_FILE)
+    assert kohya and all(key.startswith("lora_te_") for key in kohya)
+
+
+STEPS = 4
+
+
+def _two_processes(shards: Path, out: Path, strategy: str, precision: str, *extra: str) -> list[str]:
+    return [
+        f"strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu", f"trainer.precision={precision}",
+        f"data.train_dir={shards}", f"output_dir={out}", f"trainer.max_steps={STEPS}", "data.batch_size=8",
+        "data.num_workers=0", "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.model_checkpoint.save_top_k=-1", "callbacks.ema.decay=0.5", *TRAIN_TE, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(("strategy", "precision"), [("ddp", "32-true"), ("deepspeed_stage_2", "bf16-mixed")])
+def test_resume_is_bit_identical_on_two_processes(id_shards, tmp_path, strategy, precision):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    result = run_cli("lf-train", *_two_processes(id_shards, whole, strategy, precision), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    middle = whole / "checkpoints" / f"step-{STEPS // 2:07d}.ckpt"
+    args = _two_processes(id_shards, resumed, strategy, precision, f"ckpt_path={middle}")
+    result = run_cli("lf-train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = f"step-{STEPS:07d}.ckpt"
+    assert_resume_is_exact(resumed / "checkpoints" / final, whole / "checkpoints" / final)
