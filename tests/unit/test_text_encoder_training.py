@@ -229,3 +229,17 @@ def test_the_encoders_alone_learn_to_condition_a_frozen_unet(encoders_dir: Path)
     torch.manual_seed(1000)
     with torch.no_grad():
         assert module.compute_loss(stored).loss.item() == pytest.approx(before, rel=1e-6)
+
+
+def test_textual_inversion_and_dreambooth_refuse_the_switch():
+    """Both encode their own prompts; the switch trains on shards' ids."""
+    from trainer.modules.dreambooth import DreamBoothDiffusion
+    from trainer.modules.textual_inversion import TextualInversionDiffusion
+
+    cfg = compose_config("train", ["data.train_dir=unused", "output_dir=unused"])
+    parts = {"unet": instantiate(cfg.model.unet), "noise_scheduler": instantiate(cfg.model.noise_scheduler)}
+    with pytest.raises(ConfigError, match="experiment=dreambooth_text_encoder"):
+        DreamBoothDiffusion(**parts, optimizer=None, train_text_encoder=True)
+    with pytest.raises(ConfigError, match="leave it false"):
+        TextualInversionDiffusion(**parts, optimizer=None, text_encoder=None, tokenizer=None, textual_inversion={},
+                                  train_text_encoder=True)  # fmt: skip

@@ -221,8 +221,8 @@ def shard_text_encoders(
     folder = shards or _first_path(datasets)
     if not folder:
         raise ConfigError(
-            "model.train_text_encoder=true takes the text encoders that made the training latent shards: set "
-            "data.train_dir (or data.datasets)"
+            "model.train_text_encoder=true takes the text encoders that made the training latent shards: train on "
+            "latent shards (data.train_dir, or data=mixed's data.datasets) that lf-precompute keep_token_ids=true wrote"
         )
     manifest = LatentManifest.load(folder)
     return TextEncoderParts(*_load_checked(manifest, folder, pretrained))
