@@ -9,7 +9,7 @@ holds one shape. Every sample carries its ``dataset_index``; a regularization se
 a dataset's own ``caption_dropout`` rides along as a per-sample rate.
 
 The mixed stream is a function of the seed, the rank and the worker, so the resume of
-:class:`~data_pipelines.loading.datamodules._StreamingDataModule` (replay, skip the consumed batches) is exact;
+:class:`~data_pipelines.loading.streaming_module.StreamingDataModule` (replay, skip the consumed batches) is exact;
 the checkpoint records the dataset list, and a changed list starts the stream afresh with a warning.
 """
 
@@ -33,13 +33,10 @@ from data_pipelines.latents.format import (
     load_uncond_embedding,
     load_uncond_pooled,
 )
-from data_pipelines.loading.datamodules import (
-    LatentCollate,
-    LatentShardDataModule,
-    _LatentDecoder,
-    _StreamingDataModule,
-    _world_size,
-)
+from data_pipelines.loading.latent_decoder import LatentCollate, LatentDecoder
+from data_pipelines.loading.latent_shards import LatentShardDataModule, uncond_token_ids
+from data_pipelines.loading.ranks import world_size
+from data_pipelines.loading.streaming_module import StreamingDataModule
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.resumable_loader import ResumableLoader
 from data_pipelines.shards.streaming import batches_per_worker, mixed_stream, sample_stages
@@ -55,7 +52,7 @@ _ENTRY_KEYS = ("path", "name", "repeats", "weight", "is_reg", "caption_dropout")
 
 def decoder_settings() -> tuple[str, ...]:
     """The per-dataset settings the latent decoder takes (its keyword arguments besides the manifest)."""
-    parameters = inspect.signature(_LatentDecoder.__init__).parameters
+    parameters = inspect.signature(LatentDecoder.__init__).parameters
     return tuple(name for name in parameters if name not in ("self", "manifest"))
 
 
@@ -71,7 +68,7 @@ class DatasetSpec:
         weight: instead of repeats: the draw is proportional to the weights.
         is_reg: a regularization (prior-preservation) set: its samples weigh ``prior_loss_weight`` in the loss.
         caption_dropout: this dataset's caption dropout rate; ``None``: the model's ``caption_dropout``.
-        decoder: settings for this dataset's latent decoder (``_LatentDecoder``'s keyword arguments).
+        decoder: settings for this dataset's latent decoder (``LatentDecoder``'s keyword arguments).
     """
 
     path: str
@@ -137,6 +134,23 @@ _AGREED: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def check_token_ids(specs: Sequence[DatasetSpec], manifests: Sequence[LatentManifest]) -> None:
+    """Every folder holds token ids when one does (a batch's samples need the same keys).
+
+    Raises:
+        DataError: one line naming a folder without ids, one with, and the fix.
+    """
+    holding = [index for index, manifest in enumerate(manifests) if manifest.token_ids]
+    lacking = [index for index, manifest in enumerate(manifests) if not manifest.token_ids]
+    if holding and lacking:
+        index, other = lacking[0], holding[0]
+        raise DataError(
+            f"data.datasets[{index}] ({specs[index].path}) holds no token ids but data.datasets[{other}] "
+            f"({specs[other].path}) does: every folder of a run must; precompute it with lf-precompute "
+            f"keep_token_ids=true recompute_stale=true out_dir={specs[index].path} (the same shards and model)"
+        )
+
+
 def _described(manifest: LatentManifest, key: str, value: Any) -> str:
     """A field's value in an error: an encoder as its folder and the start of its fingerprint."""
     info = getattr(manifest, key, None) if key in ("vae", "text_encoder", "text_encoder_2") else None
@@ -169,7 +183,7 @@ class _TaggedDecoder:
     float32 (NaN: the model's rate)."""
 
     def __init__(
-        self, decoder: _LatentDecoder, index: int, weight: float, caption_dropout: float | None, dropout_tag: bool
+        self, decoder: LatentDecoder, index: int, weight: float, caption_dropout: float | None, dropout_tag: bool
     ) -> None:
         self.decoder = decoder
         self.tags: tuple[np.ndarray, ...] = (np.array(index, dtype=np.int64), np.array(weight, dtype=np.float32))
@@ -180,10 +194,11 @@ class _TaggedDecoder:
         return (*self.decoder(sample), *self.tags)
 
 
-class MixedLatentDataModule(_StreamingDataModule):
+class MixedLatentDataModule(StreamingDataModule):
     """Streams several latent-shard folders as one training stream, mixed sample by sample.
 
-    Batches are :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`'s plus ``dataset_index``
+    Batches are :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`'s (``token_ids`` too when the
+    folders hold them: all or none must) plus ``dataset_index``
     ``(B,)`` int64, ``sample_weights`` ``(B,)`` float32 (``prior_loss_weight`` for an ``is_reg`` set's
     samples, 1 for the others) and, when a dataset sets its own, ``caption_dropout`` ``(B,)`` float32 (NaN:
     the model's rate).
@@ -230,9 +245,10 @@ class MixedLatentDataModule(_StreamingDataModule):
         self.prior_loss_weight = prior_loss_weight
         self.manifests = [self._manifest(i, spec) for i, spec in enumerate(self.specs)]
         check_compatible(self.specs, self.manifests)
+        check_token_ids(self.specs, self.manifests)
         self.urls = [m.shard_paths(s.path) for s, m in zip(self.specs, self.manifests, strict=True)]
         self.decoders = [
-            _LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
+            LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
         ]
         self.loss_masks = any(decoder.loss_masks for decoder in self.decoders)  # objective.masked_loss checks it
         if self.loss_masks:  # a set without masks (e.g. regularization images) trains unmasked beside one with
@@ -249,6 +265,7 @@ class MixedLatentDataModule(_StreamingDataModule):
         self.uncond_text = torch.from_numpy(load_uncond_embedding(self.specs[0].path, reference).astype(np.float32))
         pooled = load_uncond_pooled(self.specs[0].path, reference)
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
+        self.uncond_token_ids, self.uncond_token_ids_2 = uncond_token_ids(self.specs[0].path, reference)
         self.val = LatentShardDataModule(self.specs[0].path, val_dir, **loader) if val_dir else None
         log.info(
             "mixing %s",
@@ -265,6 +282,11 @@ class MixedLatentDataModule(_StreamingDataModule):
         except DataError as error:
             raise DataError(f"data.datasets[{index}]: {error}") from error
         return manifest
+
+    @property
+    def token_ids(self) -> bool:
+        """Whether training batches carry ``token_ids`` (every folder holds token ids)."""
+        return self.manifests[0].token_ids
 
     @property
     def num_samples(self) -> int:
@@ -323,7 +345,7 @@ class MixedLatentDataModule(_StreamingDataModule):
             BucketBatcher(self.batch_size, LatentCollate(names)),
             handler=handler,
             seed=self.seed,
-            batches_per_epoch=batches_per_worker(self.epoch_samples, self.batch_size, _world_size(), self.num_workers),
+            batches_per_epoch=batches_per_worker(self.epoch_samples, self.batch_size, world_size(), self.num_workers),
         )
         loader = ResumableLoader(
             stream,

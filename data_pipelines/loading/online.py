@@ -4,11 +4,11 @@ For small datasets (tens to thousands of images), where paying the frozen encode
 than running ``lf-precompute`` and where each step should see a fresh crop, flip, colour jitter or caption.
 :class:`OnlineImageDataModule` streams raw shards (the layout ``lf-shards`` and img2dataset write) and, in
 Lightning's ``on_after_batch_transfer`` hook (on the training device, before the training step), turns each
-batch of pixels and captions into the batch a latent shard would have given: ``latents`` ``(B, C, h, w)``
-and ``text`` ``(B, T, D)``, by the very encoders ``lf-precompute`` runs
-(:class:`~data_pipelines.latents.encoders.FrozenEncoders`). So the LatentDiffusion module, its loss, caption
-dropout, EMA, checkpoints and export are the cached path's, and the encoders are no part of the model:
-DDP, DeepSpeed and FSDP never wrap, shard or checkpoint them.
+batch of pixels and captions into the batch a latent shard would have given: ``latents`` ``(B, C, h, w)``,
+``text`` ``(B, T, D)`` and ``token_ids`` ``(B, n, L)`` (as shards precomputed with ``keep_token_ids``), by the
+very encoders ``lf-precompute`` runs (:class:`~data_pipelines.latents.encoders.FrozenEncoders`). So the
+LatentDiffusion module, its loss, caption dropout, EMA, checkpoints and export are the cached path's, and
+the encoders are no part of the model: DDP, DeepSpeed and FSDP never wrap, shard or checkpoint them.
 
 The data module also holds what a latent folder's manifest says (which VAE, text encoder and tokenizer), in
 memory, so checkpoints record them and ``lf-export`` and the validation-image callbacks find them.
@@ -26,9 +26,11 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from data_pipelines.latents.encoders import FrozenEncoders
 from data_pipelines.latents.format import LatentManifest
-from data_pipelines.loading.datamodules import _count_samples, _rank, _StreamingDataModule
+from data_pipelines.loading.ranks import rank
+from data_pipelines.loading.streaming_module import StreamingDataModule
 from data_pipelines.raw.format import decode_raw_sample
 from data_pipelines.shards.listing import resolve_shards
+from data_pipelines.shards.shard_reading import count_samples
 from data_pipelines.transforms.captions import StepCaptionTricks
 from data_pipelines.transforms.images import ResizeCrop
 from data_pipelines.transforms.step_augment import Augment
@@ -61,7 +63,7 @@ class _OnlineDecoder:
     def rng(self) -> np.random.Generator:
         if self._rng is None:
             worker = get_worker_info()
-            self._rng = np.random.default_rng([self.seed, worker.seed if worker else 0, _rank()])
+            self._rng = np.random.default_rng([self.seed, worker.seed if worker else 0, rank()])
         return self._rng
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
@@ -80,7 +82,7 @@ def collate_pixels_and_captions(samples: list[tuple[torch.Tensor, str]]) -> dict
     return {"pixels": torch.stack(pixels), "captions": list(captions)}
 
 
-class OnlineImageDataModule(_StreamingDataModule):
+class OnlineImageDataModule(StreamingDataModule):
     """Streams raw image shards with per-step augmentation; the frozen VAE and text encoder encode each batch
     on the training device (``on_after_batch_transfer``), so the module receives ``latents`` and ``text``.
 
@@ -102,6 +104,11 @@ class OnlineImageDataModule(_StreamingDataModule):
         pretrained: the folder ``encoders`` were loaded from (the config's one key for them; not read here).
         **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction, bad_fraction_min_samples,
             shard_retries, shard_retry_delay_s (as :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`).
+
+    Attributes:
+        token_ids: ``True``: batches carry ``token_ids`` ``(B, n, L)`` int64, the ids ``text`` is encoded from.
+        uncond_text: the empty caption's embedding ``(T, D)`` float32 (caption dropout).
+        uncond_token_ids: the empty caption's ids ``(n, L)`` int64; ``uncond_token_ids_2`` is ``None`` (no SDXL).
     """
 
     def __init__(
@@ -132,9 +139,12 @@ class OnlineImageDataModule(_StreamingDataModule):
         if captions and caption_transform is not None:
             raise ConfigError("data.captions and data.caption_transform both given: the tag tricks are one transform")
         self.caption_transform = StepCaptionTricks(**captions) if captions else caption_transform
-        self.num_samples = _count_samples(self.urls)
+        self.num_samples = count_samples(self.urls)
         uncond = encoders.encode_captions([""])[0].float().cpu()  # (T, D): the empty caption, for caption dropout
         self.uncond_text = uncond
+        self.token_ids = True
+        self.uncond_token_ids = encoders.token_ids([""])[0][0]  # (n, L) int64
+        self.uncond_token_ids_2 = None
         self.manifest = self._manifest(list(uncond.shape))
 
     def _manifest(self, text_shape: list[int]) -> LatentManifest:
@@ -161,18 +171,21 @@ class OnlineImageDataModule(_StreamingDataModule):
             return []
         decoder = _OnlineDecoder(ResizeCrop(self.transform.resolution, crop="center"), None, None, self.seed)
         return self._loader(
-            self.val_urls, _count_samples(self.val_urls), decoder, collate_pixels_and_captions, train=False
+            self.val_urls, count_samples(self.val_urls), decoder, collate_pixels_and_captions, train=False
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Encode the batch on its device: ``pixels`` and ``captions`` become ``latents`` ``(B, C, h, w)`` and
-        ``text`` ``(B, T, D)`` (no gradient), as a latent shard's batch."""
+        ``text`` ``(B, T, D)`` (no gradient), as a latent shard's batch, with the captions' ``token_ids``
+        ``(B, n, L)`` int64 (the ids ``text`` is encoded from: the same ``chunked_token_ids``)."""
         if not (isinstance(batch, dict) and "pixels" in batch):
             return batch
         pixels = batch.pop("pixels")
         encoders = self._encoders_on(pixels.device)
+        captions = batch.pop("captions")
         batch["latents"] = encoders.encode_images(pixels)
-        batch["text"] = encoders.encode_captions(batch.pop("captions"))
+        batch["text"] = encoders.encode_captions(captions)
+        batch["token_ids"] = encoders.token_ids(captions)[0].to(pixels.device)
         return batch
 
     def _encoders_on(self, device: torch.device) -> FrozenEncoders:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import webdataset as wds
@@ -198,3 +200,13 @@ def raw_samples(shards: Iterable[str]) -> wds.DataPipeline:
     return wds.DataPipeline(
         wds.SimpleShardList(list(shards)), functools.partial(tar_samples, handler=wds.reraise_exception)
     )
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in raw shards: the distinct keys of their members (webdataset's key rule); local files or
+    object-store URLs, read as streams."""
+    total = 0
+    for url in urls:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            total += len({Path(member.name).name.split(".", 1)[0] for member in tar})
+    return total

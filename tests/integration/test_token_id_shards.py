@@ -24,9 +24,12 @@ from trainer.cli.train import run_train
 pytestmark = pytest.mark.slow
 
 
-def test_digit_ids_spell_their_captions_resume_and_train(raw_shards: Path, pretrained_dir: Path, tmp_path: Path):
+def test_digit_ids_spell_their_captions_resume_and_train(
+    raw_shards: Path, pretrained_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     out = tmp_path / "latents"
     precompute_digits(raw_shards, pretrained_dir, out, "keep_token_ids=true")
+    assert "text [8, 32], token ids [1, 8] ->" in capsys.readouterr().out
     manifest = LatentManifest.load(out)
     assert manifest.token_ids and manifest.token_ids_shape == [1, 8]  # the fixture's CLIP: 8 tokens
     tokenizer = CLIPTokenizer.from_pretrained(pretrained_dir / "tokenizer")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipelines.latents.format import LatentSample, decode_latent_sample, encode_latent_sample
 from data_pipelines.latents.format.manifest import ShardEntry
-from data_pipelines.loading.datamodules import LatentCollate, _LatentDecoder
+from data_pipelines.loading.datamodules import LatentCollate, LatentDecoder
 from data_pipelines.raw.sources.image_folder import ImageFolderSource
 from data_pipelines.raw.validate import problem_lines, validate_shard
 from data_pipelines.raw.writer import write_raw_shards
@@ -155,11 +155,11 @@ def test_the_decoder_gives_ones_to_samples_without_a_mask():
         {**encode_latent_sample(LatentSample("a", latent, text, "", {}, loss_mask=mask)), "__url__": "s"},
         {**encode_latent_sample(LatentSample("b", latent, text, "", {})), "__url__": "s"},
     ]
-    decoder = _LatentDecoder(FakeManifest(loss_masks=1))
+    decoder = LatentDecoder(FakeManifest(loss_masks=1))
     batch = LatentCollate(decoder.names)([decoder(s) for s in samples])
     assert batch["loss_mask"].shape == (2, 1, 8, 8) and batch["loss_mask"].dtype == torch.float16
     assert batch["loss_mask"][0].eq(0).all() and batch["loss_mask"][1].eq(1).all()
-    assert "loss_mask" not in _LatentDecoder(FakeManifest(loss_masks=0)).names
+    assert "loss_mask" not in LatentDecoder(FakeManifest(loss_masks=0)).names
     assert ShardEntry("s.tar", 2, "raw.tar", "").loss_masks == 0  # entries written before masks existed
 
 

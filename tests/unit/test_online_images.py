@@ -64,7 +64,13 @@ def test_online_batches_are_what_precompute_stores(raw_shards, pretrained_dir, l
     assert raw["pixels"].shape == (8, 3, 32, 32) and len(raw["captions"]) == 8
     captions = list(raw["captions"])
     batch = data.on_after_batch_transfer(raw, 0)
-    assert set(batch) >= {"latents", "text"} and "pixels" not in batch and "captions" not in batch
+    assert set(batch) >= {"latents", "text", "token_ids"} and "pixels" not in batch and "captions" not in batch
+    ids, tokenizer = batch["token_ids"], data.encoders.tokenizer  # (B, 1, 8) int64: the ids text is encoded from
+    assert ids.shape == (8, 1, 8) and ids.dtype == torch.int64 and data.token_ids
+    assert [tokenizer.decode(row[0].tolist(), skip_special_tokens=True).strip() for row in ids] == captions
+    with torch.no_grad():
+        torch.testing.assert_close(data.encoders.text_encoder(ids[:, 0]).last_hidden_state, batch["text"])
+    assert data.uncond_token_ids.shape == (1, 8) and data.uncond_token_ids_2 is None
     cached = LatentManifest.load(str(latent_dir))
     assert list(batch["latents"].shape[1:]) == cached.latent_shape == data.manifest.latent_shape
     assert list(batch["text"].shape[1:]) == cached.text_shape == list(data.uncond_text.shape)

@@ -18,7 +18,7 @@ from data_pipelines.latents.format import (
     encode_latent_sample,
     micro_conditioning,
 )
-from data_pipelines.loading.datamodules import LatentCollate, _LatentDecoder
+from data_pipelines.loading.datamodules import LatentCollate, LatentDecoder
 from data_pipelines.shards.tar_writer import open_tar_writer
 from lf_common.errors import ConfigError, CorruptSampleError
 from tests.conftest import compose_config
@@ -58,7 +58,7 @@ def test_micro_conditioning_is_stored_per_sample_and_read_back_through_a_shard(t
     raw = list(wds.DataPipeline(wds.SimpleShardList([str(tmp_path / "s.tar")]), wds.tarfile_to_samples()))
     assert all(POOLED_KEY in r for r in raw)
 
-    decoder = _LatentDecoder(sdxl_manifest())
+    decoder = LatentDecoder(sdxl_manifest())
     batch = LatentCollate(decoder.names)([decoder(r) for r in raw])
     assert batch["time_ids"].dtype == torch.int64 and batch["time_ids"].tolist() == TIME_IDS
     assert batch["pooled"].shape == (3, 32) and batch["pooled"].dtype == torch.float16

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,10 +27,12 @@ from data_pipelines.latents.format import (
     load_uncond_token_ids,
 )
 from data_pipelines.latents.format.samples import npy_bytes
+from data_pipelines.latents.precompute import StaleLatentsError
 from data_pipelines.loading.datamodules import LatentShardDataModule
+from data_pipelines.loading.mixed import MixedLatentDataModule
 from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.raw.writer import write_raw_shards
-from lf_common.errors import CorruptSampleError
+from lf_common.errors import CorruptSampleError, DataError
 from tests.conftest import save_tiny_vae
 from trainer.cli.hydra_app import compose_config
 from trainer.cli.precompute import run_precompute
@@ -117,7 +120,9 @@ def test_the_stored_ids_are_the_encoded_captions_and_give_the_stored_text(id_lat
         shuffled += sum(not np.array_equal(ids[k], ids[0]) for k in range(1, VARIANTS))
         with torch.no_grad():  # the frozen encoder's recipe (one chunk, the last layer) on the stored ids
             states = encoder(torch.tensor(ids[:, 0], dtype=torch.long)).last_hidden_state  # (K, 77, D)
-        torch.testing.assert_close(states, torch.from_numpy(sample.text_variants).float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(
+            states, torch.tensor(sample.text_variants, dtype=torch.float32), rtol=1e-2, atol=1e-2
+        )
     assert shuffled > SAMPLES  # most variants are other orders: the check above tells them apart
     uncond, uncond_2 = load_uncond_token_ids(id_latents, manifest)
     assert uncond.dtype == np.int32 and uncond.shape == (1, 77) and uncond_2 is None
@@ -157,6 +162,23 @@ def test_a_sample_missing_its_ids_or_holding_other_ones_is_corrupt():
         decode_latent_sample(as_floats, token_ids_shape=(1, 77))
 
 
+def test_mixed_folders_all_hold_ids_or_the_one_without_is_named(id_latents: Path, root: Path):
+    plain = precompute(root, root / "sd", "without_ids")
+    assert not LatentManifest.load(plain).token_ids
+    with pytest.raises(
+        DataError, match=r"data\.datasets\[1\] \(.*without_ids\) holds no token ids.*keep_token_ids=true"
+    ):
+        MixedLatentDataModule([{"path": str(id_latents)}, {"path": str(plain)}], **LOADER)
+    with pytest.raises(StaleLatentsError, match=r"transform token_ids \(None -> True\) changed"):
+        precompute(root, root / "sd", "without_ids", "keep_token_ids=true")  # shards without ids are stale
+    second = shutil.copytree(id_latents, root / "with_ids_copy")
+    data = MixedLatentDataModule([{"path": str(id_latents)}, {"path": str(second)}], **LOADER)
+    assert data.token_ids and data.uncond_token_ids.shape == (1, 77)
+    data.trainer = SimpleNamespace(training=True, current_epoch=0)
+    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    assert batch["token_ids"].shape == (8, 1, 77) and batch["token_ids"].dtype == torch.int64
+
+
 def test_sdxl_shards_hold_both_tokenizers_ids_for_their_two_encoders(root: Path):
     pretrained = root / "xl"
     save_tiny_sdxl_text_encoders(pretrained, max_length=77)
@@ -179,7 +201,7 @@ def test_sdxl_shards_hold_both_tokenizers_ids_for_their_two_encoders(root: Path)
         with torch.no_grad():  # SDXL's recipe: both penultimate states, concatenated
             states = [e(torch.tensor(i, dtype=torch.long), output_hidden_states=True).hidden_states[-2] for e, i in zip(
                 encoders, (ids, ids_2), strict=True)]  # fmt: skip
-        stored = torch.from_numpy(sample.text_variants).float()
+        stored = torch.tensor(sample.text_variants, dtype=torch.float32)
         torch.testing.assert_close(torch.cat(states, dim=-1), stored, rtol=1e-2, atol=1e-2)
     data = LatentShardDataModule(str(out), resampled=False, **LOADER)
     assert data.uncond_token_ids_2.shape == (1, 77) and not torch.equal(data.uncond_token_ids_2, data.uncond_token_ids)

@@ -123,9 +123,10 @@ def run_precompute(cfg: DictConfig) -> dict[str, Any]:
         return {}
     skipped = sum(s.skipped for s in manifest.shards)
     latent = manifest.bucket_latent_shapes or manifest.latent_shape
+    ids = f", token ids {manifest.token_ids_shape}" if manifest.token_ids else ""
     print(
         f"precompute: {manifest.num_samples} samples in {len(manifest.shards)} shards, {skipped} skipped; "
-        f"latent {latent}, text {manifest.text_shape} -> {cfg.out_dir}"
+        f"latent {latent}, text {manifest.text_shape}{ids} -> {cfg.out_dir}"
     )
     return manifest.to_dict()
 

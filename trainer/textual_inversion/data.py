@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from data_pipelines.latents.format import CAPTION_KEY, LatentManifest
-from data_pipelines.loading.datamodules import LatentCollate, LatentShardDataModule, _LatentDecoder
+from data_pipelines.loading.datamodules import LatentCollate, LatentDecoder, LatentShardDataModule
 
 CAPTIONS = "captions"
 
@@ -22,7 +22,7 @@ class _WithCaption:
     """Picklable decode step: the latent sample's arrays, then its caption (``""`` when it has none)."""
 
     def __init__(self, manifest: LatentManifest) -> None:
-        self.arrays = _LatentDecoder(manifest)
+        self.arrays = LatentDecoder(manifest)
         self.names = self.arrays.names
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, ...]:
