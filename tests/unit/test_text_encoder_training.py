@@ -25,6 +25,7 @@ from trainer.modules.latent_diffusion import LatentDiffusion
 from trainer.modules.text_encoder_training import TextEncoderParts, shard_text_encoders
 from trainer.tiny_models.tiny_sdxl_text_encoders import save_tiny_sdxl_text_encoders
 
+EMBEDDINGS = "embeddings.token_embedding.weight"  # transformers 5: no text_model level
 OPTIM = ["optim.lr=1e-3", "optim.text_encoder_lr=1e-2"]
 CAPTIONS = ["a handwritten digit 1", "a handwritten digit 7", "a digit", "seven"]
 TE_LORA = {
@@ -190,6 +191,10 @@ def test_the_encoders_are_the_shards_own_or_refused(encoders_dir: Path, tmp_path
         shard_text_encoders(True, str(shards), pretrained=str(other))
     with pytest.raises(ConfigError, match=r"data\.train_dir"):
         shard_text_encoders(True, None, None)
+    online = shard_text_encoders(True, online=str(encoders_dir))  # data=images_online: its folder's encoder
+    assert online is not None and torch.equal(online.text_encoder.get_input_embeddings().weight, ours[EMBEDDINGS])
+    with pytest.raises(ConfigError, match="data=images_online's captions"):
+        shard_text_encoders(True, online=str(encoders_dir), pretrained=str(other))
     assert TextEncoding.recorded(None) == TextEncoding()
 
 

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from data_pipelines.latents.format import LatentManifest
     from data_pipelines.latents.text_encoding import TextEncoding
     from trainer.lora.adapters import LoraSettings
 
@@ -200,9 +199,10 @@ def shard_text_encoders(
     shards: str | None = None,
     datasets: Sequence[Any] | None = None,
     pretrained: str | None = None,
+    online: str | None = None,
 ) -> TextEncoderParts | None:
-    """The text encoder(s) a run on latent shards trains (``model.text_encoders``; ``None`` when it trains none):
-    those that encoded the shards.
+    """The text encoder(s) a run trains (``model.text_encoders``; ``None`` when it trains none): those that encoded
+    its latent shards, or that ``data=images_online`` encodes with.
 
     Args:
         train: ``model.train_text_encoder``; false: nothing is loaded.
@@ -210,22 +210,36 @@ def shard_text_encoders(
         datasets: ``data=mixed``'s datasets (``{path, ...}`` each; they share their encoders): the first one's.
         pretrained: a diffusers folder to load them from (``model.pretrained``); ``None``: the folders the shards'
             manifest records.
+        online: ``data=images_online``'s ``data.pretrained`` (no shards): its encoder and tokenizer.
 
     Raises:
-        ConfigError: no shards to read the manifest of, or encoders whose fingerprints are not the manifest's.
+        ConfigError: no data to take the encoders from, or encoders whose fingerprints are not the data's.
     """
     if not train:
         return None
-    from data_pipelines.latents.format import LatentManifest
+    from data_pipelines.latents.format import EncoderInfo, LatentManifest
+    from lf_common.object_store import join
 
     folder = shards or _first_path(datasets)
-    if not folder:
-        raise ConfigError(
-            "model.train_text_encoder=true takes the text encoders that made the training latent shards: train on "
-            "latent shards (data.train_dir, or data=mixed's data.datasets) that lf-precompute keep_token_ids=true wrote"
-        )
-    manifest = LatentManifest.load(folder)
-    return TextEncoderParts(*_load_checked(manifest, folder, pretrained))
+    if folder:
+        manifest = LatentManifest.load(folder)
+        wanted = [("text_encoder", manifest.text_encoder, manifest.tokenizer_path, "tokenizer")]
+        if manifest.text_encoder_2 is not None:
+            wanted.append(("text_encoder_2", manifest.text_encoder_2, manifest.tokenizer_2_path, "tokenizer_2"))
+        return TextEncoderParts(*_load_checked(wanted, f"the latent shards in {folder}", pretrained))
+    if online:
+        from data_pipelines.latents.encoders import fingerprint_folder
+        from lf_common.object_cache import model_folder
+
+        encoder = join(online, "text_encoder")
+        info = EncoderInfo(encoder, "CLIPTextModel", fingerprint_folder(model_folder(encoder)))
+        wanted = [("text_encoder", info, join(online, "tokenizer"), "tokenizer")]
+        return TextEncoderParts(*_load_checked(wanted, "data=images_online's captions", pretrained))
+    raise ConfigError(
+        "model.train_text_encoder=true takes the text encoders that made the training data: train on latent shards "
+        "that lf-precompute keep_token_ids=true wrote (data.train_dir, or data=mixed's data.datasets) or with "
+        "data=images_online"
+    )
 
 
 def _first_path(datasets: Sequence[Any] | None) -> str | None:
@@ -235,8 +249,9 @@ def _first_path(datasets: Sequence[Any] | None) -> str | None:
     return str(first.get("path") if isinstance(first, Mapping) else first)
 
 
-def _load_checked(manifest: LatentManifest, shards: str, pretrained: str | None) -> list[Any]:
-    """The encoders and tokenizers ``manifest`` names (or ``pretrained``'s), each encoder's fingerprint checked."""
+def _load_checked(wanted: list[tuple[str, Any, str, str]], made: str, pretrained: str | None) -> list[Any]:
+    """The encoders and tokenizers ``wanted`` names (``(name, EncoderInfo, tokenizer path, tokenizer name)`` each), or
+    ``pretrained``'s, each encoder's fingerprint checked against its record (what encoded ``made``)."""
     from pathlib import Path
 
     from hydra.utils import get_class
@@ -245,9 +260,6 @@ def _load_checked(manifest: LatentManifest, shards: str, pretrained: str | None)
     from lf_common.object_cache import model_folder
     from lf_common.object_store import join
 
-    wanted = [("text_encoder", manifest.text_encoder, manifest.tokenizer_path, "tokenizer")]
-    if manifest.text_encoder_2 is not None:
-        wanted.append(("text_encoder_2", manifest.text_encoder_2, manifest.tokenizer_2_path, "tokenizer_2"))
     loaded: list[Any] = [None, None, None, None]
     for number, (name, info, tokenizer_path, tokenizer_name) in enumerate(wanted):
         encoder_path = join(pretrained, name) if pretrained else info.path
@@ -257,12 +269,12 @@ def _load_checked(manifest: LatentManifest, shards: str, pretrained: str | None)
             if not local.is_dir():
                 raise ConfigError(
                     f"{path}: the folder is missing; model.train_text_encoder=true loads it (set "
-                    "model.text_encoders.pretrained to a diffusers folder with the shards' encoders)"
+                    "model.text_encoders.pretrained to a diffusers folder with the data's encoders)"
                 )
         if fingerprint_folder(encoder_dir) != info.fingerprint:
             raise ConfigError(
-                f"{encoder_path}: not the {name} that encoded the latent shards in {shards} (its fingerprint differs "
-                f"from their manifest's); train from the encoder at {info.path}, or precompute the shards with this one"
+                f"{encoder_path}: not the {name} that encoded {made} (its fingerprint differs from the record); "
+                f"train from the encoder at {info.path}, or encode the data with this one"
             )
         loaded[2 * number] = get_class(f"transformers.{info.class_name}").from_pretrained(
             encoder_dir, local_files_only=True
