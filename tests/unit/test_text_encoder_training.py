@@ -248,3 +248,16 @@ def test_textual_inversion_and_dreambooth_refuse_the_switch():
     with pytest.raises(ConfigError, match="leave it false"):
         TextualInversionDiffusion(**parts, optimizer=None, text_encoder=None, tokenizer=None, textual_inversion={},
                                   train_text_encoder=True)  # fmt: skip
+
+
+def test_the_plan_counts_the_trained_encoder_from_its_config():
+    """``lf-train plan=true model.train_text_encoder=true``: the encoder is built from the base's config, no weights."""
+    from trainer.cli.plan_run import meta_module
+
+    overrides = ["plan.enabled=true", "model=pretrained", "plan.base=sd1", "plan.latent_size=8"]
+    module = meta_module(compose_config("train", [*overrides, "model.train_text_encoder=true"]))
+    assert module.text_encoder.device.type == "meta"
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert trained > 980e6  # SD 1.x's UNet (860 M) and CLIP ViT-L (123 M), both trained
+    with pytest.raises(ConfigError, match=r"plan\.base=sd1"):
+        meta_module(compose_config("train", ["plan.enabled=true", "model.train_text_encoder=true"]))
