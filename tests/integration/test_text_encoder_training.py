@@ -20,6 +20,8 @@ from tests.integration.cli import run_cli
 from trainer.cli.export import run_export
 from trainer.cli.train import run_train
 from trainer.interop.lora_formats import KOHYA_LORA_FILE
+from trainer.interop.lora_loading import load_lora
+from trainer.sampling.sampler import Sampler, SampleSettings
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +51,33 @@ def _same(folder_a: Path, folder_b: Path) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_encoder_lora_exports_its_keys_in_both_layouts(id_shards, pretrained_dir, tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_id_shards(raw_shards: Path, sdxl_pretrained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits' SDXL latent shards with both tokenizers' ids."""
+    out = tmp_path_factory.mktemp("sdxl_id_shards") / "latents"
+    precompute_digits(raw_shards, sdxl_pretrained_dir, out, "keep_token_ids=true")
+    return out
+
+
+def test_sdxl_encoder_adapters_train_export_in_both_layouts_and_sample(sdxl_id_shards, sdxl_pretrained_dir, tmp_path):
+    """SDXL: adapters on both encoders (and the UNet's, experiment=lora), the bases unchanged in the export, the
+    adapters in diffusers' file (``text_encoder.*``, ``text_encoder_2.*``) and kohya's (``lora_te1_``, ``lora_te2_``),
+    and lf-sample loads them."""
     run = tmp_path / "run"
-    run_train(compose_config("train", [*tiny_train_overrides(id_shards, run, steps=2), *TRAIN_TE, TE_LORA]))
+    overrides = [*tiny_train_overrides(sdxl_id_shards, run, steps=2), "model=sdxl_tiny", "experiment=lora"]
+    run_train(compose_config("train", [*overrides, *TRAIN_TE, TE_LORA]))
     export = _export(run, tmp_path / "export")
-    assert _same(export / "text_encoder", pretrained_dir / "text_encoder")  # the base; the adapters apart
+    assert _same(export / "text_encoder", sdxl_pretrained_dir / "text_encoder")  # the base; the adapters apart
     diffusers_keys = load_file(export / "lora" / "pytorch_lora_weights.safetensors")
-    assert {key.split(".")[0] for key in diffusers_keys} == {"text_encoder"}  # the UNet trained fully
-    kohya = load_file(export / "lora" / KOHYA_LORA_FILE)
-    assert kohya and all(key.startswith("lora_te_") for key in kohya)
+    assert {key.split(".")[0] for key in diffusers_keys} == {"unet", "text_encoder", "text_encoder_2"}
+    kohya = {key.split("_")[1] for key in load_file(export / "lora" / KOHYA_LORA_FILE)}
+    assert kohya == {"unet", "te1", "te2"}
+    sampler = Sampler.from_export(export, device="cpu")
+    file = export / "lora" / "pytorch_lora_weights.safetensors"
+    parts = load_lora(sampler.unet, sampler.text_encoder, file, text_encoder_2=sampler.text_encoder_2)
+    assert sorted(parts) == ["text_encoder", "text_encoder_2", "unet"]
+    images, _ = sampler.txt2img([PROMPT], [0], SampleSettings(steps=2, height=32, width=32))
+    assert images[0].size == (32, 32)
 
 
 STEPS = 4
