@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from data_pipelines.latents.text_encoding import TextEncoding, text_states
+from data_pipelines.latents.text_encoding import TextEncoding, chunked_token_ids, token_id_states
 
 SDXL_TEXT_OUTPUT = "penultimate+pooled"  # what the cache key records for SDXL shards
 
@@ -53,12 +53,37 @@ def sdxl_text_states(
         ``text`` ``(B, T, D1 + D2)``: both penultimate hidden states, concatenated; ``pooled``
         ``(B, P)``: the second encoder's projected pooled output.
     """
+    encoding = encoding or TextEncoding()
+    per_encoder = [texts, texts if texts_2 is None else texts_2]
+    ids = [chunked_token_ids(t, captions, encoding.chunks) for t, captions in zip(tokenizers, per_encoder, strict=True)]
+    return encode_token_ids_sdxl(text_encoders, ids[0], ids[1], encoding)
+
+
+def encode_token_ids_sdxl(
+    text_encoders: Sequence[CLIPTextModel | CLIPTextModelWithProjection],
+    ids: torch.Tensor,
+    ids_2: torch.Tensor,
+    encoding: TextEncoding | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's token ids -> ``(text, pooled)``, exactly what precompute stored for the same captions; with gradients
+    where the encoders train (``lf-train model.train_text_encoder=true``).
+
+    Args:
+        text_encoders: a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``.
+        ids, ids_2: ``(B, n, L)`` each, from the first and the second tokenizer
+            (:func:`~data_pipelines.latents.text_encoding.chunked_token_ids`; the shards' ``token_ids``,
+            ``token_ids_2``).
+        encoding: long prompts (``n = encoding.chunks``); ``clip_skip`` is refused for SDXL.
+
+    Returns:
+        ``text`` ``(B, T, D1 + D2)``: both penultimate hidden states, concatenated; ``pooled`` ``(B, P)``: the
+        second encoder's projected pooled output (its first chunk's).
+    """
     if encoding is not None:
         encoding.check_sdxl(True)
     states, pooled = [], None
-    per_encoder = [texts, texts if texts_2 is None else texts_2]
-    for tokenizer, encoder, captions in zip(tokenizers, text_encoders, per_encoder, strict=True):
-        hidden, projected = text_states(tokenizer, encoder, captions, encoding, penultimate=True)
+    for encoder, encoder_ids in zip(text_encoders, (ids, ids_2), strict=True):
+        hidden, projected = token_id_states(encoder, encoder_ids, encoding, penultimate=True)
         states.append(hidden)  # (B, T, D_i)
         if isinstance(encoder, CLIPTextModelWithProjection):
             pooled = projected  # (B, P)

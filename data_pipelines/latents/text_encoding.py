@@ -118,7 +118,8 @@ def text_states(
     encoding: TextEncoding | None = None,
     penultimate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Captions -> ``(states (B, T, D), pooled (B, P) or None)``, with gradients where the encoder trains.
+    """Captions -> ``(states (B, T, D), pooled (B, P) or None)``, with gradients where the encoder trains:
+    :func:`chunked_token_ids`, then :func:`token_id_states` (the one recipe).
 
     Args:
         tokenizer, text_encoder: a CLIP tokenizer and text model.
@@ -129,14 +130,45 @@ def text_states(
     Returns:
         The states, and the projected pooled output of a ``CLIPTextModelWithProjection`` (its first chunk's).
     """
+    encoding = encoding or TextEncoding()
+    ids = chunked_token_ids(tokenizer, texts, encoding.chunks)  # (B, n, L)
+    return token_id_states(text_encoder, ids, encoding, penultimate)
+
+
+def encode_token_ids(
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
+    ids: torch.Tensor,
+    encoding: TextEncoding | None = None,
+) -> torch.Tensor:
+    """Token ids ``(B, n, L)`` (:func:`chunked_token_ids`, as latent shards keep them) -> hidden states
+    ``(B, n (L - 2) + 2, D)`` (77 for one chunk), exactly what precompute stored for the same caption; with
+    gradients where the encoder trains (``lf-train model.train_text_encoder=true``).
+
+    Args:
+        text_encoder: a CLIP text model (SD 1.x/2.x's; SDXL's pair: :func:`data_pipelines.latents.sdxl_text.
+            encode_token_ids_sdxl`).
+        ids: ``n`` chunks of ``L`` ids per caption (``n = encoding.chunks``).
+        encoding: ``clip_skip`` (the layer read); default: the last layer.
+    """
+    return token_id_states(text_encoder, ids, encoding)[0]
+
+
+def token_id_states(
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
+    ids: torch.Tensor,
+    encoding: TextEncoding | None = None,
+    penultimate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids ``(B, n, L)`` -> ``(states (B, n (L - 2) + 2, D), pooled (B, P) or None)``: each chunk encoded on
+    its own, the layer ``clip_skip`` reads (or SDXL's ``penultimate``), the chunks joined as the module docstring
+    says; the pooled projection (a ``CLIPTextModelWithProjection``'s) of the first chunk."""
     import torch
 
     encoding = encoding or TextEncoding()
-    ids = chunked_token_ids(tokenizer, texts, encoding.chunks)  # (B, n, L)
     batch, chunks, _ = ids.shape
     device = next(text_encoder.parameters()).device
     hidden_needed = penultimate or encoding.clip_skip > 1
-    output = text_encoder(ids.flatten(0, 1).to(device), output_hidden_states=hidden_needed)
+    output = text_encoder(ids.flatten(0, 1).to(device, torch.long), output_hidden_states=hidden_needed)
     if penultimate:
         states = output.hidden_states[-2]  # (B * n, L, D)
     elif encoding.clip_skip > 1:

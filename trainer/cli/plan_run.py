@@ -34,6 +34,7 @@ PRETRAINED_PART = "trainer.interop.pretrained.pretrained_part"
 PRETRAINED_UNET = "trainer.interop.pretrained.pretrained_unet"
 PRETRAINED_SCHEDULER = "trainer.interop.pretrained.pretrained_noise_scheduler"
 TOKENIZER_PLACEHOLDER = "not loaded by the plan"
+SHARD_TEXT_ENCODERS = "trainer.modules.text_encoder_training.shard_text_encoders"  # model.train_text_encoder's
 
 
 def run_setup(cfg: DictConfig) -> RunSetup:
@@ -121,6 +122,8 @@ def meta_model_config(cfg: DictConfig) -> DictConfig:
             }
         elif target == PRETRAINED_PART and "tokenizer" in str(node.get("subfolder")):
             model[key] = TOKENIZER_PLACEHOLDER
+        elif target == SHARD_TEXT_ENCODERS:  # the encoders model.train_text_encoder trains, from their configs
+            model[key] = _planned_text_encoders(configs) if model.get("train_text_encoder") else None
         elif target == PRETRAINED_PART:
             model[key] = {
                 "_target_": "trainer.cli.plan_run.text_encoder_from_config",
@@ -134,6 +137,24 @@ def meta_model_config(cfg: DictConfig) -> DictConfig:
     assert isinstance(whole, dict)
     whole.update(model=model, data=_data_placeholders(cfg))
     return OmegaConf.create(whole).model
+
+
+def _planned_text_encoders(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``model.text_encoders`` for the plan: the encoders built from their configs, the tokenizers placeholders.
+
+    Raises:
+        ConfigError: no text encoder config (a model without ``model.pretrained`` and no ``plan.base``).
+    """
+    if "text_encoder" not in configs:
+        raise ConfigError("model.train_text_encoder=true: the plan builds the text encoder from model.pretrained's "
+                          "config; use model=pretrained, or plan a standard base: plan.base=sd1|sdxl")  # fmt: skip
+    parts: dict[str, Any] = {"_target_": "trainer.modules.text_encoder_training.TextEncoderParts"}
+    for name, class_name in (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")):
+        if name in configs:
+            parts[name] = {"_target_": "trainer.cli.plan_run.text_encoder_from_config",
+                           "class_name": f"transformers.{class_name}", "config": configs[name]}  # fmt: skip
+            parts[name.replace("text_encoder", "tokenizer")] = TOKENIZER_PLACEHOLDER
+    return parts
 
 
 def _data_placeholders(cfg: DictConfig) -> dict[str, Any]:

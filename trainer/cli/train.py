@@ -35,6 +35,7 @@ Keys::
     model.objective.loss_type  l2 | l1 | huber | smooth_l1 (objective=huber_snr: kohya's scheduled Huber)
     model.objective.multires_noise_iterations  pyramid noise levels (0: off; 6-10 as kohya)
     model.pretrained       model=pretrained: the diffusers folder to fine-tune (lf-import's out_dir)
+    model.train_text_encoder  true: the text encoder(s) train too (shards of lf-precompute keep_token_ids=true)
     ckpt_path              resume: a checkpoint, a folder of them, or last (s3://... too)
     output_dir             where logs go (local), and checkpoints unless callbacks.model_checkpoint.dirpath says
     callbacks.model_checkpoint.dirpath   the checkpoint folder; s3://bucket/run/checkpoints: staged, then uploaded

@@ -11,6 +11,8 @@ as :func:`~trainer.modules.prompt_encoding.encode_prompts_in_step` makes them, s
 the latents and SDXL's size/crop ``time_ids`` still come from the shards. UNet and text encoder are one module
 with one optimizer (a parameter group each, with its own learning rate), so DDP and DeepSpeed ZeRO
 see a single model; per-part learning rates come from the optimizer config (``optim.text_encoder_lr``, ...).
+The encoders' training machinery (adapters, SDXL's checks, the checkpoint's adapter records) is the one every
+run shares (:mod:`trainer.modules.text_encoder_training`, held by :class:`LatentDiffusion`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from data_pipelines.latents.text_encoding import TextEncoding
 from lf_common.errors import ConfigError
-from trainer.checkpoint.keys import CHECKPOINT_KEY
-from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.lora.adapters import LoraSettings
 from trainer.modules.latent_diffusion import LatentDiffusion
 from trainer.modules.prompt_encoding import encode_prompts_in_step
+from trainer.modules.text_encoder_training import TextEncoderParts
 
 
 class DreamBoothDiffusion(LatentDiffusion):
@@ -68,32 +70,21 @@ class DreamBoothDiffusion(LatentDiffusion):
         clip_skip: int = 1,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)  # collects our plain arguments as hyperparameters too
-        self.hparams["trains_text_encoder"] = text_encoder is not None
-        self.prior_loss_weight = prior_loss_weight
+        if kwargs.get("train_text_encoder"):
+            raise ConfigError(
+                "model.train_text_encoder=true trains on latent shards' token ids; DreamBooth encodes its prompts: "
+                "use experiment=dreambooth_text_encoder (or dreambooth_lora_text_encoder) and leave it false"
+            )
         if text_encoder is not None and (tokenizer is None or instance_prompt is None):
             raise ConfigError("training the text encoder needs model.tokenizer and model.instance_prompt")
         if text_encoder_lora is not None and text_encoder is None:
             raise ConfigError("model.text_encoder_lora needs model.text_encoder, the encoder to add adapters to")
-        check_sdxl_text_encoders(
-            self.sdxl, text_encoder, text_encoder_2, tokenizer_2, text_encoder_lora, text_encoder_2_lora
-        )
-        adapters = {"model.lora": self.lora, "model.text_encoder_lora": text_encoder_lora,
-                    "model.text_encoder_2_lora": text_encoder_2_lora}  # fmt: skip
-        kinds = {f"{key}.kind={lora.kind}" for key, lora in adapters.items() if lora is not None}
-        if len({kind.split("=")[1] for kind in kinds}) > 1:
-            raise ConfigError(f"{', '.join(sorted(kinds))}: the exported file holds one kind of adapter; set one kind")
-        self.text_encoder_lora, self.text_encoder_2_lora = text_encoder_lora, text_encoder_2_lora
-        for encoder, lora, key in ((text_encoder, text_encoder_lora, "model.text_encoder_lora"),
-                                   (text_encoder_2, text_encoder_2_lora, "model.text_encoder_2_lora")):  # fmt: skip
-            if encoder is not None:
-                encoder.train().requires_grad_(True)
-                if lora is not None:
-                    add_lora(encoder, lora, key)
-        if text_encoder_2 is not None:  # SDXL reads the first encoder's penultimate state: its last layer is idle
-            freeze_after_penultimate(text_encoder)
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        given = text_encoder is not None or text_encoder_2 is not None  # a lone second one is refused in the base
+        parts = TextEncoderParts(text_encoder, tokenizer, text_encoder_2, tokenizer_2) if given else None  # type: ignore[arg-type]
+        kwargs["text_encoders"] = parts  # the encoders' machinery is the base class's (text_encoder_training)
+        # collects our plain arguments as hyperparameters too
+        super().__init__(*args, text_encoder_lora=text_encoder_lora, text_encoder_2_lora=text_encoder_2_lora, **kwargs)
+        self.prior_loss_weight = prior_loss_weight
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
         self.text_encoding = TextEncoding(max_token_length, clip_skip)
         self.text_encoding.check_sdxl(self.sdxl)
@@ -123,54 +114,6 @@ class DreamBoothDiffusion(LatentDiffusion):
             self.log("train/prior_loss", prior_loss, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
-
-    def trained_text_encoders(self) -> list[torch.nn.Module]:
-        """The trained text encoders: the first and, for SDXL, the second (none when the prompts come from shards)."""
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        for key, lora in (
-            ("text_encoder_lora", self.text_encoder_lora),
-            ("text_encoder_2_lora", self.text_encoder_2_lora),
-        ):
-            if lora is not None:  # export rebuilds the adapters before loading the weights
-                checkpoint[CHECKPOINT_KEY][key] = lora.to_dict()
-
-
-def freeze_after_penultimate(text_encoder: CLIPTextModel) -> None:
-    """Freeze what follows the penultimate hidden state of SDXL's first encoder (its last layer, adapters
-    included, and the final layer norm): nothing of it reaches the loss, and DDP wants every trainable
-    parameter to get a gradient each step."""
-    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no text_model level
-    model.encoder.layers[-1].requires_grad_(False)
-    model.final_layer_norm.requires_grad_(False)
-
-
-def check_sdxl_text_encoders(
-    sdxl: bool,
-    text_encoder: CLIPTextModel | None,
-    text_encoder_2: CLIPTextModelWithProjection | None,
-    tokenizer_2: CLIPTokenizer | None,
-    text_encoder_lora: LoraSettings | None,
-    text_encoder_2_lora: LoraSettings | None,
-) -> None:
-    """Refuse trained text encoders that do not fit the UNet, with the recipe to use instead.
-
-    Raises:
-        ConfigError: an SDXL UNet with only the first encoder, a second encoder without the first, its
-            tokenizer or an SDXL UNet.
-    """
-    if text_encoder_2 is not None and not sdxl:
-        raise ConfigError("model.text_encoder_2 is SDXL's second encoder but the UNet is not SDXL's: drop it "
-                          "(experiment=dreambooth_text_encoder trains SD 1.x/2.x's one encoder)")  # fmt: skip
-    if text_encoder is not None and sdxl and text_encoder_2 is None:
-        raise ConfigError("an SDXL UNet conditions on two text encoders: train both with "
-                          "experiment=dreambooth_sdxl_text_encoder or experiment=dreambooth_lora_sdxl")  # fmt: skip
-    if text_encoder_2 is not None and (text_encoder is None or tokenizer_2 is None):
-        raise ConfigError("model.text_encoder_2 trains with model.text_encoder and needs model.tokenizer_2")
-    if text_encoder_2_lora is not None and text_encoder_2 is None:
-        raise ConfigError("model.text_encoder_2_lora needs model.text_encoder_2, the encoder to add adapters to")
 
 
 def batch_size(batch: dict[str, dict[str, torch.Tensor]]) -> int:

@@ -1,7 +1,9 @@
 """LatentDiffusion: trains a diffusers UNet on precomputed latents and text embeddings.
 
 The module holds the UNet only: no VAE and no text encoder run in the training step, because the
-latent shards already hold their outputs (see ``data_pipelines.latents.format``).
+latent shards already hold their outputs (see ``data_pipelines.latents.format``). With
+``train_text_encoder`` the text encoder(s) train too: the step encodes the shards' token ids
+(``lf-precompute keep_token_ids=true``) with them (:mod:`trainer.modules.text_encoder_training`).
 
 Stable Diffusion XL trains through the same module: a UNet whose config has
 ``addition_embed_type: text_time`` also receives ``added_cond_kwargs`` (``text_embeds``: the pooled
@@ -23,6 +25,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
+from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, LOSS_MASK_BATCH_KEY, SDXL_BATCH_KEYS
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
@@ -32,6 +35,14 @@ from trainer.interop.lora_formats import sdxl_lora_names
 from trainer.interop.lora_loading import trainable_adapters_from_file
 from trainer.lora.adapters import LoraSettings, add_lora
 from trainer.modules.param_groups import ParamGroupSettings, freeze_zero_lr_blocks, parameter_groups
+from trainer.modules.text_encoder_training import (
+    NO_TOKEN_IDS,
+    TOKEN_IDS,
+    TextEncoderParts,
+    encode_batch_token_ids,
+    prepare_for_training,
+    record_adapters,
+)
 
 log = logging.getLogger(__name__)
 NO_UNCOND_TEXT = (
@@ -83,6 +94,14 @@ class LatentDiffusion(L.LightningModule):
             shards with loss masks; samples without one come as ones): the weight is
             ``mask_floor + (1 - mask_floor) * mask`` (:meth:`pixel_weights`). The training data must hold masks.
         mask_floor: the weight of the masked-out part (0: it teaches nothing; e.g. 0.1 keeps a little of it).
+        train_text_encoder: train the text encoder(s) ``text_encoders`` too: each step encodes the batch's
+            ``token_ids`` ``(B, n, L)`` (SDXL: and ``token_ids_2``) with them, in the shards' recorded text encoding
+            (long prompts, ``clip_skip``), and a dropped caption is the empty caption's ids, encoded likewise.
+        text_encoders: the text encoder(s) that train and their tokenizer(s) (``model.text_encoders``: those that
+            made the shards); given, they train (DreamBooth's recipes give them and encode their prompts).
+        text_encoder_lora: when given, only LoRA/LyCORIS adapters on the (first) text encoder train.
+        text_encoder_2_lora: as ``text_encoder_lora``, for SDXL's second encoder (with ``train_text_encoder``,
+            ``None``: ``text_encoder_lora``'s settings).
 
     A schedule-free optimizer (``optim=schedule_free_adamw``) is switched to its training weights before each
     batch and to its evaluation weights after each optimizer step, so validation, the EMA, checkpoints and
@@ -94,7 +113,7 @@ class LatentDiffusion(L.LightningModule):
     #: from every ``__init__`` of the class chain.
     hparams_ignore: tuple[str, ...] = (
         "unet", "noise_scheduler", "optimizer", "lr_scheduler", "uncond_text", "objective", "lora", "uncond_pooled",
-        "param_groups",
+        "param_groups", "text_encoders", "text_encoder_lora", "text_encoder_2_lora",
     )  # fmt: skip
 
     def __init__(
@@ -119,6 +138,10 @@ class LatentDiffusion(L.LightningModule):
         param_groups: ParamGroupSettings | Mapping[str, Any] | None = None,
         masked_loss: bool = False,
         mask_floor: float = 0.0,
+        train_text_encoder: bool = False,
+        text_encoders: TextEncoderParts | None = None,
+        text_encoder_lora: LoraSettings | None = None,
+        text_encoder_2_lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore), logger=False)
@@ -158,6 +181,47 @@ class LatentDiffusion(L.LightningModule):
         self._first_step_started: float | None = None
         if compile_unet:
             unet.compile(**(compile_options or {}))
+        self._init_text_encoders(train_text_encoder, text_encoders, text_encoder_lora, text_encoder_2_lora)
+
+    def _init_text_encoders(
+        self,
+        train: bool,
+        parts: TextEncoderParts | None,
+        lora: LoraSettings | None,
+        lora_2: LoraSettings | None,
+    ) -> None:
+        """Hold the text encoders that train (``text_encoder``, ``text_encoder_2``: the export's keys), ready to train.
+
+        Raises:
+            ConfigError: ``train`` without encoders, adapters without training, or encoders that do not fit.
+        """
+        if train and parts is None:
+            raise ConfigError(
+                "model.train_text_encoder=true needs model.text_encoders (conf/model/*.yaml: the encoders that made "
+                "the shards, shard_text_encoders)"
+            )
+        if parts is None and (lora is not None or lora_2 is not None):
+            raise ConfigError("model.text_encoder_lora trains text-encoder adapters: set model.train_text_encoder=true")
+        if train and parts is not None and parts.text_encoder_2 is not None and lora_2 is None:
+            lora_2 = lora  # SDXL: the second encoder's adapters as the first's
+        self.train_text_encoder = train
+        self.text_encoder_lora, self.text_encoder_2_lora = lora, lora_2
+        if parts is not None:
+            prepare_for_training(parts, self.sdxl, lora, lora_2, self.lora)
+        self.text_encoder = parts.text_encoder if parts is not None else None
+        self.text_encoder_2 = parts.text_encoder_2 if parts is not None else None
+        self.tokenizer = parts.tokenizer if parts is not None else None
+        self.tokenizer_2 = parts.tokenizer_2 if parts is not None else None
+        self.hparams["trains_text_encoder"] = parts is not None
+        self.text_encoding: TextEncoding | None = None  # with train_text_encoder: the shards' (in setup)
+        self.uncond_token_ids: list[torch.Tensor | None] = []  # the empty caption's ids per tokenizer (in setup)
+
+    @property
+    def text_encoder_parts(self) -> TextEncoderParts | None:
+        """The text encoders that train and their tokenizers (``None``: none train)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            return None
+        return TextEncoderParts(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2)
 
     def setup(self, stage: str) -> None:
         """Take the empty caption's embedding from the data module when it was not given (data that a
@@ -182,6 +246,43 @@ class LatentDiffusion(L.LightningModule):
             self.uncond_text = self.uncond_text.to(self.trainer.strategy.root_device)
         if self.uncond_pooled is not None:
             self.uncond_pooled = self.uncond_pooled.to(self.trainer.strategy.root_device)
+        if self.train_text_encoder:
+            self._setup_token_ids(datamodule)
+
+    def _setup_token_ids(self, datamodule: Any) -> None:
+        """Take the shards' text encoding (long prompts, ``clip_skip``: as precompute encoded the captions) and the
+        empty caption's ids from the data module.
+
+        Raises:
+            ConfigError: the training shards hold no token ids.
+        """
+        if not getattr(datamodule, "token_ids", False):
+            raise ConfigError(NO_TOKEN_IDS.format(what="training"))
+        manifest = getattr(datamodule, "manifest", None)
+        self.text_encoding = TextEncoding.recorded(manifest.text_encoder.extra if manifest is not None else None)
+        self.text_encoding.check_sdxl(self.sdxl)
+        self.uncond_token_ids = [
+            getattr(datamodule, "uncond_token_ids", None),
+            getattr(datamodule, "uncond_token_ids_2", None),
+        ]
+
+    def encode_token_ids(self, batch: dict[str, torch.Tensor], drop: torch.Tensor | None = None) -> dict[str, Any]:
+        """``batch`` with ``text`` (SDXL: and ``pooled``) from its ``token_ids`` through the training encoders
+        (:func:`~trainer.modules.text_encoder_training.encode_batch_token_ids`), the ``drop`` ``(B,)`` samples'
+        ids replaced by the empty caption's first.
+
+        Raises:
+            ConfigError: a batch without token ids (validation shards without them), or dropout without the empty
+                caption's ids.
+        """
+        parts = self.text_encoder_parts
+        assert parts is not None
+        if TOKEN_IDS not in batch:
+            raise ConfigError(NO_TOKEN_IDS.format(what="validation" if not self.training else "training"))
+        if drop is not None and self.uncond_token_ids[0] is None:
+            raise ConfigError(NO_TOKEN_IDS.format(what="training") + " (the empty caption's uncond.token_ids.npy)")
+        encoding = self.text_encoding or TextEncoding()
+        return {**batch, **encode_batch_token_ids(parts, batch, encoding, self.uncond_token_ids, drop)}
 
     @property
     def sdxl(self) -> bool:
@@ -265,7 +366,11 @@ class LatentDiffusion(L.LightningModule):
         """
         latents = batch["latents"].float()
         drop = self.caption_drop_mask(latents.shape[0], latents.device, batch.get("caption_dropout"))
-        text = self.drop_captions(batch["text"].float(), drop)
+        if self.train_text_encoder:  # the dropped samples' ids are the empty caption's: text and pooled follow
+            batch = self.encode_token_ids(batch, drop)
+            text, drop = batch["text"].float(), None
+        else:
+            text = self.drop_captions(batch["text"].float(), drop)
         predictor = self._predictor(batch, self.added_conditioning(batch, drop))
         return self.objective.loss(
             predictor,
@@ -396,7 +501,10 @@ class LatentDiffusion(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout); also unmasked
-        with ``masked_loss``: it measures the whole image, the same number with or without masks."""
+        with ``masked_loss``: it measures the whole image, the same number with or without masks; with
+        ``train_text_encoder`` the text is the training encoders' of the batch's token ids."""
+        if self.train_text_encoder:
+            batch = self.encode_token_ids(batch)
         loss = fixed_timestep_loss(
             self._predictor(batch, self.added_conditioning(batch)),
             self.noise_scheduler,
@@ -443,8 +551,8 @@ class LatentDiffusion(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trained_text_encoders(self) -> list[torch.nn.Module]:
-        """The text encoders that train with the UNet (none here; DreamBooth's may)."""
-        return []
+        """The text encoders that train with the UNet: the first and, for SDXL, the second (none by default)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     def configure_optimizers(self) -> Any:
         groups = parameter_groups(self.unet, self.trained_text_encoders(), self.param_group_settings)
@@ -461,6 +569,8 @@ class LatentDiffusion(L.LightningModule):
         record["noise_scheduler_config"] = dict(self.noise_scheduler.config)
         if self.lora is not None:
             record["lora"] = self.lora.to_dict()
+        if self.text_encoder is not None:
+            record_adapters(record, self.text_encoder_lora, self.text_encoder_2_lora)
 
 
 def schedule_free_optimizers(optimizers: Sequence[Optimizer]) -> list[Optimizer]:

@@ -82,6 +82,11 @@ class TextualInversionDiffusion(LatentDiffusion):
         text_encoder_2_lora: LoraSettings | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("train_text_encoder"):
+            raise ConfigError(
+                "model.train_text_encoder=true trains whole text encoders; textual inversion trains new tokens' rows "
+                "beside frozen ones: leave it false (experiment=pivotal_lora trains a UNet LoRA with the rows)"
+            )
         super().__init__(*args, **kwargs)
         if self.sdxl != (text_encoder_2 is not None and tokenizer_2 is not None):
             raise ConfigError(
