@@ -29,7 +29,7 @@ def test_text_encoder_adapters_need_the_unets_one_kind_and_an_sdxl_second_encode
 def test_with_clip_skip_every_trainable_adapter_gets_a_gradient(clip_skip):
     """clip_skip=k reads hidden_states[-k] through the final norm: the last k-1 layers' adapters must be frozen, or
     DDP (find_unused_parameters=false) fails on their missing gradients."""
-    from trainer.modules.textual_inversion import freeze_unread_layers
+    from trainer.modules.text_encoder_training import freeze_unread_layers
 
     def trainable_without_gradient(freeze: bool) -> set[str]:
         torch.manual_seed(0)

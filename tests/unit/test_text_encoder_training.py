@@ -261,3 +261,18 @@ def test_the_plan_counts_the_trained_encoder_from_its_config():
     assert trained > 980e6  # SD 1.x's UNet (860 M) and CLIP ViT-L (123 M), both trained
     with pytest.raises(ConfigError, match=r"plan\.base=sd1"):
         meta_module(compose_config("train", ["plan.enabled=true", "model.train_text_encoder=true"]))
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_with_clip_skip_every_trainable_encoder_weight_gets_a_gradient(encoders_dir: Path, clip_skip: int):
+    """The shards' clip_skip=k reads hidden_states[-k]: the last k-1 layers are frozen in setup (DDP with
+    find_unused_parameters=false fails on trainable weights without a gradient), the rest still train."""
+    module = build(encoders_dir, caption_dropout=0.0)
+    extra = {"text_encoder": SimpleNamespace(extra={"clip_skip": clip_skip})}
+    module._setup_token_ids(SimpleNamespace(**{**vars(datamodule(module)), "manifest": SimpleNamespace(**extra)}))
+    module.compute_loss(batch(module)).loss.backward()
+    trainable = {n: p for n, p in module.text_encoder.named_parameters() if p.requires_grad}
+    assert trainable and [n for n, p in trainable.items() if p.grad is None] == []
+    frozen_layers = {n.split("layers.")[1].split(".")[0] for n, p in module.text_encoder.named_parameters()
+                     if "layers." in n and not p.requires_grad}  # fmt: skip
+    assert len(frozen_layers) == clip_skip - 1

@@ -27,7 +27,7 @@ from lf_common.errors import ConfigError
 from trainer.lora.adapters import LoraSettings
 from trainer.modules.latent_diffusion import LatentDiffusion
 from trainer.modules.prompt_encoding import encode_prompts_in_step
-from trainer.modules.text_encoder_training import TextEncoderParts
+from trainer.modules.text_encoder_training import TextEncoderParts, freeze_unread_layers
 
 
 class DreamBoothDiffusion(LatentDiffusion):
@@ -88,6 +88,8 @@ class DreamBoothDiffusion(LatentDiffusion):
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
         self.text_encoding = TextEncoding(max_token_length, clip_skip)
         self.text_encoding.check_sdxl(self.sdxl)
+        if not self.sdxl and self.text_encoder is not None:  # the layers after the one clip_skip reads idle
+            freeze_unread_layers(self.text_encoder, clip_skip)
 
     def encode_prompt(self, part: str, batch_size: int) -> dict[str, torch.Tensor]:
         """The trained text encoder(s)' conditioning of ``part``'s prompt: ``text`` ``(batch_size, T, D)``

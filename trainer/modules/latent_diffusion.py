@@ -40,6 +40,7 @@ from trainer.modules.text_encoder_training import (
     TOKEN_IDS,
     TextEncoderParts,
     encode_batch_token_ids,
+    freeze_unread_layers,
     prepare_for_training,
     record_adapters,
 )
@@ -261,6 +262,8 @@ class LatentDiffusion(L.LightningModule):
         manifest = getattr(datamodule, "manifest", None)
         self.text_encoding = TextEncoding.recorded(manifest.text_encoder.extra if manifest is not None else None)
         self.text_encoding.check_sdxl(self.sdxl)
+        if not self.sdxl and self.text_encoder is not None:  # before the optimizer and DDP: idle layers frozen
+            freeze_unread_layers(self.text_encoder, self.text_encoding.clip_skip)
         self.uncond_token_ids = [
             getattr(datamodule, "uncond_token_ids", None),
             getattr(datamodule, "uncond_token_ids_2", None),

@@ -122,6 +122,15 @@ def freeze_after_penultimate(text_encoder: CLIPTextModel) -> None:
     model.final_layer_norm.requires_grad_(False)
 
 
+def freeze_unread_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
+    """Freeze the layers after the one ``clip_skip`` reads (``k`` reads ``hidden_states[-k]``: the last ``k - 1``
+    layers, adapters included, idle; the final norm is read): nothing of them reaches the loss, and DDP wants every
+    trainable parameter to get a gradient each step (SDXL's first encoder: :func:`freeze_after_penultimate`)."""
+    if clip_skip > 1:
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers  # transformers 5: no text_model
+        layers[len(layers) - (clip_skip - 1) :].requires_grad_(False)
+
+
 def check_sdxl_text_encoders(
     sdxl: bool,
     text_encoder: CLIPTextModel | None,

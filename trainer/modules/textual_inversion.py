@@ -33,9 +33,9 @@ from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY, TEXT_ENCODER_KEYS
 from trainer.interop.embedding_files import Embedding, expand_prompt, read_embedding_file, save_embedding_files
 from trainer.lora.adapters import LoraSettings, add_lora
-from trainer.modules.dreambooth import freeze_after_penultimate
 from trainer.modules.latent_diffusion import LatentDiffusion
 from trainer.modules.prompt_encoding import encode_prompts_in_step
+from trainer.modules.text_encoder_training import freeze_after_penultimate, freeze_unread_layers
 from trainer.strategies.optimizer_support import TEXTUAL_INVERSION_SHARDED
 from trainer.textual_inversion.data import CAPTIONS
 from trainer.textual_inversion.new_tokens import (
@@ -213,15 +213,6 @@ class TextualInversionDiffusion(LatentDiffusion):
 
 
 KEYS = ("model.text_encoder_lora", "model.text_encoder_2_lora")
-
-
-def freeze_unread_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
-    """Freeze the layers after the one ``clip_skip`` reads (``k`` reads ``hidden_states[-k]``: the last ``k - 1``
-    layers, adapters included, idle; the final norm is read): nothing of them reaches the loss, and DDP wants every
-    trainable parameter to get a gradient each step (as :func:`freeze_after_penultimate` for SDXL)."""
-    if clip_skip > 1:
-        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers  # transformers 5: no text_model
-        layers[len(layers) - (clip_skip - 1) :].requires_grad_(False)
 
 
 def check_encoder_adapters(
