@@ -71,9 +71,17 @@ class UNetInputProbe(Callback):
 
 
 def run_overrides(
-    latent_dir: Path, out: Path, strategy: str, precision: str, devices: int, accelerator: str = "cpu"
+    latent_dir: Path,
+    out: Path,
+    strategy: str,
+    precision: str,
+    devices: int,
+    accelerator: str = "cpu",
+    warmup: bool = True,
 ) -> list[str]:
-    """``lf-train`` overrides of one matrix run (4 steps, accumulation 2, checkpoints every 2 steps, all kept)."""
+    """``lf-train`` overrides of one matrix run (4 steps, accumulation 2, checkpoints every 2 steps, all kept);
+    ``warmup``: the LR scheduler's warm-up shortened to 1 step (false: an optimizer that chose a scheduler
+    without one, ``optim=schedule_free_adamw``)."""
     return [
         f"strategy={strategy}",
         f"trainer.devices={devices}",
@@ -88,7 +96,7 @@ def run_overrides(
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        "lr_scheduler.num_warmup_steps=1",
+        *(["lr_scheduler.num_warmup_steps=1"] if warmup else []),
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.ema.decay=0.5",
@@ -106,9 +114,11 @@ def run_matrix(
     accelerator: str = "cpu",
     extra: tuple[str, ...] = (),
     buckets: dict[str, str] | None = None,
+    warmup: bool = True,
 ) -> None:
     """The two runs of each precision (see the module docstring); ``extra`` overrides are added to both;
-    ``buckets``: per precision, the URL its runs' checkpoints go under (``<url>/full``, ``<url>/resumed``)."""
+    ``buckets``: per precision, the URL its runs' checkpoints go under (``<url>/full``, ``<url>/resumed``);
+    ``warmup``: as :func:`run_overrides`."""
     for precision in precisions:
         full, resumed = out / precision / "full", out / precision / "resumed"
         remote = (buckets or {}).get(precision)
@@ -118,12 +128,16 @@ def run_matrix(
         run_train(
             compose_config(
                 "train",
-                [*run_overrides(latent_dir, full, strategy, precision, devices, accelerator), *extra, *folder["full"]],
+                [
+                    *run_overrides(latent_dir, full, strategy, precision, devices, accelerator, warmup),
+                    *extra,
+                    *folder["full"],
+                ],
             )
         )
         checkpoint = f"{remote}/full" if remote else full / "checkpoints"
         overrides = [
-            *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator),
+            *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator, warmup),
             *extra,
             *folder["resumed"],
             f"ckpt_path={checkpoint}/step-{RESUME_FROM:07d}.ckpt",

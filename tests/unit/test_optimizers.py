@@ -3,6 +3,8 @@ block LRs reach the right UNet blocks, and combinations that cannot train are re
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -12,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lf_common.errors import ConfigError
 from tests.conftest import compose_config
+from trainer.cli.fit_run import log_own_schedule
 from trainer.cli.hydra_app import optimizer_factories
 from trainer.modules.param_groups import block_index, parameter_groups, unet_blocks
 from trainer.strategies.optimizer_support import check_optimizer
@@ -112,7 +115,8 @@ def test_block_lrs_reach_their_blocks_and_zero_freezes():
 REFUSED = {  # overrides -> a phrase of the one-line refusal
     ("optim=schedule_free_adamw", "lr_scheduler=constant", "strategy=deepspeed_stage_2"): "DeepSpeed steps its own",
     ("optim=adafactor", "trainer.precision=bf16-true"): "use trainer.precision=bf16-mixed",
-    ("optim=schedule_free_adamw",): "use lr_scheduler=constant",
+    ("optim=schedule_free_adamw", "lr_scheduler=cosine_warmup"): "use lr_scheduler=constant",
+    ("lr_scheduler=constant_warmup", "optim=schedule_free_adamw"): "use lr_scheduler=constant",
     ("optim=adafactor", "strategy=fsdp"): "flat 1-D shards",
     ("optim=adafactor", "optim.relative_step=true"): "set optim.lr=null",
     ("optim=adafactor", "optim.relative_step=true", "optim.lr=null"): "use lr_scheduler=adafactor",
@@ -146,3 +150,25 @@ def test_combinations_that_cannot_train_are_refused_in_one_line(overrides):
 def test_combinations_that_train_are_accepted(overrides):
     cfg = compose_config("train", [*BASE, *overrides])
     check_optimizer(cfg)
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "scheduler"),
+    [  # the trials of lf-train -m optim=adamw,schedule_free_adamw: each composes its own optimizer's choice
+        ("train", ["optim=adamw"], "transformers.get_constant_schedule_with_warmup"),
+        ("train", ["optim=schedule_free_adamw"], "transformers.get_constant_schedule"),
+        ("train", ["optim=schedule_free_adamw", "experiment=dreambooth"], "transformers.get_constant_schedule"),
+        ("train_autoencoder", ["optim=schedule_free_adamw", "data.shards=x"], "transformers.get_constant_schedule"),
+    ],
+    ids=lambda o: " ".join(o) if isinstance(o, list) else o,
+)
+def test_a_schedule_free_optimizer_chooses_the_constant_scheduler_unless_one_is_given(
+    command, overrides, scheduler, caplog
+):
+    cfg = compose_config(command, ["trainer.accelerator=cpu", *overrides])
+    assert cfg.lr_scheduler._target_ == scheduler
+    check_optimizer(cfg)
+    with caplog.at_level(logging.INFO, logger="trainer.cli.fit_run"):
+        log_own_schedule(cfg)  # the run's one line about it
+    said = [r.getMessage() for r in caplog.records if "lr_scheduler=constant" in r.getMessage()]
+    assert len(said) == (0 if cfg.optim._target_ == "torch.optim.AdamW" else 1), said

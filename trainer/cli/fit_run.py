@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lf_common import object_store
 from trainer.cli.hydra_app import build_trainer, finishing_loggers, optimizer_factories
-from trainer.strategies.optimizer_support import check_optimizer
+from trainer.strategies.optimizer_support import check_optimizer, optimizer_family
 from trainer.strategies.precision import check_precision
 
 if TYPE_CHECKING:  # Lightning and torch are imported when a run starts (trainer.cli imports no framework)
@@ -59,6 +59,17 @@ def resume_from_config(cfg: DictConfig) -> tuple[str | None, str | None]:
     )
 
 
+def log_own_schedule(cfg: DictConfig) -> None:
+    """Say in one line that a schedule-free optimizer runs under the constant LR scheduler, which its option chose
+    (``conf/optim/schedule_free_adamw.yaml``), and where its own warm-up is set."""
+    if optimizer_family(str(cfg.optim.get("_target_", ""))) == "schedule_free":
+        log.info(
+            "optim (%s) warms up by itself (optim.warmup_steps=%s) and has no decay schedule: lr_scheduler=constant",
+            cfg.optim._target_,
+            cfg.optim.get("warmup_steps"),
+        )
+
+
 def fit_from_config(
     cfg: DictConfig, module_key: str, monitors: list[Callback] | None = None, param_groups: bool = False
 ) -> FitRun:
@@ -74,6 +85,7 @@ def fit_from_config(
     """
     check_precision(cfg.trainer)
     check_optimizer(cfg)
+    log_own_schedule(cfg)
     import lightning as L
 
     from data_pipelines.loading.monitoring import SkippedSamplesMonitor
