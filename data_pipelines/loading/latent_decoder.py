@@ -65,6 +65,15 @@ class LatentDecoder:
         self.caption_variants = manifest.caption_variants
         if self.caption_variants > 1:  # the caption side as NAME_variants
             self.names = tuple(f"{n}{VARIANTS_SUFFIX}" if n in CAPTION_VARIANT_KEYS else n for n in self.names)
+        self.text = True  # emit text (and SDXL's pooled); drop_text turns it off
+
+    def drop_text(self) -> None:
+        """Emit no ``text`` ``(T, D)`` (nor SDXL's ``pooled`` ``(P,)``, nor their ``_variants``): the training step
+        encodes the samples' ``token_ids`` itself (``model.train_text_encoder``), so the precomputed embeddings
+        would be batched and moved to the device only to be discarded. The members are still checked."""
+        dropped = {*TEXT_BATCH_KEYS, *(f"{key}{VARIANTS_SUFFIX}" for key in TEXT_BATCH_KEYS)}
+        self.names = tuple(name for name in self.names if name not in dropped)
+        self.text = False
 
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, ...]:
         variants = len(self.selection) > 1
@@ -86,7 +95,7 @@ class LatentDecoder:
         if variants:
             stored = [decoded.latent, *decoded.latent_variants]  # type: ignore[misc]
             latents = np.stack([stored[index] for index in self.selection])  # (V, C, h, w)
-        arrays: tuple[np.ndarray, ...] = (latents, decoded.text)
+        arrays: tuple[np.ndarray, ...] = (latents, decoded.text) if self.text else (latents,)
         if self.inpainting:
             arrays += (decoded.mask, decoded.masked_latent)
         if self.pooled_shape is not None:
@@ -97,7 +106,7 @@ class LatentDecoder:
                 time_ids = np.stack(
                     [micro_conditioning({**decoded.meta, **crops[index]}, origin) for index in self.selection]
                 )  # (V, 6)
-            arrays += (decoded.pooled, time_ids)
+            arrays += (decoded.pooled, time_ids) if self.text else (time_ids,)
         if self.token_ids_shape is not None:  # int32 on disk, int64 (an embedding's index dtype) in the batch
             arrays += tuple(ids.astype(np.int64) for ids in (decoded.token_ids, decoded.token_ids_2) if ids is not None)
         if self.loss_masks:
@@ -127,6 +136,7 @@ INPAINTING_BATCH_KEYS = ("mask", "masked_latents")
 SDXL_BATCH_KEYS = ("pooled", "time_ids")  # (B, P) float16 and (B, 6) int64: SDXL's added conditioning
 LOSS_MASK_BATCH_KEY = "loss_mask"  # (B, 1, h, w) float16 in [0, 1]: masked loss (ones for unmasked samples)
 TOKEN_IDS_BATCH_KEYS = ("token_ids", "token_ids_2")  # (B, n, L) int64 each: the captions' ids (SDXL: both)
+TEXT_BATCH_KEYS = ("text", "pooled")  # (B, T, D), SDXL's (B, P) float16: the precomputed text (LatentDecoder.drop_text)
 
 
 class LatentCollate:

@@ -16,6 +16,7 @@ from data_pipelines.latents.format import (
 )
 from data_pipelines.loading.latent_decoder import LatentCollate, LatentDecoder
 from data_pipelines.loading.streaming_module import StreamingDataModule
+from lf_common.errors import ConfigError
 
 
 class LatentShardDataModule(StreamingDataModule):
@@ -44,6 +45,9 @@ class LatentShardDataModule(StreamingDataModule):
         random_flip: draw the mirror images precompute stored (``flip=true``), one variant per sample
             and step; off for data a mirror changes (text, digits).
         use_crop_variants: draw the random crops precompute stored (``crops_per_image``).
+        skip_text: batch no ``text`` (nor SDXL's ``pooled``): the training step encodes ``token_ids`` itself
+            (``model.train_text_encoder``, which the config's ``data.skip_text`` follows); needs shards with token
+            ids (``lf-precompute keep_token_ids=true``), training and validation.
 
     Attributes:
         uncond_text: the empty caption's embedding ``(T, D)`` float32 (caption dropout, guidance).
@@ -59,11 +63,13 @@ class LatentShardDataModule(StreamingDataModule):
         epoch_samples: int | None = None,
         random_flip: bool = True,
         use_crop_variants: bool = True,
+        skip_text: bool = False,
         **loader: Any,
     ) -> None:
         super().__init__(**loader)
         self.random_flip = random_flip
         self.use_crop_variants = use_crop_variants
+        self.skip_text = skip_text
         self.train_dir = train_dir
         self.val_dir = val_dir
         self.manifest = LatentManifest.load(train_dir)
@@ -75,6 +81,9 @@ class LatentShardDataModule(StreamingDataModule):
         self.uncond_token_ids, self.uncond_token_ids_2 = uncond_token_ids(train_dir, self.manifest)
         self.val_manifest = LatentManifest.load(val_dir) if val_dir else None
         self.epoch_samples = epoch_samples or self.manifest.num_samples
+        for folder, manifest in ((train_dir, self.manifest), (val_dir, self.val_manifest)):
+            if skip_text and manifest is not None and not manifest.token_ids:
+                raise ConfigError(SKIP_TEXT_WITHOUT_IDS.format(folder=folder))
 
     draw_settings = (("random_flip", True), ("use_crop_variants", True))
 
@@ -92,11 +101,19 @@ class LatentShardDataModule(StreamingDataModule):
         """Whether training batches carry ``token_ids`` (the training shards hold token ids)."""
         return self.manifest.token_ids
 
+    def decoder(self, manifest: LatentManifest, train: bool) -> LatentDecoder:
+        """The decode step of a loader: training draws the stored variants as set, validation takes the first;
+        without the text with ``skip_text``."""
+        decoder = LatentDecoder(manifest, self.random_flip and train, self.use_crop_variants and train)
+        if self.skip_text:
+            decoder.drop_text()
+        return decoder
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(
             self.train_urls,
             self.epoch_samples,
-            (decoder := LatentDecoder(self.manifest, self.random_flip, self.use_crop_variants)),
+            (decoder := self.decoder(self.manifest, train=True)),
             LatentCollate(decoder.names),
             train=True,
             bucketed=bool(self.manifest.bucket_sizes),
@@ -109,11 +126,17 @@ class LatentShardDataModule(StreamingDataModule):
         return self._loader(
             urls,
             self.val_manifest.num_samples,
-            (decoder := LatentDecoder(self.val_manifest, random_flip=False, use_crop_variants=False)),
+            (decoder := self.decoder(self.val_manifest, train=False)),
             LatentCollate(decoder.names),
             train=False,
             bucketed=bool(self.val_manifest.bucket_sizes),
         )
+
+
+SKIP_TEXT_WITHOUT_IDS = (
+    "data.skip_text=true (model.train_text_encoder=true: the step encodes the token ids), but the latent shards in "
+    "{folder} hold no token ids: precompute them with lf-precompute keep_token_ids=true"
+)
 
 
 def uncond_token_ids(folder: str, manifest: LatentManifest) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -35,7 +35,7 @@ from data_pipelines.latents.format import (
 )
 from data_pipelines.latents.text_encoding import TextEncoding
 from data_pipelines.loading.latent_decoder import LatentCollate, LatentDecoder
-from data_pipelines.loading.latent_shards import LatentShardDataModule, uncond_token_ids
+from data_pipelines.loading.latent_shards import SKIP_TEXT_WITHOUT_IDS, LatentShardDataModule, uncond_token_ids
 from data_pipelines.loading.ranks import world_size
 from data_pipelines.loading.streaming_module import StreamingDataModule
 from data_pipelines.shards.corrupt_samples import SkipCounter
@@ -232,6 +232,7 @@ class MixedLatentDataModule(StreamingDataModule):
         epoch_samples: the samples an epoch covers (default: the sum of samples x repeats, or of the
             samples with weights).
         train_dir: not taken (the folders are in ``datasets``); given, it is refused.
+        skip_text: batch no ``text`` (nor ``pooled``): the step encodes ``token_ids`` (as ``data=latents``).
         **loader: the loader settings of ``data=latents`` (batch size, workers, shuffle buffer, seed, ...); its
             latent decoder settings (``random_flip``, ...) are every dataset's defaults.
 
@@ -247,6 +248,7 @@ class MixedLatentDataModule(StreamingDataModule):
         val_dir: str | None = None,
         epoch_samples: int | None = None,
         train_dir: str | None = None,
+        skip_text: bool = False,
         **loader: Any,
     ) -> None:
         defaults = {key: loader.pop(key) for key in decoder_settings() if key in loader}  # e.g. data.random_flip
@@ -267,6 +269,8 @@ class MixedLatentDataModule(StreamingDataModule):
         self.manifests = [self._manifest(i, spec) for i, spec in enumerate(self.specs)]
         check_compatible(self.specs, self.manifests)
         check_token_ids(self.specs, self.manifests)
+        if skip_text and not self.manifests[0].token_ids:
+            raise ConfigError(SKIP_TEXT_WITHOUT_IDS.format(folder=self.specs[0].path))
         self.urls = [m.shard_paths(s.path) for s, m in zip(self.specs, self.manifests, strict=True)]
         self.decoders = [
             LatentDecoder(m, **{**defaults, **s.decoder}) for s, m in zip(self.specs, self.manifests, strict=True)
@@ -275,6 +279,8 @@ class MixedLatentDataModule(StreamingDataModule):
         if self.loss_masks:  # a set without masks (e.g. regularization images) trains unmasked beside one with
             for decoder in self.decoders:
                 decoder.emit_loss_masks()
+        for decoder in self.decoders if skip_text else ():  # the step encodes the token ids (as data=latents)
+            decoder.drop_text()
         keys = {decoder.names for decoder in self.decoders}
         if len(keys) > 1:
             raise DataError(f"data.datasets: the folders' samples have different batch keys {sorted(keys)}")
@@ -287,7 +293,9 @@ class MixedLatentDataModule(StreamingDataModule):
         pooled = load_uncond_pooled(self.specs[0].path, reference)
         self.uncond_pooled = torch.from_numpy(pooled.astype(np.float32)) if pooled is not None else None
         self.uncond_token_ids, self.uncond_token_ids_2 = uncond_token_ids(self.specs[0].path, reference)
-        self.val = LatentShardDataModule(self.specs[0].path, val_dir, **loader) if val_dir else None
+        self.val = (
+            LatentShardDataModule(self.specs[0].path, val_dir, skip_text=skip_text, **loader) if val_dir else None
+        )
         log.info(
             "mixing %s",
             ", ".join(

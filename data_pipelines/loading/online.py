@@ -102,6 +102,9 @@ class OnlineImageDataModule(StreamingDataModule):
             :class:`~data_pipelines.transforms.captions.StepCaptionTricks`); not with ``caption_transform``.
         val_shards: optional held-out raw shards for ``val/loss`` (center crop, no augmentation).
         pretrained: the folder ``encoders`` were loaded from (the config's one key for them; not read here).
+        skip_text: encode no ``text``: the training step encodes the batch's ``token_ids`` with the encoder it
+            trains (``model.train_text_encoder``, which the config's ``data.skip_text`` follows), so the frozen text
+            encoder stays on the CPU (it still gives the empty caption's embedding).
         **loader: batch_size, num_workers, shuffle_buffer, resampled, seed, max_bad_fraction, bad_fraction_min_samples,
             shard_retries, shard_retry_delay_s (as :class:`~data_pipelines.loading.datamodules.LatentShardDataModule`).
 
@@ -123,9 +126,11 @@ class OnlineImageDataModule(StreamingDataModule):
         captions: dict[str, Any] | None = None,
         val_shards: Any = None,
         pretrained: str | None = None,
+        skip_text: bool = False,
         **loader: Any,
     ) -> None:
         super().__init__(**loader)
+        self.skip_text = skip_text
         if encoders.sdxl:
             raise ConfigError(
                 "data=images_online encodes with one text encoder (SD 1.x/2.x); an SDXL folder needs pooled text and "
@@ -176,21 +181,24 @@ class OnlineImageDataModule(StreamingDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Encode the batch on its device: ``pixels`` and ``captions`` become ``latents`` ``(B, C, h, w)`` and
-        ``text`` ``(B, T, D)`` (no gradient), as a latent shard's batch, with the captions' ``token_ids``
-        ``(B, n, L)`` int64 (the ids ``text`` is encoded from: the same ``chunked_token_ids``)."""
+        ``text`` ``(B, T, D)`` (no gradient; none with ``skip_text``), as a latent shard's batch, with the captions'
+        ``token_ids`` ``(B, n, L)`` int64 (the ids ``text`` is encoded from: the same ``chunked_token_ids``)."""
         if not (isinstance(batch, dict) and "pixels" in batch):
             return batch
         pixels = batch.pop("pixels")
         encoders = self._encoders_on(pixels.device)
         captions = batch.pop("captions")
         batch["latents"] = encoders.encode_images(pixels)
-        batch["text"] = encoders.encode_captions(captions)
+        if not self.skip_text:
+            batch["text"] = encoders.encode_captions(captions)
         batch["token_ids"] = encoders.token_ids(captions)[0].to(pixels.device)
         return batch
 
     def _encoders_on(self, device: torch.device) -> FrozenEncoders:
-        """The encoders, moved to ``device`` the first time a batch arrives there."""
+        """The encoders, moved to ``device`` the first time a batch arrives there (the text encoder only when it
+        encodes the batches: not with ``skip_text``)."""
         if self.encoders.device != device:
             self.encoders.vae.to(device)
-            self.encoders.text_encoder.to(device)
+            if not self.skip_text:
+                self.encoders.text_encoder.to(device)
         return self.encoders

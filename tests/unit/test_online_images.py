@@ -87,6 +87,21 @@ def test_online_batches_are_what_precompute_stores(raw_shards, pretrained_dir, l
     assert torch.allclose(batch["text"], data.encoders.encode_captions(captions))
 
 
+def test_skip_text_runs_no_frozen_text_encoder_in_the_step(raw_shards, pretrained_dir, tmp_path):
+    """``model.train_text_encoder=true`` (``data.skip_text``): the step encodes the ids with the encoder it trains."""
+    cfg = compose_config("train", online_overrides(raw_shards, pretrained_dir, tmp_path, "data.crop=center",
+                                                   "model.train_text_encoder=true"))  # fmt: skip
+    data = instantiate(cfg.data)
+    calls = []
+    data.encoders.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    raw = next(iter(data.train_dataloader()))
+    captions = list(raw["captions"])
+    batch = data.on_after_batch_transfer(raw, 0)
+    assert "text" not in batch and not calls
+    assert batch["latents"].shape == (8, 4, 8, 8)
+    assert torch.equal(batch["token_ids"], data.encoders.token_ids(captions)[0])
+
+
 def test_random_augmentation_changes_what_each_step_sees(raw_shards, pretrained_dir, tmp_path):
     seen = []
 

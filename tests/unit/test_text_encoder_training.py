@@ -276,3 +276,16 @@ def test_with_clip_skip_every_trainable_encoder_weight_gets_a_gradient(encoders_
     frozen_layers = {n.split("layers.")[1].split(".")[0] for n, p in module.text_encoder.named_parameters()
                      if "layers." in n and not p.requires_grad}  # fmt: skip
     assert len(frozen_layers) == clip_skip - 1
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_the_step_needs_no_precomputed_text(encoders_dir: Path, sdxl: bool):
+    """``data.skip_text`` batches (``model.train_text_encoder=true``) hold ids but no ``text`` (nor ``pooled``)."""
+    module = build(encoders_dir, sdxl=sdxl, caption_dropout=0.5)
+    full = batch(module)
+    lean = {key: value for key, value in full.items() if key not in ("text", "pooled")}
+    torch.manual_seed(2)
+    expected = module.compute_loss(full).loss
+    torch.manual_seed(2)
+    loss = module.compute_loss(lean).loss
+    assert torch.equal(loss, expected)  # the precomputed text was never read

@@ -32,7 +32,7 @@ from data_pipelines.loading.datamodules import LatentShardDataModule
 from data_pipelines.loading.mixed import MixedLatentDataModule
 from data_pipelines.raw.sources.base import SourceItem
 from data_pipelines.raw.writer import write_raw_shards
-from lf_common.errors import CorruptSampleError, DataError
+from lf_common.errors import ConfigError, CorruptSampleError, DataError
 from tests.conftest import save_tiny_vae
 from trainer.cli.hydra_app import compose_config
 from trainer.cli.precompute import run_precompute
@@ -208,3 +208,38 @@ def test_sdxl_shards_hold_both_tokenizers_ids_for_their_two_encoders(root: Path)
     data.trainer = SimpleNamespace(training=True, current_epoch=0)
     batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
     assert batch["token_ids_2"].shape == (8, 1, 77) and batch["pooled"].shape[0] == 8
+
+
+def batch_bytes(batch: dict) -> int:
+    return sum(value.nbytes for value in batch.values() if isinstance(value, torch.Tensor))
+
+
+def test_skip_text_batches_the_same_ids_and_latents_without_the_text(id_latents: Path, root: Path):
+    """``data.skip_text`` (``model.train_text_encoder=true``): the step encodes the ids, so no ``text`` is batched;
+    the rest of each batch, the drawn caption variant included, is what it would have been."""
+    full, lean = (
+        LatentShardDataModule(str(id_latents), val_dir=str(id_latents), resampled=False, skip_text=skip, **LOADER)
+        for skip in (False, True)
+    )
+    sizes = []
+    for data in (full, lean):
+        data.trainer = SimpleNamespace(training=True, current_epoch=0)
+    for a, b in zip(full.train_dataloader(), lean.train_dataloader(), strict=True):
+        a, b = full.on_before_batch_transfer(a, 0), lean.on_before_batch_transfer(b, 0)
+        assert set(a) - set(b) == {"text"} and set(b) <= set(a)
+        assert all(torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k] for k in b)
+        sizes.append((batch_bytes(a), batch_bytes(b)))
+    assert sizes and all(lean_bytes < full_bytes for full_bytes, lean_bytes in sizes)
+    lean.trainer = SimpleNamespace(training=False, current_epoch=0)
+    validation = lean.on_before_batch_transfer(next(iter(lean.val_dataloader())), 0)
+    assert "text" not in validation and validation["token_ids"].shape[1:] == (1, 77)
+    plain = precompute(root, root / "sd", "without_ids")
+    with pytest.raises(ConfigError, match="keep_token_ids=true"):
+        LatentShardDataModule(str(plain), skip_text=True, **LOADER)
+
+
+@pytest.mark.parametrize("data", ["latents", "mixed", "images_online"])
+def test_skip_text_follows_train_text_encoder(data: str):
+    for train in (False, True):
+        cfg = compose_config("train", [f"data={data}", f"model.train_text_encoder={str(train).lower()}"])
+        assert cfg.data.skip_text is train

@@ -55,6 +55,12 @@ def unet_train_flops(unet_config: dict[str, Any], latents: torch.Size, text: tor
     )
 
 
+def text_shape(trainer: L.Trainer, batch_size: int) -> tuple[int, ...]:
+    """``(B, T, D)`` of the text the UNet attends to, for a batch that holds none (``data.skip_text``: the step
+    encodes the token ids): the shape of the data's empty caption ``(T, D)``, which the step's text shares."""
+    return (batch_size, *trainer.datamodule.uncond_text.shape)
+
+
 class UNetThroughputMonitor(ThroughputMonitor):
     """``ThroughputMonitor`` that counts the UNet's FLOPs per batch and logs MFU.
 
@@ -79,7 +85,8 @@ class UNetThroughputMonitor(ThroughputMonitor):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if getattr(pl_module, "flops_per_batch", None) is None and "latents" in batch:
             with single_rank_work("FLOP count", trainer.global_step, worker=None):  # ranks meet outside the PG timeout
-                flops = unet_train_flops(dict(pl_module.unet.config), batch["latents"].shape, batch["text"].shape)
+                text = batch["text"].shape if "text" in batch else text_shape(trainer, batch["latents"].shape[0])
+                flops = unet_train_flops(dict(pl_module.unet.config), batch["latents"].shape, text)
             pl_module.flops_per_batch = flops
             if trainer.is_global_zero:
                 log.info("UNet forward+backward: %.3g FLOPs per batch of %d", flops, batch["latents"].shape[0])
