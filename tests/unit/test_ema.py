@@ -183,3 +183,19 @@ def test_a_checkpoint_without_the_trained_parameters_average_is_refused_in_one_l
     trainer = bare_trainer(max_steps=1)
     with pytest.raises(DataError, match=r"key 'ema_state_dict' has no average of 'unet\..*lora_A.*callbacks.ema=null"):
         resumed.on_load_checkpoint(trainer, module, {"state_dict": foreign, EMA_STATE_KEY: foreign})
+
+
+EMA_ON = "callbacks.ema={_target_:trainer.callbacks.ema.EMA,decay:0.999}"  # as docs/lora.md says
+
+
+@pytest.mark.parametrize(
+    "experiment", ["dreambooth_lora", "dreambooth_lora_sdxl", "pivotal_lora", "textual_inversion_sdxl"]
+)
+def test_recipes_without_ema_take_it_back_from_the_command_line(experiment):
+    """The adapter and embedding recipes turn the EMA off; the documented override turns it on again
+    (``callbacks=default`` would not: the recipe's ``ema: null`` is merged after the group)."""
+    off = compose_config("train", [f"experiment={experiment}", "callbacks=default"])
+    assert off.callbacks.ema is None
+    on = compose_config("train", [f"experiment={experiment}", EMA_ON])
+    callback = instantiate(on.callbacks.ema)
+    assert isinstance(callback, EMA) and callback.decay == 0.999
