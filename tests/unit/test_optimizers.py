@@ -117,6 +117,7 @@ REFUSED = {  # overrides -> a phrase of the one-line refusal
     ("optim=adafactor", "trainer.precision=bf16-true"): "use trainer.precision=bf16-mixed",
     ("optim=schedule_free_adamw", "lr_scheduler=cosine_warmup"): "use lr_scheduler=constant",
     ("lr_scheduler=constant_warmup", "optim=schedule_free_adamw"): "use lr_scheduler=constant",
+    ("experiment=demo_digits", "optim=schedule_free_adamw"): "add optim.warmup_steps=50 ~lr_scheduler.num_warmup",
     ("optim=adafactor", "strategy=fsdp"): "flat 1-D shards",
     ("optim=adafactor", "optim.relative_step=true"): "set optim.lr=null",
     ("optim=adafactor", "optim.relative_step=true", "optim.lr=null"): "use lr_scheduler=adafactor",
@@ -143,6 +144,12 @@ def test_combinations_that_cannot_train_are_refused_in_one_line(overrides):
     [
         ("optim=adafactor", "optim.relative_step=true", "optim.lr=null", "lr_scheduler=adafactor"),
         ("optim=schedule_free_adamw", "lr_scheduler=constant", "strategy=fsdp"),
+        (
+            "experiment=demo_digits",
+            "optim=schedule_free_adamw",
+            "optim.warmup_steps=50",
+            "~lr_scheduler.num_warmup_steps",
+        ),
         ("optim=lion", "strategy=deepspeed_stage_2_offload"),
     ],
     ids=lambda o: " ".join(o),

@@ -61,6 +61,13 @@ def optimizer_problem(optim: Any, lr_scheduler: Any, strategy: str, precision: s
                 f"{name} has no decay schedule and warms up itself (optim.warmup_steps); lr_scheduler ({scheduler}) "
                 "would schedule it twice: use lr_scheduler=constant"
             )
+        warmup = lr_scheduler.get("num_warmup_steps") if lr_scheduler else None
+        if warmup is not None:  # an experiment's warm-up (demo_digits) merged into the constant schedule
+            return (
+                f"{name} warms up itself, but lr_scheduler.num_warmup_steps={warmup} (set by an experiment or the "
+                f"command line) asks the constant schedule for a warm-up too: add optim.warmup_steps={warmup} "
+                "~lr_scheduler.num_warmup_steps"
+            )
     if family == "adafactor":
         if strategy in SHARDED:
             return (
