@@ -299,3 +299,53 @@ def test_with_clip_skip_every_trainable_encoder_weight_gets_a_gradient(encoders_
     frozen_layers = {n.split("layers.")[1].split(".")[0] for n, p in module.text_encoder.named_parameters()
                      if "layers." in n and not p.requires_grad}  # fmt: skip
     assert len(frozen_layers) == clip_skip - 1
+
+
+def test_sd_encoder_adapters_alone_train_and_the_export_loads_in_the_sampler(encoders_dir: Path, tmp_path: Path):
+    """SD 1.x, ``model.train_text_encoder=true`` with ``model.text_encoder_lora`` (the UNet trains fully): after two
+    steps only the encoder's adapters changed in it (its base weights bit-identical), and lf-export's LoRA files
+    (diffusers' ``text_encoder.*``, kohya's ``lora_te_*``) load in the sampler (``lf-sample lora=``) to the
+    encoder that trained."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import save_tiny_vae
+    from trainer.checkpoint.export import export_pipeline
+    from trainer.checkpoint.keys import CHECKPOINT_KEY
+    from trainer.interop.lora_formats import KOHYA_LORA_FILE
+    from trainer.sampling.loading import load_lora_file
+    from trainer.sampling.sampler import Sampler
+
+    module = build(encoders_dir, text_encoder_lora=TE_LORA, caption_dropout=0.0)
+    data = batch(module)
+    before = {k: v.clone() for k, v in module.text_encoder.state_dict().items()}
+    optimizer = module.configure_optimizers()
+    for _ in range(2):
+        optimizer.zero_grad()
+        module.compute_loss(data).loss.backward()
+        optimizer.step()
+    changed = {k for k, v in module.text_encoder.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_" in k for k in changed)
+
+    save_tiny_vae(tmp_path)
+    checkpoint = {"state_dict": module.state_dict(), "global_step": 2, CHECKPOINT_KEY: {"latent_manifest": {
+        "vae": {"path": str(tmp_path / "vae")}, "text_encoder": {"path": str(encoders_dir / "text_encoder")},
+        "tokenizer_path": str(encoders_dir / "tokenizer")}}}  # fmt: skip
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    export = export_pipeline(tmp_path / "last.ckpt", tmp_path / "export")
+    assert {key.split("_")[1] for key in load_file(export / "lora" / KOHYA_LORA_FILE)} == {"te"}  # the UNet: unet/
+    assert {key.split(".")[0] for key in load_file(export / "lora" / "pytorch_lora_weights.safetensors")} == {
+        "text_encoder"
+    }
+    ids = data["token_ids"][:, 0]  # (B, L)
+    with torch.no_grad():
+        trained = module.text_encoder(ids).last_hidden_state
+    for file in ("pytorch_lora_weights.safetensors", KOHYA_LORA_FILE):
+        sampler = Sampler.from_export(export, device="cpu")
+        with torch.no_grad():
+            base = sampler.text_encoder(ids).last_hidden_state
+        assert load_lora_file(export / "lora" / file, sampler.unet, [sampler.tokenizer], [sampler.text_encoder]) == []
+        with torch.no_grad():
+            loaded = sampler.text_encoder(ids).last_hidden_state
+        assert not torch.allclose(base, trained, atol=1e-4)  # the adapters matter
+        torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
