@@ -78,10 +78,12 @@ def run_overrides(
     devices: int,
     accelerator: str = "cpu",
     warmup: bool = True,
+    ema: bool = True,
 ) -> list[str]:
     """``lf-train`` overrides of one matrix run (4 steps, accumulation 2, checkpoints every 2 steps, all kept);
     ``warmup``: the LR scheduler's warm-up shortened to 1 step (false: an optimizer that chose a scheduler
-    without one, ``optim=schedule_free_adamw``)."""
+    without one, ``optim=schedule_free_adamw``); the EMA at decay 0.5 unless ``ema`` is false (the run keeps its
+    config's, e.g. none for LoRA experiments)."""
     return [
         f"strategy={strategy}",
         f"trainer.devices={devices}",
@@ -99,7 +101,7 @@ def run_overrides(
         *(["lr_scheduler.num_warmup_steps=1"] if warmup else []),
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.model_checkpoint.save_top_k=-1",
-        "callbacks.ema.decay=0.5",
+        *(["callbacks.ema.decay=0.5"] if ema else []),
         "+callbacks.unet_inputs._target_=tests.integration.precision_matrix.UNetInputProbe",
         f"+callbacks.unet_inputs.path={out / 'unet_inputs.json'}",
     ]
@@ -115,10 +117,11 @@ def run_matrix(
     extra: tuple[str, ...] = (),
     buckets: dict[str, str] | None = None,
     warmup: bool = True,
+    ema: bool = True,
 ) -> None:
     """The two runs of each precision (see the module docstring); ``extra`` overrides are added to both;
     ``buckets``: per precision, the URL its runs' checkpoints go under (``<url>/full``, ``<url>/resumed``);
-    ``warmup``: as :func:`run_overrides`."""
+    ``warmup``, ``ema``: as :func:`run_overrides`."""
     for precision in precisions:
         full, resumed = out / precision / "full", out / precision / "resumed"
         remote = (buckets or {}).get(precision)
@@ -129,7 +132,7 @@ def run_matrix(
             compose_config(
                 "train",
                 [
-                    *run_overrides(latent_dir, full, strategy, precision, devices, accelerator, warmup),
+                    *run_overrides(latent_dir, full, strategy, precision, devices, accelerator, warmup=warmup, ema=ema),
                     *extra,
                     *folder["full"],
                 ],
@@ -137,7 +140,7 @@ def run_matrix(
         )
         checkpoint = f"{remote}/full" if remote else full / "checkpoints"
         overrides = [
-            *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator, warmup),
+            *run_overrides(latent_dir, resumed, strategy, precision, devices, accelerator, warmup=warmup, ema=ema),
             *extra,
             *folder["resumed"],
             f"ckpt_path={checkpoint}/step-{RESUME_FROM:07d}.ckpt",
@@ -225,14 +228,23 @@ def main() -> None:
     parser.add_argument("--precisions", required=True, help="comma-separated")
     parser.add_argument("--extra", action="append", default=[], help="an lf-train override added to every run")
     parser.add_argument("--bucket", action="append", default=[], help="PRECISION=URL: its checkpoints go there")
+    parser.add_argument(
+        "--strategy-extra", action="append", default=[], help="STRATEGY=OVERRIDE: added to that strategy's runs only"
+    )
+    parser.add_argument("--no-ema", action="store_true", help="keep the config's EMA setting (LoRA's: none)")
     args = parser.parse_args()
     devices = int(os.environ.get("WORLD_SIZE", "1"))
     buckets = dict(item.split("=", 1) for item in args.bucket)
     strategies = args.strategy.split(",")
+    own: dict[str, list[str]] = {strategy: [] for strategy in strategies}
+    for item in args.strategy_extra:
+        strategy, override = item.split("=", 1)
+        own[strategy].append(override)
     for strategy in strategies:  # one launch: the imports and the process group are paid once
         out = args.out / strategy if len(strategies) > 1 else args.out
+        extra = (*args.extra, *own[strategy])
         run_matrix(out=out, strategy=strategy, latent_dir=args.latents, precisions=args.precisions.split(","),
-                   devices=devices, extra=tuple(args.extra), buckets=buckets)  # fmt: skip
+                   devices=devices, extra=extra, buckets=buckets, ema=not args.no_ema)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """``lf-train model.train_text_encoder=true`` on the digits' token-id shards (``lf-precompute keep_token_ids=true``):
 the encoder trains with the UNet, the export holds it (full: ``text_encoder/``; LoRA: its keys in diffusers' and
-kohya's LoRA files) and diffusers' pipeline encodes a prompt to what our encoder gives; under DDP (2 processes) and
-DeepSpeed ZeRO-2 in bf16 a resumed run equals the uninterrupted one bit for bit."""
+kohya's LoRA files) and diffusers' pipeline encodes a prompt to what our encoder gives; under DDP and DeepSpeed ZeRO-2
+(2 processes, bf16, one torchrun launch of ``tests/integration/precision_matrix.py``) a run resumed from step 2 equals
+the uninterrupted one bit for bit at step 4."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from data_pipelines.latents.text_encoding import chunked_token_ids, encode_token_ids
 from tests.conftest import compose_config, precompute_digits, tiny_train_overrides
 from tests.integration.checkpoints import assert_resume_is_exact
-from tests.integration.cli import run_cli
+from tests.integration.precision_matrix import STEPS
 from trainer.cli.export import run_export
 from trainer.cli.train import run_train
 from trainer.interop.lora_formats import KOHYA_LORA_FILE
@@ -80,16 +84,9 @@ def test_sdxl_encoder_adapters_train_export_in_both_layouts_and_sample(sdxl_id_s
     assert images[0].size == (32, 32)
 
 
-STEPS = 4
-
-
-def _two_processes(shards: Path, out: Path, strategy: str, precision: str, *extra: str) -> list[str]:
-    return [
-        f"strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu", f"trainer.precision={precision}",
-        f"data.train_dir={shards}", f"output_dir={out}", f"trainer.max_steps={STEPS}", "data.batch_size=8",
-        "data.num_workers=0", "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.model_checkpoint.save_top_k=-1", "callbacks.ema.decay=0.5", *TRAIN_TE, *extra,
-    ]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[2]
+STRATEGIES = ["ddp", "deepspeed_stage_2"]
+PRECISION = "bf16-mixed"
 
 
 def assert_exported_encoder_trained_and_diffusers_encodes_as_we_do(export: Path, base: Path) -> None:
@@ -104,24 +101,37 @@ def assert_exported_encoder_trained_and_diffusers_encodes_as_we_do(export: Path,
     assert torch.equal(theirs, ours)
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(id_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<runs>/<strategy>/bf16-mixed/{full,resumed}``: 4 steps and the resume from step 2 under DDP and ZeRO-2 on 2
+    processes, in one torchrun launch (the imports are paid once); DDP's runs also validate once, at the end."""
+    out = tmp_path_factory.mktemp("text_encoder_two_processes")
+    validation = [f"data.val_dir={id_shards}", "+trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=8",
+                  "+trainer.limit_val_batches=1"]  # fmt: skip
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.integration.precision_matrix",
+               f"--latents={id_shards}", f"--out={out}", f"--strategy={','.join(STRATEGIES)}",
+               f"--precisions={PRECISION}", *(f"--extra={override}" for override in TRAIN_TE),
+               *(f"--strategy-extra=ddp={override}" for override in validation)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize(("strategy", "precision"), [("ddp", "32-true"), ("deepspeed_stage_2", "bf16-mixed")])
-def test_resume_is_bit_identical_on_two_processes(id_shards, pretrained_dir, tmp_path, strategy, precision):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_is_bit_identical_on_two_processes(two_process_runs, pretrained_dir, tmp_path, strategy):
     """Also, under DDP: the validation loss encodes the validation shards' ids, and the export holds the encoder."""
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    validation = [f"data.val_dir={id_shards}", f"trainer.val_check_interval={STEPS}", "+trainer.limit_val_batches=1"]
-    validation = validation if strategy == "ddp" else []
-    result = run_cli("lf-train", *_two_processes(id_shards, whole, strategy, precision, *validation), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    middle = whole / "checkpoints" / f"step-{STEPS // 2:07d}.ckpt"
-    args = _two_processes(id_shards, resumed, strategy, precision, f"ckpt_path={middle}")
-    result = run_cli("lf-train", *args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    full, resumed = (
+        two_process_runs / strategy / PRECISION / "full",
+        two_process_runs / strategy / PRECISION / "resumed",
+    )
     final = f"step-{STEPS:07d}.ckpt"
-    assert_resume_is_exact(resumed / "checkpoints" / final, whole / "checkpoints" / final)
-    if validation:
-        (metrics,) = (whole / "csv").rglob("metrics.csv")
+    assert_resume_is_exact(resumed / "checkpoints" / final, full / "checkpoints" / final)
+    if strategy == "ddp":
+        (metrics,) = (full / "csv").rglob("metrics.csv")
         assert "val/loss" in metrics.read_text().splitlines()[0]
-        assert_exported_encoder_trained_and_diffusers_encodes_as_we_do(
-            _export(whole, tmp_path / "export"), pretrained_dir
-        )
+        export = tmp_path / "export"
+        run_export(compose_config("export", [f"ckpt_path={full / 'checkpoints' / final}", f"out_dir={export}"]))
+        assert_exported_encoder_trained_and_diffusers_encodes_as_we_do(export, pretrained_dir)

@@ -336,3 +336,30 @@ def test_sdxl_pivotal_tuning_with_both_encoders_adapters_reloads_in_lf_sample_an
         theirs_unet = pipe.unet(x, t, text, added_cond_kwargs=added).sample
         ours_unet = sampler.unet(x, t, text, added_cond_kwargs=added).sample
     assert torch.equal(ours_text, text) and torch.equal(ours_pooled, pooled) and torch.equal(ours_unet, theirs_unet)
+
+
+def test_pivotal_tuning_with_loha_bundles_the_embeddings_in_the_lycoris_file(base_model, latent_dir, tmp_path):
+    """experiment=pivotal_lora with +model.lora.kind=loha: the export's LyCORIS file (lora_lycoris.safetensors) holds
+    bundle_emb.<token>.* beside the LoHa weights, as the kohya LoRA file does (AUTOMATIC1111's Lora extension reads
+    bundle_emb from any network file, LyCORIS kinds included), and lf-sample lora=FILE on the base adds both: the
+    image of sampling the run's checkpoint (within 1 of 255: merged vs. unmerged adapters)."""
+    from trainer.cli.export import run_export
+    from trainer.interop.lora_formats import LYCORIS_FILE
+
+    run = tmp_path / "run"
+    overrides = [*ti_overrides(base_model, latent_dir, run, experiment="pivotal_lora", steps=2),
+                 "+model.lora.kind=loha", "model.lora.rank=2"]  # fmt: skip
+    run_train(compose_config("train", overrides))
+    end = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    (row,) = end["latentforge"]["textual_inversion"]["row_keys"]
+    export = tmp_path / "export"
+    run_export(compose_config("export", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}"]))
+    bundled = load_file(export / "lora" / LYCORIS_FILE)
+    assert torch.equal(bundled[f"bundle_emb.{TOKEN}.string_to_param.*"], end["state_dict"][row])
+    assert any(key.startswith("lora_unet_") and ".hada_w1_a" in key for key in bundled)
+    prompt = f"a handwritten {TOKEN}"
+    bundle = sampled_image(
+        tmp_path, "bundle", prompt, [f"model_dir={base_model}", f"lora={export / 'lora' / LYCORIS_FILE}"]
+    )
+    checkpoint = sampled_image(tmp_path, "checkpoint", prompt, [f"model_dir={run / 'checkpoints' / 'last.ckpt'}"])
+    assert (bundle.int() - checkpoint.int()).abs().max() <= 1

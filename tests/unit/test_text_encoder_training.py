@@ -5,7 +5,6 @@ refused when they are not the ones that made the shards."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -181,21 +180,45 @@ def test_the_encoders_are_the_shards_own_or_refused(encoders_dir: Path, tmp_path
     ours = CLIPTextModel.from_pretrained(encoders_dir / "text_encoder").state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in loaded.text_encoder.state_dict().items())
     assert shard_text_encoders(True, None, [{"path": str(shards)}]) is not None  # data=mixed: the first dataset's
-    other = tmp_path / "other"
-    shutil.copytree(encoders_dir, other)
-    model = CLIPTextModel.from_pretrained(other / "text_encoder")
-    with torch.no_grad():
-        model.get_input_embeddings().weight.add_(1.0)
-    model.save_pretrained(other / "text_encoder")
-    with pytest.raises(ConfigError, match="fingerprint differs"):
-        shard_text_encoders(True, str(shards), pretrained=str(other))
     with pytest.raises(ConfigError, match=r"data\.train_dir"):
         shard_text_encoders(True, None, None)
     online = shard_text_encoders(True, online=str(encoders_dir))  # data=images_online: its folder's encoder
     assert online is not None and torch.equal(online.text_encoder.get_input_embeddings().weight, ours[EMBEDDINGS])
-    with pytest.raises(ConfigError, match="data=images_online's captions"):
-        shard_text_encoders(True, online=str(encoders_dir), pretrained=str(other))
     assert TextEncoding.recorded(None) == TextEncoding()
+
+
+def test_a_trained_export_continues_and_another_tokenizer_is_refused(encoders_dir, tmp_path, caplog):
+    """model.text_encoders.pretrained = an earlier export whose encoder trained (its tokenizer re-saved, as lf-export
+    writes it): the step re-encodes the shards' ids, so the run continues from that encoder, with one log line; a
+    tokenizer whose ids mean other tokens (another model_max_length, vocabulary) is refused in one line."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _manifest(shards, encoders_dir)
+    export = tmp_path / "export"
+    model = CLIPTextModel.from_pretrained(encoders_dir / "text_encoder")
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)  # the export's encoder trained
+    model.save_pretrained(export / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(encoders_dir / "tokenizer")
+    tokenizer.save_pretrained(export / "tokenizer")
+    assert fingerprint_folder(export / "tokenizer") != fingerprint_folder(encoders_dir / "tokenizer")  # re-saved
+    with caplog.at_level("INFO", logger="trainer.modules.text_encoder_training"):
+        loaded = shard_text_encoders(True, str(shards), pretrained=str(export))
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    (line,) = [r.getMessage() for r in caplog.records if "fingerprint differs" in r.getMessage()]
+    assert "trains on from its own weights" in line and "\n" not in line
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(export / "tokenizer")
+    with pytest.raises(
+        ConfigError, match=r"not the tokenizer that made the latent shards .*its model_max_length"
+    ) as no:
+        shard_text_encoders(True, str(shards), pretrained=str(export))
+    assert "\n" not in str(no.value)
+    tokenizer.model_max_length = 8
+    tokenizer.add_tokens(["<new>"])
+    tokenizer.save_pretrained(export / "tokenizer")
+    with pytest.raises(ConfigError, match=r"its vocabulary differ"):
+        shard_text_encoders(True, str(shards), pretrained=str(export))
 
 
 def _loss_after_training(module: LatentDiffusion, data: dict[str, torch.Tensor], steps: int) -> float:
@@ -289,3 +312,53 @@ def test_the_step_needs_no_precomputed_text(encoders_dir: Path, sdxl: bool):
     torch.manual_seed(2)
     loss = module.compute_loss(lean).loss
     assert torch.equal(loss, expected)  # the precomputed text was never read
+
+
+def test_sd_encoder_adapters_alone_train_and_the_export_loads_in_the_sampler(encoders_dir: Path, tmp_path: Path):
+    """SD 1.x, ``model.train_text_encoder=true`` with ``model.text_encoder_lora`` (the UNet trains fully): after two
+    steps only the encoder's adapters changed in it (its base weights bit-identical), and lf-export's LoRA files
+    (diffusers' ``text_encoder.*``, kohya's ``lora_te_*``) load in the sampler (``lf-sample lora=``) to the
+    encoder that trained."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import save_tiny_vae
+    from trainer.checkpoint.export import export_pipeline
+    from trainer.checkpoint.keys import CHECKPOINT_KEY
+    from trainer.interop.lora_formats import KOHYA_LORA_FILE
+    from trainer.sampling.loading import load_lora_file
+    from trainer.sampling.sampler import Sampler
+
+    module = build(encoders_dir, text_encoder_lora=TE_LORA, caption_dropout=0.0)
+    data = batch(module)
+    before = {k: v.clone() for k, v in module.text_encoder.state_dict().items()}
+    optimizer = module.configure_optimizers()
+    for _ in range(2):
+        optimizer.zero_grad()
+        module.compute_loss(data).loss.backward()
+        optimizer.step()
+    changed = {k for k, v in module.text_encoder.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_" in k for k in changed)
+
+    save_tiny_vae(tmp_path)
+    checkpoint = {"state_dict": module.state_dict(), "global_step": 2, CHECKPOINT_KEY: {"latent_manifest": {
+        "vae": {"path": str(tmp_path / "vae")}, "text_encoder": {"path": str(encoders_dir / "text_encoder")},
+        "tokenizer_path": str(encoders_dir / "tokenizer")}}}  # fmt: skip
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    export = export_pipeline(tmp_path / "last.ckpt", tmp_path / "export")
+    assert {key.split("_")[1] for key in load_file(export / "lora" / KOHYA_LORA_FILE)} == {"te"}  # the UNet: unet/
+    assert {key.split(".")[0] for key in load_file(export / "lora" / "pytorch_lora_weights.safetensors")} == {
+        "text_encoder"
+    }
+    ids = data["token_ids"][:, 0]  # (B, L)
+    with torch.no_grad():
+        trained = module.text_encoder(ids).last_hidden_state
+    for file in ("pytorch_lora_weights.safetensors", KOHYA_LORA_FILE):
+        sampler = Sampler.from_export(export, device="cpu")
+        with torch.no_grad():
+            base = sampler.text_encoder(ids).last_hidden_state
+        assert load_lora_file(export / "lora" / file, sampler.unet, [sampler.tokenizer], [sampler.text_encoder]) == []
+        with torch.no_grad():
+            loaded = sampler.text_encoder(ids).last_hidden_state
+        assert not torch.allclose(base, trained, atol=1e-4)  # the adapters matter
+        torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)

@@ -42,7 +42,7 @@ from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.checkpoint.reading import Weights, build_text_encoder, build_unet, load_checkpoint, part_state_dict
 from trainer.diffusion.unet_kinds import is_inpainting_unet, is_sdxl_unet
 from trainer.interop.embedding_files import Embedding, bundle_into, save_embedding_files
-from trainer.interop.lora_formats import KOHYA_LORA_FILE, save_lora_files, sdxl_lora_names
+from trainer.interop.lora_formats import KOHYA_LORA_FILE, LYCORIS_FILE, save_lora_files, sdxl_lora_names
 from trainer.interop.prediction_type import prediction_markers
 from trainer.interop.set_aside import SET_ASIDE_FILE, SET_ASIDE_LAYOUT, read_set_aside, set_aside_file
 from trainer.lora.adapters import AdapterWeights, LoraSettings, adapter_state_dict, merge_adapters, remove_adapters
@@ -241,8 +241,9 @@ def export_pipeline(
                 adapters.get("text_encoder_2"),
                 sdxl_unet_names=sdxl_lora_names(pipe.unet),
             )
-            if embeddings and (tmp / LORA_DIR / KOHYA_LORA_FILE).is_file():  # pivotal tuning: one file for the UIs
-                bundle_into(tmp / LORA_DIR / KOHYA_LORA_FILE, embeddings)
+            for name in (KOHYA_LORA_FILE, LYCORIS_FILE) if embeddings else ():  # pivotal tuning: one file for the UIs
+                if (tmp / LORA_DIR / name).is_file():  # AUTOMATIC1111 reads bundle_emb.* from LoRA and LyCORIS files
+                    bundle_into(tmp / LORA_DIR / name, embeddings)
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     log.info("exported %s (%s weights, step %s) to %s", ckpt_path, info["weights"], info["global_step"], out_dir)
     return Path(out_dir)

@@ -123,10 +123,10 @@ BUNDLE_PREFIX = "bundle_emb."
 
 
 def bundle_keys(embeddings: list[Embedding]) -> dict[str, torch.Tensor]:
-    """The embeddings as a LoRA file bundles them (kohya's sd-scripts and AUTOMATIC1111's Lora extension,
-    ``bundle_emb.<token>.<what an embedding file holds>``; ComfyUI's ``load_embed`` reads
-    ``bundle_emb.<name>.string_to_param.*`` and ``bundle_emb.<name>.clip_l``/``clip_g``): SD 1.x/2.x's
-    ``string_to_param.*`` ``(N, D)``, SDXL's ``clip_l`` and ``clip_g``."""
+    """The embeddings as a LoRA or LyCORIS file bundles them (kohya's sd-scripts and AUTOMATIC1111's Lora extension,
+    which reads them from any network file: ``bundle_emb.<token>.<what an embedding file holds>``, the keys of an
+    embedding file as ComfyUI's ``load_embed`` reads one): SD 1.x/2.x's ``string_to_param.*`` ``(N, D)``, SDXL's
+    ``clip_l`` and ``clip_g``."""
     out = {}
     for embedding in embeddings:
         vectors = [v.detach().float().cpu().contiguous() for v in embedding.vectors]

@@ -152,6 +152,7 @@ def add_adapters_from_file(
     """
     folder, weight_name = lora_file(path)
     state = load_file(str(folder / weight_name))
+    state = {k: v for k, v in state.items() if not k.startswith(BUNDLE_PREFIX)}  # embeddings: load_lora_file's
     if any(key.startswith(MODEL_PREFIXES) for key in state):
         raise DataError(f"lora={path}: a model checkpoint, not a LoRA (import it with lf-import pretrained=FILE)")
     try:

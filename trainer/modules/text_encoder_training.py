@@ -9,18 +9,22 @@ of its encoders, and the first encoder's last layer, which SDXL's penultimate re
 ``text_encoder_2.*``, the keys the export reads.
 
 A run on latent shards takes its encoders from the shards' manifest (the folders that encoded them) or from
-``model.pretrained``'s subfolders, refused when they are not the encoders the shards were made with
-(:func:`shard_text_encoders`, built by Hydra from ``model.text_encoders``); its step encodes the batch's
+``model.pretrained``'s subfolders, refused when their tokenizers are not those the shards were made with (the
+encoders may differ: a fine-tune continued from an export whose encoder trained) (:func:`shard_text_encoders`, built
+by Hydra from ``model.text_encoders``); its step encodes the batch's
 ``token_ids`` (``lf-precompute keep_token_ids=true``) with them, as precompute encoded the captions
 (:func:`~data_pipelines.latents.text_encoding.encode_token_ids`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lf_common.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -222,7 +226,8 @@ def shard_text_encoders(
         online: ``data=images_online``'s ``data.pretrained`` (no shards): its encoder and tokenizer.
 
     Raises:
-        ConfigError: no data to take the encoders from, or encoders whose fingerprints are not the data's.
+        ConfigError: no data to take the encoders from, or tokenizers that are not the data's (the encoders may
+            differ: the step encodes the stored ids with them; a difference is logged).
     """
     if not train:
         return None
@@ -232,9 +237,11 @@ def shard_text_encoders(
     folder = shards or _first_path(datasets)
     if folder:
         manifest = LatentManifest.load(folder)
-        wanted = [("text_encoder", manifest.text_encoder, manifest.tokenizer_path, "tokenizer")]
+        key = manifest.shards[0].key() if manifest.shards else None  # the tokenizers' recorded fingerprints
+        wanted = [("text_encoder", manifest.text_encoder, manifest.tokenizer_path, "tokenizer", key and key.tokenizer)]
         if manifest.text_encoder_2 is not None:
-            wanted.append(("text_encoder_2", manifest.text_encoder_2, manifest.tokenizer_2_path, "tokenizer_2"))
+            second = (manifest.tokenizer_2_path, "tokenizer_2", key and key.tokenizer_2)
+            wanted.append(("text_encoder_2", manifest.text_encoder_2, *second))
         return TextEncoderParts(*_load_checked(wanted, f"the latent shards in {folder}", pretrained))
     if online:
         from data_pipelines.latents.encoders import fingerprint_folder
@@ -242,7 +249,7 @@ def shard_text_encoders(
 
         encoder = join(online, "text_encoder")
         info = EncoderInfo(encoder, "CLIPTextModel", fingerprint_folder(model_folder(encoder)))
-        wanted = [("text_encoder", info, join(online, "tokenizer"), "tokenizer")]
+        wanted = [("text_encoder", info, join(online, "tokenizer"), "tokenizer", None)]
         return TextEncoderParts(*_load_checked(wanted, "data=images_online's captions", pretrained))
     raise ConfigError(
         "model.train_text_encoder=true takes the text encoders that made the training data: train on latent shards "
@@ -258,9 +265,16 @@ def _first_path(datasets: Sequence[Any] | None) -> str | None:
     return str(first.get("path") if isinstance(first, Mapping) else first)
 
 
-def _load_checked(wanted: list[tuple[str, Any, str, str]], made: str, pretrained: str | None) -> list[Any]:
-    """The encoders and tokenizers ``wanted`` names (``(name, EncoderInfo, tokenizer path, tokenizer name)`` each), or
-    ``pretrained``'s, each encoder's fingerprint checked against its record (what encoded ``made``)."""
+def _load_checked(wanted: list[tuple[str, Any, str, str, str | None]], made: str, pretrained: str | None) -> list[Any]:
+    """The encoders and tokenizers ``wanted`` names (``(name, EncoderInfo, tokenizer path, tokenizer name, tokenizer
+    fingerprint or None)`` each), or
+    ``pretrained``'s, each tokenizer checked against the one that made ``made``: the step encodes the stored ids with
+    the encoder, so the ids must mean the same tokens; the encoder may differ (a fine-tune continued from an export
+    whose encoder trained), which is logged in one line.
+
+    Raises:
+        ConfigError: a folder is missing, or a tokenizer's vocabulary, merges or ``model_max_length`` differ.
+    """
     from pathlib import Path
 
     from hydra.utils import get_class
@@ -270,9 +284,9 @@ def _load_checked(wanted: list[tuple[str, Any, str, str]], made: str, pretrained
     from lf_common.object_store import join
 
     loaded: list[Any] = [None, None, None, None]
-    for number, (name, info, tokenizer_path, tokenizer_name) in enumerate(wanted):
+    for number, (name, info, recorded_tokenizer, tokenizer_name, fingerprint) in enumerate(wanted):
         encoder_path = join(pretrained, name) if pretrained else info.path
-        tokenizer_path = join(pretrained, tokenizer_name) if pretrained else tokenizer_path
+        tokenizer_path = join(pretrained, tokenizer_name) if pretrained else recorded_tokenizer
         encoder_dir, tokenizer_dir = Path(model_folder(encoder_path)), Path(model_folder(tokenizer_path))
         for path, local in ((encoder_path, encoder_dir), (tokenizer_path, tokenizer_dir)):
             if not local.is_dir():
@@ -280,15 +294,54 @@ def _load_checked(wanted: list[tuple[str, Any, str, str]], made: str, pretrained
                     f"{path}: the folder is missing; model.train_text_encoder=true loads it (set "
                     "model.text_encoders.pretrained to a diffusers folder with the data's encoders)"
                 )
+        tokenizer = get_class("transformers.CLIPTokenizer").from_pretrained(tokenizer_dir, local_files_only=True)
+        if tokenizer_path != recorded_tokenizer:
+            same_folder = fingerprint is not None and fingerprint_folder(tokenizer_dir) == fingerprint
+            if not same_folder:
+                _check_same_tokens(tokenizer, tokenizer_path, recorded_tokenizer, made)
         if fingerprint_folder(encoder_dir) != info.fingerprint:
-            raise ConfigError(
-                f"{encoder_path}: not the {name} that encoded {made} (its fingerprint differs from the record); "
-                f"train from the encoder at {info.path}, or encode the data with this one"
+            log.info(
+                "%s: not the %s that encoded %s (its fingerprint differs); it trains on from its own weights, the "
+                "step encodes the stored token ids with it",
+                encoder_path,
+                name,
+                made,
             )
         loaded[2 * number] = get_class(f"transformers.{info.class_name}").from_pretrained(
             encoder_dir, local_files_only=True
         )
-        loaded[2 * number + 1] = get_class("transformers.CLIPTokenizer").from_pretrained(
-            tokenizer_dir, local_files_only=True
-        )
+        loaded[2 * number + 1] = tokenizer
     return loaded
+
+
+def tokens_of(tokenizer: CLIPTokenizer) -> dict[str, Any]:
+    """What gives a token id its meaning and a caption its ids: the vocabulary, the BPE merges, ``model_max_length``
+    and the padding token (not the files' layout: an export re-saves the tokenizer)."""
+    import json
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in model.get("merges", [])]
+    return {
+        "vocabulary": tokenizer.get_vocab(),
+        "merges": merges,
+        "model_max_length": tokenizer.model_max_length,
+        "pad_token": str(tokenizer.pad_token),
+    }
+
+
+def _check_same_tokens(tokenizer: CLIPTokenizer, path: str, recorded: str, made: str) -> None:
+    """Refuse ``tokenizer`` (from ``path``) unless it tokenizes as the tokenizer at ``recorded`` did for ``made``."""
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    from lf_common.object_cache import model_folder
+
+    fix = f"train with the tokenizer at {recorded} (model.text_encoders.pretrained), or encode the data with this one"
+    recorded_dir = Path(model_folder(recorded))
+    if not recorded_dir.is_dir():
+        raise ConfigError(f"{recorded}: the tokenizer that made {made} is missing, so {path} cannot be checked; {fix}")
+    theirs, ours = tokens_of(CLIPTokenizer.from_pretrained(recorded_dir, local_files_only=True)), tokens_of(tokenizer)
+    differ = [what for what in ours if ours[what] != theirs[what]]
+    if differ:
+        raise ConfigError(f"{path}: not the tokenizer that made {made} (its {', '.join(differ)} differ); {fix}")
