@@ -44,7 +44,8 @@ from data_pipelines.latents.format import (
     save_uncond_pooled,
     save_uncond_token_ids,
 )
-from data_pipelines.latents.shard_encoder import LatentShardEncoder, ShardOutput
+from data_pipelines.latents.shard_encoder import LatentShardEncoder
+from data_pipelines.latents.shard_output import ShardOutput
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from lf_common import object_store
 from lf_common.errors import DataError

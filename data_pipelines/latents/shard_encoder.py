@@ -1,21 +1,16 @@
 """Encode raw shards into latent shards with the frozen encoders, one shard at a time.
 
-:class:`LatentShardEncoder` decodes and preprocesses a raw shard's samples (counting corrupt ones),
-encodes them in batches of one image size, and :class:`ShardOutput` writes the result under a
-temporary name that only a complete shard loses. ``data_pipelines.latents.precompute`` runs it on every
+:class:`LatentShardEncoder` decodes and preprocesses a raw shard's samples (counting corrupt ones) into
+:class:`~data_pipelines.latents.pending_samples.PendingSample`, encodes them in batches of one image size, and
+:class:`~data_pipelines.latents.shard_output.ShardOutput` writes the result under a temporary name that only a
+complete shard loses. ``data_pipelines.latents.precompute`` runs it on every
 rank and keeps the cache.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +30,13 @@ from data_pipelines.latents.format import (
     CacheKey,
     LatentSample,
     ShardEntry,
-    encode_latent_sample,
-    save_entry,
 )
+from data_pipelines.latents.pending_samples import PendingSample, canonical_crop_rng
+from data_pipelines.latents.shard_output import ShardOutput
 from data_pipelines.raw.captions import sample_captions
 from data_pipelines.raw.format import decode_loss_mask, decode_raw_sample
 from data_pipelines.shards.corrupt_samples import SkipCounter
 from data_pipelines.shards.shard_reading import tar_samples
-from data_pipelines.shards.tar_writer import open_tar_writer
 from data_pipelines.transforms.augment import VariantSettings
 from data_pipelines.transforms.buckets import BucketResizeCrop
 from data_pipelines.transforms.captions import CaptionSettings, caption_variants
@@ -55,29 +49,13 @@ from data_pipelines.transforms.masks import (
     masked_pixels,
     random_mask,
 )
-from lf_common import object_store
-from lf_common.atomic import TMP_SUFFIX
 from lf_common.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 CROP_SEED_SETTING = "crop_seed"
 """In the transform settings (cache key, manifest) of ``crop="random"``: the seed of the canonical crops."""
 
 
 Transform = ResizeCrop | BucketResizeCrop
-
-
-@dataclass
-class _Pending:
-    key: str
-    pixels: torch.Tensor  # (3, h, w): the resolution, or the sample's bucket size
-    caption: str
-    meta: dict[str, Any]
-    variants: torch.Tensor | None = None  # (V, 3, h, w): the other crops and mirror images (meta["variants"])
-    loss_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1], through the image's resize and crop
-    loss_mask_variants: torch.Tensor | None = None  # (V, 1, h, w): the loss mask of each of variants
-    caption_variants: list[str] | None = None  # the K captions to embed (caption settings active), the first canonical
 
 
 class LatentShardEncoder:
@@ -153,7 +131,7 @@ class LatentShardEncoder:
             text_output=self.encoders.text_output,
         )
 
-    def encode_batch(self, batch: list[_Pending]) -> list[LatentSample]:
+    def encode_batch(self, batch: list[PendingSample]) -> list[LatentSample]:
         """Encode one batch of preprocessed samples."""
         pixels = torch.stack([p.pixels for p in batch])  # (B, 3, H, W)
         latents = self.encoders.encode_images(pixels)  # (B, C, h, w)
@@ -213,7 +191,7 @@ class LatentShardEncoder:
                 sample.token_ids_variants = grouped[0][index]
                 sample.token_ids_2_variants = grouped[1][index] if len(grouped) > 1 else None
 
-    def preprocessed_batches(self, source: str) -> Iterator[list[_Pending]]:
+    def preprocessed_batches(self, source: str) -> Iterator[list[PendingSample]]:
         """Decode and preprocess the samples of raw shard ``source`` into batches of one image size.
 
         Samples wait in one batch per size (one per bucket, when bucketed; at most
@@ -221,7 +199,7 @@ class LatentShardEncoder:
         the shard, smallest size first. Corrupt samples are skipped and counted by :attr:`skips`. A sample's
         loss mask (``KEY.mask.png``) takes its image's resize and crop.
         """
-        batches: dict[tuple[int, ...], list[_Pending]] = {}
+        batches: dict[tuple[int, ...], list[PendingSample]] = {}
         dataset = wds.DataPipeline(wds.SimpleShardList([source]), functools.partial(tar_samples, handler=self.skips))
         for raw in dataset:
             try:
@@ -255,14 +233,14 @@ class LatentShardEncoder:
 
     def preprocess(
         self, key: str, image: Image.Image, caption: str, meta: dict[str, Any], mask: Image.Image | None = None
-    ) -> _Pending:
+    ) -> PendingSample:
         """One sample's image resized and cropped to its canonical variant, and to its other variants when
         :attr:`variants` is set (each with its ``crop_top_left`` and ``flip`` in ``meta["variants"]``); its
         loss ``mask`` (mode L, the image's size), if any, through the same resize, crops and mirrors."""
         resized = self.transform.prepare(image, canonical_crop_rng(self.augment_seed, key))
         pixels, info = resized.canonical_pixels()  # (3, h, w)
         loss_mask = loss_mask_for(mask, info) if mask is not None else None
-        pending = _Pending(key, pixels, caption, {**meta, **info}, loss_mask=loss_mask)
+        pending = PendingSample(key, pixels, caption, {**meta, **info}, loss_mask=loss_mask)
         if self.variants is not None:
             plan = self.variants.plan(key, resized.canonical, resized.image.size[::-1], resized.target)
             rendered = [resized.render(variant) for variant in plan[1:]]  # the canonical one is latent.npy
@@ -330,81 +308,3 @@ class LatentShardEncoder:
         if pooled is None:
             return [], None
         return list(pooled.shape[1:]), np.zeros(pooled.shape[1:], dtype=np.float32)
-
-
-def canonical_crop_rng(seed: int, key: str) -> np.random.Generator:
-    """The generator of sample ``key``'s canonical crop under ``crop="random"``: seeded by ``seed`` and the key
-    alone, so a rerun, a resumed run or another rank crops each sample as before. Its own stream, apart from
-    the random crop variants' (:meth:`~data_pipelines.transforms.augment.VariantSettings.plan`), which would
-    otherwise start with the same corner."""
-    digest = hashlib.sha256(f"{seed}:{key}:canonical".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-class ShardOutput:
-    """One latent shard being written: samples go to ``NAME.tar.tmp``, which :meth:`finish` renames
-    to ``NAME.tar`` and records (``NAME.entry.json``); :meth:`abort` removes it. A crash leaves no
-    file under the final name that is not complete.
-
-    For an object-store target (``s3://...``) the temporary is a local file, uploaded whole by
-    :meth:`finish` (the object appears only once the upload completed), then recorded.
-
-    Args:
-        target: the final shard path or URL.
-        source: the raw shard it is made from.
-        key: its cache key.
-    """
-
-    def __init__(self, target: str | Path, source: str, key: CacheKey) -> None:
-        self.target = str(target)
-        self.name = object_store.basename(self.target)
-        self.source = source
-        self.key = key
-        if object_store.is_store(self.target):  # no rename there: written locally, then uploaded
-            self.tmp = Path(tempfile.mkdtemp(prefix="lf-upload-")) / (self.name + TMP_SUFFIX)
-        else:
-            self.tmp = Path(self.target + TMP_SUFFIX)
-            self.tmp.unlink(missing_ok=True)
-        self.writer = open_tar_writer(self.tmp)
-        self.count = 0
-        self.loss_masks = 0
-
-    def write(self, samples: list[LatentSample]) -> None:
-        """Append encoded samples."""
-        for sample in samples:
-            self.writer.write(encode_latent_sample(sample))
-        self.count += len(samples)
-        self.loss_masks += sum(sample.loss_mask is not None for sample in samples)
-
-    def finish(self, skipped: int) -> ShardEntry:
-        """Close, rename into place and record the shard; ``skipped``: corrupt input samples left out."""
-        self.writer.close()
-        if object_store.is_store(self.target):
-            try:
-                object_store.upload(self.tmp, self.target)
-            finally:
-                self._remove_tmp()
-        else:
-            os.replace(self.tmp, self.target)
-        entry = ShardEntry(
-            name=self.name,
-            num_samples=self.count,
-            source=object_store.canonical(self.source),
-            source_sha256=self.key.source_sha256,
-            skipped=skipped,
-            cache_key=asdict(self.key),
-            loss_masks=self.loss_masks,
-        )
-        save_entry(self.target, entry)
-        log.info("%s: %d samples from %s (%d skipped)", entry.name, entry.num_samples, self.source, skipped)
-        return entry
-
-    def abort(self) -> None:
-        """Drop the partial shard."""
-        self.writer.close()
-        self._remove_tmp()
-
-    def _remove_tmp(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-        if object_store.is_store(self.target):
-            shutil.rmtree(self.tmp.parent, ignore_errors=True)

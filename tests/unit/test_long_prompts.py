@@ -146,7 +146,8 @@ def test_clip_skip_2_is_diffusers_encode_prompt_clip_skip_1_and_sdxl_refuses_it(
 def test_sdxl_long_prompts_keep_the_first_chunks_pooled_embedding_and_caption_variants_store_theirs(
     sdxl_pretrained_dir: Path,
 ):
-    from data_pipelines.latents.shard_encoder import LatentShardEncoder, _Pending
+    from data_pipelines.latents.pending_samples import PendingSample as _Pending
+    from data_pipelines.latents.shard_encoder import LatentShardEncoder
     from data_pipelines.transforms.captions import CaptionSettings
     from data_pipelines.transforms.images import ResizeCrop
 

@@ -25,8 +25,6 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.optim import Optimizer
 
-from data_pipelines.latents.text_encoding import TextEncoding
-from data_pipelines.loading.datamodules import INPAINTING_BATCH_KEYS, LOSS_MASK_BATCH_KEY, SDXL_BATCH_KEYS
 from lf_common.errors import ConfigError
 from trainer.checkpoint.keys import CHECKPOINT_KEY
 from trainer.diffusion.objective import LossTerms, Objective, fixed_timestep_loss
@@ -34,34 +32,22 @@ from trainer.diffusion.unet_kinds import is_sdxl_unet
 from trainer.interop.lora_formats import sdxl_lora_names
 from trainer.interop.lora_loading import trainable_adapters_from_file
 from trainer.lora.adapters import LoraSettings, add_lora
+from trainer.modules import conditioning as cond
+from trainer.modules.conditioning import NO_LOSS_MASKS, NO_UNCOND_TEXT
+from trainer.modules.loss_logging import gradient_norm, loss_by_dataset, loss_by_timestep_bucket
 from trainer.modules.param_groups import ParamGroupSettings, freeze_zero_lr_blocks, parameter_groups
-from trainer.modules.text_encoder_training import (
-    NO_TOKEN_IDS,
-    TOKEN_IDS,
-    TextEncoderParts,
-    encode_batch_token_ids,
-    freeze_unread_layers,
-    prepare_for_training,
-    record_adapters,
-)
+from trainer.modules.schedule_free import use_evaluation_weights, use_training_weights
+from trainer.modules.text_encoder_step import TextEncoderStep
+from trainer.modules.text_encoder_training import TextEncoderParts, record_adapters
 
 log = logging.getLogger(__name__)
-NO_UNCOND_TEXT = (
-    "model.caption_dropout > 0 needs uncond_text, the empty caption's embedding: give it, or train with a data "
-    "module that has it (latent shards hold it), or set model.caption_dropout=0"
-)
-NO_LOSS_MASKS = (
-    "objective.masked_loss=true but the training latent shards hold no loss masks (loss_mask.npy): give images "
-    "masks (KEY.mask.png beside each image, or lf-shards masks.from_alpha=true), run lf-shards and lf-precompute "
-    "again, or set objective.masked_loss=false"
-)
 
 
 class SkipOptimizerStep(Exception):
     """Raised after the gradients are computed (``on_before_optimizer_step``) to skip this optimizer step."""
 
 
-class LatentDiffusion(L.LightningModule):
+class LatentDiffusion(TextEncoderStep, L.LightningModule):
     """Denoising training of a conditional UNet in latent space.
 
     Args:
@@ -184,46 +170,6 @@ class LatentDiffusion(L.LightningModule):
             unet.compile(**(compile_options or {}))
         self._init_text_encoders(train_text_encoder, text_encoders, text_encoder_lora, text_encoder_2_lora)
 
-    def _init_text_encoders(
-        self,
-        train: bool,
-        parts: TextEncoderParts | None,
-        lora: LoraSettings | None,
-        lora_2: LoraSettings | None,
-    ) -> None:
-        """Hold the text encoders that train (``text_encoder``, ``text_encoder_2``: the export's keys), ready to train.
-
-        Raises:
-            ConfigError: ``train`` without encoders, adapters without training, or encoders that do not fit.
-        """
-        if train and parts is None:
-            raise ConfigError(
-                "model.train_text_encoder=true needs model.text_encoders (conf/model/*.yaml: the encoders that made "
-                "the shards, shard_text_encoders)"
-            )
-        if parts is None and (lora is not None or lora_2 is not None):
-            raise ConfigError("model.text_encoder_lora trains text-encoder adapters: set model.train_text_encoder=true")
-        if train and parts is not None and parts.text_encoder_2 is not None and lora_2 is None:
-            lora_2 = lora  # SDXL: the second encoder's adapters as the first's
-        self.train_text_encoder = train
-        self.text_encoder_lora, self.text_encoder_2_lora = lora, lora_2
-        if parts is not None:
-            prepare_for_training(parts, self.sdxl, lora, lora_2, self.lora)
-        self.text_encoder = parts.text_encoder if parts is not None else None
-        self.text_encoder_2 = parts.text_encoder_2 if parts is not None else None
-        self.tokenizer = parts.tokenizer if parts is not None else None
-        self.tokenizer_2 = parts.tokenizer_2 if parts is not None else None
-        self.hparams["trains_text_encoder"] = parts is not None
-        self.text_encoding: TextEncoding | None = None  # with train_text_encoder: the shards' (in setup)
-        self.uncond_token_ids: list[torch.Tensor | None] = []  # the empty caption's ids per tokenizer (in setup)
-
-    @property
-    def text_encoder_parts(self) -> TextEncoderParts | None:
-        """The text encoders that train and their tokenizers (``None``: none train)."""
-        if self.text_encoder is None or self.tokenizer is None:
-            return None
-        return TextEncoderParts(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2)
-
     def setup(self, stage: str) -> None:
         """Take the empty caption's embedding from the data module when it was not given (data that a
         data module prepares in its own ``setup``, as DreamBooth's, exists only from then on), onto
@@ -250,43 +196,6 @@ class LatentDiffusion(L.LightningModule):
         if self.train_text_encoder:
             self._setup_token_ids(datamodule)
 
-    def _setup_token_ids(self, datamodule: Any) -> None:
-        """Take the shards' text encoding (long prompts, ``clip_skip``: as precompute encoded the captions) and the
-        empty caption's ids from the data module.
-
-        Raises:
-            ConfigError: the training shards hold no token ids.
-        """
-        if not getattr(datamodule, "token_ids", False):
-            raise ConfigError(NO_TOKEN_IDS.format(what="training"))
-        manifest = getattr(datamodule, "manifest", None)
-        self.text_encoding = TextEncoding.recorded(manifest.text_encoder.extra if manifest is not None else None)
-        self.text_encoding.check_sdxl(self.sdxl)
-        if not self.sdxl and self.text_encoder is not None:  # before the optimizer and DDP: idle layers frozen
-            freeze_unread_layers(self.text_encoder, self.text_encoding.clip_skip)
-        self.uncond_token_ids = [
-            getattr(datamodule, "uncond_token_ids", None),
-            getattr(datamodule, "uncond_token_ids_2", None),
-        ]
-
-    def encode_token_ids(self, batch: dict[str, torch.Tensor], drop: torch.Tensor | None = None) -> dict[str, Any]:
-        """``batch`` with ``text`` (SDXL: and ``pooled``) from its ``token_ids`` through the training encoders
-        (:func:`~trainer.modules.text_encoder_training.encode_batch_token_ids`), the ``drop`` ``(B,)`` samples'
-        ids replaced by the empty caption's first.
-
-        Raises:
-            ConfigError: a batch without token ids (validation shards without them), or dropout without the empty
-                caption's ids.
-        """
-        parts = self.text_encoder_parts
-        assert parts is not None
-        if TOKEN_IDS not in batch:
-            raise ConfigError(NO_TOKEN_IDS.format(what="validation" if not self.training else "training"))
-        if drop is not None and self.uncond_token_ids[0] is None:
-            raise ConfigError(NO_TOKEN_IDS.format(what="training") + " (the empty caption's uncond.token_ids.npy)")
-        encoding = self.text_encoding or TextEncoding()
-        return {**batch, **encode_batch_token_ids(parts, batch, encoding, self.uncond_token_ids, drop)}
-
     @property
     def sdxl(self) -> bool:
         """Whether the UNet takes SDXL's added conditioning (``addition_embed_type: text_time``)."""
@@ -295,62 +204,22 @@ class LatentDiffusion(L.LightningModule):
     def caption_drop_mask(
         self, size: int, device: torch.device, rates: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """Which of ``size`` samples lose their caption this step ``(B,)`` bool, or ``None`` without dropout.
-
-        ``rates`` ``(B,)``: each sample's own rate (a dataset's ``caption_dropout`` in ``data=mixed``; NaN:
-        ``caption_dropout``).
-        """
-        if rates is not None:
-            rates = torch.nan_to_num(rates.float().to(device), nan=self.caption_dropout)
-            return torch.rand(size, device=device) < rates if bool((rates > 0).any()) else None
-        if self.caption_dropout <= 0:
-            return None
-        return torch.rand(size, device=device) < self.caption_dropout
+        """Which of ``size`` samples lose their caption this step ``(B,)`` bool, or ``None`` without dropout
+        (:func:`~trainer.modules.conditioning.caption_drop_mask`; ``rates`` ``(B,)``: each sample's own, NaN:
+        ``caption_dropout``)."""
+        return cond.caption_drop_mask(size, device, self.caption_dropout, rates)
 
     def drop_captions(self, text: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Replace each sample's text ``(B, T, D)`` by the empty caption's with probability ``caption_dropout``
-        (or where ``drop`` ``(B,)`` says, so SDXL's pooled embedding drops with it).
-
-        Raises:
-            ValueError: ``caption_dropout > 0`` and no ``uncond_text`` was given or found in the data module.
-        """
-        if drop is None:
-            if self.caption_dropout <= 0:
-                return text
-            drop = self.caption_drop_mask(text.shape[0], text.device)
-        if self.uncond_text is None:
-            raise ConfigError(NO_UNCOND_TEXT)
-        return torch.where(drop[:, None, None], self.uncond_text.to(text.device, text.dtype), text)
+        (or where ``drop`` ``(B,)`` says): :func:`~trainer.modules.conditioning.drop_captions`."""
+        return cond.drop_captions(text, drop, self.caption_dropout, self.uncond_text)
 
     def added_conditioning(
         self, batch: dict[str, torch.Tensor], drop: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor] | None:
-        """SDXL's ``added_cond_kwargs`` of a batch: ``text_embeds`` ``(B, P)`` (the pooled embedding, replaced
-        by ``uncond_pooled`` where ``drop`` ``(B,)`` is set, with the caption) and ``time_ids`` ``(B, 6)``
-        float32; ``None`` for a UNet without ``text_time`` embedding.
-
-        Raises:
-            ConfigError: the UNet and the latent shards disagree on SDXL conditioning.
-        """
-        has_sdxl_data = all(key in batch for key in SDXL_BATCH_KEYS)
-        if not self.sdxl:
-            if has_sdxl_data:
-                raise ConfigError(
-                    "the latent shards are SDXL's (pooled text and time_ids) but the UNet is not: train them with "
-                    "model=sdxl_tiny, model=sdxl or model=pretrained with an SDXL folder"
-                )
-            return None
-        if not has_sdxl_data:
-            raise ConfigError(
-                "the UNet is SDXL's (addition_embed_type text_time) and needs pooled text and time_ids: precompute "
-                "the shards with an SDXL folder (lf-precompute pretrained=<folder with text_encoder_2/>)"
-            )
-        pooled = batch["pooled"].float()  # (B, P)
-        if drop is not None:
-            if self.uncond_pooled is None:
-                raise ConfigError(NO_UNCOND_TEXT)
-            pooled = torch.where(drop[:, None], self.uncond_pooled.to(pooled.device, pooled.dtype), pooled)
-        return {"text_embeds": pooled, "time_ids": batch["time_ids"].float()}
+        """SDXL's ``added_cond_kwargs`` of a batch (``None`` for a UNet without ``text_time`` embedding):
+        :func:`~trainer.modules.conditioning.added_conditioning`."""
+        return cond.added_conditioning(batch, self.sdxl, drop, self.uncond_pooled)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The denoising loss of one batch.
@@ -385,48 +254,24 @@ class LatentDiffusion(L.LightningModule):
         )
 
     def pixel_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The weight of each latent pixel's error ``(B, 1, h, w)``, or ``None`` (all 1).
-
-        With ``masked_loss`` the batch's ``loss_mask`` ``m`` in [0, 1] gives ``mask_floor + (1 - mask_floor) * m``
-        (times the batch's ``loss_weights`` when it has them too). The loss is not divided by the mask's mean:
-        as in kohya-ss/sd-scripts (``apply_masked_loss``) and SimpleTuner (``conditioning_type: mask``), the
-        weighted squared error is averaged over all pixels, so a pixel that counts weighs the same in a mostly
-        masked image as in an unmasked one, and a small mask does not blow up its image's gradient.
-
-        Raises:
-            ConfigError: ``masked_loss`` and the batch has no ``loss_mask`` (data without loss masks).
-        """
-        weights = batch.get("loss_weights")
-        if not self.masked_loss:
-            return weights
-        if LOSS_MASK_BATCH_KEY not in batch:
-            raise ConfigError(NO_LOSS_MASKS)
-        masked = self.mask_floor + (1.0 - self.mask_floor) * batch[LOSS_MASK_BATCH_KEY].float()  # (B, 1, h, w)
-        return masked if weights is None else weights.float() * masked
+        """The weight of each latent pixel's error ``(B, 1, h, w)``, or ``None`` (all 1): with ``masked_loss``,
+        ``mask_floor + (1 - mask_floor) * loss_mask`` (:func:`~trainer.modules.conditioning.pixel_weights`)."""
+        return cond.pixel_weights(batch, self.masked_loss, self.mask_floor)
 
     def _predictor(
         self, batch: dict[str, torch.Tensor], added: dict[str, torch.Tensor] | None = None
     ) -> Callable[..., torch.Tensor]:
-        """:meth:`_predict` with the batch's inpainting conditioning and SDXL's ``added`` conditioning bound
+        """:meth:`_predict` with the batch's inpainting conditioning
+        (:func:`~trainer.modules.conditioning.inpainting_conditioning`) and SDXL's ``added`` conditioning bound
         (none for a plain UNet).
 
-        An inpainting UNet (9 input channels, as SD's inpainting models) takes the noisy latents, then the
-        mask, then the masked image's latents, concatenated on channels (diffusers' order).
-
         Raises:
-            ValueError: the UNet wants inpainting conditioning and the batch has none, or the reverse.
+            ConfigError: the UNet wants inpainting conditioning and the batch has none, or the reverse.
         """
-        extra = self.unet.config.in_channels - batch["latents"].shape[1]
-        has_masks = all(key in batch for key in INPAINTING_BATCH_KEYS)
-        if extra == 0:
+        extra = cond.inpainting_conditioning(batch, self.unet.config.in_channels)
+        if extra is None:
             return partial(self._predict, added=added) if added is not None else self._predict
-        if not has_masks or extra != batch["masked_latents"].shape[1] + 1:
-            raise ConfigError(
-                f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): its latent "
-                "shards need masks and masked-image latents; precompute them with lf-precompute inpainting=true"
-            )
-        conditioning = torch.cat([batch["mask"], batch["masked_latents"]], dim=1).float()  # (B, 1 + C, h, w)
-        return partial(self._predict, conditioning=conditioning, added=added)
+        return partial(self._predict, conditioning=extra, added=added)
 
     @property
     def unet_dtype(self) -> torch.dtype:
@@ -460,8 +305,7 @@ class LatentDiffusion(L.LightningModule):
         return self.unet(noisy, timesteps, encoder_hidden_states=text.to(dtype)).sample
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        for optimizer in schedule_free_optimizers(self.trainer.optimizers):
-            optimizer.train()  # the training weights (no-op when already there)
+        use_training_weights(self.trainer.optimizers)
         if self.compile_unet and self._first_step_started is None:
             self._first_step_started = time.perf_counter()
 
@@ -487,20 +331,12 @@ class LatentDiffusion(L.LightningModule):
         return (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0
 
     def _loss_by_timestep_bucket(self, terms: LossTerms) -> dict[str, torch.Tensor]:
-        """Unweighted loss per quarter of the schedule: ``train/loss_t000-249`` etc. (buckets hit by this batch)."""
-        steps = self.noise_scheduler.config.num_train_timesteps
-        width = -(-steps // self.timestep_buckets)
-        bucket = terms.timesteps // width
-        return {
-            f"train/loss_t{b * width:03d}-{min(steps, (b + 1) * width) - 1:03d}": terms.errors[bucket == b].mean()
-            for b in bucket.unique().tolist()
-        }
+        """Unweighted loss per ``timestep_buckets`` ranges of the schedule: ``train/loss_t000-249`` etc."""
+        return loss_by_timestep_bucket(terms, self.noise_scheduler.config.num_train_timesteps, self.timestep_buckets)
 
     def _loss_by_dataset(self, terms: LossTerms, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unweighted loss per dataset of ``data=mixed`` (``index`` ``(B,)``): ``train/loss_<name>`` for the
-        datasets in this batch."""
-        index = index.to(terms.errors.device)
-        return {f"train/loss_{self.dataset_names[i]}": terms.errors[index == i].mean() for i in index.unique().tolist()}
+        """Unweighted loss per dataset of ``data=mixed`` (``index`` ``(B,)``): ``train/loss_<name>``."""
+        return loss_by_dataset(terms, index, self.dataset_names)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Unweighted loss at fixed timesteps and fixed noise, so runs compare (no caption dropout); also unmasked
@@ -525,14 +361,13 @@ class LatentDiffusion(L.LightningModule):
         stay, the step counts, the next step clears the gradients."""
         with contextlib.suppress(SkipOptimizerStep):
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        for schedule_free in schedule_free_optimizers(self.trainer.optimizers):
-            schedule_free.eval()  # the evaluation weights, for what follows the step (EMA, checkpoint, validation)
+        use_evaluation_weights(self.trainer.optimizers)  # for what follows the step (EMA, checkpoint, validation)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self._is_logging_step():
-            norms = [p.grad.detach().float().norm() for p in self.unet.parameters() if p.grad is not None]
-            if norms:
-                self.log("train/grad_norm", torch.stack(norms).norm())
+            norm = gradient_norm(self.unet.parameters())
+            if norm is not None:
+                self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -553,10 +388,6 @@ class LatentDiffusion(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def trained_text_encoders(self) -> list[torch.nn.Module]:
-        """The text encoders that train with the UNet: the first and, for SDXL, the second (none by default)."""
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-
     def configure_optimizers(self) -> Any:
         groups = parameter_groups(self.unet, self.trained_text_encoders(), self.param_group_settings)
         optimizer = self.optimizer_factory(params=groups)
@@ -574,13 +405,6 @@ class LatentDiffusion(L.LightningModule):
             record["lora"] = self.lora.to_dict()
         if self.text_encoder is not None:
             record_adapters(record, self.text_encoder_lora, self.text_encoder_2_lora)
-
-
-def schedule_free_optimizers(optimizers: Sequence[Optimizer]) -> list[Optimizer]:
-    """The schedule-free optimizers among ``optimizers``: schedulefree's classes mark their parameter groups
-    with ``train_mode`` and keep training and evaluation weights apart (``train()``/``eval()``). DeepSpeed's
-    optimizers wrap the configured one (and are no ``torch.optim.Optimizer``): schedule-free is refused there."""
-    return [o for o in optimizers if isinstance(o, torch.optim.Optimizer) and "train_mode" in o.defaults]
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
