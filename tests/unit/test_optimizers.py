@@ -179,3 +179,22 @@ def test_a_schedule_free_optimizer_chooses_the_constant_scheduler_unless_one_is_
         log_own_schedule(cfg)  # the run's one line about it
     said = [r.getMessage() for r in caplog.records if "lr_scheduler=constant" in r.getMessage()]
     assert len(said) == (0 if cfg.optim._target_ == "torch.optim.AdamW" else 1), said
+
+
+def test_the_autoencoder_trains_with_a_schedule_free_optimizer_and_ends_on_its_evaluation_weights(tmp_path):
+    """lf-train-autoencoder optim=schedule_free_adamw: the module switches the optimizer to its training weights
+    before each batch (schedulefree refuses a step otherwise) and to its evaluation weights after each step."""
+    import lightning as L
+
+    cfg = compose_config("train_autoencoder", ["data.shards=x", "optim=schedule_free_adamw", "optim.warmup_steps=1"])
+    torch.manual_seed(0)
+    module = instantiate(cfg.autoencoder, **optimizer_factories(cfg))
+    pixels = torch.utils.data.DataLoader([{"pixels": torch.rand(2, 3, 32, 32) * 2 - 1} for _ in range(3)], None)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, train_dataloaders=pixels)
+    optimizer = trainer.optimizers[0]
+    assert trainer.global_step == 3 and optimizer.param_groups[0]["train_mode"] is False
+    weights = {name: p.detach().clone() for name, p in module.vae.named_parameters()}
+    optimizer.train()  # the training point y differs from the evaluation point x the module holds
+    assert any(not torch.equal(weights[name], p) for name, p in module.vae.named_parameters())

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 from torch.optim import Optimizer
 
 from lf_common.errors import ConfigError
+from trainer.modules.schedule_free import use_evaluation_weights, use_training_weights
 
 
 class AutoencoderModule(L.LightningModule):
@@ -27,6 +28,10 @@ class AutoencoderModule(L.LightningModule):
         lr_scheduler: a partial taking the optimizer (stepped per optimizer step), or ``None``.
         kl_weight: weight of the KL term.
         reconstruction_loss: ``"l1"`` or ``"mse"``.
+
+    A schedule-free optimizer (``optim=schedule_free_adamw``) is switched to its training weights before each batch
+    and to its evaluation weights after each optimizer step (as the UNet's module does), so validation, checkpoints
+    and exports hold the evaluation weights.
     """
 
     def __init__(
@@ -74,6 +79,13 @@ class AutoencoderModule(L.LightningModule):
         terms = self.losses(batch["pixels"])
         self.log("val/rec", terms["rec"], prog_bar=True, batch_size=batch["pixels"].shape[0], sync_dist=True)
         return terms["loss"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        use_training_weights(self.trainer.optimizers)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        use_evaluation_weights(self.trainer.optimizers)  # for what follows the step (checkpoint, validation)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.vae.parameters())
